@@ -1,0 +1,5 @@
+"""Layers: the EKS (efficient knowledge separation) convolution."""
+
+from medfm_ops.layers.eks_conv import EXECUTION_MODES, EKSConv
+
+__all__ = ["EKSConv", "EXECUTION_MODES"]

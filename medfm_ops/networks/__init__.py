@@ -1,0 +1,30 @@
+"""Networks: expert conversion / fusion and LoRKD* rank allocation."""
+
+from medfm_ops.networks.experts import (
+    ExpertNetwork,
+    backbone_parameters,
+    eks_layers,
+    expert_parameters,
+    export_expert,
+    param_groups,
+    set_execution,
+    set_expert_ranks,
+    set_experts_trainable,
+    to_experts,
+)
+from medfm_ops.networks.rank_allocation import lorkd_star_ranks, round_to_even
+
+__all__ = [
+    "ExpertNetwork",
+    "to_experts",
+    "export_expert",
+    "eks_layers",
+    "expert_parameters",
+    "backbone_parameters",
+    "set_experts_trainable",
+    "param_groups",
+    "set_expert_ranks",
+    "set_execution",
+    "lorkd_star_ranks",
+    "round_to_even",
+]

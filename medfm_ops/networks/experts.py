@@ -1,0 +1,220 @@
+"""Turn any torch/MONAI network into a multi-expert (LoRKD) network, and fuse experts back into the stock network."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from medfm_ops.layers.eks_conv import EXECUTION_MODES, EKSConv
+
+__all__ = [
+    "ExpertNetwork",
+    "to_experts",
+    "export_expert",
+    "eks_layers",
+    "expert_parameters",
+    "backbone_parameters",
+    "set_experts_trainable",
+    "param_groups",
+    "set_expert_ranks",
+    "set_execution",
+]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
+
+
+def eks_layers(module: nn.Module) -> Iterator[tuple[str, EKSConv]]:
+    """Yield ``(qualified name, layer)`` for every :class:`EKSConv` inside ``module``."""
+    for name, m in module.named_modules():
+        if isinstance(m, EKSConv):
+            yield name, m
+
+
+class ExpertNetwork(nn.Module):
+    """
+    Wrapper that routes per-sample task ids to every :class:`EKSConv` of a converted network.
+
+    The wrapped network's code is unchanged: the ids are stored on each expert layer for the duration of one
+    ``forward`` call and cleared in ``finally``. The state lives on the layer instances of THIS module (no
+    module-level globals), so every DistributedDataParallel process routes its own batch. Wrap with DDP AFTER the
+    conversion (and use ``find_unused_parameters=True``: experts of tasks absent from a batch get no gradient).
+
+    Args:
+        net: a network whose eligible convolutions were replaced by :class:`EKSConv` (see :func:`to_experts`).
+        num_tasks: number of experts.
+
+    Example::
+
+        >>> from monai.networks.nets import UNet
+        >>> model = to_experts(UNet(3, 1, 2, (8, 16), (2,)), num_tasks=4, ranks=4)
+        >>> model(torch.randn(2, 1, 16, 16, 16), torch.tensor([0, 2])).shape
+        torch.Size([2, 2, 16, 16, 16])
+    """
+
+    def __init__(self, net: nn.Module, num_tasks: int) -> None:
+        super().__init__()
+        self.net = net
+        self.num_tasks = num_tasks
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            x: network input ``(B, C_in, *spatial)``.
+            task_ids: ``(B,)`` integer task of every sample; None runs the shared backbone ``W0`` only.
+        """
+        if task_ids is not None:
+            task_ids = torch.as_tensor(task_ids, device=x.device).long().view(-1)
+            if task_ids.numel() != x.shape[0]:
+                raise ValueError(f"task_ids has {task_ids.numel()} entries for a batch of {x.shape[0]} samples.")
+            if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= self.num_tasks):
+                raise IndexError(f"task ids {task_ids.tolist()} out of range for {self.num_tasks} experts.")
+        layers = [m for _, m in eks_layers(self.net)]  # looked up per call: replicas (DataParallel) route their own
+        for m in layers:
+            m._task_ids = task_ids
+        try:
+            return self.net(x)
+        finally:
+            for m in layers:
+                m._task_ids = None
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Expert ranks (the same in every layer)."""
+        return next(m for _, m in eks_layers(self.net)).ranks
+
+
+def to_experts(
+    net: nn.Module,
+    num_tasks: int,
+    ranks: int | Sequence[int] = 8,
+    alpha: float = 16.0,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    copy_net: bool = True,
+) -> ExpertNetwork:
+    """
+    Replace every eligible convolution of ``net`` by an :class:`EKSConv` and wrap it in an :class:`ExpertNetwork`.
+
+    Eligible: ``nn.Conv1d/2d/3d`` with ``groups == 1`` and zero padding mode; grouped/depthwise and transposed
+    convolutions stay shared (as in the LoRKD papers). Each new layer's ``W0`` and bias are the original values.
+
+    Args:
+        net: any torch / MONAI network (e.g. ``UNet``, ``DynUNet``, ``SegResNet``, ``resnet18``, ``DenseNet121``).
+        num_tasks: number of experts ``T``.
+        ranks: one rank for all experts or one per expert (rank 0 = that task uses ``W0`` only). Defaults to 8.
+        alpha: LoRA scaling numerator (expert ``t`` scaled by ``alpha / r_t``). Defaults to 16.
+        include: ``fnmatch`` patterns of qualified module names to convert (all eligible ones when None).
+        exclude: ``fnmatch`` patterns of module names to keep shared (e.g. ``["*.conv.unit0.*"]``).
+        copy_net: convert a deep copy (the input stays intact). Defaults to True.
+
+    Raises:
+        ValueError: when no convolution is converted (e.g. patterns that match nothing).
+    """
+    net = copy.deepcopy(net) if copy_net else net
+    if type(net) in _CONVS:
+        raise ValueError("to_experts needs a network containing convolutions, not a bare convolution: use EKSConv.from_conv.")
+    targets = []
+    for name, m in net.named_modules():
+        if type(m) in _CONVS and m.groups == 1 and m.padding_mode == "zeros":
+            if (include is None or _matches(name, include)) and not _matches(name, exclude):
+                targets.append(name)
+    if not targets:
+        raise ValueError(
+            f"to_experts converted no convolution of {type(net).__name__} (include={include}, exclude={exclude}): "
+            "check the patterns against `[n for n, _ in net.named_modules()]`."
+        )
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, EKSConv.from_conv(getattr(parent, child), num_tasks, ranks, alpha))
+    return ExpertNetwork(net, num_tasks)
+
+
+def _unwrap(model: nn.Module) -> ExpertNetwork:
+    model = getattr(model, "module", model)  # DistributedDataParallel / DataParallel
+    if not isinstance(model, ExpertNetwork):
+        raise TypeError(f"expected an ExpertNetwork (from to_experts), got {type(model).__name__}.")
+    return model
+
+
+def export_expert(model: nn.Module, task: int | None) -> nn.Module:
+    """
+    Fuse expert ``task`` into a plain network: an instance of the ORIGINAL network class whose every EKS conv is
+    replaced by ``nn.Conv{1,2,3}d`` with kernel ``W0 + delta W_task`` (``task=None``: the shared backbone).
+
+    The result has the backbone's parameter count and state dict keys, so its state dict loads into the stock
+    network definition (no medfm code needed to deploy). The input model is not modified.
+    """
+    model = _unwrap(model)
+    if task is not None and not 0 <= task < model.num_tasks:
+        raise IndexError(f"task {task} out of range for {model.num_tasks} experts.")
+    net = copy.deepcopy(model.net)
+    for name, layer in list(eks_layers(net)):
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        fused = layer.fuse(task)
+        fused.weight.requires_grad_(True)
+        setattr(parent, child, fused)
+    return net
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """All expert factors ``A_t, B_t`` of the model."""
+    return [p for _, m in eks_layers(model) for p in (*m.lora_A, *m.lora_B)]
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """All parameters that are not expert factors (shared kernels, biases, norms, heads...)."""
+    experts = {id(p) for p in expert_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in experts]
+
+
+def set_experts_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze (warm-up: shared backbone only) or unfreeze the expert factors."""
+    for p in expert_parameters(model):
+        p.requires_grad_(trainable)
+
+
+def param_groups(
+    model: nn.Module, lr: float, expert_lr: float | None = None, weight_decay: float = 0.0, expert_weight_decay: float = 0.0
+) -> list[dict]:
+    """Optimizer parameter groups ``[backbone, experts]`` (both always present so a warm-up can unfreeze later).
+
+    Args:
+        model: a model containing EKS layers.
+        lr: backbone learning rate.
+        expert_lr: expert learning rate. Defaults to ``lr``.
+        weight_decay: backbone weight decay. Defaults to 0.
+        expert_weight_decay: expert weight decay. Defaults to 0 (as is usual for LoRA factors).
+    """
+    return [
+        {"params": backbone_parameters(model), "lr": lr, "weight_decay": weight_decay, "name": "backbone"},
+        {
+            "params": expert_parameters(model),
+            "lr": lr if expert_lr is None else expert_lr,
+            "weight_decay": expert_weight_decay,
+            "name": "experts",
+        },
+    ]
+
+
+def set_expert_ranks(model: nn.Module, ranks: Sequence[int]) -> None:
+    """Re-create all experts with per-task ``ranks`` (LoRKD*): A Kaiming-uniform, B zero. Rebuild the optimizer."""
+    for _, m in eks_layers(model):
+        m.set_ranks(ranks)
+
+
+def set_execution(model: nn.Module, mode: str) -> None:
+    """Set how every EKS layer runs a mixed-task batch (one of :data:`~medfm_ops.layers.EXECUTION_MODES`)."""
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"mode must be one of {EXECUTION_MODES}, got {mode!r}.")
+    for _, m in eks_layers(model):
+        m.execution = mode

@@ -1,0 +1,36 @@
+"""LoRKD*: per-region expert ranks from the loss drop of a warm-up phase."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["round_to_even", "lorkd_star_ranks"]
+
+
+def round_to_even(x: float) -> int:
+    """Nearest even integer (ties go to the larger one): 2.9 -> 2, 3.0 -> 4, 5.2 -> 6."""
+    return int(2 * int(x / 2 + 0.5))
+
+
+def lorkd_star_ranks(loss_drops: Sequence[float], base_rank: int, min_rank: int = 0, max_rank: int | None = None) -> list[int]:
+    """
+    ``r_i = round_to_even(base_rank * (dL_i / mean(dL))^2)``, clipped to ``[min_rank, max_rank]``.
+
+    Args:
+        loss_drops: per-region loss drop during warm-up ``dL_i = L_i(start) - L_i(end)`` (a larger drop means a
+            region that learns more from the shared backbone gets a larger expert, as in the LoRKD journal version).
+        base_rank: the uniform rank ``r``.
+        min_rank: lower clip. Defaults to 0 (rank 0 = region uses the shared kernel only).
+        max_rank: upper clip. Defaults to None (no clip).
+
+    Raises:
+        ValueError: when the mean loss drop is not positive (the warm-up did not reduce the loss: ranks undefined).
+    """
+    drops = [float(d) for d in loss_drops]
+    if not drops:
+        raise ValueError("loss_drops is empty.")
+    mean = sum(drops) / len(drops)
+    if not mean > 0:
+        raise ValueError(f"mean warm-up loss drop must be > 0 to allocate LoRKD* ranks, got drops {drops}.")
+    ranks = [max(min_rank, round_to_even(base_rank * (max(d, 0.0) / mean) ** 2)) for d in drops]
+    return [min(r, max_rank) for r in ranks] if max_rank is not None else ranks
