@@ -5,6 +5,8 @@ from medfm_ops.networks.experts import (
     backbone_parameters,
     eks_layers,
     expert_parameters,
+    load_expert_state_dict,
+    ranks_from_state_dict,
     export_expert,
     param_groups,
     set_execution,
@@ -13,6 +15,7 @@ from medfm_ops.networks.experts import (
     to_experts,
 )
 from medfm_ops.networks.rank_allocation import lorkd_star_ranks, round_to_even
+from medfm_ops.networks.teacher import freeze, load_teacher
 
 __all__ = [
     "ExpertNetwork",
@@ -27,4 +30,8 @@ __all__ = [
     "set_execution",
     "lorkd_star_ranks",
     "round_to_even",
+    "ranks_from_state_dict",
+    "load_expert_state_dict",
+    "load_teacher",
+    "freeze",
 ]

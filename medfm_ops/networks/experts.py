@@ -22,6 +22,8 @@ __all__ = [
     "param_groups",
     "set_expert_ranks",
     "set_execution",
+    "ranks_from_state_dict",
+    "load_expert_state_dict",
 ]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -218,3 +220,27 @@ def set_execution(model: nn.Module, mode: str) -> None:
         raise ValueError(f"mode must be one of {EXECUTION_MODES}, got {mode!r}.")
     for _, m in eks_layers(model):
         m.execution = mode
+
+
+def ranks_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """Expert ranks stored in ``state_dict`` (read from the ``lora_A`` shapes of the model's first EKS layer).
+
+    Returns None when the state dict holds no expert factors for that layer.
+    """
+    model = getattr(model, "module", model)
+    prefix_name, layer = next(eks_layers(model))
+    prefix = f"{prefix_name}.lora_A." if prefix_name else "lora_A."
+    shapes = {int(k[len(prefix):]): v.shape[0] for k, v in state_dict.items() if k.startswith(prefix)}
+    if not shapes:
+        return None
+    return tuple(shapes[t] // layer.kernel_size[0] for t in range(len(shapes)))
+
+
+def load_expert_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
+    """Load a (LoRKD*) checkpoint whose expert ranks may differ from the model's: re-shape the experts, then load."""
+    ranks = ranks_from_state_dict(model, state_dict)
+    target = getattr(model, "module", model)
+    if ranks is not None and ranks != target.ranks:
+        set_expert_ranks(target, ranks)
+    target.load_state_dict(state_dict, strict=strict)
+    return model

@@ -1,0 +1,155 @@
+"""Warm-up of the shared backbone with frozen experts, then (optionally) LoRKD* per-region expert ranks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from medfm_ops.networks import expert_parameters, lorkd_star_ranks, set_expert_ranks, set_experts_trainable
+
+__all__ = ["ExpertWarmupHandler"]
+
+
+class ExpertWarmupHandler:
+    """
+    Train the shared backbone alone (experts frozen) for ``warmup_epochs``, then experts and backbone jointly.
+
+    With ``lorkd_star=True`` the per-region task loss is tracked during the warm-up and, at its end, every expert is
+    re-created with rank ``r_i = round_to_even(base_rank * (dL_i / mean dL)^2)`` where ``dL_i`` is the drop of
+    region ``i``'s mean loss between the first and the last third of the warm-up iterations (summed over DDP
+    processes, so every process gets the same ranks). The experts were frozen at ``B = 0`` during the warm-up, so
+    re-creating them loses nothing; the optimizer's ``experts`` param group is re-pointed to the new parameters.
+
+    The handler keeps its state (ranks, whether the warm-up is done, loss history) in :meth:`state_dict`: put it in
+    the checkpoint's ``save_dict`` BEFORE the network and optimizer, so that on resume the experts are re-shaped
+    before their weights are loaded.
+
+    Args:
+        network: the :class:`~medfm_ops.networks.ExpertNetwork` (or its DDP wrapper).
+        optimizer: optimizer built with :func:`~medfm_ops.networks.param_groups` (a group named ``experts``).
+        loss_function: object exposing ``last_per_sample_task`` and ``last_regions`` after each iteration
+            (:class:`~medfm_ops.engines.LoRKDLossAdapter`).
+        num_regions: number of regions / experts.
+        warmup_epochs: epochs with frozen experts. Defaults to 1. 0 disables the warm-up.
+        lorkd_star: allocate per-region ranks after the warm-up. Defaults to False.
+        base_rank: uniform rank ``r`` for LoRKD*. Defaults to 8.
+        min_rank: lower clip of the LoRKD* ranks. Defaults to 2.
+        max_rank: upper clip of the LoRKD* ranks. Defaults to 32.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Any,
+        num_regions: int,
+        warmup_epochs: int = 1,
+        lorkd_star: bool = False,
+        base_rank: int = 8,
+        min_rank: int = 2,
+        max_rank: int = 32,
+    ) -> None:
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
+        if lorkd_star and warmup_epochs == 0:
+            raise ValueError("lorkd_star=True needs warmup_epochs >= 1 (ranks come from the warm-up loss drop).")
+        self.network = network
+        self.optimizer = optimizer
+        self.loss_function = loss_function
+        self.num_regions = num_regions
+        self.warmup_epochs = warmup_epochs
+        self.lorkd_star = lorkd_star
+        self.base_rank, self.min_rank, self.max_rank = base_rank, min_rank, max_rank
+        self.done = warmup_epochs == 0
+        self.ranks: list[int] | None = None
+        self.loss_drops: list[float] | None = None
+        self._history: list[tuple[int, int, float]] = []  # (iteration, region, task loss)
+        self.logger = logging.getLogger("medfm.warmup")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    # ------------------------------------------------------------------ events
+    def _started(self, engine: Engine) -> None:
+        set_experts_trainable(self.network, self.done)
+        if not self.done:
+            self.logger.info(f"warm-up: experts frozen for {self.warmup_epochs} epoch(s), shared backbone trains")
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        if self.done or not self.lorkd_star:
+            return
+        losses, regions = self.loss_function.last_per_sample_task, self.loss_function.last_regions
+        if losses is None or regions is None:
+            raise RuntimeError("LoRKD* needs a loss_function exposing last_per_sample_task and last_regions.")
+        it = engine.state.iteration
+        self._history.extend((it, int(r), float(v)) for r, v in zip(regions.tolist(), losses.tolist()))
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        if self.done or engine.state.epoch < self.warmup_epochs:
+            return
+        if self.lorkd_star:
+            self.loss_drops = self._loss_drops()
+            self.ranks = lorkd_star_ranks(self.loss_drops, self.base_rank, self.min_rank, self.max_rank)
+            set_expert_ranks(self.network, self.ranks)
+            self._repoint_optimizer()
+            self.logger.info(f"LoRKD*: warm-up loss drops {[round(d, 4) for d in self.loss_drops]} -> ranks {self.ranks}")
+        self.done = True
+        set_experts_trainable(self.network, True)
+        self.logger.info(f"warm-up done after epoch {engine.state.epoch}: experts and backbone train jointly")
+
+    # ------------------------------------------------------------------ helpers
+    def _loss_drops(self) -> list[float]:
+        iters = sorted({it for it, _, _ in self._history})
+        if len(iters) < 2:
+            raise RuntimeError("LoRKD* needs at least 2 warm-up iterations to measure loss drops.")
+        third = max(1, len(iters) // 3)
+        first, last = set(iters[:third]), set(iters[-third:])
+        # sums and counts per region for the first and last third, reduced over processes
+        stats = torch.zeros(4, self.num_regions, dtype=torch.float64)
+        for it, r, v in self._history:
+            if it in first:
+                stats[0, r] += v
+                stats[1, r] += 1
+            if it in last:
+                stats[2, r] += v
+                stats[3, r] += 1
+        stats = idist.all_reduce(stats)
+        missing = [r for r in range(self.num_regions) if stats[1, r] == 0 or stats[3, r] == 0]
+        if missing:
+            raise RuntimeError(
+                f"LoRKD*: regions {missing} have no sample in the first or last third of the warm-up; "
+                "use more warm-up epochs or a sampler that mixes regions."
+            )
+        return (stats[0] / stats[1] - stats[2] / stats[3]).tolist()
+
+    def _repoint_optimizer(self) -> None:
+        groups = [g for g in self.optimizer.param_groups if g.get("name") == "experts"]
+        if len(groups) != 1:
+            raise RuntimeError("LoRKD* needs an optimizer with one param group named 'experts' (see param_groups).")
+        for p in groups[0]["params"]:
+            self.optimizer.state.pop(p, None)
+        groups[0]["params"] = expert_parameters(self.network)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {
+            "done": torch.tensor(self.done),
+            "ranks": torch.tensor(self.ranks if self.ranks is not None else [], dtype=torch.long),
+            "loss_drops": torch.tensor(self.loss_drops if self.loss_drops is not None else [], dtype=torch.float64),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = bool(state["done"])
+        ranks = state["ranks"].tolist()
+        self.ranks = ranks or None
+        self.loss_drops = state["loss_drops"].tolist() or None
+        if self.ranks is not None:
+            set_expert_ranks(self.network, self.ranks)
+            self._repoint_optimizer()

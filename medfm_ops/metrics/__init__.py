@@ -1,0 +1,18 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Segmentation metrics per region and class (Dice, NSD in mm) and report writers."""
+
+from __future__ import annotations
+
+from .dice_nsd import binary_dice_nsd
+from .region_seg_metrics import RegionSegMetrics, region_metric_output_transform
+from .report import format_markdown, region_summary, write_table
+
+__all__ = [
+    "RegionSegMetrics",
+    "binary_dice_nsd",
+    "format_markdown",
+    "region_metric_output_transform",
+    "region_summary",
+    "write_table",
+]

@@ -1,0 +1,388 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Ignite metric of per-region, per-class Dice and NSD (mm) for union-of-classes sigmoid outputs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine
+from ignite.exceptions import NotComputableError
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced
+from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
+
+from medfm_ops.metrics.dice_nsd import binary_dice_nsd
+from medfm_ops.metrics.report import region_summary
+
+__all__ = ["RegionSegMetrics", "binary_dice_nsd", "region_metric_output_transform"]
+
+
+def _spacing_from(item: Any, spatial_dims: int, batched: bool) -> list[list[float]] | None:
+    """Per-sample spacing from a MetaTensor's affine (kept up to date by MONAI's spatial transforms)."""
+    if not isinstance(item, MetaTensor):
+        return None
+    affine = item.affine
+    affines = [affine] if affine.ndim == 2 else list(affine)
+    if batched and len(affines) == 1:
+        affines = affines * item.shape[0]
+    return [affine_to_spacing(a, r=spatial_dims).tolist() for a in affines]
+
+
+def region_metric_output_transform(
+    output: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    pred_key: str = "pred",
+    label_key: str = "label",
+    region_key: str = "region",
+    image_key: str = "image",
+    spacing_key: str = "spacing",
+) -> dict[str, Any]:
+    """
+    Build the input of :py:class:`RegionSegMetrics` from a MONAI engine's (batch-merged) output.
+
+    MONAI 1.6's ``SupervisedEvaluator`` sets ``engine.state.output`` to ``{"image", "label", "pred"}`` only: a list
+    of per-sample dicts with ``decollate=True`` (the default), one batched dict with ``decollate=False``. Other
+    batch keys (the region/task id) stay in ``engine.state.batch``; :py:class:`RegionSegMetrics` merges them in
+    before calling this transform (``merge_batch=True``).
+
+    The spacing is read, in this order, from a ``spacing_key`` entry, else from the affine of the ``label``,
+    ``pred`` or ``image`` MetaTensor (MONAI spatial transforms update the affine). A MetaTensor created without an
+    affine has the identity affine, i.e. spacing 1.
+
+    Args:
+        output: per-sample dicts (each ``pred``/``label`` of shape (C, *spatial)), or one dict with batched
+            (B, C, *spatial) ``pred``/``label`` and (B,) region ids.
+        pred_key: key of the logits. Defaults to ``"pred"``.
+        label_key: key of the binary labels. Defaults to ``"label"``.
+        region_key: key of the region (task) id. Defaults to ``"region"``.
+        image_key: key of the image, used as a last spacing source. Defaults to ``"image"``.
+        spacing_key: key of an explicit spacing, (spatial_dims,) per sample or (B, spatial_dims). Defaults to
+            ``"spacing"``.
+
+    Returns:
+        ``{"y_pred", "y", "region", "spacing"}``: ``y_pred``/``y`` a list of (C, *spatial) tensors or batched
+        tensors, ``region`` a (B,) long tensor, ``spacing`` a (B, spatial_dims) float64 tensor.
+
+    Raises:
+        KeyError: when a needed key is missing.
+        ValueError: when no spacing source is found.
+
+    Example (bundle config, other key names)::
+
+        "output_transform": {"_target_": "medfm_ops.metrics.region_metric_output_transform",
+                             "_mode_": "partial", "region_key": "task_id"}
+    """
+    samples = [output] if isinstance(output, Mapping) else list(output)
+    batched = isinstance(output, Mapping)
+    preds, labels, regions, spacings = [], [], [], []
+    for sample in samples:
+        for key in (pred_key, label_key, region_key):
+            if key not in sample:
+                raise KeyError(f"region_metric_output_transform: key '{key}' not in output keys {list(sample)}.")
+        pred, label = sample[pred_key], sample[label_key]
+        spatial_dims = pred.ndim - (2 if batched else 1)
+        n = pred.shape[0] if batched else 1
+        spacing = None
+        if sample.get(spacing_key) is not None:
+            spacing = torch.as_tensor(sample[spacing_key], dtype=torch.float64).reshape(n, -1).tolist()
+        for item in (label, pred, sample.get(image_key)):
+            spacing = spacing or _spacing_from(item, spatial_dims, batched)
+        if spacing is None:
+            raise ValueError(
+                f"no voxel spacing: give '{spacing_key}' or MetaTensors with an affine under '{label_key}'/"
+                f"'{pred_key}'/'{image_key}'."
+            )
+        preds.append(pred)
+        labels.append(label)
+        regions.extend(torch.as_tensor(sample[region_key]).reshape(-1).tolist())
+        spacings.extend(spacing)
+    return {
+        "y_pred": preds[0] if batched else preds,
+        "y": labels[0] if batched else labels,
+        "region": torch.as_tensor(regions, dtype=torch.long),
+        "spacing": torch.as_tensor(spacings, dtype=torch.float64),
+    }
+
+
+def _merge_batch(output: Any, batch: Any) -> Any:
+    """Add the keys of ``engine.state.batch`` that ``engine.state.output`` lacks (dicts or equal-length dict lists)."""
+    if isinstance(output, Mapping) and isinstance(batch, Mapping):
+        return {**batch, **output}
+    if (
+        isinstance(output, Sequence)
+        and isinstance(batch, Sequence)
+        and len(output) == len(batch)
+        and all(isinstance(o, Mapping) for o in output)
+        and all(isinstance(b, Mapping) for b in batch)
+    ):
+        return [{**b, **o} for o, b in zip(output, batch)]
+    return output
+
+
+def _as_samples(x: Any, name: str) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return list(x)
+    if isinstance(x, Sequence) and all(isinstance(t, torch.Tensor) for t in x):
+        return list(x)
+    raise TypeError(f"{name} must be a (B, C, *spatial) tensor or a sequence of (C, *spatial) tensors.")
+
+
+class RegionSegMetrics(Metric):
+    """
+    Ignite metric for region-partitioned multi-label segmentation: per sample, the sigmoid channels of the
+    sample's region are thresholded and scored against the labels with :py:func:`binary_dice_nsd` (DSC and NSD
+    with a tolerance in mm using the sample's voxel spacing).
+
+    Rows ``(region, class, dsc, nsd)`` are accumulated per sample and per class, gathered across processes in
+    :py:meth:`compute`, and aggregated as: per class, the mean over samples; per region, the mean over its classes;
+    overall, the mean over the regions seen. :py:meth:`compute` returns the overall mean DSC (so the metric can be
+    a MONAI evaluator's key metric); :py:meth:`completed` additionally writes into ``engine.state.metrics``:
+    ``nsd_name`` (overall mean NSD), ``"dsc/{region}"``, ``"nsd/{region}"``, ``"dsc/{region}/{class}"`` and
+    ``"nsd/{region}/{class}"``. :py:meth:`table` returns the per-class table.
+
+    Samples are scored one at a time, so spatial sizes may differ between samples.
+
+    Example (MONAI bundle evaluator)::
+
+        "key_val_metric": {"val_mean_dice": {
+            "_target_": "medfm_ops.metrics.RegionSegMetrics",
+            "region_channels": {"0": [0, 1], "1": [2, 3, 4]},
+            "region_names": {"0": "abdomen", "1": "thorax"},
+            "class_names": {"0": ["liver", "spleen"], "1": ["lung_l", "lung_r", "heart"]}}}
+    """
+
+    required_output_keys = ("y_pred", "y", "region", "spacing")
+    _required_output_keys = required_output_keys
+
+    def __init__(
+        self,
+        region_channels: Mapping[int | str, Sequence[int]],
+        region_names: Mapping[int | str, str] | None = None,
+        class_names: Mapping[int | str, Sequence[str]] | None = None,
+        tolerance_mm: float | Mapping[str, float] = 1.0,
+        threshold: float = 0.5,
+        sigmoid: bool = True,
+        nsd_name: str = "mean_nsd",
+        output_transform: Callable = region_metric_output_transform,
+        merge_batch: bool = True,
+        device: str | torch.device = torch.device("cpu"),
+    ) -> None:
+        """
+        Args:
+            region_channels: task id -> global channel indices of its classes (keys may be strings, as in JSON).
+            region_names: task id -> region name used in metric keys and tables. Defaults to ``"region{id}"``.
+            class_names: task id -> class names, one per channel of ``region_channels[id]``. Defaults to
+                ``"ch{global channel}"``.
+            tolerance_mm: NSD tolerance in mm, for all classes, or a mapping from class name (or
+                ``"region/class"``; the more specific key wins) to mm, with an optional ``"default"`` entry.
+                Defaults to 1.0.
+            threshold: foreground threshold on the sigmoid probability (``>=``). Defaults to 0.5.
+            sigmoid: whether ``y_pred`` holds logits (``True``) or probabilities/binary masks already. Defaults to
+                ``True``.
+            nsd_name: ``engine.state.metrics`` key of the overall mean NSD. Defaults to ``"mean_nsd"``.
+            output_transform: maps ``engine.state.output`` (batch-merged, see ``merge_batch``) to a dict with
+                ``y_pred``, ``y``, ``region``, ``spacing``. Defaults to :py:func:`region_metric_output_transform`.
+            merge_batch: add ``engine.state.batch`` keys missing from ``engine.state.output`` (MONAI evaluators keep
+                e.g. the region id only in the batch) before ``output_transform``. Defaults to ``True``.
+            device: device of the metric state. Defaults to CPU.
+
+        Raises:
+            ValueError: on empty regions, duplicate names, class-name counts that do not match the channels,
+                unknown tolerance keys, or a ``threshold`` outside (0, 1).
+        """
+        if not region_channels:
+            raise ValueError("region_channels must map at least one task id to its channels.")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}.")
+        self.region_channels = {int(k): [int(c) for c in v] for k, v in region_channels.items()}
+        names = {int(k): str(v) for k, v in (region_names or {}).items()}
+        self.region_names = {r: names.get(r, f"region{r}") for r in self.region_channels}
+        if len(set(self.region_names.values())) != len(self.region_names):
+            raise ValueError(f"region names must be unique, got {list(self.region_names.values())}.")
+        given = {int(k): [str(n) for n in v] for k, v in (class_names or {}).items()}
+        self.class_names: dict[int, list[str]] = {}
+        for r, channels in self.region_channels.items():
+            if not channels:
+                raise ValueError(f"region {r} ({self.region_names[r]}) has no channels.")
+            cls = given.get(r, [f"ch{c}" for c in channels])
+            if len(cls) != len(channels) or len(set(cls)) != len(cls):
+                raise ValueError(
+                    f"class_names of region {r} ({self.region_names[r]}) must be {len(channels)} unique names, "
+                    f"got {cls}."
+                )
+            self.class_names[r] = cls
+        self.tolerances = self._resolve_tolerances(tolerance_mm)
+        self.threshold = float(threshold)
+        self.sigmoid = sigmoid
+        self.nsd_name = nsd_name
+        self.merge_batch = merge_batch
+        self._logit_threshold = math.log(threshold / (1.0 - threshold))
+        self._table: list[dict[str, Any]] | None = None
+        self._summary: dict[str, Any] | None = None
+        super().__init__(output_transform=output_transform, device=device, skip_unrolling=True)
+
+    def _resolve_tolerances(self, tolerance_mm: float | Mapping[str, float]) -> dict[int, list[float]]:
+        if not isinstance(tolerance_mm, Mapping):
+            return {r: [float(tolerance_mm)] * len(ch) for r, ch in self.region_channels.items()}
+        known = {"default"}
+        out: dict[int, list[float]] = {}
+        for r, classes in self.class_names.items():
+            region_tol = []
+            for c in classes:
+                qualified = f"{self.region_names[r]}/{c}"
+                known.update((c, qualified))
+                key = qualified if qualified in tolerance_mm else c if c in tolerance_mm else "default"
+                if key not in tolerance_mm:
+                    raise ValueError(f"tolerance_mm has no entry for class '{qualified}' and no 'default'.")
+                region_tol.append(float(tolerance_mm[key]))
+            out[r] = region_tol
+        unknown = sorted(set(tolerance_mm) - known)
+        if unknown:
+            raise ValueError(f"tolerance_mm keys {unknown} match no class name or 'region/class'.")
+        return out
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._rows: list[torch.Tensor] = []
+        self._table = None
+        self._summary = None
+
+    def iteration_completed(self, engine: Engine) -> None:
+        """Read ``engine.state.output`` (with ``engine.state.batch`` keys merged in) and update the metric."""
+        output = engine.state.output
+        if self.merge_batch:
+            output = _merge_batch(output, engine.state.batch)
+        output = self._output_transform(output)
+        if isinstance(output, Mapping):
+            missing = [k for k in self.required_output_keys if k not in output]
+            if missing:
+                raise ValueError(f"RegionSegMetrics: transformed output lacks keys {missing}, got {list(output)}.")
+            output = tuple(output[k] for k in self.required_output_keys)
+        self.update(output)
+
+    @reinit__is_reduced
+    def update(self, output: Sequence[Any]) -> None:
+        """
+        Args:
+            output: ``(y_pred, y, region, spacing)``: (B, C, *spatial) logits or B tensors (C, *spatial); labels
+                alike; (B,) region ids; (B, spatial_dims) spacing in mm.
+
+        Raises:
+            ValueError: on inconsistent lengths or shapes, or an unknown region id.
+        """
+        y_pred, y, region, spacing = output
+        preds, labels = _as_samples(y_pred, "y_pred"), _as_samples(y, "y")
+        regions = torch.as_tensor(region).reshape(-1).tolist()
+        spacings = torch.as_tensor(spacing, dtype=torch.float64)
+        spacings = spacings.reshape(len(regions), -1) if spacings.numel() else spacings
+        if not len(preds) == len(labels) == len(regions) == len(spacings):
+            raise ValueError(
+                f"batch sizes differ: y_pred {len(preds)}, y {len(labels)}, region {len(regions)}, "
+                f"spacing {len(spacings)}."
+            )
+        for pred, label, r, sp in zip(preds, labels, regions, spacings):
+            r = int(r)
+            if r not in self.region_channels:
+                raise ValueError(f"region id {r} is not in region_channels {sorted(self.region_channels)}.")
+            if pred.shape != label.shape:
+                raise ValueError(f"y_pred sample shape {tuple(pred.shape)} differs from y {tuple(label.shape)}.")
+            channels = self.region_channels[r]
+            if max(channels) >= pred.shape[0]:
+                raise ValueError(f"region {r} uses channel {max(channels)} but y_pred has {pred.shape[0]} channels.")
+            pred = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
+            label = label.as_tensor() if isinstance(label, MetaTensor) else label
+            index = torch.as_tensor(channels, device=pred.device)
+            selected = pred.index_select(0, index)
+            cut = self._logit_threshold if self.sigmoid else self.threshold
+            pred_mask = (selected >= cut).cpu()
+            gt_mask = (label.index_select(0, index.to(label.device)) >= 0.5).cpu()
+            dsc, nsd = binary_dice_nsd(pred_mask, gt_mask, sp.tolist(), self.tolerances[r])
+            rows = torch.stack(
+                [
+                    torch.full_like(dsc, r, dtype=torch.float64),
+                    torch.arange(len(channels), dtype=torch.float64),
+                    dsc.double(),
+                    nsd.double(),
+                ],
+                dim=1,
+            )
+            self._rows.append(rows)
+
+    def _gathered_rows(self) -> torch.Tensor:
+        local = torch.cat(self._rows) if self._rows else torch.zeros(0, 4, dtype=torch.float64)
+        world_size = idist.get_world_size()
+        if world_size == 1:
+            return local
+        device = idist.device()
+        counts = idist.all_gather(torch.tensor([local.shape[0]], device=device))
+        shapes = [[int(n), 4] for n in counts.tolist()]
+        parts = idist.all_gather_tensors_with_shapes(local.to(device), shapes)
+        return torch.cat([p.cpu() for p in parts])
+
+    def _aggregate(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Gather the rows (collective) and build the per-class table and the region/overall summary."""
+        rows = self._gathered_rows()
+        if rows.shape[0] == 0:
+            raise NotComputableError("RegionSegMetrics must have at least one sample before it can be computed.")
+        table: list[dict[str, Any]] = []
+        for r, classes in self.class_names.items():
+            for k, cls in enumerate(classes):
+                sel = rows[(rows[:, 0] == r) & (rows[:, 1] == k)]
+                if sel.shape[0] == 0:
+                    continue
+                table.append(
+                    {
+                        "region": self.region_names[r],
+                        "class": cls,
+                        "n": int(sel.shape[0]),
+                        "dsc_mean": float(sel[:, 2].mean()),
+                        "dsc_std": float(sel[:, 2].std(unbiased=False)),
+                        "nsd_mean": float(sel[:, 3].mean()),
+                        "nsd_std": float(sel[:, 3].std(unbiased=False)),
+                    }
+                )
+        regions = region_summary(table, overall=None)
+        summary = {
+            "regions": regions,
+            "mean_dsc": sum(e["dsc_mean"] for e in regions) / len(regions),
+            "mean_nsd": sum(e["nsd_mean"] for e in regions) / len(regions),
+        }
+        self._table, self._summary = table, summary
+        return table, summary
+
+    def compute(self) -> float:
+        """
+        Gather all rows (collective under DDP: call on every rank) and return the overall mean DSC
+        (mean over the regions seen of the mean over each region's classes).
+
+        Raises:
+            NotComputableError: when no sample was seen.
+        """
+        return float(self._aggregate()[1]["mean_dsc"])
+
+    def completed(self, engine: Engine, name: str) -> None:
+        """Put the overall mean DSC under ``name`` and the NSD, per-region and per-class scalars alongside it."""
+        table, summary = self._aggregate()
+        metrics = engine.state.metrics
+        metrics[name] = float(summary["mean_dsc"])
+        metrics[self.nsd_name] = float(summary["mean_nsd"])
+        for entry in summary["regions"]:
+            metrics[f"dsc/{entry['region']}"] = entry["dsc_mean"]
+            metrics[f"nsd/{entry['region']}"] = entry["nsd_mean"]
+        for row in table:
+            metrics[f"dsc/{row['region']}/{row['class']}"] = row["dsc_mean"]
+            metrics[f"nsd/{row['region']}/{row['class']}"] = row["nsd_mean"]
+
+    def table(self) -> list[dict[str, Any]]:
+        """
+        Per-class rows ``{"region", "class", "n", "dsc_mean", "dsc_std", "nsd_mean", "nsd_std"}`` (means and
+        standard deviations over samples, ddof=0) from the last :py:meth:`compute`; computed now if there is none
+        (a collective call under DDP: call it on every rank, or after the epoch's ``compute``).
+        """
+        table = self._table if self._table is not None else self._aggregate()[0]
+        return [dict(row) for row in table]

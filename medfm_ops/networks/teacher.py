@@ -1,0 +1,136 @@
+"""Load a frozen teacher ("foundation model") from local files: a MONAI bundle, a TorchScript file, or a state dict."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["load_teacher", "freeze"]
+
+_HOW_TO = (
+    "Train the default teacher first with `python -m monai.bundle run --config_file "
+    "bundles/foundation_seg/configs/train.json`, or point `teacher_path` to a bundle directory, a TorchScript file, "
+    "or a state dict together with `teacher_def` (a network config)."
+)
+
+
+def freeze(net: nn.Module) -> nn.Module:
+    """Eval mode and no gradients for every parameter; returns ``net``."""
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+class _FrozenTeacher(nn.Module):
+    """Keeps the wrapped teacher in eval mode even when a parent calls ``.train()``, and runs it without grad."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = freeze(net)
+
+    def train(self, mode: bool = True) -> _FrozenTeacher:  # noqa: D102 - a teacher never trains
+        super().train(False)
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _instantiate(network_def: dict | str | Path) -> nn.Module:
+    from monai.bundle import ConfigParser
+
+    if isinstance(network_def, (str, Path)):
+        network_def = ConfigParser.load_config_file(str(network_def))
+        network_def = network_def.get("network_def", network_def)
+    parser = ConfigParser({"network_def": network_def})
+    return parser.get_parsed_content("network_def")
+
+
+def _bundle_network_def(bundle_dir: Path) -> dict:
+    for name in ("inference.json", "train.json", "inference.yaml", "train.yaml"):
+        cfg = bundle_dir / "configs" / name
+        if cfg.is_file():
+            from monai.bundle import ConfigParser
+
+            content = ConfigParser.load_config_file(str(cfg))
+            if "network_def" in content:
+                return _resolve_plain_refs(content["network_def"], content)
+    raise ValueError(f"teacher bundle {bundle_dir}: no configs/inference.json or train.json with a 'network_def'.")
+
+
+def _resolve_plain_refs(item: Any, content: dict) -> Any:
+    """Replace ``@key`` references of a network_def by the referenced top-level literal values."""
+    if isinstance(item, dict):
+        return {k: _resolve_plain_refs(v, content) for k, v in item.items()}
+    if isinstance(item, list):
+        return [_resolve_plain_refs(v, content) for v in item]
+    if isinstance(item, str) and item.startswith("@") and item[1:] in content:
+        return _resolve_plain_refs(content[item[1:]], content)
+    return item
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"teacher weights {path}: cannot be read as a state dict ({e}).") from e
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"teacher weights {path}: expected a state dict, got {type(sd).__name__}.")
+    return sd
+
+
+def load_teacher(
+    teacher_path: str | os.PathLike,
+    teacher_def: dict | str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """
+    Load a frozen teacher that maps ``(B, C_in, *spatial)`` to logits; it stays in eval mode and never gets gradients.
+
+    Args:
+        teacher_path: one of
+            - a MONAI bundle directory (``configs/inference.json`` or ``train.json`` with ``network_def``, and
+              ``models/model.pt``, or ``models/model.ts``);
+            - a TorchScript file (``.ts`` / ``.pt`` saved by ``torch.jit.save``);
+            - a state dict file, with ``teacher_def``.
+        teacher_def: network config (dict with ``_target_`` or a JSON/YAML file holding one, optionally under
+            ``network_def``), required for a state dict file.
+        device: where to put the teacher.
+
+    Raises:
+        FileNotFoundError: when nothing exists at ``teacher_path`` (the message says how to produce a teacher).
+        ValueError: when the file cannot be interpreted as a teacher.
+    """
+    path = Path(teacher_path)
+    if not path.exists():
+        raise FileNotFoundError(f"teacher not found at {path}. {_HOW_TO}")
+    if path.is_dir():
+        weights, script = path / "models" / "model.pt", path / "models" / "model.ts"
+        if weights.is_file():
+            net = _instantiate(teacher_def if teacher_def is not None else _bundle_network_def(path))
+            net.load_state_dict(_load_state_dict(weights))
+        elif script.is_file():
+            net = torch.jit.load(str(script), map_location="cpu")
+        else:
+            raise FileNotFoundError(f"teacher bundle {path} has no models/model.pt nor models/model.ts. {_HOW_TO}")
+    else:
+        net = None
+        try:
+            net = torch.jit.load(str(path), map_location="cpu")
+        except Exception:  # not TorchScript: a state dict
+            if teacher_def is None:
+                raise ValueError(
+                    f"teacher file {path} is not TorchScript; as a state dict it needs `teacher_def` (network config)."
+                ) from None
+            net = _instantiate(teacher_def)
+            net.load_state_dict(_load_state_dict(path))
+    return _FrozenTeacher(net).to(device)
