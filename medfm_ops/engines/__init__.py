@@ -2,6 +2,8 @@
 
 from medfm_ops.engines.handlers import AtomicCheckpointSaver, ExpertWarmupHandler
 from medfm_ops.engines.lorkd_loss_adapter import LoRKDLossAdapter, NonFiniteLossError
+from medfm_ops.engines.training_state import atomic_write_text, resume_training, write_training_summary
+from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evaluate_decomposition, evaluate_segmentation
 from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
 
 __all__ = [
@@ -13,4 +15,11 @@ __all__ = [
     "RoutedSimpleInferer",
     "RoutedSlidingWindowInferer",
     "batch_filenames",
+    "atomic_write_text",
+    "resume_training",
+    "write_training_summary",
+    "count_flops",
+    "count_params",
+    "evaluate_decomposition",
+    "evaluate_segmentation",
 ]

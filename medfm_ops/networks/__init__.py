@@ -6,6 +6,7 @@ from medfm_ops.networks.experts import (
     eks_layers,
     expert_parameters,
     load_expert_state_dict,
+    load_fused_expert,
     ranks_from_state_dict,
     export_expert,
     param_groups,
@@ -32,6 +33,7 @@ __all__ = [
     "round_to_even",
     "ranks_from_state_dict",
     "load_expert_state_dict",
+    "load_fused_expert",
     "load_teacher",
     "freeze",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "set_execution",
     "ranks_from_state_dict",
     "load_expert_state_dict",
+    "load_fused_expert",
 ]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -236,11 +238,41 @@ def ranks_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor])
     return tuple(shapes[t] // layer.kernel_size[0] for t in range(len(shapes)))
 
 
-def load_expert_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
-    """Load a (LoRKD*) checkpoint whose expert ranks may differ from the model's: re-shape the experts, then load."""
+def load_expert_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | str | os.PathLike, strict: bool = True
+) -> nn.Module:
+    """Load a (LoRKD*) checkpoint whose expert ranks may differ from the model's: re-shape the experts, then load.
+
+    Args:
+        model: the :class:`ExpertNetwork` (or its DDP wrapper).
+        state_dict: a state dict, or the path of a file holding one (e.g. a bundle's ``models/model.pt``).
+        strict: as in ``load_state_dict``.
+
+    Raises:
+        FileNotFoundError: when the path does not exist (train the bundle first).
+    """
+    if isinstance(state_dict, (str, os.PathLike)):
+        if not os.path.isfile(state_dict):
+            raise FileNotFoundError(f"no trained model at {state_dict}: run the bundle's configs/train.json first.")
+        state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
     ranks = ranks_from_state_dict(model, state_dict)
     target = getattr(model, "module", model)
     if ranks is not None and ranks != target.ranks:
         set_expert_ranks(target, ranks)
     target.load_state_dict(state_dict, strict=strict)
     return model
+
+
+def load_fused_expert(
+    stock_network: nn.Module, expert_model: nn.Module, checkpoint: str | os.PathLike | dict, task: int
+) -> nn.Module:
+    """
+    Load a trained expert model checkpoint, fuse expert ``task`` and load the fused weights into ``stock_network``
+    (a freshly built instance of the backbone's stock class, e.g. from a bundle's ``network_def``).
+
+    Returns:
+        ``stock_network`` holding ``W0 + delta W_task`` (strict load: the architectures must match).
+    """
+    load_expert_state_dict(expert_model, checkpoint)
+    stock_network.load_state_dict(export_expert(expert_model, task).state_dict(), strict=True)
+    return stock_network

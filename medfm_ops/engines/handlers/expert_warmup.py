@@ -58,6 +58,12 @@ class ExpertWarmupHandler:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
         if lorkd_star and warmup_epochs == 0:
             raise ValueError("lorkd_star=True needs warmup_epochs >= 1 (ranks come from the warm-up loss drop).")
+        if lorkd_star and isinstance(network, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "lorkd_star=True re-shapes the experts after the warm-up, which a DistributedDataParallel wrapper "
+                "cannot follow: run the LoRKD* warm-up single-process (configs/train.json with lorkd_star=true), then "
+                "train multi-GPU with `--rank` set to the logged ranks (a list) and `--warmup_epochs 0`."
+            )
         self.network = network
         self.optimizer = optimizer
         self.loss_function = loss_function
@@ -150,6 +156,7 @@ class ExpertWarmupHandler:
         ranks = state["ranks"].tolist()
         self.ranks = ranks or None
         self.loss_drops = state["loss_drops"].tolist() or None
-        if self.ranks is not None:
+        current = next(m for m in self.network.modules() if hasattr(m, "ranks") and hasattr(m, "lora_A")).ranks
+        if self.ranks is not None and tuple(self.ranks) != tuple(current):
             set_expert_ranks(self.network, self.ranks)
             self._repoint_optimizer()

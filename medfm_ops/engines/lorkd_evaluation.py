@@ -1,0 +1,167 @@
+"""Region-wise evaluation of a LoRKD decomposition: teacher, unfused expert model and every fused expert."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedEvaluator
+from monai.handlers import StatsHandler
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSlidingWindowInferer
+from medfm_ops.metrics import RegionSegMetrics, write_table
+from medfm_ops.networks import export_expert
+
+__all__ = ["count_params", "count_flops", "evaluate_segmentation", "evaluate_decomposition"]
+
+logger = logging.getLogger("medfm.evaluate")
+
+
+def count_params(net: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in net.parameters())
+
+
+def count_flops(net: nn.Module, input_shape: Sequence[int], task_ids: torch.Tensor | None = None) -> float:
+    """FLOPs of one forward pass on a zero input of ``input_shape`` ``(B, C, *spatial)``, per sample (torch counter)."""
+    device = next(net.parameters()).device
+    x = torch.zeros(*input_shape, device=device)
+    was_training = net.training
+    net.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x) if task_ids is None else net(x, task_ids.to(device))
+    net.train(was_training)
+    return counter.get_total_flops() / input_shape[0]
+
+
+def evaluate_segmentation(
+    network: nn.Module,
+    files: list[dict],
+    transform: Any,
+    region_table: Any,
+    roi_size: Sequence[int],
+    device: torch.device | str,
+    route: bool,
+    tolerance_mm: float = 1.0,
+    sw_batch_size: int = 4,
+) -> RegionSegMetrics:
+    """
+    Run ``network`` over ``files`` with sliding-window inference and region-wise DSC/NSD.
+
+    Args:
+        network: ``(B, 1, *sp) -> (B, C_union, *sp)`` logits; with ``route=True`` called as ``network(x, region)``.
+        files: datalist items (``image``, ``label``, ``region``).
+        transform: evaluation preprocessing (e.g. ``seg_transforms(..., train=False)``).
+        region_table: the data set's region table (``region_channels``, ``region_names``, ``class_names``).
+        roi_size: sliding-window size.
+        device: where to run.
+        route: pass each sample's region id to the network (unfused expert model).
+        tolerance_mm: NSD tolerance in mm. Defaults to 1.0.
+        sw_batch_size: windows per forward. Defaults to 4.
+
+    Returns:
+        the computed metric (``.table()`` gives the per-class rows).
+    """
+    loader = DataLoader(Dataset(files, transform), batch_size=1, shuffle=False, num_workers=0)
+    metric = RegionSegMetrics(
+        region_table.region_channels, region_table.region_names, region_table.class_names, tolerance_mm=tolerance_mm
+    )
+    evaluator = SupervisedEvaluator(
+        device=torch.device(device),
+        val_data_loader=loader,
+        network=network.to(device),
+        inferer=RoutedSlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=0.25),
+        prepare_batch=RegionPrepareBatch(route=route),
+        key_val_metric={"mean_dsc": metric},
+        val_handlers=[StatsHandler(iteration_log=False, name="medfm.evaluate")],
+        decollate=False,
+    )
+    evaluator.run()
+    return metric
+
+
+def _region_scores(metric: RegionSegMetrics) -> dict[str, tuple[float, float]]:
+    rows = metric.table()
+    scores: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        scores.setdefault(r["region"], []).append((r["dsc_mean"], r["nsd_mean"]))
+    return {k: (sum(d for d, _ in v) / len(v), sum(n for _, n in v) / len(v)) for k, v in scores.items()}
+
+
+def evaluate_decomposition(
+    teacher: nn.Module | None,
+    model: nn.Module,
+    region_table: Any,
+    files: list[dict],
+    transform: Any,
+    roi_size: Sequence[int],
+    device: torch.device | str,
+    out_dir: str | os.PathLike,
+    tolerance_mm: float = 1.0,
+) -> list[dict]:
+    """
+    Evaluate the teacher, the unfused decomposed model and every fused expert region by region; write
+    ``{out_dir}/regions.csv|md`` (one row per model: DSC/NSD per region, their means, params and GFLOPs for training
+    and for deployment) and ``{out_dir}/classes.csv|md`` (per class). Fused experts are scored on their own region's
+    cases only and run as plain networks (no routing), i.e. exactly as deployed.
+
+    Returns:
+        the region-table rows.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    names = [region_table.region_names[t] for t in sorted(region_table.region_names)]
+    in_shape = (1, 1, *roi_size)
+    rows: list[dict] = []
+    class_rows: list[dict] = []
+
+    def _row(label: str, scores: dict[str, tuple[float, float]], train_params: int, deploy_params: int, flops: float):
+        row: dict[str, Any] = {"model": label}
+        for n in names:
+            d, s = scores.get(n, (float("nan"), float("nan")))
+            row[f"{n} DSC"], row[f"{n} NSD"] = d, s
+        present = [scores[n] for n in names if n in scores]
+        row["mean DSC"] = sum(d for d, _ in present) / max(len(present), 1)
+        row["mean NSD"] = sum(s for _, s in present) / max(len(present), 1)
+        row["train params (M)"] = train_params / 1e6
+        row["deploy params (M)"] = deploy_params / 1e6
+        row["deploy GFLOPs"] = flops / 1e9
+        rows.append(row)
+        logger.info(f"{label}: mean DSC {row['mean DSC']:.4f}, mean NSD {row['mean NSD']:.4f}")
+
+    if teacher is not None:
+        m = evaluate_segmentation(teacher, files, transform, region_table, roi_size, device, False, tolerance_mm)
+        class_rows += [{"model": "Foundation (teacher)", **r} for r in m.table()]
+        n = count_params(teacher)
+        _row("Foundation (teacher)", _region_scores(m), n, n, count_flops(teacher, in_shape))
+
+    m = evaluate_segmentation(model, files, transform, region_table, roi_size, device, True, tolerance_mm)
+    class_rows += [{"model": "LoRKD (unfused)", **r} for r in m.table()]
+    backbone = export_expert(model, None)
+    _row(
+        "LoRKD (unfused, routed)",
+        _region_scores(m),
+        count_params(model),
+        count_params(backbone),
+        count_flops(model, in_shape, torch.zeros(1, dtype=torch.long)),
+    )
+
+    fused_scores: dict[str, tuple[float, float]] = {}
+    for task in sorted(region_table.region_names):
+        own = [f for f in files if int(f["region"]) == task]
+        if not own:
+            continue
+        expert = export_expert(model, task).to(device)
+        m = evaluate_segmentation(expert, own, transform, region_table, roi_size, device, False, tolerance_mm)
+        class_rows += [{"model": f"expert {region_table.region_names[task]} (fused)", **r} for r in m.table()]
+        fused_scores.update(_region_scores(m))
+    _row("LoRKD experts (fused, one per region)", fused_scores, count_params(model), count_params(backbone), count_flops(backbone, in_shape))
+
+    write_table(rows, os.path.join(out_dir, "regions.csv"), os.path.join(out_dir, "regions.md"))
+    write_table(class_rows, os.path.join(out_dir, "classes.csv"), os.path.join(out_dir, "classes.md"))
+    return rows

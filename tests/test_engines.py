@@ -1,0 +1,182 @@
+"""Engine pieces: routed inference, warm-up / LoRKD* ranks, atomic checkpoints, NaN guard, teacher loading."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.networks.nets import UNet
+from torch import nn
+
+from medfm_ops.engines import (
+    AtomicCheckpointSaver,
+    ExpertWarmupHandler,
+    LoRKDLossAdapter,
+    NonFiniteLossError,
+    RegionPrepareBatch,
+    RoutedSlidingWindowInferer,
+    resume_training,
+)
+from medfm_ops.networks import eks_layers, expert_parameters, load_teacher, param_groups, to_experts
+
+
+def _model(num_tasks=3, ranks=4):
+    torch.manual_seed(0)
+    model = to_experts(UNet(3, 1, 2, (4, 8), (2,), num_res_units=0), num_tasks, ranks)
+    with torch.no_grad():
+        for _, layer in eks_layers(model):
+            for b in layer.lora_B:
+                b.normal_(std=0.1)
+    return model.eval()
+
+
+def test_routed_sliding_window_matches_per_sample_calls():
+    model = _model()
+    x = torch.randn(3, 1, 24, 20, 16)
+    tasks = torch.tensor([2, 0, 1])
+    inferer = RoutedSlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=3, overlap=0.25)
+    with torch.no_grad():
+        out = inferer(x, model, tasks)
+        for b in range(3):
+            ref = RoutedSlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1, overlap=0.25)(
+                x[b : b + 1], lambda w, _t=tasks[b]: model(w, _t.expand(w.shape[0]))
+            )
+            assert torch.allclose(out[b : b + 1], ref, atol=1e-5)
+        # whole-volume window: identical to a direct routed call
+        full = RoutedSlidingWindowInferer(roi_size=(24, 20, 16), sw_batch_size=1)(x, model, tasks)
+        assert torch.allclose(full, model(x, tasks), atol=1e-5)
+
+
+def test_prepare_batch_routes_and_builds_targets():
+    teacher = nn.Conv3d(1, 2, 1)
+    prep = RegionPrepareBatch(channel_mask_fn=lambda r: torch.nn.functional.one_hot(r, 2).bool(), teacher=teacher,
+                              targets_as_dict=True)
+    batch = {"image": torch.randn(2, 1, 4, 4, 4), "label": torch.zeros(2, 2, 4, 4, 4), "region": torch.tensor([1, 0])}
+    image, targets, args, kwargs = prep(batch, "cpu")
+    assert torch.equal(args[0], torch.tensor([1, 0])) and kwargs == {}
+    assert targets["channel_mask"].tolist() == [[False, True], [True, False]]
+    assert not targets["teacher_logits"].requires_grad
+    with pytest.raises(KeyError, match="region"):
+        prep({"image": batch["image"], "label": batch["label"]}, "cpu")
+
+
+def _fake_training(handler: ExpertWarmupHandler, loss_adapter, drops_per_region, epochs=3, iters=6):
+    """Drive the handler with an ignite engine whose 'loss' per region falls linearly by the given drop."""
+
+    def step(engine, batch):
+        it = engine.state.iteration
+        n = len(drops_per_region)
+        regions = torch.arange(n)
+        frac = min(1.0, (it - 1) / (handler.warmup_epochs * iters - 1))
+        loss_adapter.loss.last_per_sample_task = torch.tensor([1.0 - d * frac for d in drops_per_region])
+        loss_adapter.last_regions = regions
+        # the experts are frozen during the warm-up
+        assert all(p.requires_grad == handler.done for p in expert_parameters(handler.network))
+
+    engine = Engine(step)
+    handler.attach(engine)
+    engine.run(range(iters), max_epochs=epochs)
+    return engine
+
+
+def test_warmup_freezes_then_lorkd_star_ranks_and_resume(tmp_path):
+    model = _model(num_tasks=3, ranks=8)
+    opt = torch.optim.AdamW(param_groups(model, lr=1e-3))
+    loss = LoRKDLossAdapter()
+    handler = ExpertWarmupHandler(model, opt, loss, num_regions=3, warmup_epochs=2, lorkd_star=True, base_rank=8,
+                                  min_rank=2, max_rank=32)
+    _fake_training(handler, loss, [0.3, 0.2, 0.1])
+    # measured drop over the first vs last third of the warm-up is proportional to [0.3, 0.2, 0.1] -> [18, 8, 2]
+    assert handler.ranks == [18, 8, 2]
+    assert all(layer.ranks == (18, 8, 2) for _, layer in eks_layers(model))
+    assert all(p.requires_grad for p in expert_parameters(model))
+    ids = {id(p) for p in opt.param_groups[1]["params"]}
+    assert ids == {id(p) for p in expert_parameters(model)}, "optimizer re-pointed to the new experts"
+    # resume: a fresh model is re-shaped by the handler state before its weights load
+    state = {"warmup": handler, "network": model, "optimizer": opt}
+    path = tmp_path / "state.pt"
+    torch.save({k: v.state_dict() for k, v in state.items()}, path)
+    fresh = _model(num_tasks=3, ranks=8)
+    fresh_opt = torch.optim.AdamW(param_groups(fresh, lr=1e-3))
+    fresh_handler = ExpertWarmupHandler(fresh, fresh_opt, LoRKDLossAdapter(), 3, warmup_epochs=2, lorkd_star=True)
+    assert resume_training({"warmup": fresh_handler, "network": fresh, "optimizer": fresh_opt}, str(path))
+    assert fresh_handler.done and fresh.ranks == (18, 8, 2)
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(FileNotFoundError, match="resume_from"):
+        resume_training({"network": fresh}, str(tmp_path / "missing.pt"))
+
+
+def test_warmup_without_lorkd_star_keeps_ranks():
+    model = _model(num_tasks=2, ranks=4)
+    opt = torch.optim.AdamW(param_groups(model, lr=1e-3))
+    loss = LoRKDLossAdapter()
+    handler = ExpertWarmupHandler(model, opt, loss, num_regions=2, warmup_epochs=1)
+    _fake_training(handler, loss, [0.2, 0.1], epochs=2)
+    assert handler.done and handler.ranks is None and model.ranks == (4, 4)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        ExpertWarmupHandler(model, opt, loss, 2, warmup_epochs=0, lorkd_star=True)
+
+
+def test_nan_loss_names_the_cases():
+    adapter = LoRKDLossAdapter()
+    pred = torch.full((1, 2, 4, 4, 4), float("nan"))
+    targets = {"label": torch.zeros(1, 2, 4, 4, 4), "channel_mask": torch.tensor([[True, False]]),
+               "region": torch.tensor([0]), "filenames": ["/data/case_007.nii.gz"]}
+    with pytest.raises(NonFiniteLossError, match="case_007"):
+        adapter(pred, targets)
+
+
+class _Exploding(nn.Module):
+    def state_dict(self, *a, **k):
+        raise RuntimeError("disk full")
+
+
+def test_atomic_checkpoint_keeps_previous_file(tmp_path):
+    net = nn.Linear(2, 2)
+    engine = Engine(lambda e, b: None)
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_final=True, final_filename="model.pt").attach(engine)
+    engine.run([0], max_epochs=1)
+    good = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert torch.equal(good["weight"], net.weight)
+    saver = AtomicCheckpointSaver(str(tmp_path), {"model": net, "bad": _Exploding()}, save_final=True,
+                                  final_filename="model.pt")
+    engine2 = Engine(lambda e, b: None)
+    saver.attach(engine2)
+    with pytest.raises(RuntimeError, match="disk full"):
+        engine2.run([0], max_epochs=1)
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], good["weight"])
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"], "no temporary file left behind"
+
+
+def test_load_teacher_all_sources(tmp_path):
+    net_def = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+               "channels": [4, 8], "strides": [2], "num_res_units": 0}
+    torch.manual_seed(1)
+    net = UNet(3, 1, 2, (4, 8), (2,), num_res_units=0).eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    ref = net(x)
+    # a state dict + network config
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    t1 = load_teacher(tmp_path / "w.pt", teacher_def=net_def)
+    # a bundle directory
+    (tmp_path / "b" / "configs").mkdir(parents=True)
+    (tmp_path / "b" / "models").mkdir()
+    (tmp_path / "b" / "configs" / "inference.json").write_text(json.dumps({"network_def": net_def}))
+    torch.save(net.state_dict(), tmp_path / "b" / "models" / "model.pt")
+    t2 = load_teacher(tmp_path / "b")
+    # a TorchScript file
+    torch.jit.save(torch.jit.script(net), str(tmp_path / "t.ts"))
+    t3 = load_teacher(tmp_path / "t.ts")
+    for t in (t1, t2, t3):
+        t.train()  # a teacher ignores train mode
+        assert not t.training and not any(p.requires_grad for p in t.parameters())
+        out = t(x)
+        assert torch.allclose(out, ref, atol=1e-6) and not out.requires_grad
+    with pytest.raises(FileNotFoundError, match="foundation_seg"):
+        load_teacher(tmp_path / "nope")
+    with pytest.raises(ValueError, match="teacher_def"):
+        load_teacher(tmp_path / "w.pt")
