@@ -1,0 +1,271 @@
+"""Write a region expert as a standalone MONAI bundle (stock network + plain state dict, no medfm import)."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .expert_configs import inference_config, train_config
+from .expert_readme import expert_readme
+from .metadata_schema import SCHEMA_URL, write_metadata_schema
+
+__all__ = ["write_expert_bundle", "SCHEMA_RELPATH"]
+
+SCHEMA_RELPATH = "docs/metadata_schema.json"
+
+_LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+def _check_args(
+    network_def: Mapping, label_names: Mapping[int, str], output_channels: Sequence[int], spacing, roi_size
+) -> int:
+    """Validate the arguments of :func:`write_expert_bundle`; returns the number of spatial dimensions."""
+    if not isinstance(network_def, Mapping) or "_target_" not in network_def:
+        raise ValueError("network_def must be a MONAI bundle config dict with a `_target_` key.")
+    keys = sorted(int(k) for k in label_names)
+    if keys != list(range(1, len(keys) + 1)):
+        raise ValueError(f"label_names keys must be 1..n without gaps, got {keys}.")
+    if any(not str(v).strip() or str(v).strip().lower() == "background" for v in label_names.values()):
+        raise ValueError(f"label_names values must be non-empty and not 'background', got {dict(label_names)}.")
+    if len(output_channels) != len(keys):
+        raise ValueError(f"output_channels has {len(output_channels)} entries but label_names has {len(keys)}.")
+    if len(set(output_channels)) != len(output_channels) or min(output_channels, default=0) < 0:
+        raise ValueError(f"output_channels must be distinct non-negative indices, got {list(output_channels)}.")
+    out_ch = network_def.get("out_channels")
+    if isinstance(out_ch, int) and max(output_channels) >= out_ch:
+        raise ValueError(f"output_channels {list(output_channels)} exceed the network's out_channels={out_ch}.")
+    dims = network_def.get("spatial_dims", len(roi_size))
+    if not isinstance(dims, int) or len(spacing) != dims or len(roi_size) != dims:
+        raise ValueError(f"spacing {tuple(spacing)} and roi_size {tuple(roi_size)} need spatial_dims={dims} values.")
+    if any(float(s) <= 0 for s in spacing) or any(int(r) <= 0 for r in roi_size):
+        raise ValueError(f"spacing and roi_size must be positive, got {tuple(spacing)} and {tuple(roi_size)}.")
+    return dims
+
+
+def _plain_state_dict(state_dict: Mapping[str, Any], network_def: Mapping) -> dict[str, torch.Tensor]:
+    """Detached CPU copy of ``state_dict`` (tensors only), checked to load strictly into ``network_def``."""
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"state_dict must hold tensors only (weights_only loading); non-tensor entries: {bad[:5]}.")
+    plain = {str(k): v.detach().cpu().clone() for k, v in state_dict.items()}
+    from monai.bundle import ConfigParser
+
+    net = ConfigParser({"net": dict(network_def)}).get_parsed_content("net")
+    net.load_state_dict(plain, strict=True)  # raises naming missing/unexpected keys or shape mismatches
+    return plain
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=4) + "\n")
+
+
+def _metadata(
+    version, description, authors, region_name, label_names, output_channels, spacing, roi_size, modality, n_out, dtype
+) -> dict:
+    channel_def = {"0": "background", **{str(k): str(v) for k, v in sorted(label_names.items())}}
+    n = len(label_names)
+    names = [channel_def[str(i)] for i in range(1, n + 1)]
+    return {
+        "schema": SCHEMA_URL,
+        "version": version,
+        "changelog": {version: f"{region_name} expert exported by medfm (stock MONAI network, fused weights)"},
+        "monai_version": _version("monai"),
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"nibabel": _version("nibabel"), "pytorch-ignite": _version("pytorch-ignite")},
+        "name": f"medfm {region_name} expert",
+        "task": f"Segmentation of {n} {region_name} structure(s): {', '.join(names)}",
+        "description": description,
+        "authors": authors,
+        "copyright": f"Copyright (c) {datetime.date.today().year} {authors}",
+        "data_type": "nibabel",
+        "intended_use": "Research only; not for clinical use.",
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "hounsfield" if modality.upper() == "CT" else "magnitude",
+                    "modality": modality,
+                    "num_channels": 1,
+                    "spatial_shape": [int(r) for r in roi_size],
+                    "dtype": "float32",
+                    "value_range": [None, None],
+                    "is_patch_data": True,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": int(n_out),
+                    "spatial_shape": [int(r) for r in roi_size],
+                    "dtype": "float32",
+                    "value_range": [0, n],
+                    "is_patch_data": True,
+                    "channel_def": channel_def,
+                }
+            },
+        },
+        "medfm": {
+            "region": region_name,
+            "output_channels": [int(c) for c in output_channels],
+            "spacing": [float(s) for s in spacing],
+            "roi_size": [int(r) for r in roi_size],
+            "label_dtype": dtype,
+            "label_rule": "argmax over [0, logits[output_channels]]: label i where its logit is the largest above 0",
+        },
+    }
+
+
+def write_expert_bundle(
+    out_dir: str | os.PathLike,
+    network_def: dict,
+    state_dict: Mapping[str, torch.Tensor],
+    region_name: str,
+    label_names: Mapping[int, str],
+    output_channels: Sequence[int],
+    spacing: Sequence[float],
+    roi_size: Sequence[int],
+    version: str = "0.1.0",
+    description: str | None = None,
+    authors: str = "medfm contributors",
+    extra_metadata: Mapping[str, Any] | None = None,
+    modality: str = "CT",
+) -> Path:
+    """
+    Write a region expert as a standalone MONAI bundle that needs only ``monai`` (no medfm code).
+
+    Layout: ``configs/{metadata,inference,train}.json``, ``configs/logging.conf``, ``models/model.pt`` (plain
+    state dict, tensors only, written atomically), ``LICENSE``, ``docs/README.md`` and ``docs/metadata_schema.json``
+    (for an offline ``verify_metadata``). The network outputs one sigmoid logit per class of the label union; the
+    bundle's label map is ``argmax([0, logits[output_channels]])``, so label ``i`` corresponds to
+    ``output_channels[i - 1]`` and ``label_names[i]``.
+
+    Args:
+        out_dir: bundle directory to create (parents created; existing files are overwritten).
+        network_def: ``_target_`` config of a stock network, e.g. ``{"_target_": "monai.networks.nets.UNet",
+            "spatial_dims": 3, "in_channels": 1, "out_channels": 12, ...}``.
+        state_dict: weights for ``network_def``; must load with ``strict=True``. Tensors only.
+        region_name: human-readable region, e.g. ``"abdomen"``.
+        label_names: ``{1: "liver", 2: "spleen", ...}``; keys 1..n without gaps.
+        output_channels: network output channels of labels 1..n, in order (length n).
+        spacing: target voxel spacing in mm, one value per spatial dimension.
+        roi_size: sliding-window patch size (and metadata ``spatial_shape``), one value per spatial dimension.
+        version: bundle version, recorded in ``changelog``. Defaults to ``"0.1.0"``.
+        description: metadata description. Defaults to a generated one naming region, labels and label rule.
+        authors: metadata authors (also used in ``copyright``). Defaults to ``"medfm contributors"``.
+        extra_metadata: keys merged into ``metadata.json`` last (e.g. ``changelog`` history, ``data_source``).
+        modality: ``"CT"`` (input format ``hounsfield``) or an MR modality (``magnitude``). Defaults to ``"CT"``.
+
+    Returns:
+        The bundle directory.
+
+    Raises:
+        ValueError: when label names, output channels, spacing/roi_size or the state dict are inconsistent
+            (the message names the argument), or the state dict does not load into ``network_def``.
+
+    Example::
+
+        net_def = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1,
+                   "out_channels": 5, "channels": [16, 32, 64, 128], "strides": [2, 2, 2],
+                   "num_res_units": 1, "norm": "INSTANCE"}
+        write_expert_bundle("bundles/abdomen_expert", net_def, state_dict, "abdomen",
+                            {1: "liver", 2: "spleen", 3: "kidney"}, [2, 3, 4], (1.5, 1.5, 1.5), (96, 96, 96))
+    """
+    dims = _check_args(network_def, label_names, output_channels, spacing, roi_size)
+    label_names = {int(k): str(v).strip() for k, v in label_names.items()}
+    plain = _plain_state_dict(state_dict, network_def)
+    n = len(label_names)
+    dtype = "uint8" if n < 256 else "int16"
+    out_ch = network_def.get("out_channels", max(output_channels) + 1)
+    if description is None:
+        description = (
+            f"{dims}D {region_name} region expert decomposed from a LoRKD teacher and exported as a stock MONAI "
+            f"network. Input: one-channel image resampled to {tuple(float(s) for s in spacing)} mm and z-score "
+            f"normalised per image. The network outputs {out_ch} sigmoid logits (label union); this bundle uses "
+            f"channels {list(output_channels)} and writes a label map (0 background, 1..{n} as in channel_def)."
+        )
+
+    root = Path(out_dir)
+    for sub in ("configs", "models", "docs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    net_cfg = json.loads(json.dumps(dict(network_def)))  # plain JSON types
+    meta = _metadata(
+        version, description, authors, region_name, label_names, output_channels, spacing, roi_size, modality,
+        out_ch, dtype,
+    )
+    meta.update(dict(extra_metadata or {}))
+    if meta["version"] not in meta["changelog"]:
+        raise ValueError(f"extra_metadata changelog must list the bundle version {meta['version']!r}.")
+    _write_json(root / "configs" / "metadata.json", meta)
+    infer_cfg = inference_config(net_cfg, output_channels, spacing, roi_size, dtype)
+    _write_json(root / "configs" / "inference.json", infer_cfg)
+    _write_json(root / "configs" / "train.json", train_config(net_cfg, output_channels, spacing, roi_size))
+    (root / "configs" / "logging.conf").write_text(_LOGGING_CONF)
+    write_metadata_schema(root / SCHEMA_RELPATH)
+    (root / "LICENSE").write_text(_license_text(authors))
+    (root / "docs" / "README.md").write_text(expert_readme(meta, net_cfg))
+    _save_atomic(plain, root / "models" / "model.pt")
+    return root
+
+
+def _license_text(authors: str) -> str:
+    return (
+        f"Copyright (c) {datetime.date.today().year} {authors}\n\n"
+        'Licensed under the Apache License, Version 2.0 (the "License"); you may not use the files of this bundle\n'
+        "except in compliance with the License. You may obtain a copy of the License at\n\n"
+        "    http://www.apache.org/licenses/LICENSE-2.0\n\n"
+        "Unless required by applicable law or agreed to in writing, software distributed under the License is\n"
+        'distributed on an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.\n'
+        "See the License for the specific language governing permissions and limitations under the License.\n"
+    )

@@ -1,0 +1,201 @@
+"""write_expert_bundle: MONAI's own checks (offline), bundle inference on NIfTI, weights round trip, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import UNet
+
+from medfm_ops.bundle import BundleCheckError, verify_bundle, write_expert_bundle
+
+NET_DEF = {
+    "_target_": "monai.networks.nets.UNet",
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 6,
+    "channels": [8, 16, 32],
+    "strides": [2, 2],
+    "num_res_units": 1,
+    "norm": "INSTANCE",
+}
+LABELS = {1: "liver", 2: "spleen", 3: "left kidney"}
+CHANNELS = [2, 3, 4]
+SPACING = (2.0, 2.0, 2.0)
+ROI = (32, 32, 32)
+
+
+def _net() -> UNet:
+    torch.manual_seed(0)
+    return UNet(**{k: v for k, v in NET_DEF.items() if k != "_target_"})
+
+
+def _run_bundle(bundle: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args, "--bundle_root", "."],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "abdomen_expert"
+    return write_expert_bundle(out, NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
+
+
+def test_layout_and_metadata(bundle):
+    for rel in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json",
+                "configs/logging.conf", "docs/README.md", "docs/metadata_schema.json", "models/model.pt"):
+        assert (bundle / rel).is_file(), rel  # fmt: skip
+    meta = json.loads((bundle / "configs/metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["num_channels"] == NET_DEF["out_channels"]
+    assert pred["channel_def"] == {"0": "background", "1": "liver", "2": "spleen", "3": "left kidney"}
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == list(ROI)
+    text = (bundle / "configs/inference.json").read_text()
+    assert "_meta_" not in text and "medfm" not in text  # standalone: stock MONAI only, no metadata references
+    assert not list(bundle.glob("models/.*.tmp"))  # atomic write left no temp file
+
+
+def test_monai_checks_offline(bundle):
+    """verify_metadata (shipped schema, no download), verify_net_in_out and ckpt_export (TorchScript)."""
+    verify_bundle(bundle)
+    ts = torch.jit.load(str(bundle / "models/model.ts"))
+    x = torch.rand(1, 1, *ROI)
+    torch.testing.assert_close(ts(x), _net().eval()(x))
+
+
+def test_verify_metadata_uses_schema(tmp_path):
+    bad = write_expert_bundle(tmp_path / "b", NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
+    meta = json.loads((bad / "configs/metadata.json").read_text())
+    del meta["network_data_format"]["inputs"]["image"]["dtype"]
+    (bad / "configs/metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleCheckError) as err:
+        verify_bundle(bad)
+    assert err.value.check == "verify_metadata" and "dtype" in err.value.output
+
+
+def test_state_dict_round_trip(bundle):
+    sd = torch.load(bundle / "models/model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    fresh = UNet(**{k: v for k, v in NET_DEF.items() if k != "_target_"})
+    fresh.load_state_dict(sd, strict=True)
+    x = torch.rand(1, 1, *ROI)
+    torch.testing.assert_close(fresh.eval()(x), _net().eval()(x))
+
+
+def _volume(shape, seed=0) -> np.ndarray:
+    img = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    img[4:20, 6:22, 3:18] += 4.0
+    return img
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        # permuted and flipped axes, spacing != bundle spacing: exercises Orientationd, Spacingd and Invertd
+        np.array([[-1.5, 0, 0, 10.0], [0, 0, 1.2, -5.0], [0, -2.5, 0, 3.0], [0, 0, 0, 1]]),
+        np.diag([2.0, 2.0, 2.0, 1.0]),
+    ],
+    ids=["permuted", "identity-grid"],
+)
+def test_inference_run_keeps_affine_and_shape(bundle, tmp_path, affine):
+    shape = (40, 33, 27) if affine[0, 0] < 0 else ROI
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(_volume(shape), affine), tmp_path / "in" / "case.nii.gz")
+    _run_bundle(bundle, "--config_file", "configs/inference.json", "--dataset_dir", str(tmp_path / "in"),
+                "--output_dir", str(tmp_path / "out"))  # fmt: skip
+    out = nib.load(tmp_path / "out" / "case_seg.nii.gz")
+    seg = np.asarray(out.dataobj)
+    assert seg.shape == shape and out.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(out.affine, affine, atol=1e-5)
+    assert set(np.unique(seg)) <= set(range(len(LABELS) + 1))
+    if affine[0, 0] > 0:
+        # RAS grid at the bundle spacing, one window: the label rule can be computed directly
+        img = torch.from_numpy(_volume(shape))
+        img = (img - img.mean()) / img.std(unbiased=False)
+        with torch.no_grad():
+            logits = _net().eval()(img[None, None])[0]
+        expected = torch.cat([torch.zeros_like(logits[:1]), logits[CHANNELS]]).argmax(0).numpy()
+        assert (seg == expected).mean() > 0.999
+
+
+def test_train_config_fine_tunes(bundle, tmp_path):
+    """train.json runs as written (what MONAI Label runs) and saves a plain state dict to models/model.pt."""
+    data = tmp_path / "data"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    for i in range(2):
+        lab = np.zeros((36, 36, 30), np.uint8)
+        lab[5:15, 5:15, 5:15], lab[20:30, 18:30, 12:24] = 1, 3
+        img = _volume(lab.shape, seed=i) + 3.0 * lab
+        nib.save(nib.Nifti1Image(img, np.diag([2.0, 2.0, 2.0, 1.0])), data / "imagesTr" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, np.diag([2.0, 2.0, 2.0, 1.0])), data / "labelsTr" / f"c{i}.nii.gz")
+    work = tmp_path / "bundle"
+    write_expert_bundle(work, NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
+    before = torch.load(work / "models/model.pt", weights_only=True)
+    res = _run_bundle(work, "--config_file", "configs/train.json", "--dataset_dir", str(data),
+                      "--train#trainer#max_epochs", "1")  # fmt: skip
+    assert "val_mean_dice" in res.stdout + res.stderr
+    after = torch.load(work / "models/model.pt", weights_only=True)
+    assert after.keys() == before.keys()
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    assert changed
+    head = "model.2.1.conv.unit0.conv.bias"  # final conv: only region channels get gradient
+    untouched = [c for c in range(NET_DEF["out_channels"]) if c not in CHANNELS]
+    assert torch.equal(after[head][untouched], before[head][untouched])  # Adam, no weight decay: exactly unchanged
+    assert not torch.equal(after[head][CHANNELS], before[head][CHANNELS])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"label_names": {1: "a", 3: "b"}, "output_channels": [2, 3]}, "1..n"),
+        ({"output_channels": [2, 3]}, "output_channels has 2"),
+        ({"output_channels": [2, 3, 6]}, "out_channels=6"),
+        ({"output_channels": [2, 2, 3]}, "distinct"),
+        ({"spacing": (1.0, 1.0)}, "spatial_dims=3"),
+        ({"label_names": {1: "background", 2: "b", 3: "c"}}, "background"),
+        ({"network_def": {"spatial_dims": 3}}, "_target_"),
+        ({"state_dict": {"x": 1}}, "tensors only"),
+        ({"state_dict": {"model.0.conv.weight": torch.zeros(1)}}, "state_dict|Missing|size"),
+        ({"extra_metadata": {"changelog": {"0.0.1": "old"}}}, "changelog"),
+    ],
+)
+def test_argument_errors(tmp_path, change, match):
+    args = dict(network_def=NET_DEF, state_dict=_net().state_dict(), region_name="abdomen", label_names=LABELS,
+                output_channels=CHANNELS, spacing=SPACING, roi_size=ROI)  # fmt: skip
+    args.update(change)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        write_expert_bundle(tmp_path / "b", **args)
+
+
+def test_cli_write(tmp_path):
+    """tools/export_expert_bundle.py write: network config under `network_def`, state dict file, label list."""
+    (tmp_path / "net.json").write_text(json.dumps({"network_def": NET_DEF}))
+    torch.save(_net().state_dict(), tmp_path / "sd.pt")
+    res = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "export_expert_bundle.py"), "write",
+         "--network_config", str(tmp_path / "net.json"), "--state_dict", str(tmp_path / "sd.pt"),
+         "--out_dir", str(tmp_path / "b"), "--region_name", "abdomen", "--label_names", "[liver,spleen,kidney]",
+         "--output_channels", "[2,3,4]", "--spacing", "[2,2,2]", "--roi_size", "[32,32,32]"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((tmp_path / "b" / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["3"] == "kidney"
+    assert meta["medfm"]["output_channels"] == CHANNELS
+    sd = torch.load(tmp_path / "b" / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(sd[k], v) for k, v in _net().state_dict().items())
