@@ -1,0 +1,320 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Dictionary transforms for multi-region segmentation data and the standard preprocessing pipeline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import DtypeLike, KeysCollection
+from monai.data import MetaTensor
+from monai.data.image_reader import ImageReader
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    DeleteItemsd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImage,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    Spacingd,
+    SpatialPadd,
+)
+from monai.utils import ensure_tuple
+from monai.utils.enums import PostFix
+
+from medfm_ops.data.region_table import RegionTable
+
+__all__ = [
+    "CheckImageLabelShaped",
+    "ImageLoadError",
+    "RegionLabelToChannelsd",
+    "SafeLoadImage",
+    "SafeLoadImaged",
+    "case_name",
+    "seg_transforms",
+]
+
+
+def case_name(data: Mapping[Hashable, Any], keys: Sequence[Hashable] = ("image", "label")) -> str:
+    """
+    Name of the case held in ``data`` for error messages: the ``filename_or_obj`` meta of the first MetaTensor
+    under ``keys``, else the first string/path value under ``keys``, else ``"<unnamed case>"``.
+    """
+    for key in keys:
+        meta = getattr(data.get(key), "meta", None) or {}
+        if meta.get("filename_or_obj"):
+            return str(meta["filename_or_obj"])
+    for key in keys:
+        if isinstance(data.get(key), (str, os.PathLike)):
+            return str(data[key])
+    return "<unnamed case>"
+
+
+class ImageLoadError(RuntimeError):
+    """An image file exists but cannot be read (corrupt, truncated or unsupported)."""
+
+
+class SafeLoadImage(LoadImage):
+    """
+    MONAI :py:class:`~monai.transforms.LoadImage` whose failures name the file: a missing file raises
+    ``FileNotFoundError``, any reader failure (corrupt or truncated NIfTI, unsupported format) an
+    :py:class:`ImageLoadError` with the reader's message; the original exception is chained. Same arguments as
+    ``LoadImage``.
+    """
+
+    def __call__(self, filename: Sequence[str | os.PathLike] | str | os.PathLike, reader: ImageReader | None = None):
+        names = [
+            str(Path(f).expanduser()) if self.expanduser else str(f)
+            for f in ensure_tuple(filename)
+            if isinstance(f, (str, os.PathLike))
+        ]
+        for name in names:
+            if not os.path.exists(name):
+                raise FileNotFoundError(f"image file not found: {name}")
+        try:
+            return super().__call__(filename, reader)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            shown = names[0] if len(names) == 1 else names or filename
+            raise ImageLoadError(
+                f"cannot read image file {shown} (corrupt, truncated or unsupported?): {type(e).__name__}: {first}"
+            ) from e
+
+
+class SafeLoadImaged(LoadImaged):
+    """
+    MONAI :py:class:`~monai.transforms.LoadImaged` that loads through :py:class:`SafeLoadImage`, so a missing or
+    unreadable file raises one error naming the file (``FileNotFoundError`` / :py:class:`ImageLoadError`).
+    Takes exactly ``LoadImaged``'s arguments.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        reader: type[ImageReader] | str | None = None,
+        dtype: DtypeLike = np.float32,
+        meta_keys: KeysCollection | None = None,
+        meta_key_postfix: str = PostFix.meta(),
+        overwriting: bool = False,
+        image_only: bool = True,
+        ensure_channel_first: bool = False,
+        simple_keys: bool = False,
+        prune_meta_pattern: str | None = None,
+        prune_meta_sep: str = ".",
+        allow_missing_keys: bool = False,
+        expanduser: bool = True,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            keys, reader, dtype, meta_keys, meta_key_postfix, overwriting, image_only, ensure_channel_first,
+            simple_keys, prune_meta_pattern, prune_meta_sep, allow_missing_keys, expanduser, *args, **kwargs,
+        )  # fmt: skip
+        self._loader = SafeLoadImage(
+            reader, image_only, dtype, ensure_channel_first, simple_keys, prune_meta_pattern, prune_meta_sep,
+            expanduser, *args, **kwargs,
+        )  # fmt: skip
+
+
+class CheckImageLabelShaped(MapTransform):
+    """
+    Check that image and label have the same spatial shape (all axes after the channel axis).
+
+    Args:
+        image_key: key of the (C, *spatial) image. Defaults to ``"image"``.
+        label_key: key of the (C', *spatial) label. Defaults to ``"label"``.
+        allow_missing_keys: skip the check when a key is missing. Defaults to False.
+
+    Raises:
+        ValueError: when the spatial shapes differ; the message names the case and both shapes.
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label", allow_missing_keys: bool = False) -> None:
+        super().__init__([image_key, label_key], allow_missing_keys)
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        present = list(self.key_iterator(d))
+        if len(present) < 2:
+            return d
+        image, label = d[self.image_key], d[self.label_key]
+        if tuple(image.shape[1:]) != tuple(label.shape[1:]):
+            raise ValueError(
+                f"case {case_name(d, [self.image_key, self.label_key])}: image '{self.image_key}' has spatial shape "
+                f"{tuple(image.shape[1:])} (full {tuple(image.shape)}) but label '{self.label_key}' has "
+                f"{tuple(label.shape[1:])} (full {tuple(label.shape)}); they must match."
+            )
+        return d
+
+
+class RegionLabelToChannelsd(MapTransform):
+    """
+    Region-local integer label (1, *spatial) -> binary label in the union channel layout (C, *spatial), float32.
+
+    Region-local label ``k`` of the item's region (task id under ``region_key``) goes to global channel
+    ``region_table.channels_of(task)[k - 1]``; channels of the other regions are zero (they are masked out of the
+    loss with ``region_table.channel_mask``). MetaTensor meta (affine, pixdim, filename) is kept.
+
+    Args:
+        keys: label key(s).
+        region_table: the data set's :py:class:`RegionTable`.
+        region_key: key of the item's task id (int or scalar tensor). Defaults to ``"region"``.
+        image_key: key whose ``filename_or_obj`` names the case in errors. Defaults to ``"image"``.
+        allow_missing_keys: skip missing label keys. Defaults to False.
+
+    Raises:
+        KeyError: when the item has no ``region_key``.
+        ValueError: on an unknown task id, a label with more than one channel, non-integer values, or a label value
+            outside ``0..n`` for a region with ``n`` classes; the message names the case.
+
+    Example::
+
+        t = RegionLabelToChannelsd("label", table)
+        out = t({"label": torch.tensor([[[[0, 1], [2, 0]]]]), "region": 1})  # (num_classes, 1, 2, 2)
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        region_table: RegionTable,
+        region_key: str = "region",
+        image_key: str = "image",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.region_table = region_table
+        self.region_key = region_key
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            name = case_name(d, [self.image_key, key])
+            if self.region_key not in d:
+                raise KeyError(f"case {name}: no '{self.region_key}' entry (the item's task id) to place '{key}'.")
+            try:
+                task = int(torch.as_tensor(d[self.region_key]).item())
+                channels = self.region_table.channels_of(task)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"case {name}: invalid region {d[self.region_key]!r}: {e}") from e
+            d[key] = self._convert(d[key], channels, name, key, task)
+        return d
+
+    def _convert(self, label: Any, channels: list[int], name: str, key: Hashable, task: int) -> torch.Tensor:
+        lab = torch.as_tensor(label)
+        if lab.ndim < 2 or lab.shape[0] != 1:
+            raise ValueError(
+                f"case {name}: '{key}' must be a (1, *spatial) region-local label, got shape {tuple(lab.shape)}."
+            )
+        values = lab[0]
+        if values.is_floating_point() and not torch.equal(values, values.round()):
+            raise ValueError(f"case {name}: '{key}' has non-integer values (interpolated label?).")
+        n = len(channels)
+        vmin, vmax = int(values.min()), int(values.max())
+        if vmin < 0 or vmax > n:
+            raise ValueError(
+                f"case {name}: '{key}' has values {vmin}..{vmax} but region "
+                f"'{self.region_table.region_names[task]}' (task {task}) has {n} classes (expected 0..{n})."
+            )
+        out = torch.zeros((self.region_table.num_classes, *values.shape), dtype=torch.float32, device=values.device)
+        for k, ch in enumerate(channels, start=1):
+            out[ch] = values == k
+        if isinstance(label, MetaTensor):
+            return MetaTensor(out, meta=dict(label.meta), applied_operations=list(label.applied_operations))
+        return out
+
+
+def seg_transforms(
+    region_table: RegionTable,
+    spacing: Sequence[float] | None = None,
+    roi_size: Sequence[int] | int | None = (32, 32, 32),
+    train: bool = False,
+    image_key: str = "image",
+    label_key: str = "label",
+    region_key: str = "region",
+    flip_axes: Sequence[int] = (1, 2),
+    flip_prob: float = 0.2,
+    intensity_prob: float = 0.5,
+    drop_keys: Sequence[str] = ("label_names",),
+) -> Compose:
+    """
+    The standard preprocessing of the segmentation bundles for datalist items (``image``, ``label``, ``region``).
+
+    Steps: :py:class:`SafeLoadImaged`; ``EnsureChannelFirstd``; :py:class:`CheckImageLabelShaped`; ``Orientationd``
+    to RAS; ``Spacingd`` (bilinear image, nearest label) when ``spacing`` is given; per-image
+    ``NormalizeIntensityd(nonzero=False, channel_wise=True)`` so CT (HU) and MR regions both become ~N(0, 1);
+    with ``roi_size``, ``SpatialPadd`` (image padded with its border minimum, label with 0) and a crop to exactly
+    ``roi_size`` (random position for training, centred otherwise) so that cases of any size batch together
+    (``None`` keeps whole volumes: batch size 1 and sliding-window inference); for training, random flips along
+    ``flip_axes`` and mild intensity scaling/shift; :py:class:`RegionLabelToChannelsd`; float32 image/label with
+    their MetaTensor meta (affine/pixdim for NSD in mm) and ``region`` as a long scalar tensor (``(B,)`` once
+    collated). ``drop_keys`` are removed (per-region ``label_names`` dicts cannot be collated across regions).
+
+    Errors of these transforms name the case; run through ``Compose``/``Dataset``, MONAI re-raises them as
+    ``RuntimeError("applying transform ...")`` with the original error (and its message) as the cause.
+
+    Args:
+        region_table: the data set's :py:class:`RegionTable`.
+        spacing: target voxel spacing in mm, or None to keep each image's own. Defaults to None.
+        roi_size: spatial output size (int for a cube) or None. Defaults to (32, 32, 32).
+        train: add the random crop/augmentations. Defaults to False.
+        image_key, label_key, region_key: item keys. Default to ``"image"``, ``"label"``, ``"region"``.
+        flip_axes: spatial axes (0=x left-right, 1=y, 2=z in RAS) flipped at random in training. Defaults to
+            (1, 2): a left-right flip would contradict left/right class names (``kidney_left``).
+        flip_prob: probability of each flip. Defaults to 0.2.
+        intensity_prob: probability of the intensity scaling and of the shift (factor/offset 0.1). Defaults to 0.5.
+        drop_keys: item keys to delete. Defaults to ``("label_names",)``.
+
+    Returns:
+        the ``Compose`` (image (1, *roi), label (num_classes, *roi), region scalar long).
+
+    Example::
+
+        table, files = load_datalist(ensure_synthetic_dataset("/tmp/medfm"))
+        ds = CacheDataset(files["training"], seg_transforms(table, roi_size=(32, 32, 32), train=True))
+    """
+    keys = [image_key, label_key]
+    xforms: list = [
+        DeleteItemsd(keys=list(drop_keys)) if drop_keys else None,
+        SafeLoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        CheckImageLabelShaped(image_key, label_key),
+        Orientationd(keys=keys, axcodes="RAS", labels=None),
+        Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest")) if spacing is not None else None,
+        NormalizeIntensityd(keys=image_key, nonzero=False, channel_wise=True),
+    ]
+    if roi_size is not None:
+        roi = list(ensure_tuple(roi_size)) * (3 if isinstance(roi_size, int) else 1)
+        xforms += [
+            SpatialPadd(keys=image_key, spatial_size=roi, mode="minimum"),
+            SpatialPadd(keys=label_key, spatial_size=roi),
+        ]
+        xforms.append(
+            RandSpatialCropd(keys=keys, roi_size=roi, random_size=False) if train else CenterSpatialCropd(keys, roi)
+        )
+    if train:
+        xforms += [RandFlipd(keys=keys, prob=flip_prob, spatial_axis=axis) for axis in flip_axes]
+        xforms += [
+            RandScaleIntensityd(keys=image_key, factors=0.1, prob=intensity_prob),
+            RandShiftIntensityd(keys=image_key, offsets=0.1, prob=intensity_prob),
+        ]
+    xforms += [
+        RegionLabelToChannelsd(label_key, region_table, region_key=region_key, image_key=image_key),
+        EnsureTyped(keys=keys, dtype=torch.float32),
+        EnsureTyped(keys=region_key, dtype=torch.long, track_meta=False),
+    ]
+    return Compose([x for x in xforms if x is not None])

@@ -1,0 +1,93 @@
+"""Prepare datalists for the segmentation bundles.
+
+    # synthetic multi-region set (cached under out_dir/synthetic_<fingerprint>/)
+    python tools/prepare_data.py synthetic --out_dir ~/.cache/medfm/synthetic --size 32 --cases_per_region 8 --seed 0
+
+    # an MSD-style data set as one region; --append adds it to an existing datalist as the next task id
+    python tools/prepare_data.py msd --dataset_dir ../shared/data/msd_hippocampus --region_name brain_hippocampus \
+        --out_datalist data/multi_region.json [--append] [--val_split 0.2] [--test_split 0] [--seed 0]
+
+Both print what they wrote. The datalist schema is documented in ``medfm_ops.data.synthetic``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import fire
+
+from medfm_ops.data import convert_msd, ensure_synthetic_dataset, load_datalist
+
+
+def _summary(datalist: Path) -> str:
+    table, sections = load_datalist(datalist)
+    lines = [f"datalist: {datalist}"]
+    for t in table.task_ids:
+        counts = ", ".join(f"{s} {sum(1 for i in items if i['region'] == t)}" for s, items in sections.items())
+        lines.append(
+            f"  task {t} {table.region_names[t]}: classes {table.class_names[t]} -> channels "
+            f"{table.channels_of(t)}; {counts}"
+        )
+    lines.append(f"  union classes: {table.num_classes}")
+    return "\n".join(lines)
+
+
+def synthetic(
+    out_dir: str,
+    size: int | Sequence[int] = 32,
+    cases_per_region: int = 8,
+    seed: int = 0,
+    val_fraction: float = 0.25,
+    test_cases_per_region: int = 0,
+    regions: Sequence[str] | None = None,
+) -> None:
+    """Generate (or reuse) the synthetic multi-region data set under ``out_dir`` and print its datalist."""
+    datalist = ensure_synthetic_dataset(
+        Path(out_dir).expanduser(),
+        size=size,
+        cases_per_region=cases_per_region,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_cases_per_region=test_cases_per_region,
+        regions=regions,
+    )
+    print(_summary(datalist))
+
+
+def msd(
+    dataset_dir: str,
+    region_name: str,
+    out_datalist: str,
+    val_split: float = 0.2,
+    test_split: float = 0,
+    seed: int = 0,
+    append: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Convert an MSD-style data set into a datalist region (``--append`` to add it to an existing datalist)."""
+    convert_msd(
+        dataset_dir,
+        region_name,
+        out_datalist,
+        val_split=val_split,
+        test_split=test_split,
+        seed=seed,
+        append=append,
+        overwrite=overwrite,
+    )
+    print(_summary(Path(out_datalist).expanduser()))
+
+
+def main() -> None:
+    """Run the CLI; data errors are printed as one line (no traceback) with exit status 2."""
+    try:
+        fire.Fire({"synthetic": synthetic, "msd": msd})
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"prepare_data: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
