@@ -23,7 +23,7 @@ import fire
 import torch
 import yaml
 
-from medfm_ops.bundle import verify_bundle, write_expert_bundle
+from medfm_ops.bundle import export_lorkd_expert, verify_bundle, write_expert_bundle
 
 
 def _load_structured(path: str | Path) -> Any:
@@ -98,7 +98,39 @@ def write(
     return str(root)
 
 
-COMMANDS = {"write": write}
+def from_lorkd(
+    bundle_root: str = "bundles/lorkd_seg",
+    out_dir: str | None = None,
+    region: str | None = None,
+    datalist: str | None = None,
+    spacing: Sequence[float] | None = None,
+    roi_size: Sequence[int] | None = None,
+    version: str = "0.1.0",
+    verify: bool = False,
+) -> str:
+    """Fuse one region expert of a trained lorkd_seg bundle into a standalone bundle (see ``export_lorkd_expert``).
+
+    ``--out_dir`` defaults to ``{bundle_root}/eval/expert_{region}``.
+    """
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    if out_dir is None:
+        out_dir = str(Path(bundle_root) / "eval" / f"expert_{region or 'region0'}")
+    root = export_lorkd_expert(
+        bundle_root,
+        out_dir,
+        region=region,
+        datalist=datalist,
+        spacing=None if spacing is None else tuple(float(s) for s in spacing),
+        roi_size=None if roi_size is None else tuple(int(r) for r in roi_size),
+        version=version,
+        verify=verify,
+    )
+    return str(root)
+
+
+COMMANDS = {"write": write, "from_lorkd": from_lorkd}
 
 if __name__ == "__main__":
     fire.Fire(COMMANDS)

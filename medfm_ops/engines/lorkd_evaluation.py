@@ -107,8 +107,9 @@ def evaluate_decomposition(
 ) -> list[dict]:
     """
     Evaluate the teacher, the unfused decomposed model and every fused expert region by region; write
-    ``{out_dir}/regions.csv|md`` (one row per model: DSC/NSD per region, their means, params and GFLOPs for training
-    and for deployment) and ``{out_dir}/classes.csv|md`` (per class). Fused experts are scored on their own region's
+    ``{out_dir}/regions.csv|md`` (one row per model: DSC/NSD per region, their means, params and GFLOPs per sample of
+    one ``roi_size`` forward, for training (the routed EKS model, expert deltas included) and for deployment (one
+    fused expert)) and ``{out_dir}/classes.csv|md`` (per class). Fused experts are scored on their own region's
     cases only and run as plain networks (no routing), i.e. exactly as deployed.
 
     Returns:
@@ -120,7 +121,14 @@ def evaluate_decomposition(
     rows: list[dict] = []
     class_rows: list[dict] = []
 
-    def _row(label: str, scores: dict[str, tuple[float, float]], train_params: int, deploy_params: int, flops: float):
+    def _row(
+        label: str,
+        scores: dict[str, tuple[float, float]],
+        train_params: int,
+        deploy_params: int,
+        train_flops: float,
+        deploy_flops: float,
+    ) -> None:
         row: dict[str, Any] = {"model": label}
         for n in names:
             d, s = scores.get(n, (float("nan"), float("nan")))
@@ -130,26 +138,23 @@ def evaluate_decomposition(
         row["mean NSD"] = sum(s for _, s in present) / max(len(present), 1)
         row["train params (M)"] = train_params / 1e6
         row["deploy params (M)"] = deploy_params / 1e6
-        row["deploy GFLOPs"] = flops / 1e9
+        row["train GFLOPs"] = train_flops / 1e9
+        row["deploy GFLOPs"] = deploy_flops / 1e9
         rows.append(row)
         logger.info(f"{label}: mean DSC {row['mean DSC']:.4f}, mean NSD {row['mean NSD']:.4f}")
 
     if teacher is not None:
         m = evaluate_segmentation(teacher, files, transform, region_table, roi_size, device, False, tolerance_mm)
         class_rows += [{"model": "Foundation (teacher)", **r} for r in m.table()]
-        n = count_params(teacher)
-        _row("Foundation (teacher)", _region_scores(m), n, n, count_flops(teacher, in_shape))
+        n, f = count_params(teacher), count_flops(teacher, in_shape)
+        _row("Foundation (teacher)", _region_scores(m), n, n, f, f)
 
     m = evaluate_segmentation(model, files, transform, region_table, roi_size, device, True, tolerance_mm)
     class_rows += [{"model": "LoRKD (unfused)", **r} for r in m.table()]
     backbone = export_expert(model, None)
-    _row(
-        "LoRKD (unfused, routed)",
-        _region_scores(m),
-        count_params(model),
-        count_params(backbone),
-        count_flops(model, in_shape, torch.zeros(1, dtype=torch.long)),
-    )
+    train_flops = count_flops(model, in_shape, torch.zeros(1, dtype=torch.long))
+    deploy_flops = count_flops(backbone, in_shape)
+    _row("LoRKD (unfused, routed)", _region_scores(m), count_params(model), count_params(model), train_flops, train_flops)
 
     fused_scores: dict[str, tuple[float, float]] = {}
     for task in sorted(region_table.region_names):
@@ -160,7 +165,14 @@ def evaluate_decomposition(
         m = evaluate_segmentation(expert, own, transform, region_table, roi_size, device, False, tolerance_mm)
         class_rows += [{"model": f"expert {region_table.region_names[task]} (fused)", **r} for r in m.table()]
         fused_scores.update(_region_scores(m))
-    _row("LoRKD experts (fused, one per region)", fused_scores, count_params(model), count_params(backbone), count_flops(backbone, in_shape))
+    _row(
+        "LoRKD experts (fused, one per region)",
+        fused_scores,
+        count_params(model),
+        count_params(backbone),
+        train_flops,
+        deploy_flops,
+    )
 
     write_table(rows, os.path.join(out_dir, "regions.csv"), os.path.join(out_dir, "regions.md"))
     write_table(class_rows, os.path.join(out_dir, "classes.csv"), os.path.join(out_dir, "classes.md"))

@@ -16,6 +16,7 @@ from medfm_ops.networks.experts import (
     to_experts,
 )
 from medfm_ops.networks.rank_allocation import lorkd_star_ranks, round_to_even
+from medfm_ops.networks.spec import SPEC_FILENAME, check_same_regions, instantiate, load_network_spec, save_network_spec
 from medfm_ops.networks.teacher import freeze, load_teacher
 
 __all__ = [
@@ -36,4 +37,9 @@ __all__ = [
     "load_fused_expert",
     "load_teacher",
     "freeze",
+    "instantiate",
+    "save_network_spec",
+    "load_network_spec",
+    "check_same_regions",
+    "SPEC_FILENAME",
 ]

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfm_ops.networks.spec import SPEC_FILENAME, check_same_regions, instantiate, load_network_spec
+
 __all__ = ["load_teacher", "freeze"]
 
 _HOW_TO = (
@@ -49,11 +51,16 @@ def _instantiate(network_def: dict | str | Path) -> nn.Module:
     if isinstance(network_def, (str, Path)):
         network_def = ConfigParser.load_config_file(str(network_def))
         network_def = network_def.get("network_def", network_def)
-    parser = ConfigParser({"network_def": network_def})
-    return parser.get_parsed_content("network_def")
+    return instantiate(network_def)
 
 
-def _bundle_network_def(bundle_dir: Path) -> dict:
+def _bundle_network_def(bundle_dir: Path, region_table: Any = None) -> dict:
+    """``models/network_def.json`` written by a medfm training run, else a literal ``network_def`` in the configs."""
+    spec_file = bundle_dir / "models" / SPEC_FILENAME
+    if spec_file.is_file():
+        spec = load_network_spec(spec_file)
+        check_same_regions(spec, region_table, f"teacher {bundle_dir}")
+        return spec["network_def"]
     for name in ("inference.json", "train.json", "inference.yaml", "train.yaml"):
         cfg = bundle_dir / "configs" / name
         if cfg.is_file():
@@ -62,7 +69,10 @@ def _bundle_network_def(bundle_dir: Path) -> dict:
             content = ConfigParser.load_config_file(str(cfg))
             if "network_def" in content:
                 return _resolve_plain_refs(content["network_def"], content)
-    raise ValueError(f"teacher bundle {bundle_dir}: no configs/inference.json or train.json with a 'network_def'.")
+    raise ValueError(
+        f"teacher bundle {bundle_dir}: no models/{SPEC_FILENAME} and no configs/inference.json or train.json with a "
+        "'network_def'."
+    )
 
 
 def _resolve_plain_refs(item: Any, content: dict) -> Any:
@@ -92,6 +102,7 @@ def load_teacher(
     teacher_path: str | os.PathLike,
     teacher_def: dict | str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
+    region_table: Any = None,
 ) -> nn.Module:
     """
     Load a frozen teacher that maps ``(B, C_in, *spatial)`` to logits; it stays in eval mode and never gets gradients.
@@ -105,6 +116,8 @@ def load_teacher(
         teacher_def: network config (dict with ``_target_`` or a JSON/YAML file holding one, optionally under
             ``network_def``), required for a state dict file.
         device: where to put the teacher.
+        region_table: the student's class layout; when the teacher bundle recorded its own (``models/network_def.json``)
+            they must match. Defaults to None (no check).
 
     Raises:
         FileNotFoundError: when nothing exists at ``teacher_path`` (the message says how to produce a teacher).
@@ -116,7 +129,7 @@ def load_teacher(
     if path.is_dir():
         weights, script = path / "models" / "model.pt", path / "models" / "model.ts"
         if weights.is_file():
-            net = _instantiate(teacher_def if teacher_def is not None else _bundle_network_def(path))
+            net = _instantiate(teacher_def if teacher_def is not None else _bundle_network_def(path, region_table))
             net.load_state_dict(_load_state_dict(weights))
         elif script.is_file():
             net = torch.jit.load(str(script), map_location="cpu")

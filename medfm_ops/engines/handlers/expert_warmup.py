@@ -21,9 +21,11 @@ class ExpertWarmupHandler:
 
     With ``lorkd_star=True`` the per-region task loss is tracked during the warm-up and, at its end, every expert is
     re-created with rank ``r_i = round_to_even(base_rank * (dL_i / mean dL)^2)`` where ``dL_i`` is the drop of
-    region ``i``'s mean loss between the first and the last third of the warm-up iterations (summed over DDP
+    region ``i``'s mean task loss between the first and the last third of its warm-up samples (summed over DDP
     processes, so every process gets the same ranks). The experts were frozen at ``B = 0`` during the warm-up, so
     re-creating them loses nothing; the optimizer's ``experts`` param group is re-pointed to the new parameters.
+    When the mean warm-up loss drop is not positive the rule is undefined: every region keeps ``base_rank`` and a
+    warning is logged.
 
     The handler keeps its state (ranks, whether the warm-up is done, loss history) in :meth:`state_dict`: put it in
     the checkpoint's ``save_dict`` BEFORE the network and optimizer, so that on resume the experts are re-shaped
@@ -102,7 +104,11 @@ class ExpertWarmupHandler:
             return
         if self.lorkd_star:
             self.loss_drops = self._loss_drops()
-            self.ranks = lorkd_star_ranks(self.loss_drops, self.base_rank, self.min_rank, self.max_rank)
+            try:
+                self.ranks = lorkd_star_ranks(self.loss_drops, self.base_rank, self.min_rank, self.max_rank)
+            except ValueError as e:  # the warm-up did not reduce the loss: the allocation rule is undefined
+                self.ranks = [self.base_rank] * self.num_regions
+                self.logger.warning(f"LoRKD*: {e} Keeping the uniform rank {self.base_rank} for every region.")
             set_expert_ranks(self.network, self.ranks)
             self._repoint_optimizer()
             self.logger.info(f"LoRKD*: warm-up loss drops {[round(d, 4) for d in self.loss_drops]} -> ranks {self.ranks}")
@@ -112,26 +118,20 @@ class ExpertWarmupHandler:
 
     # ------------------------------------------------------------------ helpers
     def _loss_drops(self) -> list[float]:
-        iters = sorted({it for it, _, _ in self._history})
-        if len(iters) < 2:
-            raise RuntimeError("LoRKD* needs at least 2 warm-up iterations to measure loss drops.")
-        third = max(1, len(iters) // 3)
-        first, last = set(iters[:third]), set(iters[-third:])
-        # sums and counts per region for the first and last third, reduced over processes
-        stats = torch.zeros(4, self.num_regions, dtype=torch.float64)
-        for it, r, v in self._history:
-            if it in first:
-                stats[0, r] += v
-                stats[1, r] += 1
-            if it in last:
-                stats[2, r] += v
-                stats[3, r] += 1
-        stats = idist.all_reduce(stats)
-        missing = [r for r in range(self.num_regions) if stats[1, r] == 0 or stats[3, r] == 0]
+        """Per region: mean task loss of its first third of warm-up samples minus that of its last third."""
+        stats = torch.zeros(4, self.num_regions, dtype=torch.float64)  # first sum, first count, last sum, last count
+        for r in range(self.num_regions):
+            values = [v for _, reg, v in sorted(self._history) if reg == r]
+            k = len(values) // 3 if len(values) >= 3 else len(values) // 2
+            if k:
+                stats[0, r], stats[1, r] = sum(values[:k]), k
+                stats[2, r], stats[3, r] = sum(values[-k:]), k
+        stats = idist.all_reduce(stats)  # every process gets the same drops, hence the same ranks
+        missing = [r for r in range(self.num_regions) if stats[1, r] == 0]
         if missing:
             raise RuntimeError(
-                f"LoRKD*: regions {missing} have no sample in the first or last third of the warm-up; "
-                "use more warm-up epochs or a sampler that mixes regions."
+                f"LoRKD*: regions {missing} have fewer than 2 samples during the warm-up, so their loss drop is "
+                "undefined; use more warm-up epochs or more cases of these regions."
             )
         return (stats[0] / stats[1] - stats[2] / stats[3]).tolist()
 

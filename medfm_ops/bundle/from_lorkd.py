@@ -1,0 +1,107 @@
+"""Export one region expert of a trained ``lorkd_seg`` bundle as a standalone MONAI bundle."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+
+from medfm_ops.bundle.expert_bundle import write_expert_bundle
+from medfm_ops.bundle.verify import verify_bundle
+
+__all__ = ["export_lorkd_expert"]
+
+logger = logging.getLogger("medfm.export")
+
+
+def _bundle_config(bundle_root: Path) -> Any:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "train.json"))
+    parser["bundle_root"] = str(bundle_root)
+    return parser
+
+
+def _region_spacing(files: list[dict], task: int) -> tuple[float, ...]:
+    own = [f for f in files if int(f["region"]) == task]
+    if not own:
+        raise ValueError(f"no case of region {task} in the datalist: cannot read its voxel spacing.")
+    zooms = nib.load(own[0]["image"]).header.get_zooms()[:3]
+    return tuple(round(float(z), 4) for z in zooms)
+
+
+def export_lorkd_expert(
+    bundle_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    region: str | None = None,
+    datalist: str | os.PathLike | None = None,
+    spacing: tuple[float, ...] | None = None,
+    roi_size: tuple[int, ...] | None = None,
+    version: str = "0.1.0",
+    verify: bool = False,
+) -> Path:
+    """
+    Fuse the expert of ``region`` from ``{bundle_root}/models/model.pt`` into the stock backbone and write it with
+    :func:`~medfm_ops.bundle.write_expert_bundle` (stock MONAI network in ``network_def``, fused weights, the
+    region's label names in the metadata).
+
+    Args:
+        bundle_root: the trained ``lorkd_seg`` bundle (``models/model.pt`` and ``models/network_def.json``).
+        out_dir: the new bundle's directory.
+        region: region name. Defaults to the first region of the data set.
+        datalist: datalist of the training data (to read the region's voxel spacing). Defaults to the bundle's own
+            ``datalist`` (the synthetic default set).
+        spacing: target spacing of the exported bundle. Defaults to the spacing of the region's first case.
+        roi_size: sliding-window size. Defaults to the bundle's ``roi_size``.
+        version: version of the new bundle. Defaults to ``"0.1.0"``.
+        verify: run MONAI's ``verify_metadata`` / ``verify_net_in_out`` / ``ckpt_export`` on the result.
+    """
+    from medfm_ops.data import RegionTable, load_datalist
+    from medfm_ops.networks import export_expert, instantiate, load_expert_state_dict, load_network_spec, to_experts
+
+    root = Path(bundle_root).resolve()
+    spec = load_network_spec(root / "models")
+    if "regions" not in spec:
+        raise ValueError(f"{root / 'models'}: network_def.json has no 'regions' (class layout); retrain the bundle.")
+    table = RegionTable.from_regions(spec["regions"], source=str(root / "models" / "network_def.json"))
+    task = table.task_ids[0] if region is None else table.task_id_of(region)
+    name = table.region_names[task]
+    parser = _bundle_config(root)
+    if datalist is None:
+        datalist = parser.get_parsed_content("datalist")
+    _, sections = load_datalist(datalist)
+    if spacing is None:
+        spacing = _region_spacing(sections["training"], task)
+    if roi_size is None:
+        roi_size = tuple(int(r) for r in parser.get_parsed_content("roi_size"))
+    # rebuild the trained expert model (ranks read from the checkpoint), fuse, keep the stock state dict
+    ranks, alpha = parser.get_parsed_content("rank"), parser.get_parsed_content("alpha")
+    model = to_experts(instantiate(spec["network_def"]), table.num_regions, ranks=ranks, alpha=alpha, copy_net=False)
+    load_expert_state_dict(model, root / "models" / "model.pt")
+    fused = export_expert(model, task)
+    modality = "MR" if "mr" in name.lower() else "CT"
+    out = write_expert_bundle(
+        out_dir,
+        spec["network_def"],
+        fused.state_dict(),
+        region_name=name,
+        label_names={i: c for i, c in enumerate(table.class_names[task], start=1)},
+        output_channels=table.channels_of(task),
+        spacing=spacing,
+        roi_size=roi_size,
+        version=version,
+        description=(
+            f"LoRKD expert for region '{name}' ({', '.join(table.class_names[task])}), fused from "
+            f"{root.name} into a stock {spec['network_def']['_target_'].rsplit('.', 1)[-1]}."
+        ),
+        modality=modality,
+    )
+    logger.info(f"wrote the '{name}' expert bundle to {out}")
+    if verify:
+        verify_bundle(out)
+        logger.info("verify_metadata, verify_net_in_out and ckpt_export passed")
+    return out
