@@ -29,8 +29,8 @@ NETWORKS = [
     ("BasicUNet", lambda: BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4)), 32),
     ("DynUNet", lambda: DynUNet(3, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], filters=[4, 8, 16]), 16),
     ("SegResNet", lambda: SegResNet(3, init_filters=8, norm=("GROUP", {"num_groups": 4}), in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)), 16),
-    ("resnet18", lambda: resnet18(spatial_dims=3, n_input_channels=1, num_classes=3), 24),
-    ("resnet50", lambda: resnet50(spatial_dims=3, n_input_channels=1, num_classes=3), 24),
+    ("resnet18", lambda: resnet18(spatial_dims=3, n_input_channels=1, num_classes=3), 16),
+    ("resnet50", lambda: resnet50(spatial_dims=3, n_input_channels=1, num_classes=3), 16),
     ("DenseNet121", lambda: DenseNet121(spatial_dims=3, in_channels=1, out_channels=3), 32),
 ]
 TASKS = torch.tensor([0, 2, 1, 2])
@@ -52,6 +52,7 @@ def test_export_equals_wrapper_and_loads_into_stock(name, build, size):
     assert len(list(eks_layers(model))) == n_convs > 0
     _randomise_experts(model)
     x = torch.randn(len(TASKS), 1, size, size, size, dtype=torch.float64)
+    fresh = build().double()
     with torch.no_grad():
         mixed = model(x, TASKS)
         mixed = mixed[0] if isinstance(mixed, (list, tuple)) else mixed
@@ -65,7 +66,6 @@ def test_export_equals_wrapper_and_loads_into_stock(name, build, size):
             out = expert(x[idx])
             out = out[0] if isinstance(out, (list, tuple)) else out
             assert (out - mixed[idx]).abs().max().item() <= 1e-8, f"{name}: expert {t} differs from the mixed batch"
-            fresh = build().double()
             fresh.load_state_dict(expert.state_dict(), strict=True)  # the stock definition takes the fused weights
     # the shared backbone W0 was never touched: exporting task None gives back the stock weights
     for k, v in export_expert(model, None).state_dict().items():
