@@ -55,8 +55,14 @@ def workspace(tmp_path_factory):
     os.environ.pop("MEDFM_CACHE", None)
 
 
-def test_metadata_of_both_bundles_is_complete():
+def test_metadata_of_both_bundles_is_complete(tmp_path):
+    from monai.bundle import verify_metadata
+
+    from medfm_ops.bundle import write_metadata_schema
+
+    schema = write_metadata_schema(tmp_path / "schema.json")  # offline: MONAI skips the download when it exists
     for name in ("foundation_seg", "lorkd_seg"):
+        verify_metadata(meta_file=str(REPO / "bundles" / name / "configs" / "metadata.json"), filepath=str(schema))
         meta = json.loads((REPO / "bundles" / name / "configs" / "metadata.json").read_text())
         assert meta["name"] == name and meta["version"] in meta["changelog"]
         for key in ("monai_version", "pytorch_version", "numpy_version", "task", "description", "authors"):
