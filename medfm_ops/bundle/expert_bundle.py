@@ -6,13 +6,14 @@ import datetime
 import importlib.metadata
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_text
 
 from .expert_configs import inference_config, train_config
 from .expert_readme import expert_readme
@@ -92,20 +93,8 @@ def _plain_state_dict(state_dict: Mapping[str, Any], network_def: Mapping) -> di
     return plain
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=4) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=4) + "\n")
 
 
 def _metadata(
@@ -255,7 +244,7 @@ def write_expert_bundle(
     write_metadata_schema(root / SCHEMA_RELPATH)
     (root / "LICENSE").write_text(_license_text(authors))
     (root / "docs" / "README.md").write_text(expert_readme(meta, net_cfg))
-    _save_atomic(plain, root / "models" / "model.pt")
+    atomic_torch_save(plain, root / "models" / "model.pt")
     return root
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from medfm_ops.data._atomic import atomic_write_json
+from medfm_ops.utils.atomic_io import atomic_write_json
 from medfm_ops.data.region_table import RegionTable
 
 __all__ = ["convert_msd", "read_msd_dataset", "split_cases"]

@@ -61,7 +61,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from medfm_ops.data._atomic import atomic_directory, atomic_write_json
+from medfm_ops.utils.atomic_io import atomic_directory, atomic_write_json
 from medfm_ops.data.synthetic_regions import SYNTHETIC_REGIONS, RegionSpec, StructureSpec
 
 __all__ = [

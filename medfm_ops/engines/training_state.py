@@ -5,29 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from typing import Any
 
 import torch
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint
 
+from medfm_ops.utils.atomic_io import atomic_write_text
+
 __all__ = ["resume_training", "write_training_summary", "atomic_write_text"]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and rename it over ``path``."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def resume_training(state: dict[str, Any], checkpoint_path: str | os.PathLike | None) -> bool:

@@ -8,9 +8,10 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from medfm_ops.utils.atomic_io import atomic_write_text
 
 __all__ = ["format_markdown", "region_summary", "write_table"]
 
@@ -30,24 +31,6 @@ def _md_cell(value: Any, float_format: str) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else format(value, float_format)
     return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and move it into place with ``os.replace``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def format_markdown(
@@ -109,9 +92,9 @@ def write_table(
     writer = csv.DictWriter(buffer, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(csv_path, buffer.getvalue())
+    atomic_write_text(csv_path, buffer.getvalue())
     if md_path is not None:
-        _atomic_write(md_path, format_markdown(rows, cols))
+        atomic_write_text(md_path, format_markdown(rows, cols))
 
 
 def region_summary(

@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import nn
 
+from medfm_ops.utils.atomic_io import atomic_write_text
+
 __all__ = ["instantiate", "save_network_spec", "load_network_spec", "check_same_regions", "SPEC_FILENAME"]
 
 #: written into a bundle's ``models/`` folder by its training config
@@ -29,8 +31,6 @@ def save_network_spec(ckpt_dir: str | os.PathLike, network_def: dict[str, Any], 
     Write ``{ckpt_dir}/network_def.json`` = ``{"network_def": ..., "regions": [...]}`` atomically, so the weights
     in ``ckpt_dir`` can be rebuilt without the training data (teacher loading, expert export, inference).
     """
-    from medfm_ops.engines.training_state import atomic_write_text
-
     instantiate(network_def)  # fail now, not at load time, on a config that cannot be built
     content: dict[str, Any] = {"network_def": network_def}
     if region_table is not None:
