@@ -1,0 +1,78 @@
+"""Shared pieces of the ``tools/bench_*.py`` benchmarks: allocator settings, machine record, robust timing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms"]
+
+#: glibc returns large buffers to the kernel after every call by default, which makes 3D CPU steps slow and noisy
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+_REEXEC_FLAG = "MEDFM_BENCH_REEXEC"
+
+
+def reexec_with_glibc_tunables(tag: str) -> None:
+    """Re-execute the running script with :data:`GLIBC_TUNABLES` unless set (call before importing torch)."""
+    if "GLIBC_TUNABLES" not in os.environ:
+        print(f"[{tag}] GLIBC_TUNABLES not set: re-executing with GLIBC_TUNABLES={GLIBC_TUNABLES}", flush=True)
+        env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES, _REEXEC_FLAG: "1"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def machine_info(device: Any) -> dict[str, Any]:
+    """CPU model, cores, torch/python versions, threads, GPU name, allocator settings and the load average."""
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.device(device)
+    return {
+        "cpu_model": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "glibc_tunables_set_by_bench": os.environ.get(_REEXEC_FLAG) == "1",
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def time_ms(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[], None] | None = None) -> list[float]:
+    """Wall times (ms) of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (``sync`` e.g. CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def summarize_ms(times: list[float]) -> dict[str, float]:
+    """Median and inter-quartile range."""
+    if len(times) == 1:
+        return {"median_ms": times[0], "q1_ms": times[0], "q3_ms": times[0]}
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return {"median_ms": statistics.median(times), "q1_ms": q1, "q3_ms": q3}

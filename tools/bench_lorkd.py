@@ -1,0 +1,163 @@
+"""Benchmark of the lorkd_seg models: expert-student training step vs the plain student, fused-expert inference vs
+the plain network, and parameters/FLOPs of teacher vs expert.
+
+    python tools/bench_lorkd.py run --out_dir benchmarks/ [--device auto|cpu|cuda] [--batch 4] [--roi 32] [--repeats 10]
+
+Writes ``lorkd_bench.md`` and ``lorkd_bench.json``. The networks are those of the bundles' default configs (teacher:
+UNet 32-64-128-256 with 2 residual units; student/expert: UNet 16-32-64-128 with 1 residual unit; 12 output classes
+and 4 regions as in the synthetic default set; rank 8, alpha 16). Weights are random: timings and sizes do not
+depend on training. Training step = forward + loss (Dice + BCE on each sample's region channels + 0.1 KL to the
+teacher logits) + backward + AdamW step; the batch mixes the 4 regions. The teacher's forward is timed separately
+(it is the same for both students). Every configuration is timed in alternating turns; medians and IQR are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medfm_ops.utils.bench import reexec_with_glibc_tunables  # noqa: E402
+
+if __name__ == "__main__":
+    reexec_with_glibc_tunables("bench_lorkd")
+
+import datetime  # noqa: E402
+
+import fire  # noqa: E402
+import torch  # noqa: E402
+from monai.networks.nets import UNet  # noqa: E402
+
+from medfm_ops.engines import count_flops, count_params  # noqa: E402
+from medfm_ops.losses import LoRKDSegLoss  # noqa: E402
+from medfm_ops.networks import export_expert, param_groups, to_experts  # noqa: E402
+from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
+from medfm_ops.utils.bench import machine_info, summarize_ms, time_ms  # noqa: E402
+
+NUM_CLASSES, REGION_SIZES = 12, (3, 3, 4, 2)
+
+
+def _student() -> UNet:
+    return UNet(3, 1, NUM_CLASSES, (16, 32, 64, 128), (2, 2, 2), num_res_units=1, norm="INSTANCE")
+
+
+def _teacher() -> UNet:
+    return UNet(3, 1, NUM_CLASSES, (32, 64, 128, 256), (2, 2, 2), num_res_units=2, norm="INSTANCE")
+
+
+def _mask(regions: torch.Tensor) -> torch.Tensor:
+    starts = torch.tensor([0, *torch.tensor(REGION_SIZES).cumsum(0).tolist()])
+    mask = torch.zeros(len(regions), NUM_CLASSES, dtype=torch.bool)
+    for b, r in enumerate(regions.tolist()):
+        mask[b, starts[r] : starts[r + 1]] = True
+    return mask
+
+
+def run(out_dir: str = "benchmarks", device: str = "auto", batch: int = 4, roi: int = 32, repeats: int = 10,
+        warmup: int = 2) -> str:
+    """Run the benchmark and write the tables; returns the markdown path."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
+    torch.manual_seed(0)
+    record = {"command": " ".join(["python tools/bench_lorkd.py", *sys.argv[1:]]),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+              "machine": machine_info(dev), "batch": batch, "roi": roi, "repeats": repeats}
+    x = torch.randn(batch, 1, roi, roi, roi, device=dev)
+    regions = torch.arange(batch, device=dev) % len(REGION_SIZES)
+    mask = _mask(regions.cpu()).to(dev)
+    target = (torch.rand(batch, NUM_CLASSES, roi, roi, roi, device=dev) > 0.7).float() * mask[..., None, None, None]
+    teacher = _teacher().to(dev).eval()
+    with torch.no_grad():
+        t_logits = teacher(x)
+    plain = _student().to(dev)
+    experts = to_experts(_student(), len(REGION_SIZES), ranks=8, alpha=16).to(dev)
+    loss_fn = LoRKDSegLoss(beta=0.1)
+    opts = {"plain": torch.optim.AdamW(plain.parameters(), 1e-4), "experts": torch.optim.AdamW(param_groups(experts, 1e-4))}
+
+    def step(name):
+        net, opt = (plain, opts["plain"]) if name == "plain" else (experts, opts["experts"])
+        opt.zero_grad(set_to_none=True)
+        out = net(x) if name == "plain" else net(x, regions)
+        loss_fn(out, target, mask, teacher_logits=t_logits).backward()
+        opt.step()
+
+    train = {"plain": [], "experts": []}
+    for _ in range(warmup):
+        step("plain"), step("experts")
+    for r in range(repeats):  # alternate so that both see the same machine load
+        for name in (("plain", "experts") if r % 2 == 0 else ("experts", "plain")):
+            train[name] += time_ms(lambda n=name: step(n), 1, 0, sync)
+    with torch.no_grad():
+        teacher_fwd = time_ms(lambda: teacher(x), repeats, warmup, sync)
+    # inference of one region: fused expert (a stock UNet) vs the plain student vs the routed unfused model
+    experts.eval()
+    fused = export_expert(experts, 1).to(dev).eval()
+    plain.eval()
+    x1 = x[:1]
+    infer = {"plain": [], "fused": [], "unfused": []}
+    with torch.no_grad():
+        calls = {"plain": lambda: plain(x1), "fused": lambda: fused(x1),
+                 "unfused": lambda: experts(x1, torch.ones(1, dtype=torch.long, device=dev))}
+        for fn in calls.values():
+            time_ms(fn, 0, warmup, sync)
+        for r in range(repeats):
+            for name in list(calls)[r % 3 :] + list(calls)[: r % 3]:
+                infer[name] += time_ms(calls[name], 1, 0, sync)
+        max_diff = (fused(x1) - experts(x1, torch.ones(1, dtype=torch.long, device=dev))).abs().max().item()
+    shape = (1, 1, roi, roi, roi)
+    record["train_step"] = {k: summarize_ms(v) for k, v in train.items()}
+    record["train_step"]["ratio_experts_to_plain"] = (
+        record["train_step"]["experts"]["median_ms"] / record["train_step"]["plain"]["median_ms"])
+    record["teacher_forward"] = summarize_ms(teacher_fwd)
+    record["inference"] = {k: summarize_ms(v) for k, v in infer.items()}
+    record["inference"]["ratio_fused_to_plain"] = (
+        record["inference"]["fused"]["median_ms"] / record["inference"]["plain"]["median_ms"])
+    record["inference"]["max_abs_diff_fused_vs_unfused"] = max_diff
+    record["sizes"] = {
+        "teacher": {"params": count_params(teacher), "gflops": count_flops(teacher, shape) / 1e9},
+        "student_plain": {"params": count_params(plain), "gflops": count_flops(plain, shape) / 1e9},
+        "student_experts_training": {"params": count_params(experts),
+                                     "gflops": count_flops(experts, shape, torch.ones(1, dtype=torch.long)) / 1e9},
+        "fused_expert": {"params": count_params(fused), "gflops": count_flops(fused, shape) / 1e9},
+    }
+    record["machine"]["load_average_1min_end"] = machine_info(dev)["load_average_1min"]
+    out = Path(out_dir)
+    atomic_write_text(out / "lorkd_bench.json", json.dumps(record, indent=2))
+    atomic_write_text(out / "lorkd_bench.md", _markdown(record))
+    print((out / "lorkd_bench.md").read_text())
+    return str(out / "lorkd_bench.md")
+
+
+def _markdown(r: dict) -> str:
+    m, t, i, s = r["machine"], r["train_step"], r["inference"], r["sizes"]
+    fmt = lambda d: f"{d['median_ms']:.1f} ({d['q3_ms'] - d['q1_ms']:.1f})"  # noqa: E731
+    lines = [
+        "# lorkd_seg benchmark", "",
+        f"Generated by `{r['command']}` on {r['date']}.", "",
+        f"- machine: {m['cpu_model']} ({m['usable_cores']} usable cores), device {m['device']}"
+        + (f" ({m['gpu']})" if m["gpu"] else "") + f", torch {m['torch']} with {m['torch_threads']} threads",
+        f"- GLIBC_TUNABLES: `{m['glibc_tunables']}`" + (" (set by this script)" if m["glibc_tunables_set_by_bench"] else ""),
+        f"- 1-min load average: {m['load_average_1min']:.2f} at start, {m['load_average_1min_end']:.2f} at end",
+        f"- batch {r['batch']} (regions mixed round-robin), patch {r['roi']}^3, {r['repeats']} timed repeats; "
+        "median (IQR) in ms", "",
+        "## Training step (forward + LoRKD loss + backward + AdamW)", "",
+        "| student | ms | ratio to plain |", "|---|---|---|",
+        f"| plain UNet (no experts) | {fmt(t['plain'])} | 1.000 |",
+        f"| EKS experts (4 regions, rank 8) | {fmt(t['experts'])} | {t['ratio_experts_to_plain']:.3f} |", "",
+        f"Teacher forward (same for both, not included above): {fmt(r['teacher_forward'])} ms.", "",
+        "## Inference of one region (batch 1)", "",
+        "| network | ms | ratio to plain |", "|---|---|---|",
+        f"| plain student UNet | {fmt(i['plain'])} | 1.000 |",
+        f"| fused expert (stock UNet, W0 + B·A) | {fmt(i['fused'])} | {i['ratio_fused_to_plain']:.3f} |",
+        f"| unfused EKS model, routed | {fmt(i['unfused'])} | {i['unfused']['median_ms'] / i['plain']['median_ms']:.3f} |",
+        "", f"Max abs difference fused vs unfused logits: {i['max_abs_diff_fused_vs_unfused']:.2e}.", "",
+        "## Size (per sample, one forward pass)", "", "| network | params (M) | GFLOPs |", "|---|---|---|",
+    ]
+    for name, d in s.items():
+        lines.append(f"| {name} | {d['params'] / 1e6:.3f} | {d['gflops']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run})
