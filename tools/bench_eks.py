@@ -40,19 +40,17 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
-_REEXEC_FLAG = "MEDFM_BENCH_REEXEC"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medfm_ops.utils.bench import machine_info  # noqa: E402
+from medfm_ops.utils.bench import reexec_with_glibc_tunables  # noqa: E402
 
-if __name__ == "__main__" and "GLIBC_TUNABLES" not in os.environ:  # before torch is loaded: re-exec costs little
-    print(f"[bench_eks] GLIBC_TUNABLES not set: re-executing with GLIBC_TUNABLES={GLIBC_TUNABLES}", flush=True)
-    _env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES, _REEXEC_FLAG: "1"}
-    os.execve(sys.executable, [sys.executable, *sys.argv], _env)
+if __name__ == "__main__":  # before torch is loaded: re-exec costs little
+    reexec_with_glibc_tunables("bench_eks")
 
 import fire  # noqa: E402
 import torch  # noqa: E402
@@ -278,30 +276,6 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- machine
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-        "glibc_tunables_set_by_bench": os.environ.get(_REEXEC_FLAG) == "1",
-    }
-    return info
-
-
 def _parse_ints(value) -> list[int]:
     if isinstance(value, int):
         return [value]
