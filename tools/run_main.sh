@@ -3,7 +3,7 @@
 #   1. train the foundation teacher (bundles/foundation_seg)      4. export one region expert as a standalone bundle
 #   2. decompose it into region experts (bundles/lorkd_seg)       5. verify that bundle and run its inference
 #   3. evaluate teacher / unfused model / fused experts region by region (bundles/lorkd_seg/eval/regions.md)
-# Extra arguments are passed to both training runs (e.g. --epochs 4). Set MEDFM_SKIP_TEACHER=1 to reuse a teacher.
+# Extra arguments are passed to both training runs (e.g. --epochs 8). Set MEDFM_SKIP_TEACHER=1 to reuse a teacher.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
@@ -16,7 +16,7 @@ if [ "${MEDFM_SKIP_TEACHER:-0}" != 1 ] || [ ! -f bundles/foundation_seg/models/m
 fi
 run $PY -m monai.bundle run --config_file bundles/lorkd_seg/configs/train.json "$@"
 run $PY -m monai.bundle run --config_file "['bundles/lorkd_seg/configs/train.json','bundles/lorkd_seg/configs/evaluate.json']"
-region=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['regions'][0]['name'])" "$($PY -c 'import medfm_ops.bundle_paths as b, medfm_ops.data as d, os; print(d.ensure_synthetic_dataset(os.path.join(b.default_cache_dir(), "synthetic"), size=32, cases_per_region=12, seed=0))')")
+region=brain_mri
 out=bundles/lorkd_seg/eval/expert_$region
 run $PY tools/export_expert_bundle.py from_lorkd --bundle_root bundles/lorkd_seg --region "$region" --out_dir "$out" --verify
 echo; echo "[main] region table (bundles/lorkd_seg/eval/regions.md):"; cat bundles/lorkd_seg/eval/regions.md
