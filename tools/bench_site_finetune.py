@@ -28,6 +28,8 @@ from typing import Any
 
 import fire
 
+from medfm_ops.utils.atomic_io import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bundles" / "lorkd_seg" / "configs" / "finetune.json"
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
@@ -84,6 +86,12 @@ def _complete(bundle: Path, name: str) -> dict[str, Any] | None:
     if wanted is not None and int(info.get("epochs", 0)) < wanted:
         return None
     return info
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def ensure_pretrained(work_dir: str | Path, retrain: bool = False) -> dict[str, dict[str, Any]]:
@@ -314,15 +322,17 @@ def run(
         ]  # fmt: skip
         if region:
             cmd += ["--region", region]
-        done = work / name / "summary.json"
+        done, stamp = work / name / "summary.json", work / name / "bench_row.json"
         settings = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                    "patch_size": list(patch_size), "mode": mode, "init": init}  # fmt: skip
-        old = json.loads(done.read_text()) if done.is_file() else {}
-        if reuse_rows and old and all(old.get(k) == v for k, v in settings.items()) and old["split"]["seed"] == seed:
+                    "patch_size": list(patch_size), "mode": mode, "init": init, "seed": seed,
+                    "source": None if init == "scratch" else _sha256(Path(path) / "models" / "model.pt")}  # fmt: skip
+        old = json.loads(stamp.read_text()) if stamp.is_file() and done.is_file() else {}
+        if reuse_rows and old.get("settings") == settings:  # same budget AND the same starting weights
             print(f"  {name}: reusing {done}", flush=True)
-            seconds = old.get("total_seconds")
+            seconds = old.get("seconds")
         else:
             seconds = _run(cmd, work / name / "run.log")
+            atomic_write_text(stamp, json.dumps({"settings": settings, "seconds": seconds}, indent=2))
         summary = json.loads(done.read_text())
         print(f"  {name}: DSC {summary['before']['mean_dsc']:.4f} -> {summary['after']['mean_dsc']:.4f}, "
               f"NSD {summary['before']['mean_nsd']:.4f} -> {summary['after']['mean_nsd']:.4f} ({seconds / 60:.1f} min)",
