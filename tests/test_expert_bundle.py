@@ -13,22 +13,11 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
+from expert_fixture import CHANNELS, NET_DEF, ROI, SPACING
+
 from medfm_ops.bundle import BundleCheckError, verify_bundle, write_expert_bundle
 
-NET_DEF = {
-    "_target_": "monai.networks.nets.UNet",
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 6,
-    "channels": [8, 16, 32],
-    "strides": [2, 2],
-    "num_res_units": 1,
-    "norm": "INSTANCE",
-}
 LABELS = {1: "liver", 2: "spleen", 3: "left kidney"}
-CHANNELS = [2, 3, 4]
-SPACING = (2.0, 2.0, 2.0)
-ROI = (32, 32, 32)
 
 
 def _net() -> UNet:

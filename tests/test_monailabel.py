@@ -34,6 +34,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
+from expert_fixture import CHANNELS, NET_DEF, ROI, SPACING
+
 from medfm_ops.bundle import write_expert_bundle
 
 pytestmark = pytest.mark.slow
@@ -41,20 +43,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 LABEL_VENV = Path(os.environ.get("MEDFM_LABEL_VENV", REPO / ".venv-label"))
 NAME = "abdomen_expert"
-NET_DEF = {
-    "_target_": "monai.networks.nets.UNet",
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 6,
-    "channels": [8, 16, 32],
-    "strides": [2, 2],
-    "num_res_units": 1,
-    "norm": "INSTANCE",
-}
 LABELS = {1: "liver", 2: "spleen", 3: "kidney"}
-CHANNELS = [2, 3, 4]
-SPACING = (2.0, 2.0, 2.0)
-ROI = (32, 32, 32)
 AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, 0, 1.2, -5.0], [0, -2.5, 0, 3.0], [0, 0, 0, 1]])
 SHAPE = (40, 33, 27)
 

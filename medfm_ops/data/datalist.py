@@ -4,13 +4,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from medfm_ops.data.region_table import RegionTable
+from medfm_ops.utils.json_file import read_json_object
 
 __all__ = ["load_datalist", "require_files", "SECTIONS"]
 
@@ -49,14 +49,7 @@ def load_datalist(
             what was expected.
     """
     src = Path(path).expanduser().absolute()
-    if not src.is_file():
-        raise FileNotFoundError(f"datalist not found: {src}.")
-    try:
-        data = json.loads(src.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"datalist {src}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}.") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"datalist {src}: expected a JSON object with keys {list(_REQUIRED_TOP)}.")
+    data = read_json_object(src, "datalist")
     missing = [k for k in _REQUIRED_TOP if k not in data]
     if missing:
         raise ValueError(

@@ -27,6 +27,7 @@ import numpy as np
 
 from medfm_ops.utils.atomic_io import atomic_write_json
 from medfm_ops.data.region_table import RegionTable
+from medfm_ops.utils.json_file import read_json_object
 
 __all__ = ["convert_msd", "read_msd_dataset", "split_cases"]
 
@@ -72,12 +73,7 @@ def read_msd_dataset(dataset_dir: str | os.PathLike) -> tuple[dict[str, str], li
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"MSD data set {root}: no dataset.json (expected dataset.json, imagesTr/, labelsTr/).")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path}: invalid JSON ({e}).") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path}: expected a JSON object at the top level.")
+    meta = read_json_object(meta_path, "MSD dataset.json")
     label_names = _label_names(meta.get("labels"), meta_path)
 
     entries = meta.get("training")

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from medfm_ops.utils.atomic_io import atomic_write_text
+from medfm_ops.utils.json_file import read_json_object
 
 __all__ = ["instantiate", "save_network_spec", "load_network_spec", "check_same_regions", "SPEC_FILENAME"]
 
@@ -47,10 +48,7 @@ def load_network_spec(path: str | os.PathLike) -> dict[str, Any]:
         path = path / SPEC_FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"no network description at {path} (written by the bundle's training run).")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e}).") from e
+    content = read_json_object(path, "network description")
     if "network_def" not in content:
         raise ValueError(f"{path}: missing the 'network_def' entry.")
     return content

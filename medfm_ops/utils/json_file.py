@@ -1,0 +1,34 @@
+"""Read a JSON object from a file with one clear error naming the file and the problem."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["read_json_object"]
+
+
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """
+    The top-level JSON object of ``path``.
+
+    Args:
+        path: the JSON file.
+        what: what the file is, used in messages (e.g. ``"datalist"``).
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+        ValueError: on invalid JSON (with line and column) or a top level that is not an object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}.") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: expected a JSON object at the top level, got {type(data).__name__}.")
+    return data
