@@ -6,8 +6,8 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from medfm_ops.layers import EXECUTION_MODES, select_execution
-from medfm_ops.networks import eks_layers, set_execution, to_experts
+from medfm_ops.layers import EXECUTION_MODES
+from medfm_ops.networks import eks_layers, select_execution, set_execution, to_experts
 
 TASKS = torch.tensor([0, 2, 1, 2])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from monai.networks.nets import UNet, BasicUNet, DenseNet121, DynUNet, SegResNet, resnet18, resnet50
@@ -10,6 +12,7 @@ from torch import nn
 from medfm_ops.layers import EKSConv
 from medfm_ops.networks import (
     ExpertNetwork,
+    TaskRouting,
     backbone_parameters,
     eks_layers,
     expert_parameters,
@@ -72,13 +75,102 @@ def test_export_equals_wrapper_and_loads_into_stock(name, build, size):
         assert torch.equal(v, stock.state_dict()[k]), k
 
 
-def test_routing_is_cleared_and_input_net_untouched():
+def _no_routing_state(model: nn.Module, layer_attrs: dict[int, set[str]]) -> bool:
+    """No forward hook left on any module, and every EKS layer holds exactly the attributes it had before."""
+    hooks = any(m._forward_pre_hooks or m._forward_pre_hooks_with_kwargs or m._forward_hooks for m in model.modules())
+    attrs = all(set(vars(layer)) == layer_attrs[id(layer)] for _, layer in eks_layers(model))
+    return not hooks and attrs
+
+
+def test_no_routing_state_after_forward_or_error_and_input_net_untouched():
     net = UNet(3, 1, 2, (4, 8), (2,))
     model = to_experts(net, 2, 2)
     assert not any(isinstance(m, EKSConv) for m in net.modules()), "copy_net=True keeps the input intact"
-    with pytest.raises(IndexError, match="out of range"):
+    attrs = {id(layer): set(vars(layer)) for _, layer in eks_layers(model)}
+    assert not any("task_ids" in a for names in attrs.values() for a in names), "no routing attribute"
+    seen = []
+    first = next(eks_layers(model))[1]
+    probe = first.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs.get("task_ids")),
+                                        with_kwargs=True)
+    model(torch.randn(2, 1, 8, 8, 8), torch.tensor([0, 1]))
+    probe.remove()
+    assert len(seen) == 1 and seen[0].tolist() == [0, 1], "the ids reach the layer as its task_ids argument"
+    assert _no_routing_state(model, attrs)
+    with pytest.raises(IndexError, match="out of range"):  # raised before routing starts
         model(torch.randn(2, 1, 8, 8, 8), torch.tensor([0, 7]))
-    assert all(layer._task_ids is None for _, layer in eks_layers(model)), "routing cleared in finally"
+    assert _no_routing_state(model, attrs)
+    with pytest.raises(RuntimeError):  # raised by the first EKS conv, inside the routed forward (3 channels, not 1)
+        model(torch.randn(2, 3, 8, 8, 8), torch.tensor([0, 1]))
+    assert _no_routing_state(model, attrs)
+    model(torch.randn(2, 1, 8, 8, 8))  # no task ids: nothing registered
+    assert _no_routing_state(model, attrs)
+
+
+def test_task_routing_explicit_ids_win_and_single_use():
+    layer = EKSConv(2, 2, 3, 3, num_tasks=3, ranks=2, padding=1, dtype=torch.float64)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    routing = TaskRouting([layer], torch.tensor([1, 2]))
+    with routing:
+        assert torch.equal(layer(x), layer(x, torch.tensor([1, 2])))
+        assert torch.equal(layer(x, torch.tensor([0, 0])), layer(x, task_ids=torch.tensor([0, 0])))
+        assert not torch.equal(layer(x, torch.tensor([0, 0])), layer(x))
+        with pytest.raises(RuntimeError, match="already active"):
+            routing.__enter__()
+    assert not layer._forward_pre_hooks and torch.equal(layer(x), layer(x, None))
+
+
+def _cpu_replicas(module: nn.Module, n: int) -> list[nn.Module]:
+    """``n`` replicas built as ``torch.nn.parallel.replicate`` builds them (``Module._replicate_for_data_parallel``:
+    a shallow ``__dict__`` copy, so every replica SHARES its hook dictionaries with the original), on CPU."""
+    modules = list(module.modules())
+    index = {id(m): i for i, m in enumerate(modules)}
+    replicas = []
+    for _ in range(n):
+        copies = [m._replicate_for_data_parallel() for m in modules]
+        for m, rep in zip(modules, copies):
+            for key, child in m._modules.items():
+                rep._modules[key] = None if child is None else copies[index[id(child)]]
+            for key, p in m._parameters.items():
+                setattr(rep, key, None if p is None else p.view_as(p))
+        replicas.append(copies[0])
+    return replicas
+
+
+@pytest.mark.parametrize("execution", ["grouped", "per_task"])
+def test_data_parallel_replicas_route_their_own_batch_concurrently(execution):
+    torch.manual_seed(0)
+    model = to_experts(UNet(3, 1, 2, (4, 8), (2,), num_res_units=1), num_tasks=3, ranks=2).double().eval()
+    _randomise_experts(model)
+    set_execution(model, execution)
+    attrs = {id(layer): set(vars(layer)) for _, layer in eks_layers(model)}
+    chunks = [(torch.randn(2, 1, 8, 8, 8, dtype=torch.float64), torch.tensor(ids)) for ids in ([0, 1], [2, 2], [1, 0])]
+    with torch.no_grad():
+        expected = [model(x, ids) for x, ids in chunks]
+        replicas = _cpu_replicas(model, len(chunks))
+        layer0 = next(eks_layers(model))[1]
+        assert next(eks_layers(replicas[1]))[1]._forward_pre_hooks is layer0._forward_pre_hooks, "shared hook dicts"
+        barrier = threading.Barrier(len(chunks))
+        errors: list[float | BaseException] = [0.0] * len(chunks)
+
+        def worker(i: int) -> None:
+            try:
+                barrier.wait()
+                for _ in range(8):
+                    out = replicas[i](*chunks[i])
+                    errors[i] = max(errors[i], (out - expected[i]).abs().max().item())
+            except BaseException as e:  # reported below
+                errors[i] = e
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(chunks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(isinstance(e, float) and e <= 1e-12 for e in errors), errors
+    assert _no_routing_state(model, attrs)
 
 
 def test_include_exclude_and_loud_failure():

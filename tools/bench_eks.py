@@ -20,7 +20,7 @@ Strategies (same weights; the expert of sample ``b`` is task ``b mod T``, i.e. m
 - ``lora``: ``conv(x, W0)`` plus, per task sub-batch, a rank-``r`` side branch: a 3x3x3 conv to ``r`` channels then a
   1x1x1 conv to ``C_out`` (scaled by ``alpha / r``), added back to the sub-batch's rows.
 - ``auto`` (only where ``eks_grouped`` is slower than ``eks_per_task``): the mode
-  :func:`~medfm_ops.layers.select_execution` picks for that configuration, shown with the main measurement of
+  :func:`~medfm_ops.networks.select_execution` picks for that configuration, shown with the main measurement of
   that mode.
 
 Every step: forward (``fwd``), or forward + backward of ``mean(out^2)`` into all parameters (``fwd+bwd``, a
@@ -58,8 +58,16 @@ import torch.nn.functional as F  # noqa: E402
 from monai.networks.blocks import Convolution  # noqa: E402
 from torch import nn  # noqa: E402
 
-from medfm_ops.layers import EKSConv, select_execution  # noqa: E402
-from medfm_ops.networks import eks_layers, export_expert, set_execution, to_experts  # noqa: E402
+from medfm_ops.layers import EKSConv  # noqa: E402
+from medfm_ops.networks import (  # noqa: E402
+    ExpertNetwork,
+    TaskRouting,
+    eks_layers,
+    export_expert,
+    select_execution,
+    set_execution,
+    to_experts,
+)
 
 STRATEGIES = ("plain", "eks_grouped", "eks_per_task", "per_sample", "lora")
 PHASES = ("fwd", "fwd+bwd")
@@ -101,15 +109,14 @@ def _conv_fn(layer: EKSConv):
 
 
 class PerSampleConv(nn.Module):
-    """One convolution per sample with its fused kernel (the naive loop); routed through the wrapped EKS layer."""
+    """One convolution per sample with its fused kernel (the naive loop), using the wrapped EKS layer's factors."""
 
     def __init__(self, eks: EKSConv) -> None:
         super().__init__()
         self.eks = eks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = self.eks
-        ids = e._task_ids
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        e, ids = self.eks, task_ids
         if ids is None:
             return e(x, None)
         ids = ids.tolist()
@@ -123,7 +130,7 @@ class LoRABranchConv(nn.Module):
     """``conv(x, W0)`` plus a per-task low-rank side branch ``(alpha/r) conv1x1(conv_k(x, A'_t), B'_t)``.
 
     ``down[t]`` has shape ``(r, C_in, *k)``, ``up[t]`` ``(C_out, r, 1, ..., 1)``. The wrapped EKS layer provides
-    ``W0``, bias and the routing; its own expert factors are dropped (rank 0) so that they cost nothing.
+    ``W0`` and bias; its own expert factors are dropped (rank 0) so that they cost nothing.
     """
 
     def __init__(self, eks: EKSConv, down: list[torch.Tensor], up: list[torch.Tensor], alpha: float) -> None:
@@ -135,11 +142,10 @@ class LoRABranchConv(nn.Module):
         self.down = nn.ParameterList([nn.Parameter(d.clone()) for d in down])
         self.up = nn.ParameterList([nn.Parameter(u.clone()) for u in up])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = self.eks
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        e, ids = self.eks, task_ids
         conv = _conv_fn(e)
         out = conv(x, e.weight, e.bias, e.stride, e.padding, e.dilation)
-        ids = e._task_ids
         if ids is None:
             return out
         for t in torch.unique(ids).tolist():
@@ -149,12 +155,27 @@ class LoRABranchConv(nn.Module):
         return out
 
 
-def _replace_eks(model: nn.Module, make) -> nn.Module:
-    model = copy.deepcopy(model)
-    for name, layer in list(eks_layers(model)):
+class RoutedStack(nn.Module):
+    """A network whose :class:`PerSampleConv` / :class:`LoRABranchConv` layers get the batch's task ids for one
+    forward call through a :class:`~medfm_ops.networks.TaskRouting`, as ``ExpertNetwork`` does for EKS layers."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        layers = (m for m in self.net.modules() if isinstance(m, (PerSampleConv, LoRABranchConv)))
+        with TaskRouting(layers, task_ids):
+            return self.net(x)
+
+
+def _replace_eks(model: ExpertNetwork, make) -> RoutedStack:
+    net = copy.deepcopy(model.net)
+    for name, layer in list(eks_layers(net)):
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, make(name, layer))
-    return model
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, make(name, layer))
+    return RoutedStack(net)
 
 
 def build_models(base: nn.Module, num_tasks: int, rank: int, alpha: float, seed: int) -> dict[str, nn.Module]:
@@ -162,7 +183,7 @@ def build_models(base: nn.Module, num_tasks: int, rank: int, alpha: float, seed:
     gen = torch.Generator().manual_seed(seed)
     eks = to_experts(base, num_tasks=num_tasks, ranks=rank, alpha=alpha)
     factors = {}
-    for name, layer in eks_layers(eks):
+    for name, layer in eks_layers(eks.net):
         k = layer.kernel_size
         fan_in = layer.in_channels * math.prod(k)
         down = [torch.randn(rank, layer.in_channels, *k, generator=gen) / fan_in**0.5 for _ in range(num_tasks)]

@@ -1,8 +1,6 @@
-"""Layers: the EKS (efficient knowledge separation) convolution."""
+"""Layers: the EKS (efficient knowledge separation) convolution and its execution modes."""
 
-from medfm_ops.layers.eks_conv import EXECUTION_MODES, EKSConv
+from medfm_ops.layers.eks_conv import EKSConv
+from medfm_ops.layers.execution import EXECUTION_MODES, check_execution_mode
 
-__all__ = ["EKSConv", "EXECUTION_MODES"]
-from medfm_ops.layers.execution import select_execution
-
-__all__ += ["select_execution"]
+__all__ = ["EKSConv", "EXECUTION_MODES", "check_execution_mode"]

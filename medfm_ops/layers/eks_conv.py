@@ -21,15 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EKSConv", "EXECUTION_MODES"]
+from medfm_ops.layers.execution import check_execution_mode
+
+__all__ = ["EKSConv"]
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-
-#: Strategies to run a mixed-task batch; all give the same result up to float rounding.
-#: ``grouped``: one grouped convolution with ``groups = B`` and per-sample kernels (the paper's aggregation).
-#: ``per_task``: samples sorted into one sub-batch per task present, one plain convolution each.
-EXECUTION_MODES = ("grouped", "per_task")
 
 
 def _tuple(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, ...]:
@@ -47,7 +44,9 @@ class EKSConv(nn.Module):
 
     A mixed-task batch runs in one call: the expert deltas are computed once per task present in the batch, added
     to ``W0`` per sample, and executed as ONE grouped convolution (``groups = B``), see :attr:`execution`.
-    ``task_ids=None`` runs the shared kernel ``W0`` alone. ``W0`` is never modified in place, so switching experts is
+    ``task_ids=None`` runs the shared kernel ``W0`` alone. The layer keeps no routing state: the task ids are an
+    argument of every call (inside a network, :class:`medfm_ops.networks.ExpertNetwork` passes them for one forward
+    call, see :class:`medfm_ops.networks.TaskRouting`). ``W0`` is never modified in place, so switching experts is
     free and exact; :meth:`fuse` returns a plain ``nn.Conv{1,2,3}d`` for one task.
 
     Only ``groups == 1`` convolutions are supported: grouped/depthwise convolutions stay shared, as in the paper
@@ -69,7 +68,8 @@ class EKSConv(nn.Module):
         padding: zero padding, an int/sequence or ``"same"``/``"valid"``. Defaults to 0.
         dilation: kernel dilation. Defaults to 1.
         bias: whether to add a learnable bias (shared by all experts). Defaults to True.
-        execution: how a mixed-task batch is executed, one of :data:`EXECUTION_MODES`. Defaults to ``"grouped"``.
+        execution: how a mixed-task batch is executed, one of :data:`~medfm_ops.layers.EXECUTION_MODES`.
+            Defaults to ``"grouped"``.
         device: device of the new parameters.
         dtype: dtype of the new parameters.
 
@@ -121,8 +121,6 @@ class EKSConv(nn.Module):
         self.ranks: tuple[int, ...] = ()
         self._reset_shared()
         self.set_ranks(ranks)
-        # routing state, set by ExpertNetwork for the duration of one forward call (never a global)
-        self._task_ids: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -240,14 +238,16 @@ class EKSConv(nn.Module):
         """
         Args:
             x: input of shape ``(B, C_in, *spatial)``.
-            task_ids: ``(B,)`` integer task of every sample, or None for the shared kernel ``W0`` only. When not
-                given, the ids set by :class:`medfm_ops.networks.ExpertNetwork` for the current call are used.
+            task_ids: ``(B,)`` integer task of every sample, or None for the shared kernel ``W0`` only.
+                Defaults to None.
 
         Returns:
             ``(B, C_out, *spatial_out)``.
+
+        Raises:
+            ValueError: when ``task_ids`` does not hold one id per sample, or :attr:`execution` is unknown.
+            IndexError: when a task id is outside ``[0, num_tasks)``.
         """
-        if task_ids is None:
-            task_ids = self._task_ids
         if task_ids is None:
             return self._conv(x, self.weight, self.bias)
         task_ids = torch.as_tensor(task_ids, device=x.device).long().view(-1)
@@ -259,11 +259,9 @@ class EKSConv(nn.Module):
             raise IndexError(f"task ids {task_list} out of range for {self.num_tasks} experts.")
         if len(task_list) == 1:  # single-task batch: one plain convolution with the fused kernel
             return self._conv(x, self.expert_weight(task_list[0]), self.bias)
-        if self.execution == "grouped":
+        if check_execution_mode(self.execution) == "grouped":
             return self._forward_grouped(x, task_list, inverse)
-        if self.execution == "per_task":
-            return self._forward_per_task(x, task_list, inverse)
-        raise ValueError(f"execution must be one of {EXECUTION_MODES}, got {self.execution!r}.")
+        return self._forward_per_task(x, task_list, inverse)
 
     def _forward_grouped(self, x: torch.Tensor, task_list: list[int], inverse: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]

@@ -1,4 +1,4 @@
-"""Networks: expert conversion / fusion and LoRKD* rank allocation."""
+"""Networks: expert conversion / fusion, per-call task routing, execution modes and LoRKD* rank allocation."""
 
 from medfm_ops.networks.experts import (
     ExpertNetwork,
@@ -10,17 +10,19 @@ from medfm_ops.networks.experts import (
     ranks_from_state_dict,
     export_expert,
     param_groups,
-    set_execution,
     set_expert_ranks,
     set_experts_trainable,
     to_experts,
 )
+from medfm_ops.networks.execution import select_execution, set_execution
 from medfm_ops.networks.rank_allocation import lorkd_star_ranks, round_to_even
 from medfm_ops.networks.spec import SPEC_FILENAME, check_same_regions, instantiate, load_network_spec, save_network_spec
+from medfm_ops.networks.routing import TaskRouting
 from medfm_ops.networks.teacher import freeze, load_teacher
 
 __all__ = [
     "ExpertNetwork",
+    "TaskRouting",
     "to_experts",
     "export_expert",
     "eks_layers",
@@ -30,6 +32,7 @@ __all__ = [
     "param_groups",
     "set_expert_ranks",
     "set_execution",
+    "select_execution",
     "lorkd_star_ranks",
     "round_to_even",
     "ranks_from_state_dict",

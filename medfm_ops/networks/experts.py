@@ -10,7 +10,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from medfm_ops.layers.eks_conv import EXECUTION_MODES, EKSConv
+from medfm_ops.layers import EKSConv
+from medfm_ops.networks.routing import TaskRouting
 
 __all__ = [
     "ExpertNetwork",
@@ -22,7 +23,6 @@ __all__ = [
     "set_experts_trainable",
     "param_groups",
     "set_expert_ranks",
-    "set_execution",
     "ranks_from_state_dict",
     "load_expert_state_dict",
     "load_fused_expert",
@@ -46,10 +46,11 @@ class ExpertNetwork(nn.Module):
     """
     Wrapper that routes per-sample task ids to every :class:`EKSConv` of a converted network.
 
-    The wrapped network's code is unchanged: the ids are stored on each expert layer for the duration of one
-    ``forward`` call and cleared in ``finally``. The state lives on the layer instances of THIS module (no
-    module-level globals), so every DistributedDataParallel process routes its own batch. Wrap with DDP AFTER the
-    conversion (and use ``find_unused_parameters=True``: experts of tasks absent from a batch get no gradient).
+    The wrapped network's code is unchanged (it calls its layers as ``layer(x)``): each ``forward`` call creates one
+    :class:`~medfm_ops.networks.TaskRouting` that passes ``task_ids`` to the EKS layers of THIS module and is gone
+    when the call returns or raises. The layers hold no routing state and there are no module-level globals, so
+    every DistributedDataParallel process and every DataParallel replica routes its own batch. Wrap with DDP AFTER
+    the conversion (and use ``find_unused_parameters=True``: experts of tasks absent from a batch get no gradient).
 
     Args:
         net: a network whose eligible convolutions were replaced by :class:`EKSConv` (see :func:`to_experts`).
@@ -73,6 +74,11 @@ class ExpertNetwork(nn.Module):
         Args:
             x: network input ``(B, C_in, *spatial)``.
             task_ids: ``(B,)`` integer task of every sample; None runs the shared backbone ``W0`` only.
+                Defaults to None.
+
+        Raises:
+            ValueError: when ``task_ids`` does not hold one id per sample.
+            IndexError: when a task id is outside ``[0, num_tasks)``.
         """
         if task_ids is not None:
             task_ids = torch.as_tensor(task_ids, device=x.device).long().view(-1)
@@ -80,14 +86,9 @@ class ExpertNetwork(nn.Module):
                 raise ValueError(f"task_ids has {task_ids.numel()} entries for a batch of {x.shape[0]} samples.")
             if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= self.num_tasks):
                 raise IndexError(f"task ids {task_ids.tolist()} out of range for {self.num_tasks} experts.")
-        layers = [m for _, m in eks_layers(self.net)]  # looked up per call: replicas (DataParallel) route their own
-        for m in layers:
-            m._task_ids = task_ids
-        try:
+        # layers looked up per call: a DataParallel replica routes its own replicated layers
+        with TaskRouting((m for _, m in eks_layers(self.net)), task_ids):
             return self.net(x)
-        finally:
-            for m in layers:
-                m._task_ids = None
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -214,14 +215,6 @@ def set_expert_ranks(model: nn.Module, ranks: Sequence[int]) -> None:
     """Re-create all experts with per-task ``ranks`` (LoRKD*): A Kaiming-uniform, B zero. Rebuild the optimizer."""
     for _, m in eks_layers(model):
         m.set_ranks(ranks)
-
-
-def set_execution(model: nn.Module, mode: str) -> None:
-    """Set how every EKS layer runs a mixed-task batch (one of :data:`~medfm_ops.layers.EXECUTION_MODES`)."""
-    if mode not in EXECUTION_MODES:
-        raise ValueError(f"mode must be one of {EXECUTION_MODES}, got {mode!r}.")
-    for _, m in eks_layers(model):
-        m.execution = mode
 
 
 def ranks_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[int, ...] | None:

@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from medfm_ops.networks import expert_parameters, lorkd_star_ranks, set_expert_ranks, set_experts_trainable
+from medfm_ops.networks import eks_layers, expert_parameters, lorkd_star_ranks, set_expert_ranks, set_experts_trainable
 
 __all__ = ["ExpertWarmupHandler"]
 
@@ -156,7 +156,7 @@ class ExpertWarmupHandler:
         ranks = state["ranks"].tolist()
         self.ranks = ranks or None
         self.loss_drops = state["loss_drops"].tolist() or None
-        current = next(m for m in self.network.modules() if hasattr(m, "ranks") and hasattr(m, "lora_A")).ranks
+        current = next(eks_layers(self.network))[1].ranks
         if self.ranks is not None and tuple(self.ranks) != tuple(current):
             set_expert_ranks(self.network, self.ranks)
             self._repoint_optimizer()
