@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Shared definition of the tiny stock expert network used by the expert-bundle and MONAI Label tests."""
 
 NET_DEF = {

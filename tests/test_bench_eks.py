@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """tools/bench_eks.py --quick: writes the report files with every strategy, positive timings and matching outputs."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Smoke run of tools/bench_lorkd.py: it writes both tables with measured, positive numbers."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """RegionTable union channel layout and datalist loading/validation errors."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """MSD converter on the real MSD Task04 Hippocampus data in ../shared/data, and on small MSD-style fakes."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Synthetic multi-region data set: determinism, headers, labels, intensities, caching and atomic layout."""
 
 from __future__ import annotations

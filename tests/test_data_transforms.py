@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Region label -> union channels, shape check, safe loading and the standard segmentation pipeline."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """EKS convolution: exactness against per-task and per-sample loops, gradient separation, fusion."""
 
 from __future__ import annotations

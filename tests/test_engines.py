@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Engine pieces: routed inference, warm-up / LoRKD* ranks, atomic checkpoints, NaN guard, teacher loading."""
 
 from __future__ import annotations

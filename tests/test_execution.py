@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """select_execution: picks a mode from the candidates, sets it everywhere, leaves no side effects; modes agree."""
 
 from __future__ import annotations

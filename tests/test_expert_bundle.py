@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """write_expert_bundle: MONAI's own checks (offline), bundle inference on NIfTI, weights round trip, fine-tuning."""
 
 from __future__ import annotations

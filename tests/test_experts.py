@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """to_experts / export_expert on MONAI networks: routing, fusion exactness, stock state dicts."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Site fine-tuning: saved split, head-resize rule, LoRA merge, and the finetune.json config end to end (tiny data)."""
 
 from __future__ import annotations

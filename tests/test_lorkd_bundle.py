@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """End to end through the bundles on a tiny synthetic set: foundation -> LoRKD* -> evaluate -> export -> inference,
 plus resume, bundle metadata and bad-input behaviour. Runs in a copy of the bundles under tmp_path."""
 

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Region-masked Dice+BCE, sigmoid/softmax KL distillation and the LoRKD segmentation objective."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Per-class Dice/NSD in mm, the region-aware Ignite metric, and the report writers."""
 
 from __future__ import annotations

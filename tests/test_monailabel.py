@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """A real MONAI Label 0.8.5 server serves and fine-tunes an expert bundle written by write_expert_bundle.
 
 The server runs from its own environment (``tools/monailabel_env.sh``, default ``<repo>/.venv-label``, created on

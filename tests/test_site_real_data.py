@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """A shortened site fine-tuning run on the real MSD Task04 Hippocampus data (../shared/data/msd_hippocampus).
 
 The data are required: the test FAILS (never skips) with a message saying where it looked. Override the location

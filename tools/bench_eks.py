@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Benchmark mixed-task EKS execution against shared weights, loops and a LoRA side branch.
 
     python tools/bench_eks.py run --out_dir benchmarks/ [--device auto|cpu|cuda] [--tasks 1,4,8] \

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Benchmark of the lorkd_seg models: expert-student training step vs the plain student, fused-expert inference vs
 the plain network, and parameters/FLOPs of teacher vs expert.
 

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Site fine-tuning benchmark: one split, one budget, four starting points; writes ``docs/RESULTS.md``.
 
     python tools/bench_site_finetune.py run --dataset_dir ../shared/data/msd_hippocampus

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Write a region expert as a standalone MONAI bundle.
 
     python tools/export_expert_bundle.py write \

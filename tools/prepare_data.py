@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Prepare datalists for the segmentation bundles.
 
     # synthetic multi-region set (cached under out_dir/synthetic_<fingerprint>/)

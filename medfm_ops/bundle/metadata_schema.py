@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """JSON schema for the ``configs/metadata.json`` of the bundles medfm writes.
 
 ``python -m monai.bundle verify_metadata`` downloads the schema named by the metadata's ``schema`` URL unless a file

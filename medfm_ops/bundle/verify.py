@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Run MONAI's own bundle checks on a bundle directory, offline."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Region-wise evaluation of a LoRKD decomposition: teacher, unfused expert model and every fused expert."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Adapter between MONAI's ``loss_function(pred, targets)`` call and the LoRKD segmentation loss."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Batch preparation and inference that route each sample's region (task id) to an expert network."""
 
 from __future__ import annotations

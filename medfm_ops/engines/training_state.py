@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Resume a training run from a full-state checkpoint and write a run summary (atomically)."""
 
 from __future__ import annotations

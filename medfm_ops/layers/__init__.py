@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Layers: the EKS (efficient knowledge separation) convolution and its execution modes."""
 
 from medfm_ops.layers.eks_conv import EKSConv

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Efficient knowledge separation (EKS) convolution: a shared kernel plus one low-rank expert per task.
 
 Reference: LoRKD, "Low-Rank Knowledge Decomposition for Medical Foundation Models" (CVPR 2024) and its journal

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Execution modes of an EKS layer: the strategies to run a mixed-task batch (layer-level constants only).
 
 Choosing a mode for a whole network (:func:`medfm_ops.networks.set_execution`,

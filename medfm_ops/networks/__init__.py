@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Networks: expert conversion / fusion, per-call task routing, execution modes and LoRKD* rank allocation."""
 
 from medfm_ops.networks.experts import (

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Execution mode of a network's EKS layers: set one everywhere, or pick the faster one by timing a training step."""
 
 from __future__ import annotations

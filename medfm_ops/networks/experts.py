@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Turn any torch/MONAI network into a multi-expert (LoRKD) network, and fuse experts back into the stock network."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """LoRKD*: per-region expert ranks from the loss drop of a warm-up phase."""
 
 from __future__ import annotations

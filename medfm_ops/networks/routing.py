@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Explicit per-call routing of per-sample task ids to the expert layers of a network."""
 
 from __future__ import annotations

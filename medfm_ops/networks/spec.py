@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """A trained network's literal description (``network_def`` + class layout), saved next to its weights."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Load a frozen teacher ("foundation model") from local files: a MONAI bundle, a TorchScript file, or a state dict."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Small shared utilities."""
 
 from medfm_ops.utils.json_file import read_json_object

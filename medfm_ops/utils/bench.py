@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Shared pieces of the ``tools/bench_*.py`` benchmarks: allocator settings, machine record, robust timing."""
 
 from __future__ import annotations

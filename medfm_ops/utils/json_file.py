@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Read a JSON object from a file with one clear error naming the file and the problem."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Checkpointing that never leaves a half-written file."""
 
 from __future__ import annotations

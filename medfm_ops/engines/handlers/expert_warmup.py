@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Warm-up of the shared backbone with frozen experts, then (optionally) LoRKD* per-region expert ranks."""
 
 from __future__ import annotations
