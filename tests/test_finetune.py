@@ -1,74 +1,46 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Site fine-tuning: saved split, head-resize rule, LoRA merge, and the finetune.json config end to end (tiny data)."""
+"""Site fine-tuning: saved split, head rule, LoRA merge, and the whole run writing a complete bundle (tiny data).
+
+The acceptance test of the one-pipeline rule: the validation DSC/NSD reported at the end of fine-tuning equal (to
+1e-6) what the written bundle's own ``configs/inference.json`` gives under ``python -m monai.bundle run``, scored
+independently here with MONAI's metrics.
+"""
 
 from __future__ import annotations
 
 import copy
-import csv
+import hashlib
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.metrics import compute_dice, compute_surface_dice
 
-from medfm_ops.bundle import write_expert_bundle
+from site_fixture import UNET, write_expert, write_msd
+
 from medfm_ops.finetune import (
+    SUMMARY_RELPATH,
     add_lora,
-    build_site_model,
     check_mode,
+    finetune_expert,
     load_or_create_split,
     load_source,
     match_classes,
     merge_lora,
     out_channel_dims,
     plan_head,
+    prepare_start,
     resize_head,
     trainable_parameters,
 )
 from medfm_ops.networks import instantiate
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "bundles" / "lorkd_seg" / "configs" / "finetune.json"
-
-UNET = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 5,
-        "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "norm": "INSTANCE"}  # fmt: skip
-
-
-def write_msd(root: Path, n: int = 6, labels=("Anterior", "Posterior"), spacing=(1.0, 1.0, 1.5)) -> Path:
-    """A tiny MSD-style data set: two blobs (labels 1, 2) brighter than the background, ~20x24x20 voxels."""
-    rng = np.random.default_rng(0)
-    for sub in ("imagesTr", "labelsTr"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    training = []
-    for i in range(n):
-        shape = (18 + i % 3, 24, 20)
-        z, y, x = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
-        c = np.array(shape) / 2 + rng.uniform(-1.5, 1.5, 3)
-        lab = np.zeros(shape, np.uint8)
-        for k, dy in enumerate((-4, 4), start=1):
-            lab[((z - c[0]) ** 2 + (y - c[1] - dy) ** 2 + (x - c[2]) ** 2) < 14] = k
-        img = (lab.astype(np.float32) + rng.normal(0, 0.3, shape)).astype(np.float32)
-        affine = np.diag([*spacing, 1.0])
-        name = f"case_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(img, affine), root / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(lab, affine), root / "labelsTr" / name)
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    labels_json = {"0": "background", **{str(i): n for i, n in enumerate(labels, start=1)}}
-    (root / "dataset.json").write_text(json.dumps({"name": "tiny", "labels": labels_json, "training": training}))
-    return root
-
-
-def write_expert(root: Path, names=("ventricles", "posterior", "anterior"), channels=(1, 2, 4)) -> Path:
-    torch.manual_seed(0)
-    net = instantiate(copy.deepcopy(UNET))
-    label_names = {i: n for i, n in enumerate(names, start=1)}
-    return write_expert_bundle(
-        root, UNET, net.state_dict(), "brain", label_names, list(channels), (1, 1, 1), (16, 16, 16), modality="MR"
-    )
-
 
 # ----------------------------------------------------------------------------------------------------------- split
 def test_split_is_deterministic_saved_and_reused(tmp_path):
@@ -184,56 +156,156 @@ def test_lora_mode_trains_adapters_only():
     assert all(("lora_" in n) == p.requires_grad for n, p in adapted.named_parameters())
 
 
-def test_modes_and_sparse_error(tmp_path):
+def test_modes_and_start(tmp_path):
     with pytest.raises(NotImplementedError, match="SH-PEFT"):
         check_mode("sparse")
     with pytest.raises(ValueError, match="mode must be"):
         check_mode("half")
     src = load_source(write_expert(tmp_path / "expert"))
     assert src.class_names == ["ventricles", "posterior", "anterior"] and src.output_channels == [1, 2, 4]
-    full = build_site_model(src, {"1": "anterior", "2": "posterior"}, mode="full")
-    assert full.output_channels == [4, 2] and full.plan.mode == "keep"
-    scratch = build_site_model(load_source(tmp_path / "expert", init="scratch"), ["anterior", "posterior"])
-    assert scratch.network_def["out_channels"] == 2 and scratch.output_channels == [0, 1]
-    with pytest.raises(NotImplementedError):
-        build_site_model(src, ["anterior"], mode="sparse")
+    keep = prepare_start(src, {"1": "anterior", "2": "posterior"})
+    assert keep.output_channels == [4, 2] and keep.plan.mode == "keep" and keep.init == "pretrained"
+    assert all(torch.equal(keep.state_dict[k], v) for k, v in src.state_dict.items())
+    scratch = prepare_start(load_source(tmp_path / "expert", init="scratch"), ["anterior", "posterior"], seed=1)
+    assert scratch.network_def["out_channels"] == 2 and scratch.output_channels == [0, 1] and scratch.init == "scratch"
+    again = prepare_start(load_source(tmp_path / "expert", init="scratch"), ["anterior", "posterior"], seed=1)
+    assert all(torch.equal(again.state_dict[k], v) for k, v in scratch.state_dict.items())  # seeded
 
 
-# ---------------------------------------------------------------------------------------------------------- config
-def _run_config(**overrides):
-    from monai.bundle import run
-
-    run(config_file=str(CONFIG), **overrides)
+# ------------------------------------------------------------------------------------------------- site bundle run
+EPOCHS = 12
 
 
-@pytest.mark.parametrize("mode, head", [("full", "auto"), ("lora", "resize")])
-def test_finetune_config_one_epoch(tmp_path, mode, head):
-    data = write_msd(tmp_path / "msd", n=5)
-    expert = write_expert(tmp_path / "expert")
-    out = tmp_path / "out"
-    _run_config(
-        expert_bundle=str(expert), dataset_dir=str(data), mode=mode, head=head, epochs=1, batch_size=2,
-        patch_size=[16, 16, 16], output_dir=str(out),
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def site_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("site")
+    data = write_msd(root / "msd", n=8)
+    expert = write_expert(root / "expert")
+    out = root / "site_bundle"
+    summary = finetune_expert(expert, data, out, mode="full", epochs=EPOCHS, batch_size=2, learning_rate=0.01,
+                              val_split=0.25, device="cpu", progress=False)  # fmt: skip
+    return {"root": root, "data": data, "expert": expert, "out": out, "summary": summary}
+
+
+def test_site_bundle_is_complete_and_versioned(site_run):
+    out, summary = site_run["out"], site_run["summary"]
+    for rel in ("configs/inference.json", "configs/train.json", "configs/evaluate.json", "configs/train_lora.json",
+                "configs/metadata.json", "configs/logging.conf", "models/model.pt", "models/model.ts",
+                "docs/README.md", "docs/split.json", "docs/metrics.csv", SUMMARY_RELPATH, "LICENSE"):  # fmt: skip
+        assert (out / rel).is_file(), rel
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["model.pt", "model.ts"]  # no training leftovers
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    src_meta = json.loads((site_run["expert"] / "configs" / "metadata.json").read_text())
+    assert meta["version"] == "0.2.0" and src_meta["version"] in meta["changelog"]
+    entry = meta["changelog"]["0.2.0"]
+    for word in (src_meta["name"], src_meta["version"], "'tiny'", "full", f"{summary['after']['mean_dsc']:.4f}"):
+        assert word in entry, (word, entry)
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "background", "1": "anterior", "2": "posterior"}  # the site's label names  # fmt: skip
+    readme = (out / "docs" / "README.md").read_text()
+    assert "## Site fine-tuning" in readme and "docs/split.json" in readme and "| after" in readme
+    assert summary["status"] == "complete" and json.loads((out / SUMMARY_RELPATH).read_text())["status"] == "complete"
+    # the inference window, spacing and orientation are those the bundle was trained and validated with
+    infer = json.loads((out / "configs" / "inference.json").read_text())
+    train = json.loads((out / "configs" / "train.json").read_text())
+    for key in ("roi_size", "spacing", "axcodes", "output_channels", "network_def"):
+        assert infer[key] == train[key], key
+    assert infer["preprocessing"]["transforms"] == train["deterministic_transforms"]  # one preprocessing definition
+    assert train["epochs"] == EPOCHS and train["learning_rate"] == 0.01
+    # the deployed network is the stock class and loads strictly
+    net = instantiate(infer["network_def"])
+    net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True), strict=True)
+
+
+def test_site_bundle_learned(site_run):
+    """Fails when training does nothing: the tiny blobs are easy, an untrained head scores near 0."""
+    before, after = site_run["summary"]["before"], site_run["summary"]["after"]
+    assert before["mean_dsc"] < 0.3
+    assert after["mean_dsc"] > 0.7 and after["mean_nsd"] > 0.7, after
+    assert [r["class"] for r in after["table"]] == ["anterior", "posterior"]
+
+
+def test_reported_scores_equal_the_bundles_own_inference(site_run, tmp_path):
+    """The acceptance test: scores at the end of fine-tuning == monai.bundle run inference.json, scored here."""
+    out, summary = site_run["out"], site_run["summary"]
+    split = json.loads((out / "docs" / "split.json").read_text())
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    cases = [{k: site_run["data"] / c[k] for k in ("image", "label")} for c in split["validation"]]
+    for c in cases:
+        shutil.copy(c["image"], images_dir / c["image"].name)
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+         "--dataset_dir", str(images_dir), "--output_dir", str(tmp_path / "pred"), "--device", "$torch.device('cpu')"],
+        cwd=out, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    for stage in ("before", "after"):
-        rows = list(csv.DictReader(open(out / f"metrics_{stage}.csv")))
-        assert [r["class"] for r in rows] == ["anterior", "posterior", "mean"]
-        assert all(0.0 <= float(r["dsc"]) <= 1.0 and 0.0 <= float(r["nsd"]) <= 1.0 for r in rows)
-        assert (out / f"metrics_{stage}.md").read_text().startswith("| stage")
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["mode"] == mode and summary["epochs_run"] == 1
-    assert summary["head"]["mode"] == ("keep" if head == "auto" else "resize")
-    assert summary["split"]["num_training_total"] == 4 and (out / "split.json").is_file()
-    assert summary["best_checkpoint"] and (out / "checkpoints" / "best_model.pt").is_file()
-    # the deployed network is the stock class with the planned head and loads strictly
-    spec = json.loads((out / "network_def.json").read_text())
-    net = instantiate(spec["network_def"])
-    net.load_state_dict(torch.load(out / "model.pt", weights_only=True), strict=True)
-    assert spec["network_def"]["out_channels"] == (5 if head == "auto" else 2)
-    if mode == "lora":
-        assert summary["lora_merge_max_abs_diff"] < 1e-4
-        assert summary["parameters"]["trainable"] < summary["parameters"]["total"]
-    # a second run reuses the saved split
-    _run_config(expert_bundle=str(expert), dataset_dir=str(data), mode="full", epochs=0, patch_size=[16, 16, 16],
-                output_dir=str(out))  # fmt: skip
-    assert json.loads((out / "summary.json").read_text())["split"]["reused"] is True
+    assert res.returncode == 0, res.stderr[-3000:]
+    dsc, nsd = [], []
+    for c in cases:
+        ref = nib.load(c["label"])
+        pred = nib.load(tmp_path / "pred" / c["image"].name.replace(".nii.gz", "_seg.nii.gz"))
+        np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-5)
+        p, y = (torch.as_tensor(np.asarray(x.dataobj).astype(np.int64)) for x in (pred, ref))
+        p1 = torch.stack([p == k for k in (1, 2)])[None].float()
+        y1 = torch.stack([y == k for k in (1, 2)])[None].float()
+        dsc.append(compute_dice(p1, y1, include_background=True)[0])
+        nsd.append(compute_surface_dice(p1, y1, [1.0, 1.0], include_background=True,
+                                        spacing=[float(z) for z in ref.header.get_zooms()[:3]])[0])  # fmt: skip
+    dsc, nsd = torch.stack(dsc).double(), torch.stack(nsd).double()
+    after = summary["after"]
+    assert abs(float(dsc.mean()) - after["mean_dsc"]) < 1e-6 and abs(float(nsd.mean()) - after["mean_nsd"]) < 1e-6
+    for i, row in enumerate(after["table"]):
+        assert abs(float(dsc[:, i].mean()) - row["dsc_mean"]) < 1e-6
+        assert abs(float(nsd[:, i].mean()) - row["nsd_mean"]) < 1e-6
+
+
+def test_refused_run_keeps_the_previous_bundle(site_run):
+    out = site_run["out"]
+    model_sha, summary_text = _sha(out / "models" / "model.pt"), (out / SUMMARY_RELPATH).read_text()
+    with pytest.raises(ValueError, match="seed=0"):  # a different seed against the saved split
+        finetune_expert(site_run["expert"], site_run["data"], out, seed=1, epochs=1, val_split=0.25, progress=False)
+    with pytest.raises(ValueError, match="val_interval"):
+        finetune_expert(site_run["expert"], site_run["data"], out, epochs=3, val_interval=2, progress=False)
+    with pytest.raises(NotImplementedError):
+        finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", progress=False)
+    assert _sha(out / "models" / "model.pt") == model_sha and (out / SUMMARY_RELPATH).read_text() == summary_text
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def test_interrupted_run_keeps_the_previous_bundle(site_run, monkeypatch):
+    import medfm_ops.finetune.pipeline as pipeline
+
+    out = site_run["out"]
+    model_sha = _sha(out / "models" / "model.pt")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("simulated kill during training")
+
+    monkeypatch.setattr(pipeline, "run_bundle_configs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_expert(site_run["expert"], site_run["data"], out, epochs=1, val_split=0.25, progress=False)
+    assert _sha(out / "models" / "model.pt") == model_sha
+    assert json.loads((out / SUMMARY_RELPATH).read_text())["status"] == "complete"
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+@pytest.mark.parametrize("head", ["resize"])
+def test_lora_site_bundle_is_stock_and_reuses_split(site_run, tmp_path, head):
+    out = tmp_path / "lora_bundle"
+    shutil.copytree(site_run["out"] / "docs", out / "docs")  # the saved split of the first run is reused
+    summary = finetune_expert(site_run["expert"], site_run["data"], out, mode="lora", head=head, epochs=2,
+                              batch_size=2, learning_rate=0.01, val_split=0.25, lora_rank=2, verify=False,
+                              progress=False)  # fmt: skip
+    assert summary["split"]["reused"] and summary["head"]["mode"] == "resize" and summary["lora"]["rank"] == 2
+    assert summary["parameters"]["trainable"] < summary["parameters"]["total"] / 2
+    infer = json.loads((out / "configs" / "inference.json").read_text())
+    assert infer["network_def"]["out_channels"] == 2 and infer["output_channels"] == [0, 1]
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert not any("lora" in k for k in state)
+    instantiate(infer["network_def"]).load_state_dict(state, strict=True)
+    assert json.loads((out / "configs" / "train_lora.json").read_text())["lora_rank"] == 2

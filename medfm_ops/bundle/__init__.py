@@ -1,12 +1,20 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Standalone MONAI bundles for region experts: writer, configs, metadata schema and checks."""
 
-from .expert_bundle import SCHEMA_RELPATH, write_expert_bundle
+from .expert_bundle import SCHEMA_RELPATH, write_expert_bundle, write_metadata, write_readme
 from .metadata_schema import METADATA_SCHEMA, write_metadata_schema
 from .from_lorkd import export_lorkd_expert
+from .template import CONFIG_FILES, TEMPLATE_DIR, render_configs
 from .verify import BundleCheckError, bundle_check_commands, verify_bundle
 
 __all__ = [
     "write_expert_bundle",
+    "write_metadata",
+    "write_readme",
+    "render_configs",
+    "CONFIG_FILES",
+    "TEMPLATE_DIR",
     "export_lorkd_expert",
     "verify_bundle",
     "bundle_check_commands",

@@ -1,8 +1,11 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Write a region expert as a standalone MONAI bundle (stock network + plain state dict, no medfm import)."""
 
 from __future__ import annotations
 
 import datetime
+import shutil
 import importlib.metadata
 import json
 import os
@@ -15,37 +18,13 @@ import torch
 
 from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_text
 
-from .expert_configs import inference_config, train_config
+from .template import TEMPLATE_DIR, render_configs
 from .expert_readme import expert_readme
 from .metadata_schema import SCHEMA_URL, write_metadata_schema
 
-__all__ = ["write_expert_bundle", "SCHEMA_RELPATH"]
+__all__ = ["write_expert_bundle", "write_metadata", "write_readme", "SCHEMA_RELPATH"]
 
 SCHEMA_RELPATH = "docs/metadata_schema.json"
-
-_LOGGING_CONF = """[loggers]
-keys=root
-
-[handlers]
-keys=consoleHandler
-
-[formatters]
-keys=fullFormatter
-
-[logger_root]
-level=INFO
-handlers=consoleHandler
-
-[handler_consoleHandler]
-class=StreamHandler
-level=INFO
-formatter=fullFormatter
-args=(sys.stdout,)
-
-[formatter_fullFormatter]
-format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
-"""
-
 
 def _version(package: str) -> str:
     try:
@@ -170,11 +149,14 @@ def write_expert_bundle(
     authors: str = "medfm contributors",
     extra_metadata: Mapping[str, Any] | None = None,
     modality: str = "CT",
+    config_values: Mapping[str, Mapping[str, Any]] | None = None,
+    readme_extra: str = "",
 ) -> Path:
     """
     Write a region expert as a standalone MONAI bundle that needs only ``monai`` (no medfm code).
 
-    Layout: ``configs/{metadata,inference,train}.json``, ``configs/logging.conf``, ``models/model.pt`` (plain
+    Layout: ``configs/{metadata,inference,train,evaluate,train_lora}.json`` (from the JSON template in
+    ``medfm_ops/bundle/templates/seg_expert``; ``train_lora.json`` needs medfm_ops), ``configs/logging.conf``, ``models/model.pt`` (plain
     state dict, tensors only, written atomically), ``LICENSE``, ``docs/README.md`` and ``docs/metadata_schema.json``
     (for an offline ``verify_metadata``). The network outputs one sigmoid logit per class of the label union; the
     bundle's label map is ``argmax([0, logits[output_channels]])``, so label ``i`` corresponds to
@@ -195,6 +177,10 @@ def write_expert_bundle(
         authors: metadata authors (also used in ``copyright``). Defaults to ``"medfm contributors"``.
         extra_metadata: keys merged into ``metadata.json`` last (e.g. ``changelog`` history, ``data_source``).
         modality: ``"CT"`` (input format ``hounsfield``) or an MR modality (``magnitude``). Defaults to ``"CT"``.
+        config_values: literal settings per config file, e.g. ``{"train.json": {"epochs": 20, "learning_rate":
+            1e-3}, "train_lora.json": {"lora_rank": 4}}`` (see :func:`~medfm_ops.bundle.render_configs`). Defaults
+            to the template's.
+        readme_extra: markdown appended to ``docs/README.md`` (e.g. a fine-tuning report). Defaults to none.
 
     Returns:
         The bundle directory.
@@ -236,16 +222,37 @@ def write_expert_bundle(
     meta.update(dict(extra_metadata or {}))
     if meta["version"] not in meta["changelog"]:
         raise ValueError(f"extra_metadata changelog must list the bundle version {meta['version']!r}.")
-    _write_json(root / "configs" / "metadata.json", meta)
-    infer_cfg = inference_config(net_cfg, output_channels, spacing, roi_size, dtype)
-    _write_json(root / "configs" / "inference.json", infer_cfg)
-    _write_json(root / "configs" / "train.json", train_config(net_cfg, output_channels, spacing, roi_size))
-    (root / "configs" / "logging.conf").write_text(_LOGGING_CONF)
+    values = {
+        "network_def": net_cfg,
+        "output_channels": [int(c) for c in output_channels],
+        "num_labels": n,
+        "spacing": [float(s) for s in spacing],
+        "roi_size": [int(r) for r in roi_size],
+        "axcodes": "RAS"[:dims],
+        "label_dtype": dtype,
+    }
+    for name, cfg in render_configs(values, config_values).items():
+        _write_json(root / "configs" / name, cfg)
+    shutil.copyfile(TEMPLATE_DIR / "configs" / "logging.conf", root / "configs" / "logging.conf")
+    write_metadata(root, meta)
     write_metadata_schema(root / SCHEMA_RELPATH)
-    (root / "LICENSE").write_text(_license_text(authors))
-    (root / "docs" / "README.md").write_text(expert_readme(meta, net_cfg))
+    atomic_write_text(root / "LICENSE", _license_text(authors))
+    write_readme(root, meta, net_cfg, readme_extra)
     atomic_torch_save(plain, root / "models" / "model.pt")
     return root
+
+
+def write_metadata(root: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    """Write ``configs/metadata.json`` of bundle ``root`` atomically (the version must be listed in ``changelog``)."""
+    if meta["version"] not in meta["changelog"]:
+        raise ValueError(f"metadata changelog must list the bundle version {meta['version']!r}.")
+    _write_json(Path(root) / "configs" / "metadata.json", dict(meta))
+
+
+def write_readme(root: str | os.PathLike, meta: Mapping[str, Any], network_def: Mapping, extra: str = "") -> None:
+    """Write ``docs/README.md`` of bundle ``root`` from its metadata, with ``extra`` markdown appended."""
+    text = expert_readme(dict(meta), dict(network_def))
+    atomic_write_text(Path(root) / "docs" / "README.md", text + (f"\n{extra.strip()}\n" if extra.strip() else ""))
 
 
 def _license_text(authors: str) -> str:

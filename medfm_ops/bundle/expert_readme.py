@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """``docs/README.md`` of a region-expert bundle, generated from its metadata."""
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ def expert_readme(meta: dict, network_def: dict) -> str:
 {meta['description']}
 
 Network: `{network_def['_target_']}({net_args})`, a stock MONAI network; weights in `models/model.pt` (plain
-state dict). The bundle needs MONAI {meta['monai_version']} (or newer 1.x) with nibabel and pytorch-ignite, no
-medfm code.
+state dict). Inference and full fine-tuning need MONAI {meta['monai_version']} (or newer 1.x) with nibabel and
+pytorch-ignite, no medfm code.
 
 ## Labels
 | label value | name | network output channel |
@@ -42,10 +44,16 @@ resampling to {tuple(info['spacing'])} mm, per-image z-score intensity normalisa
   {info['label_dtype']} label map (values 0..{len(pred['channel_def']) - 1}) on the input's grid and affine.
 
 ## Training (fine-tuning)
-`configs/train.json` fine-tunes on `imagesTr/` + `labelsTr/` under `dataset_dir` (labels 0..n as above; the last
-pair is used for validation). Loss: `DiceCELoss(sigmoid=True)` on the region's channels only. MONAI Label runs the
-same config (it overrides the data lists, epochs, device and handlers). The best validation Dice is saved to
-`models/model.pt`.
+`configs/train.json` fine-tunes this bundle's weights (`models/model.pt`, loaded when `pretrained` is true) on an
+MSD-style folder under `dataset_dir` (`dataset.json` + `imagesTr/` + `labelsTr/`, labels 0..n as above), split
+by `val_split` with `seed`. It uses the same deterministic preprocessing as `configs/inference.json` (the list
+`deterministic_transforms`), then pads and crops random patches of `roi_size`. Loss: `DiceCELoss(sigmoid=True)` on
+the region's channels only; AdamW with a cosine schedule; validation Dice after every `val_interval` epochs, the
+best weights saved to `models/model.pt`. MONAI Label runs the same config (it overrides the data lists, epochs,
+device and handlers). Modes are difference-only overrides: `configs/train_lora.json` trains one low-rank adapter
+per convolution and merges it back into a stock `model.pt` (needs the `medfm_ops` package). `configs/evaluate.json`
+scores `models/model.pt` on the validation cases. medfm's site fine-tuning (`tools/finetune_site.py`) runs these
+same configs and writes a new, versioned bundle.
 
 ## Commands
 Run from the bundle directory.
@@ -54,9 +62,14 @@ Inference on a folder of NIfTI volumes (writes `<name>_seg.nii.gz`):
 
     python -m monai.bundle run --config_file configs/inference.json --dataset_dir /path/to/images --output_dir /path/to/out
 
-Fine-tuning:
+Fine-tuning (in place, as MONAI Label does), and its LoRA variant:
 
-    python -m monai.bundle run --config_file configs/train.json --dataset_dir /path/to/data --train#trainer#max_epochs 50
+    python -m monai.bundle run --config_file configs/train.json --dataset_dir /path/to/msd_task --epochs 50
+    python -m monai.bundle run --config_file "['configs/train.json','configs/train_lora.json']" --dataset_dir /path/to/msd_task
+
+Evaluation of `models/model.pt` on the validation split:
+
+    python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" --dataset_dir /path/to/msd_task
 
 Checks (offline):
 

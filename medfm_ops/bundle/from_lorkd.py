@@ -79,7 +79,7 @@ def export_lorkd_expert(
     if roi_size is None:
         roi_size = tuple(int(r) for r in parser.get_parsed_content("roi_size"))
     # rebuild the trained expert model (ranks read from the checkpoint), fuse, keep the stock state dict
-    ranks, alpha = parser.get_parsed_content("rank"), parser.get_parsed_content("alpha")
+    ranks, alpha = parser.get_parsed_content("expert_rank"), parser.get_parsed_content("expert_alpha")
     model = to_experts(instantiate(spec["network_def"]), table.num_regions, ranks=ranks, alpha=alpha, copy_net=False)
     load_expert_state_dict(model, root / "models" / "model.pt")
     fused = export_expert(model, task)

@@ -1,50 +1,58 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Clinical-site fine-tuning of one region network (full or LoRA), with a saved split and before/after reports."""
+"""Clinical-site fine-tuning of one region expert (full or LoRA), written as a complete, versioned MONAI bundle.
+
+Modules: ``source`` (what a site starts from), ``split`` (the saved train/validation split), ``head`` (site classes
+onto the expert's channels), ``start`` (starting weights), ``lora`` (adapters, merged back), ``bundle_run`` (a
+bundle's own configs run in-process), ``scoring`` (DSC/NSD of written label maps), ``report`` (tables, changelog,
+README), ``pipeline`` (:py:func:`finetune_expert`, the whole run).
+"""
 
 from __future__ import annotations
 
+from .bundle_run import predict_with_bundle, run_bundle_configs
 from .head import HEAD_MODES, HeadPlan, match_classes, out_channel_dims, plan_head, resize_head
-from .lora import FINETUNE_MODES, SingleTaskAdapter, add_lora, check_mode, merge_lora, trainable_parameters
-from .site import (
-    ChannelSubsetLoss,
-    SiteModel,
-    SiteReport,
-    build_site_model,
-    evaluate,
-    machine_info,
-    site_metric,
-    site_postprocessing,
-    site_transforms,
+from .lora import (
+    FINETUNE_MODES,
+    SingleTaskAdapter,
+    add_lora,
+    check_mode,
+    merge_lora,
+    save_merged_lora,
+    trainable_parameters,
 )
+from .pipeline import MODE_CONFIGS, SUMMARY_RELPATH, finetune_expert
+from .scoring import score_label_maps
 from .source import INIT_MODES, SourceModel, load_source
 from .split import SPLIT_FILENAME, load_or_create_split
+from .start import StartingPoint, prepare_start, site_class_names
 
 __all__ = [
     "FINETUNE_MODES",
     "HEAD_MODES",
     "INIT_MODES",
+    "MODE_CONFIGS",
     "SPLIT_FILENAME",
-    "ChannelSubsetLoss",
+    "SUMMARY_RELPATH",
     "HeadPlan",
     "SingleTaskAdapter",
-    "SiteModel",
-    "SiteReport",
     "SourceModel",
+    "StartingPoint",
     "add_lora",
-    "build_site_model",
     "check_mode",
-    "evaluate",
+    "finetune_expert",
     "load_or_create_split",
     "load_source",
-    "machine_info",
     "match_classes",
     "merge_lora",
     "out_channel_dims",
     "plan_head",
+    "predict_with_bundle",
+    "prepare_start",
     "resize_head",
-    "site_metric",
-    "site_postprocessing",
-    "site_transforms",
+    "run_bundle_configs",
+    "save_merged_lora",
+    "score_label_maps",
+    "site_class_names",
     "trainable_parameters",
 ]

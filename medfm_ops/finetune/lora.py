@@ -6,12 +6,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import os
+
 import torch
 from torch import nn
 
+from medfm_ops.utils.atomic_io import atomic_torch_save
+
 from medfm_ops.networks import backbone_parameters, export_expert, expert_parameters, to_experts
 
-__all__ = ["FINETUNE_MODES", "SingleTaskAdapter", "add_lora", "merge_lora", "check_mode", "trainable_parameters"]
+__all__ = [
+    "FINETUNE_MODES",
+    "SingleTaskAdapter",
+    "add_lora",
+    "merge_lora",
+    "check_mode",
+    "save_merged_lora",
+    "trainable_parameters",
+]
 
 #: fine-tuning modes; ``sparse`` (SH-PEFT) is reserved and not implemented yet
 FINETUNE_MODES = ("full", "lora")
@@ -111,3 +123,25 @@ def merge_lora(adapter: nn.Module) -> nn.Module:
 def trainable_parameters(net: nn.Module) -> list[nn.Parameter]:
     """The parameters with ``requires_grad`` (what the optimiser updates)."""
     return [p for p in net.parameters() if p.requires_grad]
+
+
+def save_merged_lora(
+    adapter: nn.Module, adapter_checkpoint: str | os.PathLike, model_path: str | os.PathLike
+) -> nn.Module:
+    """
+    Load the best adapter weights saved during training into ``adapter``, merge them
+    (:py:func:`merge_lora`) and write the stock state dict to ``model_path`` atomically (non-finite weights refused).
+    Used as the ``finalize`` step of an expert bundle's ``configs/train_lora.json``.
+
+    Raises:
+        FileNotFoundError: when ``adapter_checkpoint`` is missing (training never validated).
+    """
+    if not os.path.isfile(adapter_checkpoint):
+        raise FileNotFoundError(
+            f"no adapter checkpoint at {adapter_checkpoint}: the run never validated (val_interval > epochs?)."
+        )
+    state = torch.load(adapter_checkpoint, map_location="cpu", weights_only=True)
+    adapter.load_state_dict(state.get("model", state) if isinstance(state.get("model"), dict) else state)
+    merged = merge_lora(adapter)
+    atomic_torch_save({k: v.detach().cpu() for k, v in merged.state_dict().items()}, model_path)
+    return merged

@@ -127,7 +127,7 @@ def _training_bundle(root: Path, region: str | None, init: str) -> SourceModel:
     if init == "pretrained":
         state_dict = _weights(root / "models" / "model.pt")
         if any(".lora_A." in k for k in state_dict):  # a LoRKD ExpertNetwork: fuse the region's expert
-            alpha = float(_literal(root, "alpha", 16.0))
+            alpha = float(_literal(root, "expert_alpha", 16.0))
             experts = to_experts(instantiate(network_def), num_tasks=table.num_regions, ranks=1, alpha=alpha)
             state_dict = load_fused_expert(instantiate(network_def), experts, state_dict, task).state_dict()
     roi = _literal(root, "roi_size", None)

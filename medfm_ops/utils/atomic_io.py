@@ -16,7 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "atomic_directory"]
+__all__ = [
+    "NonFiniteWeightsError",
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "atomic_directory",
+    "replace_directory",
+]
 
 
 @contextmanager
@@ -51,10 +59,40 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically; returns the path."""
+class NonFiniteWeightsError(ValueError):
+    """A model or checkpoint about to be written holds NaN or infinite values."""
+
+
+def _non_finite_entries(obj: Any, prefix: str = "") -> list[str]:
     import torch
 
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "<tensor>"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in _non_finite_entries(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in _non_finite_entries(v, f"{prefix}[{i}]")]
+    return []
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike, check_finite: bool = True) -> Path:
+    """
+    ``torch.save(obj)`` to ``path`` atomically; returns the path.
+
+    With ``check_finite`` (the default) every floating tensor in ``obj`` (nested dicts/lists, e.g. a state dict or
+    a training checkpoint) must be finite: a diverged model is never written over a good one.
+
+    Raises:
+        NonFiniteWeightsError: naming the first non-finite entries; ``path`` is left untouched.
+    """
+    import torch
+
+    bad = _non_finite_entries(obj) if check_finite else []
+    if bad:
+        raise NonFiniteWeightsError(
+            f"refusing to write {path}: {len(bad)} tensor(s) hold NaN/inf values (first: {bad[:3]}); the run "
+            "diverged (learning rate too high, or NaN/inf in the input images?)."
+        )
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
     return Path(path)
@@ -97,3 +135,30 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(src: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """
+    Put the complete directory ``src`` in place of ``target`` (which may exist): ``target`` is first renamed to a
+    hidden sibling, ``src`` renamed to ``target``, then the old copy removed. Both renames stay on one file system, so
+    at every moment ``target`` is either the old or the new complete directory (or, between the two renames, absent
+    while the old copy waits beside it).
+
+    Returns:
+        ``target``.
+    """
+    src, target = Path(src), Path(target)
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
+        os.replace(target, old / target.name)
+    try:
+        os.replace(src, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old / target.name, target)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target

@@ -1,0 +1,281 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Site fine-tuning of one region expert: runs the expert bundle's own configs and writes a new, versioned bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import torch
+
+from medfm_ops.bundle import verify_bundle, write_expert_bundle, write_metadata, write_readme
+from medfm_ops.finetune.bundle_run import predict_with_bundle, run_bundle_configs
+from medfm_ops.finetune.lora import check_mode
+from medfm_ops.finetune.report import COLUMNS, bump_version, changelog_entry, comparison_rows, readme_section
+from medfm_ops.finetune.scoring import score_label_maps
+from medfm_ops.finetune.source import SourceModel, load_source
+from medfm_ops.finetune.split import SPLIT_FILENAME, load_or_create_split
+from medfm_ops.finetune.start import prepare_start
+from medfm_ops.metrics import format_markdown, write_table
+from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_json, replace_directory
+from medfm_ops.utils.bench import machine_info
+
+__all__ = ["finetune_expert", "SUMMARY_RELPATH", "MODE_CONFIGS"]
+
+logger = logging.getLogger("medfm.finetune")
+
+#: the fine-tuning summary inside a written bundle; written last, with ``"status": "complete"``
+SUMMARY_RELPATH = "docs/finetune_summary.json"
+#: config files each mode runs (difference-only overrides of the expert bundle's ``train.json``)
+MODE_CONFIGS = {"full": ["train.json"], "lora": ["train.json", "train_lora.json"]}
+_BEST = {"full": "finetune_best.pt", "lora": "lora_adapter.pt"}
+
+
+def _source_metadata(source: SourceModel) -> dict[str, Any]:
+    path = Path(source.path) / "configs" / "metadata.json"
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    return {
+        "name": str(meta.get("name", Path(source.path).name)),
+        "version": str(meta.get("version", "0.0.0")),
+        "changelog": dict(meta.get("changelog", {})) if source.kind == "expert_bundle" else {},
+        "modality": meta.get("network_data_format", {}).get("inputs", {}).get("image", {}).get("modality"),
+    }
+
+
+def _spacing_of(image: str) -> list[float]:
+    return [round(float(z), 4) for z in nib.load(image).header.get_zooms()[:3]]
+
+
+def _score(bundle: Path, cases: list[dict], names: list[str], tolerance: float, stage: str, device: Any) -> dict:
+    out = bundle / "eval" / stage
+    preds = predict_with_bundle(bundle, [c["image"] for c in cases], out, device=device)
+    result = score_label_maps(preds, [c["label"] for c in cases], names, tolerance)
+    logger.info(f"{stage}: mean DSC {result['mean_dsc']:.4f}, NSD {result['mean_nsd']:.4f} on {len(cases)} cases")
+    return result
+
+
+def _check_schedule(mode: str, epochs: int, val_interval: int) -> None:
+    check_mode(mode)
+    if int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}.")
+    if int(val_interval) < 1 or int(epochs) % int(val_interval):
+        raise ValueError(
+            f"val_interval={val_interval} must divide epochs={epochs}: the last epoch must be validated so that the "
+            "written model is the best one of THIS run."
+        )
+
+
+def finetune_expert(
+    expert_bundle: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    region: str | None = None,
+    mode: str = "full",
+    init: str = "pretrained",
+    head: str = "auto",
+    epochs: int = 10,
+    val_interval: int = 1,
+    batch_size: int = 4,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 1e-5,
+    seed: int = 0,
+    val_split: float | int = 0.2,
+    split_file: str | os.PathLike | None = None,
+    num_train_cases: int | None = None,
+    num_val_cases: int | None = None,
+    roi_size: list[int] | None = None,
+    spacing: list[float] | None = None,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    nsd_tolerance_mm: float = 1.0,
+    version: str | None = None,
+    device: str | None = None,
+    verify: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """
+    Fine-tune one region expert on a site's MSD-style data set and write the result as a complete MONAI bundle.
+
+    The run is the source expert's own pipeline: a new bundle is written (with the starting weights and the site's
+    label names) and its ``configs/train.json`` (plus ``configs/train_lora.json`` for ``mode="lora"``) is run on the
+    saved split. Before and after training the validation cases are labelled by the bundle's own
+    ``configs/inference.json`` and scored against the site's label files (DSC, NSD), so the reported scores are the
+    ones a user of the bundle gets. The bundle is built in a hidden sibling of ``output_dir`` and renamed over it
+    only when complete (``docs/finetune_summary.json`` with ``"status": "complete"``); a failed or killed run leaves
+    any earlier ``output_dir`` untouched.
+
+    Args:
+        expert_bundle: a standalone expert bundle (``tools/export_expert_bundle.py``), or a medfm training bundle
+            (``bundles/foundation_seg``, ``bundles/lorkd_seg``) with ``region``.
+        dataset_dir: the site's MSD-style folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``).
+        output_dir: the bundle to write (replaced when it exists and the run succeeds).
+        region: region of a training bundle. Defaults to None (its only region).
+        mode: ``"full"`` or ``"lora"`` (adapters merged back: the result is a stock network). Defaults to ``"full"``.
+        init: ``"pretrained"`` or ``"scratch"`` (same architecture, seeded random weights). Defaults to
+            ``"pretrained"``.
+        head: ``"auto"``, ``"keep"`` or ``"resize"`` (see ``docs/site_finetuning.md``). Defaults to ``"auto"``.
+        epochs, val_interval, batch_size, learning_rate, weight_decay: training settings, written into the new
+            bundle's ``train.json``; ``val_interval`` must divide ``epochs``. Default to 10, 1, 4, 1e-3, 1e-5.
+        seed: seed of the split, the fresh weights and training. Defaults to 0.
+        val_split: validation fraction or count of a new split. Defaults to 0.2.
+        split_file: a saved split to reuse. Defaults to ``{output_dir}/docs/split.json`` when it exists, else a new
+            split saved there.
+        num_train_cases, num_val_cases: use only the first N cases of each part (shortened runs). Default to all.
+        roi_size: training patch and inference window. Defaults to the source's.
+        spacing: target spacing in mm. Defaults to the source's (or the first training image's).
+        lora_rank, lora_alpha: LoRA settings (``mode="lora"``). Default to 8 and 16.
+        nsd_tolerance_mm: NSD tolerance. Defaults to 1.0.
+        version: version of the new bundle. Defaults to the source's with the minor number bumped.
+        device: e.g. ``"cpu"`` or ``"cuda:0"``. Defaults to the bundle's choice (CUDA when available).
+        verify: run MONAI's ``verify_metadata``, ``verify_net_in_out`` and ``ckpt_export`` on the result (the
+            TorchScript ``models/model.ts`` is written either way). Defaults to True.
+        progress: show a progress bar per training epoch. Defaults to True.
+
+    Returns:
+        the summary written to ``docs/finetune_summary.json``.
+
+    Raises:
+        NotImplementedError: for ``mode="sparse"`` (not available yet).
+        ValueError: on bad settings, a mismatched saved split, or a head that cannot hold the site classes; nothing
+            is written in these cases.
+        FileNotFoundError: when the source, the data set or a case is missing.
+    """
+    start_time = time.perf_counter()
+    _check_schedule(mode, epochs, val_interval)
+    out = Path(output_dir).expanduser().resolve()
+    saved_split = Path(split_file) if split_file else out / "docs" / SPLIT_FILENAME
+    source = load_source(expert_bundle, region=region, init=init)  # validates init, path, region
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        staged_split = stage / "docs" / SPLIT_FILENAME
+        split = load_or_create_split(
+            dataset_dir, saved_split if saved_split.is_file() else staged_split, val_split=val_split, seed=seed,
+            num_train_cases=num_train_cases, num_val_cases=num_val_cases,
+        )  # fmt: skip
+        if saved_split.is_file():
+            staged_split.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(saved_split, staged_split)
+        names = [str(split["label_names"][str(i)]) for i in range(1, len(split["label_names"]) + 1)]
+        start = prepare_start(source, names, head=head, seed=seed)
+        src_meta = _source_metadata(source)
+        spacing = spacing or source.spacing or _spacing_of(split["training"][0]["image"])
+        roi_size = roi_size or source.roi_size
+        if roi_size is None:
+            raise ValueError(f"{source.path} records no roi_size (patch/window): pass roi_size.")
+        version = version or bump_version(src_meta["version"])
+        dataset_json = Path(split["dataset_dir"]) / "dataset.json"
+        dataset_name = str(json.loads(dataset_json.read_text()).get("name") or Path(split["dataset_dir"]).name)
+        train_settings = {"epochs": int(epochs), "val_interval": int(val_interval), "batch_size": int(batch_size),
+                          "learning_rate": float(learning_rate), "weight_decay": float(weight_decay),
+                          "seed": int(seed), "val_split": val_split}  # fmt: skip
+        changelog = {**src_meta["changelog"], version: "site fine-tuning in progress"}
+        modality = src_meta["modality"] or ("MR" if "mr" in source.region.lower() else "CT")
+        write_expert_bundle(
+            stage, start.network_def, start.state_dict, region_name=source.region,
+            label_names={i: n for i, n in enumerate(names, start=1)}, output_channels=start.output_channels,
+            spacing=spacing, roi_size=roi_size, version=version,
+            description=(f"{src_meta['name']} {src_meta['version']} fine-tuned at a site on '{dataset_name}' "
+                         f"({mode}); classes {', '.join(names)}."),
+            extra_metadata={"name": f"{src_meta['name']} ({dataset_name})", "changelog": changelog},
+            modality=modality,
+            config_values={"train.json": train_settings,
+                           "train_lora.json": {"lora_rank": int(lora_rank), "lora_alpha": float(lora_alpha)}},
+        )  # fmt: skip
+        atomic_write_json(stage / SUMMARY_RELPATH, {"status": "in_progress"})
+        cases = split["validation"]
+        before = _score(stage, cases, names, nsd_tolerance_mm, "before", device)
+
+        overrides: dict[str, Any] = {
+            "train#dataset#data": [{"image": c["image"], "label": c["label"]} for c in split["training"]],
+            "validate#dataset#data": [{"image": c["image"], "label": c["label"]} for c in cases],
+            "best_model_filename": _BEST[mode],
+        }
+        if device is not None:
+            overrides["device"] = torch.device(device)
+        bar = [{"_target_": "ignite.handlers.ProgressBar", "persist": False}] if progress else []
+        logger.info(f"training ({mode}) for {epochs} epochs on {len(split['training'])} cases")
+        t0 = time.perf_counter()
+        workflow = run_bundle_configs(stage, MODE_CONFIGS[mode], overrides, extra_train_handlers=bar)
+        train_seconds = time.perf_counter() - t0
+        network = workflow.parser.get_parsed_content("network")
+        parameters = {"total": sum(p.numel() for p in network.parameters()),
+                      "trainable": sum(p.numel() for p in network.parameters() if p.requires_grad)}  # fmt: skip
+        best = stage / "models" / _BEST[mode]
+        if not best.is_file():
+            raise RuntimeError(f"training wrote no checkpoint ({best}): it never validated.")
+        if mode == "full":  # lora: train_lora.json's finalize already merged the adapters into models/model.pt
+            atomic_torch_save(torch.load(best, map_location="cpu", weights_only=True), stage / "models" / "model.pt")
+        best.unlink()
+        after = _score(stage, cases, names, nsd_tolerance_mm, "after", device)
+        shutil.rmtree(stage / "eval", ignore_errors=True)
+
+        rows = comparison_rows({"before": before, "after": after})
+        write_table(rows, stage / "docs" / "metrics.csv", stage / "docs" / "metrics.md", COLUMNS)
+        summary = {
+            "status": "complete",
+            "bundle": {"name": f"{src_meta['name']} ({dataset_name})", "version": version},
+            "source": {"path": source.path, "kind": source.kind, "name": src_meta["name"],
+                       "version": src_meta["version"], "region": source.region},
+            "dataset": {"dir": split["dataset_dir"], "name": dataset_name},
+            "mode": mode,
+            "init": start.init,
+            "head": {"mode": start.plan.mode, "out_channels": start.plan.out_channels,
+                     "classes": start.plan.describe(source.class_names)},
+            "epochs": int(epochs),
+            "train_settings": train_settings,
+            "lora": {"rank": int(lora_rank), "alpha": float(lora_alpha)} if mode == "lora" else None,
+            "split": {"file": SPLIT_FILENAME, "seed": int(seed), "val_split": val_split, "reused": split["reused"],
+                      "num_training_total": split["num_training_total"],
+                      "num_validation_total": split["num_validation_total"],
+                      "num_training_used": len(split["training"]), "num_validation_used": len(cases)},
+            "spacing": [float(s) for s in spacing],
+            "roi_size": [int(r) for r in roi_size],
+            "nsd_tolerance_mm": float(nsd_tolerance_mm),
+            "parameters": parameters,
+            "device": str(workflow.parser.get_parsed_content("device")),
+            "train_seconds": train_seconds,
+            "before": before,
+            "after": after,
+            "machine": machine_info(workflow.parser.get_parsed_content("device")),
+        }  # fmt: skip
+        meta = json.loads((stage / "configs" / "metadata.json").read_text())
+        meta["changelog"][version] = changelog_entry(summary)
+        meta["medfm"]["site_finetuning"] = {k: summary[k] for k in ("source", "dataset", "mode", "init", "epochs")}
+        meta["medfm"]["site_finetuning"]["validation"] = {
+            "mean_dsc": after["mean_dsc"], "mean_nsd": after["mean_nsd"], "num_cases": len(cases)}  # fmt: skip
+        write_metadata(stage, meta)
+        network_def = json.loads((stage / "configs" / "inference.json").read_text())["network_def"]
+        write_readme(stage, meta, network_def, readme_section(summary, rows))
+        if verify:
+            verify_bundle(stage)
+        else:
+            _export_torchscript(stage)
+        summary["total_seconds"] = time.perf_counter() - start_time
+        atomic_write_json(stage / SUMMARY_RELPATH, summary)
+        os.chmod(stage, 0o755)  # mkdtemp creates 0o700
+        replace_directory(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    print("\n[site fine-tuning] validation scores of the written bundle's inference.json, before vs after\n"
+          + format_markdown(rows, COLUMNS) + f"\n[site fine-tuning] bundle written to {out}", flush=True)  # fmt: skip
+    return summary
+
+
+def _export_torchscript(bundle: Path) -> None:
+    from monai.bundle import ckpt_export
+
+    ckpt_export(
+        net_id="network_def", filepath=str(bundle / "models" / "model.ts"),
+        ckpt_file=str(bundle / "models" / "model.pt"), meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle),
+    )  # fmt: skip

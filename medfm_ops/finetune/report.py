@@ -1,0 +1,80 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Before/after tables of a site fine-tuning and the text that goes into the written bundle (README, changelog)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from medfm_ops.metrics import format_markdown
+
+__all__ = ["COLUMNS", "comparison_rows", "changelog_entry", "readme_section", "bump_version"]
+
+COLUMNS = ["stage", "class", "n", "dsc", "dsc_std", "nsd", "nsd_std"]
+
+
+def comparison_rows(stages: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per-class rows plus a ``mean`` row for every stage (``{"before": score, "after": score}`` in order)."""
+    rows = []
+    for stage, result in stages.items():
+        for r in result["table"]:
+            rows.append({"stage": stage, "class": r["class"], "n": r["n"], "dsc": r["dsc_mean"],
+                         "dsc_std": r["dsc_std"], "nsd": r["nsd_mean"], "nsd_std": r["nsd_std"]})  # fmt: skip
+        n = max((r["n"] for r in result["table"]), default=0)
+        rows.append({"stage": stage, "class": "mean", "n": n, "dsc": result["mean_dsc"], "dsc_std": None,
+                     "nsd": result["mean_nsd"], "nsd_std": None})  # fmt: skip
+    return rows
+
+
+def bump_version(version: str) -> str:
+    """Next minor version of ``major.minor.patch`` (``"0.1.0"`` -> ``"0.2.0"``); ``"0.1.0"`` for anything else."""
+    parts = str(version).split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts):
+        return f"{parts[0]}.{int(parts[1]) + 1}.0"
+    return "0.1.0"
+
+
+def changelog_entry(summary: Mapping[str, Any]) -> str:
+    """One changelog line: source bundle and version, data set, mode, epochs and the before/after scores."""
+    src = summary["source"]
+    b, a = summary["before"], summary["after"]
+    return (
+        f"site fine-tuning ({summary['mode']}, init {summary['init']}, {summary['epochs']} epochs) of "
+        f"'{src['name']}' {src['version']} on '{summary['dataset']['name']}' "
+        f"({summary['split']['num_training_used']} training / {summary['split']['num_validation_used']} validation "
+        f"cases): validation DSC {b['mean_dsc']:.4f} -> {a['mean_dsc']:.4f}, NSD ({summary['nsd_tolerance_mm']} mm) "
+        f"{b['mean_nsd']:.4f} -> {a['mean_nsd']:.4f}"
+    )
+
+
+def readme_section(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    """The ``## Site fine-tuning`` section of the written bundle's README."""
+    src, split = summary["source"], summary["split"]
+    head = summary["head"]
+    classes = "\n".join(
+        f"| {i} | {c['site_class']} | {c['region_class']} | {c['output_channel']} |"
+        for i, c in enumerate(head["classes"], start=1)
+    )
+    return f"""## Site fine-tuning
+This bundle is `{src['name']}` version {src['version']} ({src['path']}) fine-tuned at a site with medfm
+(`tools/finetune_site.py`), mode `{summary['mode']}`, init `{summary['init']}`, {summary['epochs']} epochs
+(batch {summary['train_settings']['batch_size']}, learning rate {summary['train_settings']['learning_rate']}, AdamW,
+cosine schedule), on {summary['device']} in {summary['train_seconds']:.0f} s of training.
+
+Data: `{summary['dataset']['dir']}`; split saved in `docs/split.json` (seed {split['seed']}, validation fraction
+{split['val_split']}): {split['num_training_used']} of {split['num_training_total']} training and
+{split['num_validation_used']} of {split['num_validation_total']} validation cases used.
+
+Head `{head['mode']}` (site class -> source class -> network channel):
+
+| site label | site class | source class | output channel |
+| --- | --- | --- | --- |
+{classes}
+
+Validation scores of this bundle's own `configs/inference.json` (label maps written on each image's grid, scored
+against the site's label files; NSD tolerance {summary['nsd_tolerance_mm']} mm), before and after fine-tuning;
+mean and standard deviation over cases:
+
+{format_markdown(rows, COLUMNS)}
+"""
