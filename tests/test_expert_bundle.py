@@ -123,22 +123,31 @@ def test_inference_run_keeps_affine_and_shape(bundle, tmp_path, affine):
         assert (seg == expected).mean() > 0.999
 
 
-def test_train_config_fine_tunes(bundle, tmp_path):
-    """train.json runs as written (what MONAI Label runs) and saves a plain state dict to models/model.pt."""
-    data = tmp_path / "data"
-    (data / "imagesTr").mkdir(parents=True)
-    (data / "labelsTr").mkdir()
-    for i in range(2):
+def _msd(root: Path, n: int = 5) -> Path:
+    """A tiny MSD-style folder (dataset.json, imagesTr/, labelsTr/) with labels 1 and 3 of the abdomen expert."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    items = []
+    for i in range(n):
         lab = np.zeros((36, 36, 30), np.uint8)
         lab[5:15, 5:15, 5:15], lab[20:30, 18:30, 12:24] = 1, 3
         img = _volume(lab.shape, seed=i) + 3.0 * lab
-        nib.save(nib.Nifti1Image(img, np.diag([2.0, 2.0, 2.0, 1.0])), data / "imagesTr" / f"c{i}.nii.gz")
-        nib.save(nib.Nifti1Image(lab, np.diag([2.0, 2.0, 2.0, 1.0])), data / "labelsTr" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(img, np.diag([2.0, 2.0, 2.0, 1.0])), root / "imagesTr" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, np.diag([2.0, 2.0, 2.0, 1.0])), root / "labelsTr" / f"c{i}.nii.gz")
+        items.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    labels = {"0": "background", **{str(k): v for k, v in LABELS.items()}}
+    (root / "dataset.json").write_text(json.dumps({"name": "tiny", "labels": labels, "training": items}))
+    return root
+
+
+def test_train_config_fine_tunes(tmp_path):
+    """train.json runs as written (what MONAI Label runs) and saves a plain state dict to models/model.pt."""
+    data = _msd(tmp_path / "data")
     work = tmp_path / "bundle"
     write_expert_bundle(work, NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
     before = torch.load(work / "models/model.pt", weights_only=True)
-    res = _run_bundle(work, "--config_file", "configs/train.json", "--dataset_dir", str(data),
-                      "--train#trainer#max_epochs", "1")  # fmt: skip
+    res = _run_bundle(work, "--config_file", "configs/train.json", "--dataset_dir", str(data), "--epochs", "1",
+                      "--weight_decay", "0.0")  # fmt: skip
     assert "val_mean_dice" in res.stdout + res.stderr
     after = torch.load(work / "models/model.pt", weights_only=True)
     assert after.keys() == before.keys()
@@ -146,8 +155,29 @@ def test_train_config_fine_tunes(bundle, tmp_path):
     assert changed
     head = "model.2.1.conv.unit0.conv.bias"  # final conv: only region channels get gradient
     untouched = [c for c in range(NET_DEF["out_channels"]) if c not in CHANNELS]
-    assert torch.equal(after[head][untouched], before[head][untouched])  # Adam, no weight decay: exactly unchanged
+    assert torch.equal(after[head][untouched], before[head][untouched])  # no weight decay: exactly unchanged
     assert not torch.equal(after[head][CHANNELS], before[head][CHANNELS])
+
+    # evaluate.json: a difference-only override of train.json that scores models/model.pt on the validation split
+    res = _run_bundle(work, "--config_file", "['configs/train.json','configs/evaluate.json']", "--dataset_dir",
+                      str(data), "--output_dir", str(tmp_path / "eval"))  # fmt: skip
+    assert (tmp_path / "eval" / "val_mean_dice_raw.csv").is_file(), res.stdout[-2000:]
+
+
+def test_lora_override_writes_a_stock_model(tmp_path):
+    """train.json + train_lora.json: adapters train, and finalize merges them into a stock models/model.pt."""
+    data = _msd(tmp_path / "data")
+    work = tmp_path / "bundle"
+    write_expert_bundle(work, NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
+    before = torch.load(work / "models/model.pt", weights_only=True)
+    _run_bundle(work, "--config_file", "['configs/train.json','configs/train_lora.json']", "--dataset_dir",
+                str(data), "--epochs", "1", "--lora_rank", "2", "--learning_rate", "0.05")  # fmt: skip
+    after = torch.load(work / "models/model.pt", weights_only=True)
+    assert after.keys() == before.keys()  # stock keys: the adapters were merged
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.endswith("conv.weight"))
+    norm = [k for k in after if ".adn.N." in k or k.endswith("bias")]  # frozen: no adapter on norms/biases
+    assert all(torch.equal(after[k], before[k]) for k in norm)
+    assert (work / "models" / "lora_adapter.pt").is_file()
 
 
 @pytest.mark.parametrize(

@@ -1,3 +1,5 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
 """Export one region expert of a trained ``lorkd_seg`` bundle as a standalone MONAI bundle."""
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from typing import Any
 
 import nibabel as nib
 
+from medfm_ops.data import RegionTable, load_datalist
+from medfm_ops.networks import export_expert, instantiate, load_expert_state_dict, load_network_spec, to_experts
 from medfm_ops.bundle.expert_bundle import write_expert_bundle
 from medfm_ops.bundle.verify import verify_bundle
 
@@ -60,9 +64,6 @@ def export_lorkd_expert(
         version: version of the new bundle. Defaults to ``"0.1.0"``.
         verify: run MONAI's ``verify_metadata`` / ``verify_net_in_out`` / ``ckpt_export`` on the result.
     """
-    from medfm_ops.data import RegionTable, load_datalist
-    from medfm_ops.networks import export_expert, instantiate, load_expert_state_dict, load_network_spec, to_experts
-
     root = Path(bundle_root).resolve()
     spec = load_network_spec(root / "models")
     if "regions" not in spec:
