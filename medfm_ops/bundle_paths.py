@@ -1,12 +1,17 @@
-"""Locate bundle directories, so bundles run both from their own folder and from the repository root."""
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Helpers of the bundle configs for what JSON cannot say: where a bundle lives, a config item as literal JSON,
+and renamed config keys."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["find_bundle_root", "default_cache_dir"]
+__all__ = ["find_bundle_root", "default_cache_dir", "literal_config", "reject_renamed_keys", "check_trained_regions"]
 
 
 def find_bundle_root(name: str, start: str | os.PathLike | None = None) -> str:
@@ -36,3 +41,86 @@ def find_bundle_root(name: str, start: str | os.PathLike | None = None) -> str:
 def default_cache_dir() -> str:
     """Where generated default data is cached: ``$MEDFM_CACHE`` or ``~/.cache/medfm``."""
     return os.environ.get("MEDFM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "medfm"))
+
+
+def literal_config(config_file: str | os.PathLike, id: str, built: Any = None, **values: Any) -> Any:
+    """
+    Item ``id`` of a bundle config file as literal JSON: references resolved, nothing instantiated. A bundle config
+    instantiates every ``_target_`` dict it references, so this is how a run records e.g. its ``network_def`` as
+    data (``models/network_def.json``) without writing the dict a second time.
+
+    Args:
+        config_file: the JSON/YAML config holding ``id``.
+        id: the item, e.g. ``"network_def"`` (nested ids with ``#``).
+        built: the object the running config built from ``id`` (a ``torch.nn.Module``), to check that the file's
+            item builds the same parameter shapes (it would not if ``id`` was overridden on the command line).
+            Defaults to None (no check).
+        values: values of the ids the item references (e.g. ``num_classes=12``), set before resolving.
+
+    Raises:
+        ValueError: when the item, built again, has other parameter shapes than ``built``.
+
+    Example::
+
+        literal_config("bundles/lorkd_seg/configs/train.json", "network_def", num_classes=12)
+        # {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, ..., "out_channels": 12}
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser.update(values)
+    item = parser.get_parsed_content(id, instantiate=False)
+    content = item.get_config() if hasattr(item, "get_config") else item
+    if built is not None:
+        rebuilt = ConfigParser({"item": content}).get_parsed_content("item")
+        shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+        if shapes(rebuilt) != shapes(built):
+            raise ValueError(
+                f"'{id}' of {config_file} (with {values}) does not build the network this run uses: was '{id}' "
+                "overridden on the command line? Change it in the config file instead."
+            )
+    return content
+
+
+def reject_renamed_keys(renamed: Mapping[str, str], **given: Any) -> None:
+    """
+    Fail on config keys that were renamed: ``given`` holds the old keys' values (``None`` = not set).
+
+    Args:
+        renamed: old key -> new key, e.g. ``{"rank": "expert_rank"}``.
+        given: the old keys' current values, e.g. ``rank=@rank``.
+
+    Raises:
+        ValueError: naming the old key, its new name and the command-line option to use instead.
+    """
+    used = {k: v for k, v in given.items() if v is not None}
+    if used:
+        hints = "; ".join(
+            f"'{k}' is now '{renamed.get(k, k)}' (--{renamed.get(k, k)} {json.dumps(v)})" for k, v in used.items()
+        )
+        raise ValueError(f"renamed config key(s): {hints}. Use the new key(s) instead of {sorted(used)}.")
+
+
+def check_trained_regions(ckpt_dir: str | os.PathLike, region_table: Any) -> None:
+    """
+    Check that an inference config's class layout (its ``regions``) is the one the weights in ``ckpt_dir`` were
+    trained with (``network_def.json`` written by the training run). Nothing to check before training.
+
+    Raises:
+        ValueError: when they differ; the message gives both layouts and the ``--regions`` option that reads the
+            trained layout.
+    """
+    spec = Path(ckpt_dir) / "network_def.json"
+    if not spec.is_file():
+        return
+    trained = json.loads(spec.read_text()).get("regions")
+    if trained is None:
+        return
+    norm = lambda rs: [(r["name"], int(r["task_id"]), {str(k): v for k, v in r["labels"].items()}) for r in rs]  # noqa: E731
+    if norm(trained) != norm(region_table.to_regions()):
+        raise ValueError(
+            f"the model in {ckpt_dir} was trained on regions {[(r['name'], r['labels']) for r in trained]} but the "
+            f"config's 'regions' are {[(r['name'], r['labels']) for r in region_table.to_regions()]}: pass "
+            f'--regions "%{spec}#regions" (or edit \'regions\' in configs/inference.json).'
+        )

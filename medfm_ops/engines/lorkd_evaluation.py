@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator
-from monai.handlers import StatsHandler
+from monai.inferers import Inferer
+from monai.utils import ensure_tuple
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSlidingWindowInferer
+from medfm_ops.engines.routing import RegionPrepareBatch
 from medfm_ops.metrics import RegionSegMetrics, write_table
 from medfm_ops.networks import export_expert
 
@@ -45,32 +46,31 @@ def count_flops(net: nn.Module, input_shape: Sequence[int], task_ids: torch.Tens
 def evaluate_segmentation(
     network: nn.Module,
     files: list[dict],
-    transform: Any,
+    preprocessing: Callable,
+    inferer: Inferer,
     region_table: Any,
-    roi_size: Sequence[int],
     device: torch.device | str,
     route: bool,
     tolerance_mm: float = 1.0,
-    sw_batch_size: int = 4,
 ) -> RegionSegMetrics:
     """
-    Run ``network`` over ``files`` with sliding-window inference and region-wise DSC/NSD.
+    Run ``network`` over ``files`` with ``inferer`` and compute region-wise DSC/NSD. Logs nothing itself (the caller
+    prints one line per region).
 
     Args:
         network: ``(B, 1, *sp) -> (B, C_union, *sp)`` logits; with ``route=True`` called as ``network(x, region)``.
         files: datalist items (``image``, ``label``, ``region``).
-        transform: evaluation preprocessing (e.g. ``seg_transforms(..., train=False)``).
+        preprocessing: evaluation preprocessing, e.g. a bundle's ``validate#preprocessing``.
+        inferer: e.g. a bundle's ``validate#inferer`` (a :class:`RoutedSlidingWindowInferer` when ``route=True``).
         region_table: the data set's region table (``region_channels``, ``region_names``, ``class_names``).
-        roi_size: sliding-window size.
         device: where to run.
         route: pass each sample's region id to the network (unfused expert model).
         tolerance_mm: NSD tolerance in mm. Defaults to 1.0.
-        sw_batch_size: windows per forward. Defaults to 4.
 
     Returns:
         the computed metric (``.table()`` gives the per-class rows).
     """
-    loader = DataLoader(Dataset(files, transform), batch_size=1, shuffle=False, num_workers=0)
+    loader = DataLoader(Dataset(files, preprocessing), batch_size=1, shuffle=False, num_workers=0)
     metric = RegionSegMetrics(
         region_table.region_channels, region_table.region_names, region_table.class_names, tolerance_mm=tolerance_mm
     )
@@ -78,13 +78,17 @@ def evaluate_segmentation(
         device=torch.device(device),
         val_data_loader=loader,
         network=network.to(device),
-        inferer=RoutedSlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=0.25),
+        inferer=inferer,
         prepare_batch=RegionPrepareBatch(route=route),
-        key_val_metric={"mean_dsc": metric},
-        val_handlers=[StatsHandler(iteration_log=False, name="medfm.evaluate")],
         decollate=False,
     )
-    evaluator.run()
+    metric.attach(evaluator, "mean_dsc")  # not a key metric: no "best metric" bookkeeping or log line
+    level = evaluator.logger.level
+    evaluator.logger.setLevel(logging.WARNING)  # the caller logs one line per region instead of Ignite's run lines
+    try:
+        evaluator.run()
+    finally:
+        evaluator.logger.setLevel(level)
     return metric
 
 
@@ -96,30 +100,48 @@ def _region_scores(metric: RegionSegMetrics) -> dict[str, tuple[float, float]]:
     return {k: (sum(d for d, _ in v) / len(v), sum(n for _, n in v) / len(v)) for k, v in scores.items()}
 
 
+def _log_regions(label: str, scores: dict[str, tuple[float, float]]) -> None:
+    for region, (dsc, nsd) in scores.items():
+        logger.info(f"{label} | {region}: DSC {dsc:.4f}, NSD {nsd:.4f}")
+
+
 def evaluate_decomposition(
     teacher: nn.Module | None,
     model: nn.Module,
     region_table: Any,
     files: list[dict],
-    transform: Any,
-    roi_size: Sequence[int],
+    preprocessing: Callable,
+    inferer: Inferer,
     device: torch.device | str,
     out_dir: str | os.PathLike,
     tolerance_mm: float = 1.0,
 ) -> list[dict]:
     """
-    Evaluate the teacher, the unfused decomposed model and every fused expert region by region; write
+    Evaluate the teacher, the unfused decomposed model and every fused expert region by region, with the bundle's
+    own evaluation preprocessing and inferer; log one line per model and region (DSC/NSD); write
     ``{out_dir}/regions.csv|md`` (one row per model: DSC/NSD per region, their means, params and GFLOPs per sample of
-    one ``roi_size`` forward, for training (the routed EKS model, expert deltas included) and for deployment (one
-    fused expert)) and ``{out_dir}/classes.csv|md`` (per class). Fused experts are scored on their own region's
-    cases only and run as plain networks (no routing), i.e. exactly as deployed.
+    one window forward (``inferer.roi_size``), for training (the routed EKS model, expert deltas included) and for
+    deployment (one fused expert)) and ``{out_dir}/classes.csv|md`` (per class). Fused experts are scored on their
+    own region's cases only and run as plain networks (no routing), i.e. exactly as deployed.
+
+    Args:
+        teacher: the foundation model, or None to skip its row.
+        model: the trained :class:`~medfm_ops.networks.ExpertNetwork`.
+        region_table: the data set's region table.
+        files: datalist items to score (``image``, ``label``, ``region``).
+        preprocessing: evaluation preprocessing (``validate#preprocessing``).
+        inferer: sliding-window inferer (``validate#inferer``): a :class:`RoutedSlidingWindowInferer`, which runs
+            unrouted networks as MONAI's ``SlidingWindowInferer`` does.
+        device: where to run.
+        out_dir: where the tables go.
+        tolerance_mm: NSD tolerance in mm. Defaults to 1.0.
 
     Returns:
         the region-table rows.
     """
     os.makedirs(out_dir, exist_ok=True)
     names = [region_table.region_names[t] for t in sorted(region_table.region_names)]
-    in_shape = (1, 1, *roi_size)
+    in_shape = (1, 1, *ensure_tuple(inferer.roi_size))
     rows: list[dict] = []
     class_rows: list[dict] = []
 
@@ -145,18 +167,24 @@ def evaluate_decomposition(
         rows.append(row)
         logger.info(f"{label}: mean DSC {row['mean DSC']:.4f}, mean NSD {row['mean NSD']:.4f}")
 
-    if teacher is not None:
-        m = evaluate_segmentation(teacher, files, transform, region_table, roi_size, device, False, tolerance_mm)
-        class_rows += [{"model": "Foundation (teacher)", **r} for r in m.table()]
-        n, f = count_params(teacher), count_flops(teacher, in_shape)
-        _row("Foundation (teacher)", _region_scores(m), n, n, f, f)
+    def _score(label: str, net: nn.Module, cases: list[dict], route: bool) -> dict[str, tuple[float, float]]:
+        m = evaluate_segmentation(net, cases, preprocessing, inferer, region_table, device, route, tolerance_mm)
+        nonlocal class_rows
+        class_rows += [{"model": label, **r} for r in m.table()]
+        scores = _region_scores(m)
+        _log_regions(label, scores)
+        return scores
 
-    m = evaluate_segmentation(model, files, transform, region_table, roi_size, device, True, tolerance_mm)
-    class_rows += [{"model": "LoRKD (unfused)", **r} for r in m.table()]
+    if teacher is not None:
+        scores = _score("Foundation (teacher)", teacher, files, False)
+        n, f = count_params(teacher), count_flops(teacher, in_shape)
+        _row("Foundation (teacher)", scores, n, n, f, f)
+
+    scores = _score("LoRKD (unfused)", model, files, True)
     backbone = export_expert(model, None)
     train_flops = count_flops(model, in_shape, torch.zeros(1, dtype=torch.long))
     deploy_flops = count_flops(backbone, in_shape)
-    _row("LoRKD (unfused, routed)", _region_scores(m), count_params(model), count_params(model), train_flops, train_flops)
+    _row("LoRKD (unfused, routed)", scores, count_params(model), count_params(model), train_flops, train_flops)
 
     fused_scores: dict[str, tuple[float, float]] = {}
     for task in sorted(region_table.region_names):
@@ -164,9 +192,8 @@ def evaluate_decomposition(
         if not own:
             continue
         expert = export_expert(model, task).to(device)
-        m = evaluate_segmentation(expert, own, transform, region_table, roi_size, device, False, tolerance_mm)
-        class_rows += [{"model": f"expert {region_table.region_names[task]} (fused)", **r} for r in m.table()]
-        fused_scores.update(_region_scores(m))
+        scores = _score(f"expert {region_table.region_names[task]} (fused)", expert, own, False)
+        fused_scores.update(scores)
     _row(
         "LoRKD experts (fused, one per region)",
         fused_scores,

@@ -1,6 +1,9 @@
-"""Ignite handlers of the medfm workflows."""
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Ignite handlers of the medfm workflows (thin adapters; the maths lives in plain modules)."""
 
 from medfm_ops.engines.handlers.checkpoint import AtomicCheckpointSaver
+from medfm_ops.engines.handlers.epoch_summary import EpochSummaryHandler
 from medfm_ops.engines.handlers.expert_warmup import ExpertWarmupHandler
 
-__all__ = ["AtomicCheckpointSaver", "ExpertWarmupHandler"]
+__all__ = ["AtomicCheckpointSaver", "EpochSummaryHandler", "ExpertWarmupHandler"]
