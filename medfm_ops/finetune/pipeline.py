@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import monai
 import nibabel as nib
 import torch
 
@@ -87,6 +88,7 @@ def finetune_expert(
     learning_rate: float = 1e-3,
     weight_decay: float = 1e-5,
     seed: int = 0,
+    split_seed: int | None = None,
     val_split: float | int = 0.2,
     split_file: str | os.PathLike | None = None,
     num_train_cases: int | None = None,
@@ -124,7 +126,8 @@ def finetune_expert(
         head: ``"auto"``, ``"keep"`` or ``"resize"`` (see ``docs/site_finetuning.md``). Defaults to ``"auto"``.
         epochs, val_interval, batch_size, learning_rate, weight_decay: training settings, written into the new
             bundle's ``train.json``; ``val_interval`` must divide ``epochs``. Default to 10, 1, 4, 1e-3, 1e-5.
-        seed: seed of the split, the fresh weights and training. Defaults to 0.
+        seed: seed of the fresh weights and of training (data order, augmentation). Defaults to 0.
+        split_seed: seed of the train/validation split. Defaults to ``seed``.
         val_split: validation fraction or count of a new split. Defaults to 0.2.
         split_file: a saved split to reuse. Defaults to ``{output_dir}/docs/split.json`` when it exists, else a new
             split saved there.
@@ -150,6 +153,7 @@ def finetune_expert(
     """
     start_time = time.perf_counter()
     _check_schedule(mode, epochs, val_interval)
+    split_seed = seed if split_seed is None else split_seed
     out = Path(output_dir).expanduser().resolve()
     saved_split = Path(split_file) if split_file else out / "docs" / SPLIT_FILENAME
     source = load_source(expert_bundle, region=region, init=init)  # validates init, path, region
@@ -158,7 +162,7 @@ def finetune_expert(
     try:
         staged_split = stage / "docs" / SPLIT_FILENAME
         split = load_or_create_split(
-            dataset_dir, saved_split if saved_split.is_file() else staged_split, val_split=val_split, seed=seed,
+            dataset_dir, saved_split if saved_split.is_file() else staged_split, val_split=val_split, seed=split_seed,
             num_train_cases=num_train_cases, num_val_cases=num_val_cases,
         )  # fmt: skip
         if saved_split.is_file():
@@ -233,7 +237,7 @@ def finetune_expert(
             "epochs": int(epochs),
             "train_settings": train_settings,
             "lora": {"rank": int(lora_rank), "alpha": float(lora_alpha)} if mode == "lora" else None,
-            "split": {"file": SPLIT_FILENAME, "seed": int(seed), "val_split": val_split, "reused": split["reused"],
+            "split": {"file": SPLIT_FILENAME, "seed": int(split_seed), "val_split": val_split, "reused": split["reused"],
                       "num_training_total": split["num_training_total"],
                       "num_validation_total": split["num_validation_total"],
                       "num_training_used": len(split["training"]), "num_validation_used": len(cases)},
@@ -245,7 +249,7 @@ def finetune_expert(
             "train_seconds": train_seconds,
             "before": before,
             "after": after,
-            "machine": machine_info(workflow.parser.get_parsed_content("device")),
+            "machine": {**machine_info(workflow.parser.get_parsed_content("device")), "monai": monai.__version__},
         }  # fmt: skip
         meta = json.loads((stage / "configs" / "metadata.json").read_text())
         meta["changelog"][version] = changelog_entry(summary)

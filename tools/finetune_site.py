@@ -1,0 +1,35 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Fine-tune one region expert on a site's own data and write the result as a complete, versioned MONAI bundle.
+
+    python tools/finetune_site.py --expert_bundle /path/to/brain_expert --dataset_dir /data/Task04_Hippocampus \
+        --output_dir /bundles/brain_expert_site [--mode lora] [--epochs 10] [--num_train_cases 20]
+
+A thin entry point: it runs the expert bundle's own ``configs/train.json`` (with ``configs/train_lora.json`` for
+``--mode lora``) through :func:`medfm_ops.finetune.finetune_expert`; see ``docs/site_finetuning.md``. Any argument of
+that function can be given as ``--name value``. ``--expert_bundle`` may also be a trained medfm training bundle
+(``bundles/foundation_seg``, ``bundles/lorkd_seg``) with ``--region``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import fire
+
+from medfm_ops.finetune import finetune_expert
+
+
+def main(**kwargs) -> None:
+    """Run :func:`~medfm_ops.finetune.finetune_expert` with ``kwargs``; exits 1 with a one-line error on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    try:
+        finetune_expert(**kwargs)
+    except (ValueError, FileNotFoundError, NotImplementedError, TypeError) as e:
+        print(f"\nfinetune_site: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
