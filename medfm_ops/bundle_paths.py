@@ -117,7 +117,9 @@ def check_trained_regions(ckpt_dir: str | os.PathLike, region_table: Any) -> Non
     trained = json.loads(spec.read_text()).get("regions")
     if trained is None:
         return
-    norm = lambda rs: [(r["name"], int(r["task_id"]), {str(k): v for k, v in r["labels"].items()}) for r in rs]  # noqa: E731
+    def norm(regions: list[dict]) -> list[tuple]:
+        return [(r["name"], int(r["task_id"]), {str(k): v for k, v in r["labels"].items()}) for r in regions]
+
     if norm(trained) != norm(region_table.to_regions()):
         raise ValueError(
             f"the model in {ckpt_dir} was trained on regions {[(r['name'], r['labels']) for r in trained]} but the "

@@ -1,10 +1,12 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Engine pieces: routed inference, warm-up / LoRKD* ranks, atomic checkpoints, NaN guard, teacher loading."""
+"""Engine pieces: routed inference, warm-up / LoRKD* ranks, atomic checkpoints, NaN guard, teacher loading, epoch
+summary line, evaluation with the caller's inferer, renamed config keys."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -15,6 +17,7 @@ from torch import nn
 
 from medfm_ops.engines import (
     AtomicCheckpointSaver,
+    EpochSummaryHandler,
     ExpertWarmupHandler,
     LoRKDLossAdapter,
     NonFiniteLossError,
@@ -182,3 +185,59 @@ def test_load_teacher_all_sources(tmp_path):
         load_teacher(tmp_path / "nope")
     with pytest.raises(ValueError, match="teacher_def"):
         load_teacher(tmp_path / "w.pt")
+
+
+def test_epoch_summary_is_one_line_per_epoch(caplog):
+    net = nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    losses = iter([1.0, 3.0, 0.5, 1.5])
+    engine = Engine(lambda e, b: {"loss": torch.tensor(next(losses)), "kl": 0.25})
+    EpochSummaryHandler(lambda out: {"loss": out["loss"].item(), "kl": out["kl"]}, optimizer=opt).attach(engine)
+    with caplog.at_level(logging.INFO, logger="medfm.train"):
+        engine.run([0, 1], max_epochs=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "medfm.train"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("epoch 1/2: loss 2.0000 (kl 0.2500), lr 5.00e-01, ") and lines[0].endswith(" s")
+    assert lines[1].startswith("epoch 2/2: loss 1.0000 (kl 0.2500)")
+
+
+def test_evaluate_segmentation_uses_the_given_inferer_and_logs_nothing(caplog):
+    """The inferer comes from the caller (a bundle's validate#inferer), and no 'best metric' line per call."""
+    from monai.data import MetaTensor
+
+    from medfm_ops.data import RegionTable
+    from medfm_ops.engines import evaluate_segmentation
+
+    table = RegionTable({0: "a", 1: "b"}, {0: ["x"], 1: ["y", "z"]})
+    image = MetaTensor(torch.randn(1, 12, 10, 8), meta={"pixdim": [1.0, 1.0, 1.0, 1.0]})
+    label = torch.zeros(3, 12, 10, 8)
+    label[0, 2:6, 2:6, 2:6] = 1
+    files = [{"image": image, "label": label, "region": torch.tensor(0)}]
+    calls = []
+
+    class _Inferer(RoutedSlidingWindowInferer):
+        def __call__(self, inputs, network, *args, **kwargs):
+            calls.append(tuple(inputs.shape))
+            return super().__call__(inputs, network, *args, **kwargs)
+
+    net = nn.Conv3d(1, 3, 1)
+    with caplog.at_level(logging.INFO):
+        metric = evaluate_segmentation(net, files, None, _Inferer(roi_size=(8, 8, 8)), table, "cpu", route=False)
+    assert calls == [(1, 1, 12, 10, 8)]
+    assert [r["region"] for r in metric.table()] == ["a"]
+    assert not [r for r in caplog.records if "best metric" in r.getMessage() or r.name.startswith("ignite")]
+
+
+def test_renamed_config_keys_and_literal_config(tmp_path):
+    from medfm_ops.bundle_paths import literal_config, reject_renamed_keys
+
+    reject_renamed_keys({"rank": "expert_rank"}, rank=None)  # not set: fine
+    with pytest.raises(ValueError, match=r"'rank' is now 'expert_rank' \(--expert_rank 4\)"):
+        reject_renamed_keys({"rank": "expert_rank"}, rank=4)
+    cfg = tmp_path / "c.json"
+    net_def = {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": "@n"}
+    cfg.write_text(json.dumps({"n": "$len(missing_data)", "network_def": net_def}))
+    literal = literal_config(cfg, "network_def", built=nn.Linear(2, 5), n=5)
+    assert literal == {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 5}
+    with pytest.raises(ValueError, match="overridden on the command line"):
+        literal_config(cfg, "network_def", built=nn.Linear(2, 6), n=5)

@@ -1,13 +1,15 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
 """End to end through the bundles on a tiny synthetic set: foundation -> LoRKD* -> evaluate -> export -> inference,
-plus resume, bundle metadata and bad-input behaviour. Runs in a copy of the bundles under tmp_path."""
+plus resume, bundle metadata, standalone inference configs, renamed keys and bad-input behaviour. Runs in a copy of
+the bundles under tmp_path."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +46,16 @@ def _run(bundle: Path, *names: str, **overrides) -> None:
     bundle_run(config_file=_cfg(bundle, *names), bundle_root=str(bundle), **{**TINY, **overrides})
 
 
+def _infer(bundle: Path, **overrides) -> None:
+    """configs/inference.json ON ITS OWN (no train.json), with the tiny set's window."""
+    bundle_run(config_file=_cfg(bundle, "inference.json"), bundle_root=str(bundle),
+               **{"roi_size": TINY["roi_size"], **overrides})
+
+
+def _raw(bundle: str, name: str) -> dict:
+    return json.loads((REPO / "bundles" / bundle / "configs" / name).read_text())
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Copies of both bundles, a private data cache, a trained teacher and a trained LoRKD* student."""
@@ -70,11 +82,75 @@ def test_metadata_of_both_bundles_is_complete(tmp_path):
         for key in ("monai_version", "pytorch_version", "numpy_version", "task", "description", "authors"):
             assert meta[key], key
         assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
-        for f in ("train.json", "logging.conf"):
+        for f in ("train.json", "inference.json", "logging.conf"):
             assert (REPO / "bundles" / name / "configs" / f).is_file()
         assert (REPO / "bundles" / name / "LICENSE").is_file() and (REPO / "bundles" / name / "docs" / "README.md").is_file()
-    for f in ("evaluate.json", "inference.json", "multi_gpu_train.json"):
+    for f in ("evaluate.json", "multi_gpu_train.json"):
         assert (REPO / "bundles" / "lorkd_seg" / "configs" / f).is_file()
+
+
+def _no_dict_calls(item, where="") -> None:
+    if isinstance(item, dict):
+        for k, v in item.items():
+            _no_dict_calls(v, f"{where}#{k}")
+    elif isinstance(item, list):
+        for i, v in enumerate(item):
+            _no_dict_calls(v, f"{where}#{i}")
+    else:
+        built_in_python = isinstance(item, str) and re.search(r"(?<![\w.])dict\(", item)
+        assert not built_in_python, f"{where}: a dict built in Python: {item!r}"
+
+
+@pytest.mark.parametrize("bundle", ["foundation_seg", "lorkd_seg"])
+def test_inference_json_is_one_definition_with_train_json(bundle):
+    """inference.json cannot include train.json (MONAI Label loads it alone): its copies must equal train.json's."""
+    train, infer = _raw(bundle, "train.json"), _raw(bundle, "inference.json")
+    assert infer["deterministic_transforms"] == train["deterministic_transforms"]
+    assert train["validate"]["preprocessing"]["transforms"] == "%deterministic_transforms"
+    assert train["train"]["preprocessing"]["transforms"] == "$@deterministic_transforms + @train#random_transforms"
+    assert infer["preprocessing"]["transforms"] == "%deterministic_transforms"
+    experts = ("expert_rank", "expert_alpha") if bundle == "lorkd_seg" else ()
+    for key in ("network_def", "roi_size", "spacing", *experts):
+        assert infer[key] == train[key], key
+    assert infer["inferer"]["roi_size"] == train["validate"]["inferer"]["roi_size"] == "@roi_size"
+    assert infer["network_def"]["_target_"] == "monai.networks.nets.UNet", "a stock network a site can serve"
+    assert [r["name"] for r in infer["regions"]] == ["brain_mri", "thorax_ct", "abdomen_ct", "pelvis_mr"]
+    overrides = ("evaluate.json", "multi_gpu_train.json") if bundle == "lorkd_seg" else ()
+    for name in ("train.json", "inference.json", *overrides):
+        _no_dict_calls(_raw(bundle, name), name)
+
+
+@pytest.mark.parametrize("bundle", ["foundation_seg", "lorkd_seg"])
+def test_inference_network_verifies_before_training(bundle):
+    """verify_net_in_out reads network_def from inference.json alone: no datalist, no weights needed."""
+    from monai.bundle import verify_net_in_out
+
+    root = REPO / "bundles" / bundle
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    verify_net_in_out(net_id="network_def", meta_file=str(root / "configs" / "metadata.json"),
+                      config_file=str(root / "configs" / "inference.json"), device="cpu", bundle_root=str(root))
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser["bundle_root"] = str(root)
+    assert parser.get_parsed_content("num_classes") == meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+
+
+@pytest.mark.parametrize("name", ["train.json", "inference.json"])
+def test_renamed_keys_fail_with_the_new_name(name, tmp_path):
+    bundle = tmp_path / "lorkd_seg"
+    shutil.copytree(REPO / "bundles" / "lorkd_seg", bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+    with pytest.raises(Exception) as info:
+        bundle_run(config_file=_cfg(bundle, name), bundle_root=str(bundle), alpha=32)
+    assert any("'alpha' is now 'expert_alpha'" in m and "--expert_alpha 32" in m for m in _messages(info.value))
+    if name == "train.json":  # the command line exits non-zero and says what to use
+        proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", _cfg(bundle, name),
+                               "--bundle_root", str(bundle), "--rank", "4"], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "MEDFM_CACHE": str(tmp_path / "cache")})
+        assert proc.returncode != 0
+        assert "--expert_rank 4" in proc.stdout + proc.stderr
+        assert not (tmp_path / "cache").exists(), "the check runs before any data is generated"
 
 
 def test_training_outputs_and_lorkd_star_ranks(workspace):
@@ -117,23 +193,68 @@ def test_export_and_inference(workspace, tmp_path):
 
     net = ConfigParser.load_config_file(str(out / "configs" / "inference.json"))["network_def"]
     assert net["_target_"] == "monai.networks.nets.UNet"
-    # inference.json of lorkd_seg on two thorax NIfTI files, with the fused expert in the stock network
-    datalist = next((workspace / "cache").rglob("datalist.json"))
-    _, sections = load_datalist(datalist)
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
+
+
+def _thorax_inputs(workspace: Path, folder: Path) -> list[dict]:
+    _, sections = load_datalist(next((workspace / "cache").rglob("datalist.json")))
+    folder.mkdir()
     cases = [f for f in sections["test"] + sections["validation"] if f["region_name"] == "thorax_ct"][:2]
     for f in cases:
-        shutil.copy(f["image"], inputs)
-    _run(bundle, "train.json", "inference.json", region="thorax_ct", dataset_dir=str(inputs),
-         output_dir=str(tmp_path / "pred"))
+        shutil.copy(f["image"], folder)
+    return sorted(cases, key=lambda c: Path(c["image"]).name)
+
+
+@pytest.mark.parametrize("bundle", ["lorkd_seg", "foundation_seg"])
+def test_standalone_inference_json(workspace, tmp_path, bundle):
+    """inference.json alone on two thorax NIfTI files: lorkd_seg fuses the thorax expert into the stock network,
+    foundation_seg keeps the thorax channels of the teacher; both write region-local label maps."""
+    cases = _thorax_inputs(workspace, tmp_path / "inputs")
+    _infer(workspace / bundle, region="thorax_ct", dataset_dir=str(tmp_path / "inputs"),
+           output_dir=str(tmp_path / "pred"))
     preds = sorted((tmp_path / "pred").glob("*.nii.gz"))
-    assert len(preds) == len(cases)
-    for f, p in zip(sorted(cases, key=lambda c: Path(c["image"]).name), preds):
+    assert [p.name for p in preds] == [Path(c["image"]).name.replace(".nii.gz", "_seg.nii.gz") for c in cases]
+    for f, p in zip(cases, preds):
         src, pred = nib.load(f["image"]), nib.load(p)
         assert pred.shape[:3] == src.shape[:3]
         assert np.allclose(pred.affine, src.affine, atol=1e-4)
         assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
+
+
+def test_inference_regions_must_match_the_trained_layout(workspace, tmp_path):
+    _thorax_inputs(workspace, tmp_path / "inputs")
+    other = [{"name": "knee_mr", "task_id": 0, "labels": {"1": "cartilage"}}]
+    with pytest.raises(Exception) as info:
+        _infer(workspace / "foundation_seg", regions=other, dataset_dir=str(tmp_path / "inputs"))
+    assert any("knee_mr" in m and "brain_mri" in m and "--regions" in m for m in _messages(info.value))
+
+
+def test_bundle_preprocessing_equals_seg_transforms(workspace):
+    """The JSON transform lists reproduce medfm_ops.data.seg_transforms exactly (training with the same random
+    state, and validation), so moving them into the configs changed no result."""
+    from monai.bundle import ConfigParser
+
+    from medfm_ops.data import seg_transforms
+
+    parser = ConfigParser()
+    parser.read_config(str(workspace / "lorkd_seg" / "configs" / "train.json"))
+    parser.update({**TINY, "bundle_root": str(workspace / "lorkd_seg")})
+    table, files = parser.get_parsed_content("region_table"), parser.get_parsed_content("train_files")
+    for train in (True, False):
+        new = parser.get_parsed_content("train#preprocessing" if train else "validate#preprocessing", lazy=False)
+        old = seg_transforms(table, roi_size=TINY["roi_size"] if train else None, train=train)
+        new.set_random_state(seed=3)
+        old.set_random_state(seed=3)
+        for f in files:
+            a, b = new(dict(f)), old(dict(f))
+            assert sorted(a) == sorted(b)
+            for k in a:
+                if isinstance(a[k], torch.Tensor):
+                    assert a[k].dtype == b[k].dtype and torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
+                else:
+                    assert a[k] == b[k], k
+    # inference.json's default class layout is the one the bundles were trained on (the synthetic default)
+    infer = json.loads((workspace / "lorkd_seg" / "configs" / "inference.json").read_text())
+    assert infer["regions"] == [{k: r[k] for k in ("name", "task_id", "labels")} for r in table.to_regions()]
 
 
 def _messages(exc: BaseException) -> list[str]:
@@ -144,13 +265,15 @@ def _messages(exc: BaseException) -> list[str]:
     return chain
 
 
-def test_inference_bad_inputs_are_clear_errors(workspace, tmp_path):
-    with pytest.raises(Exception) as info:  # an empty input folder
-        _run(workspace / "lorkd_seg", "train.json", "inference.json", dataset_dir=str(tmp_path))
-    assert any("no input images found" in m and str(tmp_path) in m for m in _messages(info.value))
+@pytest.mark.parametrize("bundle", ["lorkd_seg", "foundation_seg"])
+def test_inference_bad_inputs_are_clear_errors(workspace, tmp_path, bundle):
+    for folder in (tmp_path, tmp_path / "missing"):  # an empty and a missing input folder
+        with pytest.raises(Exception) as info:
+            _infer(workspace / bundle, dataset_dir=str(folder))
+        assert any("no input images found" in m and str(folder) in m for m in _messages(info.value))
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), str(tmp_path / "case.nii.gz"))
     with pytest.raises(Exception) as info:  # an unknown region name
-        _run(workspace / "lorkd_seg", "train.json", "inference.json", region="spleen_xyz", dataset_dir=str(tmp_path))
+        _infer(workspace / bundle, region="spleen_xyz", dataset_dir=str(tmp_path))
     assert any("spleen_xyz" in m and "brain_mri" in m for m in _messages(info.value)), _messages(info.value)[-1]
 
 
@@ -229,6 +352,12 @@ def test_multi_gpu_config_with_two_cpu_processes(workspace, tmp_path):
     env = {**os.environ, "MEDFM_CACHE": str(workspace / "cache"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # logging: one summary line per epoch (rank 0 only), no per-iteration lines by default
+    log = proc.stdout + proc.stderr
+    summaries = [line for line in log.splitlines() if "medfm.train - INFO - epoch " in line]
+    assert [s.split("INFO - ")[1].split(":")[0] for s in summaries] == ["epoch 1/2", "epoch 2/2"], log[-3000:]
+    assert all(" lr " in s and "task " in s and "kl " in s and s.endswith(" s") for s in summaries), summaries
+    assert "Iter:" not in log, "no per-iteration StatsHandler lines unless --log_every_iteration true"
     assert (bundle / "models" / "model.pt").is_file()
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state), "the DDP wrapper is not saved"

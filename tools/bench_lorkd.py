@@ -5,12 +5,14 @@ the plain network, and parameters/FLOPs of teacher vs expert.
 
     python tools/bench_lorkd.py run --out_dir benchmarks/ [--device auto|cpu|cuda] [--batch 4] [--roi 32] [--repeats 10]
 
-Writes ``lorkd_bench.md`` and ``lorkd_bench.json``. The networks are those of the bundles' default configs (teacher:
-UNet 32-64-128-256 with 2 residual units; student/expert: UNet 16-32-64-128 with 1 residual unit; 12 output classes
-and 4 regions as in the synthetic default set; rank 8, alpha 16). Weights are random: timings and sizes do not
-depend on training. Training step = forward + loss (Dice + BCE on each sample's region channels + 0.1 KL to the
-teacher logits) + backward + AdamW step; the batch mixes the 4 regions. The teacher's forward is timed separately
-(it is the same for both students). Every configuration is timed in alternating turns; medians and IQR are reported.
+Writes ``lorkd_bench.md`` and ``lorkd_bench.json``. The networks are read from the bundles' default configs
+(``network_def`` of ``bundles/foundation_seg`` (teacher: UNet 32-64-128-256 with 2 residual units) and
+``bundles/lorkd_seg`` (student/expert: UNet 16-32-64-128 with 1 residual unit), ``expert_rank`` 8 and
+``expert_alpha`` 16 of lorkd_seg's train.json), with 12 output classes and 4 regions as in the synthetic default
+set. Weights are random: timings and sizes do not depend on training. Training step = forward + loss (Dice + BCE on
+each sample's region channels + 0.1 KL to the teacher logits) + backward + AdamW step; the batch mixes the 4
+regions. The teacher's forward is timed separately (it is the same for both students). Every configuration is timed
+in alternating turns; medians and IQR are reported.
 """
 
 from __future__ import annotations
@@ -29,23 +31,32 @@ import datetime  # noqa: E402
 
 import fire  # noqa: E402
 import torch  # noqa: E402
-from monai.networks.nets import UNet  # noqa: E402
 
 from medfm_ops.engines import count_flops, count_params  # noqa: E402
 from medfm_ops.losses import LoRKDSegLoss  # noqa: E402
-from medfm_ops.networks import export_expert, param_groups, to_experts  # noqa: E402
+from medfm_ops.networks import export_expert, instantiate, param_groups, to_experts  # noqa: E402
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
 from medfm_ops.utils.bench import machine_info, summarize_ms, time_ms  # noqa: E402
 
 NUM_CLASSES, REGION_SIZES = 12, (3, 3, 4, 2)
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
-def _student() -> UNet:
-    return UNet(3, 1, NUM_CLASSES, (16, 32, 64, 128), (2, 2, 2), num_res_units=1, norm="INSTANCE")
+def _train_config(bundle: str) -> dict:
+    return json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
 
 
-def _teacher() -> UNet:
-    return UNet(3, 1, NUM_CLASSES, (32, 64, 128, 256), (2, 2, 2), num_res_units=2, norm="INSTANCE")
+def _network(bundle: str) -> torch.nn.Module:
+    """The bundle's ``network_def`` with the synthetic default's 12 classes."""
+    return instantiate({**_train_config(bundle)["network_def"], "out_channels": NUM_CLASSES})
+
+
+def _student() -> torch.nn.Module:
+    return _network("lorkd_seg")
+
+
+def _teacher() -> torch.nn.Module:
+    return _network("foundation_seg")
 
 
 def _mask(regions: torch.Tensor) -> torch.Tensor:
@@ -73,7 +84,10 @@ def run(out_dir: str = "benchmarks", device: str = "auto", batch: int = 4, roi: 
     with torch.no_grad():
         t_logits = teacher(x)
     plain = _student().to(dev)
-    experts = to_experts(_student(), len(REGION_SIZES), ranks=8, alpha=16).to(dev)
+    lorkd = _train_config("lorkd_seg")
+    record["expert_rank"], record["expert_alpha"] = lorkd["expert_rank"], lorkd["expert_alpha"]
+    experts = to_experts(_student(), len(REGION_SIZES), ranks=lorkd["expert_rank"], alpha=lorkd["expert_alpha"])
+    experts = experts.to(dev)
     loss_fn = LoRKDSegLoss(beta=0.1)
     opts = {"plain": torch.optim.AdamW(plain.parameters(), 1e-4), "experts": torch.optim.AdamW(param_groups(experts, 1e-4))}
 
@@ -146,7 +160,8 @@ def _markdown(r: dict) -> str:
         "## Training step (forward + LoRKD loss + backward + AdamW)", "",
         "| student | ms | ratio to plain |", "|---|---|---|",
         f"| plain UNet (no experts) | {fmt(t['plain'])} | 1.000 |",
-        f"| EKS experts (4 regions, rank 8) | {fmt(t['experts'])} | {t['ratio_experts_to_plain']:.3f} |", "",
+        f"| EKS experts (4 regions, expert_rank {r.get('expert_rank', 8)}, expert_alpha {r.get('expert_alpha', 16)}) "
+        f"| {fmt(t['experts'])} | {t['ratio_experts_to_plain']:.3f} |", "",
         f"Teacher forward (same for both, not included above): {fmt(r['teacher_forward'])} ms.", "",
         "## Inference of one region (batch 1)", "",
         "| network | ms | ratio to plain |", "|---|---|---|",
