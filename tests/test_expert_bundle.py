@@ -165,7 +165,7 @@ def test_train_config_fine_tunes(tmp_path):
 
 
 def test_lora_override_writes_a_stock_model(tmp_path):
-    """train.json + train_lora.json: adapters train, and finalize merges them into a stock models/model.pt."""
+    """train.json + train_lora.json: adapters train, and finalize fuses them into a stock models/model.pt."""
     data = _msd(tmp_path / "data")
     work = tmp_path / "bundle"
     write_expert_bundle(work, NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
@@ -173,7 +173,7 @@ def test_lora_override_writes_a_stock_model(tmp_path):
     _run_bundle(work, "--config_file", "['configs/train.json','configs/train_lora.json']", "--dataset_dir",
                 str(data), "--epochs", "1", "--lora_rank", "2", "--learning_rate", "0.05")  # fmt: skip
     after = torch.load(work / "models/model.pt", weights_only=True)
-    assert after.keys() == before.keys()  # stock keys: the adapters were merged
+    assert after.keys() == before.keys()  # stock keys: the adapters were fused
     assert any(not torch.equal(after[k], before[k]) for k in after if k.endswith("conv.weight"))
     norm = [k for k in after if ".adn.N." in k or k.endswith("bias")]  # frozen: no adapter on norms/biases
     assert all(torch.equal(after[k], before[k]) for k in norm)

@@ -33,7 +33,7 @@ from medfm_ops.finetune import (
     load_or_create_split,
     load_source,
     match_classes,
-    merge_lora,
+    fuse_lora,
     out_channel_dims,
     plan_head,
     prepare_start,
@@ -133,7 +133,7 @@ def test_lora_merge_is_exact_and_stock():
         for name, p in adapted.named_parameters():
             if "lora_B" in name:
                 p.normal_()  # non-zero B, so the merge is tested
-    merged = merge_lora(adapted)
+    merged = fuse_lora(adapted)
     assert type(merged) is type(net) and merged.state_dict().keys() == net.state_dict().keys()
     x = torch.randn(2, 1, 16, 16, 16, dtype=torch.float64)
     with torch.no_grad():

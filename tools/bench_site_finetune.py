@@ -45,7 +45,7 @@ ROWS = (
     ("scratch", "student from scratch (expert architecture, random init)", "expert", "scratch", "full"),
     ("teacher_full", "foundation teacher, fine-tuned (all weights)", "teacher", "pretrained", "full"),
     ("expert_full", "LoRKD brain expert, fine-tuned (all weights)", "expert", "pretrained", "full"),
-    ("expert_lora", "LoRKD brain expert, LoRA (r=8, merged back)", "expert", "pretrained", "lora"),
+    ("expert_lora", "LoRKD brain expert, LoRA (r=8, fused back)", "expert", "pretrained", "lora"),
 )
 
 REFERENCES = (

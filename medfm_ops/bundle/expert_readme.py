@@ -51,7 +51,7 @@ by `val_split` with `seed`. It uses the same deterministic preprocessing as `con
 the region's channels only; AdamW with a cosine schedule; validation Dice after every `val_interval` epochs, the
 best weights saved to `models/model.pt`. MONAI Label runs the same config (it overrides the data lists, epochs,
 device and handlers). Modes are difference-only overrides: `configs/train_lora.json` trains one low-rank adapter
-per convolution and merges it back into a stock `model.pt` (needs the `medfm_ops` package). `configs/evaluate.json`
+per convolution and fuses it into a stock `model.pt` (needs the `medfm_ops` package). `configs/evaluate.json`
 scores `models/model.pt` on the validation cases. medfm's site fine-tuning (`tools/finetune_site.py`) runs these
 same configs and writes a new, versioned bundle.
 

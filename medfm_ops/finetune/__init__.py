@@ -3,7 +3,7 @@
 """Clinical-site fine-tuning of one region expert (full or LoRA), written as a complete, versioned MONAI bundle.
 
 Modules: ``source`` (what a site starts from), ``split`` (the saved train/validation split), ``head`` (site classes
-onto the expert's channels), ``start`` (starting weights), ``lora`` (adapters, merged back), ``bundle_run`` (a
+onto the expert's channels), ``start`` (starting weights), ``lora`` (adapters, fused back), ``bundle_run`` (a
 bundle's own configs run in-process), ``scoring`` (DSC/NSD of written label maps), ``report`` (tables, changelog,
 README), ``pipeline`` (:py:func:`finetune_expert`, the whole run).
 """
@@ -17,8 +17,8 @@ from .lora import (
     SingleTaskAdapter,
     add_lora,
     check_mode,
-    merge_lora,
-    save_merged_lora,
+    fuse_lora,
+    save_fused_lora,
     trainable_parameters,
 )
 from .pipeline import MODE_CONFIGS, SUMMARY_RELPATH, finetune_expert
@@ -44,14 +44,14 @@ __all__ = [
     "load_or_create_split",
     "load_source",
     "match_classes",
-    "merge_lora",
+    "fuse_lora",
     "out_channel_dims",
     "plan_head",
     "predict_with_bundle",
     "prepare_start",
     "resize_head",
     "run_bundle_configs",
-    "save_merged_lora",
+    "save_fused_lora",
     "score_label_maps",
     "site_class_names",
     "trainable_parameters",

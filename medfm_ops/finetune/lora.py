@@ -1,6 +1,6 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""LoRA fine-tuning of a stock network as an EKS network with one expert, merged back into the stock class."""
+"""LoRA fine-tuning of a stock network as an EKS network with one expert, fused back into the stock class."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ __all__ = [
     "FINETUNE_MODES",
     "SingleTaskAdapter",
     "add_lora",
-    "merge_lora",
+    "fuse_lora",
     "check_mode",
-    "save_merged_lora",
+    "save_fused_lora",
     "trainable_parameters",
 ]
 
@@ -40,7 +40,7 @@ def check_mode(mode: str) -> str:
     if mode == "sparse":
         raise NotImplementedError(
             "mode='sparse' (SH-PEFT sparse/hybrid fine-tuning) is not available yet: use mode='full' (all weights) "
-            "or mode='lora' (one low-rank adapter per convolution, merged back after training)."
+            "or mode='lora' (one low-rank adapter per convolution, fused into the kernels after training)."
         )
     if mode not in FINETUNE_MODES:
         raise ValueError(f"mode must be one of {FINETUNE_MODES}, got {mode!r}.")
@@ -97,7 +97,7 @@ def add_lora(
     Example::
 
         adapted = add_lora(UNet(3, 1, 2, (16, 32, 64), (2, 2)), rank=8)
-        stock = merge_lora(adapted)  # a UNet again, W0 + delta W in its kernels
+        stock = fuse_lora(adapted)  # a UNet again, W0 + delta W in its kernels
     """
     if int(rank) < 1:
         raise ValueError(f"rank must be >= 1 for LoRA, got {rank}.")
@@ -109,7 +109,7 @@ def add_lora(
     return SingleTaskAdapter(model)
 
 
-def merge_lora(adapter: nn.Module) -> nn.Module:
+def fuse_lora(adapter: nn.Module) -> nn.Module:
     """
     The stock network (an instance of the ORIGINAL class, same state-dict keys) with every adapter merged into its
     kernel: ``W = W0 + (alpha / r) B A``. The adapter is not modified; the result's parameters all require grad.
@@ -125,12 +125,12 @@ def trainable_parameters(net: nn.Module) -> list[nn.Parameter]:
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def save_merged_lora(
+def save_fused_lora(
     adapter: nn.Module, adapter_checkpoint: str | os.PathLike, model_path: str | os.PathLike
 ) -> nn.Module:
     """
     Load the best adapter weights saved during training into ``adapter``, merge them
-    (:py:func:`merge_lora`) and write the stock state dict to ``model_path`` atomically (non-finite weights refused).
+    (:py:func:`fuse_lora`) and write the stock state dict to ``model_path`` atomically (non-finite weights refused).
     Used as the ``finalize`` step of an expert bundle's ``configs/train_lora.json``.
 
     Raises:
@@ -142,6 +142,6 @@ def save_merged_lora(
         )
     state = torch.load(adapter_checkpoint, map_location="cpu", weights_only=True)
     adapter.load_state_dict(state.get("model", state) if isinstance(state.get("model"), dict) else state)
-    merged = merge_lora(adapter)
+    merged = fuse_lora(adapter)
     atomic_torch_save({k: v.detach().cpu() for k, v in merged.state_dict().items()}, model_path)
     return merged

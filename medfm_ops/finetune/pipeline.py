@@ -120,7 +120,7 @@ def finetune_expert(
         dataset_dir: the site's MSD-style folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``).
         output_dir: the bundle to write (replaced when it exists and the run succeeds).
         region: region of a training bundle. Defaults to None (its only region).
-        mode: ``"full"`` or ``"lora"`` (adapters merged back: the result is a stock network). Defaults to ``"full"``.
+        mode: ``"full"`` or ``"lora"`` (adapters fused into the kernels: the result is a stock network). Defaults to ``"full"``.
         init: ``"pretrained"`` or ``"scratch"`` (same architecture, seeded random weights). Defaults to
             ``"pretrained"``.
         head: ``"auto"``, ``"keep"`` or ``"resize"`` (see ``docs/site_finetuning.md``). Defaults to ``"auto"``.
@@ -216,7 +216,7 @@ def finetune_expert(
         best = stage / "models" / _BEST[mode]
         if not best.is_file():
             raise RuntimeError(f"training wrote no checkpoint ({best}): it never validated.")
-        if mode == "full":  # lora: train_lora.json's finalize already merged the adapters into models/model.pt
+        if mode == "full":  # lora: train_lora.json's finalize already fused the adapters into models/model.pt
             atomic_torch_save(torch.load(best, map_location="cpu", weights_only=True), stage / "models" / "model.pt")
         best.unlink()
         after = _score(stage, cases, names, nsd_tolerance_mm, "after", device)
