@@ -252,7 +252,10 @@ def seg_transforms(
     drop_keys: Sequence[str] = ("label_names",),
 ) -> Compose:
     """
-    The standard preprocessing of the segmentation bundles for datalist items (``image``, ``label``, ``region``).
+    The standard preprocessing of the segmentation bundles for datalist items (``image``, ``label``, ``region``), as a
+    library function for tests and tools. The bundles do not call it: their ``configs/train.json`` writes the same
+    chain as JSON lists (``deterministic_transforms`` + ``train#random_transforms``), and
+    ``tests/test_lorkd_bundle.py`` checks that both give identical outputs.
 
     Steps: :py:class:`SafeLoadImaged`; ``EnsureChannelFirstd``; :py:class:`CheckImageLabelShaped`; ``Orientationd``
     to RAS; ``Spacingd`` (bilinear image, nearest label) when ``spacing`` is given; per-image
