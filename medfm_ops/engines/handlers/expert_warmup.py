@@ -66,7 +66,7 @@ class ExpertWarmupHandler:
             raise ValueError(
                 "lorkd_star=True re-shapes the experts after the warm-up, which a DistributedDataParallel wrapper "
                 "cannot follow: run the LoRKD* warm-up single-process (configs/train.json with lorkd_star=true), then "
-                "train multi-GPU with `--rank` set to the logged ranks (a list) and `--warmup_epochs 0`."
+                "train multi-GPU with `--expert_rank` set to the logged ranks (a list) and `--warmup_epochs 0`."
             )
         self.network = network
         self.optimizer = optimizer
