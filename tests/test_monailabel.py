@@ -1,6 +1,7 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""A real MONAI Label 0.8.5 server serves and fine-tunes an expert bundle written by write_expert_bundle.
+"""A real MONAI Label 0.8.5 server serves and fine-tunes an expert bundle written by write_expert_bundle, and
+serves, unchanged, a bundle written by site fine-tuning (``medfm_ops.finetune.finetune_expert``).
 
 The server runs from its own environment (``tools/monailabel_env.sh``, default ``<repo>/.venv-label``, created on
 first use: minutes). It is started on 127.0.0.1 with a free port, every request is bounded in time, and the server is
@@ -12,6 +13,8 @@ so that each channel is positive on about 30 % of the voxels of the test volume,
 The oracle is the same bundle run offline with ``python -m monai.bundle run`` (stock MONAI, main environment): the
 server's label volume must have the input's shape and affine, values in {0..n}, every label present, and agree with
 the offline result voxel for voxel (>= 99.9 %; the two environments run the same MONAI/torch versions).
+The site bundle is fine-tuned here on tiny two-blob volumes until its own inference finds both structures; the
+server's answer on one of its validation images must match that bundle's offline ``monai.bundle run`` the same way.
 """
 
 from __future__ import annotations
@@ -37,14 +40,17 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
 from expert_fixture import CHANNELS, NET_DEF, ROI, SPACING
+from site_fixture import write_expert, write_msd
 
 from medfm_ops.bundle import write_expert_bundle
+from medfm_ops.finetune import finetune_expert
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_VENV = Path(os.environ.get("MEDFM_LABEL_VENV", REPO / ".venv-label"))
 NAME = "abdomen_expert"
+SITE_NAME = "site_expert"
 LABELS = {1: "liver", 2: "spleen", 3: "kidney"}
 AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, 0, 1.2, -5.0], [0, -2.5, 0, 3.0], [0, 0, 0, 1]])
 SHAPE = (40, 33, 27)
@@ -115,6 +121,17 @@ def _calibrated_state_dict(image: np.ndarray) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _offline(bundle: Path, images_dir: Path, out_dir: Path, name: str) -> np.ndarray:
+    """The bundle's inference.json under stock ``python -m monai.bundle run`` in this (main) environment."""
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
+         "--dataset_dir", str(images_dir), "--output_dir", str(out_dir)],
+        cwd=bundle, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return np.asarray(nib.load(out_dir / name.replace(".nii.gz", "_seg.nii.gz")).dataobj)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, label_python):
     root = tmp_path_factory.mktemp("monailabel")
@@ -130,13 +147,16 @@ def setup(tmp_path_factory, label_python):
     # oracle: the same bundle offline, stock monai.bundle run in this (main) environment
     (root / "in").mkdir()
     shutil.copy(case, root / "in" / case.name)
-    res = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
-         "--dataset_dir", str(root / "in"), "--output_dir", str(root / "oracle")],
-        cwd=bundle, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    oracle = np.asarray(nib.load(root / "oracle" / "case_seg.nii.gz").dataobj)
+    oracle = _offline(bundle, root / "in", root / "oracle", case.name)
+
+    # a site bundle: a tiny expert fine-tuned on two-blob volumes by medfm's site fine-tuning
+    site_data = write_msd(root / "site_msd", n=8)
+    site = finetune_expert(write_expert(root / "site_source"), site_data, root / "bundle" / SITE_NAME, epochs=12,
+                           batch_size=2, learning_rate=0.01, val_split=0.25, verify=False, progress=False)  # fmt: skip
+    site_case = Path(site["after"]["cases"][0]["label"].replace("labelsTr", "imagesTr"))
+    (root / "site_in").mkdir()
+    shutil.copy(site_case, root / "site_in" / site_case.name)
+    site_oracle = _offline(root / "bundle" / SITE_NAME, root / "site_in", root / "site_oracle", site_case.name)
 
     # the stock sample app ships inside the monailabel package: copy it out (offline)
     res = subprocess.run(
@@ -147,6 +167,7 @@ def setup(tmp_path_factory, label_python):
     app = root / "apps" / "monaibundle"
     assert (app / "main.py").is_file(), res.stdout[-2000:] + res.stderr[-2000:]
     shutil.copytree(bundle, app / "model" / NAME)  # training writes into the bundle: serve a copy
+    shutil.copytree(root / "bundle" / SITE_NAME, app / "model" / SITE_NAME)  # as written, unchanged
 
     # studies with annotations, for fine-tuning through the server
     studies = root / "studies"
@@ -158,7 +179,8 @@ def setup(tmp_path_factory, label_python):
         img = rng.normal(size=lab.shape).astype(np.float32) + 3.0 * lab
         nib.save(nib.Nifti1Image(img, grid), studies / f"img{i}.nii.gz")
         nib.save(nib.Nifti1Image(lab, grid), studies / "labels" / "final" / f"img{i}.nii.gz")
-    return {"root": root, "case": case, "oracle": oracle, "app": app, "studies": studies}
+    return {"root": root, "case": case, "oracle": oracle, "app": app, "studies": studies, "site_case": site_case,
+            "site_oracle": site_oracle, "site_labels": site["after"]["table"]}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +188,7 @@ def server(setup, label_python):
     port = _free_port()
     log_path = setup["root"] / "server.log"
     cmd = [str(label_python), "-m", "monailabel.main", "start_server", "--app", str(setup["app"]),
-           "--studies", str(setup["studies"]), "--conf", "models", NAME, "--conf", "zoo_source", "local",
+           "--studies", str(setup["studies"]), "--conf", "models", f"{NAME},{SITE_NAME}", "--conf", "zoo_source", "local",
            "--conf", "sam2", "false", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     env = dict(os.environ, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false", PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
@@ -204,15 +226,19 @@ def test_server_lists_expert(server):
     assert NAME in server["info"]["trainers"]
 
 
-def test_infer_returns_label_volume(server, setup, tmp_path):
-    body, ctype = _multipart({"params": json.dumps({"device": "cpu"})}, {"file": setup["case"]})
+def _infer(server: dict, model: str, image: Path, out: Path) -> nib.Nifti1Image:
+    """POST ``image`` to the server's ``/infer/<model>`` and return the label volume it sends back."""
+    body, ctype = _multipart({"params": json.dumps({"device": "cpu"})}, {"file": image})
     try:
-        data = _request(f"{server['base']}/infer/{NAME}?output=image", body, {"Content-Type": ctype}, timeout=300)
+        data = _request(f"{server['base']}/infer/{model}?output=image", body, {"Content-Type": ctype}, timeout=300)
     except urllib.error.HTTPError as e:
         pytest.fail(f"infer failed ({e.code}):\n{server['log'].read_text()[-4000:]}")
-    out = tmp_path / "pred.nii.gz"
     out.write_bytes(data)
-    pred = nib.load(out)
+    return nib.load(out)
+
+
+def test_infer_returns_label_volume(server, setup, tmp_path):
+    pred = _infer(server, NAME, setup["case"], tmp_path / "pred.nii.gz")
     seg = np.asarray(pred.dataobj)
     assert seg.shape == SHAPE
     np.testing.assert_allclose(pred.affine, AFFINE, atol=1e-5)
@@ -233,3 +259,17 @@ def test_finetune_through_server(server, setup):
     after = torch.load(weights, weights_only=True)  # still a plain, tensors-only state dict
     assert after.keys() == before.keys()
     assert any(not torch.equal(after[k], before[k]) for k in after), server["log"].read_text()[-3000:]
+
+
+def test_serves_site_finetuned_bundle(server, setup, tmp_path):
+    """The bundle written by site fine-tuning is served unchanged: site label names, same result as offline."""
+    model = server["info"]["models"][SITE_NAME]
+    assert model["labels"] == {"anterior": 1, "posterior": 2}
+    oracle = setup["site_oracle"]
+    assert set(np.unique(oracle)) == {0, 1, 2}  # the fine-tuned bundle finds both structures offline
+    pred = _infer(server, SITE_NAME, setup["site_case"], tmp_path / "site_pred.nii.gz")
+    seg = np.asarray(pred.dataobj)
+    assert seg.shape == oracle.shape
+    np.testing.assert_allclose(pred.affine, nib.load(setup["site_case"]).affine, atol=1e-5)
+    agreement = float((seg == oracle).mean())
+    assert agreement >= 0.999, f"server vs offline site bundle agreement {agreement:.4f}"

@@ -5,6 +5,12 @@
 The template files are the one definition of the expert bundle's pipeline (preprocessing, network, inferer, label
 rule, fine-tuning). Writing a bundle copies them and sets their literal top-level values (network, channels,
 spacing, window, training settings); no config is assembled in Python.
+
+The deterministic preprocessing is one list, ``deterministic_transforms`` in ``train.json``, and ``inference.json``
+carries the same list as its ``preprocessing`` (it must stand alone: MONAI Label loads it by itself). The list loads
+the image only (MONAI Label replaces ``LoadImaged`` with a loader that requires every key it names); ``train.json``
+loads the label in a ``load_label`` step before it, and every later step names both keys with
+``allow_missing_keys``.
 """
 
 from __future__ import annotations
