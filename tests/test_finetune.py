@@ -294,6 +294,31 @@ def test_interrupted_run_keeps_the_previous_bundle(site_run, monkeypatch):
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
 
 
+def test_diverging_run_names_the_batch_and_keeps_the_previous_bundle(site_run, tmp_path):
+    """A huge learning rate, or a training image with NaN voxels, stops the run; no bundle with NaN weights."""
+    from medfm_ops.engines import NonFiniteLossError
+
+    out = site_run["out"]
+    model_sha = _sha(out / "models" / "model.pt")
+    with pytest.raises((NonFiniteLossError, ValueError), match="NaN|nan|inf"):
+        finetune_expert(site_run["expert"], site_run["data"], out, epochs=1, batch_size=2, learning_rate=1e12,
+                        val_split=0.25, progress=False, verify=False)  # fmt: skip
+    assert _sha(out / "models" / "model.pt") == model_sha
+
+    data = tmp_path / "msd"
+    shutil.copytree(site_run["data"], data)
+    split = json.loads((out / "docs" / "split.json").read_text())
+    bad = data / split["training"][0]["image"]
+    img = nib.load(bad)
+    arr = np.asarray(img.dataobj).astype(np.float32)
+    arr[2:4, 2:4, 2:4] = np.nan
+    nib.save(nib.Nifti1Image(arr, img.affine), bad)
+    with pytest.raises(NonFiniteLossError, match="nan"):
+        finetune_expert(site_run["expert"], data, tmp_path / "nan_bundle", epochs=1, batch_size=1, val_split=0.25,
+                        progress=False, verify=False)  # fmt: skip
+    assert not (tmp_path / "nan_bundle").exists() and not list(tmp_path.glob(".nan_bundle.partial-*"))
+
+
 @pytest.mark.parametrize("head", ["resize"])
 def test_lora_site_bundle_is_stock_and_reuses_split(site_run, tmp_path, head):
     out = tmp_path / "lora_bundle"

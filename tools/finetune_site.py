@@ -26,7 +26,7 @@ def main(**kwargs) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     try:
         finetune_expert(**kwargs)
-    except (ValueError, FileNotFoundError, NotImplementedError, TypeError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, TypeError, ArithmeticError) as e:
         print(f"\nfinetune_site: error: {e}", file=sys.stderr)
         sys.exit(1)
 

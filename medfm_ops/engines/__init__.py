@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """Engines: batch routing, inferers, loss adapters and handlers for MONAI / Ignite workflows."""
 
-from medfm_ops.engines.handlers import AtomicCheckpointSaver, EpochSummaryHandler, ExpertWarmupHandler
+from medfm_ops.engines.handlers import AtomicCheckpointSaver, EpochSummaryHandler, ExpertWarmupHandler, FiniteLossGuard
 from medfm_ops.engines.lorkd_loss_adapter import LoRKDLossAdapter, NonFiniteLossError
 from medfm_ops.engines.training_state import atomic_write_text, resume_training, write_training_summary
 from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evaluate_decomposition, evaluate_segmentation
@@ -12,6 +12,7 @@ __all__ = [
     "AtomicCheckpointSaver",
     "EpochSummaryHandler",
     "ExpertWarmupHandler",
+    "FiniteLossGuard",
     "LoRKDLossAdapter",
     "NonFiniteLossError",
     "RegionPrepareBatch",

@@ -11,7 +11,16 @@ from typing import Any
 
 from monai.bundle import ConfigWorkflow
 
-__all__ = ["run_bundle_configs", "predict_with_bundle"]
+__all__ = ["run_bundle_configs", "predict_with_bundle", "config_error_cause"]
+
+_WRAPPERS = ("Failed to evaluate", "Failed to instantiate")
+
+
+def config_error_cause(error: BaseException) -> BaseException:
+    """The error under MONAI's config wrappers (``RuntimeError("Failed to evaluate ConfigExpression ...")``)."""
+    while isinstance(error, RuntimeError) and str(error).startswith(_WRAPPERS) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def run_bundle_configs(
@@ -33,6 +42,10 @@ def run_bundle_configs(
 
     Returns:
         the finished :class:`~monai.bundle.ConfigWorkflow` (its ``parser`` holds the instantiated components).
+
+    Raises:
+        the error that stopped the run, unwrapped from MONAI's "Failed to evaluate/instantiate" wrappers so that
+        its own message (naming the file or batch) is what the user reads last.
     """
     root = Path(bundle_dir)
     files = [str(root / "configs" / f) for f in config_files]
@@ -46,9 +59,15 @@ def run_bundle_configs(
     )
     if extra_train_handlers:
         workflow.parser["train#handlers"] = list(workflow.parser["train#handlers"]) + list(extra_train_handlers)
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    try:
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+    except RuntimeError as e:  # surface the real error (a bad file, a NaN loss), not the config wrapper
+        cause = config_error_cause(e)
+        if cause is e:
+            raise
+        raise cause.with_traceback(cause.__traceback__) from None
     return workflow
 
 

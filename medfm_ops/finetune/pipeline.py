@@ -147,6 +147,7 @@ def finetune_expert(
 
     Raises:
         NotImplementedError: for ``mode="sparse"`` (not available yet).
+        NonFiniteLossError: when a training loss is NaN/inf (names the batch's files); nothing is written.
         ValueError: on bad settings, a mismatched saved split, or a head that cannot hold the site classes; nothing
             is written in these cases.
         FileNotFoundError: when the source, the data set or a case is missing.
@@ -205,10 +206,11 @@ def finetune_expert(
         }
         if device is not None:
             overrides["device"] = torch.device(device)
-        bar = [{"_target_": "ignite.handlers.ProgressBar", "persist": False}] if progress else []
+        handlers = [{"_target_": "medfm_ops.engines.FiniteLossGuard"}]  # the stock train.json does not check
+        handlers += [{"_target_": "ignite.handlers.ProgressBar", "persist": False}] if progress else []
         logger.info(f"training ({mode}) for {epochs} epochs on {len(split['training'])} cases")
         t0 = time.perf_counter()
-        workflow = run_bundle_configs(stage, MODE_CONFIGS[mode], overrides, extra_train_handlers=bar)
+        workflow = run_bundle_configs(stage, MODE_CONFIGS[mode], overrides, extra_train_handlers=handlers)
         train_seconds = time.perf_counter() - t0
         network = workflow.parser.get_parsed_content("network")
         parameters = {"total": sum(p.numel() for p in network.parameters()),

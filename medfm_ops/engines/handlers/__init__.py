@@ -5,5 +5,6 @@
 from medfm_ops.engines.handlers.checkpoint import AtomicCheckpointSaver
 from medfm_ops.engines.handlers.epoch_summary import EpochSummaryHandler
 from medfm_ops.engines.handlers.expert_warmup import ExpertWarmupHandler
+from medfm_ops.engines.handlers.finite_loss import FiniteLossGuard
 
-__all__ = ["AtomicCheckpointSaver", "EpochSummaryHandler", "ExpertWarmupHandler"]
+__all__ = ["AtomicCheckpointSaver", "EpochSummaryHandler", "ExpertWarmupHandler", "FiniteLossGuard"]
