@@ -1,0 +1,41 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Sparse parameter-efficient fine-tuning (SH-PEFT): train only the most important weights of a stock network.
+
+Modules: ``importance`` (task-driven and task-agnostic importance of every weight, from a data loader and a loss),
+``selection`` (hybrid score or a baseline, one global top-k threshold), ``sparse_parameters`` (masked training:
+frozen weights never change under any optimiser), ``delta`` (the result as a sparse delta on the base checkpoint).
+
+Example::
+
+    estimate = estimate_importance(net, train_loader, loss_function, variant="l2")  # one epoch
+    sparse = SparseParameters(net, select_weights(estimate, budget=0.01, method="hybrid", lambda_=1.0))
+    optimizer = sparse.attach(torch.optim.AdamW(sparse.parameters(), lr=1e-3, weight_decay=1e-2))
+    ...  # train as usual; then
+    delta = sparse_delta(base_state_dict, net.state_dict(), sparse.masks())
+"""
+
+from __future__ import annotations
+
+from .delta import DELTA_FORMAT, apply_sparse_delta, save_sparse_result, sparse_delta, state_fingerprint
+from .importance import IMPORTANCE_VARIANTS, ImportanceEstimate, default_prepare_batch, estimate_importance
+from .selection import SELECTION_METHODS, budget_count, importance_scores, select_top_k, select_weights
+from .sparse_parameters import SparseParameters
+
+__all__ = [
+    "DELTA_FORMAT",
+    "IMPORTANCE_VARIANTS",
+    "SELECTION_METHODS",
+    "ImportanceEstimate",
+    "SparseParameters",
+    "apply_sparse_delta",
+    "budget_count",
+    "default_prepare_batch",
+    "estimate_importance",
+    "importance_scores",
+    "save_sparse_result",
+    "select_top_k",
+    "select_weights",
+    "sparse_delta",
+    "state_fingerprint",
+]

@@ -1,0 +1,132 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Which weights train: hybrid importance (SH-PEFT) or a baseline score, and ONE global top-k threshold."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from medfm_ops.peft.importance import ImportanceEstimate
+
+__all__ = ["SELECTION_METHODS", "budget_count", "importance_scores", "select_top_k", "select_weights"]
+
+#: ``hybrid``: I_td + lambda * s * I_ta (SH-PEFT); ``gradient``: I_td only; ``magnitude``: I_ta only;
+#: ``random``: a seeded random mask of the same size
+SELECTION_METHODS = ("hybrid", "gradient", "magnitude", "random")
+
+
+def importance_scores(
+    estimate: ImportanceEstimate, method: str = "hybrid", lambda_: float = 1.0, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """
+    Score of every weight for a selection method.
+
+    ``hybrid``: ``I = I_td + lambda_ * s * I_ta`` with ``s = sum(I_td) / sum(I_ta)`` summed over ALL weights of the
+    network (``s = 0`` when every weight is zero), so that both parts weigh the same at ``lambda_ = 1``.
+
+    Args:
+        estimate: from :py:func:`~medfm_ops.peft.estimate_importance` (its ``variant`` picks l1 or l2).
+        method: one of :data:`SELECTION_METHODS`. Defaults to ``"hybrid"``.
+        lambda_: weight of the task-agnostic part (``hybrid`` only). Defaults to 1.0.
+        seed: seed of the ``random`` scores. Defaults to 0.
+
+    Returns:
+        ``{parameter name: score}`` (same shapes as the parameters, float64 for ``hybrid``/``random``).
+
+    Raises:
+        ValueError: for an unknown ``method`` or a negative ``lambda_``.
+    """
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"method must be one of {SELECTION_METHODS}, got {method!r}.")
+    if float(lambda_) < 0:
+        raise ValueError(f"lambda_ must be >= 0, got {lambda_}.")
+    td, ta = estimate.task_driven, estimate.task_agnostic
+    if method == "gradient":
+        return dict(td)
+    if method == "magnitude":
+        return dict(ta)
+    if method == "random":
+        gen = torch.Generator().manual_seed(int(seed))
+        return {n: torch.rand(t.shape, generator=gen, dtype=torch.float64) for n, t in ta.items()}
+    sum_td = sum(float(t.double().sum()) for t in td.values())
+    sum_ta = sum(float(t.double().sum()) for t in ta.values())
+    s = sum_td / sum_ta if sum_ta > 0 else 0.0
+    return {n: td[n].double() + (float(lambda_) * s) * ta[n].double() for n in ta}
+
+
+def budget_count(budget: float, num_weights: int) -> int:
+    """
+    Number of weights a budget selects: ``round(budget * num_weights)``, at least 1.
+
+    Raises:
+        ValueError: when ``budget`` is not in (0, 1].
+    """
+    if not 0.0 < float(budget) <= 1.0:
+        raise ValueError(f"budget is a fraction of the weights in (0, 1], got {budget} (e.g. 0.01 for 1%).")
+    return max(1, min(int(num_weights), int(round(float(budget) * int(num_weights)))))
+
+
+def select_top_k(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """
+    Boolean masks of the ``k`` highest scores over ALL tensors, chosen with ONE global threshold ``t`` (the k-th
+    largest score): every score above ``t`` is selected, and of the scores equal to ``t`` the first ones in the
+    order of ``scores`` (then row-major within a tensor) until exactly ``k`` are selected.
+
+    Args:
+        scores: ``{name: score tensor}``; the order of the mapping breaks ties.
+        k: number of entries to select, ``1 <= k <= total``.
+
+    Returns:
+        ``{name: bool tensor}`` of the scores' shapes, ``k`` entries True in all.
+
+    Raises:
+        ValueError: for ``k`` out of range or a non-finite score (named).
+    """
+    names = list(scores)
+    total = sum(scores[n].numel() for n in names)
+    if not 1 <= int(k) <= total:
+        raise ValueError(f"k must be in [1, {total}] (the number of scored weights), got {k}.")
+    for n in names:
+        if not bool(torch.isfinite(scores[n]).all()):
+            raise ValueError(f"importance score of {n!r} is not finite (NaN/inf): check the loss and the data.")
+    flat = torch.cat([scores[n].detach().reshape(-1).double().cpu() for n in names])
+    threshold = torch.topk(flat, int(k), sorted=False).values.min()
+    chosen = flat > threshold
+    ties = torch.nonzero(flat == threshold).flatten()[: int(k) - int(chosen.sum())]
+    chosen[ties] = True
+    masks, offset = {}, 0
+    for n in names:
+        t = scores[n]
+        masks[n] = chosen[offset : offset + t.numel()].reshape(t.shape).to(t.device)
+        offset += t.numel()
+    return masks
+
+
+def select_weights(
+    estimate: ImportanceEstimate, budget: float = 0.01, method: str = "hybrid", lambda_: float = 1.0, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """
+    Masks of the weights to train: the top ``budget`` fraction of all weights by :py:func:`importance_scores`.
+
+    Args:
+        estimate: from :py:func:`~medfm_ops.peft.estimate_importance`.
+        budget: fraction of ALL weights to train (exact count ``round(budget * N)``). Defaults to 0.01 (1%).
+        method: ``"hybrid"`` (SH-PEFT), ``"gradient"`` (I_td), ``"magnitude"`` (I_ta) or ``"random"``.
+            Defaults to ``"hybrid"``.
+        lambda_: weight of the task-agnostic part of ``hybrid``. Defaults to 1.0.
+        seed: seed of ``random``. Defaults to 0.
+
+    Returns:
+        ``{parameter name: bool mask}`` with exactly :py:func:`budget_count` entries True.
+
+    Raises:
+        ValueError: for a budget outside (0, 1], an unknown method, or non-finite scores.
+
+    Example::
+
+        masks = select_weights(estimate_importance(net, loader, loss), budget=0.01, method="hybrid", lambda_=1.0)
+    """
+    k = budget_count(budget, estimate.num_weights)
+    return select_top_k(importance_scores(estimate, method=method, lambda_=lambda_, seed=seed), k)
