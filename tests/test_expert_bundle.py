@@ -220,3 +220,25 @@ def test_cli_write(tmp_path):
     assert meta["medfm"]["output_channels"] == CHANNELS
     sd = torch.load(tmp_path / "b" / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(sd[k], v) for k, v in _net().state_dict().items())
+
+
+def test_sparse_override_trains_the_budget_only(tmp_path):
+    """train.json + train_sparse.json as written: importance on the training loader, 1% budget, AdamW with weight
+    decay; frozen weights keep their bits, models/model.pt is stock and models/sparse_delta.pt rebuilds it."""
+    from medfm_ops.peft import apply_sparse_delta, budget_count
+
+    data = _msd(tmp_path / "data")
+    work = tmp_path / "bundle"
+    write_expert_bundle(work, NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
+    before = torch.load(work / "models/model.pt", weights_only=True)
+    _run_bundle(work, "--config_file", "['configs/train.json','configs/train_sparse.json']", "--dataset_dir",
+                str(data), "--epochs", "1", "--sparse_budget", "0.02", "--learning_rate", "0.05",
+                "--weight_decay", "0.1")  # fmt: skip
+    after = torch.load(work / "models/model.pt", weights_only=True)
+    delta = torch.load(work / "models/sparse_delta.pt", weights_only=True)
+    assert after.keys() == before.keys()
+    changed = sum(int((after[k] != before[k]).sum()) for k in after)
+    total = sum(p.numel() for p in _net().parameters())
+    assert 0 < changed <= budget_count(0.02, total) and delta["num_changed"] == changed
+    merged = apply_sparse_delta(before, delta)
+    assert all(torch.equal(merged[k], after[k]) for k in after)

@@ -26,8 +26,9 @@ __all__ = ["TEMPLATE_DIR", "CONFIG_FILES", "render_configs"]
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "seg_expert"
 
 #: config files of the template: ``inference.json`` and ``train.json`` stand alone (MONAI Label loads each by
-#: itself), ``evaluate.json`` and ``train_lora.json`` are difference-only overrides of ``train.json``
-CONFIG_FILES = ("inference.json", "train.json", "evaluate.json", "train_lora.json")
+#: itself), ``evaluate.json``, ``train_lora.json`` and ``train_sparse.json`` are difference-only overrides of
+#: ``train.json``
+CONFIG_FILES = ("inference.json", "train.json", "evaluate.json", "train_lora.json", "train_sparse.json")
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -44,7 +45,8 @@ def render_configs(
         values: entries set in every file that defines them (``network_def``, ``output_channels``, ``num_labels``,
             ``spacing``, ``roi_size``, ``label_dtype``, ...). Each key must exist in ``inference.json``.
         file_values: entries set in one file only, ``{file name: {key: value}}``, e.g.
-            ``{"train.json": {"epochs": 20}, "train_lora.json": {"lora_rank": 4}}``; each key must exist there.
+            ``{"train.json": {"epochs": 20}, "train_lora.json": {"lora_rank": 4}, "train_sparse.json":
+            {"sparse_budget": 0.05}}``; each key must exist there.
 
     Returns:
         ``{file name: config dict}`` for :data:`CONFIG_FILES`.

@@ -45,6 +45,10 @@ class ImportanceEstimate:
         """Number of weights scored (all entries of all parameters)."""
         return sum(t.numel() for t in self.task_agnostic.values())
 
+    def release(self) -> None:
+        """Drop the score tensors (two model-sized copies) once the masks are chosen; the timing fields stay."""
+        self.task_driven, self.task_agnostic = {}, {}
+
 
 def default_prepare_batch(batch: Any, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, targets)`` of a batch: ``batch["image"], batch["label"]`` for a dict, else ``batch[0], batch[1]``."""
