@@ -16,6 +16,7 @@ from .synthetic import (
 )
 from .synthetic_regions import SYNTHETIC_REGIONS, RegionSpec, StructureSpec
 from .transforms import (
+    CheckFinited,
     CheckImageLabelShaped,
     ImageLoadError,
     RegionLabelToChannelsd,
@@ -29,6 +30,7 @@ __all__ = [
     "GENERATOR_VERSION",
     "SECTIONS",
     "SYNTHETIC_REGIONS",
+    "CheckFinited",
     "CheckImageLabelShaped",
     "ImageLoadError",
     "RegionLabelToChannelsd",
@@ -48,4 +50,31 @@ __all__ = [
     "split_cases",
     "synthetic_fingerprint",
     "write_synthetic_dataset",
+]
+
+from .cls_datalist import ClsItemError, check_cls_item, cls_item_name, ensure_cls_dataset, load_cls_datalist
+from .cls_medmnist import MEDMNIST_TASKS, NpzReadError, medmnist_items, read_medmnist_split, read_npz_array
+from .cls_synthetic import CLS_GENERATOR_VERSION, SYNTHETIC_CLS_TASKS, generate_cls_task, write_synthetic_cls_tasks
+from .cls_tasks import ClsTaskTable
+from .cls_transforms import CheckClsItemd, LoadClsImaged, VolumeShapeError
+
+__all__ += [
+    "CLS_GENERATOR_VERSION",
+    "MEDMNIST_TASKS",
+    "SYNTHETIC_CLS_TASKS",
+    "CheckClsItemd",
+    "ClsItemError",
+    "ClsTaskTable",
+    "LoadClsImaged",
+    "NpzReadError",
+    "VolumeShapeError",
+    "check_cls_item",
+    "cls_item_name",
+    "ensure_cls_dataset",
+    "generate_cls_task",
+    "load_cls_datalist",
+    "medmnist_items",
+    "read_medmnist_split",
+    "read_npz_array",
+    "write_synthetic_cls_tasks",
 ]

@@ -6,6 +6,9 @@ from medfm_ops.engines.handlers import AtomicCheckpointSaver, EpochSummaryHandle
 from medfm_ops.engines.lorkd_loss_adapter import LoRKDLossAdapter, NonFiniteLossError
 from medfm_ops.engines.training_state import atomic_write_text, resume_training, write_training_summary
 from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evaluate_decomposition, evaluate_segmentation
+from medfm_ops.engines.cls_batch import ClsLossAdapter, TaskPrepareBatch, TeacherFeatureCache
+from medfm_ops.engines.cls_evaluation import evaluate_cls_decomposition, evaluate_rd, score_classifier, write_cls_summary
+from medfm_ops.engines.handlers import LinearDecayHandler
 from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
 
 __all__ = [
@@ -26,4 +29,12 @@ __all__ = [
     "count_params",
     "evaluate_decomposition",
     "evaluate_segmentation",
+    "ClsLossAdapter",
+    "TaskPrepareBatch",
+    "TeacherFeatureCache",
+    "LinearDecayHandler",
+    "evaluate_cls_decomposition",
+    "evaluate_rd",
+    "score_classifier",
+    "write_cls_summary",
 ]

@@ -15,3 +15,18 @@ __all__ = [
     "SoftmaxKLDivLoss",
     "bernoulli_kl_with_logits",
 ]
+
+from .cka import CKALoss, linear_cka
+from .cls_losses import LogitKDLoss, LoRKDClsLoss, RDLoss, UnifiedCELoss, linear_decay, softmax_kl, task_cross_entropy
+
+__all__ += [
+    "CKALoss",
+    "LoRKDClsLoss",
+    "LogitKDLoss",
+    "RDLoss",
+    "UnifiedCELoss",
+    "linear_cka",
+    "linear_decay",
+    "softmax_kl",
+    "task_cross_entropy",
+]

@@ -16,3 +16,8 @@ __all__ = [
     "region_summary",
     "write_table",
 ]
+
+from .cls_metrics import MultiTaskClsMetric, task_score_rows
+from .cls_scores import SCORE_NAMES, binary_auc, classification_scores
+
+__all__ += ["MultiTaskClsMetric", "SCORE_NAMES", "binary_auc", "classification_scores", "task_score_rows"]

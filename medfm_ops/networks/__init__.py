@@ -21,6 +21,19 @@ from medfm_ops.networks.rank_allocation import lorkd_star_ranks, round_to_even
 from medfm_ops.networks.spec import SPEC_FILENAME, check_same_regions, instantiate, load_network_spec, save_network_spec
 from medfm_ops.networks.routing import TaskRouting
 from medfm_ops.networks.teacher import freeze, load_teacher
+from medfm_ops.networks.cls_shufflenet import ShuffleNetV2, channel_shuffle
+from medfm_ops.networks.cls_mobilenet import MobileNetV2
+from medfm_ops.networks.cls_heads import (
+    PAD_LOGIT,
+    TaskHeadNetwork,
+    TeacherFeatures,
+    export_cls_expert,
+    head_layer_name,
+    load_fused_cls_expert,
+    mask_task_logits,
+)
+from medfm_ops.networks.cls_zoo import CLS_NETWORKS, ViTClassifier, build_cls_network, cls_network_def
+from medfm_ops.networks.cls_reprogram import ReprogrammedStudent, ReprogrammingModule
 
 __all__ = [
     "ExpertNetwork",
@@ -47,4 +60,20 @@ __all__ = [
     "load_network_spec",
     "check_same_regions",
     "SPEC_FILENAME",
+    "ShuffleNetV2",
+    "MobileNetV2",
+    "channel_shuffle",
+    "PAD_LOGIT",
+    "TaskHeadNetwork",
+    "TeacherFeatures",
+    "export_cls_expert",
+    "head_layer_name",
+    "load_fused_cls_expert",
+    "mask_task_logits",
+    "CLS_NETWORKS",
+    "ViTClassifier",
+    "build_cls_network",
+    "cls_network_def",
+    "ReprogrammedStudent",
+    "ReprogrammingModule",
 ]

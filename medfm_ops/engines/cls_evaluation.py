@@ -1,0 +1,189 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Evaluation of the classification workflows: per-task scores of a foundation, an unfused LoRKD model, its fused
+experts, an RD student and its teacher, with train/deploy parameters and FLOPs; run summaries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedEvaluator
+from monai.inferers import SimpleInferer
+from torch import nn
+
+from medfm_ops.engines.cls_batch import TaskPrepareBatch
+from medfm_ops.engines.lorkd_evaluation import count_flops, count_params
+from medfm_ops.metrics import MultiTaskClsMetric, write_table
+from medfm_ops.metrics.cls_scores import SCORE_NAMES
+from medfm_ops.networks.cls_heads import export_cls_expert
+from medfm_ops.networks.experts import eks_layers
+from medfm_ops.utils.atomic_io import atomic_write_text
+
+__all__ = ["score_classifier", "evaluate_cls_decomposition", "evaluate_rd", "write_cls_summary"]
+
+logger = logging.getLogger("medfm.evaluate")
+
+
+def score_classifier(
+    network: nn.Module,
+    files: list[dict],
+    preprocessing: Callable,
+    task_table: Any,
+    device: torch.device | str,
+    route: bool = False,
+    unified: bool = False,
+    prepare_batch: TaskPrepareBatch | None = None,
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
+    """
+    Per-task score rows (and a ``mean`` row) of ``network`` on ``files`` through an Ignite evaluator and
+    :class:`~medfm_ops.metrics.MultiTaskClsMetric`.
+
+    Args:
+        network: a multi-head network (``route=True``), a unified-head foundation (``unified=True``) or a
+            single-task stock classifier (task-local logits).
+        files: checked datalist items.
+        preprocessing: the bundle's deterministic preprocessing (``validate#preprocessing``).
+        task_table: the :class:`~medfm_ops.data.ClsTaskTable`.
+        device: where to run.
+        route: pass task ids to the network. Defaults to False.
+        unified: logits are the unified head over all tasks. Defaults to False.
+        prepare_batch: overrides the default ``TaskPrepareBatch(route=route)``. Defaults to None.
+        batch_size: evaluation batch size. Defaults to 8.
+    """
+    loader = DataLoader(Dataset(files, preprocessing), batch_size=batch_size, shuffle=False, num_workers=0)
+    metric = MultiTaskClsMetric(
+        task_table.task_num_classes, task_table.task_names,
+        offsets=[task_table.offset_of(t) for t in task_table.task_ids] if unified else None,
+    )  # fmt: skip
+    evaluator = SupervisedEvaluator(
+        device=torch.device(device), val_data_loader=loader, network=network.to(device), inferer=SimpleInferer(),
+        prepare_batch=prepare_batch or TaskPrepareBatch(route=route), decollate=False,
+    )  # fmt: skip
+    metric.attach(evaluator, "mean_auc")
+    level = evaluator.logger.level
+    evaluator.logger.setLevel(logging.WARNING)
+    try:
+        evaluator.run()
+    finally:
+        evaluator.logger.setLevel(level)
+    return metric.rows()
+
+
+def _add(rows: list, label: str, scores: list[dict], params: tuple[int, int], flops: tuple[float, float]) -> None:
+    for r in scores:
+        rows.append({"model": label, **r, "train params (M)": params[0] / 1e6, "deploy params (M)": params[1] / 1e6,
+                     "train MFLOPs": flops[0] / 1e6, "deploy MFLOPs": flops[1] / 1e6})  # fmt: skip
+    mean = scores[-1]
+    logger.info(
+        f"{label}: mean acc {mean['accuracy']:.4f} (majority {mean['majority_accuracy']:.4f}), balanced acc "
+        f"{mean['balanced_accuracy']:.4f}, AUC {mean['auc']:.4f}, F1 {mean['f1']:.4f}"
+    )
+
+
+def evaluate_cls_decomposition(
+    teacher: nn.Module | None,
+    model: nn.Module,
+    task_table: Any,
+    files: list[dict],
+    preprocessing: Callable,
+    spatial_size: Sequence[int],
+    device: torch.device | str,
+    out_dir: str | os.PathLike,
+) -> list[dict]:
+    """
+    Score the foundation (unified head), the unfused multi-head model (routed) and every fused expert (its stock
+    network and head, on its own task's items, no routing: exactly as deployed); write ``{out_dir}/tasks.csv|md``
+    (one row per model and task plus a ``mean`` row per model, with train/deploy parameters and MFLOPs per sample)
+    and return the rows.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    shape = (1, 1, *[int(s) for s in spatial_size])
+    model = model.eval()
+    rows: list[dict] = []
+    if teacher is not None:
+        s = score_classifier(teacher, files, preprocessing, task_table, device, unified=True)
+        n, f = count_params(teacher), count_flops(teacher, shape)
+        _add(rows, "foundation (unified head)", s, (n, n), (f, f))
+    routed = getattr(model, "routed", False)
+    s = score_classifier(model, files, preprocessing, task_table, device, route=True)
+    train_flops = count_flops(model, shape, torch.zeros(1, dtype=torch.long))
+    label = "LoRKD (unfused, routed)" if routed else "multi-head model"
+    _add(rows, label, s, (count_params(model), count_params(model)), (train_flops, train_flops))
+    fused: list[dict] = []
+    deploy = (0, 0.0)
+    for t in task_table.task_ids:
+        own = [f for f in files if int(f["task_id"]) == t]
+        if not own:
+            continue
+        expert = export_cls_expert(model, t).eval()
+        fused += score_classifier(expert, own, preprocessing, task_table, device)[:-1]
+        deploy = (count_params(expert), count_flops(expert, shape))
+    if fused:
+        keys = SCORE_NAMES
+        mean = {"task": "mean", "n": sum(r["n"] for r in fused), **{k: sum(r[k] for r in fused) / len(fused) for k in keys}}
+        name = "LoRKD experts (fused, one per task)" if routed else "task heads (exported, one per task)"
+        _add(rows, name, fused + [mean], (count_params(model), deploy[0]), (train_flops, deploy[1]))
+    write_table(rows, os.path.join(out_dir, "tasks.csv"), os.path.join(out_dir, "tasks.md"))
+    return rows
+
+
+def evaluate_rd(
+    rd_model: nn.Module,
+    teacher: nn.Module,
+    task_table: Any,
+    files: list[dict],
+    preprocessing: Callable,
+    spatial_size: Sequence[int],
+    device: torch.device | str,
+    out_dir: str | os.PathLike,
+) -> list[dict]:
+    """
+    Score the deployed RD student (its stock network + ``g``), the reprogrammed teacher ``g(phi(F_t(x)))`` and the
+    foundation's unified head on ``files``; write ``{out_dir}/tasks.csv|md`` with params and MFLOPs (teacher + phi +
+    g for the reprogrammed teacher) and return the rows.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    shape = (1, 1, *[int(s) for s in spatial_size])
+    rows: list[dict] = []
+    student = rd_model.export_student().eval()
+    s = score_classifier(student, files, preprocessing, task_table, device)
+    n_s, f_s = count_params(student), count_flops(student, shape)
+    _add(rows, "RD student (deployed)", s, (count_params(rd_model), n_s), (f_s, f_s))
+    predict = rd_model.predict
+    rd_model.predict = "teacher"
+    try:
+        pb = TaskPrepareBatch(teacher=teacher, route=False, pass_teacher_features=True)
+        s = score_classifier(rd_model.eval(), files, preprocessing, task_table, device, prepare_batch=pb)
+    finally:
+        rd_model.predict = predict
+    n_t, f_t = count_params(teacher), count_flops(teacher.teacher, shape)
+    extra = count_params(rd_model.phi) + count_params(rd_model.g)
+    _add(rows, "reprogrammed teacher g(phi(F_t))", s, (extra, n_t + extra), (f_t, f_t))
+    s = score_classifier(teacher.teacher, files, preprocessing, task_table, device, unified=True)
+    _add(rows, "foundation (unified head)", s, (n_t, n_t), (f_t, f_t))
+    write_table(rows, os.path.join(out_dir, "tasks.csv"), os.path.join(out_dir, "tasks.md"))
+    return rows
+
+
+def write_cls_summary(path: str | os.PathLike, trainer: Engine, evaluator: Engine | None = None, warmup: Any = None) -> None:
+    """``{epochs, iterations, best metric, last metrics, expert ranks?}`` as JSON (atomically)."""
+    summary: dict[str, Any] = {"epochs": trainer.state.epoch, "iterations": trainer.state.iteration}
+    if evaluator is not None:
+        summary.update(
+            best_metric=getattr(evaluator.state, "best_metric", None),
+            best_metric_epoch=getattr(evaluator.state, "best_metric_epoch", None),
+            last_metrics={k: v for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))},
+        )
+    if warmup is not None:
+        layers = list(eks_layers(warmup.network))
+        ranks = warmup.ranks if warmup.ranks is not None else (list(layers[0][1].ranks) if layers else [])
+        summary.update(expert_ranks=list(ranks), warmup_loss_drops=warmup.loss_drops)
+    atomic_write_text(path, json.dumps(summary, indent=2, default=float))

@@ -1,0 +1,178 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Classification losses: per-task cross-entropy (multi-head), LoRKD's classification loss, RD's loss, logit KD.
+
+Each loss names the batch entries it reads in ``input_keys`` (network outputs and prepared targets), so one engine
+adapter (:class:`~medfm_ops.engines.ClsLossAdapter`) serves all of them. After each call ``last_components`` holds
+the float value of every term and ``last_per_sample_task`` the ``(B,)`` task loss (LoRKD* warm-up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medfm_ops.losses.cka import linear_cka
+
+__all__ = ["task_cross_entropy", "softmax_kl", "UnifiedCELoss", "LoRKDClsLoss", "RDLoss", "LogitKDLoss", "linear_decay"]
+
+
+def _masked(logits: torch.Tensor, task_ids: torch.Tensor | None, num_classes: Sequence[int] | None) -> torch.Tensor:
+    if task_ids is None or num_classes is None:
+        return logits
+    n = torch.as_tensor(list(num_classes), device=logits.device)[task_ids.long()]
+    valid = torch.arange(logits.shape[1], device=logits.device)[None] < n[:, None]
+    return logits.masked_fill(~valid, float("-inf"))
+
+
+def task_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    task_ids: torch.Tensor | None = None,
+    num_classes: Sequence[int] | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """
+    Per-sample ``CE(y, softmax(logits / temperature))`` over each sample's OWN task's classes: ``(B,)``.
+
+    Args:
+        logits: ``(B, C_max)`` (entries beyond a task's class count are ignored).
+        labels: ``(B,)`` task-local labels.
+        task_ids: ``(B,)`` task of each sample; None = every sample uses all ``C_max`` classes.
+        num_classes: class count per task (with ``task_ids``).
+        temperature: tau. Defaults to 1.
+    """
+    logp = F.log_softmax(_masked(logits, task_ids, num_classes) / temperature, dim=1)
+    return -logp.gather(1, labels.long().view(-1, 1)).view(-1)
+
+
+def softmax_kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-sample ``KL(softmax(target/T) || softmax(logits/T)) * T^2`` ``(B,)``; ``-inf`` logits are classes absent
+    from both (their terms are 0)."""
+    p_log = F.log_softmax(target_logits / temperature, dim=1)
+    q_log = F.log_softmax(logits / temperature, dim=1)
+    p = p_log.exp()
+    terms = torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p))
+    return terms.sum(1) * temperature**2
+
+
+class UnifiedCELoss(nn.Module):
+    """Cross-entropy of a unified head over all tasks' classes (the foundation classifier): target ``global_label``."""
+
+    input_keys = ("logits", "global_label")
+
+    def forward(self, logits: torch.Tensor, global_label: torch.Tensor) -> torch.Tensor:
+        per = F.cross_entropy(logits, global_label.long(), reduction="none")
+        self.last_per_sample_task = per.detach()
+        self.last_components = {"ce": float(per.mean().detach())}
+        return per.mean()
+
+
+class LoRKDClsLoss(nn.Module):
+    """
+    LoRKD classification loss (per sample, then averaged): ``CE(y, softmax(h_t(f) / tau)) + beta * KL(softmax(P f_T)
+    || softmax(f))`` where ``f`` are the student's features, ``f_T`` the teacher's and ``P`` a trainable linear
+    projection to the student's width (optimised with the student; put this module's parameters in the optimizer).
+
+    Args:
+        teacher_dim: teacher feature width. 0 = no distillation term (STL/MTL baselines).
+        student_dim: student feature width.
+        num_classes: classes per task.
+        beta: distillation weight. Defaults to 1.
+        temperature: tau of the task cross-entropy. Defaults to 1.
+        kd_temperature: temperature of the feature softmax. Defaults to 1.
+    """
+
+    input_keys = ("logits", "features", "label", "task_id", "teacher_features")
+
+    def __init__(
+        self, teacher_dim: int, student_dim: int, num_classes: Sequence[int], beta: float = 1.0,
+        temperature: float = 1.0, kd_temperature: float = 1.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.num_classes = [int(n) for n in num_classes]
+        self.beta, self.temperature, self.kd_temperature = float(beta), float(temperature), float(kd_temperature)
+        self.projection = nn.Linear(int(teacher_dim), int(student_dim)) if teacher_dim else None
+
+    def forward(
+        self, logits: torch.Tensor, features: torch.Tensor, label: torch.Tensor, task_id: torch.Tensor,
+        teacher_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        ce = task_cross_entropy(logits, label, task_id, self.num_classes, self.temperature)
+        self.last_per_sample_task = ce.detach()
+        total = ce.mean()
+        comps = {"ce": float(total.detach())}
+        if self.projection is not None and self.beta > 0:
+            if teacher_features is None:
+                raise ValueError("LoRKDClsLoss with beta > 0 needs teacher_features (give the prepare_batch a teacher).")
+            kd = softmax_kl(self.projection(teacher_features), features, self.kd_temperature).mean()
+            total = total + self.beta * kd
+            comps["kd"] = float(kd.detach())
+        self.last_components = comps
+        return total
+
+
+class RDLoss(nn.Module):
+    """
+    Reprogramming Distillation loss: ``CE(y, z_s) + alpha * CE(y, z_t) + beta * (KL(z_t || z_s) + 1 - CKA(f_t, f_s))``
+    with ``z_s = g(F_s(x))``, ``z_t = g(phi(F_t(x)))``, ``f_t`` the frozen teacher's features and ``f_s`` the
+    student's. ``z_t`` is detached inside the KL (the student follows the reprogrammed teacher). ``alpha`` and
+    ``beta`` are attributes, set each epoch by :class:`~medfm_ops.engines.LinearDecayHandler` (1 -> 0).
+
+    Args:
+        alpha: initial weight of the reprogrammed teacher's CE. Defaults to 1.
+        beta: initial weight of the KL + CKA terms. Defaults to 1.
+        temperature: KL temperature. Defaults to 1.
+    """
+
+    input_keys = ("z_s", "z_t", "f_s", "f_t", "label")
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+
+    def forward(
+        self, z_s: torch.Tensor, z_t: torch.Tensor | None, f_s: torch.Tensor, f_t: torch.Tensor | None, label: torch.Tensor
+    ) -> torch.Tensor:
+        ce_s = F.cross_entropy(z_s, label.long(), reduction="none")
+        self.last_per_sample_task = ce_s.detach()
+        total = ce_s.mean()
+        comps = {"ce_s": float(total.detach()), "alpha": self.alpha, "beta": self.beta}
+        if z_t is not None:
+            ce_t = F.cross_entropy(z_t, label.long())
+            kl = softmax_kl(z_t.detach(), z_s, self.temperature).mean()
+            cka = 1.0 - linear_cka(f_t, f_s) if f_s.shape[0] > 1 else f_s.new_zeros(())
+            total = total + self.alpha * ce_t + self.beta * (kl + cka)
+            comps.update(ce_t=float(ce_t.detach()), kl=float(kl.detach()), cka=float(cka.detach()))
+        self.last_components = comps
+        return total
+
+
+class LogitKDLoss(nn.Module):
+    """Logit KD baseline: ``CE(y, z_s) + beta * KL(softmax(z_T / T) || softmax(z_s / T)) T^2`` with ``z_T`` the
+    teacher's logits of the sample's task (``teacher_task_logits``)."""
+
+    input_keys = ("z_s", "label", "teacher_task_logits")
+
+    def __init__(self, beta: float = 1.0, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.beta, self.temperature = float(beta), float(temperature)
+
+    def forward(self, z_s: torch.Tensor, label: torch.Tensor, teacher_task_logits: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(z_s, label.long(), reduction="none")
+        kd = softmax_kl(teacher_task_logits, z_s, self.temperature)
+        self.last_per_sample_task = ce.detach()
+        self.last_components = {"ce": float(ce.mean().detach()), "kd": float(kd.mean().detach())}
+        return ce.mean() + self.beta * kd.mean()
+
+
+def linear_decay(epoch: int, max_epochs: int, start: float = 1.0, end: float = 0.0) -> float:
+    """Value at ``epoch`` (1-based) of a linear schedule from ``start`` (epoch 1) to ``end`` (epoch ``max_epochs``)."""
+    if max_epochs < 1 or not 1 <= epoch <= max_epochs:
+        raise ValueError(f"epoch must be in 1..max_epochs, got epoch={epoch}, max_epochs={max_epochs}.")
+    if max_epochs == 1:
+        return float(start)
+    return float(start + (end - start) * (epoch - 1) / (max_epochs - 1))

@@ -1,0 +1,85 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Classification scores of one task (plain numpy maths): accuracy, balanced accuracy, AUC, F1, majority accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["binary_auc", "classification_scores", "SCORE_NAMES"]
+
+SCORE_NAMES = ("accuracy", "balanced_accuracy", "auc", "f1", "majority_accuracy")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), float)
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney U, ties counted 1/2); NaN when one of the two classes is absent."""
+    scores, positive = np.asarray(scores, float).ravel(), np.asarray(positive, bool).ravel()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = _ranks(scores)
+    return float((r[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def classification_scores(probs: np.ndarray, labels: np.ndarray, majority_class: int | None = None) -> dict[str, float]:
+    """
+    Scores of one task.
+
+    Args:
+        probs: ``(N, C)`` class probabilities (or any scores; argmax is the prediction).
+        labels: ``(N,)`` labels ``0..C-1``.
+        majority_class: the class a trivial classifier always predicts (e.g. the training set's most frequent).
+            Defaults to the most frequent class of ``labels``.
+
+    Returns:
+        ``accuracy``; ``balanced_accuracy`` (mean recall over the classes present); ``auc`` (binary: of class 1;
+        multi-class: mean one-vs-rest AUC over the classes present with positives and negatives; NaN when none);
+        ``f1`` (macro over the classes present in labels or predictions); ``majority_accuracy`` (accuracy of always
+        predicting ``majority_class``).
+
+    Raises:
+        ValueError: on mismatched shapes, no samples, or labels outside ``0..C-1``.
+    """
+    probs, labels = np.asarray(probs, float), np.asarray(labels).astype(int).ravel()
+    if probs.ndim != 2 or probs.shape[0] != labels.shape[0] or not len(labels):
+        raise ValueError(f"probs must be (N, C) with N = len(labels) > 0, got {probs.shape} and {labels.shape}.")
+    c = probs.shape[1]
+    if labels.min() < 0 or labels.max() >= c:
+        raise ValueError(f"labels must be in 0..{c - 1}, got values {sorted(set(labels.tolist()))}.")
+    pred = probs.argmax(1)
+    present = np.unique(labels)
+    recalls = [float((pred[labels == k] == k).mean()) for k in present]
+    f1s = []
+    for k in np.union1d(present, np.unique(pred)):
+        tp = float(((pred == k) & (labels == k)).sum())
+        denom = float((pred == k).sum() + (labels == k).sum())
+        f1s.append(2 * tp / denom if denom else 0.0)
+    if c == 2:
+        auc = binary_auc(probs[:, 1], labels == 1)
+    else:
+        aucs = [binary_auc(probs[:, k], labels == k) for k in range(c)]
+        aucs = [a for a in aucs if not np.isnan(a)]
+        auc = float(np.mean(aucs)) if aucs else float("nan")
+    maj = int(np.bincount(labels, minlength=c).argmax()) if majority_class is None else int(majority_class)
+    return {
+        "accuracy": float((pred == labels).mean()),
+        "balanced_accuracy": float(np.mean(recalls)),
+        "auc": auc,
+        "f1": float(np.mean(f1s)),
+        "majority_accuracy": float((labels == maj).mean()),
+    }

@@ -1,0 +1,126 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Reprogramming Distillation (RD) networks: the reprogramming module phi on a frozen teacher's features and a
+student sharing the classifier g with it."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from medfm_ops.networks.cls_heads import _set, head_layer_name
+
+__all__ = ["ReprogrammingModule", "ReprogrammedStudent", "init_from_checkpoint"]
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ReprogrammingModule(nn.Module):
+    """
+    phi: teacher features ``(B, in_dim)`` -> ``(B, out_dim)``: a linear map to the student's width followed by
+    ``num_blocks`` pre-norm residual MLP blocks.
+
+    Args:
+        in_dim: teacher feature width.
+        out_dim: student feature width (the input of the shared classifier g).
+        num_blocks: residual blocks. Defaults to 2.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_blocks: int = 2) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.blocks = nn.Sequential(*[_ResidualBlock(out_dim) for _ in range(num_blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.proj(x))
+
+
+class ReprogrammedStudent(nn.Module):
+    """
+    The trainable part of RD: student backbone ``F_s`` (a stock classifier whose final linear layer is replaced by
+    the shared classifier ``g``), reprogramming module ``phi`` and ``g``. The frozen teacher is NOT a submodule: its
+    features come in as ``teacher_features`` (computed without gradient, possibly from a cache).
+
+    Forward ``(x, teacher_features=None, return_features=False)``:
+
+    - default: the student's logits ``g(F_s(x))`` ``(B, num_classes)`` (what is deployed);
+    - ``predict="teacher"`` (direct-reprogramming baseline): ``g(phi(f_t))``, needs ``teacher_features``;
+    - ``return_features=True``: ``{"z_s", "f_s"}`` plus, with ``teacher_features``, ``{"z_t", "f_t"}`` (``f_t`` the
+      raw teacher features, as used by the CKA term).
+
+    Args:
+        student: stock classifier (e.g. MONAI ``resnet18``) built with ``num_classes`` outputs.
+        teacher_dim: teacher feature width.
+        num_blocks: residual blocks of phi. Defaults to 2.
+        predict: ``"student"`` or ``"teacher"``. Defaults to ``"student"``.
+        head: qualified name of the student's classifier layer. Defaults to its last ``nn.Linear``.
+    """
+
+    def __init__(
+        self, student: nn.Module, teacher_dim: int, num_blocks: int = 2, predict: str = "student", head: str | None = None
+    ) -> None:
+        super().__init__()
+        if predict not in ("student", "teacher"):
+            raise ValueError(f"predict must be 'student' or 'teacher', got {predict!r}.")
+        self.head_name = head or head_layer_name(student)
+        layer = student.get_submodule(self.head_name)
+        self.feature_dim, self.num_classes = layer.in_features, layer.out_features
+        self.g = layer
+        _set(student, self.head_name, nn.Identity())
+        self.student = student
+        self.phi = ReprogrammingModule(int(teacher_dim), self.feature_dim, num_blocks)
+        self.predict = predict
+
+    def forward(self, x: torch.Tensor, teacher_features: torch.Tensor | None = None, return_features: bool = False) -> Any:
+        if self.predict == "teacher" and not return_features:
+            if teacher_features is None:
+                raise ValueError("predict='teacher' needs teacher_features (TaskPrepareBatch(pass_teacher_features=True)).")
+            return self.g(self.phi(teacher_features))
+        f_s = self.student(x)
+        z_s = self.g(f_s)
+        if not return_features:
+            return z_s
+        out = {"z_s": z_s, "f_s": f_s}
+        if teacher_features is not None:
+            out.update(z_t=self.g(self.phi(teacher_features)), f_t=teacher_features)
+        return out
+
+    def export_student(self) -> nn.Module:
+        """The deployed artifact: the student's stock network with ``g`` as its classifier layer (a copy)."""
+        net = copy.deepcopy(self.student)
+        _set(net, self.head_name, copy.deepcopy(self.g))
+        return net
+
+
+def init_from_checkpoint(net: nn.Module, checkpoint: str | os.PathLike, skip: str | None = None) -> nn.Module:
+    """
+    Initialise ``net`` from a state dict file (e.g. the foundation's ``models/model.pt``) for full fine-tuning: every
+    entry with the same name and shape is loaded; the classifier layer (``skip``, default the last ``nn.Linear``)
+    keeps its fresh initialisation.
+
+    Raises:
+        FileNotFoundError: when the checkpoint is missing.
+        ValueError: when fewer than half of the network's entries could be loaded (a different architecture).
+    """
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}: train the foundation bundle first.")
+    sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+    skip = skip or head_layer_name(net)
+    own = net.state_dict()
+    take = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and not k.startswith(skip + ".")}
+    if len(take) < len(own) / 2:
+        raise ValueError(f"{checkpoint}: only {len(take)} of {len(own)} entries match the network: another architecture?")
+    net.load_state_dict(take, strict=False)
+    return net
