@@ -38,6 +38,7 @@ from monai.utils.enums import PostFix
 from medfm_ops.data.region_table import RegionTable
 
 __all__ = [
+    "CheckFinited",
     "CheckImageLabelShaped",
     "ImageLoadError",
     "RegionLabelToChannelsd",
@@ -127,6 +128,35 @@ class SafeLoadImaged(LoadImaged):
             reader, image_only, dtype, ensure_channel_first, simple_keys, prune_meta_pattern, prune_meta_sep,
             expanduser, *args, **kwargs,
         )  # fmt: skip
+
+
+class CheckFinited(MapTransform):
+    """
+    Refuse an image holding NaN or infinite values (they would turn the whole volume into one label after
+    normalisation).
+
+    Args:
+        keys: keys of the tensors to check. Defaults to ``"image"``.
+        allow_missing_keys: skip missing keys. Defaults to False.
+
+    Raises:
+        ValueError: naming the case, the key and the number of non-finite voxels.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            values = torch.as_tensor(d[key])
+            if values.is_floating_point():
+                bad = int((~torch.isfinite(values)).sum())
+                if bad:
+                    raise ValueError(
+                        f"case {case_name(d, [key])}: '{key}' has {bad} NaN/inf voxel(s); repair or mask the file."
+                    )
+        return d
 
 
 class CheckImageLabelShaped(MapTransform):
@@ -294,6 +324,7 @@ def seg_transforms(
     xforms: list = [
         DeleteItemsd(keys=list(drop_keys)) if drop_keys else None,
         SafeLoadImaged(keys=keys, image_only=True),
+        CheckFinited(keys=image_key),
         EnsureChannelFirstd(keys=keys),
         CheckImageLabelShaped(image_key, label_key),
         Orientationd(keys=keys, axcodes="RAS", labels=None),

@@ -11,16 +11,9 @@ from typing import Any
 
 from monai.bundle import ConfigWorkflow
 
-__all__ = ["run_bundle_configs", "predict_with_bundle", "config_error_cause"]
+from medfm_ops.utils.errors import root_cause
 
-_WRAPPERS = ("Failed to evaluate", "Failed to instantiate")
-
-
-def config_error_cause(error: BaseException) -> BaseException:
-    """The error under MONAI's config wrappers (``RuntimeError("Failed to evaluate ConfigExpression ...")``)."""
-    while isinstance(error, RuntimeError) and str(error).startswith(_WRAPPERS) and error.__cause__ is not None:
-        error = error.__cause__
-    return error
+__all__ = ["run_bundle_configs", "predict_with_bundle"]
 
 
 def run_bundle_configs(
@@ -64,7 +57,7 @@ def run_bundle_configs(
         workflow.run()
         workflow.finalize()
     except RuntimeError as e:  # surface the real error (a bad file, a NaN loss), not the config wrapper
-        cause = config_error_cause(e)
+        cause = root_cause(e)
         if cause is e:
             raise
         raise cause.with_traceback(cause.__traceback__) from None
