@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from .datalist import SECTIONS, load_datalist, require_files
+from .integrity import DatasetIntegrityError, check_segmentation_cases
 from .msd import convert_msd, read_msd_dataset, split_cases
 from .region_table import RegionTable
 from .synthetic import (
@@ -27,6 +28,8 @@ from .transforms import (
 )
 
 __all__ = [
+    "DatasetIntegrityError",
+    "check_segmentation_cases",
     "GENERATOR_VERSION",
     "SECTIONS",
     "SYNTHETIC_REGIONS",

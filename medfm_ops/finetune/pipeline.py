@@ -18,6 +18,7 @@ import nibabel as nib
 import torch
 
 from medfm_ops.bundle import verify_bundle, write_expert_bundle, write_metadata, write_readme
+from medfm_ops.data import check_segmentation_cases
 from medfm_ops.finetune.bundle_run import predict_with_bundle, run_bundle_configs
 from medfm_ops.finetune.lora import check_mode
 from medfm_ops.finetune.report import COLUMNS, bump_version, changelog_entry, comparison_rows, readme_section
@@ -148,8 +149,9 @@ def finetune_expert(
     Raises:
         NotImplementedError: for ``mode="sparse"`` (not available yet).
         NonFiniteLossError: when a training loss is NaN/inf (names the batch's files); nothing is written.
-        ValueError: on bad settings, a mismatched saved split, or a head that cannot hold the site classes; nothing
-            is written in these cases.
+        ValueError: on bad settings, a mismatched saved split, a head that cannot hold the site classes, or bad
+            cases (:class:`~medfm_ops.data.DatasetIntegrityError` lists every one: unreadable file, not 3D, image and
+            label shapes differ, label values outside ``dataset.json``'s labels); nothing is written in these cases.
         FileNotFoundError: when the source, the data set or a case is missing.
     """
     start_time = time.perf_counter()
@@ -170,6 +172,7 @@ def finetune_expert(
             staged_split.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(saved_split, staged_split)
         names = [str(split["label_names"][str(i)]) for i in range(1, len(split["label_names"]) + 1)]
+        check_segmentation_cases(split["training"] + split["validation"], split["label_names"], str(dataset_dir))
         start = prepare_start(source, names, head=head, seed=seed)
         src_meta = _source_metadata(source)
         spacing = spacing or source.spacing or _spacing_of(split["training"][0]["image"])
