@@ -23,6 +23,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_torch_save",
     "atomic_directory",
+    "non_finite_entries",
     "replace_directory",
 ]
 
@@ -63,15 +64,16 @@ class NonFiniteWeightsError(ValueError):
     """A model or checkpoint about to be written holds NaN or infinite values."""
 
 
-def _non_finite_entries(obj: Any, prefix: str = "") -> list[str]:
+def non_finite_entries(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the floating tensors in ``obj`` (nested dicts/lists, e.g. a checkpoint) holding NaN or inf."""
     import torch
 
     if isinstance(obj, torch.Tensor):
         return [prefix or "<tensor>"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
     if isinstance(obj, dict):
-        return [n for k, v in obj.items() for n in _non_finite_entries(v, f"{prefix}.{k}" if prefix else str(k))]
+        return [n for k, v in obj.items() for n in non_finite_entries(v, f"{prefix}.{k}" if prefix else str(k))]
     if isinstance(obj, (list, tuple)):
-        return [n for i, v in enumerate(obj) for n in _non_finite_entries(v, f"{prefix}[{i}]")]
+        return [n for i, v in enumerate(obj) for n in non_finite_entries(v, f"{prefix}[{i}]")]
     return []
 
 
@@ -87,7 +89,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, check_finite: bool = Tr
     """
     import torch
 
-    bad = _non_finite_entries(obj) if check_finite else []
+    bad = non_finite_entries(obj) if check_finite else []
     if bad:
         raise NonFiniteWeightsError(
             f"refusing to write {path}: {len(bad)} tensor(s) hold NaN/inf values (first: {bad[:3]}); the run "
