@@ -4,10 +4,16 @@
 
 from medfm_ops.engines.handlers import AtomicCheckpointSaver, EpochSummaryHandler, ExpertWarmupHandler, FiniteLossGuard
 from medfm_ops.engines.lorkd_loss_adapter import LoRKDLossAdapter, NonFiniteLossError
-from medfm_ops.engines.training_state import atomic_write_text, resume_training, write_training_summary
+from medfm_ops.engines.training_state import (
+    ValidationState,
+    atomic_write_text,
+    model_fingerprint,
+    resume_training,
+    write_training_summary,
+)
 from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evaluate_decomposition, evaluate_segmentation
 from medfm_ops.engines.cls_batch import ClsLossAdapter, TaskPrepareBatch, TeacherFeatureCache
-from medfm_ops.engines.cls_evaluation import evaluate_cls_decomposition, evaluate_rd, score_classifier, write_cls_summary
+from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier, write_cls_summary
 from medfm_ops.engines.handlers import LinearDecayHandler
 from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
 
@@ -24,6 +30,8 @@ __all__ = [
     "batch_filenames",
     "atomic_write_text",
     "resume_training",
+    "ValidationState",
+    "model_fingerprint",
     "write_training_summary",
     "count_flops",
     "count_params",
@@ -33,6 +41,7 @@ __all__ = [
     "TaskPrepareBatch",
     "TeacherFeatureCache",
     "LinearDecayHandler",
+    "evaluate_classifier",
     "evaluate_cls_decomposition",
     "evaluate_rd",
     "score_classifier",

@@ -26,7 +26,7 @@ from medfm_ops.networks.cls_heads import export_cls_expert
 from medfm_ops.networks.experts import eks_layers
 from medfm_ops.utils.atomic_io import atomic_write_text
 
-__all__ = ["score_classifier", "evaluate_cls_decomposition", "evaluate_rd", "write_cls_summary"]
+__all__ = ["score_classifier", "evaluate_classifier", "evaluate_cls_decomposition", "evaluate_rd", "write_cls_summary"]
 
 logger = logging.getLogger("medfm.evaluate")
 
@@ -187,3 +187,30 @@ def write_cls_summary(path: str | os.PathLike, trainer: Engine, evaluator: Engin
         ranks = warmup.ranks if warmup.ranks is not None else (list(layers[0][1].ranks) if layers else [])
         summary.update(expert_ranks=list(ranks), warmup_loss_drops=warmup.loss_drops)
     atomic_write_text(path, json.dumps(summary, indent=2, default=float))
+
+
+def evaluate_classifier(
+    network: nn.Module,
+    model_path: str | os.PathLike,
+    task_table: Any,
+    files: list[dict],
+    preprocessing: Callable,
+    spatial_size: Sequence[int],
+    device: torch.device | str,
+    out_dir: str | os.PathLike,
+    label: str = "foundation (unified head)",
+    unified: bool = True,
+) -> list[dict]:
+    """Load ``model_path`` into ``network``, score it per task (see :func:`score_classifier`), log one line and write
+    ``{out_dir}/tasks.csv|md`` with its params and MFLOPs per sample."""
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(f"no trained model at {model_path}: run the bundle's configs/train.json first.")
+    network.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    network = network.eval()
+    rows: list[dict] = []
+    s = score_classifier(network, files, preprocessing, task_table, device, unified=unified)
+    n, f = count_params(network), count_flops(network, (1, 1, *[int(v) for v in spatial_size]))
+    _add(rows, label, s, (n, n), (f, f))
+    os.makedirs(out_dir, exist_ok=True)
+    write_table(rows, os.path.join(out_dir, "tasks.csv"), os.path.join(out_dir, "tasks.md"))
+    return rows
