@@ -7,6 +7,7 @@ from .metadata_schema import METADATA_SCHEMA, write_metadata_schema
 from .from_lorkd import export_lorkd_expert
 from .template import CONFIG_FILES, TEMPLATE_DIR, render_configs
 from .verify import BundleCheckError, bundle_check_commands, verify_bundle
+from .cls_expert_bundle import CLS_TEMPLATE_DIR, export_lorkd_cls_expert, write_cls_expert_bundle
 
 __all__ = [
     "write_expert_bundle",
@@ -22,4 +23,7 @@ __all__ = [
     "METADATA_SCHEMA",
     "write_metadata_schema",
     "SCHEMA_RELPATH",
+    "CLS_TEMPLATE_DIR",
+    "export_lorkd_cls_expert",
+    "write_cls_expert_bundle",
 ]

@@ -1,0 +1,187 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Write a classification model (a fused LoRKD task expert, an RD student) as a standalone MONAI bundle: a stock
+network with its task head and a plain state dict, configs from ``templates/cls_expert/configs``."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_text
+
+from .expert_bundle import SCHEMA_RELPATH, _license_text, _plain_state_dict, _version, write_metadata
+from .metadata_schema import SCHEMA_URL, write_metadata_schema
+
+__all__ = ["CLS_TEMPLATE_DIR", "write_cls_expert_bundle", "export_lorkd_cls_expert"]
+
+CLS_TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "cls_expert"
+_OUT_KEYS = ("num_classes", "out_channels")
+
+
+def _render(values: Mapping[str, Any]) -> dict:
+    cfg = json.loads((CLS_TEMPLATE_DIR / "configs" / "inference.json").read_text(encoding="utf-8"))
+    for k, v in values.items():
+        if k not in cfg:
+            raise KeyError(f"the classification bundle template has no top-level entry {k!r} in inference.json.")
+        cfg[k] = copy.deepcopy(v)
+    return cfg
+
+
+def write_cls_expert_bundle(
+    out_dir: str | os.PathLike,
+    network_def: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    task_name: str,
+    class_names: Sequence[str],
+    spatial_size: Sequence[int],
+    modality: str = "CT",
+    version: str = "0.1.0",
+    description: str | None = None,
+    authors: str = "medfm contributors",
+    extra_metadata: Mapping[str, Any] | None = None,
+    required_packages: Mapping[str, str] | None = None,
+) -> Path:
+    """
+    Write a standalone classification bundle: ``configs/{metadata,inference}.json`` and ``logging.conf``,
+    ``models/model.pt`` (plain state dict, atomically, finite weights only), ``LICENSE``, ``docs/README.md`` and
+    ``docs/metadata_schema.json`` (offline ``verify_metadata``). ``inference.json`` reads the NIfTI images of
+    ``--dataset_dir`` and writes ``eval/predictions.csv`` (one row per image: its class probabilities).
+
+    Args:
+        out_dir: bundle directory (created).
+        network_def: stock network config whose outputs are the task's classes (``num_classes`` or
+            ``out_channels`` equal to ``len(class_names)``).
+        state_dict: weights loading strictly into ``network_def``.
+        task_name: the task, e.g. ``"adrenalmnist3d"``.
+        class_names: class names in label order.
+        spatial_size: input size the images are resized to.
+        modality: input modality for the metadata. Defaults to ``"CT"``.
+        version: bundle version (listed in ``changelog``). Defaults to ``"0.1.0"``.
+        description: metadata description. Defaults to a generated one.
+        authors: metadata authors. Defaults to ``"medfm contributors"``.
+        extra_metadata: keys merged into ``metadata.json`` last.
+        required_packages: extra ``required_packages_version`` entries (e.g. ``{"medfm_ops": "0.1.0"}`` for a
+            network class of medfm_ops). Defaults to none (MONAI only).
+
+    Raises:
+        ValueError: when the class count and the network's outputs differ, or the state dict does not load.
+    """
+    if len(class_names) < 2:
+        raise ValueError(f"class_names needs at least 2 classes, got {list(class_names)}.")
+    outs = [network_def[k] for k in _OUT_KEYS if k in network_def]
+    if outs and int(outs[0]) != len(class_names):
+        raise ValueError(f"network_def outputs {outs[0]} classes but class_names has {len(class_names)}: {list(class_names)}.")
+    plain = _plain_state_dict(state_dict, network_def)
+    root = Path(out_dir)
+    for sub in ("configs", "models", "docs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    net_cfg = json.loads(json.dumps(dict(network_def)))
+    cfg = _render({"network_def": net_cfg, "spatial_size": [int(s) for s in spatial_size], "class_names": list(class_names)})
+    atomic_write_text(root / "configs" / "inference.json", json.dumps(cfg, indent=4) + "\n")
+    shutil.copyfile(CLS_TEMPLATE_DIR / "configs" / "logging.conf", root / "configs" / "logging.conf")
+    n = len(class_names)
+    description = description or (
+        f"3D classifier of task {task_name} ({', '.join(class_names)}): a stock {net_cfg['_target_']} with its task "
+        f"head, input resized to {list(spatial_size)} and z-score normalised per image; outputs {n} logits."
+    )
+    meta = {
+        "schema": SCHEMA_URL,
+        "version": version,
+        "changelog": {version: f"{task_name} classifier exported by medfm (stock network + task head)"},
+        "monai_version": _version("monai"),
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"nibabel": _version("nibabel"), "pytorch-ignite": _version("pytorch-ignite"),
+                                      **dict(required_packages or {})},
+        "name": f"medfm {task_name} classifier",
+        "task": f"Classification of {task_name}: {', '.join(class_names)}",
+        "description": description,
+        "authors": authors,
+        "copyright": f"Copyright (c) {datetime.date.today().year} {authors}",
+        "data_type": "nibabel",
+        "intended_use": "Research only; not for clinical use.",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "hounsfield" if modality.upper() == "CT" else "magnitude",
+                                 "modality": modality, "num_channels": 1,
+                                 "spatial_shape": [int(s) for s in spatial_size], "dtype": "float32",
+                                 "value_range": [None, None], "is_patch_data": False, "channel_def": {"0": "image"}}},
+            "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": n, "spatial_shape": [1],
+                                 "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
+                                 "channel_def": {str(i): c for i, c in enumerate(class_names)}}},
+        },
+        "medfm": {"task": task_name, "class_names": list(class_names), "spatial_size": [int(s) for s in spatial_size]},
+    }  # fmt: skip
+    meta.update(dict(extra_metadata or {}))
+    write_metadata(root, meta)
+    write_metadata_schema(root / SCHEMA_RELPATH)
+    atomic_write_text(root / "LICENSE", _license_text(authors))
+    readme = (
+        f"# {meta['name']}\n\n## Overview\n{description}\n\n## Data\nOne-channel 3D volumes (NIfTI), resized to "
+        f"{list(spatial_size)}.\n\n## Inference\n\n```bash\npython -m monai.bundle run --config_file "
+        f"configs/inference.json --bundle_root . --dataset_dir <folder of .nii.gz>\n```\n\nWrites "
+        f"`eval/predictions.csv`: file name, then the probabilities of {', '.join(class_names)}.\n\n## Checks\n\n"
+        "```bash\npython -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath "
+        f"{SCHEMA_RELPATH}\npython -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json "
+        "--config_file configs/inference.json --device cpu\n```\n\n## Intended use\nResearch only; not for clinical "
+        "use.\n\n## Licence\nApache-2.0 (see LICENSE).\n"
+    )
+    atomic_write_text(root / "docs" / "README.md", readme)
+    atomic_torch_save(plain, root / "models" / "model.pt")
+    return root
+
+
+def export_lorkd_cls_expert(
+    bundle_root: str | os.PathLike, task: str, out_dir: str | os.PathLike, version: str = "0.1.0", verify: bool = False
+) -> Path:
+    """
+    Fuse task ``task``'s expert of a trained ``lorkd_cls`` bundle (``models/model.pt`` + ``models/network_def.json``)
+    into its stock network with that task's head and write it with :func:`write_cls_expert_bundle`; optionally run
+    :func:`~medfm_ops.bundle.verify_bundle` on it.
+
+    Raises:
+        FileNotFoundError: when the bundle has not been trained.
+        ValueError: for a task the model was not trained on (the message lists the tasks).
+    """
+    from medfm_ops.data import ClsTaskTable
+    from medfm_ops.networks import TaskHeadNetwork, export_cls_expert, instantiate, load_expert_state_dict, load_network_spec, to_experts
+
+    root = Path(bundle_root)
+    spec = load_network_spec(root / "models")
+    model_path = root / "models" / "model.pt"
+    if not model_path.is_file():
+        raise FileNotFoundError(f"no trained model at {model_path}: run {root}/configs/train.json first.")
+    table = ClsTaskTable.from_tasks(spec["regions"], source=str(root / "models" / "network_def.json"))
+    tid = table.task_id_of(task)
+    train_cfg = json.loads((root / "configs" / "train.json").read_text())
+    alpha = float(train_cfg.get("expert_alpha", 16))
+    net_def = dict(spec["network_def"])
+    key = next((k for k in _OUT_KEYS if k in net_def), "num_classes")
+    net_def[key] = table.num_classes_of(tid)
+    sd = torch.load(model_path, map_location="cpu", weights_only=True)
+    routed = any(".lora_A." in k for k in sd)
+    backbone = instantiate(net_def)
+    if routed:
+        backbone = to_experts(backbone, table.num_tasks, ranks=8, alpha=alpha)
+    model = TaskHeadNetwork(backbone, table.task_num_classes)
+    load_expert_state_dict(model, sd) if routed else model.load_state_dict(sd)
+    fused = export_cls_expert(model, tid)
+    out = write_cls_expert_bundle(
+        out_dir, net_def, fused.state_dict(), table.task_names[tid], table.class_names[tid],
+        train_cfg.get("spatial_size", [28, 28, 28]), modality=table.modalities[tid], version=version,
+        required_packages={"medfm_ops": _version("medfm_ops")} if str(net_def["_target_"]).startswith("medfm_ops") else None,
+    )  # fmt: skip
+    if verify:
+        from .verify import verify_bundle
+
+        verify_bundle(out)
+    return out
