@@ -157,8 +157,7 @@ def test_lora_mode_trains_adapters_only():
 
 
 def test_modes_and_start(tmp_path):
-    with pytest.raises(NotImplementedError, match="SH-PEFT"):
-        check_mode("sparse")
+    assert [check_mode(m) for m in ("full", "lora", "sparse")] == ["full", "lora", "sparse"]
     with pytest.raises(ValueError, match="mode must be"):
         check_mode("half")
     src = load_source(write_expert(tmp_path / "expert"))
@@ -271,8 +270,10 @@ def test_refused_run_keeps_the_previous_bundle(site_run):
         finetune_expert(site_run["expert"], site_run["data"], out, seed=1, epochs=1, val_split=0.25, progress=False)
     with pytest.raises(ValueError, match="val_interval"):
         finetune_expert(site_run["expert"], site_run["data"], out, epochs=3, val_interval=2, progress=False)
-    with pytest.raises(NotImplementedError):
-        finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", progress=False)
+    with pytest.raises(ValueError, match="budget"):
+        finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", sparse_budget=2.0, progress=False)
+    with pytest.raises(ValueError, match="variant"):
+        finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", sparse_variant="l3", progress=False)
     assert _sha(out / "models" / "model.pt") == model_sha and (out / SUMMARY_RELPATH).read_text() == summary_text
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
 
@@ -334,3 +335,35 @@ def test_lora_site_bundle_is_stock_and_reuses_split(site_run, tmp_path, head):
     assert not any("lora" in k for k in state)
     instantiate(infer["network_def"]).load_state_dict(state, strict=True)
     assert json.loads((out / "configs" / "train_lora.json").read_text())["lora_rank"] == 2
+
+
+def test_sparse_site_bundle_trains_the_budget_and_keeps_frozen_bits(site_run, tmp_path):
+    """mode="sparse": SH-PEFT through train.json + train_sparse.json. The trainable count is the budget, every other
+    weight keeps its starting bits (AdamW with weight decay), model.pt is stock and the delta rebuilds it exactly."""
+    from medfm_ops.peft import apply_sparse_delta, budget_count
+
+    out = tmp_path / "sparse_bundle"
+    shutil.copytree(site_run["out"] / "docs", out / "docs")  # the saved split of the first run is reused
+    summary = finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", epochs=2, batch_size=2,
+                              learning_rate=0.01, weight_decay=0.05, val_split=0.25, sparse_budget=0.05,
+                              verify=False, progress=False)  # fmt: skip
+    start = torch.load(site_run["expert"] / "models" / "model.pt", weights_only=True)  # head "keep": same tensors
+    total = sum(v.numel() for k, v in start.items() if v.is_floating_point())
+    assert summary["mode"] == "sparse" and summary["head"]["mode"] == "keep"
+    assert summary["parameters"]["total"] == total
+    assert summary["parameters"]["trainable"] == summary["sparse"]["selected"] == budget_count(0.05, total)
+    assert summary["sparse"]["variant"] == "l2" and summary["sparse"]["estimation_seconds"] > 0
+    assert summary["sparse"]["estimation_batches"] == -(-summary["split"]["num_training_used"] // 2)  # one epoch
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["model.pt", "model.ts", "sparse_delta.pt"]
+
+    infer = json.loads((out / "configs" / "inference.json").read_text())
+    model = torch.load(out / "models" / "model.pt", weights_only=True)
+    instantiate(infer["network_def"]).load_state_dict(model, strict=True)  # the stock network
+    changed = sum(int((model[k].view(-1).view(torch.int32) != start[k].view(-1).view(torch.int32)).sum())
+                  for k in start)  # fmt: skip
+    assert 0 < changed <= summary["parameters"]["trainable"]  # weight decay would move every frozen weight
+    delta = torch.load(out / "models" / "sparse_delta.pt", weights_only=True)
+    merged = apply_sparse_delta(start, delta)
+    assert all(torch.equal(merged[k].view(torch.int32), model[k].view(torch.int32)) for k in model)
+    train_sparse = json.loads((out / "configs" / "train_sparse.json").read_text())
+    assert train_sparse["sparse_budget"] == 0.05 and train_sparse["sparse_lambda"] == 1.0

@@ -3,12 +3,14 @@
 """Fine-tune one region expert on a site's own data and write the result as a complete, versioned MONAI bundle.
 
     python tools/finetune_site.py --expert_bundle /path/to/brain_expert --dataset_dir /data/Task04_Hippocampus \
-        --output_dir /bundles/brain_expert_site [--mode lora] [--epochs 10] [--num_train_cases 20]
+        --output_dir /bundles/brain_expert_site [--mode lora|sparse] [--epochs 10] [--num_train_cases 20]
+        [--sparse_budget 0.01 --sparse_variant l2 --sparse_lambda 1.0]
 
 A thin entry point: it runs the expert bundle's own ``configs/train.json`` (with ``configs/train_lora.json`` for
-``--mode lora``) through :func:`medfm_ops.finetune.finetune_expert`; see ``docs/site_finetuning.md``. Any argument of
-that function can be given as ``--name value``. ``--expert_bundle`` may also be a trained medfm training bundle
-(``bundles/foundation_seg``, ``bundles/lorkd_seg``) with ``--region``.
+``--mode lora``, ``configs/train_sparse.json`` for ``--mode sparse``: SH-PEFT, only the ``--sparse_budget`` most
+important weights train) through :func:`medfm_ops.finetune.finetune_expert`; see ``docs/site_finetuning.md``. Any
+argument of that function can be given as ``--name value``. ``--expert_bundle`` may also be a trained medfm training
+bundle (``bundles/foundation_seg``, ``bundles/lorkd_seg``) with ``--region``.
 """
 
 from __future__ import annotations

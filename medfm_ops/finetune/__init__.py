@@ -1,11 +1,13 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Clinical-site fine-tuning of one region expert (full or LoRA), written as a complete, versioned MONAI bundle.
+"""Clinical-site fine-tuning of one region expert (full, LoRA or sparse SH-PEFT), written as a complete, versioned
+MONAI bundle.
 
 Modules: ``source`` (what a site starts from), ``split`` (the saved train/validation split), ``head`` (site classes
-onto the expert's channels), ``start`` (starting weights), ``lora`` (adapters, fused back), ``bundle_run`` (a
-bundle's own configs run in-process), ``scoring`` (DSC/NSD of written label maps), ``report`` (tables, changelog,
-README), ``pipeline`` (:py:func:`finetune_expert`, the whole run).
+onto the expert's channels), ``start`` (starting weights), ``lora`` (the modes; adapters, fused back),
+``bundle_run`` (a bundle's own configs run in-process), ``scoring`` (DSC/NSD of written label maps), ``report``
+(tables, changelog, README), ``pipeline`` (:py:func:`finetune_expert`, the whole run). The sparse mode's maths is
+:py:mod:`medfm_ops.peft`, used by the bundle's ``configs/train_sparse.json``.
 """
 
 from __future__ import annotations

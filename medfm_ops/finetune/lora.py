@@ -25,8 +25,8 @@ __all__ = [
     "trainable_parameters",
 ]
 
-#: fine-tuning modes; ``sparse`` (SH-PEFT) is reserved and not implemented yet
-FINETUNE_MODES = ("full", "lora")
+#: fine-tuning modes: all weights, LoRA adapters fused back, or SH-PEFT (the most important weights only)
+FINETUNE_MODES = ("full", "lora", "sparse")
 
 
 def check_mode(mode: str) -> str:
@@ -34,14 +34,8 @@ def check_mode(mode: str) -> str:
     Validate a fine-tuning mode.
 
     Raises:
-        NotImplementedError: for ``"sparse"`` (SH-PEFT sparse fine-tuning is not available yet).
-        ValueError: for any other unknown mode.
+        ValueError: for a mode not in :data:`FINETUNE_MODES`.
     """
-    if mode == "sparse":
-        raise NotImplementedError(
-            "mode='sparse' (SH-PEFT sparse/hybrid fine-tuning) is not available yet: use mode='full' (all weights) "
-            "or mode='lora' (one low-rank adapter per convolution, fused into the kernels after training)."
-        )
     if mode not in FINETUNE_MODES:
         raise ValueError(f"mode must be one of {FINETUNE_MODES}, got {mode!r}.")
     return mode

@@ -27,6 +27,7 @@ from medfm_ops.finetune.source import SourceModel, load_source
 from medfm_ops.finetune.split import SPLIT_FILENAME, load_or_create_split
 from medfm_ops.finetune.start import prepare_start
 from medfm_ops.metrics import format_markdown, write_table
+from medfm_ops.peft import check_sparse_settings
 from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_json, replace_directory
 from medfm_ops.utils.bench import machine_info
 
@@ -37,8 +38,9 @@ logger = logging.getLogger("medfm.finetune")
 #: the fine-tuning summary inside a written bundle; written last, with ``"status": "complete"``
 SUMMARY_RELPATH = "docs/finetune_summary.json"
 #: config files each mode runs (difference-only overrides of the expert bundle's ``train.json``)
-MODE_CONFIGS = {"full": ["train.json"], "lora": ["train.json", "train_lora.json"]}
-_BEST = {"full": "finetune_best.pt", "lora": "lora_adapter.pt"}
+MODE_CONFIGS = {"full": ["train.json"], "lora": ["train.json", "train_lora.json"],
+                "sparse": ["train.json", "train_sparse.json"]}  # fmt: skip
+_BEST = {"full": "finetune_best.pt", "lora": "lora_adapter.pt", "sparse": "sparse_best.pt"}
 
 
 def _source_metadata(source: SourceModel) -> dict[str, Any]:
@@ -98,6 +100,9 @@ def finetune_expert(
     spacing: list[float] | None = None,
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
+    sparse_budget: float = 0.01,
+    sparse_variant: str = "l2",
+    sparse_lambda: float = 1.0,
     nsd_tolerance_mm: float = 1.0,
     version: str | None = None,
     device: str | None = None,
@@ -108,12 +113,12 @@ def finetune_expert(
     Fine-tune one region expert on a site's MSD-style data set and write the result as a complete MONAI bundle.
 
     The run is the source expert's own pipeline: a new bundle is written (with the starting weights and the site's
-    label names) and its ``configs/train.json`` (plus ``configs/train_lora.json`` for ``mode="lora"``) is run on the
-    saved split. Before and after training the validation cases are labelled by the bundle's own
-    ``configs/inference.json`` and scored against the site's label files (DSC, NSD), so the reported scores are the
-    ones a user of the bundle gets. The bundle is built in a hidden sibling of ``output_dir`` and renamed over it
-    only when complete (``docs/finetune_summary.json`` with ``"status": "complete"``); a failed or killed run leaves
-    any earlier ``output_dir`` untouched.
+    label names) and its ``configs/train.json`` (plus ``configs/train_lora.json`` or ``configs/train_sparse.json`` for
+    ``mode="lora"`` / ``"sparse"``) is run on the saved split. Before and after training the validation cases are
+    labelled by the bundle's own ``configs/inference.json`` and scored against the site's label files (DSC, NSD), so
+    the reported scores are the ones a user of the bundle gets. The bundle is built in a hidden sibling of
+    ``output_dir`` and renamed over it only when complete (``docs/finetune_summary.json`` with ``"status":
+    "complete"``); a failed or killed run leaves any earlier ``output_dir`` untouched.
 
     Args:
         expert_bundle: a standalone expert bundle (``tools/export_expert_bundle.py``), or a medfm training bundle
@@ -121,7 +126,9 @@ def finetune_expert(
         dataset_dir: the site's MSD-style folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``).
         output_dir: the bundle to write (replaced when it exists and the run succeeds).
         region: region of a training bundle. Defaults to None (its only region).
-        mode: ``"full"`` or ``"lora"`` (adapters fused into the kernels: the result is a stock network). Defaults to ``"full"``.
+        mode: ``"full"``, ``"lora"`` (adapters fused into the kernels: the result is a stock network) or ``"sparse"``
+            (SH-PEFT: only the ``sparse_budget`` most important weights train; stock ``models/model.pt`` plus
+            ``models/sparse_delta.pt``). Defaults to ``"full"``.
         init: ``"pretrained"`` or ``"scratch"`` (same architecture, seeded random weights). Defaults to
             ``"pretrained"``.
         head: ``"auto"``, ``"keep"`` or ``"resize"`` (see ``docs/site_finetuning.md``). Defaults to ``"auto"``.
@@ -136,6 +143,9 @@ def finetune_expert(
         roi_size: training patch and inference window. Defaults to the source's.
         spacing: target spacing in mm. Defaults to the source's (or the first training image's).
         lora_rank, lora_alpha: LoRA settings (``mode="lora"``). Default to 8 and 16.
+        sparse_budget, sparse_variant, sparse_lambda: SH-PEFT settings (``mode="sparse"``): fraction of all weights
+            that train, importance variant (``"l2"`` or ``"l1"``), weight of the magnitude part. Default to 0.01,
+            ``"l2"`` and 1.0; the importance is estimated over one epoch of the training loader.
         nsd_tolerance_mm: NSD tolerance. Defaults to 1.0.
         version: version of the new bundle. Defaults to the source's with the minor number bumped.
         device: e.g. ``"cpu"`` or ``"cuda:0"``. Defaults to the bundle's choice (CUDA when available).
@@ -147,7 +157,6 @@ def finetune_expert(
         the summary written to ``docs/finetune_summary.json``.
 
     Raises:
-        NotImplementedError: for ``mode="sparse"`` (not available yet).
         NonFiniteLossError: when a training loss is NaN/inf (names the batch's files); nothing is written.
         ValueError: on bad settings, a mismatched saved split, a head that cannot hold the site classes, or bad
             cases (:class:`~medfm_ops.data.DatasetIntegrityError` lists every one: unreadable file, not 3D, image and
@@ -156,6 +165,7 @@ def finetune_expert(
     """
     start_time = time.perf_counter()
     _check_schedule(mode, epochs, val_interval)
+    check_sparse_settings(sparse_budget, sparse_variant, sparse_lambda)
     split_seed = seed if split_seed is None else split_seed
     out = Path(output_dir).expanduser().resolve()
     saved_split = Path(split_file) if split_file else out / "docs" / SPLIT_FILENAME
@@ -196,7 +206,10 @@ def finetune_expert(
             extra_metadata={"name": f"{src_meta['name']} ({dataset_name})", "changelog": changelog},
             modality=modality,
             config_values={"train.json": train_settings,
-                           "train_lora.json": {"lora_rank": int(lora_rank), "lora_alpha": float(lora_alpha)}},
+                           "train_lora.json": {"lora_rank": int(lora_rank), "lora_alpha": float(lora_alpha)},
+                           "train_sparse.json": {"sparse_budget": float(sparse_budget),
+                                                 "sparse_variant": str(sparse_variant),
+                                                 "sparse_lambda": float(sparse_lambda)}},
         )  # fmt: skip
         atomic_write_json(stage / SUMMARY_RELPATH, {"status": "in_progress"})
         cases = split["validation"]
@@ -218,10 +231,14 @@ def finetune_expert(
         network = workflow.parser.get_parsed_content("network")
         parameters = {"total": sum(p.numel() for p in network.parameters()),
                       "trainable": sum(p.numel() for p in network.parameters() if p.requires_grad)}  # fmt: skip
+        if mode == "sparse":  # the selected entries train, not whole tensors
+            sparse = workflow.parser.get_parsed_content("sparse#parameters")
+            estimate = workflow.parser.get_parsed_content("sparse#estimate")
+            parameters["trainable"] = sparse.num_selected
         best = stage / "models" / _BEST[mode]
         if not best.is_file():
             raise RuntimeError(f"training wrote no checkpoint ({best}): it never validated.")
-        if mode == "full":  # lora: train_lora.json's finalize already fused the adapters into models/model.pt
+        if mode == "full":  # lora, sparse: the mode's finalize already wrote the stock models/model.pt
             atomic_torch_save(torch.load(best, map_location="cpu", weights_only=True), stage / "models" / "model.pt")
         best.unlink()
         after = _score(stage, cases, names, nsd_tolerance_mm, "after", device)
@@ -242,6 +259,9 @@ def finetune_expert(
             "epochs": int(epochs),
             "train_settings": train_settings,
             "lora": {"rank": int(lora_rank), "alpha": float(lora_alpha)} if mode == "lora" else None,
+            "sparse": {"budget": float(sparse_budget), "variant": sparse_variant, "lambda": float(sparse_lambda),
+                       "selected": parameters["trainable"], "estimation_batches": estimate.num_batches,
+                       "estimation_seconds": estimate.seconds} if mode == "sparse" else None,
             "split": {"file": SPLIT_FILENAME, "seed": int(split_seed), "val_split": val_split, "reused": split["reused"],
                       "num_training_total": split["num_training_total"],
                       "num_validation_total": split["num_validation_total"],

@@ -19,7 +19,14 @@ from __future__ import annotations
 
 from .delta import DELTA_FORMAT, apply_sparse_delta, save_sparse_result, sparse_delta, state_fingerprint
 from .importance import IMPORTANCE_VARIANTS, ImportanceEstimate, default_prepare_batch, estimate_importance
-from .selection import SELECTION_METHODS, budget_count, importance_scores, select_top_k, select_weights
+from .selection import (
+    SELECTION_METHODS,
+    budget_count,
+    check_sparse_settings,
+    importance_scores,
+    select_top_k,
+    select_weights,
+)
 from .sparse_parameters import SparseParameters
 
 __all__ = [
@@ -30,6 +37,7 @@ __all__ = [
     "SparseParameters",
     "apply_sparse_delta",
     "budget_count",
+    "check_sparse_settings",
     "default_prepare_batch",
     "estimate_importance",
     "importance_scores",

@@ -8,9 +8,16 @@ from collections.abc import Mapping
 
 import torch
 
-from medfm_ops.peft.importance import ImportanceEstimate
+from medfm_ops.peft.importance import IMPORTANCE_VARIANTS, ImportanceEstimate
 
-__all__ = ["SELECTION_METHODS", "budget_count", "importance_scores", "select_top_k", "select_weights"]
+__all__ = [
+    "SELECTION_METHODS",
+    "budget_count",
+    "check_sparse_settings",
+    "importance_scores",
+    "select_top_k",
+    "select_weights",
+]
 
 #: ``hybrid``: I_td + lambda * s * I_ta (SH-PEFT); ``gradient``: I_td only; ``magnitude``: I_ta only;
 #: ``random``: a seeded random mask of the same size
@@ -54,6 +61,23 @@ def importance_scores(
     sum_ta = sum(float(t.double().sum()) for t in ta.values())
     s = sum_td / sum_ta if sum_ta > 0 else 0.0
     return {n: td[n].double() + (float(lambda_) * s) * ta[n].double() for n in ta}
+
+
+def check_sparse_settings(budget: float, variant: str = "l2", lambda_: float = 1.0, method: str = "hybrid") -> None:
+    """
+    Validate SH-PEFT settings before any work (e.g. before a bundle is written).
+
+    Raises:
+        ValueError: naming the offending argument: ``budget`` outside (0, 1], an unknown ``variant`` or ``method``,
+            a negative ``lambda_``.
+    """
+    budget_count(budget, 1)
+    if variant not in IMPORTANCE_VARIANTS:
+        raise ValueError(f"variant must be one of {IMPORTANCE_VARIANTS}, got {variant!r}.")
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"method must be one of {SELECTION_METHODS}, got {method!r}.")
+    if not float(lambda_) >= 0:
+        raise ValueError(f"lambda_ must be >= 0, got {lambda_}.")
 
 
 def budget_count(budget: float, num_weights: int) -> int:

@@ -69,7 +69,7 @@ class SparseParameters:
                 p.requires_grad_(False)
                 continue
             if not p.is_contiguous():
-                raise ValueError(f"parameter {name!r} is not contiguous: call network.contiguous() / to(memory_format).")
+                raise ValueError(f"parameter {name!r} is not contiguous: use network.to(memory_format=contiguous_format).")
             idx = torch.nonzero(mask.reshape(-1).to(p.device)).flatten()
             p.requires_grad_(True)
             self._params[name], self._indices[name] = p, idx
@@ -150,7 +150,8 @@ class SparseParameters:
         if self._optimizer is not None and self._optimizer is not optimizer:
             raise ValueError("another optimizer is already attached to these SparseParameters.")
         if self._optimizer is None:
-            self._hooks += [optimizer.register_step_pre_hook(self._read), optimizer.register_step_post_hook(self._write)]
+            self._hooks.append(optimizer.register_step_pre_hook(self._read))
+            self._hooks.append(optimizer.register_step_post_hook(self._write))
         self._optimizer = optimizer
         return optimizer
 
