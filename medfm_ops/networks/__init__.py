@@ -33,7 +33,7 @@ from medfm_ops.networks.cls_heads import (
     mask_task_logits,
 )
 from medfm_ops.networks.cls_zoo import CLS_NETWORKS, ViTClassifier, build_cls_network, cls_network_def
-from medfm_ops.networks.cls_reprogram import ReprogrammedStudent, ReprogrammingModule
+from medfm_ops.networks.cls_reprogram import ReprogrammedStudent, ReprogrammingModule, init_from_checkpoint, load_rd_student
 
 __all__ = [
     "ExpertNetwork",
@@ -76,4 +76,6 @@ __all__ = [
     "cls_network_def",
     "ReprogrammedStudent",
     "ReprogrammingModule",
+    "init_from_checkpoint",
+    "load_rd_student",
 ]

@@ -14,7 +14,7 @@ from torch import nn
 
 from medfm_ops.networks.cls_heads import _set, head_layer_name
 
-__all__ = ["ReprogrammingModule", "ReprogrammedStudent", "init_from_checkpoint"]
+__all__ = ["ReprogrammingModule", "ReprogrammedStudent", "init_from_checkpoint", "load_rd_student"]
 
 
 class _ResidualBlock(nn.Module):
@@ -124,3 +124,21 @@ def init_from_checkpoint(net: nn.Module, checkpoint: str | os.PathLike, skip: st
         raise ValueError(f"{checkpoint}: only {len(take)} of {len(own)} entries match the network: another architecture?")
     net.load_state_dict(take, strict=False)
     return net
+
+
+def load_rd_student(stock_network: nn.Module, checkpoint: str | os.PathLike | dict) -> nn.Module:
+    """Load the deployed student of a :class:`ReprogrammedStudent` checkpoint (``student.*`` and the shared
+    classifier ``g.*``) into ``stock_network`` (the student's stock class with the task's class count; strict).
+
+    Raises:
+        FileNotFoundError: when the checkpoint is missing (train the bundle first).
+    """
+    if not isinstance(checkpoint, dict):
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"no trained model at {checkpoint}: run the bundle's configs/train.json first.")
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    head = head_layer_name(stock_network)
+    sd = {k[len("student."):]: v for k, v in checkpoint.items() if k.startswith("student.")}
+    sd.update({f"{head}.{k[2:]}": v for k, v in checkpoint.items() if k.startswith("g.")})
+    stock_network.load_state_dict(sd, strict=True)
+    return stock_network
