@@ -1,0 +1,142 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""End to end through the classification bundles on a tiny synthetic multi-task set (copies under tmp_path):
+foundation_cls -> lorkd_cls (LoRKD*) -> evaluate -> export a fused expert as a verified standalone bundle; rd_cls;
+standalone inference.json of each bundle; metadata and verify_net_in_out before training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import run as bundle_run
+
+from medfm_ops.bundle import export_lorkd_cls_expert, write_metadata_schema
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ("foundation_cls", "lorkd_cls", "rd_cls")
+TINY = {"synthetic#size": 16, "synthetic#train_cases": 8, "synthetic#val_cases": 4, "spatial_size": [16, 16, 16], "batch_size": 8}
+
+
+def _run(bundle: Path, *names: str, **overrides) -> None:
+    files = [str(bundle / "configs" / n) for n in names]
+    bundle_run(config_file=files[0] if len(files) == 1 else files, bundle_root=str(bundle), **{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls_bundles")
+    for name in NAMES:
+        shutil.copytree(REPO / "bundles" / name, root / name, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+    os.environ["MEDFM_CACHE"] = str(root / "cache")
+    _run(root / "foundation_cls", "train.json", epochs=2, val_interval=1)
+    _run(root / "lorkd_cls", "train.json", epochs=2, warmup_epochs=1, lorkd_star=True, val_interval=1)
+    yield root
+    os.environ.pop("MEDFM_CACHE", None)
+
+
+def _images(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        nib.save(nib.Nifti1Image(rng.random((20, 18, 16)).astype(np.float32), np.eye(4)), str(folder / f"c{i}.nii.gz"))
+
+
+def test_metadata_and_net_in_out_before_training(tmp_path):
+    from monai.bundle import verify_metadata
+
+    schema = write_metadata_schema(tmp_path / "schema.json")
+    for name in NAMES:
+        bundle = REPO / "bundles" / name
+        verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(schema))
+        meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+        assert meta["version"] in meta["changelog"]
+        res = subprocess.run(
+            [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
+             "configs/metadata.json", "--config_file", "configs/inference.json", "--device", "cpu"],
+            cwd=bundle, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        )  # fmt: skip
+        assert res.returncode == 0, f"{name}: {res.stdout[-2000:]}{res.stderr[-2000:]}"
+
+
+def test_one_preprocessing_definition():
+    for name in NAMES:
+        train = json.loads((REPO / "bundles" / name / "configs" / "train.json").read_text())
+        infer = json.loads((REPO / "bundles" / name / "configs" / "inference.json").read_text())
+        assert train["validate"]["preprocessing"]["transforms"] == "%deterministic_transforms"
+        assert infer["deterministic_transforms"] == train["deterministic_transforms"], name
+
+
+def test_lorkd_evaluation_foundation_unfused_and_fused(workspace):
+    bundle = workspace / "lorkd_cls"
+    summary = json.loads((bundle / "models" / "training_summary.json").read_text())
+    assert len(summary["expert_ranks"]) == 4
+    _run(bundle, "train.json", "evaluate.json")
+    rows = list(csv.DictReader((bundle / "eval" / "tasks.csv").open()))
+    models = {r["model"] for r in rows}
+    assert {"foundation (unified head)", "LoRKD (unfused, routed)", "LoRKD experts (fused, one per task)"} <= models
+    by = {(r["model"], r["task"]): r for r in rows}
+    for task in ("lesion_ct", "shape_ct", "blobs_mr", "vessel_mra"):
+        unfused, fused = by[("LoRKD (unfused, routed)", task)], by[("LoRKD experts (fused, one per task)", task)]
+        assert float(unfused["auc"]) == pytest.approx(float(fused["auc"]), abs=1e-6), task
+        assert 0 <= float(unfused["majority_accuracy"]) <= 1
+    fused = by[("LoRKD experts (fused, one per task)", "mean")]
+    assert float(fused["deploy params (M)"]) < float(fused["train params (M)"])
+
+
+def test_exported_expert_is_a_verified_standalone_bundle(workspace, tmp_path):
+    out = export_lorkd_cls_expert(workspace / "lorkd_cls", "shape_ct", tmp_path / "shape_expert", verify=True)
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    assert "medfm_ops" not in meta["required_packages_version"]
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 3
+    cfg = json.loads((out / "configs" / "inference.json").read_text())
+    assert not any("medfm_ops" in json.dumps(v) for v in cfg.values())
+    _images(tmp_path / "in")
+    bundle_run(config_file=str(out / "configs" / "inference.json"), bundle_root=str(out), dataset_dir=str(tmp_path / "in"), spatial_size=[16, 16, 16])
+    rows = list(csv.reader((out / "eval" / "predictions.csv").open()))
+    assert len(rows) == 2 and all(abs(sum(map(float, r[1:])) - 1) < 1e-5 for r in rows)
+
+
+@pytest.mark.parametrize("name,task", [("foundation_cls", "blobs_mr"), ("lorkd_cls", "shape_ct")])
+def test_standalone_inference(workspace, name, task):
+    bundle = workspace / name
+    _images(bundle / "eval" / "input")
+    bundle_run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), spatial_size=[16, 16, 16], task=task)
+    rows = list(csv.reader((bundle / "eval" / "predictions" / task / "predictions.csv").open()))
+    n = {"blobs_mr": 4, "shape_ct": 3}[task]
+    assert len(rows) == 2 and all(len(r) == n + 1 and abs(sum(map(float, r[1:])) - 1) < 1e-5 for r in rows)
+
+
+def test_rd_train_evaluate_and_deploy_student(workspace):
+    bundle = workspace / "rd_cls"
+    _run(bundle, "train.json", epochs=2, val_interval=1, task="shape_ct")
+    _run(bundle, "train.json", "evaluate.json", task="shape_ct")
+    rows = {r["model"]: r for r in csv.DictReader((bundle / "eval" / "tasks.csv").open()) if r["task"] == "mean"}
+    assert {"RD student (deployed)", "reprogrammed teacher g(phi(F_t))", "foundation (unified head)"} <= set(rows)
+    assert float(rows["RD student (deployed)"]["deploy params (M)"]) < float(rows["foundation (unified head)"]["deploy params (M)"])
+    _images(bundle / "eval" / "input")
+    bundle_run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), spatial_size=[16, 16, 16], task="shape_ct")
+    assert len(list(csv.reader((bundle / "eval" / "predictions" / "shape_ct" / "predictions.csv").open()))) == 2
+
+
+def test_bad_datalist_item_stops_the_run_naming_it(workspace, tmp_path):
+    content = {"tasks": [{"name": "a", "task_id": 0, "labels": {"0": "n", "1": "p"}}],
+               "training": [{"image": "x.nii.gz", "task": "a", "label": 3}], "validation": [{"image": "x.nii.gz", "task": "a", "label": 0}]}  # fmt: skip
+    (tmp_path / "x.nii.gz").write_bytes(b"")
+    (tmp_path / "dl.json").write_text(json.dumps(content))
+    with pytest.raises(Exception) as info:
+        _run(workspace / "foundation_cls", "train.json", datalist=str(tmp_path / "dl.json"), epochs=1)
+    chain, e = [], info.value
+    while e is not None:  # the config parser wraps the cause
+        chain.append(str(e))
+        e = e.__cause__
+    assert any("dl.json training[0] (" in m and "label 3 is outside task 'a'" in m for m in chain), chain
