@@ -193,6 +193,7 @@ def site_run(tmp_path_factory):
 def test_site_bundle_is_complete_and_versioned(site_run):
     out, summary = site_run["out"], site_run["summary"]
     for rel in ("configs/inference.json", "configs/train.json", "configs/evaluate.json", "configs/train_lora.json",
+                "configs/train_sparse.json",
                 "configs/metadata.json", "configs/logging.conf", "models/model.pt", "models/model.ts",
                 "docs/README.md", "docs/split.json", "docs/metrics.csv", SUMMARY_RELPATH, "LICENSE"):  # fmt: skip
         assert (out / rel).is_file(), rel
