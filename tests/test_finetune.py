@@ -297,7 +297,8 @@ def test_interrupted_run_keeps_the_previous_bundle(site_run, monkeypatch):
 
 
 def test_diverging_run_names_the_batch_and_keeps_the_previous_bundle(site_run, tmp_path):
-    """A huge learning rate, or a training image with NaN voxels, stops the run; no bundle with NaN weights."""
+    """A huge learning rate stops the run at the first non-finite loss (naming the batch), a training image with NaN
+    voxels is refused by name; no bundle with NaN weights, earlier results intact."""
     from medfm_ops.engines import NonFiniteLossError
 
     out = site_run["out"]
@@ -315,9 +316,10 @@ def test_diverging_run_names_the_batch_and_keeps_the_previous_bundle(site_run, t
     arr = np.asarray(img.dataobj).astype(np.float32)
     arr[2:4, 2:4, 2:4] = np.nan
     nib.save(nib.Nifti1Image(arr, img.affine), bad)
-    with pytest.raises(NonFiniteLossError, match="nan"):
+    with pytest.raises(ValueError, match="NaN/inf voxels") as info:  # refused by name before any training step
         finetune_expert(site_run["expert"], data, tmp_path / "nan_bundle", epochs=1, batch_size=1, val_split=0.25,
                         progress=False, verify=False)  # fmt: skip
+    assert str(bad) in str(info.value)
     assert not (tmp_path / "nan_bundle").exists() and not list(tmp_path.glob(".nan_bundle.partial-*"))
 
 

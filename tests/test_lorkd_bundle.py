@@ -295,14 +295,16 @@ def _final_weights(models: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resumed_run_continues_from_the_same_state(workspace, tmp_path):
-    """An interrupted LoRKD* run resumed from its epoch-1 checkpoint ends exactly where an uninterrupted run ends."""
+    """An interrupted LoRKD* run resumed from its epoch-1 checkpoint ends exactly where an uninterrupted run ends:
+    same weights, same best validation record (model.pt replaced only if epoch 2 beats epoch 1), and the superseded
+    epoch-1 checkpoint removed."""
     det = {
         "train#preprocessing": "$@validate#preprocessing",  # no random augmentation: bitwise reproducible
         "train#dataloader#shuffle": False,
         "epochs": 2,
         "warmup_epochs": 1,
         "lorkd_star": True,
-        "val_interval": 2,
+        "val_interval": 1,
     }
     runs = {}
     for name in ("straight", "interrupted"):
@@ -325,6 +327,36 @@ def test_resumed_run_continues_from_the_same_state(workspace, tmp_path):
     assert torch.equal(a["warmup"]["ranks"], b["warmup"]["ranks"])
     for k, v in a["network"].items():
         assert torch.allclose(v, b["network"][k], atol=1e-6, rtol=0), k
+    summaries = [json.loads((runs[n] / "models" / "training_summary.json").read_text()) for n in runs]
+    for key in ("best_metric", "best_metric_epoch", "model_written_by_this_run"):
+        assert summaries[0][key] == summaries[1][key], key
+    assert abs(a["validation"]["best_metric"] - b["validation"]["best_metric"]) < 1e-6
+    best = [torch.load(runs[n] / "models" / "model.pt", weights_only=True) for n in runs]
+    for k, v in best[0].items():
+        assert torch.allclose(v, best[1][k], atol=1e-6, rtol=0), k
+    left = sorted(p.name for p in (runs["interrupted"] / "models").glob("train_state_checkpoint_epoch=*.pt"))
+    assert left == ["train_state_checkpoint_epoch=2.pt"], left
+
+
+def test_export_refuses_a_model_the_last_run_did_not_write(workspace, tmp_path):
+    """A re-run that never validated leaves the previous model.pt: export says so instead of shipping it."""
+    bundle = tmp_path / "lorkd_seg"
+    shutil.copytree(workspace / "lorkd_seg", bundle, ignore=shutil.ignore_patterns("eval", "runs"))
+    shutil.copytree(workspace / "foundation_seg", tmp_path / "foundation_seg")
+    summary = json.loads((bundle / "models" / "training_summary.json").read_text())
+    assert summary["model_written_by_this_run"] and len(summary["model_sha256"]) == 64
+    old = (bundle / "models" / "model.pt").read_bytes()
+    _run(bundle, "train.json", epochs=1, warmup_epochs=0, val_interval=2)  # never validates
+    assert (bundle / "models" / "model.pt").read_bytes() == old
+    with pytest.raises(ValueError, match="not written by the last training run"):
+        export_lorkd_expert(bundle, tmp_path / "stale", region="thorax_ct")
+    assert not (tmp_path / "stale").exists()
+    (bundle / "models" / "model.pt").write_bytes(old[:-1] + bytes([old[-1] ^ 1]))  # any other file
+    summary = json.loads((bundle / "models" / "training_summary.json").read_text())
+    summary.update(model_written_by_this_run=True, model_sha256="0" * 64)
+    (bundle / "models" / "training_summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="interrupted"):
+        export_lorkd_expert(bundle, tmp_path / "stale", region="thorax_ct")
 
 
 def test_multi_gpu_config_with_two_cpu_processes(workspace, tmp_path):

@@ -109,10 +109,12 @@ def from_lorkd(
     roi_size: Sequence[int] | None = None,
     version: str = "0.1.0",
     verify: bool = False,
+    force: bool = False,
 ) -> str:
     """Fuse one region expert of a trained lorkd_seg bundle into a standalone bundle (see ``export_lorkd_expert``).
 
-    ``--out_dir`` defaults to ``{bundle_root}/eval/expert_{region}``.
+    ``--out_dir`` defaults to ``{bundle_root}/eval/expert_{region}``. The export is refused when ``models/model.pt``
+    is not the model the last training run wrote (``--force`` exports it anyway, with a warning).
     """
     import logging
 
@@ -128,6 +130,7 @@ def from_lorkd(
         roi_size=None if roi_size is None else tuple(int(r) for r in roi_size),
         version=version,
         verify=verify,
+        force=force,
     )
     return str(root)
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -12,11 +13,12 @@ from typing import Any
 import nibabel as nib
 
 from medfm_ops.data import RegionTable, load_datalist
+from medfm_ops.engines import model_fingerprint
 from medfm_ops.networks import export_expert, instantiate, load_expert_state_dict, load_network_spec, to_experts
 from medfm_ops.bundle.expert_bundle import write_expert_bundle
 from medfm_ops.bundle.verify import verify_bundle
 
-__all__ = ["export_lorkd_expert"]
+__all__ = ["export_lorkd_expert", "check_model_is_from_last_run"]
 
 logger = logging.getLogger("medfm.export")
 
@@ -28,6 +30,33 @@ def _bundle_config(bundle_root: Path) -> Any:
     parser.read_config(str(bundle_root / "configs" / "train.json"))
     parser["bundle_root"] = str(bundle_root)
     return parser
+
+
+def check_model_is_from_last_run(models_dir: Path) -> None:
+    """
+    Refuse a ``model.pt`` that the last training run did not write: ``training_summary.json`` (written at the end of
+    every run) records whether that run wrote ``model.pt`` and its SHA-256.
+
+    Raises:
+        ValueError: when the summary is missing, says the last run wrote no model (it never validated), or records
+            another file than the one present (a later run was interrupted after replacing it).
+    """
+    summary_path, model = models_dir / "training_summary.json", models_dir / "model.pt"
+    if not summary_path.is_file():
+        raise ValueError(f"{summary_path} is missing: cannot tell which run wrote {model}; train the bundle to the end.")
+    summary = json.loads(summary_path.read_text())
+    if "model_sha256" not in summary:
+        raise ValueError(f"{summary_path} has no model fingerprint (written by an older medfm): retrain the bundle.")
+    if not summary.get("model_written_by_this_run"):
+        raise ValueError(
+            f"{model} was not written by the last training run ({summary.get('epochs')} epochs; it never validated, "
+            "e.g. epochs < val_interval): it is an earlier run's model. Retrain with validation, or pass force=True."
+        )
+    if model_fingerprint(model) != summary["model_sha256"]:
+        raise ValueError(
+            f"{model} is not the model the last finished training run wrote ({summary_path}): a later run was "
+            "interrupted after replacing it. Finish or resume that run, or pass force=True."
+        )
 
 
 def _region_spacing(files: list[dict], task: int) -> tuple[float, ...]:
@@ -47,6 +76,7 @@ def export_lorkd_expert(
     roi_size: tuple[int, ...] | None = None,
     version: str = "0.1.0",
     verify: bool = False,
+    force: bool = False,
 ) -> Path:
     """
     Fuse the expert of ``region`` from ``{bundle_root}/models/model.pt`` into the stock backbone and write it with
@@ -63,8 +93,16 @@ def export_lorkd_expert(
         roi_size: sliding-window size. Defaults to the bundle's ``roi_size``.
         version: version of the new bundle. Defaults to ``"0.1.0"``.
         verify: run MONAI's ``verify_metadata`` / ``verify_net_in_out`` / ``ckpt_export`` on the result.
+        force: export even when ``models/model.pt`` is not the one the last training run wrote (a warning is
+            logged). Defaults to False (refused, see :func:`check_model_is_from_last_run`).
     """
     root = Path(bundle_root).resolve()
+    try:
+        check_model_is_from_last_run(root / "models")
+    except ValueError as e:
+        if not force:
+            raise
+        logger.warning(f"exporting anyway (force=True): {e}")
     spec = load_network_spec(root / "models")
     if "regions" not in spec:
         raise ValueError(f"{root / 'models'}: network_def.json has no 'regions' (class layout); retrain the bundle.")

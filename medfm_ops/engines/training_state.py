@@ -4,27 +4,72 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import torch
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint
 
+from medfm_ops.networks import eks_layers
 from medfm_ops.utils.atomic_io import atomic_write_text
 
-__all__ = ["resume_training", "write_training_summary", "atomic_write_text"]
+__all__ = ["ValidationState", "resume_training", "write_training_summary", "atomic_write_text", "model_fingerprint"]
 
 
-def resume_training(state: dict[str, Any], checkpoint_path: str | os.PathLike | None) -> bool:
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 of a model file (ties ``models/model.pt`` to the run summary that describes it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ValidationState:
+    """
+    The validation record a resumed run must continue: the evaluator's best key metric (and its epoch) and the
+    files its best-model saver keeps with their scores. Put it in the training state (``train#state``) so that the
+    first validation after a resume replaces ``model.pt`` only when it beats the best score before the interruption.
+
+    Args:
+        evaluator: the MONAI evaluator run by the trainer's ``ValidationHandler``.
+        saver: its :class:`~medfm_ops.engines.AtomicCheckpointSaver` of the best model. Defaults to None.
+    """
+
+    def __init__(self, evaluator: Engine, saver: Any = None) -> None:
+        self.evaluator = evaluator
+        self.saver = saver
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.evaluator.state
+        out: dict[str, Any] = {"best_metric": float(getattr(state, "best_metric", -1.0)),
+                               "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1))}  # fmt: skip
+        if self.saver is not None:
+            out["saver"] = self.saver.state_dict()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.evaluator.state.best_metric = float(state_dict["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
+        if self.saver is not None and "saver" in state_dict:
+            self.saver.load_state_dict(state_dict["saver"])
+
+
+def resume_training(
+    state: dict[str, Any], checkpoint_path: str | os.PathLike | None, checkpointer: Any = None
+) -> bool:
     """
     Load a full training state (as saved by the training checkpointer: warm-up/LoRKD* state, network, optimizer,
     scheduler, trainer) so that the run continues exactly where it stopped. ``None`` does nothing.
 
     Objects are loaded in the order of ``state``: put the warm-up handler first so LoRKD* ranks re-shape the experts
-    before their weights are loaded.
+    before their weights are loaded. With ``checkpointer`` (the :class:`~medfm_ops.engines.AtomicCheckpointSaver` of
+    the training state), the resumed file is recorded as its latest, so it is removed once superseded.
 
     Raises:
         FileNotFoundError: when ``checkpoint_path`` does not exist.
@@ -42,15 +87,33 @@ def resume_training(state: dict[str, Any], checkpoint_path: str | os.PathLike | 
     Checkpoint.load_objects(to_load=to_load, checkpoint=ckpt)
     trainer = state.get("trainer")
     epoch = trainer.state.epoch if isinstance(trainer, Engine) else "?"
+    if checkpointer is not None and isinstance(trainer, Engine):
+        checkpointer.adopt_interval_checkpoint(str(checkpoint_path), trainer.state.epoch)
     logging.getLogger("medfm.resume").info(f"resumed from {checkpoint_path} at epoch {epoch}")
     return True
 
 
 def write_training_summary(
-    path: str | os.PathLike, trainer: Engine, evaluator: Engine | None = None, warmup: Any | None = None
+    path: str | os.PathLike,
+    trainer: Engine,
+    evaluator: Engine | None = None,
+    warmup: Any | None = None,
+    model_path: str | os.PathLike | None = None,
 ) -> None:
-    """Write ``{epochs, iterations, best validation metric, last metrics, ranks, loss drops}`` as JSON (atomically)."""
+    """
+    Write ``{epochs, iterations, best validation metric, last metrics, ranks, loss drops}`` as JSON (atomically).
+
+    With ``model_path`` the summary also says whether this run wrote that model (its file changed after the run
+    started) and, if so, its SHA-256 (``model_sha256``): an export compares it with the file it is about to ship,
+    so a model left over from an earlier run is never exported as this run's.
+    """
     summary: dict[str, Any] = {"epochs": trainer.state.epoch, "iterations": trainer.state.iteration}
+    if model_path is not None:
+        run_seconds = float(trainer.state.times.get("COMPLETED") or 0.0)
+        started = time.time() - run_seconds - 1.0
+        written = os.path.isfile(model_path) and os.path.getmtime(model_path) >= started
+        summary["model_written_by_this_run"] = bool(written)
+        summary["model_sha256"] = model_fingerprint(model_path) if written else None
     if evaluator is not None:
         summary.update(
             {
@@ -62,8 +125,6 @@ def write_training_summary(
     if warmup is not None:
         ranks = warmup.ranks
         if ranks is None:
-            from medfm_ops.networks import eks_layers
-
             ranks = list(next(eks_layers(warmup.network))[1].ranks)
         summary.update({"expert_ranks": list(ranks), "warmup_loss_drops": warmup.loss_drops})
     atomic_write_text(path, json.dumps(summary, indent=2, default=float))

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
 from medfm_ops.utils.atomic_io import NonFiniteWeightsError, non_finite_entries
@@ -13,11 +15,17 @@ from medfm_ops.utils.atomic_io import NonFiniteWeightsError, non_finite_entries
 __all__ = ["AtomicCheckpointSaver"]
 
 
-class _FiniteSaver:
-    """Wraps Ignite's ``DiskSaver``: refuses a checkpoint holding NaN/inf tensors before anything is written."""
+class _FiniteSaver(BaseSaveHandler):
+    """Wraps Ignite's ``DiskSaver``: refuses a checkpoint holding NaN/inf tensors before anything is written.
+
+    A ``BaseSaveHandler`` itself: Ignite removes superseded files only through handlers of that type.
+    """
 
     def __init__(self, saver: Any) -> None:
         self.saver = saver
+
+    def remove(self, filename: str) -> None:
+        self.saver.remove(filename)
 
     def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
         bad = non_finite_entries(checkpoint)
@@ -42,7 +50,37 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if ckpt is not None:
-                ckpt.save_handler._atomic = True  # MONAI builds its DiskSavers with atomic=False
-                ckpt.save_handler = _FiniteSaver(ckpt.save_handler)
+        for ckpt in self._checkpoints().values():
+            ckpt.save_handler._atomic = True  # MONAI builds its DiskSavers with atomic=False
+            ckpt.save_handler = _FiniteSaver(ckpt.save_handler)
+
+    def _checkpoints(self) -> dict[str, Any]:
+        named = {"final": self._final_checkpoint, "key_metric": self._key_metric_checkpoint,
+                 "interval": self._interval_checkpoint}  # fmt: skip
+        return {k: v for k, v in named.items() if v is not None}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The files each internal checkpoint keeps (with their scores), so a resumed run continues the record."""
+        return {name: ckpt.state_dict() for name, ckpt in self._checkpoints().items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name, ckpt in self._checkpoints().items():
+            if name in state_dict:
+                ckpt.load_state_dict(state_dict[name])
+
+    def adopt_interval_checkpoint(self, path: str, step: int) -> bool:
+        """
+        Record an existing interval checkpoint (e.g. the one a run resumes from) as saved at ``step``, so that it is
+        removed like any superseded one once ``n_saved`` newer files exist. Returns False when ``path`` is not in
+        this saver's directory or the saver keeps no interval checkpoints.
+        """
+        ckpt = self._interval_checkpoint
+        if ckpt is None or os.path.dirname(os.path.abspath(path)) != os.path.abspath(ckpt.save_handler.dirname):
+            return False
+        state = ckpt.state_dict()
+        key = next(iter(state))  # Ignite names it "_saved" (older releases "saved")
+        saved = [tuple(x) for x in state[key]]
+        name = os.path.basename(path)
+        if all(f != name for _, f in saved):
+            ckpt.load_state_dict({key: sorted(saved + [(int(step), name)])})
+        return True
