@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["find_bundle_root", "default_cache_dir", "literal_config", "reject_renamed_keys", "check_trained_regions"]
+__all__ = [
+    "find_bundle_root",
+    "default_cache_dir",
+    "literal_config",
+    "reject_renamed_keys",
+    "check_trained_regions",
+    "check_writable",
+]
 
 
 def find_bundle_root(name: str, start: str | os.PathLike | None = None) -> str:
@@ -126,3 +134,21 @@ def check_trained_regions(ckpt_dir: str | os.PathLike, region_table: Any) -> Non
             f"config's 'regions' are {[(r['name'], r['labels']) for r in region_table.to_regions()]}: pass "
             f'--regions "%{spec}#regions" (or edit \'regions\' in configs/inference.json).'
         )
+
+
+def check_writable(folder: str | os.PathLike) -> str:
+    """
+    Create ``folder`` if needed and check that a file can be written in it, BEFORE any computation (a read-only
+    or full output location would otherwise fail only after inference, with a writer error that names no folder).
+
+    Raises:
+        PermissionError: naming the folder and the reason.
+    """
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"output folder {path} is not writable ({e.strerror or e}): pass --output_dir <a writable folder>.") from e
+    return str(path)

@@ -18,6 +18,7 @@ from .synthetic import (
 from .synthetic_regions import SYNTHETIC_REGIONS, RegionSpec, StructureSpec
 from .transforms import (
     CheckFinited,
+    CheckInputShaped,
     CheckImageLabelShaped,
     ImageLoadError,
     RegionLabelToChannelsd,
@@ -34,6 +35,7 @@ __all__ = [
     "SECTIONS",
     "SYNTHETIC_REGIONS",
     "CheckFinited",
+    "CheckInputShaped",
     "CheckImageLabelShaped",
     "ImageLoadError",
     "RegionLabelToChannelsd",

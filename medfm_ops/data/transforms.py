@@ -39,6 +39,7 @@ from medfm_ops.data.region_table import RegionTable
 
 __all__ = [
     "CheckFinited",
+    "CheckInputShaped",
     "CheckImageLabelShaped",
     "ImageLoadError",
     "RegionLabelToChannelsd",
@@ -156,6 +157,40 @@ class CheckFinited(MapTransform):
                     raise ValueError(
                         f"case {case_name(d, [key])}: '{key}' has {bad} NaN/inf voxel(s); repair or mask the file."
                     )
+        return d
+
+
+class CheckInputShaped(MapTransform):
+    """
+    Check that a channel-first image is a volume of ``spatial_dims`` axes with ``channels`` channels, e.g. refuse a
+    2D slice or a 4-channel series given to a 3D single-channel network.
+
+    Args:
+        keys: keys to check. Defaults to ``"image"``.
+        spatial_dims: number of spatial axes. Defaults to 3.
+        channels: number of channels. Defaults to 1.
+        allow_missing_keys: skip missing keys. Defaults to False.
+
+    Raises:
+        ValueError: naming the case, its shape and the expected one.
+    """
+
+    def __init__(
+        self, keys: KeysCollection = "image", spatial_dims: int = 3, channels: int = 1, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims, self.channels = int(spatial_dims), int(channels)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            shape = tuple(d[key].shape)
+            if len(shape) != self.spatial_dims + 1 or shape[0] != self.channels:
+                raise ValueError(
+                    f"case {case_name(d, [key])}: '{key}' has shape {shape} (channel first), expected "
+                    f"({self.channels}, {', '.join(['*'] * self.spatial_dims)}): a {self.spatial_dims}D volume with "
+                    f"{self.channels} channel(s)."
+                )
         return d
 
 
@@ -326,6 +361,7 @@ def seg_transforms(
         SafeLoadImaged(keys=keys, image_only=True),
         CheckFinited(keys=image_key),
         EnsureChannelFirstd(keys=keys),
+        CheckInputShaped(keys=image_key),
         CheckImageLabelShaped(image_key, label_key),
         Orientationd(keys=keys, axcodes="RAS", labels=None),
         Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest")) if spacing is not None else None,

@@ -99,6 +99,23 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _load_into(net: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """``load_state_dict(strict=True)`` with a short summary of a mismatch instead of hundreds of key names."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]  # fmt: skip
+    if missing or unexpected or shapes:
+        first = f"; first shape mismatch: {shapes[0][0]} is {shapes[0][1]} in the file, {shapes[0][2]} in the network" if shapes else ""
+        raise ValueError(
+            f"teacher weights {path} do not fit the teacher network {type(net).__name__}: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected key(s) (e.g. missing {missing[:2]}, unexpected {unexpected[:2]}), "
+            f"{len(shapes)} shape mismatch(es){first}. Is this the right checkpoint for the network config?"
+        )
+    net.load_state_dict(state_dict)
+
+
 def load_teacher(
     teacher_path: str | os.PathLike,
     teacher_def: dict | str | os.PathLike | None = None,
@@ -122,7 +139,8 @@ def load_teacher(
 
     Raises:
         FileNotFoundError: when nothing exists at ``teacher_path`` (the message says how to produce a teacher).
-        ValueError: when the file cannot be interpreted as a teacher.
+        ValueError: when the file cannot be interpreted as a teacher, or its weights do not fit the network (the
+            message counts missing/unexpected keys and names the first shape mismatch).
     """
     path = Path(teacher_path)
     if not path.exists():
@@ -131,7 +149,7 @@ def load_teacher(
         weights, script = path / "models" / "model.pt", path / "models" / "model.ts"
         if weights.is_file():
             net = _instantiate(teacher_def if teacher_def is not None else _bundle_network_def(path, region_table))
-            net.load_state_dict(_load_state_dict(weights))
+            _load_into(net, _load_state_dict(weights), weights)
         elif script.is_file():
             net = torch.jit.load(str(script), map_location="cpu")
         else:
@@ -146,5 +164,5 @@ def load_teacher(
                     f"teacher file {path} is not TorchScript; as a state dict it needs `teacher_def` (network config)."
                 ) from None
             net = _instantiate(teacher_def)
-            net.load_state_dict(_load_state_dict(path))
+            _load_into(net, _load_state_dict(path), path)
     return _FrozenTeacher(net).to(device)

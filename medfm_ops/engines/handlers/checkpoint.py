@@ -16,16 +16,20 @@ __all__ = ["AtomicCheckpointSaver"]
 
 
 class _FiniteSaver(BaseSaveHandler):
-    """Wraps Ignite's ``DiskSaver``: refuses a checkpoint holding NaN/inf tensors before anything is written.
+    """Wraps Ignite's ``DiskSaver``: refuses a checkpoint holding NaN/inf tensors before anything is written, and
+    removes superseded files only AFTER the new one is safely on disk.
 
-    A ``BaseSaveHandler`` itself: Ignite removes superseded files only through handlers of that type.
+    Ignite's ``Checkpoint`` asks to remove the oldest file before it saves the new one, so a save that fails (a full
+    disk, non-finite weights) or is killed would leave no checkpoint at all; removals are deferred to the next
+    successful save here. A ``BaseSaveHandler`` itself: Ignite removes files only through handlers of that type.
     """
 
     def __init__(self, saver: Any) -> None:
         self.saver = saver
+        self.pending_removals: list[str] = []
 
     def remove(self, filename: str) -> None:
-        self.saver.remove(filename)
+        self.pending_removals.append(filename)
 
     def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
         bad = non_finite_entries(checkpoint)
@@ -35,6 +39,10 @@ class _FiniteSaver(BaseSaveHandler):
                 f"{bad[:3]}); the previous checkpoints are kept. The run diverged (learning rate, NaN/inf input?)."
             )
         self.saver(checkpoint, filename, metadata)
+        pending, self.pending_removals = self.pending_removals, []
+        for old in pending:
+            if old != filename:  # a fixed name (model.pt) was just replaced atomically: keep it
+                self.saver.remove(old)
 
     def __getattr__(self, name: str) -> Any:  # remove(), dirname, ... of the wrapped DiskSaver
         return getattr(self.saver, name)
@@ -44,8 +52,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """
     MONAI's :class:`~monai.handlers.CheckpointSaver` whose files are written atomically: serialised to a temporary
     file in the same directory, then renamed over the target (Ignite's ``DiskSaver(atomic=True)``), so a run that
-    fails or is killed while saving never corrupts an existing checkpoint; a checkpoint with NaN/inf tensors is
-    refused (:class:`~medfm_ops.utils.NonFiniteWeightsError`) and nothing is written. Takes the same arguments.
+    fails or is killed while saving never corrupts an existing checkpoint; superseded files are removed only after
+    the new one is written (Ignite removes first), and a checkpoint with NaN/inf tensors is refused
+    (:class:`~medfm_ops.utils.NonFiniteWeightsError`) with the previous files kept. Takes the same arguments.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
