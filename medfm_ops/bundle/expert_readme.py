@@ -50,8 +50,10 @@ by `val_split` with `seed`. It uses the same deterministic preprocessing as `con
 `deterministic_transforms`), then pads and crops random patches of `roi_size`. Loss: `DiceCELoss(sigmoid=True)` on
 the region's channels only; AdamW with a cosine schedule; validation Dice after every `val_interval` epochs, the
 best weights saved to `models/model.pt`. MONAI Label runs the same config (it overrides the data lists, epochs,
-device and handlers). Modes are difference-only overrides: `configs/train_lora.json` trains one low-rank adapter
-per convolution and fuses it into a stock `model.pt` (needs the `medfm_ops` package). `configs/evaluate.json`
+device and handlers). Modes are difference-only overrides (they need the `medfm_ops` package):
+`configs/train_lora.json` trains one low-rank adapter per convolution and fuses it into a stock `model.pt`;
+`configs/train_sparse.json` (SH-PEFT) trains only the top 1% weights by hybrid importance and writes the stock
+`model.pt` plus `models/sparse_delta.pt`. `configs/evaluate.json`
 scores `models/model.pt` on the validation cases. medfm's site fine-tuning (`tools/finetune_site.py`) runs these
 same configs and writes a new, versioned bundle.
 
