@@ -1,6 +1,7 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Region label -> union channels, shape check, safe loading and the standard segmentation pipeline."""
+"""Region label -> union channels, shape check, safe loading and the bundles' segmentation preprocessing (read from
+``bundles/lorkd_seg/configs/train.json``: the transform lists are defined there only)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,22 @@ from medfm_ops.data import (
     SafeLoadImaged,
     ensure_synthetic_dataset,
     load_datalist,
-    seg_transforms,
 )
+
+BUNDLE_TRAIN = Path(__file__).resolve().parents[1] / "bundles" / "lorkd_seg" / "configs" / "train.json"
+
+
+def bundle_transforms(table: RegionTable, roi_size=None, train: bool = False, spacing=None):
+    """The lorkd_seg bundle's own preprocessing (its JSON lists, the one definition) for ``table``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_TRAIN))
+    parser["region_table"] = table
+    parser["spacing"] = None if spacing is None else list(spacing)
+    if roi_size is not None:
+        parser["roi_size"] = [int(roi_size)] * 3 if isinstance(roi_size, int) else list(roi_size)
+    return parser.get_parsed_content("train#preprocessing" if train else "validate#preprocessing", lazy=False)
 
 TABLE = RegionTable.from_regions(
     [
@@ -106,7 +121,7 @@ def test_safe_load_corrupt_and_missing_files(tmp_path):
 
 def test_pipeline_normalises_every_region_and_keeps_meta(synthetic):
     table, sections = synthetic
-    xform = seg_transforms(table, roi_size=None, train=False)
+    xform = bundle_transforms(table, train=False)
     seen = set()
     for item in sections["validation"]:
         out = xform(item)
@@ -139,7 +154,7 @@ def test_training_batches_mixed_regions_and_sizes(synthetic, tmp_path):
         lab[12:16, 12:16, 12:16] = 3
         image, label = _save(tmp_path / f"{name}_img.nii.gz", img), _save(tmp_path / f"{name}_lab.nii.gz", lab)
         items.append({"image": image, "label": label, "region": 1, "region_name": "thorax_ct", "label_names": {}})
-    loader = DataLoader(Dataset(items, seg_transforms(table, roi_size=32, train=True)), batch_size=len(items))
+    loader = DataLoader(Dataset(items, bundle_transforms(table, roi_size=32, train=True)), batch_size=len(items))
     batch = next(iter(loader))
     assert batch["image"].shape == (len(items), 1, 32, 32, 32)
     assert batch["label"].shape == (len(items), table.num_classes, 32, 32, 32)
@@ -153,18 +168,18 @@ def test_training_batches_mixed_regions_and_sizes(synthetic, tmp_path):
 def test_pipeline_resamples_and_reports_mismatched_case(synthetic, tmp_path):
     table, sections = synthetic
     item = dict(sections["validation"][1])
-    out = seg_transforms(table, spacing=(3.0, 3.0, 5.0), roi_size=None)(item)
+    out = bundle_transforms(table, spacing=(3.0, 3.0, 5.0))(item)
     np.testing.assert_allclose(out["image"].pixdim.numpy(), [3.0, 3.0, 5.0])
     assert out["image"].shape[1:] == out["label"].shape[1:]
     item["label"] = _save(tmp_path / "wrong.nii.gz", np.zeros((32, 32, 30), np.uint8))
     with pytest.raises(RuntimeError) as info:  # MONAI's Compose chains the transform's own error as the cause
-        seg_transforms(table, roi_size=None)(item)
+        bundle_transforms(table)(item)
     root = _root_cause(info.value)
     assert isinstance(root, ValueError) and f"case {item['image']}" in str(root)
     assert "(32, 32, 32)" in str(root) and "(32, 32, 30)" in str(root)
     item = dict(sections["validation"][1], image=str(tmp_path / "missing.nii.gz"))
     with pytest.raises(RuntimeError) as info:
-        seg_transforms(table, roi_size=None)(item)
+        bundle_transforms(table)(item)
     root = _root_cause(info.value)
     assert isinstance(root, FileNotFoundError) and str(tmp_path / "missing.nii.gz") in str(root)
 

@@ -25,7 +25,6 @@ from .transforms import (
     SafeLoadImage,
     SafeLoadImaged,
     case_name,
-    seg_transforms,
 )
 
 __all__ = [
@@ -51,7 +50,6 @@ __all__ = [
     "load_datalist",
     "read_msd_dataset",
     "require_files",
-    "seg_transforms",
     "split_cases",
     "synthetic_fingerprint",
     "write_synthetic_dataset",

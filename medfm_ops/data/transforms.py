@@ -14,24 +14,7 @@ import torch
 from monai.config import DtypeLike, KeysCollection
 from monai.data import MetaTensor
 from monai.data.image_reader import ImageReader
-from monai.transforms import (
-    CenterSpatialCropd,
-    Compose,
-    DeleteItemsd,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImage,
-    LoadImaged,
-    MapTransform,
-    NormalizeIntensityd,
-    Orientationd,
-    RandFlipd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    RandSpatialCropd,
-    Spacingd,
-    SpatialPadd,
-)
+from monai.transforms import LoadImage, LoadImaged, MapTransform
 from monai.utils import ensure_tuple
 from monai.utils.enums import PostFix
 
@@ -46,7 +29,6 @@ __all__ = [
     "SafeLoadImage",
     "SafeLoadImaged",
     "case_name",
-    "seg_transforms",
 ]
 
 
@@ -301,90 +283,3 @@ class RegionLabelToChannelsd(MapTransform):
         if isinstance(label, MetaTensor):
             return MetaTensor(out, meta=dict(label.meta), applied_operations=list(label.applied_operations))
         return out
-
-
-def seg_transforms(
-    region_table: RegionTable,
-    spacing: Sequence[float] | None = None,
-    roi_size: Sequence[int] | int | None = (32, 32, 32),
-    train: bool = False,
-    image_key: str = "image",
-    label_key: str = "label",
-    region_key: str = "region",
-    flip_axes: Sequence[int] = (1, 2),
-    flip_prob: float = 0.2,
-    intensity_prob: float = 0.5,
-    drop_keys: Sequence[str] = ("label_names",),
-) -> Compose:
-    """
-    The standard preprocessing of the segmentation bundles for datalist items (``image``, ``label``, ``region``), as a
-    library function for tests and tools. The bundles do not call it: their ``configs/train.json`` writes the same
-    chain as JSON lists (``deterministic_transforms`` + ``train#random_transforms``), and
-    ``tests/test_lorkd_bundle.py`` checks that both give identical outputs.
-
-    Steps: :py:class:`SafeLoadImaged`; ``EnsureChannelFirstd``; :py:class:`CheckImageLabelShaped`; ``Orientationd``
-    to RAS; ``Spacingd`` (bilinear image, nearest label) when ``spacing`` is given; per-image
-    ``NormalizeIntensityd(nonzero=False, channel_wise=True)`` so CT (HU) and MR regions both become ~N(0, 1);
-    with ``roi_size``, ``SpatialPadd`` (image padded with its border minimum, label with 0) and a crop to exactly
-    ``roi_size`` (random position for training, centred otherwise) so that cases of any size batch together
-    (``None`` keeps whole volumes: batch size 1 and sliding-window inference); for training, random flips along
-    ``flip_axes`` and mild intensity scaling/shift; :py:class:`RegionLabelToChannelsd`; float32 image/label with
-    their MetaTensor meta (affine/pixdim for NSD in mm) and ``region`` as a long scalar tensor (``(B,)`` once
-    collated). ``drop_keys`` are removed (per-region ``label_names`` dicts cannot be collated across regions).
-
-    Errors of these transforms name the case; run through ``Compose``/``Dataset``, MONAI re-raises them as
-    ``RuntimeError("applying transform ...")`` with the original error (and its message) as the cause.
-
-    Args:
-        region_table: the data set's :py:class:`RegionTable`.
-        spacing: target voxel spacing in mm, or None to keep each image's own. Defaults to None.
-        roi_size: spatial output size (int for a cube) or None. Defaults to (32, 32, 32).
-        train: add the random crop/augmentations. Defaults to False.
-        image_key, label_key, region_key: item keys. Default to ``"image"``, ``"label"``, ``"region"``.
-        flip_axes: spatial axes (0=x left-right, 1=y, 2=z in RAS) flipped at random in training. Defaults to
-            (1, 2): a left-right flip would contradict left/right class names (``kidney_left``).
-        flip_prob: probability of each flip. Defaults to 0.2.
-        intensity_prob: probability of the intensity scaling and of the shift (factor/offset 0.1). Defaults to 0.5.
-        drop_keys: item keys to delete. Defaults to ``("label_names",)``.
-
-    Returns:
-        the ``Compose`` (image (1, *roi), label (num_classes, *roi), region scalar long).
-
-    Example::
-
-        table, files = load_datalist(ensure_synthetic_dataset("/tmp/medfm"))
-        ds = CacheDataset(files["training"], seg_transforms(table, roi_size=(32, 32, 32), train=True))
-    """
-    keys = [image_key, label_key]
-    xforms: list = [
-        DeleteItemsd(keys=list(drop_keys)) if drop_keys else None,
-        SafeLoadImaged(keys=keys, image_only=True),
-        CheckFinited(keys=image_key),
-        EnsureChannelFirstd(keys=keys),
-        CheckInputShaped(keys=image_key),
-        CheckImageLabelShaped(image_key, label_key),
-        Orientationd(keys=keys, axcodes="RAS", labels=None),
-        Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest")) if spacing is not None else None,
-        NormalizeIntensityd(keys=image_key, nonzero=False, channel_wise=True),
-    ]
-    if roi_size is not None:
-        roi = list(ensure_tuple(roi_size)) * (3 if isinstance(roi_size, int) else 1)
-        xforms += [
-            SpatialPadd(keys=image_key, spatial_size=roi, mode="minimum"),
-            SpatialPadd(keys=label_key, spatial_size=roi),
-        ]
-        xforms.append(
-            RandSpatialCropd(keys=keys, roi_size=roi, random_size=False) if train else CenterSpatialCropd(keys, roi)
-        )
-    if train:
-        xforms += [RandFlipd(keys=keys, prob=flip_prob, spatial_axis=axis) for axis in flip_axes]
-        xforms += [
-            RandScaleIntensityd(keys=image_key, factors=0.1, prob=intensity_prob),
-            RandShiftIntensityd(keys=image_key, offsets=0.1, prob=intensity_prob),
-        ]
-    xforms += [
-        RegionLabelToChannelsd(label_key, region_table, region_key=region_key, image_key=image_key),
-        EnsureTyped(keys=keys, dtype=torch.float32),
-        EnsureTyped(keys=region_key, dtype=torch.long, track_meta=False),
-    ]
-    return Compose([x for x in xforms if x is not None])
