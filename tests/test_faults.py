@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.networks.nets import UNet
 from monai.transforms import Compose
 
@@ -207,3 +207,50 @@ def test_exported_bundle_refuses_bad_inputs_by_name(tmp_path):
     res = _infer(bundle, bad, tmp_path / "blocker" / "out")
     assert res.returncode != 0 and "blocker/out" in res.stderr and "Not a directory" in res.stderr
     assert json.loads((bundle / "configs" / "metadata.json").read_text())["version"]  # the bundle is untouched
+
+
+def test_label_maps_are_written_atomically(tmp_path, monkeypatch):
+    """SaveImaged with the medfm bundles' writer: a failed write (full disk) leaves no truncated label map."""
+    from monai.data import MetaTensor
+    from monai.transforms import SaveImaged
+
+    save = SaveImaged("pred", output_dir=str(tmp_path), output_postfix="seg", separate_folder=False, resample=False,
+                      writer="medfm_ops.data.AtomicNibabelWriter", print_log=False)  # fmt: skip
+    pred = MetaTensor(torch.ones(1, 4, 4, 4), meta={"filename_or_obj": "case.nii.gz"})
+    save({"pred": pred})
+    out = tmp_path / "case_seg.nii.gz"
+    assert np.asarray(nib.load(out).dataobj).sum() == 64
+    before = out.read_bytes()
+
+    def full_disk(img, filename):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", full_disk)
+    with pytest.raises(Exception) as info:
+        save({"pred": MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": "case.nii.gz"})})
+    assert "No space" in str(root_cause(info.value)) or "No space" in repr(info.value)
+    assert out.read_bytes() == before and _leftovers(tmp_path) == []
+
+
+def test_best_model_file_survives_improvements_and_a_refused_save(tmp_path):
+    """The key-metric saver's fixed name (model.pt) is replaced in place by a better model, kept otherwise."""
+    net = torch.nn.Linear(2, 2)
+    scores = iter([0.5, 0.7, 0.9])
+    engine = Engine(lambda e, b: None)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _score(e):
+        e.state.metrics = {"acc": next(scores)}
+
+    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, save_key_metric=True,
+                                  key_metric_name="acc", key_metric_filename="model.pt")  # fmt: skip
+    saver.attach(engine)
+    engine.run([0], max_epochs=2)
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]
+    kept = (tmp_path / "model.pt").read_bytes()
+    with torch.no_grad():
+        net.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteWeightsError):
+        engine.run([0], max_epochs=3)  # a better score, but NaN weights: refused, the best file stays
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"] and (tmp_path / "model.pt").read_bytes() == kept

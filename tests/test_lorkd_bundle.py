@@ -322,24 +322,29 @@ def test_resumed_run_continues_from_the_same_state(workspace, tmp_path):
 
 
 def test_export_refuses_a_model_the_last_run_did_not_write(workspace, tmp_path):
-    """A re-run that never validated leaves the previous model.pt: export says so instead of shipping it."""
+    """Every run ends with its own model (a run shorter than val_interval validates at its end), and export
+    refuses a model.pt that the last finished run did not write or that changed after it."""
     bundle = tmp_path / "lorkd_seg"
     shutil.copytree(workspace / "lorkd_seg", bundle, ignore=shutil.ignore_patterns("eval", "runs"))
     shutil.copytree(workspace / "foundation_seg", tmp_path / "foundation_seg")
-    summary = json.loads((bundle / "models" / "training_summary.json").read_text())
-    assert summary["model_written_by_this_run"] and len(summary["model_sha256"]) == 64
     old = (bundle / "models" / "model.pt").read_bytes()
-    _run(bundle, "train.json", epochs=1, warmup_epochs=0, val_interval=2)  # never validates
-    assert (bundle / "models" / "model.pt").read_bytes() == old
+    _run(bundle, "train.json", epochs=1, warmup_epochs=0, val_interval=2)  # 1 epoch < interval: validated at the end
+    summary = json.loads((bundle / "models" / "training_summary.json").read_text())
+    assert summary["model_written_by_this_run"] and summary["best_metric_epoch"] == 1
+    assert (bundle / "models" / "model.pt").read_bytes() != old
+    export_lorkd_expert(bundle, tmp_path / "fresh", region="thorax_ct")  # this run's model: exported
+
+    summary["model_written_by_this_run"], summary["model_sha256"] = False, None  # a run that never validated
+    (bundle / "models" / "training_summary.json").write_text(json.dumps(summary))
     with pytest.raises(ValueError, match="not written by the last training run"):
         export_lorkd_expert(bundle, tmp_path / "stale", region="thorax_ct")
     assert not (tmp_path / "stale").exists()
-    (bundle / "models" / "model.pt").write_bytes(old[:-1] + bytes([old[-1] ^ 1]))  # any other file
-    summary = json.loads((bundle / "models" / "training_summary.json").read_text())
-    summary.update(model_written_by_this_run=True, model_sha256="0" * 64)
+    summary.update(model_written_by_this_run=True, model_sha256="0" * 64)  # model.pt replaced after the summary
     (bundle / "models" / "training_summary.json").write_text(json.dumps(summary))
     with pytest.raises(ValueError, match="interrupted"):
         export_lorkd_expert(bundle, tmp_path / "stale", region="thorax_ct")
+    export_lorkd_expert(bundle, tmp_path / "forced", region="thorax_ct", force=True)  # explicit override
+
 
 
 def test_multi_gpu_config_with_two_cpu_processes(workspace, tmp_path):

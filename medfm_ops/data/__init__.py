@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from .datalist import SECTIONS, load_datalist, require_files
+from .atomic_writer import AtomicNibabelWriter
 from .integrity import DatasetIntegrityError, check_segmentation_cases
 from .msd import convert_msd, read_msd_dataset, split_cases
 from .region_table import RegionTable
@@ -28,6 +29,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "AtomicNibabelWriter",
     "DatasetIntegrityError",
     "check_segmentation_cases",
     "GENERATOR_VERSION",

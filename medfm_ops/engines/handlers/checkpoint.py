@@ -40,8 +40,10 @@ class _FiniteSaver(BaseSaveHandler):
             )
         self.saver(checkpoint, filename, metadata)
         pending, self.pending_removals = self.pending_removals, []
+        if getattr(self.saver, "filename", None) is not None:
+            return  # MONAI's fixed-name saver (model.pt): the new file replaced the old one atomically, keep it
         for old in pending:
-            if old != filename:  # a fixed name (model.pt) was just replaced atomically: keep it
+            if old != filename:
                 self.saver.remove(old)
 
     def __getattr__(self, name: str) -> Any:  # remove(), dirname, ... of the wrapped DiskSaver
