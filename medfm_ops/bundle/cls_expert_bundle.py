@@ -14,13 +14,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_text
 
-from .expert_bundle import SCHEMA_RELPATH, _license_text, _plain_state_dict, _version, write_metadata
-from .metadata_schema import SCHEMA_URL, write_metadata_schema
+from .expert_bundle import SCHEMA_RELPATH, _license_text, _plain_state_dict, _version, version_metadata, write_metadata
+from .metadata_schema import write_metadata_schema
 
 __all__ = ["CLS_TEMPLATE_DIR", "write_cls_expert_bundle", "export_lorkd_cls_expert"]
 
@@ -95,14 +94,8 @@ def write_cls_expert_bundle(
         f"head, input resized to {list(spatial_size)} and z-score normalised per image; outputs {n} logits."
     )
     meta = {
-        "schema": SCHEMA_URL,
-        "version": version,
-        "changelog": {version: f"{task_name} classifier exported by medfm (stock network + task head)"},
-        "monai_version": _version("monai"),
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__,
-        "required_packages_version": {"nibabel": _version("nibabel"), "pytorch-ignite": _version("pytorch-ignite"),
-                                      **dict(required_packages or {})},
+        **version_metadata(version, f"{task_name} classifier exported by medfm (stock network + task head)",
+                           required_packages),
         "name": f"medfm {task_name} classifier",
         "task": f"Classification of {task_name}: {', '.join(class_names)}",
         "description": description,

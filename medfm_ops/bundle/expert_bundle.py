@@ -26,6 +26,21 @@ __all__ = ["write_expert_bundle", "write_metadata", "write_readme", "SCHEMA_RELP
 
 SCHEMA_RELPATH = "docs/metadata_schema.json"
 
+def version_metadata(version: str, change: str, required_packages: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The versioning entries every written bundle's ``metadata.json`` starts with: schema, version with its
+    changelog entry, and the versions of MONAI, torch, numpy, nibabel, ignite (+ ``required_packages``)."""
+    return {
+        "schema": SCHEMA_URL,
+        "version": version,
+        "changelog": {version: change},
+        "monai_version": _version("monai"),
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"nibabel": _version("nibabel"), "pytorch-ignite": _version("pytorch-ignite"),
+                                      **dict(required_packages or {})},  # fmt: skip
+    }
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -83,13 +98,7 @@ def _metadata(
     n = len(label_names)
     names = [channel_def[str(i)] for i in range(1, n + 1)]
     return {
-        "schema": SCHEMA_URL,
-        "version": version,
-        "changelog": {version: f"{region_name} expert exported by medfm (stock MONAI network, fused weights)"},
-        "monai_version": _version("monai"),
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__,
-        "required_packages_version": {"nibabel": _version("nibabel"), "pytorch-ignite": _version("pytorch-ignite")},
+        **version_metadata(version, f"{region_name} expert exported by medfm (stock MONAI network, fused weights)"),
         "name": f"medfm {region_name} expert",
         "task": f"Segmentation of {n} {region_name} structure(s): {', '.join(names)}",
         "description": description,

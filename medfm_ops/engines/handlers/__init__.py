@@ -9,4 +9,11 @@ from medfm_ops.engines.handlers.final_validation import FinalValidationHandler
 from medfm_ops.engines.handlers.finite_loss import FiniteLossGuard
 from medfm_ops.engines.handlers.cls_schedule import LinearDecayHandler
 
-__all__ = ["AtomicCheckpointSaver", "EpochSummaryHandler", "ExpertWarmupHandler", "FiniteLossGuard", "LinearDecayHandler"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "EpochSummaryHandler",
+    "ExpertWarmupHandler",
+    "FinalValidationHandler",
+    "FiniteLossGuard",
+    "LinearDecayHandler",
+]
