@@ -15,6 +15,7 @@ bundle (``bundles/foundation_seg``, ``bundles/lorkd_seg``) with ``--region``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 
@@ -23,11 +24,24 @@ import fire
 from medfm_ops.finetune import finetune_expert
 
 
+def _booleans(kwargs: dict) -> dict:
+    """Fire passes ``--verify false`` as the (truthy) string "false": read true/false words of bool options."""
+    flags = {n for n, p in inspect.signature(finetune_expert).parameters.items() if p.annotation in (bool, "bool")}
+    out = dict(kwargs)
+    for name in flags & set(out):
+        value = out[name]
+        if isinstance(value, str):
+            if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"--{name} must be true or false, got {value!r}.")
+            out[name] = value.strip().lower() in ("true", "1", "yes")
+    return out
+
+
 def main(**kwargs) -> None:
     """Run :func:`~medfm_ops.finetune.finetune_expert` with ``kwargs``; exits 1 with a one-line error on bad input."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     try:
-        finetune_expert(**kwargs)
+        finetune_expert(**_booleans(kwargs))
     except (ValueError, FileNotFoundError, NotImplementedError, TypeError, ArithmeticError) as e:
         print(f"\nfinetune_site: error: {e}", file=sys.stderr)
         sys.exit(1)
