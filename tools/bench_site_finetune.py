@@ -238,8 +238,8 @@ def write_results(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) 
             for r in [{"name": x["name"], "summary": x["runs"][0]["summary"]} for x in rows]
         )
         + ".",
-        "- LoRA: one rank-8 adapter (alpha 16) per convolution (EKS with one expert), backbone frozen, merged into "
-        "the stock UNet after training (the bundle's `configs/train_lora.json` override; the merge is exact up to "
+        "- LoRA: one rank-8 adapter (alpha 16) per convolution (EKS with one expert), backbone frozen, fused into "
+        "the stock UNet after training (the bundle's `configs/train_lora.json` override; the fusion is exact up to "
         "float rounding, tested in tests/test_finetune.py).",
         f"- Starting points: teacher `{_rel(pre['foundation_seg']['path'])}` (MONAI UNet (32, 64, 128, 256), 2 residual "
         f"units; {pre['foundation_seg']['summary'].get('epochs', '?')} epochs on the synthetic multi-region set"
