@@ -8,7 +8,8 @@ Rows, all through ``tools/finetune_site.py`` (each run writes a complete site bu
 that bundle's own ``configs/inference.json``) with the same split, epochs, patch, batch and learning rate: a student
 trained from scratch (the expert's stock architecture, random initialisation), the foundation teacher
 (``bundles/foundation_seg``, its brain region channels) fine-tuned, and the brain expert fused out of the LoRKD
-student (``bundles/lorkd_seg``) fine-tuned in ``full`` and ``lora`` mode. Every row runs once per training seed
+student (``bundles/lorkd_seg``) fine-tuned in ``full``, ``lora`` and ``sparse`` (SH-PEFT: the 1% most important weights,
+importance L2, lambda 1; :data:`SPARSE_SETTINGS`) mode. Every row runs once per training seed
 (``--seeds``); the table gives the mean and standard deviation over seeds.
 
 The teacher and LoRKD checkpoints are taken from ``bundles/<name>/models`` when they are complete (``model.pt`` and a
@@ -46,7 +47,12 @@ ROWS = (
     ("teacher_full", "foundation teacher, fine-tuned (all weights)", "teacher", "pretrained", "full"),
     ("expert_full", "LoRKD brain expert, fine-tuned (all weights)", "expert", "pretrained", "full"),
     ("expert_lora", "LoRKD brain expert, LoRA (r=8, fused back)", "expert", "pretrained", "lora"),
+    ("expert_sparse", "LoRKD brain expert, SH-PEFT (1% of the weights, L2 importance, lambda 1)", "expert",
+     "pretrained", "sparse"),
 )
+
+#: SH-PEFT settings of the ``sparse`` rows (passed to tools/finetune_site.py; part of a row's reuse stamp)
+SPARSE_SETTINGS = {"sparse_budget": 0.01, "sparse_variant": "l2", "sparse_lambda": 1.0}
 
 REFERENCES = (
     ("nnU-Net", "89.18", "97.92"),
@@ -172,6 +178,20 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.2f} ± {100 * statistics.pstdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
+def _sparse_setup(rows: list[dict[str, Any]]) -> list[str]:
+    """The setup line of the ``sparse`` rows (none when the table has no such row)."""
+    if not any(r["runs"][0]["summary"]["mode"] == "sparse" for r in rows):
+        return []
+    return [
+        f"- SH-PEFT (`sparse`): importance of every weight from one epoch of gradients on the site's training cases "
+        f"(variant {SPARSE_SETTINGS['sparse_variant']}), hybrid score I_td + lambda s I_ta (lambda "
+        f"{SPARSE_SETTINGS['sparse_lambda']}); the {100 * SPARSE_SETTINGS['sparse_budget']:g}% highest-scoring weights "
+        "of the whole network train, the others stay bit for bit the expert's (the bundle's `configs/train_sparse.json` "
+        "override; `models/sparse_delta.pt` holds the changed entries). Its trainable-parameter count is the number "
+        "of selected weights; the importance estimation time is in each bundle's `docs/finetune_summary.json`."
+    ]
+
+
 def write_results(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Render ``docs/RESULTS.md`` from the runs' summaries (``docs/finetune_summary.json`` of each site bundle)."""
     first = rows[0]["runs"][0]["summary"]
@@ -241,6 +261,7 @@ def write_results(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) 
         "- LoRA: one rank-8 adapter (alpha 16) per convolution (EKS with one expert), backbone frozen, fused into "
         "the stock UNet after training (the bundle's `configs/train_lora.json` override; the fusion is exact up to "
         "float rounding, tested in tests/test_finetune.py).",
+        *_sparse_setup(rows),
         f"- Starting points: teacher `{_rel(pre['foundation_seg']['path'])}` (MONAI UNet (32, 64, 128, 256), 2 residual "
         f"units; {pre['foundation_seg']['summary'].get('epochs', '?')} epochs on the synthetic multi-region set"
         f"{', trained by this run' if pre['foundation_seg']['trained_now'] else ''}); brain expert fused from "
@@ -356,11 +377,15 @@ def run(
             ]  # fmt: skip
             if region:
                 cmd += ["--region", region]
+            if mode == "sparse":
+                for key, value in SPARSE_SETTINGS.items():
+                    cmd += [f"--{key}", str(value)]
             done, stamp = out / "docs" / "finetune_summary.json", work / f"{name}_seed{seed}.bench_row.json"
             settings = {"epochs": epochs, "val_interval": val_interval, "batch_size": batch_size,
                         "learning_rate": learning_rate, "patch_size": list(patch_size), "mode": mode, "init": init,
                         "seed": seed, "split_seed": split_seed,
-                        "source": None if init == "scratch" else _sha256(Path(path) / "models" / "model.pt")}  # fmt: skip
+                        "source": None if init == "scratch" else _sha256(Path(path) / "models" / "model.pt"),
+                        **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
             old = json.loads(stamp.read_text()) if stamp.is_file() and done.is_file() else {}
             if reuse_rows and old.get("settings") == settings:  # same budget AND the same starting weights
                 print(f"  {name} seed {seed}: reusing {out}", flush=True)
