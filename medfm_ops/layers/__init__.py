@@ -1,8 +1,10 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Layers: the EKS (efficient knowledge separation) convolution and its execution modes."""
+"""Layers: the EKS (efficient knowledge separation) convolutions and their execution modes."""
 
+from medfm_ops.layers.eks_base import EKSLayer
 from medfm_ops.layers.eks_conv import EKSConv
+from medfm_ops.layers.eks_conv_transpose import EKSConvTranspose
 from medfm_ops.layers.execution import EXECUTION_MODES, check_execution_mode
 
-__all__ = ["EKSConv", "EXECUTION_MODES", "check_execution_mode"]
+__all__ = ["EKSLayer", "EKSConv", "EKSConvTranspose", "EXECUTION_MODES", "check_execution_mode"]

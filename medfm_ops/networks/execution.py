@@ -21,7 +21,7 @@ def set_execution(model: nn.Module, mode: str) -> None:
     """Set how every EKS layer of ``model`` runs a mixed-task batch.
 
     Args:
-        model: a module holding :class:`~medfm_ops.layers.EKSConv` layers (or a DDP/DataParallel wrapper of one).
+        model: a module holding EKS layers (:class:`~medfm_ops.layers.EKSLayer`), or a DDP/DataParallel wrapper of one.
         mode: one of :data:`~medfm_ops.layers.EXECUTION_MODES`.
 
     Raises:
@@ -65,7 +65,7 @@ def select_execution(
     the device of ``example_input`` (CUDA steps are synchronised before the clock is read). After ``warmup``
     untimed steps per mode, the modes are timed in turns (``repeats`` rounds, rotating the order each round, so
     load drift on a shared machine hits every mode alike) and compared by their median. The chosen mode is then set
-    on every :class:`~medfm_ops.layers.EKSConv` of ``model`` with :func:`set_execution`.
+    on every EKS layer of ``model`` with :func:`set_execution`.
 
     Side effects are undone: the train/eval flag of every submodule, the buffers (e.g. BatchNorm running
     statistics) and the ``.grad`` of every parameter are as before the call (gradients created here are set to
@@ -76,7 +76,7 @@ def select_execution(
 
     Args:
         model: a network holding EKS layers, called as ``model(x, task_ids)``: an
-            :class:`~medfm_ops.networks.ExpertNetwork` (or a DDP/DataParallel wrapper of one) or an ``EKSConv``.
+            :class:`~medfm_ops.networks.ExpertNetwork` (or a DDP/DataParallel wrapper of one) or an EKS layer.
         example_input: a representative batch of shape ``(B, C_in, *spatial)`` on the device to tune for.
         task_ids: ``(B,)`` integer task of every sample (a mixed-task batch as met in training).
         modes: candidate modes, a subset of :data:`~medfm_ops.layers.EXECUTION_MODES`. Defaults to all of them.

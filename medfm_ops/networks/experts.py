@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from medfm_ops.layers import EKSConv
+from medfm_ops.layers import EKSConv, EKSLayer
 from medfm_ops.networks.routing import TaskRouting
 
 __all__ = [
@@ -37,16 +37,17 @@ def _matches(name: str, patterns: Sequence[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
-def eks_layers(module: nn.Module) -> Iterator[tuple[str, EKSConv]]:
-    """Yield ``(qualified name, layer)`` for every :class:`EKSConv` inside ``module``."""
+def eks_layers(module: nn.Module) -> Iterator[tuple[str, EKSLayer]]:
+    """Yield ``(qualified name, layer)`` for every EKS layer (:class:`~medfm_ops.layers.EKSConv`,
+    :class:`~medfm_ops.layers.EKSConvTranspose`) inside ``module``."""
     for name, m in module.named_modules():
-        if isinstance(m, EKSConv):
+        if isinstance(m, EKSLayer):
             yield name, m
 
 
 class ExpertNetwork(nn.Module):
     """
-    Wrapper that routes per-sample task ids to every :class:`EKSConv` of a converted network.
+    Wrapper that routes per-sample task ids to every EKS layer of a converted network.
 
     The wrapped network's code is unchanged (it calls its layers as ``layer(x)``): each ``forward`` call creates one
     :class:`~medfm_ops.networks.TaskRouting` that passes ``task_ids`` to the EKS layers of THIS module and is gone
@@ -55,7 +56,7 @@ class ExpertNetwork(nn.Module):
     the conversion (and use ``find_unused_parameters=True``: experts of tasks absent from a batch get no gradient).
 
     Args:
-        net: a network whose eligible convolutions were replaced by :class:`EKSConv` (see :func:`to_experts`).
+        net: a network whose eligible convolutions were replaced by EKS layers (see :func:`to_experts`).
         num_tasks: number of experts.
 
     Example::

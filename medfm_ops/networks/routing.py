@@ -38,7 +38,7 @@ class TaskRouting:
 
     Args:
         layers: the modules to route, each with a ``forward(x, task_ids=None)`` signature (e.g. the
-            :class:`~medfm_ops.layers.EKSConv` layers of a network, see :func:`~medfm_ops.networks.eks_layers`).
+            EKS layers of a network, see :func:`~medfm_ops.networks.eks_layers`).
         task_ids: ``(B,)`` integer task of every sample of the batch, or None.
 
     Example::
