@@ -41,6 +41,9 @@ def test_union_channel_layout():
         expected[row, table.channels_of(task)] = True
     assert torch.equal(mask, expected)
     assert torch.equal(mask.sum(1), torch.tensor([3, 2, 4, 3]))
+    assert table.annotated_labels(2, ["kidney_r", "liver"]) == [1, 4] and table.annotated_labels(1) == [1, 2, 3]
+    assert table.annotated_channel_mask(2, ["kidney_r", "liver"]).nonzero().flatten().tolist() == [5, 8]
+    assert torch.equal(table.annotated_channel_mask(0), mask[1])
 
 
 def test_synthetic_table(synthetic_datalist):
@@ -151,6 +154,12 @@ BAD_CASES = [
         FileNotFoundError,
         ["item validation[0]", "missing/img.nii.gz", "image file not found"],
     ),
+    (_set("training", 2, "annotated", ["liver", "lung"]), ValueError,
+     ["item training[2]", "abdomen_ct_000", "['lung']", "not classes of region 'abdomen_ct'", "'kidney_right'"]),
+    (_set("training", 2, "annotated", []), ValueError, ["item training[2]", "non-empty list of class names"]),
+    (_set("training", 2, "annotated", "liver"), ValueError, ["item training[2]", "annotated 'liver'", "list of class"]),
+    (_set("training", 2, "annotated", ["liver", "liver"]), ValueError, ["item training[2]", "class twice"]),
+    (_set("training", 1, "dataset", ""), ValueError, ["item training[1]", "dataset ''", "non-empty string"]),
     (lambda raw: raw.update(training=[]), ValueError, ["'training' is empty"]),
     (lambda raw: raw.update(test={"a": 1}), ValueError, ["'test' must be a list"]),
 ]
@@ -164,6 +173,26 @@ def test_invalid_datalist_names_file_and_item(synthetic_datalist, tmp_path, muta
     message = str(info.value)
     for part in [str(bad), *parts]:
         assert part in message, f"'{part}' not in: {message}"
+
+
+def test_dataset_and_annotated_default_for_old_datalists(synthetic_datalist, tmp_path):
+    """Items without 'dataset'/'annotated' (datalists written before partial labels) still load: one data set per
+    region that annotates all of its classes. Given ones are kept (annotated in the region's class order)."""
+    def strip(raw):
+        for section in ("training", "validation"):
+            for item in raw[section]:
+                item.pop("dataset"), item.pop("annotated")
+        raw["training"][2]["annotated"] = ["kidney_right", "liver"]
+        raw["training"][2]["dataset"] = "site_x"
+
+    old, _ = _write_bad(synthetic_datalist, tmp_path, strip)
+    table, sections = load_datalist(old)
+    for item in sections["training"] + sections["validation"]:
+        if item["image"].endswith("abdomen_ct_000.nii.gz"):
+            assert item["dataset"] == "site_x" and item["annotated"] == ["liver", "kidney_right"]
+        else:
+            assert item["dataset"] == item["region_name"]
+            assert item["annotated"] == table.class_names[item["region"]]
 
 
 def test_missing_and_invalid_json(tmp_path):

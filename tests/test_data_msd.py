@@ -170,3 +170,151 @@ def test_cli(hippocampus, tmp_path, capsys):
         printed
     )
     assert "task 0 thorax_ct" in printed and "synthetic_" in printed
+
+
+# ------------------------------------------------------------------ several data sets by a mapping file (partial labels)
+
+
+def _msd_set(root: Path, labels: dict, values: list[int], n: int = 3) -> Path:
+    """An MSD-style set whose case i label holds ``values`` (one per slab along x) and image value i."""
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    for i in range(n):
+        name = f"case_{i:03d}.nii.gz"
+        label = np.zeros((len(values), 4, 4), np.uint8)
+        for x, v in enumerate(values):
+            label[x] = v
+        affine = np.diag([1.5, 1.5, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(np.full(label.shape, i, np.float32), affine), str(root / "imagesTr" / name))
+        nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / name))
+    meta = {"name": root.name, "labels": {"0": "background", **labels}, "modality": {"0": "CT"}}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture
+def mapped_sets(tmp_path) -> tuple[Path, dict]:
+    """Two abdomen sets with different, overlapping label subsets and label numbering, plus a brain set."""
+    _msd_set(tmp_path / "sets" / "Task03_Liver", {"1": "Liver", "2": "Tumour"}, [0, 1, 2])
+    _msd_set(tmp_path / "sets" / "organs", {"1": "spleen", "2": "liver"}, [0, 1, 2, 2])
+    _msd_set(tmp_path / "sets" / "brain", {"1": "ventricles"}, [0, 1])
+    mapping = {
+        "name": "two_abdomen_sources",
+        "regions": {"abdomen_ct": ["liver", "spleen"]},
+        "datasets": {
+            "sets/Task03_Liver": {"region": "abdomen_ct", "labels": {"1": "liver", "tumour": "liver"}},
+            "sets/organs": {"region": "abdomen_ct", "labels": {"spleen": "spleen", "2": "liver"}, "name": "organs_ct"},
+            "sets/brain": {"region": "brain_mri", "labels": {"1": "ventricles"}},
+        },
+    }
+    return tmp_path, mapping
+
+
+def _write_mapping(root: Path, mapping: dict) -> Path:
+    path = root / "mapping.json"
+    path.write_text(json.dumps(mapping))
+    return path
+
+
+def test_mapping_file_merges_data_sets_into_regions_with_partial_labels(mapped_sets):
+    from medfm_ops.data import convert_msd_mapping
+
+    root, mapping = mapped_sets
+    out = root / "out" / "datalist.json"
+    written = convert_msd_mapping(_write_mapping(root, mapping), out, val_split=1, seed=0)
+    table, sections = load_datalist(out)
+    assert table.region_names == {0: "abdomen_ct", 1: "brain_mri"}
+    assert table.class_names == {0: ["liver", "spleen"], 1: ["ventricles"]}
+    items = sections["training"] + sections["validation"]
+    by_set = {i["dataset"]: i for i in items}
+    assert set(by_set) == {"Task03_Liver", "organs_ct", "brain"} and len(items) == 9
+    assert by_set["Task03_Liver"]["annotated"] == ["liver"] and by_set["organs_ct"]["annotated"] == ["liver", "spleen"]
+    assert {k: sum(i["dataset"] == k for i in sections["validation"]) for k in by_set} == dict.fromkeys(by_set, 1)
+    # labels rewritten to region-local values (tumour -> liver; spleen 1 -> 2, liver 2 -> 1); identity ones kept
+    liver = np.asarray(nib.load(by_set["Task03_Liver"]["label"]).dataobj)
+    assert liver[:, 0, 0].tolist() == [0, 1, 1] and liver.dtype == np.uint8
+    organs = nib.load(by_set["organs_ct"]["label"])
+    assert np.asarray(organs.dataobj)[:, 0, 0].tolist() == [0, 2, 1, 1]
+    np.testing.assert_allclose(organs.affine, np.diag([1.5, 1.5, 2.0, 1.0]))
+    assert Path(by_set["organs_ct"]["label"]).parent == out.parent / "labels" / "organs_ct"
+    assert Path(by_set["brain"]["label"]).parent == root / "sets" / "brain" / "labelsTr"
+    assert [d["remapped_labels"] for d in written["datasets"]] == ["labels/Task03_Liver", "labels/organs_ct", None]
+    assert written["datasets"][0]["msd_labels"] == {"1": "liver", "2": "liver"}
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        convert_msd_mapping(root / "mapping.json", out)
+
+
+def _mutate(path: str, value):
+    def apply(mapping):
+        *parents, last = path.split("#")
+        node = mapping
+        for p in parents:
+            node = node[p]
+        if value is KeyError:
+            del node[last]
+        else:
+            node[last] = value
+
+    return apply
+
+
+BAD_MAPPINGS = [
+    (_mutate("dataset", {}), ValueError, ["unknown top-level key(s) ['dataset']"]),
+    (_mutate("datasets#sets/organs#labels", KeyError), ValueError, ["datasets['sets/organs']", "misses ['labels']"]),
+    (_mutate("datasets#sets/organs#label", {}), ValueError, ["datasets['sets/organs']", "unknown key(s) ['label']"]),
+    (_mutate("datasets#sets/brain#labels", {"3": "x"}), ValueError,
+     ["datasets['sets/brain'].labels['3'] is not a label of", "1=ventricles"]),
+    (_mutate("datasets#sets/Task03_Liver#labels", {"1": "liver"}), ValueError,
+     ["datasets['sets/Task03_Liver'].labels does not map MSD label(s) ['2=tumour']"]),
+    (_mutate("datasets#sets/organs#labels#spleen", "kidney"), ValueError,
+     ["datasets['sets/organs'].labels['spleen'] maps to 'kidney'", "region 'abdomen_ct' ['liver', 'spleen']"]),
+    (_mutate("datasets#sets/organs#labels#1", "liver"), ValueError, ["maps MSD label 1 (spleen) twice"]),
+    (_mutate("datasets#sets/brain#labels#1", None), ValueError, ["datasets['sets/brain'].labels maps every label to null"]),
+    (_mutate("datasets#sets/brain#region", ""), ValueError, ["datasets['sets/brain'].region must be a non-empty"]),
+    (_mutate("datasets#sets/brain#name", "organs_ct"), ValueError, ["name(s) ['organs_ct'] used more than once"]),
+    (_mutate("regions#pelvis_mr", ["bladder"]), ValueError, ["regions ['pelvis_mr'] are declared", "no data set"]),
+    (_mutate("regions#abdomen_ct", []), ValueError, ["regions['abdomen_ct'] must be a non-empty list"]),
+    (_mutate("datasets#sets/nope", {"region": "a", "labels": {"1": "b"}}), FileNotFoundError,
+     ["datasets['sets/nope']", "no dataset.json"]),
+    (_mutate("datasets", {}), ValueError, ["'datasets' must be a non-empty object"]),
+]
+
+
+@pytest.mark.parametrize("mutate, exc, parts", BAD_MAPPINGS)
+def test_bad_mapping_names_file_and_field(mapped_sets, mutate, exc, parts):
+    from medfm_ops.data import convert_msd_mapping
+
+    root, mapping = mapped_sets
+    mutate(mapping)
+    path = _write_mapping(root, mapping)
+    with pytest.raises(exc) as info:
+        convert_msd_mapping(path, root / "out.json")
+    message = str(info.value)
+    for part in [f"mapping file {path}", *parts]:
+        assert part in message, f"'{part}' not in: {message}"
+    assert not (root / "out.json").exists()
+
+
+def test_mapping_reports_every_bad_label_file_at_once(mapped_sets):
+    from medfm_ops.data import DatasetIntegrityError, convert_msd_mapping
+
+    root, mapping = mapped_sets
+    for i in (0, 2):
+        bad = root / "sets" / "Task03_Liver" / "labelsTr" / f"case_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(np.full((3, 4, 4), 5, np.uint8), np.eye(4)), str(bad))
+    with pytest.raises(DatasetIntegrityError) as info:
+        convert_msd_mapping(_write_mapping(root, mapping), root / "out.json")
+    assert len(info.value.problems) == 2
+    assert "case_002.nii.gz: label value(s) [5] outside the data set's labels 0..2 (1=liver, 2=tumour)" in str(info.value)
+    assert not (root / "out.json").exists()
+
+
+def test_cli_msd_map(mapped_sets, capsys):
+    root, mapping = mapped_sets
+    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "tools" / "prepare_data.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cli.msd_map(str(_write_mapping(root, mapping)), str(root / "cli.json"), val_split=1)
+    printed = capsys.readouterr().out
+    assert "task 0 abdomen_ct: classes ['liver', 'spleen']" in printed
+    assert "data set Task03_Liver annotates ['liver']" in printed and "data set organs_ct annotates" in printed

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 import medfm_ops.data.synthetic as synthetic
-from medfm_ops.data import SYNTHETIC_REGIONS, ensure_synthetic_dataset, generate_case, load_datalist
+from medfm_ops.data import (
+    SYNTHETIC_REGIONS,
+    DatasetSpec,
+    RegionSpec,
+    ensure_synthetic_dataset,
+    generate_case,
+    load_datalist,
+    partial_label,
+)
 
 REGIONS = list(SYNTHETIC_REGIONS)
 CASES = 3
@@ -56,7 +64,7 @@ def test_files_match_generator_and_headers_carry_spacing(dataset):
             assert nib.aff2axcodes(nii.affine) == ("R", "A", "S")
         img, lab, _ = generate_case(spec, 32, seed=0, case_index=case)
         np.testing.assert_array_equal(np.asarray(img_nii.dataobj), img)
-        np.testing.assert_array_equal(np.asarray(lab_nii.dataobj), lab)
+        np.testing.assert_array_equal(np.asarray(lab_nii.dataobj), partial_label(lab, spec, item["annotated"]))
 
 
 @pytest.mark.parametrize("region", REGIONS)
@@ -94,13 +102,42 @@ def test_datalist_schema(dataset):
     assert [r["task_id"] for r in raw["regions"]] == list(range(len(REGIONS)))
     for section in ("training", "validation"):
         for item in raw[section]:
-            assert set(item) == {"image", "label", "region", "region_name", "label_names"}
+            assert set(item) == {"image", "label", "region", "region_name", "label_names", "dataset", "annotated"}
             assert not Path(item["image"]).is_absolute() and (dataset.parent / item["image"]).is_file()
             region = raw["regions"][item["region"]]
             assert item["region_name"] == region["name"] and item["label_names"] == region["labels"]
     for t in range(len(REGIONS)):
         assert sum(i["region"] == t for i in raw["training"]) == CASES - 1
         assert sum(i["region"] == t for i in raw["validation"]) == 1
+
+
+def test_partial_labels_two_overlapping_data_sets_in_abdomen(dataset):
+    """abdomen_ct alternates between two source data sets with different, overlapping label subsets; a case's label
+    file holds exactly its data set's classes (the images still show every structure); the others annotate all."""
+    spec = SYNTHETIC_REGIONS["abdomen_ct"]
+    subsets = {d.name: set(d.annotated) for d in spec.datasets}
+    assert len(subsets) >= 2 and set.intersection(*subsets.values()) and len(set(map(frozenset, subsets.values()))) > 1
+    assert set.union(*subsets.values()) == set(spec.class_names), "together they label every class"
+    _, sections = load_datalist(dataset)
+    seen = set()
+    for item in sections["training"] + sections["validation"]:
+        labels = set(np.unique(np.asarray(nib.load(item["label"]).dataobj)).tolist()) - {0}
+        present = {item["label_names"][str(v)] for v in labels}
+        assert present == set(item["annotated"]), (item["image"], present, item["annotated"])
+        if item["region_name"] == "abdomen_ct":
+            seen.add(item["dataset"])
+            assert set(item["annotated"]) == subsets[item["dataset"]]
+        else:
+            assert item["dataset"] == item["region_name"]
+    assert seen == set(subsets)
+
+
+def test_region_spec_rejects_a_data_set_with_unknown_classes():
+    structures = SYNTHETIC_REGIONS["pelvis_mr"].structures
+    with pytest.raises(ValueError, match=r"data set 'x' annotates \['kidney'\].*\['bladder', 'prostate'\]"):
+        RegionSpec("p", "MR", (1.0, 1.0, 1.0), 0.0, structures, 1.0, 1.0, datasets=(DatasetSpec("x", ("kidney",)),))
+    with pytest.raises(ValueError, match="not classes of region 'pelvis_mr'"):
+        partial_label(np.zeros((2, 2, 2), np.uint8), "pelvis_mr", ["kidney"])
 
 
 def test_test_section_and_region_subset(tmp_path):

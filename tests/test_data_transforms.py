@@ -78,7 +78,8 @@ def test_channel_placement(task, label):
 def test_label_value_beyond_region_classes_names_case():
     label = MetaTensor(LABEL.float(), meta={"filename_or_obj": "/data/lab_007.nii.gz"})
     image = MetaTensor(torch.zeros(1, 2, 2, 2), meta={"filename_or_obj": "/data/img_007.nii.gz"})
-    with pytest.raises(ValueError, match=r"case /data/img_007\.nii\.gz: 'label' has values 0\.\.3 but region 'brain'"):
+    with pytest.raises(ValueError, match=r"case /data/img_007\.nii\.gz: 'label' has label value\(s\) \[3\] but region "
+                                         r"'brain' \(task 0\) allows 0=background, 1=a, 2=b\."):
         RegionLabelToChannelsd("label", TABLE)({"image": image, "label": label, "region": 0})
     with pytest.raises(ValueError, match=r"case /data/img_007\.nii\.gz: invalid region 9.*unknown task id 9"):
         RegionLabelToChannelsd("label", TABLE)({"image": image, "label": label, "region": 9})
@@ -88,6 +89,35 @@ def test_label_value_beyond_region_classes_names_case():
         RegionLabelToChannelsd("label", TABLE)({"label": LABEL * 0.5, "region": 1, "image": "x.nii.gz"})
     out = RegionLabelToChannelsd(["label", "label2"], TABLE, allow_missing_keys=True)({"label": LABEL, "region": 1})
     assert out["label"].shape[0] == TABLE.num_classes and "label2" not in out
+
+
+@pytest.mark.parametrize(
+    "annotated, channels",
+    [(None, [2, 3, 4]), (["c", "e"], [2, 4]), (["e", "c"], [2, 4]), (["d"], [3])],
+)
+def test_partial_labels_mask_only_the_annotated_channels(annotated, channels):
+    """A case annotating a subset of its region's classes: its label holds only those values (others are background
+    there); the channel mask is True at exactly their channels; the 'annotated' list leaves the item."""
+    keep = TABLE.annotated_labels(1, annotated)
+    label = torch.where(torch.isin(LABEL, torch.tensor(keep)), LABEL, torch.zeros_like(LABEL))
+    item = {"label": label, "region": 1, **({} if annotated is None else {"annotated": annotated})}
+    out = RegionLabelToChannelsd("label", TABLE)(item)
+    assert "annotated" not in out and out["channel_mask"].dtype == torch.bool
+    assert out["channel_mask"].nonzero().flatten().tolist() == channels
+    assert torch.equal(out["channel_mask"], TABLE.annotated_channel_mask(1, annotated))
+    for k in keep:
+        assert torch.equal(out["label"][TABLE.channels_of(1)[k - 1]], (LABEL[0] == k).float())
+
+
+def test_partial_label_value_of_an_unannotated_class_names_case():
+    image = MetaTensor(torch.zeros(1, 2, 2, 2), meta={"filename_or_obj": "/data/img_001.nii.gz"})
+    with pytest.raises(ValueError, match=r"img_001\.nii\.gz: 'label' has label value\(s\) \[2\] but region 'thorax' "
+                                         r"\(task 1\) allows 0=background, 1=c, 3=e \(the case annotates 2 of its 3"):
+        RegionLabelToChannelsd("label", TABLE)({"image": image, "label": LABEL, "region": 1, "annotated": ["c", "e"]})
+    with pytest.raises(ValueError, match=r"not classes of region 'thorax'.*\['c', 'd', 'e'\]"):
+        RegionLabelToChannelsd("label", TABLE)({"label": LABEL, "region": 1, "annotated": ["lung"]})
+    out = RegionLabelToChannelsd("label", TABLE, mask_key=None)({"label": LABEL, "region": 1})
+    assert "channel_mask" not in out
 
 
 def test_shape_mismatch_names_case_and_shapes():
@@ -134,10 +164,13 @@ def test_pipeline_normalises_every_region_and_keeps_meta(synthetic):
             np.testing.assert_allclose(affine_to_spacing(t.affine, 3).numpy(), spec.spacing)
             assert t.meta["filename_or_obj"] == item["image" if t is image else "label"]
         own = table.channels_of(item["region"])
-        assert all(label[c].sum() > 0 for c in own)
-        assert label[[c for c in range(table.num_classes) if c not in own]].sum() == 0
+        annotated = out["channel_mask"].nonzero().flatten().tolist()  # partial labels: the data set's classes
+        assert set(annotated) <= set(own) and torch.equal(
+            out["channel_mask"], table.annotated_channel_mask(item["region"], item["annotated"]))
+        assert all(label[c].sum() > 0 for c in annotated)
+        assert label[[c for c in range(table.num_classes) if c not in annotated]].sum() == 0
         assert out["region"].dtype == torch.long and out["region"].ndim == 0
-        assert "label_names" not in out and out["region_name"] == item["region_name"]
+        assert "label_names" not in out and "annotated" not in out and out["region_name"] == item["region_name"]
         seen.add(item["region"])
     assert seen == set(table.task_ids)
 
@@ -153,7 +186,8 @@ def test_training_batches_mixed_regions_and_sizes(synthetic, tmp_path):
         lab[6:12, 6:12, 6:12] = 1
         lab[12:16, 12:16, 12:16] = 3
         image, label = _save(tmp_path / f"{name}_img.nii.gz", img), _save(tmp_path / f"{name}_lab.nii.gz", lab)
-        items.append({"image": image, "label": label, "region": 1, "region_name": "thorax_ct", "label_names": {}})
+        items.append({"image": image, "label": label, "region": 1, "region_name": "thorax_ct", "label_names": {},
+                      "dataset": "thorax_ct"})  # no 'annotated': every class of the region
     loader = DataLoader(Dataset(items, bundle_transforms(table, roi_size=32, train=True)), batch_size=len(items))
     batch = next(iter(loader))
     assert batch["image"].shape == (len(items), 1, 32, 32, 32)
@@ -161,6 +195,8 @@ def test_training_batches_mixed_regions_and_sizes(synthetic, tmp_path):
     assert batch["region"].tolist() == [i["region"] for i in items]
     mask = table.channel_mask(batch["region"])
     assert batch["label"].amax(dim=(2, 3, 4))[~mask].sum() == 0  # nothing outside each sample's own channels
+    assert batch["channel_mask"].shape == mask.shape and not (batch["channel_mask"] & ~mask).any()
+    assert batch["channel_mask"][-1].tolist() == mask[-1].tolist() and batch["dataset"][-1] == "thorax_ct"
     small = batch["image"][-2, 0]
     assert float(small.min()) == pytest.approx(float(small[0, 0, 0]))  # padding = background, not 0
 

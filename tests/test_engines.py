@@ -68,6 +68,25 @@ def test_prepare_batch_routes_and_builds_targets():
         prep({"image": batch["image"], "label": batch["label"]}, "cpu")
 
 
+def test_prepare_batch_takes_the_per_case_mask_of_partial_labels():
+    """The batch's channel_mask (the channels each case's data set annotates) replaces the region mask; it must stay
+    inside the case's region."""
+    table_mask = lambda r: torch.tensor([[1, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)[r]  # noqa: E731
+    prep = RegionPrepareBatch(channel_mask_fn=table_mask, targets_as_dict=True)
+    batch = {"image": torch.randn(2, 1, 4, 4, 4), "label": torch.zeros(2, 4, 4, 4, 4), "region": torch.tensor([0, 1]),
+             "channel_mask": torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)}
+    _, targets, _, _ = prep(batch, "cpu")
+    assert targets["channel_mask"].tolist() == [[True, False, True, False], [False, False, False, True]]
+    no_mask = {k: v for k, v in batch.items() if k != "channel_mask"}
+    assert torch.equal(prep(no_mask, "cpu")[1]["channel_mask"], table_mask(torch.tensor([0, 1])))
+    batch["channel_mask"] = torch.tensor([[1, 0, 0, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"outside the region of case\(s\) \[0\] \(regions \[0\]\)"):
+        prep(batch, "cpu")
+    batch["channel_mask"] = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\), expected \(B, C\) = \(2, 4\)"):
+        prep(batch, "cpu")
+
+
 def _fake_training(handler: ExpertWarmupHandler, loss_adapter, drops_per_region, epochs=3, iters=6):
     """Drive the handler with an ignite engine whose 'loss' per region falls linearly by the given drop."""
 

@@ -218,6 +218,46 @@ def test_region_metric_batched_dict_json_keys_and_tolerance_map():
     assert metric.table()[0]["n"] == 2
 
 
+def test_region_metric_scores_only_the_classes_a_case_annotates():
+    """Partial labels: case 1 (a data set without spleen labels) has a wrong spleen prediction against its empty
+    spleen channel; it is not scored there. Liver is scored in both; the region mean is over the scored classes."""
+    metric = RegionSegMetrics(REGION_CHANNELS, REGION_NAMES, CLASS_NAMES)
+    engine = Engine(
+        lambda e, b: {
+            "pred": torch.stack([_logits([_cube(), _cube(), EMPTY, EMPTY]), _logits([_cube(), _cube(), EMPTY, EMPTY])]),
+            "label": torch.stack([torch.stack([_cube(), _cube(), EMPTY, EMPTY]),
+                                  torch.stack([_cube(), EMPTY, EMPTY, EMPTY])]).float(),
+            "region": torch.tensor([0, 0]),
+            "spacing": torch.ones(2, 3),
+            "channel_mask": torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool),
+        }
+    )
+    metric.attach(engine, "dice")
+    engine.run([0], max_epochs=1)
+    m = engine.state.metrics
+    assert [(r["class"], r["n"]) for r in metric.table()] == [("liver", 2), ("spleen", 1)]
+    assert m["dsc/abdomen/spleen"] == 1.0 and m["dsc/abdomen"] == 1.0 and m["dice"] == 1.0
+    # without the mask the unannotated spleen channel of case 1 would count as a false positive
+    plain = RegionSegMetrics(REGION_CHANNELS, REGION_NAMES, CLASS_NAMES)
+    out = engine.state.output
+    plain.update((out["pred"], out["label"], out["region"], out["spacing"]))
+    assert plain.compute() < 1.0
+    # a case annotating none of its region's classes adds no row; a mask of the wrong width is refused
+    metric.reset()
+    metric.update((out["pred"][:1], out["label"][:1], out["region"][:1], out["spacing"][:1],
+                   torch.tensor([[0, 0, 1, 1]], dtype=torch.bool)))
+    with pytest.raises(NotComputableError):
+        metric.compute()
+    with pytest.raises(ValueError, match="channel_mask has 3 channels but y_pred has 4"):
+        metric.update((out["pred"][:1], out["label"][:1], out["region"][:1], out["spacing"][:1],
+                       torch.ones(1, 3, dtype=torch.bool)))
+    decollated = region_metric_output_transform(
+        [{"pred": out["pred"][i], "label": out["label"][i], "region": 0, "spacing": torch.ones(3),
+          "channel_mask": out["channel_mask"][i]} for i in range(2)]
+    )
+    assert torch.equal(decollated["channel_mask"], out["channel_mask"])
+
+
 def test_region_metric_errors():
     metric = RegionSegMetrics(REGION_CHANNELS)
     with pytest.raises(NotComputableError):

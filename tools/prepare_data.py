@@ -9,7 +9,12 @@
     python tools/prepare_data.py msd --dataset_dir ../shared/data/msd_hippocampus --region_name brain_hippocampus \
         --out_datalist data/multi_region.json [--append] [--val_split 0.2] [--test_split 0] [--seed 0]
 
-Both print what they wrote. The datalist schema is documented in ``medfm_ops.data.synthetic``.
+    # several MSD-style data sets into regions with partial labels, by a mapping file (format in
+    # medfm_ops/data/msd_mapping.py and bundles/lorkd_seg/docs/README.md)
+    python tools/prepare_data.py msd_map --mapping data/mapping.json --out_datalist data/multi_region.json \
+        [--val_split 0.2] [--test_split 0] [--seed 0] [--overwrite]
+
+All print what they wrote. The datalist schema is documented in ``medfm_ops.data.synthetic``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import fire
 
-from medfm_ops.data import convert_msd, ensure_synthetic_dataset, load_datalist
+from medfm_ops.data import convert_msd, convert_msd_mapping, ensure_synthetic_dataset, load_datalist
 
 
 def _summary(datalist: Path) -> str:
@@ -32,6 +37,13 @@ def _summary(datalist: Path) -> str:
             f"  task {t} {table.region_names[t]}: classes {table.class_names[t]} -> channels "
             f"{table.channels_of(t)}; {counts}"
         )
+        sources: dict[str, list[str]] = {}
+        for items in sections.values():
+            for i in items:
+                if i["region"] == t:
+                    sources.setdefault(i["dataset"], i["annotated"])
+        if len(sources) > 1 or any(a != table.class_names[t] for a in sources.values()):
+            lines += [f"    data set {d} annotates {a}" for d, a in sources.items()]
     lines.append(f"  union classes: {table.num_classes}")
     return "\n".join(lines)
 
@@ -82,10 +94,24 @@ def msd(
     print(_summary(Path(out_datalist).expanduser()))
 
 
+def msd_map(
+    mapping: str,
+    out_datalist: str,
+    val_split: float = 0.2,
+    test_split: float = 0,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> None:
+    """Convert the MSD-style data sets of a mapping file into one datalist with partial labels."""
+    convert_msd_mapping(mapping, out_datalist, val_split=val_split, test_split=test_split, seed=seed,
+                        overwrite=overwrite)
+    print(_summary(Path(out_datalist).expanduser()))
+
+
 def main() -> None:
     """Run the CLI; data errors are printed as one line (no traceback) with exit status 2."""
     try:
-        fire.Fire({"synthetic": synthetic, "msd": msd})
+        fire.Fire({"synthetic": synthetic, "msd": msd, "msd_map": msd_map})
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,15 +8,17 @@ from .datalist import SECTIONS, load_datalist, require_files
 from .atomic_writer import AtomicNibabelWriter
 from .integrity import DatasetIntegrityError, check_segmentation_cases
 from .msd import convert_msd, read_msd_dataset, split_cases
+from .msd_mapping import convert_msd_mapping, read_msd_mapping
 from .region_table import RegionTable
 from .synthetic import (
     GENERATOR_VERSION,
     ensure_synthetic_dataset,
     generate_case,
+    partial_label,
     synthetic_fingerprint,
     write_synthetic_dataset,
 )
-from .synthetic_regions import SYNTHETIC_REGIONS, RegionSpec, StructureSpec
+from .synthetic_regions import SYNTHETIC_REGIONS, DatasetSpec, RegionSpec, StructureSpec
 from .transforms import (
     CheckFinited,
     CheckInputShaped,
@@ -38,6 +40,7 @@ __all__ = [
     "CheckFinited",
     "CheckInputShaped",
     "CheckImageLabelShaped",
+    "DatasetSpec",
     "ImageLoadError",
     "RegionLabelToChannelsd",
     "RegionSpec",
@@ -47,10 +50,13 @@ __all__ = [
     "StructureSpec",
     "case_name",
     "convert_msd",
+    "convert_msd_mapping",
     "ensure_synthetic_dataset",
     "generate_case",
     "load_datalist",
+    "partial_label",
     "read_msd_dataset",
+    "read_msd_mapping",
     "require_files",
     "split_cases",
     "synthetic_fingerprint",

@@ -39,13 +39,17 @@ def load_datalist(
         ``(region_table, sections)``: the :py:class:`RegionTable` of the ``regions`` entry and
         ``{"training": [...], "validation": [...], "test": [...]}`` (``test`` only when present) with copies of the
         items whose ``image``/``label`` are absolute paths (relative ones are taken relative to the datalist's
-        directory) and whose ``region`` is an int.
+        directory), whose ``region`` is an int, ``region_name``/``label_names`` those of the region, ``dataset`` the
+        data set the case comes from (default: the region name) and ``annotated`` the region's classes the case's
+        label annotates, in the region's order (partial labels; default: all of them).
 
     Raises:
         FileNotFoundError: when the datalist or (with ``check_files``) a referenced file does not exist.
         ValueError: on invalid JSON, missing top-level keys, an empty ``training``/``validation`` section, an item
-            without ``image``/``label``/``region``, a region id not in the table, or an item whose ``region_name``
-            disagrees with the table. Messages name the datalist, the item (``section[index]`` and image path) and
+            without ``image``/``label``/``region``, a region id not in the table, an item whose ``region_name``
+            disagrees with the table, an empty ``dataset``, or an ``annotated`` that is not a non-empty list of
+            distinct class names of the item's region. Messages name the datalist, the item (``section[index]``
+            and image path) and
             what was expected.
     """
     src = Path(path).expanduser().absolute()
@@ -93,6 +97,7 @@ def _check_item(item: Any, where: str, src: Path, base: Path, table: RegionTable
             f"'{table.region_names[region]}' in 'regions'."
         )
     resolved = dict(item)
+    resolved["dataset"], resolved["annotated"] = _check_partial_labels(item, case, src, table, region)
     for key in ("image", "label"):
         resolved[key] = _resolve(item[key], base)
         if check_files and not os.path.isfile(resolved[key]):
@@ -100,6 +105,28 @@ def _check_item(item: Any, where: str, src: Path, base: Path, table: RegionTable
     resolved["region_name"] = table.region_names[region]
     resolved["label_names"] = table.labels_of(region)
     return resolved
+
+
+def _check_partial_labels(
+    item: dict[str, Any], case: str, src: Path, table: RegionTable, region: int
+) -> tuple[str, list[str]]:
+    """The item's ``dataset`` (default: the region name) and ``annotated`` classes (default: all, region order)."""
+    dataset = item.get("dataset", table.region_names[region])
+    if not isinstance(dataset, str) or not dataset.strip():
+        raise ValueError(f"datalist {src}: {case} has dataset {dataset!r}; expected a non-empty string (the name of "
+                         "the data set the case comes from) or no 'dataset' key.")
+    annotated = item.get("annotated")
+    if annotated is not None:
+        if not isinstance(annotated, list) or not all(isinstance(a, str) for a in annotated):
+            raise ValueError(f"datalist {src}: {case} has annotated {annotated!r}; expected a list of class names of "
+                             f"region '{table.region_names[region]}' {table.class_names[region]}.")
+        if len(set(annotated)) != len(annotated):
+            raise ValueError(f"datalist {src}: {case} lists a class twice in annotated {annotated}.")
+    try:
+        labels = table.annotated_labels(region, annotated)
+    except ValueError as e:
+        raise ValueError(f"datalist {src}: {case}: {e}") from None
+    return dataset, [table.class_names[region][k - 1] for k in labels]
 
 
 def require_files(

@@ -6,7 +6,9 @@ Convert Medical Segmentation Decathlon (MSD) style data sets into the medfm mult
 An MSD data set is a directory with ``dataset.json`` (``labels``, ``training`` with ``./imagesTr/...`` paths),
 ``imagesTr/`` and ``labelsTr/``. Each converted data set becomes one region of the datalist (schema in
 :py:mod:`medfm_ops.data.synthetic`); several data sets form one multi-region set by appending them one after
-another (the next task id each time). Paths in the datalist are relative to the datalist's directory.
+another (the next task id each time). Paths in the datalist are relative to the datalist's directory. Several data
+sets that label different subsets of one region's classes (partial labels) go through a mapping file instead:
+:py:func:`~medfm_ops.data.msd_mapping.convert_msd_mapping`.
 
 Example::
 
@@ -245,6 +247,8 @@ def convert_msd(
                     "region": task_id,
                     "region_name": str(region_name),
                     "label_names": dict(label_names),
+                    "dataset": Path(dataset_dir).expanduser().resolve().name,
+                    "annotated": list(label_names.values()),
                 }
             )
     atomic_write_json(out, datalist)

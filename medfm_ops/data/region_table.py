@@ -166,6 +166,44 @@ class RegionTable:
         """
         return list(self.region_channels[self._check_id(task_id)])
 
+    def annotated_labels(self, task_id: int, annotated: Sequence[str] | None = None) -> list[int]:
+        """
+        Region-local labels (``1..n``) of the classes a case annotates, in label order.
+
+        Args:
+            task_id: the case's region.
+            annotated: class names of ``task_id`` the case annotates (partial labels); ``None`` means all of them.
+                Defaults to None.
+
+        Raises:
+            ValueError: on an unknown task id, an empty ``annotated``, or a name that is not a class of the region
+                (the message lists the region's classes).
+        """
+        classes = self.class_names[self._check_id(task_id)]
+        if annotated is None:
+            return list(range(1, len(classes) + 1))
+        if isinstance(annotated, (str, bytes)) or not isinstance(annotated, Sequence) or not annotated:
+            raise ValueError(f"'annotated' must be a non-empty list of class names of region "
+                             f"'{self.region_names[int(task_id)]}' {classes}, got {annotated!r}.")
+        unknown = [str(a) for a in annotated if str(a) not in classes]
+        if unknown:
+            raise ValueError(
+                f"'annotated' names {unknown}, which are not classes of region '{self.region_names[int(task_id)]}' "
+                f"(task id {int(task_id)}){self._where()}; its classes are {classes}."
+            )
+        names = {str(a) for a in annotated}
+        return [k for k, c in enumerate(classes, start=1) if c in names]
+
+    def annotated_channel_mask(self, task_id: int, annotated: Sequence[str] | None = None) -> torch.Tensor:
+        """
+        (num_classes,) bool mask of the union channels a case annotates: its region's channels, restricted to
+        ``annotated`` (all of them when ``None``). Raises as :py:meth:`annotated_labels`.
+        """
+        channels = self.channels_of(task_id)
+        mask = torch.zeros(self.num_classes, dtype=torch.bool)
+        mask[[channels[k - 1] for k in self.annotated_labels(task_id, annotated)]] = True
+        return mask
+
     def task_id_of(self, name: str) -> int:
         """
         Task id of the region called ``name``.

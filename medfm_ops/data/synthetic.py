@@ -16,6 +16,11 @@ abdomen_ct     liver, spleen, kidney_left, kidney_right                   1.2 x 
 pelvis_mr      bladder, prostate                                          1.0 x 1.0 x 3.0  MR (T2)
 =============  =========================================================  ===============  ========
 
+``abdomen_ct`` has partial labels: its cases alternate between two source data sets, ``abdomen_ct_a`` (liver,
+spleen, kidney_left) and ``abdomen_ct_b`` (liver, kidney_left, kidney_right); every structure is in every image, but
+a case's label map holds only the classes of its data set (the others are background there), and its datalist item
+says so (``dataset``, ``annotated``). The other regions come from one data set each that annotates every class.
+
 Structures are deformed, rotated ellipsoids placed in normalised coordinates of the field of view, redrawn until
 every labelled structure keeps at least a third of its nominal voxel count, so every structure is present in every
 case. Each case has its own random generator seeded by ``(seed, crc32(region name), case index)``: a case does not
@@ -34,9 +39,14 @@ Datalist JSON schema (shared with :py:func:`~medfm_ops.data.msd.convert_msd`)::
       "test":       [item, ...]          # optional
     }
     item = {"image": path, "label": path, "region": task_id (int), "region_name": str,
-            "label_names": {"1": "liver", ...}}
+            "label_names": {"1": "liver", ...},
+            "dataset": str,                 # optional: source data set (default: the region name)
+            "annotated": ["liver", ...]}    # optional: classes its label annotates (default: all of the region's)
 
-Task ids are ``0..R-1``. Paths are relative to the directory of the datalist file (absolute paths are accepted);
+Label files hold region-local values (``label_names``: 0 background, ``k`` the region's ``k``-th class); a case
+with ``annotated`` may hold only the values of those classes (partial labels: the region's other classes are not
+labelled in that case, so the loss and the metrics ignore them for it). Task ids are ``0..R-1``. Paths are
+relative to the directory of the datalist file (absolute paths are accepted);
 :py:func:`~medfm_ops.data.datalist.load_datalist` resolves them to absolute paths. Extra keys (e.g. ``params``,
 ``fingerprint``, a region's ``spacing`` or ``split``) are allowed and ignored by the loader.
 
@@ -68,12 +78,13 @@ __all__ = [
     "GENERATOR_VERSION",
     "ensure_synthetic_dataset",
     "generate_case",
+    "partial_label",
     "synthetic_fingerprint",
     "write_synthetic_dataset",
 ]
 
 #: Bumped whenever the generated arrays change, so cached data sets are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: partial labels (abdomen_ct from two data sets)
 DATALIST_NAME = "datalist.json"
 _MIN_SIZE = 16
 _MAX_DRAWS = 25
@@ -138,7 +149,8 @@ def generate_case(
 
     Returns:
         ``(image, label, affine)``: image (X, Y, Z) float32, label (X, Y, Z) uint8 with values ``0..n`` (every
-        label present), affine (4, 4) float64 RAS with the region's spacing.
+        label present: the full annotation; the written files of a partially labelled data set hold
+        :py:func:`partial_label` of it), affine (4, 4) float64 RAS with the region's spacing.
 
     Raises:
         ValueError: on an unknown region or a size below 16.
@@ -189,6 +201,22 @@ def generate_case(
     affine = np.diag([*spec.spacing, 1.0])
     affine[:3, 3] = -(np.asarray(shape) - 1) / 2.0 * np.asarray(spec.spacing)
     return image.astype(np.float32), label, affine
+
+
+def partial_label(label: np.ndarray, region: str | RegionSpec, annotated: Sequence[str]) -> np.ndarray:
+    """
+    The label map a data set that annotates only ``annotated`` (class names of ``region``) would hold: the values of
+    the other classes set to 0 (background), the annotated ones unchanged (region-local values).
+
+    Raises:
+        ValueError: when ``annotated`` names a class the region does not have.
+    """
+    spec = _region_spec(region)
+    unknown = [c for c in annotated if c not in spec.class_names]
+    if unknown:
+        raise ValueError(f"annotated classes {unknown} are not classes of region '{spec.name}' {spec.class_names}.")
+    keep = [k for k, c in enumerate(spec.class_names, start=1) if c in annotated]
+    return np.where(np.isin(label, keep), label, 0).astype(label.dtype)
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -292,13 +320,22 @@ def write_synthetic_dataset(
         )
         for case in range(params["cases_per_region"]):
             image, label, affine = generate_case(spec, params["size"], params["seed"], case)
+            source = spec.dataset_of(case)
             rel_image = f"{name}/imagesTr/{name}_{case:03d}.nii.gz"
             rel_label = f"{name}/labelsTr/{name}_{case:03d}.nii.gz"
             _save_nifti(image, affine, out / rel_image)
-            _save_nifti(label, affine, out / rel_label)
+            _save_nifti(partial_label(label, spec, source.annotated), affine, out / rel_label)
             section = "training" if case < n_train else "validation" if case < n_train + n_val else "test"
             sections[section].append(
-                {"image": rel_image, "label": rel_label, "region": task_id, "region_name": name, "label_names": labels}
+                {
+                    "image": rel_image,
+                    "label": rel_label,
+                    "region": task_id,
+                    "region_name": name,
+                    "label_names": labels,
+                    "dataset": source.name,
+                    "annotated": [c for c in spec.class_names if c in source.annotated],
+                }
             )
     datalist: dict[str, Any] = {
         "name": "medfm_synthetic",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["StructureSpec", "RegionSpec", "SYNTHETIC_REGIONS"]
+__all__ = ["StructureSpec", "DatasetSpec", "RegionSpec", "SYNTHETIC_REGIONS"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,22 @@ class StructureSpec:
 
 
 @dataclass(frozen=True)
+class DatasetSpec:
+    """
+    One source data set of a synthetic region that annotates only some of the region's classes (partial labels, as
+    when a region's expert learns from several public data sets, each with its own label subset).
+
+    Args:
+        name: data set name (the datalist items' ``dataset``).
+        annotated: the region's class names this data set labels; the other structures are painted into the
+            image but are background in its label maps.
+    """
+
+    name: str
+    annotated: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class RegionSpec:
     """
     One body region (task) of the synthetic data set.
@@ -57,6 +73,8 @@ class RegionSpec:
         noise: noise standard deviation.
         mean_jitter: per-case standard deviation of every structure's mean intensity.
         bias: amplitude of the smooth log bias field (MR only). Defaults to 0.0.
+        datasets: source data sets with partial labels; case ``i`` comes from ``datasets[i % len(datasets)]``.
+            Defaults to ``()``: one data set named after the region that annotates every class.
     """
 
     name: str
@@ -67,11 +85,28 @@ class RegionSpec:
     noise: float
     mean_jitter: float
     bias: float = 0.0
+    datasets: tuple[DatasetSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        classes = self.class_names
+        for ds in self.datasets:
+            unknown = [c for c in ds.annotated if c not in classes]
+            if not ds.annotated or unknown:
+                raise ValueError(
+                    f"synthetic region '{self.name}': data set '{ds.name}' annotates {list(ds.annotated)}; "
+                    f"expected a non-empty subset of {classes}."
+                )
 
     @property
     def class_names(self) -> list[str]:
         """Names of the labelled structures in label order (label 1 first)."""
         return [s.name for s in self.structures if s.name is not None]
+
+    def dataset_of(self, case_index: int) -> DatasetSpec:
+        """The source data set of case ``case_index`` (round robin over ``datasets``)."""
+        if not self.datasets:
+            return DatasetSpec(self.name, tuple(self.class_names))
+        return self.datasets[int(case_index) % len(self.datasets)]
 
 
 _S = StructureSpec
@@ -126,6 +161,11 @@ SYNTHETIC_REGIONS: dict[str, RegionSpec] = {
                 _S("spleen", (-0.52, -0.18, 0.28), (0.15, 0.22, 0.2), 125.0, texture=8.0),
                 _S("kidney_left", (-0.36, -0.38, -0.12), (0.13, 0.14, 0.26), 175.0, texture=10.0),
                 _S("kidney_right", (0.36, -0.38, -0.18), (0.13, 0.14, 0.26), 175.0, texture=10.0),
+            ),
+            # two source data sets with different, overlapping label subsets (liver and left kidney in both)
+            datasets=(
+                DatasetSpec("abdomen_ct_a", ("liver", "spleen", "kidney_left")),
+                DatasetSpec("abdomen_ct_b", ("liver", "kidney_left", "kidney_right")),
             ),
         ),
         RegionSpec(

@@ -210,28 +210,37 @@ class CheckImageLabelShaped(MapTransform):
 
 class RegionLabelToChannelsd(MapTransform):
     """
-    Region-local integer label (1, *spatial) -> binary label in the union channel layout (C, *spatial), float32.
+    Region-local integer label (1, *spatial) -> binary label in the union channel layout (C, *spatial), float32,
+    plus the (C,) boolean mask of the channels the case annotates.
 
     Region-local label ``k`` of the item's region (task id under ``region_key``) goes to global channel
-    ``region_table.channels_of(task)[k - 1]``; channels of the other regions are zero (they are masked out of the
-    loss with ``region_table.channel_mask``). MetaTensor meta (affine, pixdim, filename) is kept.
+    ``region_table.channels_of(task)[k - 1]``; channels of the other regions are zero. A case from a data set that
+    annotates only some of its region's classes (partial labels, the item's ``annotated_key`` list of class names)
+    may hold only those labels; the mask written under ``mask_key`` is True at exactly the annotated channels, so the
+    loss and the metrics ignore the region's other classes for this case (whose voxels are background in its label).
+    Without ``annotated_key`` every class of the region is annotated. The ``annotated_key`` entry (a list of strings
+    that a DataLoader cannot collate) is removed from the item. MetaTensor meta (affine, pixdim, filename) is kept.
 
     Args:
         keys: label key(s).
         region_table: the data set's :py:class:`RegionTable`.
         region_key: key of the item's task id (int or scalar tensor). Defaults to ``"region"``.
         image_key: key whose ``filename_or_obj`` names the case in errors. Defaults to ``"image"``.
+        annotated_key: key of the class names the case annotates. Defaults to ``"annotated"``.
+        mask_key: key of the (C,) bool channel mask written next to the label; None writes none. Defaults to
+            ``"channel_mask"``.
         allow_missing_keys: skip missing label keys. Defaults to False.
 
     Raises:
         KeyError: when the item has no ``region_key``.
-        ValueError: on an unknown task id, a label with more than one channel, non-integer values, or a label value
-            outside ``0..n`` for a region with ``n`` classes; the message names the case.
+        ValueError: on an unknown task id or annotated class, a label with more than one channel, non-integer values,
+            or a label value that is not 0 or a label of the classes the case annotates; the message names the case.
 
     Example::
 
         t = RegionLabelToChannelsd("label", table)
-        out = t({"label": torch.tensor([[[[0, 1], [2, 0]]]]), "region": 1})  # (num_classes, 1, 2, 2)
+        out = t({"label": torch.tensor([[[[0, 1], [2, 0]]]]), "region": 1})  # label (num_classes, 1, 2, 2)
+        out["channel_mask"]  # (num_classes,) bool, True at region 1's channels
     """
 
     def __init__(
@@ -240,15 +249,20 @@ class RegionLabelToChannelsd(MapTransform):
         region_table: RegionTable,
         region_key: str = "region",
         image_key: str = "image",
+        annotated_key: str = "annotated",
+        mask_key: str | None = "channel_mask",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.region_table = region_table
         self.region_key = region_key
         self.image_key = image_key
+        self.annotated_key = annotated_key
+        self.mask_key = mask_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        annotated = d.pop(self.annotated_key, None)
         for key in self.key_iterator(d):
             name = case_name(d, [self.image_key, key])
             if self.region_key not in d:
@@ -256,12 +270,21 @@ class RegionLabelToChannelsd(MapTransform):
             try:
                 task = int(torch.as_tensor(d[self.region_key]).item())
                 channels = self.region_table.channels_of(task)
+                labels = self.region_table.annotated_labels(task, annotated)
             except (TypeError, ValueError, RuntimeError) as e:
-                raise ValueError(f"case {name}: invalid region {d[self.region_key]!r}: {e}") from e
-            d[key] = self._convert(d[key], channels, name, key, task)
+                raise ValueError(
+                    f"case {name}: invalid region {d[self.region_key]!r} or annotated {annotated!r}: {e}"
+                ) from e
+            d[key] = self._convert(d[key], channels, labels, name, key, task)
+            if self.mask_key is not None:
+                mask = torch.zeros(self.region_table.num_classes, dtype=torch.bool)
+                mask[[channels[k - 1] for k in labels]] = True
+                d[self.mask_key] = mask
         return d
 
-    def _convert(self, label: Any, channels: list[int], name: str, key: Hashable, task: int) -> torch.Tensor:
+    def _convert(
+        self, label: Any, channels: list[int], labels: list[int], name: str, key: Hashable, task: int
+    ) -> torch.Tensor:
         lab = torch.as_tensor(label)
         if lab.ndim < 2 or lab.shape[0] != 1:
             raise ValueError(
@@ -270,16 +293,21 @@ class RegionLabelToChannelsd(MapTransform):
         values = lab[0]
         if values.is_floating_point() and not torch.equal(values, values.round()):
             raise ValueError(f"case {name}: '{key}' has non-integer values (interpolated label?).")
-        n = len(channels)
+        n = len(self.region_table.class_names[task])
         vmin, vmax = int(values.min()), int(values.max())
-        if vmin < 0 or vmax > n:
+        full = len(labels) == n and vmin >= 0 and vmax <= n  # the common case: no unique() over the volume
+        bad = [] if full else sorted(set(torch.unique(values).long().tolist()) - {0, *labels})
+        if bad:
+            classes = self.region_table.class_names[task]
+            allowed = ", ".join(["0=background"] + [f"{k}={classes[k - 1]}" for k in labels])
+            partial = "" if len(labels) == n else f" (the case annotates {len(labels)} of its {n} classes)"
             raise ValueError(
-                f"case {name}: '{key}' has values {vmin}..{vmax} but region "
-                f"'{self.region_table.region_names[task]}' (task {task}) has {n} classes (expected 0..{n})."
+                f"case {name}: '{key}' has label value(s) {bad} but region '{self.region_table.region_names[task]}' "
+                f"(task {task}) allows {allowed}{partial}."
             )
         out = torch.zeros((self.region_table.num_classes, *values.shape), dtype=torch.float32, device=values.device)
-        for k, ch in enumerate(channels, start=1):
-            out[ch] = values == k
+        for k in labels:
+            out[channels[k - 1]] = values == k
         if isinstance(label, MetaTensor):
             return MetaTensor(out, meta=dict(label.meta), applied_operations=list(label.applied_operations))
         return out

@@ -34,13 +34,23 @@ class RegionPrepareBatch:
       when a ``teacher`` is given, ``"teacher_logits"`` (computed without gradient): the input of
       :class:`~medfm_ops.engines.LoRKDLossAdapter`. Otherwise the targets are the label tensor (for evaluators).
 
+    The ``(B, C)`` channel mask is per case: the batch's ``mask_key`` entry when present (written by
+    :class:`~medfm_ops.data.RegionLabelToChannelsd`: the channels the case's data set annotates, partial labels),
+    else ``channel_mask_fn(region)`` (every channel of the sample's region). A batch mask must stay inside the
+    region's channels.
+
     Args:
-        channel_mask_fn: maps ``(B,)`` region ids to a ``(B, C)`` boolean mask of each sample's channels
+        channel_mask_fn: maps ``(B,)`` region ids to a ``(B, C)`` boolean mask of each sample's region channels
             (e.g. ``RegionTable.channel_mask``). Required with ``targets_as_dict=True``.
         teacher: frozen teacher network (``(B, C_in, *sp) -> (B, C, *sp)`` logits). Defaults to None.
         route: pass region ids to the network. Defaults to True.
         targets_as_dict: see above. Defaults to False.
         image_key, label_key, region_key: batch keys. Default to ``"image"``, ``"label"``, ``"region"``.
+        mask_key: batch key of the per-case ``(B, C)`` channel mask. Defaults to ``"channel_mask"``.
+
+    Raises:
+        KeyError: (on call) when the batch misses the image, label or region.
+        ValueError: (on call) when a batch mask has the wrong shape or selects a channel outside the case's region.
     """
 
     def __init__(
@@ -52,6 +62,7 @@ class RegionPrepareBatch:
         image_key: str = CommonKeys.IMAGE,
         label_key: str = CommonKeys.LABEL,
         region_key: str = "region",
+        mask_key: str = "channel_mask",
     ) -> None:
         if targets_as_dict and channel_mask_fn is None:
             raise ValueError("RegionPrepareBatch(targets_as_dict=True) needs channel_mask_fn.")
@@ -60,6 +71,7 @@ class RegionPrepareBatch:
         self.route = route
         self.targets_as_dict = targets_as_dict
         self.image_key, self.label_key, self.region_key = image_key, label_key, region_key
+        self.mask_key = mask_key
 
     def __call__(
         self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
@@ -76,13 +88,35 @@ class RegionPrepareBatch:
         targets = {
             "label": label,
             "region": region,
-            "channel_mask": self.channel_mask_fn(region).to(device=device),
+            "channel_mask": self._channel_mask(batchdata, region, label, device),
             "filenames": batch_filenames(batchdata, self.image_key),
         }
         if self.teacher is not None:
             with torch.no_grad():
                 targets["teacher_logits"] = self.teacher(image).detach()
         return image, targets, args, {}
+
+
+    def _channel_mask(
+        self, batchdata: dict, region: torch.Tensor, label: torch.Tensor, device: str | torch.device | None
+    ) -> torch.Tensor:
+        region_mask = self.channel_mask_fn(region).to(device=device)
+        if self.mask_key not in batchdata:
+            return region_mask
+        mask = torch.as_tensor(batchdata[self.mask_key]).to(device=device).bool()
+        if tuple(mask.shape) != tuple(label.shape[:2]):
+            raise ValueError(
+                f"batch '{self.mask_key}' has shape {tuple(mask.shape)}, expected (B, C) = {tuple(label.shape[:2])} "
+                f"of the label (batch {batch_filenames(batchdata, self.image_key)})."
+            )
+        outside = (mask & ~region_mask).any(dim=1).nonzero().flatten().tolist()
+        if outside:
+            names = batch_filenames(batchdata, self.image_key)
+            raise ValueError(
+                f"batch '{self.mask_key}' selects channels outside the region of case(s) "
+                f"{[names[i] if i < len(names) else i for i in outside]} (regions {region[outside].tolist()})."
+            )
+        return mask
 
 
 class RoutedSlidingWindowInferer(SlidingWindowInferer):

@@ -33,6 +33,7 @@ def region_metric_output_transform(
     region_key: str = "region",
     image_key: str = "image",
     spacing_key: str = "spacing",
+    mask_key: str = "channel_mask",
 ) -> dict[str, Any]:
     """
     Build the input of :py:class:`RegionSegMetrics` from a MONAI engine's (batch-merged) output.
@@ -55,10 +56,13 @@ def region_metric_output_transform(
         image_key: key of the image, used as a last spacing source. Defaults to ``"image"``.
         spacing_key: key of an explicit spacing, (spatial_dims,) per sample or (B, spatial_dims). Defaults to
             ``"spacing"``.
+        mask_key: key of the per-case (C,) / (B, C) bool mask of the annotated channels (partial labels, written by
+            :py:class:`~medfm_ops.data.RegionLabelToChannelsd`); optional. Defaults to ``"channel_mask"``.
 
     Returns:
         ``{"y_pred", "y", "region", "spacing"}``: ``y_pred``/``y`` a list of (C, *spatial) tensors or batched
-        tensors, ``region`` a (B,) long tensor, ``spacing`` a (B, spatial_dims) float64 tensor.
+        tensors, ``region`` a (B,) long tensor, ``spacing`` a (B, spatial_dims) float64 tensor; plus
+        ``"channel_mask"``, a (B, C) bool tensor, when every sample has a ``mask_key`` entry.
 
     Raises:
         KeyError: when a needed key is missing.
@@ -71,7 +75,7 @@ def region_metric_output_transform(
     """
     samples = [output] if isinstance(output, Mapping) else list(output)
     batched = isinstance(output, Mapping)
-    preds, labels, regions, spacings = [], [], [], []
+    preds, labels, regions, spacings, masks = [], [], [], [], []
     for sample in samples:
         for key in (pred_key, label_key, region_key):
             if key not in sample:
@@ -93,12 +97,17 @@ def region_metric_output_transform(
         labels.append(label)
         regions.extend(torch.as_tensor(sample[region_key]).reshape(-1).tolist())
         spacings.extend(spacing)
-    return {
+        if sample.get(mask_key) is not None:
+            masks.append(torch.as_tensor(sample[mask_key]).reshape(n, -1).bool().cpu())
+    out = {
         "y_pred": preds[0] if batched else preds,
         "y": labels[0] if batched else labels,
         "region": torch.as_tensor(regions, dtype=torch.long),
         "spacing": torch.as_tensor(spacings, dtype=torch.float64),
     }
+    if masks and len(masks) == len(samples):
+        out["channel_mask"] = torch.cat(masks)
+    return out
 
 
 def merge_batch(output: Any, batch: Any) -> Any:

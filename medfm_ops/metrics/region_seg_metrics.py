@@ -29,9 +29,14 @@ class RegionSegMetrics(Metric):
     sample's region are thresholded and scored against the labels with :py:func:`binary_dice_nsd` (DSC and NSD
     with a tolerance in mm using the sample's voxel spacing).
 
-    Rows ``(region, class, dsc, nsd)`` are accumulated per sample and per class, gathered across processes in
-    :py:meth:`compute`, and aggregated as: per class, the mean over samples; per region, the mean over its classes;
-    overall, the mean over the regions seen. :py:meth:`compute` returns the overall mean DSC (so the metric can be
+    Partial labels: when the output carries a per-case ``channel_mask`` (the channels the case's data set
+    annotates, see :py:class:`~medfm_ops.data.RegionLabelToChannelsd`), a class that the case does not annotate is
+    not scored for that case (its voxels are background in that label, so a score would be meaningless).
+
+    Rows ``(region, class, dsc, nsd)`` are accumulated per sample and per annotated class, gathered across processes
+    in :py:meth:`compute`, and aggregated as: per class, the mean over the samples that annotate it; per region, the
+    mean over its classes that were scored; overall, the mean over the regions seen. (The LoRKD reference averages
+    per (data set, class) first; with one data set per class this is the same.) :py:meth:`compute` returns the overall mean DSC (so the metric can be
     a MONAI evaluator's key metric); :py:meth:`completed` additionally writes into ``engine.state.metrics``:
     ``nsd_name`` (overall mean NSD), ``"dsc/{region}"``, ``"nsd/{region}"``, ``"dsc/{region}/{class}"`` and
     ``"nsd/{region}/{class}"``. :py:meth:`table` returns the per-class table.
@@ -153,20 +158,26 @@ class RegionSegMetrics(Metric):
             missing = [k for k in self.required_output_keys if k not in output]
             if missing:
                 raise ValueError(f"RegionSegMetrics: transformed output lacks keys {missing}, got {list(output)}.")
-            output = tuple(output[k] for k in self.required_output_keys)
+            output = tuple(output[k] for k in self.required_output_keys) + (output.get("channel_mask"),)
         self.update(output)
 
     @reinit__is_reduced
     def update(self, output: Sequence[Any]) -> None:
         """
         Args:
-            output: ``(y_pred, y, region, spacing)``: (B, C, *spatial) logits or B tensors (C, *spatial); labels
-                alike; (B,) region ids; (B, spatial_dims) spacing in mm.
+            output: ``(y_pred, y, region, spacing)`` or ``(y_pred, y, region, spacing, channel_mask)``:
+                (B, C, *spatial) logits or B tensors (C, *spatial); labels alike; (B,) region ids; (B, spatial_dims)
+                spacing in mm; optional (B, C) bool mask of the channels each case annotates (None: all of its
+                region's channels).
 
         Raises:
             ValueError: on inconsistent lengths or shapes, or an unknown region id.
         """
-        y_pred, y, region, spacing = output
+        if len(output) not in (4, 5):
+            raise ValueError(f"RegionSegMetrics.update expects (y_pred, y, region, spacing[, channel_mask]), got "
+                             f"{len(output)} items.")
+        y_pred, y, region, spacing = output[:4]
+        channel_mask = output[4] if len(output) == 5 else None
         preds, labels = as_samples(y_pred, "y_pred"), as_samples(y, "y")
         regions = torch.as_tensor(region).reshape(-1).tolist()
         spacings = torch.as_tensor(spacing, dtype=torch.float64)
@@ -176,7 +187,10 @@ class RegionSegMetrics(Metric):
                 f"batch sizes differ: y_pred {len(preds)}, y {len(labels)}, region {len(regions)}, "
                 f"spacing {len(spacings)}."
             )
-        for pred, label, r, sp in zip(preds, labels, regions, spacings):
+        masks: list[Any] = [None] * len(preds)
+        if channel_mask is not None:
+            masks = list(torch.as_tensor(channel_mask).reshape(len(preds), -1).bool().cpu())
+        for pred, label, r, sp, mask in zip(preds, labels, regions, spacings, masks):
             r = int(r)
             if r not in self.region_channels:
                 raise ValueError(f"region id {r} is not in region_channels {sorted(self.region_channels)}.")
@@ -185,18 +199,24 @@ class RegionSegMetrics(Metric):
             channels = self.region_channels[r]
             if max(channels) >= pred.shape[0]:
                 raise ValueError(f"region {r} uses channel {max(channels)} but y_pred has {pred.shape[0]} channels.")
+            if mask is not None and mask.shape[0] != pred.shape[0]:
+                raise ValueError(f"channel_mask has {mask.shape[0]} channels but y_pred has {pred.shape[0]}.")
+            scored = [k for k, c in enumerate(channels) if mask is None or bool(mask[c])]
+            if not scored:  # the case annotates none of its region's classes: nothing to score
+                continue
             pred = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
             label = label.as_tensor() if isinstance(label, MetaTensor) else label
-            index = torch.as_tensor(channels, device=pred.device)
+            index = torch.as_tensor([channels[k] for k in scored], device=pred.device)
             selected = pred.index_select(0, index)
             cut = self._logit_threshold if self.sigmoid else self.threshold
             pred_mask = (selected >= cut).cpu()
             gt_mask = (label.index_select(0, index.to(label.device)) >= 0.5).cpu()
-            dsc, nsd = binary_dice_nsd(pred_mask, gt_mask, sp.tolist(), self.tolerances[r])
+            tolerances = [self.tolerances[r][k] for k in scored]
+            dsc, nsd = binary_dice_nsd(pred_mask, gt_mask, sp.tolist(), tolerances)
             rows = torch.stack(
                 [
                     torch.full_like(dsc, r, dtype=torch.float64),
-                    torch.arange(len(channels), dtype=torch.float64),
+                    torch.tensor(scored, dtype=torch.float64),
                     dsc.double(),
                     nsd.double(),
                 ],
