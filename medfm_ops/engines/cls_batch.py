@@ -5,59 +5,18 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 from torch import nn
 
+from medfm_ops.engines.cls_teacher_cache import TeacherFeatureCache
 from medfm_ops.engines.lorkd_loss_adapter import NonFiniteLossError
 from medfm_ops.engines.routing import batch_filenames
-from medfm_ops.utils.atomic_io import atomic_torch_save
 
-__all__ = ["TaskPrepareBatch", "ClsLossAdapter", "TeacherFeatureCache"]
-
-
-class TeacherFeatureCache:
-    """
-    Teacher outputs ``(logits, features)`` per item name (``file.npz[array][index]``), kept in memory and, with a
-    ``path``, saved there (atomically) after every epoch that added entries and read back by the next run. Only valid
-    without random augmentation (the teacher must see the same input every time): the caller decides.
-
-    Args:
-        path: cache file (e.g. ``{bundle}/models/teacher_features.pt``). Defaults to None (memory only).
-    """
-
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
-        self.path = Path(path) if path else None
-        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._dirty = False
-        if self.path is not None and self.path.is_file():
-            raw = torch.load(self.path, map_location="cpu", weights_only=True)
-            self.entries = {k: (v[0], v[1]) for k, v in raw.items()}
-
-    def __call__(self, names: Sequence[str], image: torch.Tensor, teacher: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        if names and len(names) == image.shape[0] and all(n in self.entries for n in names):
-            logits, feats = zip(*(self.entries[n] for n in names))
-            return torch.stack(logits).to(image.device), torch.stack(feats).to(image.device)
-        logits, feats = teacher(image)
-        if len(names) == image.shape[0] and len(set(names)) == len(names):
-            for n, lo, fe in zip(names, logits.cpu(), feats.cpu()):
-                self.entries[n] = (lo, fe)
-            self._dirty = True
-        return logits, feats
-
-    def save(self, engine: Engine | None = None) -> None:
-        if self.path is not None and self._dirty:
-            atomic_torch_save({k: list(v) for k, v in self.entries.items()}, self.path)
-            self._dirty = False
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+__all__ = ["TaskPrepareBatch", "ClsLossAdapter"]
 
 
 class TaskPrepareBatch:
