@@ -17,13 +17,23 @@ __all__ = [
 ]
 
 from .cka import CKALoss, linear_cka
-from .cls_losses import LogitKDLoss, LoRKDClsLoss, RDLoss, UnifiedCELoss, linear_decay, softmax_kl, task_cross_entropy
+from .cls_losses import (
+    LogitKDLoss,
+    LoRKDClsLoss,
+    RDLoss,
+    SingleTaskCELoss,
+    UnifiedCELoss,
+    linear_decay,
+    softmax_kl,
+    task_cross_entropy,
+)
 
 __all__ += [
     "CKALoss",
     "LoRKDClsLoss",
     "LogitKDLoss",
     "RDLoss",
+    "SingleTaskCELoss",
     "UnifiedCELoss",
     "linear_cka",
     "linear_decay",

@@ -17,7 +17,16 @@ from torch import nn
 
 from medfm_ops.losses.cka import linear_cka
 
-__all__ = ["task_cross_entropy", "softmax_kl", "UnifiedCELoss", "LoRKDClsLoss", "RDLoss", "LogitKDLoss", "linear_decay"]
+__all__ = [
+    "task_cross_entropy",
+    "softmax_kl",
+    "UnifiedCELoss",
+    "SingleTaskCELoss",
+    "LoRKDClsLoss",
+    "RDLoss",
+    "LogitKDLoss",
+    "linear_decay",
+]
 
 
 def _masked(logits: torch.Tensor, task_ids: torch.Tensor | None, num_classes: Sequence[int] | None) -> torch.Tensor:
@@ -66,6 +75,25 @@ class UnifiedCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, global_label: torch.Tensor) -> torch.Tensor:
         per = F.cross_entropy(logits, global_label.long(), reduction="none")
+        self.last_per_sample_task = per.detach()
+        self.last_components = {"ce": float(per.mean().detach())}
+        return per.mean()
+
+
+class SingleTaskCELoss(nn.Module):
+    """Cross-entropy of single-task logits ``(B, n_t)`` against the task-local ``label`` (the baselines that train one
+    classifier on one task: direct reprogramming ``g(phi(F_t(x)))``, full fine-tuning of the teacher).
+
+    Example::
+
+        >>> SingleTaskCELoss()(torch.zeros(4, 2), torch.tensor([0, 1, 1, 0])).item()  # log(2)
+        0.693...
+    """
+
+    input_keys = ("logits", "label")
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        per = F.cross_entropy(logits, label.long(), reduction="none")
         self.last_per_sample_task = per.detach()
         self.last_components = {"ce": float(per.mean().detach())}
         return per.mean()

@@ -3,6 +3,7 @@
 """Networks: expert conversion / fusion, per-call task routing, execution modes and LoRKD* rank allocation."""
 
 from medfm_ops.networks.experts import (
+    MONAI_UNET_DECODER,
     ExpertNetwork,
     backbone_parameters,
     eks_layers,
@@ -33,10 +34,17 @@ from medfm_ops.networks.cls_heads import (
     mask_task_logits,
 )
 from medfm_ops.networks.cls_zoo import CLS_NETWORKS, ViTClassifier, build_cls_network, cls_network_def
-from medfm_ops.networks.cls_reprogram import ReprogrammedStudent, ReprogrammingModule, init_from_checkpoint, load_rd_student
+from medfm_ops.networks.cls_reprogram import (
+    ReprogrammedStudent,
+    ReprogrammingModule,
+    init_from_checkpoint,
+    load_rd_student,
+    teacher_for_finetuning,
+)
 
 __all__ = [
     "ExpertNetwork",
+    "MONAI_UNET_DECODER",
     "TaskRouting",
     "to_experts",
     "export_expert",
@@ -78,4 +86,5 @@ __all__ = [
     "ReprogrammingModule",
     "init_from_checkpoint",
     "load_rd_student",
+    "teacher_for_finetuning",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +15,16 @@ from torch import nn
 
 from medfm_ops.networks.cls_heads import _set, head_layer_name
 
-__all__ = ["ReprogrammingModule", "ReprogrammedStudent", "init_from_checkpoint", "load_rd_student"]
+__all__ = [
+    "ReprogrammingModule",
+    "ReprogrammedStudent",
+    "init_from_checkpoint",
+    "teacher_for_finetuning",
+    "load_rd_student",
+]
+
+#: keys of a classifier config that hold its number of outputs (MONAI ResNet/ViT: num_classes, DenseNet: out_channels)
+_OUT_KEYS = ("num_classes", "out_channels")
 
 
 class _ResidualBlock(nn.Module):
@@ -124,6 +134,35 @@ def init_from_checkpoint(net: nn.Module, checkpoint: str | os.PathLike, skip: st
         raise ValueError(f"{checkpoint}: only {len(take)} of {len(own)} entries match the network: another architecture?")
     net.load_state_dict(take, strict=False)
     return net
+
+
+def teacher_for_finetuning(
+    teacher_path: str | os.PathLike, num_classes: int, region_table: Any = None
+) -> nn.Module:
+    """
+    The full fine-tuning baseline of RD: the teacher bundle's own network (its ``models/network_def.json``) built with
+    a fresh ``num_classes``-way classifier and every other entry initialised from its ``models/model.pt``
+    (:func:`init_from_checkpoint`). Trainable (not frozen).
+
+    Args:
+        teacher_path: the teacher bundle directory (e.g. ``bundles/foundation_cls``).
+        num_classes: classes of the downstream task.
+        region_table: the data set's task table; the teacher's recorded layout must match. Defaults to None.
+
+    Raises:
+        FileNotFoundError: when the bundle has no trained model.
+        ValueError: when the teacher's network config has neither ``num_classes`` nor ``out_channels``.
+    """
+    from medfm_ops.networks.spec import instantiate
+    from medfm_ops.networks.teacher import _bundle_network_def
+
+    root = Path(teacher_path)
+    net_def = dict(_bundle_network_def(root, region_table))
+    key = next((k for k in _OUT_KEYS if k in net_def), None)
+    if key is None:
+        raise ValueError(f"teacher {root}: its network_def has none of {_OUT_KEYS} to set the task's class count.")
+    net_def[key] = int(num_classes)
+    return init_from_checkpoint(instantiate(net_def), root / "models" / "model.pt")
 
 
 def load_rd_student(stock_network: nn.Module, checkpoint: str | os.PathLike | dict) -> nn.Module:
