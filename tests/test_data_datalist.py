@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from medfm_ops.data import RegionTable, ensure_synthetic_dataset, load_datalist, require_files
+import nibabel as nib
+import numpy as np
+
+from medfm_ops.data import (
+    DatasetIntegrityError,
+    RegionTable,
+    check_datalist_cases,
+    ensure_synthetic_dataset,
+    load_datalist,
+    require_files,
+)
 
 REGIONS = [
     {"name": "brain_mri", "task_id": 0, "labels": {"1": "ventricles", "2": "hippocampus"}},
@@ -212,3 +222,32 @@ def test_require_files(tmp_path):
     f = tmp_path / "a.nii.gz"
     f.write_bytes(b"")
     assert require_files(({"image": str(f)},), tmp_path) == [{"image": str(f)}]
+
+
+def test_integrity_check_lists_every_bad_case_of_a_datalist(synthetic_datalist, tmp_path):
+    """Before training, every case is checked once and ONE error lists every bad case: a value of a class the case's
+    data set does not annotate, an image/label shape mismatch, a 2-channel image; good cases are not listed."""
+    _, sections = load_datalist(synthetic_datalist)
+    check_datalist_cases(sections, source=str(synthetic_datalist))  # the synthetic set is clean
+    items = [dict(i) for i in sections["training"] + sections["validation"]]
+    abd = next(i for i in items if i["dataset"] == "abdomen_ct_a")
+    lab = nib.load(abd["label"])
+    data = np.asarray(lab.dataobj).copy()
+    data[0, 0, 0] = 4  # kidney_right: not labelled by abdomen_ct_a
+    abd["label"] = str(tmp_path / "abd_bad.nii.gz")
+    nib.save(nib.Nifti1Image(data, lab.affine), abd["label"])
+    brain = next(i for i in items if i["region_name"] == "brain_mri")
+    brain["label"] = str(tmp_path / "brain_small.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.uint8), np.eye(4)), brain["label"])
+    pelvis = next(i for i in items if i["region_name"] == "pelvis_mr")
+    pelvis["image"] = str(tmp_path / "pelvis_2ch.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16, 2), np.float32), np.eye(4)), pelvis["image"])
+    with pytest.raises(DatasetIntegrityError) as info:
+        check_datalist_cases({"training": items}, source="my_datalist.json")
+    text = str(info.value)
+    assert text.startswith("my_datalist.json: 3 problem(s) found before training") and len(info.value.problems) == 3
+    assert (f"{abd['label']}: label value(s) [4] not among the labels this case annotates: 0=background, 1=liver, "
+            "2=spleen, 3=kidney_left (data set 'abdomen_ct_a' annotates 3 of the 4 classes of region 'abdomen_ct')"
+            ) in text
+    assert f"{brain['label']}: label shape (16, 16, 8) differs from its image's (16, 16, 16)" in text
+    assert f"{pelvis['image']}: image shape (16, 16, 16, 2), expected a 3D single-channel volume" in text

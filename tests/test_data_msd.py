@@ -217,7 +217,7 @@ def _write_mapping(root: Path, mapping: dict) -> Path:
 
 
 def test_mapping_file_merges_data_sets_into_regions_with_partial_labels(mapped_sets):
-    from medfm_ops.data import convert_msd_mapping
+    from medfm_ops.data import check_datalist_cases, convert_msd_mapping
 
     root, mapping = mapped_sets
     out = root / "out" / "datalist.json"
@@ -240,6 +240,7 @@ def test_mapping_file_merges_data_sets_into_regions_with_partial_labels(mapped_s
     assert Path(by_set["brain"]["label"]).parent == root / "sets" / "brain" / "labelsTr"
     assert [d["remapped_labels"] for d in written["datasets"]] == ["labels/Task03_Liver", "labels/organs_ct", None]
     assert written["datasets"][0]["msd_labels"] == {"1": "liver", "2": "liver"}
+    check_datalist_cases(sections, source=str(out))  # every written case passes the pre-training check
     with pytest.raises(FileExistsError, match="overwrite=True"):
         convert_msd_mapping(root / "mapping.json", out)
 

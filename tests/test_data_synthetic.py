@@ -16,6 +16,7 @@ from medfm_ops.data import (
     SYNTHETIC_REGIONS,
     DatasetSpec,
     RegionSpec,
+    check_datalist_cases,
     ensure_synthetic_dataset,
     generate_case,
     load_datalist,
@@ -130,6 +131,7 @@ def test_partial_labels_two_overlapping_data_sets_in_abdomen(dataset):
         else:
             assert item["dataset"] == item["region_name"]
     assert seen == set(subsets)
+    check_datalist_cases(load_datalist(dataset)[1], source=str(dataset))  # the written set passes its own check
 
 
 def test_region_spec_rejects_a_data_set_with_unknown_classes():

@@ -272,6 +272,33 @@ def test_missing_teacher_says_how_to_produce_one(tmp_path):
     assert any("teacher not found" in m and "foundation_seg/configs/train.json" in m for m in _messages(info.value))
 
 
+@pytest.mark.parametrize("bundle", ["foundation_seg", "lorkd_seg"])
+def test_bad_cases_stop_training_before_it_starts_in_one_error(tmp_path, bundle):
+    """initialize checks every case of the datalist once: one error lists every bad case (file, value, allowed labels)
+    before any network, teacher or checkpoint exists."""
+    from medfm_ops.data import ensure_synthetic_dataset
+
+    root = tmp_path / bundle
+    shutil.copytree(REPO / "bundles" / bundle, root, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+    datalist = ensure_synthetic_dataset(tmp_path / "data", size=16, cases_per_region=2)
+    raw = json.loads(datalist.read_text())
+    bad = []
+    for item in raw["training"][:2]:  # brain_mri (3 classes) and thorax_ct cases with a value of no class
+        path = datalist.parent / item["label"]
+        lab = nib.load(path)
+        data = np.asarray(lab.dataobj).copy()
+        data[0, 0, 0] = 9
+        nib.save(nib.Nifti1Image(data, lab.affine), str(path))
+        bad.append(str(path))
+    with pytest.raises(Exception) as info:
+        _run(root, "train.json", datalist=str(datalist), epochs=1)
+    message = next((m for m in _messages(info.value) if "problem(s) found before training" in m), _messages(info.value))
+    assert f"{datalist}: 2 problem(s) found before training" in message, message
+    assert f"{bad[0]}: label value(s) [9] outside the data set's labels 0..3 (0=background, 1=ventricles" in message
+    assert f"{bad[1]}: label value(s) [9]" in message and "1=lung_left" in message
+    assert not (root / "models").exists() or not list((root / "models").glob("*.pt"))
+
+
 def _final_weights(models: Path) -> dict[str, torch.Tensor]:
     ckpt = sorted(models.glob("train_state_checkpoint_epoch=*.pt"))[-1]
     return torch.load(ckpt, weights_only=True)

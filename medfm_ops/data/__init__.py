@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .datalist import SECTIONS, load_datalist, require_files
 from .atomic_writer import AtomicNibabelWriter
-from .integrity import DatasetIntegrityError, check_segmentation_cases
+from .integrity import DatasetIntegrityError, check_datalist_cases, check_segmentation_cases
 from .msd import convert_msd, read_msd_dataset, split_cases
 from .msd_mapping import convert_msd_mapping, read_msd_mapping
 from .region_table import RegionTable
@@ -33,6 +33,7 @@ from .transforms import (
 __all__ = [
     "AtomicNibabelWriter",
     "DatasetIntegrityError",
+    "check_datalist_cases",
     "check_segmentation_cases",
     "GENERATOR_VERSION",
     "SECTIONS",
