@@ -132,3 +132,24 @@ def test_set_ranks_and_errors():
     layer.execution = "bogus"
     with pytest.raises(ValueError, match="execution"):
         layer(torch.randn(2, 3, 5, 5), torch.tensor([0, 1]))
+
+
+def test_rank_multiplier_scales_factor_ranks_not_base_ranks():
+    torch.manual_seed(0)
+    stock = torch.nn.Conv2d(3, 4, 3, padding=1).double()
+    layer = EKSConv.from_conv(stock, num_tasks=3, ranks=[2, 0, 1], alpha=6.0, rank_multiplier=2)
+    assert layer.ranks == (2, 0, 1) and layer.layer_ranks == (4, 0, 2)
+    assert [tuple(a.shape) for a in layer.lora_A] == [(12, 9), (0, 9), (6, 9)]
+    assert layer.ranks_of_factors([12, 0, 6]) == (2, 0, 1)
+    with pytest.raises(ValueError, match="rank_multiplier=2"):
+        layer.ranks_of_factors([9])
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    # layer rank 4 for base rank 2: delta = (alpha / 4) B A
+    ref = layer.weight + (layer.lora_B[0] @ layer.lora_A[0]).reshape(layer.weight.shape) * (6.0 / 4)
+    assert (layer.expert_weight(0) - ref).abs().max().item() <= 1e-12
+    layer.set_ranks([1, 1, 3])
+    assert layer.layer_ranks == (2, 2, 6) and layer.lora_B[2].shape == (12, 18)
+    with pytest.raises(ValueError, match="rank_multiplier"):
+        EKSConv(2, 3, 4, 3, num_tasks=2, rank_multiplier=0)

@@ -11,16 +11,19 @@ import torch
 from monai.networks.nets import UNet, BasicUNet, DenseNet121, DynUNet, SegResNet, resnet18, resnet50
 from torch import nn
 
-from medfm_ops.layers import EKSConv
+from medfm_ops.layers import EKSConv, EKSLayer
 from medfm_ops.networks import (
+    MONAI_UNET_DECODER,
     ExpertNetwork,
     TaskRouting,
     backbone_parameters,
     eks_layers,
     expert_parameters,
     export_expert,
+    load_expert_state_dict,
     lorkd_star_ranks,
     param_groups,
+    ranks_from_state_dict,
     round_to_even,
     set_execution,
     set_expert_ranks,
@@ -39,6 +42,7 @@ NETWORKS = [
     ("DenseNet121", lambda: DenseNet121(spatial_dims=3, in_channels=1, out_channels=3), 32),
 ]
 TASKS = torch.tensor([0, 2, 1, 2])
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _randomise_experts(model: nn.Module) -> None:
@@ -53,7 +57,7 @@ def test_export_equals_wrapper_and_loads_into_stock(name, build, size):
     torch.manual_seed(0)
     stock = build().double().eval()
     model = to_experts(stock, num_tasks=3, ranks=[2, 4, 2], alpha=4.0).double().eval()
-    n_convs = sum(1 for m in stock.modules() if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and m.groups == 1)
+    n_convs = sum(1 for m in stock.modules() if type(m) in CONV_TYPES and m.groups == 1)  # transposed ones too
     assert len(list(eks_layers(model))) == n_convs > 0
     _randomise_experts(model)
     x = torch.randn(len(TASKS), 1, size, size, size, dtype=torch.float64)
@@ -65,7 +69,7 @@ def test_export_equals_wrapper_and_loads_into_stock(name, build, size):
         for t in range(3):
             expert = export_expert(model, t)
             assert type(expert) is type(stock)
-            assert not any(isinstance(m, EKSConv) for m in expert.modules())
+            assert not any(isinstance(m, EKSLayer) for m in expert.modules())
             assert sum(p.numel() for p in expert.parameters()) == sum(p.numel() for p in stock.parameters())
             idx = (TASKS == t).nonzero().view(-1)
             out = expert(x[idx])
@@ -185,11 +189,85 @@ def test_include_exclude_and_loud_failure():
         to_experts(net, 2, include=["does.not.exist*"])
 
 
-def test_transposed_and_grouped_stay_shared():
-    net = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Conv3d(4, 4, 3, groups=4), nn.ConvTranspose3d(4, 2, 2, stride=2))
-    model = to_experts(net, 3)
-    kinds = [type(m).__name__ for m in model.net]
-    assert kinds == ["EKSConv", "Conv3d", "ConvTranspose3d"]
+def test_transposed_converted_by_default_grouped_stay_shared():
+    net = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Conv3d(4, 4, 3, groups=4), nn.ConvTranspose3d(4, 2, 2, stride=2),
+                        nn.ConvTranspose3d(2, 2, 2, groups=2))
+    kinds = [type(m).__name__ for m in to_experts(net, 3).net]
+    assert kinds == ["EKSConv", "Conv3d", "EKSConvTranspose", "ConvTranspose3d"]
+    kinds = [type(m).__name__ for m in to_experts(net, 3, convert_transposed=False).net]
+    assert kinds == ["EKSConv", "Conv3d", "ConvTranspose3d", "ConvTranspose3d"]
+    kinds = [type(m).__name__ for m in to_experts(net, 3, exclude=["2"]).net]
+    assert kinds == ["EKSConv", "Conv3d", "ConvTranspose3d", "ConvTranspose3d"]
+
+
+def _unet_up_path_convs(unet: UNet) -> set[int]:
+    """ids of the convolutions in MONAI UNet's up path, found by walking its structure (not by names): every level
+    is ``Sequential(down, SkipConnection(submodule), up)`` and ``up`` is its third element."""
+    up, level = set(), unet.model
+    while isinstance(level, nn.Sequential) and len(level) == 3 and hasattr(level[1], "submodule"):
+        up |= {id(m) for m in level[2].modules() if type(m) in CONV_TYPES}
+        level = level[1].submodule
+    return up
+
+
+@pytest.mark.parametrize("channels,res_units", [((4, 8, 16), 1), ((4, 8, 8, 16), 0), ((4, 8), 2)])
+def test_monai_unet_decoder_gets_twice_the_rank_and_exports_stock(channels, res_units):
+    torch.manual_seed(0)
+    build = lambda: UNet(3, 1, 3, channels, (2,) * (len(channels) - 1), num_res_units=res_units)  # noqa: E731
+    stock = build().double().eval()
+    up = _unet_up_path_convs(stock)
+    model = to_experts(stock, 3, ranks=2, alpha=4.0, rank_multipliers=dict.fromkeys(MONAI_UNET_DECODER, 2))
+    model = model.double().eval()
+    originals = dict(stock.named_modules())
+    layers = dict(eks_layers(model.net))
+    assert set(layers) == {n for n, m in stock.named_modules() if type(m) in CONV_TYPES}, "every conv converted"
+    assert any(isinstance(m, nn.ConvTranspose3d) for m in stock.modules())
+    assert {n for n, layer in layers.items() if layer.rank_multiplier == 2} == {
+        n for n in layers if id(originals[n]) in up
+    }, "exactly the up path at twice the rank"
+    assert all(layer.rank_multiplier in (1, 2) for layer in layers.values())
+    assert model.ranks == (2, 2, 2) and {layer.layer_ranks for layer in layers.values()} == {(2, 2, 2), (4, 4, 4)}
+    _randomise_experts(model)
+    x = torch.randn(len(TASKS), 1, 16, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        mixed = model(x, TASKS)
+        for t in range(3):
+            expert = export_expert(model, t)
+            fresh = build().double().eval()
+            fresh.load_state_dict(expert.state_dict(), strict=True)
+            idx = (TASKS == t).nonzero().view(-1)
+            assert (fresh(x[idx]) - mixed[idx]).abs().max().item() <= 1e-10
+
+
+def test_rank_multipliers_keep_base_ranks_in_checkpoints():
+    build = lambda: UNet(3, 1, 2, (4, 8, 16), (2, 2), num_res_units=1)  # noqa: E731
+    decoder = dict.fromkeys(MONAI_UNET_DECODER, 2)
+    trained = to_experts(build(), 4, ranks=8, rank_multipliers=decoder)
+    set_expert_ranks(trained, [12, 10, 0, 4])  # LoRKD*: base ranks
+    layers = dict(eks_layers(trained))
+    assert trained.ranks == (12, 10, 0, 4)
+    assert layers["net.model.2.1.conv.unit0.conv"].layer_ranks == (24, 20, 0, 8)
+    assert layers["net.model.2.1.conv.unit0.conv"].lora_A[0].shape[0] == 24 * 3
+    assert layers["net.model.0.conv.unit0.conv"].layer_ranks == (12, 10, 0, 4)
+    state = trained.state_dict()
+    fresh = to_experts(build(), 4, ranks=8, rank_multipliers=decoder)
+    assert ranks_from_state_dict(fresh, state) == (12, 10, 0, 4)
+    load_expert_state_dict(fresh, state)
+    assert fresh.ranks == (12, 10, 0, 4) and all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(ValueError, match="rank_multipliers"):  # built without the decoder multipliers
+        load_expert_state_dict(to_experts(build(), 4, ranks=8), state)
+    with pytest.raises(ValueError, match="convert_transposed"):  # built with the transposed convs shared
+        load_expert_state_dict(to_experts(build(), 4, ranks=8, rank_multipliers=decoder, convert_transposed=False), state)
+
+
+def test_rank_multiplier_pattern_errors():
+    net = UNet(3, 1, 2, (4, 8), (2,), num_res_units=0)
+    with pytest.raises(ValueError, match="matches a converted layer"):
+        to_experts(net, 2, rank_multipliers={"net.model.2.*": 2})  # the ExpertNetwork prefix is not part of names
+    with pytest.raises(ValueError, match="different multipliers"):
+        to_experts(net, 2, rank_multipliers={"model.2.*": 2, "model.*": 3})
+    model = to_experts(net, 2, rank_multipliers=dict.fromkeys(MONAI_UNET_DECODER, 2))  # 1 level: model.2.* only
+    assert [n for n, m in eks_layers(model) if m.rank_multiplier == 2] == ["net.model.2.conv"]
 
 
 def test_freeze_param_groups_and_ranks():

@@ -6,15 +6,17 @@ expert per task, executed for a mixed-task batch in one grouped call.
 Reference: LoRKD, "Low-Rank Knowledge Decomposition for Medical Foundation Models" (CVPR 2024) and its journal
 extension. The expert factorisation follows the LoRA convolution convention. For a kernel of shape
 ``(d_0, d_1, k_0, k_1, ..., k_{n-1})`` (``(C_out, C_in, ...)`` for a convolution, ``(C_in, C_out, ...)`` for a
-transposed convolution, as in torch) and a rank ``r_t`` expert ``t`` holds
+transposed convolution, as in torch) and a layer rank ``r`` expert ``t`` holds
 
-- ``A_t`` of shape ``(r_t * k_0, d_1 * k_1 * ... * k_{n-1})`` (Kaiming-uniform initialised),
-- ``B_t`` of shape ``(d_0 * k_0, r_t * k_0)`` (zero initialised, so every expert starts equal to ``W0``),
+- ``A_t`` of shape ``(r * k_0, d_1 * k_1 * ... * k_{n-1})`` (Kaiming-uniform initialised),
+- ``B_t`` of shape ``(d_0 * k_0, r * k_0)`` (zero initialised, so every expert starts equal to ``W0``),
 
-and ``delta W_t = (alpha / r_t) * (B_t @ A_t).view(kernel_shape)``. For cubic kernels this is the paper's
+and ``delta W_t = (alpha / r) * (B_t @ A_t).view(kernel_shape)``. For cubic kernels this is the paper's
 ``B in R^{C_out k x r k}``, ``A in R^{r k x C_in k^{n-1}}``; for non-cubic kernels the first kernel dimension plays
 the role of ``k`` and the remaining ones are folded into ``A``'s columns.
 
+Ranks are given as BASE ranks (the network-wide ``r_t`` of every task, e.g. LoRKD*'s per-region ranks); a layer
+with ``rank_multiplier = m`` (e.g. 2 in a decoder) holds factors of layer rank ``r = m * r_t``.
 """
 
 from __future__ import annotations
@@ -61,17 +63,20 @@ class EKSLayer(nn.Module):
         out_channels: number of output channels.
         kernel_size: kernel size.
         num_tasks: number of experts ``T``.
-        ranks: rank of every expert (int) or one rank per expert (sequence of length ``T``; LoRKD*).
+        ranks: base rank of every expert (int) or one base rank per expert (sequence of length ``T``; LoRKD*).
             A rank of 0 means the task uses ``W0`` only. Defaults to 8.
-        alpha: LoRA scaling numerator; expert ``t`` is scaled by ``alpha / r_t``. Defaults to 16.
+        alpha: LoRA scaling numerator; expert ``t`` is scaled by ``alpha / (rank_multiplier * r_t)``.
+            Defaults to 16.
         bias: whether to add a learnable bias (shared by all experts). Defaults to True.
         execution: how a mixed-task batch is executed, one of :data:`~medfm_ops.layers.EXECUTION_MODES`.
             Defaults to ``"grouped"``.
+        rank_multiplier: this layer's factors have rank ``rank_multiplier * r_t`` (e.g. 2 for a decoder layer,
+            as in the LoRKD 3D U-Net). Ranks are read and set in base ranks everywhere. Defaults to 1.
         device: device of the new parameters.
         dtype: dtype of the new parameters.
 
     Raises:
-        ValueError: on an unknown ``spatial_dims``, ``num_tasks < 1`` or invalid ranks.
+        ValueError: on an unknown ``spatial_dims``, ``num_tasks < 1``, ``rank_multiplier < 1`` or invalid ranks.
     """
 
     #: stock layer class per ``spatial_dims`` (``fuse`` returns one) and the geometry attributes it shares with us
@@ -89,6 +94,7 @@ class EKSLayer(nn.Module):
         alpha: float = 16.0,
         bias: bool = True,
         execution: str = "grouped",
+        rank_multiplier: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -97,6 +103,8 @@ class EKSLayer(nn.Module):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
+        if int(rank_multiplier) != rank_multiplier or rank_multiplier < 1:
+            raise ValueError(f"rank_multiplier must be an int >= 1, got {rank_multiplier}.")
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -104,6 +112,7 @@ class EKSLayer(nn.Module):
         self.num_tasks = num_tasks
         self.alpha = float(alpha)
         self.execution = execution
+        self.rank_multiplier = int(rank_multiplier)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self._weight_shape(), **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
@@ -130,9 +139,9 @@ class EKSLayer(nn.Module):
         Args:
             conv: a stock layer of this class's type (e.g. ``nn.Conv3d`` for :class:`EKSConv`).
             num_tasks: number of experts.
-            ranks: expert ranks, see the class arguments. Defaults to 8.
+            ranks: base ranks, see the class arguments. Defaults to 8.
             alpha: scaling numerator. Defaults to 16.
-            kwargs: further arguments of the class (e.g. ``execution``).
+            kwargs: further arguments of the class (``rank_multiplier``, ``execution``).
 
         Raises:
             TypeError: when ``conv`` is not one of the stock types.
@@ -177,11 +186,16 @@ class EKSLayer(nn.Module):
     def _k0(self) -> int:
         return self.kernel_size[0]
 
-    def set_ranks(self, ranks: int | Sequence[int]) -> None:
-        """(Re)create the expert factors with new ranks: ``A`` Kaiming-uniform, ``B`` zero (each expert = ``W0``).
+    @property
+    def layer_ranks(self) -> tuple[int, ...]:
+        """Ranks of this layer's factors: ``rank_multiplier * r_t`` per task."""
+        return tuple(self.rank_multiplier * r for r in self.ranks)
 
-        Used at construction and by LoRKD* after the warm-up (the experts were frozen at ``B = 0`` then, so
-        re-creating them loses nothing).
+    def set_ranks(self, ranks: int | Sequence[int]) -> None:
+        """(Re)create the expert factors with new BASE ranks: ``A`` Kaiming-uniform, ``B`` zero (each expert = ``W0``).
+
+        The factors get rank ``rank_multiplier * r_t``. Used at construction and by LoRKD* after the warm-up (the
+        experts were frozen at ``B = 0`` then, so re-creating them loses nothing).
 
         Raises:
             ValueError: when ``ranks`` is not one non-negative int per task.
@@ -195,7 +209,7 @@ class EKSLayer(nn.Module):
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
         for r in ranks:
-            r_k = r * self._k0
+            r_k = self.rank_multiplier * r * self._k0
             a = torch.empty(r_k, cols, device=w.device, dtype=w.dtype)
             if r > 0:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -203,6 +217,22 @@ class EKSLayer(nn.Module):
             self.lora_A.append(nn.Parameter(a, requires_grad=requires_grad))
             self.lora_B.append(nn.Parameter(b, requires_grad=requires_grad))
         self.ranks = tuple(ranks)
+
+    def ranks_of_factors(self, a_rows: Sequence[int]) -> tuple[int, ...]:
+        """Base ranks matching ``lora_A`` factors with ``a_rows`` rows each (e.g. read from a checkpoint).
+
+        Raises:
+            ValueError: when a row count is not a multiple of ``rank_multiplier * k_0`` (a checkpoint trained with
+                another rank multiplier for this layer).
+        """
+        step = self.rank_multiplier * self._k0
+        if any(n % step for n in a_rows):
+            raise ValueError(
+                f"expert factors with {list(a_rows)} rows do not fit rank_multiplier={self.rank_multiplier} and kernel "
+                f"size {self.kernel_size} (multiples of {step} expected): build the model with the rank multipliers "
+                "it was trained with."
+            )
+        return tuple(n // step for n in a_rows)
 
     # ------------------------------------------------------------------ expert maths
     def _check_task(self, task: int) -> None:
@@ -219,7 +249,8 @@ class EKSLayer(nn.Module):
         r = self.ranks[task]
         if r == 0:
             return torch.zeros_like(self.weight)
-        return (self.lora_B[task] @ self.lora_A[task]).view(self.weight.shape) * (self.alpha / r)
+        scale = self.alpha / (self.rank_multiplier * r)
+        return (self.lora_B[task] @ self.lora_A[task]).view(self.weight.shape) * scale
 
     def expert_weight(self, task: int) -> torch.Tensor:
         """Fused kernel ``W0 + delta W_t`` (a new tensor; ``W0`` is untouched)."""
@@ -302,6 +333,6 @@ class EKSLayer(nn.Module):
         return (
             f"spatial_dims={self.spatial_dims}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"{geometry}, bias={self.bias is not None}, num_tasks={self.num_tasks}, ranks={list(self.ranks)}, "
-            f"alpha={self.alpha}, "
+            f"rank_multiplier={self.rank_multiplier}, alpha={self.alpha}, "
             f"execution={self.execution!r}"
         )

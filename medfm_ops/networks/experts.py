@@ -7,16 +7,18 @@ from __future__ import annotations
 import copy
 import fnmatch
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from medfm_ops.layers import EKSConv, EKSLayer
+from medfm_ops.layers import EKSConv, EKSConvTranspose, EKSLayer
 from medfm_ops.networks.routing import TaskRouting
 
 __all__ = [
     "ExpertNetwork",
+    "MONAI_UNET_DECODER",
     "to_experts",
     "export_expert",
     "eks_layers",
@@ -31,6 +33,17 @@ __all__ = [
 ]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+_FACTOR_KEY = re.compile(r"(^|\.)lora_[AB]\.\d+$")
+
+#: ``fnmatch`` patterns naming the decoder (up path) of MONAI's ``UNet``: every level of the UNet is a
+#: ``Sequential(down, SkipConnection(submodule), up)``, so the up path is the third element of the top level
+#: (``model.2.*``) and of every nested level (``model.1.submodule.2.*``, ``model.1.submodule.1.submodule.2.*``...;
+#: ``*`` also matches dots). The bottom layer (``...submodule.conv``/``.residual``) belongs to the encoder.
+#: Use as ``to_experts(unet, T, rank_multipliers=dict.fromkeys(MONAI_UNET_DECODER, 2))``, or in a bundle config
+#: ``"rank_multipliers": {"model.2.*": 2, "model.*.submodule.2.*": 2}``.
+MONAI_UNET_DECODER = ("model.2.*", "model.*.submodule.2.*")
 
 
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
@@ -107,43 +120,98 @@ def to_experts(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     copy_net: bool = True,
+    convert_transposed: bool = True,
+    rank_multipliers: Mapping[str, int] | None = None,
 ) -> ExpertNetwork:
     """
-    Replace every eligible convolution of ``net`` by an :class:`EKSConv` and wrap it in an :class:`ExpertNetwork`.
+    Replace every eligible convolution of ``net`` by an EKS layer and wrap it in an :class:`ExpertNetwork`.
 
-    Eligible: ``nn.Conv1d/2d/3d`` with ``groups == 1`` and zero padding mode; grouped/depthwise and transposed
-    convolutions stay shared (as in the LoRKD papers). Each new layer's ``W0`` and bias are the original values.
+    Eligible: ``nn.Conv1d/2d/3d`` (-> :class:`~medfm_ops.layers.EKSConv`) and, unless ``convert_transposed`` is
+    False, ``nn.ConvTranspose1d/2d/3d`` (-> :class:`~medfm_ops.layers.EKSConvTranspose`), each with ``groups == 1``
+    and zero padding mode. Grouped/depthwise convolutions always stay shared; ``exclude`` keeps any other layer
+    shared. Each new layer's ``W0`` and bias are the original values.
+
+    The LoRKD authors' 3D U-Net gives every 3x3x3 convolution of the encoder and decoder an expert, the decoder ones
+    at twice the encoder rank, and leaves its transposed convolutions shared. Our defaults convert every eligible
+    convolution, transposed ones included, at the base rank; for a MONAI ``UNet`` pass
+    ``rank_multipliers=dict.fromkeys(MONAI_UNET_DECODER, 2)`` for the decoder at twice the rank, and
+    ``convert_transposed=False`` to keep the transposed convolutions shared as the authors do.
 
     Args:
         net: any torch / MONAI network (e.g. ``UNet``, ``DynUNet``, ``SegResNet``, ``resnet18``, ``DenseNet121``).
         num_tasks: number of experts ``T``.
-        ranks: one rank for all experts or one per expert (rank 0 = that task uses ``W0`` only). Defaults to 8.
-        alpha: LoRA scaling numerator (expert ``t`` scaled by ``alpha / r_t``). Defaults to 16.
+        ranks: base rank for all experts or one per expert (rank 0 = that task uses ``W0`` only). Defaults to 8.
+        alpha: LoRA scaling numerator (expert ``t`` scaled by ``alpha / (m * r_t)``, ``m`` the layer's rank
+            multiplier). Defaults to 16.
         include: ``fnmatch`` patterns of qualified module names to convert (all eligible ones when None).
         exclude: ``fnmatch`` patterns of module names to keep shared (e.g. ``["*.conv.unit0.*"]``).
         copy_net: convert a deep copy (the input stays intact). Defaults to True.
+        convert_transposed: give transposed convolutions experts too. Defaults to True.
+        rank_multipliers: ``{fnmatch pattern: integer multiplier}``: a converted layer whose name matches a
+            pattern holds factors of rank ``multiplier * r_t`` (e.g. :data:`MONAI_UNET_DECODER` -> 2). Ranks stay
+            BASE ranks everywhere (``set_expert_ranks``, ``ExpertNetwork.ranks``, checkpoints). Defaults to None
+            (multiplier 1 everywhere).
+
+    Names in ``include``/``exclude``/``rank_multipliers`` are those of ``net.named_modules()`` (e.g.
+    ``model.2.0.conv`` in a MONAI ``UNet``), without the ``net.`` prefix the :class:`ExpertNetwork` adds.
 
     Raises:
-        ValueError: when no convolution is converted (e.g. patterns that match nothing).
+        ValueError: when no convolution is converted (e.g. patterns that match nothing), when no
+            ``rank_multipliers`` pattern matches a converted layer, or when patterns with different multipliers
+            match the same layer.
+
+    Example::
+
+        >>> from monai.networks.nets import UNet
+        >>> unet = UNet(3, 1, 2, (8, 16, 32), (2, 2), num_res_units=1)
+        >>> model = to_experts(unet, num_tasks=4, ranks=8, rank_multipliers=dict.fromkeys(MONAI_UNET_DECODER, 2))
+        >>> model.net.model[2][1].conv.unit0.conv.layer_ranks, model.ranks
+        ((16, 16, 16, 16), (8, 8, 8, 8))
     """
     net = copy.deepcopy(net) if copy_net else net
-    if type(net) in _CONVS:
-        raise ValueError("to_experts needs a network containing convolutions, not a bare convolution: use EKSConv.from_conv.")
+    kinds = _CONVS + _CONV_TRANSPOSES if convert_transposed else _CONVS
+    if type(net) in _CONVS + _CONV_TRANSPOSES:
+        raise ValueError(
+            "to_experts needs a network containing convolutions, not a bare convolution: use EKSConv.from_conv "
+            "or EKSConvTranspose.from_conv."
+        )
     targets = []
     for name, m in net.named_modules():
-        if type(m) in _CONVS and m.groups == 1 and m.padding_mode == "zeros":
+        if type(m) in kinds and m.groups == 1 and m.padding_mode == "zeros":
             if (include is None or _matches(name, include)) and not _matches(name, exclude):
                 targets.append(name)
     if not targets:
         raise ValueError(
-            f"to_experts converted no convolution of {type(net).__name__} (include={include}, exclude={exclude}): "
-            "check the patterns against `[n for n, _ in net.named_modules()]`."
+            f"to_experts converted no convolution of {type(net).__name__} (include={include}, exclude={exclude}, "
+            f"convert_transposed={convert_transposed}): check the patterns against "
+            "`[n for n, _ in net.named_modules()]`."
         )
+    multipliers = _rank_multipliers(targets, rank_multipliers or {})
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = net.get_submodule(parent_name) if parent_name else net
-        setattr(parent, child, EKSConv.from_conv(getattr(parent, child), num_tasks, ranks, alpha))
+        conv = getattr(parent, child)
+        layer_type = EKSConvTranspose if type(conv) in _CONV_TRANSPOSES else EKSConv
+        layer = layer_type.from_conv(conv, num_tasks, ranks, alpha, rank_multiplier=multipliers[name])
+        setattr(parent, child, layer)
     return ExpertNetwork(net, num_tasks)
+
+
+def _rank_multipliers(names: Sequence[str], patterns: Mapping[str, int]) -> dict[str, int]:
+    """The rank multiplier of every layer name (1 unless a pattern of ``patterns`` matches it)."""
+    out = {}
+    for name in names:
+        values = {int(v) for p, v in patterns.items() if fnmatch.fnmatchcase(name, p)}
+        if len(values) > 1:
+            matching = {p: v for p, v in patterns.items() if fnmatch.fnmatchcase(name, p)}
+            raise ValueError(f"rank_multipliers patterns {matching} give layer {name!r} different multipliers.")
+        out[name] = values.pop() if values else 1
+    if patterns and not any(_matches(name, list(patterns)) for name in names):
+        raise ValueError(
+            f"no rank_multipliers pattern in {list(patterns)} matches a converted layer: check them against "
+            "`[n for n, _ in net.named_modules()]` (names without the ExpertNetwork's `net.` prefix)."
+        )
+    return out
 
 
 def _unwrap(model: nn.Module) -> ExpertNetwork:
@@ -221,9 +289,13 @@ def set_expert_ranks(model: nn.Module, ranks: Sequence[int]) -> None:
 
 
 def ranks_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
-    """Expert ranks stored in ``state_dict`` (read from the ``lora_A`` shapes of the model's first EKS layer).
+    """BASE expert ranks stored in ``state_dict`` (read from the ``lora_A`` shapes of the model's first EKS layer,
+    divided by that layer's rank multiplier).
 
     Returns None when the state dict holds no expert factors for that layer.
+
+    Raises:
+        ValueError: when the factor shapes do not fit the layer's rank multiplier.
     """
     model = getattr(model, "module", model)
     prefix_name, layer = next(eks_layers(model))
@@ -231,7 +303,7 @@ def ranks_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor])
     shapes = {int(k[len(prefix):]): v.shape[0] for k, v in state_dict.items() if k.startswith(prefix)}
     if not shapes:
         return None
-    return tuple(shapes[t] // layer.kernel_size[0] for t in range(len(shapes)))
+    return layer.ranks_of_factors([shapes[t] for t in range(len(shapes))])
 
 
 def load_expert_state_dict(
@@ -242,10 +314,12 @@ def load_expert_state_dict(
     Args:
         model: the :class:`ExpertNetwork` (or its DDP wrapper).
         state_dict: a state dict, or the path of a file holding one (e.g. a bundle's ``models/model.pt``).
-        strict: as in ``load_state_dict``.
+        strict: as in ``load_state_dict``; also checks first that the checkpoint's expert factors fit the model.
 
     Raises:
         FileNotFoundError: when the path does not exist (train the bundle first).
+        ValueError: (strict) when the checkpoint's expert factors are missing, unexpected or of other shapes than the
+            model's: the model was not converted with the ``to_experts`` arguments the checkpoint was trained with.
     """
     if isinstance(state_dict, (str, os.PathLike)):
         if not os.path.isfile(state_dict):
@@ -255,8 +329,30 @@ def load_expert_state_dict(
     target = getattr(model, "module", model)
     if ranks is not None and ranks != target.ranks:
         set_expert_ranks(target, ranks)
+    if strict:
+        _check_expert_factors(target, state_dict)
     target.load_state_dict(state_dict, strict=strict)
     return model
+
+
+def _factor_shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items() if _FACTOR_KEY.search(k)}
+
+
+def _check_expert_factors(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    expected, found = _factor_shapes(model.state_dict()), _factor_shapes(state_dict)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    other = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if missing or unexpected or other:
+        detail = [f"{len(missing)} missing (e.g. {missing[:1]})", f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})"]
+        if other:
+            detail.append(f"{len(other)} of other shapes (e.g. {other[0]}: {found[other[0]]} in the checkpoint, "
+                          f"{expected[other[0]]} in the model)")
+        raise ValueError(
+            f"the checkpoint's expert factors do not fit the model: {', '.join(detail)}. Convert the network with the "
+            "to_experts arguments it was trained with (include/exclude, convert_transposed, rank_multipliers)."
+        )
 
 
 def load_fused_expert(
