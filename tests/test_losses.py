@@ -20,7 +20,9 @@ from medfm_ops.losses import (
     bernoulli_kl_with_logits,
 )
 
-S = 1e-5  # default Dice smoothing
+S = 1e-5  # MONAI's Dice smoothing (the hand cases use MONAI's form: squared_pred=False, smooth 1e-5)
+MONAI_FORM = {"squared_pred": False, "smooth_nr": S, "smooth_dr": S}
+EPS = 1e-7  # SAT's Dice smoothing, the default
 LN3 = math.log(3.0)
 
 
@@ -61,15 +63,33 @@ HAND_CASES = [
 
 @pytest.mark.parametrize("logits,target,mask,lambda_dice,lambda_bce,expected", HAND_CASES)
 def test_masked_dice_bce_hand_computed(logits, target, mask, lambda_dice, lambda_bce, expected):
-    loss = MaskedDiceBCELoss(lambda_dice=lambda_dice, lambda_bce=lambda_bce)(_t(logits), _t(target), _mask(mask))
+    loss_fn = MaskedDiceBCELoss(lambda_dice=lambda_dice, lambda_bce=lambda_bce, **MONAI_FORM)
+    loss = loss_fn(_t(logits), _t(target), _mask(mask))
     assert loss.ndim == 0
     assert loss.item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
-def _loop_reference(logits, target, mask, lambda_dice=1.0, lambda_bce=1.0):
-    dice = DiceLoss(sigmoid=True)
+def test_default_dice_is_sat_form_hand_computed():
+    """Default Dice: SAT's squared denominators and 1e-7 smoothing. p = 0.5 on 2 voxels: sum(p^2) = 0.5."""
+    logits, target = _t([[[0.0, 0.0], [0.0, 0.0]]]), _t([[[1.0, 0.0], [1.0, 1.0]]])
+    dice_only = MaskedDiceBCELoss(lambda_bce=0.0)
+    expected = ((1 - (1 + EPS) / (0.5 + 1 + EPS)) + (1 - (2 + EPS) / (0.5 + 2 + EPS))) / 2
+    assert dice_only(logits, target, _mask([[1, 1]])).item() == pytest.approx(expected, rel=1e-12)
+    assert MaskedDiceBCELoss(lambda_bce=0.0, **MONAI_FORM)(logits, target, _mask([[1, 1]])).item() != pytest.approx(
+        expected, rel=1e-3)
+
+
+def _sat_dice(logits, target):
+    """SAT's binary Dice of one pair, written out: 1 - (2 sum(p g) + eps) / (sum(p^2) + sum(g^2) + eps)."""
+    p = torch.sigmoid(logits)
+    return 1 - (2 * (p * target).sum() + EPS) / ((p**2).sum() + (target**2).sum() + EPS)
+
+
+def _loop_reference(logits, target, mask, lambda_dice=1.0, lambda_bce=1.0, monai_form=False):
+    dice = DiceLoss(sigmoid=True) if monai_form else None
     pairs = [
-        lambda_dice * dice(logits[b : b + 1, c : c + 1], target[b : b + 1, c : c + 1])
+        lambda_dice * (dice(logits[b : b + 1, c : c + 1], target[b : b + 1, c : c + 1]) if monai_form
+                       else _sat_dice(logits[b, c], target[b, c]))
         + lambda_bce * F.binary_cross_entropy_with_logits(logits[b, c], target[b, c])
         for b, c in mask.nonzero().tolist()
     ]
@@ -84,14 +104,15 @@ LOOP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("monai_form", [False, True])
 @pytest.mark.parametrize("spatial,mask,lambda_dice,lambda_bce", LOOP_CASES)
-def test_masked_dice_bce_matches_per_pair_loop(spatial, mask, lambda_dice, lambda_bce):
+def test_masked_dice_bce_matches_per_pair_loop(spatial, mask, lambda_dice, lambda_bce, monai_form):
     torch.manual_seed(0)
     mask = _mask(mask)
     logits = torch.randn(mask.shape[0], 4, *spatial, dtype=torch.float64) * 3
     target = (torch.rand_like(logits) > 0.6).double()
-    loss_fn = MaskedDiceBCELoss(lambda_dice=lambda_dice, lambda_bce=lambda_bce)
-    ref = _loop_reference(logits, target, mask, lambda_dice, lambda_bce)
+    loss_fn = MaskedDiceBCELoss(lambda_dice=lambda_dice, lambda_bce=lambda_bce, **(MONAI_FORM if monai_form else {}))
+    ref = _loop_reference(logits, target, mask, lambda_dice, lambda_bce, monai_form)
     torch.testing.assert_close(loss_fn(logits, target, mask), ref.mean())
     # per-sample: mean over each sample's own pairs, and equal to scoring that sample alone
     per_sample = loss_fn.per_sample_loss(logits, target, mask)
@@ -303,3 +324,26 @@ def test_lorkd_seg_loss_without_teacher_and_errors():
         LoRKDSegLoss(beta=-0.1)
     with pytest.raises(ValueError, match="temperature"):
         LoRKDSegLoss(temperature=0.0)
+
+
+def test_lorkd_defaults_are_the_paper_form_and_beta_is_crop_size_independent():
+    """Defaults: task = mean over (case, annotated class) pairs of SAT's Dice + voxel-mean BCE; kl = mean over the same
+    pairs of the voxel-mean Bernoulli KL(teacher || student) at T = 1; total = task + 0.1 * kl. Both are voxel means,
+    so a crop twice as large (the same content tiled) gives the same total: beta keeps its weight at any crop size."""
+    torch.manual_seed(11)
+    mask = _mask([[1, 0, 1], [0, 1, 0]])  # e.g. a partially labelled case: 2 of its region's classes
+    s = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64)
+    t = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64)
+    y = (torch.rand(2, 3, 4, 5, 3) > 0.5).double()
+    loss_fn = LoRKDSegLoss()
+    assert loss_fn.beta == 0.1 and loss_fn.kd_loss.temperature == 1.0
+    total = loss_fn(s, y, mask, teacher_logits=t)
+    pairs = mask.nonzero().tolist()
+    task = sum(_sat_dice(s[b, c], y[b, c]) + F.binary_cross_entropy_with_logits(s[b, c], y[b, c]) for b, c in pairs)
+    q, p = torch.sigmoid(t), torch.sigmoid(s)
+    kl_voxels = q * torch.log(q / p) + (1 - q) * torch.log((1 - q) / (1 - p))
+    kl = sum(kl_voxels[b, c].mean() for b, c in pairs)
+    torch.testing.assert_close(total, (task + 0.1 * kl) / len(pairs))
+    tiled = [torch.cat([x, x], dim=2) for x in (s, y, t)]
+    torch.testing.assert_close(loss_fn(tiled[0], tiled[1], mask, teacher_logits=tiled[2]), total, rtol=1e-6, atol=0)
+    assert loss_fn.last_components["kl"] == pytest.approx(float(kl / len(pairs)), rel=1e-6)

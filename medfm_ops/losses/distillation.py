@@ -51,7 +51,8 @@ class SigmoidKLDivLoss(_Loss):
     Both logits are divided by ``temperature``; the KL is averaged over the voxels of every selected
     (sample, channel) pair, then over the selected pairs, and multiplied by ``temperature ** 2`` (Hinton et al.) so
     that gradient magnitudes do not depend on the temperature. The teacher logits are detached: no gradient ever
-    flows into the teacher.
+    flows into the teacher. The voxel mean (not a sum) puts the KL on the scale of a voxel-averaged BCE, whatever
+    the crop size, so that a weight such as LoRKD's ``beta = 0.1`` keeps its meaning.
 
     Example::
 

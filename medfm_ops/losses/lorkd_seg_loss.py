@@ -17,7 +17,11 @@ __all__ = ["LoRKDSegLoss"]
 class LoRKDSegLoss(_Loss):
     """
     ``total = task + beta * kl`` where ``task`` is :py:class:`MaskedDiceBCELoss` on the ground truth and ``kl`` is
-    :py:class:`SigmoidKLDivLoss` towards a frozen teacher's logits, both restricted to each sample's region channels.
+    :py:class:`SigmoidKLDivLoss` towards a frozen teacher's logits, both restricted to the channels each case
+    annotates (its region's classes, fewer with partial labels) and both averaged over the selected (sample, class)
+    pairs and, within a pair, over the voxels (Dice over its voxel sums). So ``beta`` weighs a per-voxel KL against a
+    per-voxel BCE and means the same at any crop size; the defaults (SAT's Dice form, ``beta = 0.1``, ``T = 1``) are
+    the LoRKD paper's setting (see ``bundles/lorkd_seg/docs/README.md``, "Loss").
 
     After every call the detached values are kept for logging:
 
@@ -39,8 +43,9 @@ class LoRKDSegLoss(_Loss):
         lambda_dice: float = 1.0,
         lambda_bce: float = 1.0,
         temperature: float = 1.0,
-        smooth_nr: float = 1e-5,
-        smooth_dr: float = 1e-5,
+        smooth_nr: float = 1e-7,
+        smooth_dr: float = 1e-7,
+        squared_pred: bool = True,
     ) -> None:
         """
         Args:
@@ -48,8 +53,9 @@ class LoRKDSegLoss(_Loss):
             lambda_dice: weight of the Dice loss in the task term. Defaults to 1.0.
             lambda_bce: weight of the BCE in the task term. Defaults to 1.0.
             temperature: distillation temperature (> 0). Defaults to 1.0.
-            smooth_nr: Dice numerator smoothing. Defaults to 1e-5.
-            smooth_dr: Dice denominator smoothing. Defaults to 1e-5.
+            smooth_nr: Dice numerator smoothing. Defaults to 1e-7 (SAT).
+            smooth_dr: Dice denominator smoothing. Defaults to 1e-7 (SAT).
+            squared_pred: squared Dice denominators ``sum(p**2) + sum(g**2)``. Defaults to True (SAT).
 
         Raises:
             ValueError: when ``beta`` is negative (and see :py:class:`MaskedDiceBCELoss`, :py:class:`SigmoidKLDivLoss`).
@@ -59,7 +65,11 @@ class LoRKDSegLoss(_Loss):
             raise ValueError(f"beta should be no less than 0.0, got {beta}.")
         self.beta = float(beta)
         self.task_loss = MaskedDiceBCELoss(
-            lambda_dice=lambda_dice, lambda_bce=lambda_bce, smooth_nr=smooth_nr, smooth_dr=smooth_dr
+            lambda_dice=lambda_dice,
+            lambda_bce=lambda_bce,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            squared_pred=squared_pred,
         )
         self.kd_loss = SigmoidKLDivLoss(temperature=temperature)
         self.last_components: dict[str, float] = {}

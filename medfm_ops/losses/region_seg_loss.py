@@ -32,8 +32,13 @@ class MaskedDiceBCELoss(_Loss):
 
     ``lambda_dice * mean_pairs(dice) + lambda_bce * mean_pairs(bce)``
 
-    where the mean runs over the selected pairs only. Channels that are not selected do not enter the computation
-    at all, so their gradients are exactly zero.
+    where the mean runs over the selected pairs only (pooled over the batch, as SAT's ``segmentation_loss``).
+    Channels that are not selected do not enter the computation at all, so their gradients are exactly zero.
+
+    The default Dice is SAT's binary Dice (the segmentation code LoRKD builds on): with ``p = sigmoid(logits)`` and
+    ``g`` the label of a pair, ``1 - (2 * sum(p * g) + 1e-7) / (sum(p**2) + sum(g**2) + 1e-7)`` (squared
+    denominators, ``smooth = 1e-7`` in numerator and denominator); ``squared_pred=False`` and other smoothing give
+    MONAI's usual form ``1 - (2 * sum(p * g) + smooth_nr) / (sum(p) + sum(g) + smooth_dr)``.
 
     Note that a selected channel whose class is absent from a sample's label contributes a Dice loss close to 1
     unless the prediction is empty too (the usual behaviour of a smoothed soft Dice).
@@ -52,17 +57,17 @@ class MaskedDiceBCELoss(_Loss):
         self,
         lambda_dice: float = 1.0,
         lambda_bce: float = 1.0,
-        smooth_nr: float = 1e-5,
-        smooth_dr: float = 1e-5,
-        squared_pred: bool = False,
+        smooth_nr: float = 1e-7,
+        smooth_dr: float = 1e-7,
+        squared_pred: bool = True,
     ) -> None:
         """
         Args:
             lambda_dice: weight of the Dice loss; no less than 0. Defaults to 1.0.
             lambda_bce: weight of the binary cross entropy; no less than 0. Defaults to 1.0.
-            smooth_nr: constant added to the Dice numerator. Defaults to 1e-5.
-            smooth_dr: constant added to the Dice denominator. Defaults to 1e-5.
-            squared_pred: use squared predictions and targets in the Dice denominator. Defaults to ``False``.
+            smooth_nr: constant added to the Dice numerator. Defaults to 1e-7 (SAT).
+            smooth_dr: constant added to the Dice denominator. Defaults to 1e-7 (SAT).
+            squared_pred: use squared predictions and targets in the Dice denominator. Defaults to ``True`` (SAT).
 
         Raises:
             ValueError: when ``lambda_dice`` or ``lambda_bce`` is negative, or both are 0.
