@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medfm_ops.layers import EXECUTION_MODES, EKSConv
+from medfm_ops.layers import EXECUTION_MODES, EKSConv, EKSConvTranspose
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 SPATIAL = {1: (11,), 2: (9, 10), 3: (7, 8, 6)}
@@ -153,3 +153,29 @@ def test_rank_multiplier_scales_factor_ranks_not_base_ranks():
     assert layer.layer_ranks == (2, 2, 6) and layer.lora_B[2].shape == (12, 18)
     with pytest.raises(ValueError, match="rank_multiplier"):
         EKSConv(2, 3, 4, 3, num_tasks=2, rank_multiplier=0)
+
+
+@pytest.mark.parametrize("layer_type", ["conv", "transposed"])
+def test_constant_scaling_keeps_an_experts_scale_when_re_ranked(layer_type):
+    cls = EKSConv if layer_type == "conv" else EKSConvTranspose
+    rank = cls(2, 3, 4, 3, num_tasks=3, ranks=8, alpha=16.0, rank_multiplier=2, dtype=torch.float64)
+    const = cls(2, 3, 4, 3, num_tasks=3, ranks=8, alpha=16.0, rank_multiplier=2, scaling="constant",
+                dtype=torch.float64)
+    assert rank.scales == const.scales == (1.0, 1.0, 1.0)  # 16 / (2 * 8)
+    for layer in (rank, const):
+        layer.set_ranks([4, 0, 16])  # LoRKD* re-ranking
+    assert rank.scales == (2.0, 0.0, 0.5) and const.scales == (1.0, 0.0, 1.0)
+    with torch.no_grad():
+        for b in const.lora_B:
+            b.normal_()
+    ref = const.weight + (const.lora_B[2] @ const.lora_A[2]).reshape(const.weight.shape) * (16.0 / 16)
+    assert (const.expert_weight(2) - ref).abs().max().item() <= 1e-12
+    fused = const.fuse(2)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert (fused(x) - const(x, torch.tensor([2, 2]))).abs().max().item() <= 1e-10
+    # constant scaling needs its base rank when ranks are given per task
+    assert cls(2, 3, 4, 3, 2, ranks=[4, 6], scaling="constant", base_rank=4).scales == (4.0, 4.0)
+    with pytest.raises(ValueError, match="base_rank"):
+        cls(2, 3, 4, 3, 2, ranks=[4, 6], scaling="constant")
+    with pytest.raises(ValueError, match="scaling"):
+        cls(2, 3, 4, 3, 2, scaling="sqrt")

@@ -260,6 +260,15 @@ def test_rank_multipliers_keep_base_ranks_in_checkpoints():
         load_expert_state_dict(to_experts(build(), 4, ranks=8, rank_multipliers=decoder, convert_transposed=False), state)
 
 
+def test_scaling_threaded_through_to_experts():
+    net = UNet(3, 1, 2, (4, 8), (2,), num_res_units=0)
+    model = to_experts(net, 3, ranks=8, alpha=16.0, scaling="constant", rank_multipliers={"model.2.*": 2})
+    set_expert_ranks(model, [4, 8, 16])
+    scales = {layer.rank_multiplier: layer.scales for _, layer in eks_layers(model)}
+    assert scales == {1: (2.0, 2.0, 2.0), 2: (1.0, 1.0, 1.0)}, "alpha / (m * base rank 8) whatever the new ranks"
+    assert all(layer.scaling == "rank" for _, layer in eks_layers(to_experts(net, 3))), "default"
+
+
 def test_rank_multiplier_pattern_errors():
     net = UNet(3, 1, 2, (4, 8), (2,), num_res_units=0)
     with pytest.raises(ValueError, match="matches a converted layer"):

@@ -11,12 +11,13 @@ transposed convolution, as in torch) and a layer rank ``r`` expert ``t`` holds
 - ``A_t`` of shape ``(r * k_0, d_1 * k_1 * ... * k_{n-1})`` (Kaiming-uniform initialised),
 - ``B_t`` of shape ``(d_0 * k_0, r * k_0)`` (zero initialised, so every expert starts equal to ``W0``),
 
-and ``delta W_t = (alpha / r) * (B_t @ A_t).view(kernel_shape)``. For cubic kernels this is the paper's
+and ``delta W_t = s_t * (B_t @ A_t).view(kernel_shape)``. For cubic kernels this is the paper's
 ``B in R^{C_out k x r k}``, ``A in R^{r k x C_in k^{n-1}}``; for non-cubic kernels the first kernel dimension plays
 the role of ``k`` and the remaining ones are folded into ``A``'s columns.
 
 Ranks are given as BASE ranks (the network-wide ``r_t`` of every task, e.g. LoRKD*'s per-region ranks); a layer
-with ``rank_multiplier = m`` (e.g. 2 in a decoder) holds factors of layer rank ``r = m * r_t``.
+with ``rank_multiplier = m`` (e.g. 2 in a decoder) holds factors of layer rank ``r = m * r_t``. The scale ``s_t``
+is ``alpha / (m * r_t)`` with ``scaling="rank"`` and ``alpha / (m * base_rank)`` with ``scaling="constant"``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,25 @@ from torch import nn
 
 from medfm_ops.layers.execution import check_execution_mode
 
-__all__ = ["EKSLayer"]
+__all__ = ["EKSLayer", "EXPERT_SCALINGS", "check_scaling"]
+
+#: How expert ``t`` of a layer with rank multiplier ``m`` is scaled.
+#: ``rank``: ``alpha / (m * r_t)`` (loralib): an expert's scale, hence its effective learning rate, follows its rank.
+#: ``constant``: ``alpha / (m * base_rank)`` with ``base_rank`` fixed at construction: re-ranking an expert (LoRKD*)
+#: leaves its scale unchanged (the LoRKD authors' choice).
+EXPERT_SCALINGS = ("rank", "constant")
+
+
+def check_scaling(scaling: str, name: str = "scaling") -> str:
+    """Return ``scaling`` when it is one of :data:`EXPERT_SCALINGS`.
+
+    Raises:
+        ValueError: when ``scaling`` is unknown.
+    """
+    if scaling not in EXPERT_SCALINGS:
+        raise ValueError(f"{name} must be one of {EXPERT_SCALINGS}, got {scaling!r}.")
+    return scaling
+
 
 def _tuple(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, ...]:
     if isinstance(value, int):
@@ -43,7 +62,7 @@ def _tuple(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[in
 class EKSLayer(nn.Module):
     """
     Base of the EKS layers: the kernel for a sample of task ``t`` is ``W0 + delta W_t`` with a low-rank
-    ``delta W_t`` (see the module docstring for the factor shapes).
+    ``delta W_t`` (see the module docstring for the factor shapes and the scale).
 
     This class owns the expert machinery (factors, :meth:`set_ranks`, the deltas, task-id checks, grouped and
     per-task execution, :meth:`fuse`, :meth:`from_conv`). A subclass names its stock layer type and geometry and
@@ -65,18 +84,24 @@ class EKSLayer(nn.Module):
         num_tasks: number of experts ``T``.
         ranks: base rank of every expert (int) or one base rank per expert (sequence of length ``T``; LoRKD*).
             A rank of 0 means the task uses ``W0`` only. Defaults to 8.
-        alpha: LoRA scaling numerator; expert ``t`` is scaled by ``alpha / (rank_multiplier * r_t)``.
-            Defaults to 16.
+        alpha: scaling numerator, see ``scaling``. Defaults to 16.
         bias: whether to add a learnable bias (shared by all experts). Defaults to True.
         execution: how a mixed-task batch is executed, one of :data:`~medfm_ops.layers.EXECUTION_MODES`.
             Defaults to ``"grouped"``.
         rank_multiplier: this layer's factors have rank ``rank_multiplier * r_t`` (e.g. 2 for a decoder layer,
             as in the LoRKD 3D U-Net). Ranks are read and set in base ranks everywhere. Defaults to 1.
+        scaling: one of :data:`EXPERT_SCALINGS`. ``"rank"`` scales expert ``t`` by ``alpha / (rank_multiplier * r_t)``
+            (loralib; a re-ranked expert changes scale, hence effective learning rate); ``"constant"`` by
+            ``alpha / (rank_multiplier * base_rank)``, unchanged by later :meth:`set_ranks` (the LoRKD authors'
+            choice for LoRKD*). Defaults to ``"rank"``.
+        base_rank: the ``base_rank`` of ``scaling="constant"``. Defaults to ``ranks`` when it is an int; required
+            for ``scaling="constant"`` with a sequence of ranks. Unused by ``scaling="rank"``.
         device: device of the new parameters.
         dtype: dtype of the new parameters.
 
     Raises:
-        ValueError: on an unknown ``spatial_dims``, ``num_tasks < 1``, ``rank_multiplier < 1`` or invalid ranks.
+        ValueError: on an unknown ``spatial_dims``/``scaling``, ``num_tasks < 1``, ``rank_multiplier < 1``, invalid
+            ranks, or a missing or non-positive ``base_rank`` for ``scaling="constant"``.
     """
 
     #: stock layer class per ``spatial_dims`` (``fuse`` returns one) and the geometry attributes it shares with us
@@ -95,6 +120,8 @@ class EKSLayer(nn.Module):
         bias: bool = True,
         execution: str = "grouped",
         rank_multiplier: int = 1,
+        scaling: str = "rank",
+        base_rank: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -113,6 +140,15 @@ class EKSLayer(nn.Module):
         self.alpha = float(alpha)
         self.execution = execution
         self.rank_multiplier = int(rank_multiplier)
+        self.scaling = check_scaling(scaling)
+        if base_rank is None and isinstance(ranks, int):
+            base_rank = ranks
+        if scaling == "constant" and (base_rank is None or base_rank < 1):
+            raise ValueError(
+                f"scaling='constant' needs base_rank >= 1 (alpha / base_rank), got base_rank={base_rank} with "
+                f"ranks={ranks}: pass base_rank (e.g. the warm-up's uniform rank)."
+            )
+        self.base_rank = None if base_rank is None else int(base_rank)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self._weight_shape(), **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
@@ -141,7 +177,7 @@ class EKSLayer(nn.Module):
             num_tasks: number of experts.
             ranks: base ranks, see the class arguments. Defaults to 8.
             alpha: scaling numerator. Defaults to 16.
-            kwargs: further arguments of the class (``rank_multiplier``, ``execution``).
+            kwargs: further arguments of the class (``rank_multiplier``, ``scaling``, ``base_rank``, ``execution``).
 
         Raises:
             TypeError: when ``conv`` is not one of the stock types.
@@ -191,11 +227,20 @@ class EKSLayer(nn.Module):
         """Ranks of this layer's factors: ``rank_multiplier * r_t`` per task."""
         return tuple(self.rank_multiplier * r for r in self.ranks)
 
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """Scale ``s_t`` of every expert (0 for a rank-0 expert), see ``scaling``."""
+        m = self.rank_multiplier
+        if self.scaling == "constant":
+            return tuple(self.alpha / (m * self.base_rank) if r else 0.0 for r in self.ranks)
+        return tuple(self.alpha / (m * r) if r else 0.0 for r in self.ranks)
+
     def set_ranks(self, ranks: int | Sequence[int]) -> None:
         """(Re)create the expert factors with new BASE ranks: ``A`` Kaiming-uniform, ``B`` zero (each expert = ``W0``).
 
         The factors get rank ``rank_multiplier * r_t``. Used at construction and by LoRKD* after the warm-up (the
-        experts were frozen at ``B = 0`` then, so re-creating them loses nothing).
+        experts were frozen at ``B = 0`` then, so re-creating them loses nothing). With ``scaling="constant"`` the
+        scales do not change.
 
         Raises:
             ValueError: when ``ranks`` is not one non-negative int per task.
@@ -249,8 +294,7 @@ class EKSLayer(nn.Module):
         r = self.ranks[task]
         if r == 0:
             return torch.zeros_like(self.weight)
-        scale = self.alpha / (self.rank_multiplier * r)
-        return (self.lora_B[task] @ self.lora_A[task]).view(self.weight.shape) * scale
+        return (self.lora_B[task] @ self.lora_A[task]).view(self.weight.shape) * self.scales[task]
 
     def expert_weight(self, task: int) -> torch.Tensor:
         """Fused kernel ``W0 + delta W_t`` (a new tensor; ``W0`` is untouched)."""
@@ -333,6 +377,6 @@ class EKSLayer(nn.Module):
         return (
             f"spatial_dims={self.spatial_dims}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"{geometry}, bias={self.bias is not None}, num_tasks={self.num_tasks}, ranks={list(self.ranks)}, "
-            f"rank_multiplier={self.rank_multiplier}, alpha={self.alpha}, "
+            f"rank_multiplier={self.rank_multiplier}, alpha={self.alpha}, scaling={self.scaling!r}, "
             f"execution={self.execution!r}"
         )

@@ -122,6 +122,8 @@ def to_experts(
     copy_net: bool = True,
     convert_transposed: bool = True,
     rank_multipliers: Mapping[str, int] | None = None,
+    scaling: str = "rank",
+    base_rank: int | None = None,
 ) -> ExpertNetwork:
     """
     Replace every eligible convolution of ``net`` by an EKS layer and wrap it in an :class:`ExpertNetwork`.
@@ -135,14 +137,15 @@ def to_experts(
     at twice the encoder rank, and leaves its transposed convolutions shared. Our defaults convert every eligible
     convolution, transposed ones included, at the base rank; for a MONAI ``UNet`` pass
     ``rank_multipliers=dict.fromkeys(MONAI_UNET_DECODER, 2)`` for the decoder at twice the rank, and
-    ``convert_transposed=False`` to keep the transposed convolutions shared as the authors do.
+    ``convert_transposed=False`` to keep the transposed convolutions shared as the authors do. The authors scale
+    every expert by ``alpha / base_rank`` whatever its LoRKD* rank (``scaling="constant"``); our default
+    ``scaling="rank"`` scales it by ``alpha / r_t``.
 
     Args:
         net: any torch / MONAI network (e.g. ``UNet``, ``DynUNet``, ``SegResNet``, ``resnet18``, ``DenseNet121``).
         num_tasks: number of experts ``T``.
         ranks: base rank for all experts or one per expert (rank 0 = that task uses ``W0`` only). Defaults to 8.
-        alpha: LoRA scaling numerator (expert ``t`` scaled by ``alpha / (m * r_t)``, ``m`` the layer's rank
-            multiplier). Defaults to 16.
+        alpha: scaling numerator, see ``scaling``. Defaults to 16.
         include: ``fnmatch`` patterns of qualified module names to convert (all eligible ones when None).
         exclude: ``fnmatch`` patterns of module names to keep shared (e.g. ``["*.conv.unit0.*"]``).
         copy_net: convert a deep copy (the input stays intact). Defaults to True.
@@ -151,6 +154,12 @@ def to_experts(
             pattern holds factors of rank ``multiplier * r_t`` (e.g. :data:`MONAI_UNET_DECODER` -> 2). Ranks stay
             BASE ranks everywhere (``set_expert_ranks``, ``ExpertNetwork.ranks``, checkpoints). Defaults to None
             (multiplier 1 everywhere).
+        scaling: ``"rank"``: expert ``t`` of a layer with multiplier ``m`` is scaled by ``alpha / (m * r_t)``, so
+            re-ranking an expert (LoRKD*) changes its scale and effective learning rate; ``"constant"``: by
+            ``alpha / (m * base_rank)``, fixed at conversion (the LoRKD authors' choice). See
+            :data:`~medfm_ops.layers.EXPERT_SCALINGS`. Defaults to ``"rank"``.
+        base_rank: the ``base_rank`` of ``scaling="constant"``. Defaults to ``ranks`` when it is an int (the
+            warm-up's uniform rank); required for ``scaling="constant"`` with per-task ranks.
 
     Names in ``include``/``exclude``/``rank_multipliers`` are those of ``net.named_modules()`` (e.g.
     ``model.2.0.conv`` in a MONAI ``UNet``), without the ``net.`` prefix the :class:`ExpertNetwork` adds.
@@ -192,7 +201,9 @@ def to_experts(
         parent = net.get_submodule(parent_name) if parent_name else net
         conv = getattr(parent, child)
         layer_type = EKSConvTranspose if type(conv) in _CONV_TRANSPOSES else EKSConv
-        layer = layer_type.from_conv(conv, num_tasks, ranks, alpha, rank_multiplier=multipliers[name])
+        layer = layer_type.from_conv(
+            conv, num_tasks, ranks, alpha, rank_multiplier=multipliers[name], scaling=scaling, base_rank=base_rank
+        )
         setattr(parent, child, layer)
     return ExpertNetwork(net, num_tasks)
 
