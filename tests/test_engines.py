@@ -134,6 +134,39 @@ def test_warmup_freezes_then_lorkd_star_ranks_and_resume(tmp_path):
         resume_training({"network": fresh}, str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.parametrize(
+    "clip, applied",
+    [({}, [50, 2, 0]), ({"min_rank": 2, "max_rank": 32}, [32, 2, 2]), ({"max_rank": 16}, [16, 2, 0])],
+)
+def test_lorkd_star_applies_the_formula_unless_a_clip_is_asked(clip, applied, caplog, tmp_path):
+    """r_i = round_to_even(8 * (dL_i / mean dL)^2) with drops [0.5, 0.1, 0] -> [50, 2, 0]: no clip by default (rank 0:
+    that region uses W0 only); a clip is an option; both the formula's and the applied ranks are logged and kept."""
+    model = _model(num_tasks=3, ranks=8)
+    opt = torch.optim.AdamW(param_groups(model, lr=1e-3))
+    loss = LoRKDLossAdapter()
+    handler = ExpertWarmupHandler(model, opt, loss, num_regions=3, warmup_epochs=2, lorkd_star=True, base_rank=8,
+                                  **clip)
+    with caplog.at_level(logging.INFO, logger="medfm.warmup"):
+        _fake_training(handler, loss, [0.5, 0.1, 0.0])
+    assert handler.formula_ranks == [50, 2, 0] and handler.ranks == applied
+    assert all(layer.ranks == tuple(applied) for _, layer in eks_layers(model))
+    line = next(r.getMessage() for r in caplog.records if "LoRKD*" in r.getMessage())
+    assert f"formula ranks [50, 2, 0], applied ranks {applied}" in line
+    assert ("no clip" in line) == (not clip)
+    x = torch.randn(3, 1, 8, 8, 8)
+    assert model(x, torch.tensor([0, 1, 2])).shape == (3, 2, 8, 8, 8)  # a rank-0 expert runs (shared kernel)
+    state = handler.state_dict()
+    fresh = ExpertWarmupHandler(_model(num_tasks=3, ranks=8), opt, LoRKDLossAdapter(), 3, warmup_epochs=2,
+                                lorkd_star=True)
+    fresh._repoint_optimizer = lambda: None  # the optimizer belongs to the first model here
+    fresh.load_state_dict(state)
+    assert fresh.formula_ranks == [50, 2, 0] and fresh.ranks == applied
+    fresh.load_state_dict({k: v for k, v in state.items() if k != "formula_ranks"})  # an older checkpoint
+    assert fresh.formula_ranks is None and fresh.ranks == applied
+    with pytest.raises(ValueError, match="0 <= min_rank <= max_rank"):
+        ExpertWarmupHandler(model, opt, loss, 3, lorkd_star=True, min_rank=4, max_rank=2)
+
+
 def test_warmup_without_lorkd_star_keeps_ranks():
     model = _model(num_tasks=2, ranks=4)
     opt = torch.optim.AdamW(param_groups(model, lr=1e-3))

@@ -101,7 +101,8 @@ def write_training_summary(
     model_path: str | os.PathLike | None = None,
 ) -> None:
     """
-    Write ``{epochs, iterations, best validation metric, last metrics, ranks, loss drops}`` as JSON (atomically).
+    Write ``{epochs, iterations, best validation metric, last metrics, ranks (applied, and LoRKD*'s formula ranks
+    before any clip), loss drops}`` as JSON (atomically).
 
     With ``model_path`` the summary also says whether this run wrote that model (its file changed after the run
     started) and, if so, its SHA-256 (``model_sha256``): an export compares it with the file it is about to ship,
@@ -126,5 +127,11 @@ def write_training_summary(
         ranks = warmup.ranks
         if ranks is None:
             ranks = list(next(eks_layers(warmup.network))[1].ranks)
-        summary.update({"expert_ranks": list(ranks), "warmup_loss_drops": warmup.loss_drops})
+        summary.update(
+            {
+                "expert_ranks": list(ranks),
+                "lorkd_star_formula_ranks": getattr(warmup, "formula_ranks", None),
+                "warmup_loss_drops": warmup.loss_drops,
+            }
+        )
     atomic_write_text(path, json.dumps(summary, indent=2, default=float))

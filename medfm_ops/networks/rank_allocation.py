@@ -16,7 +16,10 @@ def round_to_even(x: float) -> int:
 
 def lorkd_star_ranks(loss_drops: Sequence[float], base_rank: int, min_rank: int = 0, max_rank: int | None = None) -> list[int]:
     """
-    ``r_i = round_to_even(base_rank * (dL_i / mean(dL))^2)``, clipped to ``[min_rank, max_rank]``.
+    ``r_i = round_to_even(base_rank * (dL_i / mean(dL))^2)``, clipped to ``[min_rank, max_rank]`` only when asked (the
+    clip is not part of the LoRKD* formula; by default a rank may be 0: that region uses the shared kernel only). A
+    negative drop (the region's loss rose during the warm-up) counts as 0, so it gets rank 0 rather than the square of
+    a negative ratio.
 
     Args:
         loss_drops: per-region loss drop during warm-up ``dL_i = L_i(start) - L_i(end)`` (a larger drop means a

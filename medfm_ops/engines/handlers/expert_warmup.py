@@ -24,10 +24,12 @@ class ExpertWarmupHandler:
     With ``lorkd_star=True`` the per-region task loss is tracked during the warm-up and, at its end, every expert is
     re-created with rank ``r_i = round_to_even(base_rank * (dL_i / mean dL)^2)`` where ``dL_i`` is the drop of
     region ``i``'s mean task loss between the first and the last third of its warm-up samples (summed over DDP
-    processes, so every process gets the same ranks). The experts were frozen at ``B = 0`` during the warm-up, so
-    re-creating them loses nothing; the optimizer's ``experts`` param group is re-pointed to the new parameters.
-    When the mean warm-up loss drop is not positive the rule is undefined: every region keeps ``base_rank`` and a
-    warning is logged.
+    processes, so every process gets the same ranks). The formula's value is applied as it is, 0 included (that
+    region then uses the shared ``W0`` only; a region whose loss rose counts as a drop of 0), unless ``min_rank`` /
+    ``max_rank`` ask for a clip; both the formula's ranks (``formula_ranks``) and the applied ones (``ranks``) are
+    logged and kept. The experts were frozen at ``B = 0`` during the warm-up, so re-creating them loses nothing; the
+    optimizer's ``experts`` param group is re-pointed to the new parameters. When the mean warm-up loss drop is not
+    positive the rule is undefined: every region keeps ``base_rank`` and a warning is logged.
 
     The handler keeps its state (ranks, whether the warm-up is done, loss history) in :meth:`state_dict`: put it in
     the checkpoint's ``save_dict`` BEFORE the network and optimizer, so that on resume the experts are re-shaped
@@ -42,8 +44,12 @@ class ExpertWarmupHandler:
         warmup_epochs: epochs with frozen experts. Defaults to 1. 0 disables the warm-up.
         lorkd_star: allocate per-region ranks after the warm-up. Defaults to False.
         base_rank: uniform rank ``r`` for LoRKD*. Defaults to 8.
-        min_rank: lower clip of the LoRKD* ranks. Defaults to 2.
-        max_rank: upper clip of the LoRKD* ranks. Defaults to 32.
+        min_rank: lower clip of the applied LoRKD* ranks (not part of the formula). Defaults to 0 (no clip).
+        max_rank: upper clip of the applied LoRKD* ranks (not part of the formula). Defaults to None (no clip).
+
+    Raises:
+        ValueError: on ``warmup_epochs < 0``, ``lorkd_star`` without a warm-up or under DDP, ``min_rank < 0`` or
+            ``max_rank < min_rank``.
     """
 
     def __init__(
@@ -55,11 +61,14 @@ class ExpertWarmupHandler:
         warmup_epochs: int = 1,
         lorkd_star: bool = False,
         base_rank: int = 8,
-        min_rank: int = 2,
-        max_rank: int = 32,
+        min_rank: int = 0,
+        max_rank: int | None = None,
     ) -> None:
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
+        if min_rank < 0 or (max_rank is not None and max_rank < min_rank):
+            raise ValueError(f"LoRKD* rank clip must satisfy 0 <= min_rank <= max_rank, got min_rank={min_rank}, "
+                             f"max_rank={max_rank} (max_rank None: no upper clip).")
         if lorkd_star and warmup_epochs == 0:
             raise ValueError("lorkd_star=True needs warmup_epochs >= 1 (ranks come from the warm-up loss drop).")
         if lorkd_star and isinstance(network, torch.nn.parallel.DistributedDataParallel):
@@ -77,6 +86,7 @@ class ExpertWarmupHandler:
         self.base_rank, self.min_rank, self.max_rank = base_rank, min_rank, max_rank
         self.done = warmup_epochs == 0
         self.ranks: list[int] | None = None
+        self.formula_ranks: list[int] | None = None
         self.loss_drops: list[float] | None = None
         self._history: list[tuple[int, int, float]] = []  # (iteration, region, task loss)
         self.logger = logging.getLogger("medfm.warmup")
@@ -107,13 +117,19 @@ class ExpertWarmupHandler:
         if self.lorkd_star:
             self.loss_drops = self._loss_drops()
             try:
+                self.formula_ranks = lorkd_star_ranks(self.loss_drops, self.base_rank)
                 self.ranks = lorkd_star_ranks(self.loss_drops, self.base_rank, self.min_rank, self.max_rank)
             except ValueError as e:  # the warm-up did not reduce the loss: the allocation rule is undefined
-                self.ranks = [self.base_rank] * self.num_regions
+                self.formula_ranks, self.ranks = None, [self.base_rank] * self.num_regions
                 self.logger.warning(f"LoRKD*: {e} Keeping the uniform rank {self.base_rank} for every region.")
             set_expert_ranks(self.network, self.ranks)
             self._repoint_optimizer()
-            self.logger.info(f"LoRKD*: warm-up loss drops {[round(d, 4) for d in self.loss_drops]} -> ranks {self.ranks}")
+            upper = "inf" if self.max_rank is None else self.max_rank
+            clip = "no clip" if (self.min_rank, self.max_rank) == (0, None) else f"clipped to [{self.min_rank}, {upper}]"
+            self.logger.info(
+                f"LoRKD*: warm-up loss drops {[round(d, 4) for d in self.loss_drops]} -> formula ranks "
+                f"{self.formula_ranks}, applied ranks {self.ranks} ({clip}; rank 0 = shared W0 only)"
+            )
         self.done = True
         set_experts_trainable(self.network, True)
         self.logger.info(f"warm-up done after epoch {engine.state.epoch}: experts and backbone train jointly")
@@ -150,6 +166,7 @@ class ExpertWarmupHandler:
         return {
             "done": torch.tensor(self.done),
             "ranks": torch.tensor(self.ranks if self.ranks is not None else [], dtype=torch.long),
+            "formula_ranks": torch.tensor(self.formula_ranks or [], dtype=torch.long),
             "loss_drops": torch.tensor(self.loss_drops if self.loss_drops is not None else [], dtype=torch.float64),
         }
 
@@ -157,6 +174,8 @@ class ExpertWarmupHandler:
         self.done = bool(state["done"])
         ranks = state["ranks"].tolist()
         self.ranks = ranks or None
+        formula = state.get("formula_ranks")  # absent in older checkpoints
+        self.formula_ranks = (formula.tolist() or None) if formula is not None else None
         self.loss_drops = state["loss_drops"].tolist() or None
         current = next(eks_layers(self.network))[1].ranks
         if self.ranks is not None and tuple(self.ranks) != tuple(current):
