@@ -27,7 +27,7 @@ from ignite.engine import Engine, Events
 from monai.networks.nets import UNet
 from monai.transforms import Compose
 
-from site_fixture import write_expert
+from site_fixture import write_expert, write_msd
 
 from medfm_ops.bundle_paths import check_writable
 from medfm_ops.data import (
@@ -202,11 +202,32 @@ def test_exported_bundle_refuses_bad_inputs_by_name(tmp_path):
     _nii(bad / "inf.nii.gz", vol)
     res = _infer(bundle, bad, tmp_path / "out")
     assert res.returncode != 0 and f"image {bad / 'inf.nii.gz'} has NaN/inf voxels" in res.stderr
+    last = res.stderr.strip().splitlines()[-1]  # the stock bundle's own excepthook: the cause is the last line
+    assert last.startswith("ERROR (cause of the failure above): ValueError: image") and "NaN/inf voxels" in last
 
     (tmp_path / "blocker").write_text("x")
     res = _infer(bundle, bad, tmp_path / "blocker" / "out")
     assert res.returncode != 0 and "blocker/out" in res.stderr and "Not a directory" in res.stderr
     assert json.loads((bundle / "configs" / "metadata.json").read_text())["version"]  # the bundle is untouched
+
+
+def test_exported_bundle_training_stops_at_a_non_finite_loss(tmp_path):
+    """The stock train.json (as run by `monai.bundle run` or MONAI Label) stops at the first NaN/inf loss, naming the
+    batch's files; the bundle's model.pt is untouched (no checkpoint is written from a diverged run)."""
+    bundle = write_expert(tmp_path / "expert")
+    data = write_msd(tmp_path / "site", n=4)
+    model_bytes = (bundle / "models" / "model.pt").read_bytes()
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--dataset_dir", str(data),
+         "--epochs", "2", "--batch_size", "2", "--learning_rate", "1e12", "--val_split", "0.25", "--device",
+         "$torch.device('cpu')"],
+        cwd=bundle, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert last.startswith("ERROR (cause of the failure above): FloatingPointError: training loss is"), last
+    assert "on the batch of [" in last and ".nii" in last and "lower the learning rate" in last
+    assert (bundle / "models" / "model.pt").read_bytes() == model_bytes
 
 
 def test_label_maps_are_written_atomically(tmp_path, monkeypatch):
@@ -231,6 +252,39 @@ def test_label_maps_are_written_atomically(tmp_path, monkeypatch):
         save({"pred": MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": "case.nii.gz"})})
     assert "No space" in str(root_cause(info.value)) or "No space" in repr(info.value)
     assert out.read_bytes() == before and _leftovers(tmp_path) == []
+
+
+def test_exported_bundle_label_maps_are_complete_or_absent(tmp_path, monkeypatch):
+    """The stock inference.json writes each label map in `<output_dir>/.partial` and renames it into `output_dir`
+    once written: a full disk on the second case leaves the first case's map complete and no truncated map."""
+    from monai.bundle import run as bundle_run
+
+    bundle = write_expert(tmp_path / "expert")
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in ("a", "b"):
+        _nii(images / f"{name}.nii.gz", np.random.default_rng(0).random((16, 16, 16), dtype=np.float32))
+    out = tmp_path / "out"
+    real_save = nib.save
+
+    def full_disk_on_b(img, filename):
+        if Path(filename).name.startswith("b"):
+            Path(filename).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        real_save(img, filename)
+
+    monkeypatch.setattr(nib, "save", full_disk_on_b)
+    with pytest.raises(Exception) as info:
+        bundle_run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle),
+                   dataset_dir=str(images), output_dir=str(out), logging_file=False)  # fmt: skip
+    assert "No space" in repr(root_cause(info.value)) or "No space" in repr(info.value)
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a_seg.nii.gz"]  # complete, renamed into place
+    assert nib.load(out / "a_seg.nii.gz").shape == (16, 16, 16)
+
+    monkeypatch.setattr(nib, "save", real_save)  # the next run completes and leaves no staging folder
+    bundle_run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle),
+               dataset_dir=str(images), output_dir=str(out), logging_file=False)  # fmt: skip
+    assert sorted(os.listdir(out)) == ["a_seg.nii.gz", "b_seg.nii.gz"]
 
 
 def test_best_model_file_survives_improvements_and_a_refused_save(tmp_path):

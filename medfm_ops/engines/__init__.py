@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """Engines: batch routing, inferers, loss adapters and handlers for MONAI / Ignite workflows."""
 
-from medfm_ops.engines.handlers import AtomicCheckpointSaver, EpochSummaryHandler, ExpertWarmupHandler, FinalValidationHandler, FiniteLossGuard
+from medfm_ops.engines.handlers import AtomicCheckpointSaver, EpochSummaryHandler, ExpertWarmupHandler, FinalValidationHandler
 from medfm_ops.engines.lorkd_loss_adapter import LoRKDLossAdapter, NonFiniteLossError
 from medfm_ops.engines.training_state import (
     ValidationState,
@@ -23,7 +23,6 @@ __all__ = [
     "EpochSummaryHandler",
     "ExpertWarmupHandler",
     "FinalValidationHandler",
-    "FiniteLossGuard",
     "LoRKDLossAdapter",
     "NonFiniteLossError",
     "RegionPrepareBatch",

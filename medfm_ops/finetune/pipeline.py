@@ -157,7 +157,8 @@ def finetune_expert(
         the summary written to ``docs/finetune_summary.json``.
 
     Raises:
-        NonFiniteLossError: when a training loss is NaN/inf (names the batch's files); nothing is written.
+        FloatingPointError: when a training loss is NaN/inf (the bundle's train.json names the batch's files);
+            nothing is written.
         ValueError: on bad settings, a mismatched saved split, a head that cannot hold the site classes, or bad
             cases (:class:`~medfm_ops.data.DatasetIntegrityError` lists every one: unreadable file, not 3D, image and
             label shapes differ, label values outside ``dataset.json``'s labels); nothing is written in these cases.
@@ -222,8 +223,8 @@ def finetune_expert(
         }
         if device is not None:
             overrides["device"] = torch.device(device)
-        handlers = [{"_target_": "medfm_ops.engines.FiniteLossGuard"}]  # the stock train.json does not check
-        handlers += [{"_target_": "ignite.handlers.ProgressBar", "persist": False}] if progress else []
+        # the bundle's own train.json stops at the first non-finite loss (its `finite_loss` key), naming the batch
+        handlers = [{"_target_": "ignite.handlers.ProgressBar", "persist": False}] if progress else []
         logger.info(f"training ({mode}) for {epochs} epochs on {len(split['training'])} cases")
         t0 = time.perf_counter()
         workflow = run_bundle_configs(stage, MODE_CONFIGS[mode], overrides, extra_train_handlers=handlers)

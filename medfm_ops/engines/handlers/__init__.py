@@ -6,7 +6,6 @@ from medfm_ops.engines.handlers.checkpoint import AtomicCheckpointSaver
 from medfm_ops.engines.handlers.epoch_summary import EpochSummaryHandler
 from medfm_ops.engines.handlers.expert_warmup import ExpertWarmupHandler
 from medfm_ops.engines.handlers.final_validation import FinalValidationHandler
-from medfm_ops.engines.handlers.finite_loss import FiniteLossGuard
 from medfm_ops.engines.handlers.cls_schedule import LinearDecayHandler
 
 __all__ = [
@@ -14,6 +13,5 @@ __all__ = [
     "EpochSummaryHandler",
     "ExpertWarmupHandler",
     "FinalValidationHandler",
-    "FiniteLossGuard",
     "LinearDecayHandler",
 ]
