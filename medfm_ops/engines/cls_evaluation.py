@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ def score_classifier(
     unified: bool = False,
     prepare_batch: TaskPrepareBatch | None = None,
     batch_size: int = 8,
+    majority: Mapping[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """
     Per-task score rows (and a ``mean`` row) of ``network`` on ``files`` through an Ignite evaluator and
@@ -57,11 +58,13 @@ def score_classifier(
         unified: logits are the unified head over all tasks. Defaults to False.
         prepare_batch: overrides the default ``TaskPrepareBatch(route=route)``. Defaults to None.
         batch_size: evaluation batch size. Defaults to 8.
+        majority: task id -> class of the trivial classifier (e.g. :func:`~medfm_ops.metrics.majority_classes` of the
+            training items). Defaults to None (each task's most frequent class in ``files``).
     """
     loader = DataLoader(Dataset(files, preprocessing), batch_size=batch_size, shuffle=False, num_workers=0)
     metric = MultiTaskClsMetric(
         task_table.task_num_classes, task_table.task_names,
-        offsets=[task_table.offset_of(t) for t in task_table.task_ids] if unified else None,
+        offsets=[task_table.offset_of(t) for t in task_table.task_ids] if unified else None, majority=majority,
     )  # fmt: skip
     evaluator = SupervisedEvaluator(
         device=torch.device(device), val_data_loader=loader, network=network.to(device), inferer=SimpleInferer(),
@@ -200,15 +203,16 @@ def evaluate_classifier(
     out_dir: str | os.PathLike,
     label: str = "foundation (unified head)",
     unified: bool = True,
+    majority: Mapping[int, int] | None = None,
 ) -> list[dict]:
-    """Load ``model_path`` into ``network``, score it per task (see :func:`score_classifier`), log one line and write
-    ``{out_dir}/tasks.csv|md`` with its params and MFLOPs per sample."""
+    """Load ``model_path`` into ``network``, score it per task (see :func:`score_classifier`; ``majority`` as there),
+    log one line and write ``{out_dir}/tasks.csv|md`` with its params and MFLOPs per sample."""
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"no trained model at {model_path}: run the bundle's configs/train.json first.")
     network.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
     network = network.eval()
     rows: list[dict] = []
-    s = score_classifier(network, files, preprocessing, task_table, device, unified=unified)
+    s = score_classifier(network, files, preprocessing, task_table, device, unified=unified, majority=majority)
     n, f = count_params(network), count_flops(network, (1, 1, *[int(v) for v in spatial_size]))
     _add(rows, label, s, (n, n), (f, f))
     os.makedirs(out_dir, exist_ok=True)

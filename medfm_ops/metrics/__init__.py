@@ -18,6 +18,6 @@ __all__ = [
 ]
 
 from .cls_metrics import MultiTaskClsMetric, task_score_rows
-from .cls_scores import SCORE_NAMES, binary_auc, classification_scores
+from .cls_scores import SCORE_NAMES, binary_auc, classification_scores, majority_classes
 
-__all__ += ["MultiTaskClsMetric", "SCORE_NAMES", "binary_auc", "classification_scores", "task_score_rows"]
+__all__ += ["MultiTaskClsMetric", "SCORE_NAMES", "binary_auc", "classification_scores", "majority_classes", "task_score_rows"]

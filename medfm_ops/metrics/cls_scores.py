@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 
-__all__ = ["binary_auc", "classification_scores", "SCORE_NAMES"]
+__all__ = ["binary_auc", "classification_scores", "majority_classes", "SCORE_NAMES"]
 
 SCORE_NAMES = ("accuracy", "balanced_accuracy", "auc", "f1", "majority_accuracy")
 
@@ -83,3 +86,20 @@ def classification_scores(probs: np.ndarray, labels: np.ndarray, majority_class:
         "f1": float(np.mean(f1s)),
         "majority_accuracy": float((labels == maj).mean()),
     }
+
+
+def majority_classes(items: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+    """
+    The class a trivial classifier predicts for each task: the most frequent ``label`` of the task's items (e.g. the
+    training split), the lowest label on ties.
+
+    Args:
+        items: checked datalist items with ``task_id`` and ``label``.
+
+    Returns:
+        ``{task_id: majority label}`` for the tasks present.
+    """
+    by_task: dict[int, list[int]] = {}
+    for item in items:
+        by_task.setdefault(int(item["task_id"]), []).append(int(item["label"]))
+    return {t: int(np.bincount(labels).argmax()) for t, labels in sorted(by_task.items())}

@@ -41,6 +41,13 @@ from medfm_ops.networks.cls_reprogram import (
     load_rd_student,
     teacher_for_finetuning,
 )
+from medfm_ops.networks.cls_pretrained import (
+    HEAD_INITS,
+    PretrainedClassifier,
+    StartingClassifier,
+    load_pretrained_classifier,
+    retarget_classifier,
+)
 
 __all__ = [
     "ExpertNetwork",
@@ -87,4 +94,9 @@ __all__ = [
     "init_from_checkpoint",
     "load_rd_student",
     "teacher_for_finetuning",
+    "HEAD_INITS",
+    "PretrainedClassifier",
+    "StartingClassifier",
+    "load_pretrained_classifier",
+    "retarget_classifier",
 ]

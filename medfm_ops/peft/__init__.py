@@ -4,7 +4,9 @@
 
 Modules: ``importance`` (task-driven and task-agnostic importance of every weight, from a data loader and a loss),
 ``selection`` (hybrid score or a baseline, one global top-k threshold), ``sparse_parameters`` (masked training:
-frozen weights never change under any optimiser), ``delta`` (the result as a sparse delta on the base checkpoint).
+frozen weights never change under any optimiser), ``delta`` (the result as a sparse delta on the base checkpoint),
+``tensor_subset`` (whole tensors by name: the full / linear-probe / BitFit / adapter baselines, same interface as
+``SparseParameters``), ``linear_lora`` (LoRA on ``nn.Linear`` layers, fused back: the ViT adapter baseline).
 
 Example::
 
@@ -28,19 +30,26 @@ from .selection import (
     select_weights,
 )
 from .sparse_parameters import SparseParameters
+from .tensor_subset import TensorSubset, match_parameters
+from .linear_lora import LoRALinear, add_linear_lora, fuse_linear_lora
 
 __all__ = [
     "DELTA_FORMAT",
     "IMPORTANCE_VARIANTS",
     "SELECTION_METHODS",
     "ImportanceEstimate",
+    "LoRALinear",
     "SparseParameters",
+    "TensorSubset",
+    "add_linear_lora",
     "apply_sparse_delta",
     "budget_count",
     "check_sparse_settings",
     "default_prepare_batch",
     "estimate_importance",
+    "fuse_linear_lora",
     "importance_scores",
+    "match_parameters",
     "save_sparse_result",
     "select_top_k",
     "select_weights",

@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from medfm_ops.peft.importance import IMPORTANCE_VARIANTS, ImportanceEstimate
+from medfm_ops.peft.tensor_subset import match_parameters
 
 __all__ = [
     "SELECTION_METHODS",
@@ -129,7 +131,12 @@ def select_top_k(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.
 
 
 def select_weights(
-    estimate: ImportanceEstimate, budget: float = 0.01, method: str = "hybrid", lambda_: float = 1.0, seed: int = 0
+    estimate: ImportanceEstimate,
+    budget: float = 0.01,
+    method: str = "hybrid",
+    lambda_: float = 1.0,
+    seed: int = 0,
+    train_whole: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """
     Masks of the weights to train: the top ``budget`` fraction of all weights by :py:func:`importance_scores`.
@@ -141,16 +148,31 @@ def select_weights(
             Defaults to ``"hybrid"``.
         lambda_: weight of the task-agnostic part of ``hybrid``. Defaults to 1.0.
         seed: seed of ``random``. Defaults to 0.
+        train_whole: ``fnmatch`` patterns of parameters that train entirely, e.g. ``["fc.*"]`` for a new task head:
+            they are left out of the scores (and of the hybrid scale ``s``), of ``N`` and of the budget, and their
+            masks are all True. Defaults to none (every weight competes).
 
     Returns:
-        ``{parameter name: bool mask}`` with exactly :py:func:`budget_count` entries True.
+        ``{parameter name: bool mask}`` with exactly :py:func:`budget_count` entries True among the scored
+        parameters (plus every entry of the ``train_whole`` ones).
 
     Raises:
-        ValueError: for a budget outside (0, 1], an unknown method, or non-finite scores.
+        ValueError: for a budget outside (0, 1], an unknown method, non-finite scores, or a ``train_whole`` pattern
+            that matches no parameter.
 
     Example::
 
         masks = select_weights(estimate_importance(net, loader, loss), budget=0.01, method="hybrid", lambda_=1.0)
     """
-    k = budget_count(budget, estimate.num_weights)
-    return select_top_k(importance_scores(estimate, method=method, lambda_=lambda_, seed=seed), k)
+    whole = set(match_parameters(estimate.task_agnostic, train_whole, "train_whole")) if train_whole else set()
+    scored = estimate
+    if whole:
+        keep = lambda d: {n: t for n, t in d.items() if n not in whole}  # noqa: E731
+        scored = dataclasses.replace(
+            estimate, task_driven=keep(estimate.task_driven), task_agnostic=keep(estimate.task_agnostic)
+        )
+        if not scored.task_agnostic:
+            raise ValueError(f"train_whole {list(train_whole)} covers every parameter: nothing is left to select.")
+    k = budget_count(budget, scored.num_weights)
+    masks = select_top_k(importance_scores(scored, method=method, lambda_=lambda_, seed=seed), k)
+    return {n: masks.get(n, torch.ones_like(t, dtype=torch.bool)) for n, t in estimate.task_agnostic.items()}
