@@ -179,3 +179,27 @@ def test_constant_scaling_keeps_an_experts_scale_when_re_ranked(layer_type):
         cls(2, 3, 4, 3, 2, ranks=[4, 6], scaling="constant")
     with pytest.raises(ValueError, match="scaling"):
         cls(2, 3, 4, 3, 2, scaling="sqrt")
+
+
+@pytest.mark.parametrize("c_in,c_out,bias", [(10, 6, True), (12, 16, False), (16, 12, True)])
+def test_cpu_channel_padding_of_grouped_execution_is_exact(c_in, c_out, bias):
+    """Channels not multiples of 8 are zero-padded in grouped mode on CPU: same outputs and gradients."""
+    torch.manual_seed(0)
+    layer = EKSConv(3, c_in, c_out, 3, num_tasks=3, ranks=[2, 0, 1], padding=1, bias=bias, dtype=torch.float64)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    x = torch.randn(4, c_in, 4, 5, 4, dtype=torch.float64)
+    ids = torch.tensor([0, 2, 1, 2])
+    results = []
+    for execution, block in (("grouped", 8), ("grouped", 0), ("per_task", 8)):
+        layer.execution, layer.CPU_CHANNEL_BLOCK = execution, block
+        xg = x.clone().requires_grad_()
+        layer.zero_grad()
+        out = layer(xg, ids)
+        out.square().sum().backward()
+        results.append([out, xg.grad, *(p.grad for p in layer.parameters() if p.grad is not None)])
+    for other in results[1:]:
+        assert len(other) == len(results[0])
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-9) for a, b in zip(results[0], other))
+    assert results[0][0].shape == (4, c_out, 4, 5, 4)

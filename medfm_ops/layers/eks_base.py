@@ -26,6 +26,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medfm_ops.layers.execution import check_execution_mode
@@ -68,7 +69,7 @@ class EKSLayer(nn.Module):
     per-task execution, :meth:`fuse`, :meth:`from_conv`). A subclass names its stock layer type and geometry and
     implements :meth:`_operator` (the functional call) and :meth:`_weight_shape` (the stock kernel layout).
 
-    A mixed-task batch runs in one call: the deltas are computed once per task present in the batch, added to
+    A mixed-task batch runs in one call: the deltas of all tasks present are built with one batched matmul, added to
     ``W0`` per sample, and executed as ONE grouped call (``groups = B``), see :attr:`execution`.
     ``task_ids=None`` runs the shared kernel ``W0`` alone. The layer keeps no routing state: the task ids are an
     argument of every call. ``W0`` is never modified in place, so switching experts is free and exact.
@@ -285,16 +286,29 @@ class EKSLayer(nn.Module):
             raise IndexError(f"task id {task} out of range for {self.num_tasks} experts.")
 
     def delta_weights(self, tasks: Sequence[int]) -> torch.Tensor:
-        """``delta W_t`` of every task in ``tasks``, shape ``(len(tasks), *weight.shape)``."""
-        return torch.stack([self.delta_weight(t) for t in tasks])
+        """``delta W_t`` of every task in ``tasks``, shape ``(len(tasks), *weight.shape)``, with ONE batched matmul.
+
+        Factors of lower rank are zero-padded to the largest rank among ``tasks`` (zero rows/columns add nothing).
+        """
+        for t in tasks:
+            self._check_task(t)
+        layer_ranks = [self.rank_multiplier * self.ranks[t] * self._k0 for t in tasks]
+        r_max = max(layer_ranks, default=0)
+        if r_max == 0:
+            return self.weight.new_zeros(len(tasks), *self.weight.shape)
+        if all(r == r_max for r in layer_ranks):
+            a = torch.stack([self.lora_A[t] for t in tasks])
+            b = torch.stack([self.lora_B[t] for t in tasks])
+        else:
+            a = torch.stack([F.pad(self.lora_A[t], (0, 0, 0, r_max - r)) for t, r in zip(tasks, layer_ranks)])
+            b = torch.stack([F.pad(self.lora_B[t], (0, r_max - r)) for t, r in zip(tasks, layer_ranks)])
+        scales = self.scales
+        scale = torch.tensor([scales[t] for t in tasks], dtype=b.dtype, device=b.device)
+        return torch.bmm(b * scale.view(-1, 1, 1), a).view(len(tasks), *self.weight.shape)
 
     def delta_weight(self, task: int) -> torch.Tensor:
         """``delta W_t`` of shape ``weight.shape`` (zeros for a rank-0 expert)."""
-        self._check_task(task)
-        r = self.ranks[task]
-        if r == 0:
-            return torch.zeros_like(self.weight)
-        return (self.lora_B[task] @ self.lora_A[task]).view(self.weight.shape) * self.scales[task]
+        return self.delta_weights([task])[0]
 
     def expert_weight(self, task: int) -> torch.Tensor:
         """Fused kernel ``W0 + delta W_t`` (a new tensor; ``W0`` is untouched)."""
