@@ -181,15 +181,22 @@ def test_constant_scaling_keeps_an_experts_scale_when_re_ranked(layer_type):
         cls(2, 3, 4, 3, 2, scaling="sqrt")
 
 
-@pytest.mark.parametrize("c_in,c_out,bias", [(10, 6, True), (12, 16, False), (16, 12, True)])
-def test_cpu_channel_padding_of_grouped_execution_is_exact(c_in, c_out, bias):
-    """Channels not multiples of 8 are zero-padded in grouped mode on CPU: same outputs and gradients."""
+# spatial_dims, c_in, c_out, bias, stride, padding, dilation
+PADDED_CASES = [(3, 10, 6, True, 1, 1, 1), (2, 12, 16, False, 2, "valid", 1), (1, 16, 12, True, 1, 2, 2),
+                (3, 9, 8, True, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("spatial_dims,c_in,c_out,bias,stride,padding,dilation", PADDED_CASES)
+def test_cpu_channel_padding_of_grouped_execution_is_exact(spatial_dims, c_in, c_out, bias, stride, padding, dilation):
+    """Channels not multiples of 8 run padded (forward, input gradient) in grouped mode on CPU: same outputs and
+    gradients as unpadded grouped and per-task execution."""
     torch.manual_seed(0)
-    layer = EKSConv(3, c_in, c_out, 3, num_tasks=3, ranks=[2, 0, 1], padding=1, bias=bias, dtype=torch.float64)
+    layer = EKSConv(spatial_dims, c_in, c_out, 3, num_tasks=3, ranks=[2, 0, 1], stride=stride, padding=padding,
+                    dilation=dilation, bias=bias, dtype=torch.float64)
     with torch.no_grad():
         for b in layer.lora_B:
             b.normal_()
-    x = torch.randn(4, c_in, 4, 5, 4, dtype=torch.float64)
+    x = torch.randn(4, c_in, *SPATIAL[spatial_dims], dtype=torch.float64)
     ids = torch.tensor([0, 2, 1, 2])
     results = []
     for execution, block in (("grouped", 8), ("grouped", 0), ("per_task", 8)):
@@ -197,9 +204,8 @@ def test_cpu_channel_padding_of_grouped_execution_is_exact(c_in, c_out, bias):
         xg = x.clone().requires_grad_()
         layer.zero_grad()
         out = layer(xg, ids)
-        out.square().sum().backward()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
         results.append([out, xg.grad, *(p.grad for p in layer.parameters() if p.grad is not None)])
     for other in results[1:]:
         assert len(other) == len(results[0])
         assert all(torch.allclose(a, b, rtol=0, atol=1e-9) for a, b in zip(results[0], other))
-    assert results[0][0].shape == (4, c_out, 4, 5, 4)

@@ -130,7 +130,8 @@ def test_gradient_separation(execution, spatial_dims):
 
 def test_routed_inside_a_network_and_exported():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1))
+    up = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), up)
     net = net.double()
     net[1] = EKSConvTranspose.from_conv(net[1], num_tasks=2, ranks=2)
     model = ExpertNetwork(net, 2)

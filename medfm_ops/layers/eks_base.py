@@ -69,8 +69,9 @@ class EKSLayer(nn.Module):
     per-task execution, :meth:`fuse`, :meth:`from_conv`). A subclass names its stock layer type and geometry and
     implements :meth:`_operator` (the functional call) and :meth:`_weight_shape` (the stock kernel layout).
 
-    A mixed-task batch runs in one call: the deltas of all tasks present are built with one batched matmul, added to
-    ``W0`` per sample, and executed as ONE grouped call (``groups = B``), see :attr:`execution`.
+    A mixed-task batch runs in one call: the kernels ``W0 + delta W_t`` of all tasks present are built with one
+    batched multiply-add, gathered per sample, and executed as ONE grouped call (``groups = B``), see
+    :attr:`execution`.
     ``task_ids=None`` runs the shared kernel ``W0`` alone. The layer keeps no routing state: the task ids are an
     argument of every call. ``W0`` is never modified in place, so switching experts is free and exact.
 
@@ -164,7 +165,9 @@ class EKSLayer(nn.Module):
         """Shape of the stock kernel ``W0`` (e.g. ``(C_out, C_in, *kernel_size)`` for a convolution)."""
         raise NotImplementedError
 
-    def _operator(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
+    def _operator(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1
+    ) -> torch.Tensor:
         """The functional layer with this layer's geometry, e.g. ``F.conv3d(x, weight, bias, stride, ..., groups)``."""
         raise NotImplementedError
 
@@ -188,7 +191,9 @@ class EKSLayer(nn.Module):
             names = [t.__name__ for t in cls._STOCK_TYPES.values()]
             raise TypeError(f"{cls.__name__}.from_conv expects one of {names}, got {type(conv).__name__}.")
         if conv.groups != 1:
-            raise ValueError(f"{cls.__name__} supports groups == 1 only (grouped convs stay shared), got groups={conv.groups}.")
+            raise ValueError(
+                f"{cls.__name__} supports groups == 1 only (grouped convs stay shared), got groups={conv.groups}."
+            )
         if conv.padding_mode != "zeros":
             raise ValueError(f"{cls.__name__} supports padding_mode='zeros' only, got {conv.padding_mode!r}.")
         new = cls(
@@ -285,17 +290,15 @@ class EKSLayer(nn.Module):
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task id {task} out of range for {self.num_tasks} experts.")
 
-    def delta_weights(self, tasks: Sequence[int]) -> torch.Tensor:
-        """``delta W_t`` of every task in ``tasks``, shape ``(len(tasks), *weight.shape)``, with ONE batched matmul.
-
-        Factors of lower rank are zero-padded to the largest rank among ``tasks`` (zero rows/columns add nothing).
-        """
+    def _stacked_factors(self, tasks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(s_t B_t, A_t)`` of every task in ``tasks`` stacked as ``(U, d_0 k_0, R)`` and ``(U, R, cols)``, the
+        factors of lower rank zero-padded to the largest ``R`` (zero rows/columns add nothing); None if ``R = 0``."""
         for t in tasks:
             self._check_task(t)
         layer_ranks = [self.rank_multiplier * self.ranks[t] * self._k0 for t in tasks]
         r_max = max(layer_ranks, default=0)
         if r_max == 0:
-            return self.weight.new_zeros(len(tasks), *self.weight.shape)
+            return None
         if all(r == r_max for r in layer_ranks):
             a = torch.stack([self.lora_A[t] for t in tasks])
             b = torch.stack([self.lora_B[t] for t in tasks])
@@ -304,15 +307,32 @@ class EKSLayer(nn.Module):
             b = torch.stack([F.pad(self.lora_B[t], (0, r_max - r)) for t, r in zip(tasks, layer_ranks)])
         scales = self.scales
         scale = torch.tensor([scales[t] for t in tasks], dtype=b.dtype, device=b.device)
-        return torch.bmm(b * scale.view(-1, 1, 1), a).view(len(tasks), *self.weight.shape)
+        return b * scale.view(-1, 1, 1), a
+
+    def delta_weights(self, tasks: Sequence[int]) -> torch.Tensor:
+        """``delta W_t`` of every task in ``tasks``, shape ``(len(tasks), *weight.shape)``, one batched matmul."""
+        factors = self._stacked_factors(tasks)
+        if factors is None:
+            return self.weight.new_zeros(len(tasks), *self.weight.shape)
+        return torch.bmm(*factors).view(len(tasks), *self.weight.shape)
 
     def delta_weight(self, task: int) -> torch.Tensor:
         """``delta W_t`` of shape ``weight.shape`` (zeros for a rank-0 expert)."""
         return self.delta_weights([task])[0]
 
+    def expert_weights(self, tasks: Sequence[int]) -> torch.Tensor:
+        """Fused kernels ``W0 + delta W_t`` of every task in ``tasks``, shape ``(len(tasks), *weight.shape)``, with
+        one batched multiply-add (``W0`` is untouched)."""
+        factors = self._stacked_factors(tasks)
+        if factors is None:
+            return self.weight.unsqueeze(0).expand(len(tasks), *self.weight.shape)
+        b, a = factors
+        w0 = self.weight.reshape(1, b.shape[1], a.shape[2]).expand(len(tasks), -1, -1)
+        return torch.baddbmm(w0, b, a).view(len(tasks), *self.weight.shape)
+
     def expert_weight(self, task: int) -> torch.Tensor:
-        """Fused kernel ``W0 + delta W_t`` (a new tensor; ``W0`` is untouched)."""
-        return self.weight + self.delta_weight(task)
+        """Fused kernel ``W0 + delta W_t`` (``W0`` is untouched)."""
+        return self.expert_weights([task])[0]
 
     def fuse(self, task: int | None) -> nn.Module:
         """A plain stock layer (e.g. ``nn.Conv3d``) with kernel ``W0 + delta W_task`` (``W0`` for ``task=None``), the
@@ -358,12 +378,12 @@ class EKSLayer(nn.Module):
             raise IndexError(f"task ids {task_list} out of range for {self.num_tasks} experts.")
         if all(self.ranks[t] == 0 for t in task_list):  # every sample runs W0 (also an empty batch)
             return self._operator(x, self.weight, self.bias)
-        deltas = self.delta_weights(task_list)  # (U, *weight.shape), once per task present
+        weights = self.expert_weights(task_list)  # (U, *weight.shape), once per task present
         if len(task_list) == 1:  # single-task batch: one plain call with the fused kernel
-            return self._operator(x, self.weight + deltas[0], self.bias)
+            return self._operator(x, weights[0], self.bias)
         if check_execution_mode(self.execution) == "grouped":
-            return self._forward_grouped(x, self.weight + deltas.index_select(0, inverse), self.bias)
-        return self._forward_per_task(x, deltas, inverse)
+            return self._forward_grouped(x, weights.index_select(0, inverse), self.bias)
+        return self._forward_per_task(x, weights, inverse)
 
     def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """ONE grouped call: ``x`` ``(B, C, *spatial)``, per-sample kernels ``weights`` ``(B, d_0, d_1, *k)``, viewed
@@ -374,12 +394,12 @@ class EKSLayer(nn.Module):
         out = self._operator(x.reshape(1, b * x.shape[1], *x.shape[2:]), weight, bias, groups=b)
         return out.view(b, -1, *out.shape[2:])
 
-    def _forward_per_task(self, x: torch.Tensor, deltas: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        """One plain call per task present on its sub-batch, outputs put back in batch order."""
+    def _forward_per_task(self, x: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """One plain call per task present (kernels ``weights[u]``) on its sub-batch, outputs put back in order."""
         outs, order = [], []
-        for u in range(deltas.shape[0]):
+        for u in range(weights.shape[0]):
             idx = torch.nonzero(inverse == u, as_tuple=False).view(-1)
-            outs.append(self._operator(x.index_select(0, idx), self.weight + deltas[u], self.bias))
+            outs.append(self._operator(x.index_select(0, idx), weights[u], self.bias))
             order.append(idx)
         out = torch.cat(outs)
         restore = torch.empty_like(inverse)
@@ -389,7 +409,8 @@ class EKSLayer(nn.Module):
     def extra_repr(self) -> str:
         geometry = ", ".join(f"{k}={getattr(self, k)}" for k in self._GEOMETRY)
         return (
-            f"spatial_dims={self.spatial_dims}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"spatial_dims={self.spatial_dims}, {self.in_channels}, {self.out_channels}, "
+            f"kernel_size={self.kernel_size}, "
             f"{geometry}, bias={self.bias is not None}, num_tasks={self.num_tasks}, ranks={list(self.ranks)}, "
             f"rank_multiplier={self.rank_multiplier}, alpha={self.alpha}, scaling={self.scaling!r}, "
             f"execution={self.execution!r}"

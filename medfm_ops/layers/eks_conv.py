@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfm_ops.layers.blocked_grouped_conv import blocked_grouped_conv
 from medfm_ops.layers.eks_base import EKSLayer, _tuple
 
 __all__ = ["EKSConv"]
@@ -27,11 +28,12 @@ class EKSConv(EKSLayer):
     there for the remaining arguments. Only ``groups == 1`` convolutions with zero padding are supported:
     grouped/depthwise convolutions stay shared (:func:`medfm_ops.networks.to_experts` leaves them untouched).
 
-    On CPU, oneDNN runs a grouped convolution on its fast blocked kernels only when the channels per group are
-    multiples of 8; otherwise it falls back to a path measured 1.5-4x slower (e.g. 12 output classes). Grouped
-    execution on CPU therefore zero-pads the per-group channels to multiples of :attr:`CPU_CHANNEL_BLOCK` when
-    ``C_in >= CPU_CHANNEL_BLOCK`` (a stem with few input channels is faster unpadded) and slices the padding off
-    the output: zero channels add exact zeros, so the result is unchanged.
+    On CPU, oneDNN runs a grouped convolution and its input gradient on its fast blocked kernels only when the
+    channels per group are multiples of 8; otherwise it falls back to a path measured 2-4x slower (e.g. 12 output
+    classes). Grouped execution on CPU therefore runs such layers through
+    :func:`~medfm_ops.layers.blocked_grouped_conv.blocked_grouped_conv` (channels zero-padded to multiples of
+    :attr:`CPU_CHANNEL_BLOCK` for the forward pass and input gradient; exact) when ``C_in >= CPU_CHANNEL_BLOCK``
+    (a stem with few input channels is faster as it is) and the padding is not ``"same"``.
 
     Args:
         spatial_dims: number of spatial dimensions (1, 2 or 3).
@@ -81,16 +83,16 @@ class EKSConv(EKSLayer):
     def _weight_shape(self) -> tuple[int, ...]:
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
-    def _operator(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
+    def _operator(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1
+    ) -> torch.Tensor:
         return _CONV_FNS[self.spatial_dims](x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         block, c_in, c_out = self.CPU_CHANNEL_BLOCK, self.in_channels, self.out_channels
-        if x.device.type != "cpu" or not block or c_in < block or (c_in % block == 0 and c_out % block == 0):
+        if x.device.type != "cpu" or not block or c_in < block or self.padding == "same":
             return super()._forward_grouped(x, weights, bias)
-        pad_in, pad_out = -c_in % block, -c_out % block
-        x = F.pad(x, (0, 0) * self.spatial_dims + (0, pad_in))
-        weights = F.pad(weights.flatten(3), (0, 0, 0, pad_in, 0, pad_out)).view(*weights.shape[:1], c_out + pad_out,
-                                                                                 c_in + pad_in, *self.kernel_size)
-        bias = None if bias is None else F.pad(bias, (0, pad_out))
-        return super()._forward_grouped(x, weights, bias)[:, :c_out]
+        if c_in % block == 0 and c_out % block == 0:
+            return super()._forward_grouped(x, weights, bias)
+        padding = (0,) * self.spatial_dims if self.padding == "valid" else self.padding
+        return blocked_grouped_conv(x, weights, bias, self.stride, padding, self.dilation, block)

@@ -82,6 +82,8 @@ class EKSConvTranspose(EKSLayer):
     def _weight_shape(self) -> tuple[int, ...]:
         return (self.in_channels, self.out_channels, *self.kernel_size)
 
-    def _operator(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
+    def _operator(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1
+    ) -> torch.Tensor:
         fn = _CONV_T_FNS[self.spatial_dims]
         return fn(x, weight, bias, self.stride, self.padding, self.output_padding, groups, self.dilation)

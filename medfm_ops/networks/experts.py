@@ -356,7 +356,8 @@ def _check_expert_factors(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     unexpected = sorted(set(found) - set(expected))
     other = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
     if missing or unexpected or other:
-        detail = [f"{len(missing)} missing (e.g. {missing[:1]})", f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})"]
+        detail = [f"{len(missing)} missing (e.g. {missing[:1]})"]
+        detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
         if other:
             detail.append(f"{len(other)} of other shapes (e.g. {other[0]}: {found[other[0]]} in the checkpoint, "
                           f"{expected[other[0]]} in the model)")
