@@ -75,8 +75,9 @@ def add_lora(
     Add one LoRA adapter to every eligible convolution of ``net`` (a copy) and freeze everything else.
 
     This is :py:func:`~medfm_ops.networks.to_experts` with ``num_tasks=1``: ``B`` starts at zero, so the adapted
-    network initially equals ``net``. All backbone parameters (kernels, biases, norms, activations, transposed
-    convolutions) get ``requires_grad=False``; only the ``lora_A``/``lora_B`` factors train.
+    network initially equals ``net``. Eligible are the ``groups == 1`` convolutions, transposed ones included (use
+    ``exclude`` to leave some without adapter). All backbone parameters (kernels, biases, norms) get
+    ``requires_grad=False``; only the ``lora_A``/``lora_B`` factors train.
 
     Args:
         net: a stock network (e.g. MONAI ``UNet``); not modified.
