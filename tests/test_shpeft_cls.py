@@ -19,6 +19,7 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from monai.bundle import run as bundle_run
 
+from medfm_ops.bundle import write_metadata_schema
 from medfm_ops.data import SYNTHETIC_CLS_TASKS
 from medfm_ops.networks import instantiate, load_pretrained_classifier, retarget_classifier
 from medfm_ops.peft import LoRALinear, TensorSubset, add_linear_lora, apply_sparse_delta, budget_count, fuse_linear_lora
@@ -107,6 +108,19 @@ def _check_sparse_result(ckpt: Path, pre: Path, head: str, budget: float = 0.01)
     return summary
 
 
+def test_metadata_and_one_preprocessing_definition(tmp_path):
+    bundle = REPO / "bundles" / "shpeft_cls"
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(write_metadata_schema(tmp_path / "s.json")))
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    infer = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert train["validate"]["preprocessing"]["transforms"] == "%deterministic_transforms"
+    assert infer["deterministic_transforms"] == train["deterministic_transforms"]
+    for f in (bundle / "configs" / "baselines").glob("*.json"):  # overrides carry differences only
+        assert set(json.loads(f.read_text())) - set(train) <= {"+imports", "lora_rank", "lora_alpha"}, f.name
+
+
 def test_train_frozen_bits_delta_and_exported_bundle(workspace, tmp_path):
     bundle = workspace / "shpeft_cls"
     summary = _check_sparse_result(bundle / "models", workspace / "pretrained", "fc")
@@ -133,6 +147,8 @@ def test_bundle_evaluate_and_own_inference(workspace):
     _run(bundle, "train.json", "evaluate.json")
     rows = list(csv.DictReader((bundle / "eval" / "tasks.csv").open()))
     assert rows[0]["task"] == TASK and 0 <= float(rows[0]["f1"]) <= 1 and "majority_accuracy" in rows[0]
+    verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
+                      config_file=str(bundle / "configs" / "inference.json"), device="cpu", bundle_root=str(bundle))  # fmt: skip
     _images(bundle / "eval" / "input", 1)
     bundle_run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), spatial_size=[16, 16, 16])
     rows = list(csv.reader((bundle / "eval" / "predictions" / TASK / "predictions.csv").open()))

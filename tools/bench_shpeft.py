@@ -18,6 +18,11 @@ Rows (:data:`ROWS`): SH-PEFT (hybrid L2, lambda 1, 1% of the backbone weights + 
 linear probe, BitFit, LoRA (r 8), a random mask, magnitude only, gradient only (L1, L2) at the same 1%, and the
 ablations lambda 0.5 / 1.5, budget 0.1% / 5%, hybrid L1.
 
+Cost: every row but the linear probe back-propagates through the whole network; with the foundation ResNet (8.3M
+weights, 28^3, batch 16) the full default command (14 rows x 2 tasks x 3 seeds x 10 epochs) takes roughly two days
+on 2 CPU cores (about 2.5 s per training step, ~1600 steps per row and seed) and far less on a GPU; ``--rows``,
+``--seeds`` and ``--epochs`` trade it down, and finished runs are reused.
+
 Resumable: a run is reused when its settings (all arguments, the bundle configs' contents) and the starting
 checkpoint's sha256 are unchanged and its summary exists. CPU runs set ``GLIBC_TUNABLES`` (steadier, faster 3D steps).
 """
@@ -125,13 +130,14 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
         f"{record['pretrained']['network']}, {record['pretrained']['num_weights']:,} weights); the classifier layer is "
         "re-headed for each task (rows of the task when the checkpoint knows it, else a fresh head with the run's "
         "seed) and always trained; budgets are fractions of the other weights.",
-        f"- Harness (every row): `bundles/shpeft_cls/configs/train.json` + the row's override; {s['epochs']} epochs, "
+        f"- Harness (every row): `bundles/shpeft_cls/configs/train.json` + the row's override; {s['epochs']} epoch(s), "
         f"batch {s['batch_size']}, AdamW lr {s['learning_rate']} (weight decay {s['weight_decay']}) with cosine decay, "
         f"cross-entropy, flips + small affine augmentation, input {'x'.join(map(str, s['spatial_size']))}; the last "
         "weights are scored (no selection on val). Importance estimation: one epoch of the training split "
         "(random mask and magnitude rows: one batch, for the shapes only).",
         "- Data: train split to train, val split to score (test splits kept aside)"
-        + (f"; first {s['limit']} cases of each split only (--limit)" if s.get("limit") else "") + ". Seeds: "
+        + (f"; first {s['limit']} cases of each split only (--limit, a smoke test: the splits are not shuffled, "
+           "VesselMNIST3D's train split starts with its positives)" if s.get("limit") else "") + ". Seeds: "
         f"{', '.join(map(str, s['seeds']))} (data order, augmentation, fresh head, random mask).",
         "- Scores: F1 (macro, main), accuracy next to the majority-class accuracy (always predicting the training "
         "split's most frequent class), balanced accuracy, AUC; mean ± std over seeds, in %. Wall times: importance "
@@ -215,7 +221,7 @@ def run(
     if unknown:
         raise ValueError(f"unknown rows {unknown}; known: {[r[0] for r in ROWS]}.")
     task_list = _split(tasks)
-    data = root(data_dir)
+    data = root(data_dir).resolve()
     for t in task_list:
         if t not in TASK_FILES:
             raise ValueError(f"unknown task {t!r}; known: {sorted(TASK_FILES)}.")
