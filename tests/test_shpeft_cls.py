@@ -219,6 +219,7 @@ def test_retarget_errors(workspace):
         ({"sparse_budget": 1.5}, "budget is a fraction of the weights in (0, 1]"),
         ({"sparse_budget": 0}, "budget is a fraction of the weights in (0, 1]"),
         ({"final_model": "first"}, "final_model must be one of"),
+        ({"task": "adrenalmnist3d"}, "--real_tasks"),  # a real task named without its data
     ],
 )
 def test_bad_input_one_clear_error(workspace, overrides, message):

@@ -169,7 +169,11 @@ def ensure_cls_dataset(
         training += medmnist_items(p, name, "train", real_limit)
         validation += medmnist_items(p, name, "val", real_limit)
     if not tasks:
-        raise ValueError("ensure_cls_dataset: no task selected (no synthetic tasks and no real_tasks).")
+        raise ValueError(
+            "ensure_cls_dataset: no task selected (no synthetic tasks and no real_tasks): name a synthetic task "
+            f"({list(SYNTHETIC_CLS_TASKS)}) or add a real one, e.g. --real_tasks \"{{'adrenalmnist3d': "
+            "'../shared/data/adrenalmnist3d/adrenalmnist3d.npz'}\"."
+        )
     for i, t in enumerate(tasks):
         t["task_id"] = i
     content = {"tasks": tasks, "training": training, "validation": validation}
