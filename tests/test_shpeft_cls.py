@@ -164,6 +164,20 @@ def test_vit_start_matched_head(workspace, tmp_path):
     assert summary["start"]["head_init"].startswith("matched rows 5..8")  # blobs_mr is the checkpoint's third task
 
 
+def test_lora_baseline_fuses_into_the_stock_vit(workspace, tmp_path):
+    pre = _pretrained(tmp_path / "vit", VIT)
+    out = tmp_path / "run"
+    _run(workspace / "shpeft_cls", "train.json", "baselines/lora.json", pretrained=str(pre), epochs=1, lora_rank=2,
+         ckpt_dir=str(out / "models"), export_dir=str(out / "export"), output_dir=str(out / "runs"))  # fmt: skip
+    summary = json.loads((out / "models" / "training_summary.json").read_text())
+    stock = instantiate({**VIT, "num_classes": 4})
+    stock.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True), strict=True)  # no adapter left
+    assert summary["settings"]["method"] == "lora" and summary["importance_estimation"] is None
+    pretrained = torch.load(pre / "models" / "model.pt", weights_only=True)
+    qkv = "vit.blocks.0.attn.qkv.weight"  # an adapted linear layer: W0 + (alpha / r) B A was fused into it
+    assert not torch.equal(stock.state_dict()[qkv], pretrained[qkv]) and not (out / "models" / "sparse_delta.pt").exists()
+
+
 def test_baselines_select_their_tensors(workspace):
     bundle = workspace / "shpeft_cls"
     pre = workspace / "pretrained"

@@ -8,7 +8,7 @@ from .from_lorkd import export_lorkd_expert
 from .template import CONFIG_FILES, TEMPLATE_DIR, render_configs
 from .verify import BundleCheckError, bundle_check_commands, verify_bundle
 from .cls_expert_bundle import CLS_TEMPLATE_DIR, export_lorkd_cls_expert, write_cls_expert_bundle
-from .finetuned_cls import FINAL_MODELS, check_result_settings, merged_classifier, save_finetuned_classifier
+from .finetuned_cls import FINAL_MODELS, check_result_settings, save_finetuned_classifier
 
 __all__ = [
     "write_expert_bundle",
@@ -29,6 +29,5 @@ __all__ = [
     "write_cls_expert_bundle",
     "FINAL_MODELS",
     "check_result_settings",
-    "merged_classifier",
     "save_finetuned_classifier",
 ]

@@ -26,7 +26,7 @@ from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_text
 from .cls_expert_bundle import write_cls_expert_bundle
 from .expert_bundle import _version
 
-__all__ = ["FINAL_MODELS", "check_result_settings", "merged_classifier", "save_finetuned_classifier", "summary_line"]
+__all__ = ["FINAL_MODELS", "check_result_settings", "save_finetuned_classifier", "summary_line"]
 
 logger = logging.getLogger("medfm.finetune")
 
@@ -58,14 +58,6 @@ def check_result_settings(final_model: str, save_delta: Any = True, verify: Any 
     _flag(verify, "verify_export")
 
 
-def merged_classifier(network: nn.Module) -> nn.Module:
-    """The stock network of a trained one: adapters fused (conv LoRA of :py:func:`medfm_ops.finetune.add_lora`, then
-    :class:`~medfm_ops.peft.LoRALinear`), a plain network returned as is."""
-    from medfm_ops.finetune import fuse_lora  # the site fine-tuning package; imported here, not at module import
-
-    return fuse_linear_lora(fuse_lora(getattr(network, "module", network)))
-
-
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (``-0.0 != 0.0``)."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
@@ -93,12 +85,13 @@ def save_finetuned_classifier(
     device: torch.device | str = "cpu",
     save_delta: bool = True,
     verify: bool = True,
+    fuse_adapters: Callable[[nn.Module], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """
     Finalize a fine-tuning run (the ``finalize`` step of ``bundles/shpeft_cls/configs/train.json``).
 
     1. The final weights: ``best_checkpoint`` (the best validation epoch) when given, else ``network`` as trained.
-    2. The stock network (:py:func:`merged_classifier`: adapters fused) and its state dict.
+    2. The stock network (``fuse_adapters``, then every :class:`~medfm_ops.peft.LoRALinear` fused) and its state dict.
     3. Its delta on ``start.state``; with the masks of ``trainable`` (sparse or whole-tensor selections) every frozen
        weight is checked to be the starting one bit for bit, and the delta is checked to give the state dict back
        bit for bit (``apply_sparse_delta(start.state, delta)``). The delta also lists the trainable entries
@@ -129,6 +122,8 @@ def save_finetuned_classifier(
         device: where to score. Defaults to ``"cpu"``.
         save_delta: write ``sparse_delta.pt``. Defaults to True.
         verify: run the MONAI bundle checks on the exported bundle. Defaults to True.
+        fuse_adapters: turns an adapter-wrapped network back into the stock one (the LoRA baseline's
+            :py:func:`medfm_ops.finetune.fuse_lora`). Defaults to None (no wrapper).
 
     Returns:
         the summary written.
@@ -139,7 +134,7 @@ def save_finetuned_classifier(
     """
     save_delta, verify = _flag(save_delta, "save_delta"), _flag(verify, "verify_export")
     ckpt = Path(ckpt_dir)
-    stock = _final_network(network, best_checkpoint)
+    stock = _final_network(network, best_checkpoint, fuse_adapters)
     tuned = {k: v.detach().cpu().clone() for k, v in stock.state_dict().items()}
     delta = _checked_delta(start, tuned, trainable)
     tid = task_table.task_id_of(task)
@@ -188,7 +183,9 @@ def save_finetuned_classifier(
     return summary
 
 
-def _final_network(network: nn.Module, best_checkpoint: str | os.PathLike | None) -> nn.Module:
+def _final_network(
+    network: nn.Module, best_checkpoint: str | os.PathLike | None, fuse_adapters: Callable | None
+) -> nn.Module:
     """The stock network of the final weights (``best_checkpoint`` loaded into ``network`` when given)."""
     if best_checkpoint is not None:
         if not os.path.isfile(best_checkpoint):
@@ -196,7 +193,8 @@ def _final_network(network: nn.Module, best_checkpoint: str | os.PathLike | None
         state = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
         state = state["model"] if isinstance(state.get("model"), dict) else state
         getattr(network, "module", network).load_state_dict(state)
-    return merged_classifier(network).cpu().eval()
+    network = getattr(network, "module", network)
+    return fuse_linear_lora(fuse_adapters(network) if fuse_adapters is not None else network).cpu().eval()
 
 
 def _checked_delta(start: StartingClassifier, tuned: dict[str, torch.Tensor], trainable: Any) -> dict[str, Any]:
