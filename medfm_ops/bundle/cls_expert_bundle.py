@@ -6,7 +6,6 @@ network with its task head and a plain state dict, configs from ``templates/cls_
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import torch
 
 from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_text
 
-from .expert_bundle import SCHEMA_RELPATH, _license_text, _plain_state_dict, _version, version_metadata, write_metadata
+from .expert_bundle import SCHEMA_RELPATH, _license_text, _plain_state_dict, _version, bundle_metadata, write_metadata
 from .metadata_schema import write_metadata_schema
 
 __all__ = ["CLS_TEMPLATE_DIR", "write_cls_expert_bundle", "export_lorkd_cls_expert"]
@@ -93,25 +92,14 @@ def write_cls_expert_bundle(
         f"3D classifier of task {task_name} ({', '.join(class_names)}): a stock {net_cfg['_target_']} with its task "
         f"head, input resized to {list(spatial_size)} and z-score normalised per image; outputs {n} logits."
     )
+    pred = {"type": "probabilities", "format": "classes", "num_channels": n, "spatial_shape": [1], "dtype": "float32",
+            "value_range": [0, 1], "is_patch_data": False, "channel_def": {str(i): c for i, c in enumerate(class_names)}}  # fmt: skip
     meta = {
-        **version_metadata(version, f"{task_name} classifier exported by medfm (stock network + task head)",
-                           required_packages),
-        "name": f"medfm {task_name} classifier",
-        "task": f"Classification of {task_name}: {', '.join(class_names)}",
-        "description": description,
-        "authors": authors,
-        "copyright": f"Copyright (c) {datetime.date.today().year} {authors}",
-        "data_type": "nibabel",
-        "intended_use": "Research only; not for clinical use.",
-        "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "hounsfield" if modality.upper() == "CT" else "magnitude",
-                                 "modality": modality, "num_channels": 1,
-                                 "spatial_shape": [int(s) for s in spatial_size], "dtype": "float32",
-                                 "value_range": [None, None], "is_patch_data": False, "channel_def": {"0": "image"}}},
-            "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": n, "spatial_shape": [1],
-                                 "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
-                                 "channel_def": {str(i): c for i, c in enumerate(class_names)}}},
-        },
+        **bundle_metadata(
+            version, f"{task_name} classifier exported by medfm (stock network + task head)", f"medfm {task_name} classifier",
+            f"Classification of {task_name}: {', '.join(class_names)}", description, authors, modality, spatial_size,
+            False, pred, required_packages,
+        ),  # fmt: skip
         "medfm": {"task": task_name, "class_names": list(class_names), "spatial_size": [int(s) for s in spatial_size]},
     }  # fmt: skip
     meta.update(dict(extra_metadata or {}))
@@ -134,12 +122,18 @@ def write_cls_expert_bundle(
 
 
 def export_lorkd_cls_expert(
-    bundle_root: str | os.PathLike, task: str, out_dir: str | os.PathLike, version: str = "0.1.0", verify: bool = False
+    bundle_root: str | os.PathLike,
+    task: str,
+    out_dir: str | os.PathLike,
+    version: str = "0.1.0",
+    verify: bool = False,
+    ckpt_dir: str | os.PathLike | None = None,
 ) -> Path:
     """
     Fuse task ``task``'s expert of a trained ``lorkd_cls`` bundle (``models/model.pt`` + ``models/network_def.json``)
     into its stock network with that task's head and write it with :func:`write_cls_expert_bundle`; optionally run
-    :func:`~medfm_ops.bundle.verify_bundle` on it.
+    :func:`~medfm_ops.bundle.verify_bundle` on it. ``ckpt_dir`` reads the weights of a run trained with
+    ``--ckpt_dir`` elsewhere (the configs stay those of ``bundle_root``). Defaults to ``bundle_root/models``.
 
     Raises:
         FileNotFoundError: when the bundle has not been trained.
@@ -149,11 +143,12 @@ def export_lorkd_cls_expert(
     from medfm_ops.networks import TaskHeadNetwork, export_cls_expert, instantiate, load_expert_state_dict, load_network_spec, to_experts
 
     root = Path(bundle_root)
-    spec = load_network_spec(root / "models")
-    model_path = root / "models" / "model.pt"
+    models = Path(ckpt_dir) if ckpt_dir is not None else root / "models"
+    spec = load_network_spec(models)
+    model_path = models / "model.pt"
     if not model_path.is_file():
         raise FileNotFoundError(f"no trained model at {model_path}: run {root}/configs/train.json first.")
-    table = ClsTaskTable.from_tasks(spec["regions"], source=str(root / "models" / "network_def.json"))
+    table = ClsTaskTable.from_tasks(spec["regions"], source=str(models / "network_def.json"))
     tid = table.task_id_of(task)
     train_cfg = json.loads((root / "configs" / "train.json").read_text())
     alpha = float(train_cfg.get("expert_alpha", 16))

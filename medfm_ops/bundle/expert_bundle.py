@@ -22,7 +22,7 @@ from .template import TEMPLATE_DIR, render_configs
 from .expert_readme import expert_readme
 from .metadata_schema import SCHEMA_URL, write_metadata_schema
 
-__all__ = ["write_expert_bundle", "write_metadata", "write_readme", "SCHEMA_RELPATH"]
+__all__ = ["write_expert_bundle", "write_metadata", "write_readme", "bundle_metadata", "version_metadata", "SCHEMA_RELPATH"]
 
 SCHEMA_RELPATH = "docs/metadata_schema.json"
 
@@ -38,6 +38,52 @@ def version_metadata(version: str, change: str, required_packages: Mapping[str, 
         "numpy_version": np.__version__,
         "required_packages_version": {"nibabel": _version("nibabel"), "pytorch-ignite": _version("pytorch-ignite"),
                                       **dict(required_packages or {})},  # fmt: skip
+    }
+
+
+def bundle_metadata(
+    version: str,
+    change: str,
+    name: str,
+    task: str,
+    description: str,
+    authors: str,
+    modality: str,
+    spatial_shape: Sequence[int],
+    is_patch_data: bool,
+    pred: Mapping[str, Any],
+    required_packages: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """
+    The ``metadata.json`` body every bundle written here shares (segmentation experts and classifiers): versions and
+    changelog (:func:`version_metadata`), names, copyright, intended use, the one-channel ``image`` input of
+    ``spatial_shape`` (``hounsfield`` for CT, else ``magnitude``) and the given ``pred`` output description.
+    """
+    return {
+        **version_metadata(version, change, required_packages),
+        "name": name,
+        "task": task,
+        "description": description,
+        "authors": authors,
+        "copyright": f"Copyright (c) {datetime.date.today().year} {authors}",
+        "data_type": "nibabel",
+        "intended_use": "Research only; not for clinical use.",
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "hounsfield" if modality.upper() == "CT" else "magnitude",
+                    "modality": modality,
+                    "num_channels": 1,
+                    "spatial_shape": [int(r) for r in spatial_shape],
+                    "dtype": "float32",
+                    "value_range": [None, None],
+                    "is_patch_data": bool(is_patch_data),
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {"pred": dict(pred)},
+        },
     }
 
 
@@ -97,42 +143,22 @@ def _metadata(
     channel_def = {"0": "background", **{str(k): str(v) for k, v in sorted(label_names.items())}}
     n = len(label_names)
     names = [channel_def[str(i)] for i in range(1, n + 1)]
+    pred = {
+        "type": "image",
+        "format": "segmentation",
+        "num_channels": int(n_out),
+        "spatial_shape": [int(r) for r in roi_size],
+        "dtype": "float32",
+        "value_range": [0, n],
+        "is_patch_data": True,
+        "channel_def": channel_def,
+    }
     return {
-        **version_metadata(version, f"{region_name} expert exported by medfm (stock MONAI network, fused weights)"),
-        "name": f"medfm {region_name} expert",
-        "task": f"Segmentation of {n} {region_name} structure(s): {', '.join(names)}",
-        "description": description,
-        "authors": authors,
-        "copyright": f"Copyright (c) {datetime.date.today().year} {authors}",
-        "data_type": "nibabel",
-        "intended_use": "Research only; not for clinical use.",
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "hounsfield" if modality.upper() == "CT" else "magnitude",
-                    "modality": modality,
-                    "num_channels": 1,
-                    "spatial_shape": [int(r) for r in roi_size],
-                    "dtype": "float32",
-                    "value_range": [None, None],
-                    "is_patch_data": True,
-                    "channel_def": {"0": "image"},
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "image",
-                    "format": "segmentation",
-                    "num_channels": int(n_out),
-                    "spatial_shape": [int(r) for r in roi_size],
-                    "dtype": "float32",
-                    "value_range": [0, n],
-                    "is_patch_data": True,
-                    "channel_def": channel_def,
-                }
-            },
-        },
+        **bundle_metadata(
+            version, f"{region_name} expert exported by medfm (stock MONAI network, fused weights)",
+            f"medfm {region_name} expert", f"Segmentation of {n} {region_name} structure(s): {', '.join(names)}",
+            description, authors, modality, roi_size, True, pred,
+        ),  # fmt: skip
         "medfm": {
             "region": region_name,
             "output_channels": [int(c) for c in output_channels],

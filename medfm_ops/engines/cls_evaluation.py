@@ -80,15 +80,44 @@ def score_classifier(
     return metric.rows()
 
 
-def _add(rows: list, label: str, scores: list[dict], params: tuple[int, int], flops: tuple[float, float]) -> None:
-    for r in scores:
-        rows.append({"model": label, **r, "train params (M)": params[0] / 1e6, "deploy params (M)": params[1] / 1e6,
-                     "train MFLOPs": flops[0] / 1e6, "deploy MFLOPs": flops[1] / 1e6})  # fmt: skip
-    mean = scores[-1]
-    logger.info(
-        f"{label}: mean acc {mean['accuracy']:.4f} (majority {mean['majority_accuracy']:.4f}), balanced acc "
-        f"{mean['balanced_accuracy']:.4f}, AUC {mean['auc']:.4f}, F1 {mean['f1']:.4f}"
-    )
+class _ScoreTable:
+    """
+    The rows of one evaluation table: models scored on the same items (:func:`score_classifier`), each with its
+    (train, deploy) parameters and MFLOPs per sample, one log line per model; written as ``tasks.csv|md``.
+    """
+
+    def __init__(self, files: list[dict], preprocessing: Callable, task_table: Any, device: torch.device | str,
+                 spatial_size: Sequence[int]) -> None:  # fmt: skip
+        self.files, self.preprocessing, self.task_table, self.device = files, preprocessing, task_table, device
+        self.shape = (1, 1, *[int(s) for s in spatial_size])
+        self.rows: list[dict] = []
+
+    def add(
+        self, label: str, network: nn.Module | None, params: tuple[int, int] | None = None,
+        flops: tuple[float, float] | None = None, scores: list[dict] | None = None, **score_kwargs: Any,
+    ) -> list[dict]:  # fmt: skip
+        """Score ``network`` (or take ``scores``) and add its rows; ``params``/``flops`` default to the network's own
+        count for both training and deployment. Returns the scores."""
+        if scores is None:
+            scores = score_classifier(network, self.files, self.preprocessing, self.task_table, self.device, **score_kwargs)
+        if params is None:
+            params = (count_params(network),) * 2
+        if flops is None:
+            flops = (count_flops(network, self.shape),) * 2
+        for r in scores:
+            self.rows.append({"model": label, **r, "train params (M)": params[0] / 1e6, "deploy params (M)": params[1] / 1e6,
+                              "train MFLOPs": flops[0] / 1e6, "deploy MFLOPs": flops[1] / 1e6})  # fmt: skip
+        mean = scores[-1]
+        logger.info(
+            f"{label}: mean acc {mean['accuracy']:.4f} (majority {mean['majority_accuracy']:.4f}), balanced acc "
+            f"{mean['balanced_accuracy']:.4f}, AUC {mean['auc']:.4f}, F1 {mean['f1']:.4f}"
+        )
+        return scores
+
+    def write(self, out_dir: str | os.PathLike) -> list[dict]:
+        os.makedirs(out_dir, exist_ok=True)
+        write_table(self.rows, os.path.join(out_dir, "tasks.csv"), os.path.join(out_dir, "tasks.md"))
+        return self.rows
 
 
 def evaluate_cls_decomposition(
@@ -107,19 +136,13 @@ def evaluate_cls_decomposition(
     (one row per model and task plus a ``mean`` row per model, with train/deploy parameters and MFLOPs per sample)
     and return the rows.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    shape = (1, 1, *[int(s) for s in spatial_size])
+    table = _ScoreTable(files, preprocessing, task_table, device, spatial_size)
     model = model.eval()
-    rows: list[dict] = []
     if teacher is not None:
-        s = score_classifier(teacher, files, preprocessing, task_table, device, unified=True)
-        n, f = count_params(teacher), count_flops(teacher, shape)
-        _add(rows, "foundation (unified head)", s, (n, n), (f, f))
+        table.add("foundation (unified head)", teacher, unified=True)
     routed = getattr(model, "routed", False)
-    s = score_classifier(model, files, preprocessing, task_table, device, route=True)
-    train_flops = count_flops(model, shape, torch.zeros(1, dtype=torch.long))
-    label = "LoRKD (unfused, routed)" if routed else "multi-head model"
-    _add(rows, label, s, (count_params(model), count_params(model)), (train_flops, train_flops))
+    train = (count_params(model), count_flops(model, table.shape, torch.zeros(1, dtype=torch.long)))
+    table.add("LoRKD (unfused, routed)" if routed else "multi-head model", model, (train[0],) * 2, (train[1],) * 2, route=True)
     fused: list[dict] = []
     deploy = (0, 0.0)
     for t in task_table.task_ids:
@@ -128,14 +151,12 @@ def evaluate_cls_decomposition(
             continue
         expert = export_cls_expert(model, t).eval()
         fused += score_classifier(expert, own, preprocessing, task_table, device)[:-1]
-        deploy = (count_params(expert), count_flops(expert, shape))
+        deploy = (count_params(expert), count_flops(expert, table.shape))
     if fused:
-        keys = SCORE_NAMES
-        mean = {"task": "mean", "n": sum(r["n"] for r in fused), **{k: sum(r[k] for r in fused) / len(fused) for k in keys}}
+        mean = {"task": "mean", "n": sum(r["n"] for r in fused), **{k: sum(r[k] for r in fused) / len(fused) for k in SCORE_NAMES}}
         name = "LoRKD experts (fused, one per task)" if routed else "task heads (exported, one per task)"
-        _add(rows, name, fused + [mean], (count_params(model), deploy[0]), (train_flops, deploy[1]))
-    write_table(rows, os.path.join(out_dir, "tasks.csv"), os.path.join(out_dir, "tasks.md"))
-    return rows
+        table.add(name, None, (train[0], deploy[0]), (train[1], deploy[1]), scores=fused + [mean])
+    return table.write(out_dir)
 
 
 def evaluate_rd(
@@ -153,27 +174,20 @@ def evaluate_rd(
     foundation's unified head on ``files``; write ``{out_dir}/tasks.csv|md`` with params and MFLOPs (teacher + phi +
     g for the reprogrammed teacher) and return the rows.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    shape = (1, 1, *[int(s) for s in spatial_size])
-    rows: list[dict] = []
+    table = _ScoreTable(files, preprocessing, task_table, device, spatial_size)
     student = rd_model.export_student().eval()
-    s = score_classifier(student, files, preprocessing, task_table, device)
-    n_s, f_s = count_params(student), count_flops(student, shape)
-    _add(rows, "RD student (deployed)", s, (count_params(rd_model), n_s), (f_s, f_s))
+    table.add("RD student (deployed)", student, (count_params(rd_model), count_params(student)))
     predict = rd_model.predict
     rd_model.predict = "teacher"
+    n_t, f_t = count_params(teacher), count_flops(teacher.teacher, table.shape)
+    extra = count_params(rd_model.phi) + count_params(rd_model.g)
     try:
         pb = TaskPrepareBatch(teacher=teacher, route=False, pass_teacher_features=True)
-        s = score_classifier(rd_model.eval(), files, preprocessing, task_table, device, prepare_batch=pb)
+        table.add("reprogrammed teacher g(phi(F_t))", rd_model.eval(), (extra, n_t + extra), (f_t, f_t), prepare_batch=pb)
     finally:
         rd_model.predict = predict
-    n_t, f_t = count_params(teacher), count_flops(teacher.teacher, shape)
-    extra = count_params(rd_model.phi) + count_params(rd_model.g)
-    _add(rows, "reprogrammed teacher g(phi(F_t))", s, (extra, n_t + extra), (f_t, f_t))
-    s = score_classifier(teacher.teacher, files, preprocessing, task_table, device, unified=True)
-    _add(rows, "foundation (unified head)", s, (n_t, n_t), (f_t, f_t))
-    write_table(rows, os.path.join(out_dir, "tasks.csv"), os.path.join(out_dir, "tasks.md"))
-    return rows
+    table.add("foundation (unified head)", teacher.teacher, (n_t, n_t), (f_t, f_t), unified=True)
+    return table.write(out_dir)
 
 
 def write_cls_summary(path: str | os.PathLike, trainer: Engine, evaluator: Engine | None = None, warmup: Any = None) -> None:
@@ -210,11 +224,6 @@ def evaluate_classifier(
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"no trained model at {model_path}: run the bundle's configs/train.json first.")
     network.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-    network = network.eval()
-    rows: list[dict] = []
-    s = score_classifier(network, files, preprocessing, task_table, device, unified=unified, majority=majority)
-    n, f = count_params(network), count_flops(network, (1, 1, *[int(v) for v in spatial_size]))
-    _add(rows, label, s, (n, n), (f, f))
-    os.makedirs(out_dir, exist_ok=True)
-    write_table(rows, os.path.join(out_dir, "tasks.csv"), os.path.join(out_dir, "tasks.md"))
-    return rows
+    table = _ScoreTable(files, preprocessing, task_table, device, spatial_size)
+    table.add(label, network.eval(), unified=unified, majority=majority)
+    return table.write(out_dir)

@@ -69,18 +69,19 @@ def softmax_kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: f
 
 
 class UnifiedCELoss(nn.Module):
-    """Cross-entropy of a unified head over all tasks' classes (the foundation classifier): target ``global_label``."""
+    """Cross-entropy of a unified head over all tasks' classes (the foundation classifier): target ``global_label``.
+    Subclasses read another target (``input_keys[1]``)."""
 
     input_keys = ("logits", "global_label")
 
-    def forward(self, logits: torch.Tensor, global_label: torch.Tensor) -> torch.Tensor:
-        per = F.cross_entropy(logits, global_label.long(), reduction="none")
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per = F.cross_entropy(logits, target.long(), reduction="none")
         self.last_per_sample_task = per.detach()
         self.last_components = {"ce": float(per.mean().detach())}
         return per.mean()
 
 
-class SingleTaskCELoss(nn.Module):
+class SingleTaskCELoss(UnifiedCELoss):
     """Cross-entropy of single-task logits ``(B, n_t)`` against the task-local ``label`` (the baselines that train one
     classifier on one task: direct reprogramming ``g(phi(F_t(x)))``, full fine-tuning of the teacher).
 
@@ -91,12 +92,6 @@ class SingleTaskCELoss(nn.Module):
     """
 
     input_keys = ("logits", "label")
-
-    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        per = F.cross_entropy(logits, label.long(), reduction="none")
-        self.last_per_sample_task = per.detach()
-        self.last_components = {"ce": float(per.mean().detach())}
-        return per.mean()
 
 
 class LoRKDClsLoss(nn.Module):

@@ -7,20 +7,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.layers.factories import Act, Conv, Norm, Pool
+from monai.networks.layers.factories import Pool
 from torch import nn
+
+from medfm_ops.networks.cls_blocks import conv_norm_act
 
 __all__ = ["MobileNetV2"]
 
 
-def _cna(spatial_dims: int, cin: int, cout: int, kernel: int, stride: int, groups: int, act: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [
-        Conv[Conv.CONV, spatial_dims](cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
-        Norm[Norm.BATCH, spatial_dims](cout),
-    ]
-    if act:
-        layers.append(Act[Act.RELU6](inplace=True))
-    return nn.Sequential(*layers)
+_RELU6 = ("relu6", {"inplace": True})
 
 
 class _InvertedResidual(nn.Module):
@@ -30,10 +25,10 @@ class _InvertedResidual(nn.Module):
         self.use_res = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expand != 1:
-            layers.append(_cna(spatial_dims, cin, hidden, 1, 1, 1, True))
+            layers.append(conv_norm_act(spatial_dims, cin, hidden, 1, 1, 1, _RELU6))
         layers += [
-            _cna(spatial_dims, hidden, hidden, 3, stride, hidden, True),  # depthwise: stays shared
-            _cna(spatial_dims, hidden, cout, 1, 1, 1, False),
+            conv_norm_act(spatial_dims, hidden, hidden, 3, stride, hidden, _RELU6),  # depthwise: stays shared
+            conv_norm_act(spatial_dims, hidden, cout, 1, 1, 1),
         ]
         self.conv = nn.Sequential(*layers)
 
@@ -73,7 +68,7 @@ class MobileNetV2(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.stem = _cna(spatial_dims, in_channels, stem_channels, 3, 1, 1, True)
+        self.stem = conv_norm_act(spatial_dims, in_channels, stem_channels, 3, 1, 1, _RELU6)
         blocks: list[nn.Module] = []
         cin = stem_channels
         for entry in settings:
@@ -84,7 +79,7 @@ class MobileNetV2(nn.Module):
                 blocks.append(_InvertedResidual(spatial_dims, cin, c, s if i == 0 else 1, t))
                 cin = c
         self.blocks = nn.Sequential(*blocks)
-        self.conv_last = _cna(spatial_dims, cin, last_channels, 1, 1, 1, True)
+        self.conv_last = conv_norm_act(spatial_dims, cin, last_channels, 1, 1, 1, _RELU6)
         self.avgpool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(last_channels, num_classes)

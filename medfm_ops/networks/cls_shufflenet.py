@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.layers.factories import Act, Conv, Norm, Pool
+from monai.networks.layers.factories import Pool
 from torch import nn
+
+from medfm_ops.networks.cls_blocks import conv_norm_act
 
 __all__ = ["ShuffleNetV2", "channel_shuffle"]
 
@@ -19,14 +21,7 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(b, groups, c // groups, -1).transpose(1, 2).reshape(x.shape)
 
 
-def _conv_norm(spatial_dims: int, cin: int, cout: int, kernel: int, stride: int, groups: int, act: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [
-        Conv[Conv.CONV, spatial_dims](cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
-        Norm[Norm.BATCH, spatial_dims](cout),
-    ]
-    if act:
-        layers.append(Act[Act.RELU](inplace=True))
-    return nn.Sequential(*layers)
+_RELU = ("relu", {"inplace": True})
 
 
 class _ShuffleUnit(nn.Module):
@@ -40,16 +35,16 @@ class _ShuffleUnit(nn.Module):
             raise ValueError(f"a stride-1 ShuffleNetV2 unit keeps its width, got {cin} -> {cout}.")
         self.branch1 = (
             nn.Sequential(
-                _conv_norm(spatial_dims, cin, cin, 3, stride, cin, False),  # depthwise: stays shared
-                _conv_norm(spatial_dims, cin, half, 1, 1, 1, True),
+                conv_norm_act(spatial_dims, cin, cin, 3, stride, cin),  # depthwise: stays shared
+                conv_norm_act(spatial_dims, cin, half, 1, 1, 1, _RELU),
             )
             if stride > 1
             else nn.Identity()
         )
         self.branch2 = nn.Sequential(
-            _conv_norm(spatial_dims, cin if stride > 1 else half, half, 1, 1, 1, True),
-            _conv_norm(spatial_dims, half, half, 3, stride, half, False),  # depthwise
-            _conv_norm(spatial_dims, half, half, 1, 1, 1, True),
+            conv_norm_act(spatial_dims, cin if stride > 1 else half, half, 1, 1, 1, _RELU),
+            conv_norm_act(spatial_dims, half, half, 3, stride, half),  # depthwise
+            conv_norm_act(spatial_dims, half, half, 1, 1, 1, _RELU),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +96,7 @@ class ShuffleNetV2(nn.Module):
                 f"{list(stages_out_channels)}."
             )
         w = list(stages_out_channels)
-        self.stem = _conv_norm(spatial_dims, in_channels, w[0], 3, stem_stride, 1, True)
+        self.stem = conv_norm_act(spatial_dims, in_channels, w[0], 3, stem_stride, 1, _RELU)
         self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=3, stride=2, padding=1)
         stages: list[nn.Module] = []
         cin = w[0]
@@ -110,7 +105,7 @@ class ShuffleNetV2(nn.Module):
             stages.append(nn.Sequential(*units))
             cin = cout
         self.stages = nn.Sequential(*stages)
-        self.conv_last = _conv_norm(spatial_dims, cin, w[4], 1, 1, 1, True)
+        self.conv_last = conv_norm_act(spatial_dims, cin, w[4], 1, 1, 1, _RELU)
         self.avgpool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(w[4], num_classes)
