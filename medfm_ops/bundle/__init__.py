@@ -8,6 +8,7 @@ from .from_lorkd import export_lorkd_expert
 from .template import CONFIG_FILES, TEMPLATE_DIR, render_configs
 from .verify import BundleCheckError, bundle_check_commands, verify_bundle
 from .cls_expert_bundle import CLS_TEMPLATE_DIR, export_lorkd_cls_expert, write_cls_expert_bundle
+from .cls_bundle_scoring import score_cls_bundle
 from .finetuned_cls import FINAL_MODELS, check_result_settings, save_finetuned_classifier
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "CLS_TEMPLATE_DIR",
     "export_lorkd_cls_expert",
     "write_cls_expert_bundle",
+    "score_cls_bundle",
     "FINAL_MODELS",
     "check_result_settings",
     "save_finetuned_classifier",

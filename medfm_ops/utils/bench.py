@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import subprocess
 import statistics
 import sys
 import time
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms"]
+__all__ = ["GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms", "run_logged"]
 
 #: glibc returns large buffers to the kernel after every call by default, which makes 3D CPU steps slow and noisy
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
@@ -78,3 +80,24 @@ def summarize_ms(times: list[float]) -> dict[str, float]:
         return {"median_ms": times[0], "q1_ms": times[0], "q3_ms": times[0]}
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
     return {"median_ms": statistics.median(times), "q1_ms": q1, "q3_ms": q3}
+
+
+def run_logged(cmd: list[str], log: str | os.PathLike, cwd: str | os.PathLike | None = None, tail_lines: int = 40) -> float:
+    """
+    Run ``cmd`` (environment inherited, ``PYTHONUNBUFFERED=1``) with stdout and stderr to the file ``log``; returns the
+    wall time in seconds.
+
+    Raises:
+        RuntimeError: on a non-zero exit, with the command and the last ``tail_lines`` lines of the log.
+    """
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"$ {shlex.join(cmd)}\n  (log: {log})", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.call(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seconds = time.perf_counter() - start
+    if rc != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-tail_lines:])
+        raise RuntimeError(f"command failed (exit {rc}) after {seconds:.0f} s: {shlex.join(cmd)}\n{tail}")
+    return seconds

@@ -1,0 +1,482 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""3D classification benchmark on AdrenalMNIST3D and VesselMNIST3D; writes ``docs/RESULTS_classification.md`` (+ json).
+
+    python tools/bench_classification.py run
+
+Every row trains with the bundles' own ``configs/train.json`` (plus its baseline override file) in a child process,
+on the two real tasks' train splits, with one shared budget (epochs, batch, 28^3, no random augmentation so that the
+frozen teacher's features are computed once per seed and shared through the bundles' feature cache), validation
+only after the last epoch (the scored model is the last one, not one selected on val), once per seed. Rows:
+student from scratch, foundation (``foundation_cls``, unified head; the teacher of that seed's other rows), LoRKD
+experts (``lorkd_cls``; each fused expert exported as a standalone bundle and scored through that bundle's own
+``inference.json``), MTL, MTL-KD, STL, STL-KD, RD student (its deployed student also scored through an exported
+bundle), logit-KD student, direct reprogramming; ``finetune`` (full fine-tuning of the teacher) on request. Scores on
+the val splits (their test splits are not shipped): accuracy next to the majority-class accuracy, balanced accuracy,
+AUC, F1, mean ± std over seeds; train/deploy parameters, FLOPs, CPU latency (batch 1, median); Grad-CAM panels and a
+linear-CKA matrix of the experts' features (PNG, ``figures/`` next to the results file).
+
+Runs are resumable: a run directory is reused when its settings (configs' contents, overrides) and starting weights
+(the teacher's ``model.pt``) are unchanged. CPU runs set ``GLIBC_TUNABLES`` (steadier, faster 3D steps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from medfm_ops.utils.bench import reexec_with_glibc_tunables
+
+if __name__ == "__main__":
+    reexec_with_glibc_tunables("bench_classification")
+
+import fire  # noqa: E402
+
+from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = {"adrenalmnist3d": "adrenalmnist3d/adrenalmnist3d.npz", "vesselmnist3d": "vesselmnist3d/vesselmnist3d.npz"}
+SCORES = ("accuracy", "balanced_accuracy", "auc", "f1")
+SCORING_VERSION = 1
+
+#: name -> (description, bundle, baseline override files, one run per task?, uses the teacher, deployed model)
+ROWS: dict[str, tuple[str, str, list[str], bool, bool, str]] = {
+    "scratch": ("student from scratch", "rd_cls", ["baselines/scratch.json"], True, False, "student"),
+    "foundation": ("foundation (unified head, both tasks)", "foundation_cls", [], False, False, "foundation"),
+    "lorkd": ("LoRKD experts (fused; exported bundles)", "lorkd_cls", [], False, True, "student"),
+    "mtl": ("MTL (shared network, task heads)", "lorkd_cls", ["baselines/mtl.json"], False, False, "student"),
+    "mtl_kd": ("MTL-KD", "lorkd_cls", ["baselines/mtl_kd.json"], False, True, "student"),
+    "stl": ("STL (one network per task)", "lorkd_cls", ["baselines/stl.json"], True, False, "student"),
+    "stl_kd": ("STL-KD", "lorkd_cls", ["baselines/stl_kd.json"], True, True, "student"),
+    "rd": ("RD student (deployed; exported bundle)", "rd_cls", [], True, True, "student"),
+    "logit_kd": ("logit-KD student", "rd_cls", ["baselines/logit_kd.json"], True, True, "student"),
+    "reprogram": ("direct reprogramming (teacher + phi + g)", "rd_cls", ["baselines/reprogram.json"], True, True, "reprogrammed"),
+    "finetune": ("teacher, fully fine-tuned per task", "rd_cls", ["baselines/finetune.json"], True, True, "foundation"),
+}  # fmt: skip
+DEFAULT_ROWS = [r for r in ROWS if r != "finetune"]
+PUBLISHED = "MedMNIST v2 (Yang et al., Sci. Data 2023), ResNet-18 (3D), test split, its own budget: AUC about 0.83 (adrenal), 0.87 (vessel)"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _abs(path: str | Path) -> Path:
+    return Path(path) if Path(path).is_absolute() else (REPO / path).resolve()
+
+
+def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], budget: dict[str, Any]) -> list[dict]:
+    """The training runs, seed by seed (foundation first: it is the teacher of its seed's rows)."""
+    out = []
+    for seed in seeds:
+        seed_dir = work / f"seed{seed}"
+        for row in ["foundation"] + [r for r in rows if r != "foundation"]:
+            _, bundle, extra, per_task, teacher, _ = ROWS[row]
+            for task in (list(data) if per_task else [None]):
+                run_dir = seed_dir / (row if task is None else f"{row}_{task}")
+                epochs = budget["foundation_epochs"] if row == "foundation" else budget["epochs"]
+                ov: dict[str, Any] = {
+                    "bundle_root": str(REPO / "bundles" / bundle), "ckpt_dir": str(run_dir / "models"),
+                    "output_dir": str(run_dir / "runs"), "data_cache": str(work / "cache"), "synthetic#tasks": [],
+                    "real_tasks": data, "real_limit": budget["limit"], "epochs": epochs, "val_interval": epochs,
+                    "seed": seed, "batch_size": budget["batch_size"], "train#random_transforms": [],
+                }  # fmt: skip
+                if task is not None:
+                    ov["task"] = task
+                if row != "foundation":  # every other config builds the seed's teacher (scratch: phi's width)
+                    ov["teacher_path"] = str(seed_dir / "foundation")
+                    if teacher and row != "finetune":
+                        ov.update(cache_teacher_features=True, teacher_feature_cache=str(seed_dir / "teacher_features.pt"))
+                if row == "lorkd":
+                    ov["warmup_epochs"] = budget["lorkd_warmup_epochs"]
+                configs = [str(REPO / "bundles" / bundle / "configs" / f) for f in ["train.json", *extra]]
+                out.append({"row": row, "seed": seed, "task": task, "dir": str(run_dir), "configs": configs,
+                            "overrides": ov, "teacher": teacher, "epochs": epochs})  # fmt: skip
+    return out
+
+
+def _parser(run: dict):
+    """The run's bundle config (its files + overrides) in this process, to rebuild its networks and data."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(run["configs"])
+    parser.update(run["overrides"])
+    return parser
+
+
+def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
+    """Train ``run`` unless an identical earlier run (same settings and starting weights) is complete."""
+    run_dir = Path(run["dir"])
+    teacher = run["overrides"]["teacher_path"] if run["teacher"] else None
+    settings = {"configs": {Path(c).name: _sha256(Path(c)) for c in run["configs"]}, "overrides": run["overrides"],
+                "teacher": _sha256(Path(teacher) / "models" / "model.pt") if teacher else None}  # fmt: skip
+    stamp, model = run_dir / "bench_run.json", run_dir / "models" / "model.pt"
+    old = json.loads(stamp.read_text()) if stamp.is_file() and model.is_file() else {}
+    if reuse and old.get("settings") == settings:
+        print(f"  {run_dir.name} (seed {run['seed']}): reusing", flush=True)
+        return old, True
+    from medfm_ops.utils.bench import run_logged
+
+    stamp.unlink(missing_ok=True)  # a failed retraining must not leave the old record next to new files
+    (run_dir / "models").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "overrides.json", json.dumps(run["overrides"], indent=4) + "\n")
+    files = "[" + ",".join(repr(c) for c in run["configs"] + [str(run_dir / "overrides.json")]) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files]
+    seconds = run_logged(cmd, run_dir / "train.log", cwd=REPO)
+    record = {"settings": settings, "seconds": seconds}
+    atomic_write_text(stamp, json.dumps(record, indent=2))
+    return record, False
+
+
+def _score(run: dict) -> dict[str, Any]:
+    """Per-task val scores of the run's deployed model(s), parameters and FLOPs; bundle-path scores where exported."""
+    import torch
+
+    from medfm_ops.bundle import export_lorkd_cls_expert, score_cls_bundle, write_cls_expert_bundle
+    from medfm_ops.bundle_paths import literal_config
+    from medfm_ops.engines import TaskPrepareBatch, count_flops, count_params, score_classifier
+    from medfm_ops.networks import export_cls_expert, load_expert_state_dict
+
+    p = _parser(run)
+    table, val, pre = p.get_parsed_content("task_table"), p.get_parsed_content("val_files"), p.get_parsed_content("validate#preprocessing")
+    net = p.get_parsed_content("network").cpu()
+    model_path = Path(run["dir"]) / "models" / "model.pt"
+    sd = torch.load(model_path, map_location="cpu", weights_only=True)
+    load_expert_state_dict(net, sd) if getattr(net, "routed", False) else net.load_state_dict(sd)
+    net.eval()
+    shape = (1, 1, *p.get_parsed_content("spatial_size"))
+    tasks = sorted({f["task"] for f in val})
+    own = {t: [f for f in val if f["task"] == t] for t in tasks}
+    out: dict[str, Any] = {"scores": {}, "bundle_scores": {}, "train_params": count_params(net)}
+    row = run["row"]
+    for t in tasks:
+        tid = table.task_id_of(t)
+        if row == "foundation":
+            deployed, rows = net, score_classifier(net, own[t], pre, table, "cpu", unified=True)
+        elif ROWS[row][1] == "lorkd_cls":
+            deployed = export_cls_expert(net, tid).eval()
+            rows = score_classifier(deployed, own[t], pre, table, "cpu")
+        elif row == "reprogram":
+            deployed, teacher = net, p.get_parsed_content("teacher")
+            pb = TaskPrepareBatch(teacher=teacher, route=False, pass_teacher_features=True)
+            rows = score_classifier(net, own[t], pre, table, "cpu", prepare_batch=pb)
+            out["deploy_params"] = count_params(teacher) + count_params(net.phi) + count_params(net.g)
+            out["deploy_flops"] = count_flops(teacher.teacher, shape)
+            out["train_params"] = count_params(net.phi) + count_params(net.g)
+        elif row == "finetune":
+            deployed, rows = net, score_classifier(net, own[t], pre, table, "cpu")
+        else:  # RD-family students: the deployed stock student
+            deployed = net.export_student().eval()
+            rows = score_classifier(deployed, own[t], pre, table, "cpu")
+        out["scores"][t] = {k: v for k, v in rows[0].items() if k != "task"}
+        if "deploy_params" not in out:  # the model serving one task (the same size for every task here)
+            out.update(deploy_params=count_params(deployed), deploy_flops=count_flops(deployed, shape))
+        bundle = Path(run["dir"]) / f"bundle_{t}"
+        if row == "lorkd":
+            export_lorkd_cls_expert(run["overrides"]["bundle_root"], t, bundle, ckpt_dir=model_path.parent)
+        elif row == "rd":
+            net_def = literal_config(run["configs"][0], "network_def", **{"network_def#num_classes": table.num_classes_of(tid)})
+            write_cls_expert_bundle(bundle, net_def, deployed.state_dict(), t, table.class_names[tid], shape[2:],
+                                    modality=table.modalities[tid])  # fmt: skip
+        if row in ("lorkd", "rd"):
+            out["bundle_scores"][t] = score_cls_bundle(bundle, own[t])
+    return out
+
+
+def _latencies(records: list[dict], repeats: int) -> dict[str, dict[str, float]]:
+    """CPU latency (batch 1, no grad) of the foundation, a deployed student and the reprogrammed teacher."""
+    import torch
+    from torch import nn
+
+    from medfm_ops.utils.bench import summarize_ms, time_ms
+
+    def first(row):
+        return next((r for r in records if r["row"] == row), None)
+
+    out = {}
+    found = first("foundation")
+    p = _parser(found)
+    x = torch.zeros(1, 1, *p.get_parsed_content("spatial_size"))
+    nets: dict[str, nn.Module] = {"foundation": p.get_parsed_content("network").cpu()}
+    student = next((r for r in records if ROWS[r["row"]][5] == "student" and r["row"] != "lorkd"), None)
+    if student is not None:
+        sp = _parser(student)
+        net = sp.get_parsed_content("network").cpu()
+        nets["student"] = net.export_student() if hasattr(net, "export_student") else net
+        if ROWS[student["row"]][1] == "lorkd_cls":
+            from medfm_ops.networks import export_cls_expert
+
+            nets["student"] = export_cls_expert(net, 0)
+    rep = first("reprogram")
+    if rep is not None:
+
+        class Reprogrammed(nn.Module):  # what direct reprogramming deploys: teacher + phi + g
+            def __init__(self, rd: nn.Module, teacher: nn.Module) -> None:
+                super().__init__()
+                self.rd, self.teacher = rd, teacher
+
+            def forward(self, v: torch.Tensor) -> torch.Tensor:
+                return self.rd.g(self.rd.phi(self.teacher(v)[1]))
+
+        rp = _parser(rep)
+        nets["reprogrammed"] = Reprogrammed(rp.get_parsed_content("network").cpu(), rp.get_parsed_content("teacher"))
+    for name, net in nets.items():
+        net.eval()
+        with torch.no_grad():
+            out[name] = summarize_ms(time_ms(lambda: net(x), repeats=repeats, warmup=3))
+    return out
+
+
+def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str) -> dict[str, Any]:
+    """Grad-CAM panels (foundation vs the task's LoRKD expert) per task and the CKA matrix of the experts' features."""
+    import torch
+
+    from medfm_ops.networks import TeacherFeatures, export_cls_expert, load_expert_state_dict
+    from medfm_ops.visualize import cka_matrix, gradcam_panel, gradcam_volume, write_matrix_png
+
+    seed = records[0]["seed"]
+    by = {(r["row"], r["task"]): r for r in records if r["seed"] == seed}
+
+    def load(run):
+        p = _parser(run)
+        net = p.get_parsed_content("network").cpu()
+        sd = torch.load(Path(run["dir"]) / "models" / "model.pt", map_location="cpu", weights_only=True)
+        load_expert_state_dict(net, sd) if getattr(net, "routed", False) else net.load_state_dict(sd)
+        return p, net.eval()
+
+    p, foundation = load(by[("foundation", None)])
+    table, val, pre = p.get_parsed_content("task_table"), p.get_parsed_content("val_files"), p.get_parsed_content("validate#preprocessing")
+    models: dict[str, Any] = {"foundation": foundation}
+    if ("lorkd", None) in by:
+        _, lorkd = load(by[("lorkd", None)])
+        models.update({f"LoRKD expert {table.task_names[t]}": export_cls_expert(lorkd, t).eval() for t in table.task_ids})
+    for t in table.task_ids:
+        if ("stl", table.task_names[t]) in by:
+            models[f"STL {table.task_names[t]}"] = export_cls_expert(load(by[("stl", table.task_names[t])])[1], t).eval()
+    if ("mtl", None) in by:
+        models["MTL (shared backbone)"] = export_cls_expert(load(by[("mtl", None)])[1], 0).eval()
+    out: dict[str, Any] = {"seed": seed, "gradcam": {}, "layer": layer}
+    items = [pre(dict(f)) for f in val]
+    for t in table.task_ids:
+        name = table.task_names[t]
+        expert = models.get(f"LoRKD expert {name}")
+        if expert is None:
+            break
+        pos = [i for i in items if int(i["task_id"]) == t and int(i["label"]) == 1][: cases - cases // 2]
+        neg = [i for i in items if int(i["task_id"]) == t and int(i["label"]) == 0][: cases - len(pos)]
+        chosen = pos + neg
+        maps = [{"foundation": gradcam_volume(foundation, i["image"][None], table.offset_of(t) + int(i["label"]), layer),
+                 "expert": gradcam_volume(expert, i["image"][None], int(i["label"]), layer)} for i in chosen]  # fmt: skip
+        path = gradcam_panel(fig_dir / f"cls_gradcam_{name}.png", [i["image"] for i in chosen], maps)
+        out["gradcam"][name] = {"png": path.name, "labels": [table.class_names[t][int(i["label"])] for i in chosen],
+                                "files": [str(i["image"].meta.get("filename_or_obj")) for i in chosen]}  # fmt: skip
+    x = torch.stack([i["image"] for i in items])
+    hooked = {k: TeacherFeatures(m) for k, m in models.items()}  # penultimate features (classifier input)
+    feats = {k: torch.cat([f(x[j : j + 32])[1] for j in range(0, len(x), 32)]) for k, f in hooked.items()}
+    names, m = cka_matrix(feats)
+    write_matrix_png(fig_dir / "cls_cka.png", m)
+    out["cka"] = {"names": names, "matrix": m.tolist(), "n": int(x.shape[0]), "png": "cls_cka.png"}
+    return out
+
+
+def _ms(values: list[float], digits: int = 3) -> str:
+    vals = [v for v in values if v == v]  # drop NaN
+    if not vals:
+        return "-"
+    mean = statistics.fmean(vals)
+    return f"{mean:.{digits}f} ± {statistics.pstdev(vals):.{digits}f}" if len(vals) > 1 else f"{mean:.{digits}f}"
+
+
+def write_results(path: Path, summary: dict[str, Any]) -> str:
+    """Render the results markdown from a benchmark summary (the ``.json`` written by :func:`run`)."""
+    meta, records, rows = summary["meta"], summary["records"], summary["rows"]
+    tasks = meta["tasks"]
+    lat = summary.get("latency", {})
+
+    def scores(row, task, key, which="scores"):
+        return [(r[which] or r["scores"]).get(task, {}).get(key, float("nan")) for r in records if r["row"] == row and
+                task in (r[which] or r["scores"])]  # fmt: skip
+
+    maj = {t: next((r["scores"][t]["majority_accuracy"] for r in records if t in r["scores"]), float("nan")) for t in tasks}
+    head = " | ".join(f"{t}: accuracy (majority {maj[t]:.3f}) | balanced acc. | AUC | F1" for t in tasks)
+    lines = [
+        "# Results: 3D classification (AdrenalMNIST3D, VesselMNIST3D)", "",
+        f"Generated by `{meta['command']}` on {meta['date']} (sum of the training runs' wall times "
+        f"{sum(r['seconds'] for r in records) / 60:.1f} min; this invocation {meta['seconds'] / 60:.1f} min, reused runs "
+        "included at their recorded time in the first figure). Scores on the val splits (the test splits are not shipped), mean ± standard deviation over "
+        f"{len(meta['seeds'])} seed(s) ({', '.join(map(str, meta['seeds']))}); each seed retrains every row, the "
+        "foundation included (it is the teacher of its seed's rows).", "",
+        "## Scores (val)", "",
+        f"| row | {head} | mean AUC |",
+        "| --- | " + " | ".join("---: | ---: | ---: | ---:" for _ in tasks) + " | ---: |",
+    ]  # fmt: skip
+    for row in rows:
+        which = "bundle_scores" if row in ("lorkd", "rd") else "scores"
+        cells = [_ms(scores(row, t, k, which)) for t in tasks for k in SCORES]
+        mean_auc = _ms([statistics.fmean(vals) for vals in zip(*[scores(row, t, "auc", which) for t in tasks])])
+        lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + f" | **{mean_auc}** |")
+    lines += ["", "## Size and cost", "",
+              "| row | train params (M) | deploy params per task (M) | deploy MFLOPs per volume | latency, batch 1 "
+              "(ms, median [IQR]) | train wall time per seed (min) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for row in rows:
+        rs = [r for r in records if r["row"] == row]
+        seed0 = [r for r in rs if r["seed"] == meta["seeds"][0]]
+        train = sum(r["train_params"] for r in seed0) / 1e6
+        dep, flops = seed0[0]["deploy_params"] / 1e6, seed0[0]["deploy_flops"] / 1e6
+        lt = lat.get(ROWS[row][5])
+        lt_s = f"{lt['median_ms']:.1f} [{lt['q1_ms']:.1f}, {lt['q3_ms']:.1f}]" if lt else "-"
+        wall = sum(r["seconds"] for r in rs) / len(meta["seeds"]) / 60
+        lines.append(f"| {ROWS[row][0]} | {train:.3f} | {dep:.3f} | {flops:.1f} | {lt_s} | {wall:.1f} |")
+    diffs = [abs(r["bundle_scores"][t]["auc"] - r["scores"][t]["auc"]) for r in records for t in r.get("bundle_scores", {})
+             if r["bundle_scores"][t]["auc"] == r["bundle_scores"][t]["auc"]]  # fmt: skip
+    figs = summary.get("figures", {})
+    lines += ["", "## Pictures", ""]
+    for task, g in figs.get("gradcam", {}).items():
+        lines += [f"![Grad-CAM {task}](figures/{g['png']})", "",
+                  f"Grad-CAM ({figs['layer']}, MONAI `GradCAM`) on {len(g['labels'])} val volumes of {task} (labels: "
+                  f"{', '.join(g['labels'])}; seed {figs['seed']}). Each row: the three mid slices (axial, coronal, "
+                  "sagittal) in grey, then with the foundation's map of the true class, then with the fused LoRKD "
+                  "expert's map of the true class.", ""]  # fmt: skip
+    if "cka" in figs:
+        c = figs["cka"]
+        lines += [f"![CKA](figures/{c['png']})", "",
+                  f"Linear CKA (the `linear_cka` of rd_cls's loss) between the penultimate features of the models "
+                  f"below on the same {c['n']} val volumes of both tasks (seed {figs['seed']}); 1 = the same "
+                  "representation up to rotation and scale. Colour map dark blue 0 to dark red 1.", "",
+                  "| | " + " | ".join(c["names"]) + " |", "| --- | " + " | ".join("---:" for _ in c["names"]) + " |"]
+        lines += [f"| {n} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for n, row in zip(c["names"], c["matrix"])]
+    b = meta["budget"]
+    m = meta["machine"]
+    lines += [
+        "", "## Setup", "",
+        f"- Data: `{meta['data_dir']}` AdrenalMNIST3D and VesselMNIST3D at 28^3 (MedMNIST v2, CC BY 4.0), train split "
+        f"for training, val split for scoring{'; first ' + str(b['limit']) + ' cases of each split only' if b['limit'] else ''}.",
+        f"- Budget per run: {b['epochs']} epochs ({b['foundation_epochs']} for the foundation), batch {b['batch_size']}, "
+        "input 28^3 z-scored, no random augmentation (all rows, so that the frozen teacher's features are computed "
+        "once per seed: `--cache_teacher_features true` with one shared cache file); the optimiser, learning rate and "
+        "schedule are each bundle's own (foundation AdamW 1e-3; lorkd_cls SGD 0.05 cosine; rd_cls AdamW 5e-3 cosine; "
+        f"fine-tuning AdamW 1e-3), LoRKD warm-up {b['lorkd_warmup_epochs']} epoch(s) with frozen experts, rank 8. "
+        "Validation runs once, after the last epoch: the scored model is the last one, not selected on val.",
+        "- Networks: foundation MONAI ResNet (basic blocks 2-2-2-2, widths 32-256, one unified head over both tasks' "
+        "classes); every student MONAI ResNet (1-1-1-1, 16-128) with a task head; LoRKD = that student with one rank-8 "
+        "expert per task in every conv, fused into the stock network per task for deployment.",
+        "- Scoring: LoRKD experts and the RD student through their exported standalone bundles (`inference.json` on "
+        "NIfTI copies of the val volumes, written to a temporary folder and removed); every other row in-process "
+        f"(`score_classifier`, the bundles' validation preprocessing). Largest |AUC| difference between the bundle "
+        f"path and the in-process score of the same model: {max(diffs) if diffs else float('nan'):.2e}.",
+        "- Accuracy is misleading on these tasks: the majority-class accuracy (always predicting the most frequent "
+        "val class) is in the column header.",
+        f"- Latency: `torch.no_grad()`, batch 1, {meta['latency_repeats']} timed calls after 3 warm-up calls, "
+        f"{m['torch_threads']} torch threads.",
+        f"- Machine: {m['cpu_model']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable), torch "
+        f"{m['torch']}, GPU: {m['gpu'] or 'none'}; GLIBC_TUNABLES={m['glibc_tunables']}. 1-min load average at the "
+        f"start {meta['load_start']:.2f}, at the end {m['load_average_1min']:.2f} (other jobs on the machine inflate "
+        "the wall times).",
+        f"- Published context (other split, far longer training): {PUBLISHED}.", "",
+        "## Regenerate", "", "```bash", meta["command"], "```", "",
+        f"Runs (logs, checkpoints, override files, exported bundles) are under `{meta['work_dir']}/seed<k>/<row>[_<task>]/`.",
+        "",
+    ]  # fmt: skip
+    text = "\n".join(lines)
+    atomic_write_text(path, text)
+    return text
+
+
+def run(
+    data_dir: str = "../shared/data",
+    work_dir: str = "runs/cls_bench",
+    results: str = "docs/RESULTS_classification.md",
+    seeds: str | tuple[int, ...] = (0, 1, 2),
+    epochs: int = 3,
+    foundation_epochs: int = 2,
+    lorkd_warmup_epochs: int = 1,
+    batch_size: int = 16,
+    limit: int | None = None,
+    rows: str | tuple[str, ...] | None = None,
+    reuse_rows: bool = True,
+    latency_repeats: int = 30,
+    gradcam_cases: int = 4,
+    gradcam_layer: str = "layer3",
+) -> str:
+    """
+    Train and score the rows (each once per seed) and write ``results`` (+ ``.json``) and its figures.
+
+    Args:
+        data_dir: folder holding ``adrenalmnist3d/`` and ``vesselmnist3d/`` (relative to the repository root).
+        work_dir: runs, logs, caches and exported bundles.
+        results: markdown file; figures go to ``figures/`` beside it, the summary to the same name with ``.json``.
+        seeds: training seeds (comma-separated or a list). Defaults to 0, 1, 2.
+        epochs, foundation_epochs, lorkd_warmup_epochs, batch_size: the shared budget.
+        limit: keep only the first ``limit`` cases of each split (smoke runs). Defaults to all.
+        rows: subset of :data:`ROWS` (comma-separated or a list; the foundation always runs). Defaults to all but
+            ``finetune``.
+        reuse_rows: reuse a run whose settings and starting weights are unchanged. Defaults to True.
+        latency_repeats: timed calls per latency. Defaults to 30.
+        gradcam_cases: val volumes per Grad-CAM panel (half positive). Defaults to 4.
+        gradcam_layer: layer of the MONAI ResNets whose activations Grad-CAM weights. Defaults to ``"layer3"``.
+    """
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    work, out = _abs(work_dir), _abs(results)
+    wanted = [r.strip() for r in rows.split(",")] if isinstance(rows, str) else list(rows or DEFAULT_ROWS)
+    unknown = sorted(set(wanted) - set(ROWS))
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; known: {list(ROWS)}.")
+    wanted = [r for r in ROWS if r in wanted or r == "foundation"]
+    seed_list = [int(s) for s in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
+    data = {t: str(_abs(data_dir) / f) for t, f in TASKS.items()}
+    missing = [p for p in data.values() if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"MedMNIST files not found: {missing} (see ../shared/data/README.md); pass --data_dir.")
+    budget = {"epochs": epochs, "foundation_epochs": foundation_epochs, "lorkd_warmup_epochs": lorkd_warmup_epochs,
+              "batch_size": batch_size, "limit": limit}  # fmt: skip
+    records = []
+    for r in _runs(wanted, seed_list, work, data, budget):
+        rec, reused = _train(r, reuse_rows)
+        if not reused or rec.get("scoring_version") != SCORING_VERSION:
+            rec.update(_score(r), scoring_version=SCORING_VERSION)
+            atomic_write_text(Path(r["dir"]) / "bench_run.json", json.dumps(rec, indent=2, default=float))
+        records.append({**{k: r[k] for k in ("row", "seed", "task", "dir", "configs", "overrides")}, **rec})
+        s = {t: round(v["auc"], 3) for t, v in (rec["bundle_scores"] or rec["scores"]).items()}
+        print(f"  {r['row']} seed {r['seed']}{' ' + r['task'] if r['task'] else ''}: AUC {s} ({rec['seconds'] / 60:.1f} min)", flush=True)
+    import torch
+
+    from medfm_ops.utils.bench import machine_info
+
+    latency = _latencies(records, latency_repeats)
+    figures = _figures(records, out.parent / "figures", gradcam_cases, gradcam_layer)
+    args = [f"python tools/bench_classification.py run --data_dir {data_dir} --seeds {','.join(map(str, seed_list))}",
+            f"--epochs {epochs} --foundation_epochs {foundation_epochs} --lorkd_warmup_epochs {lorkd_warmup_epochs}",
+            f"--batch_size {batch_size}"]  # fmt: skip
+    if limit:
+        args.append(f"--limit {limit}")
+    if rows:
+        args.append(f"--rows {','.join(wanted)}")
+    if work_dir != "runs/cls_bench" or results != "docs/RESULTS_classification.md":
+        args.append(f"--work_dir {work_dir} --results {results}")
+    meta = {"command": " ".join(args), "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - start,
+            "seeds": seed_list, "tasks": list(TASKS), "budget": budget, "data_dir": data_dir, "load_start": load_start,
+            "work_dir": os.path.relpath(work, REPO) if work.is_relative_to(REPO) else str(work), "machine": machine_info(torch.device("cpu")),
+            "latency_repeats": latency_repeats}  # fmt: skip
+    summary = {"meta": meta, "rows": [r for r in wanted], "records": records, "latency": latency, "figures": figures}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2, default=float))
+    return report(str(out))
+
+
+def report(results: str = "docs/RESULTS_classification.md") -> str:
+    """(Re)write ``results`` from the ``.json`` summary beside it (written by ``run``)."""
+    out = _abs(results)
+    text = write_results(out, json.loads(out.with_suffix(".json").read_text()))
+    print(text)
+    return str(out)
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "report": report})
