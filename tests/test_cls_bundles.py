@@ -2,7 +2,8 @@
 # Licensed under the Apache License, Version 2.0.
 """End to end through the classification bundles on a tiny synthetic multi-task set (copies under tmp_path):
 foundation_cls -> lorkd_cls (LoRKD*) -> evaluate -> export a fused expert as a verified standalone bundle; rd_cls;
-standalone inference.json of each bundle; metadata and verify_net_in_out before training."""
+every baseline override; rd_cls's on-disk teacher feature cache; standalone inference.json of each bundle; metadata
+and verify_net_in_out before training."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import run as bundle_run
 
 from medfm_ops.bundle import export_lorkd_cls_expert, write_metadata_schema
@@ -126,6 +128,36 @@ def test_rd_train_evaluate_and_deploy_student(workspace):
     _images(bundle / "eval" / "input")
     bundle_run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), spatial_size=[16, 16, 16], task="shape_ct")
     assert len(list(csv.reader((bundle / "eval" / "predictions" / "shape_ct" / "predictions.csv").open()))) == 2
+
+
+@pytest.mark.parametrize(
+    "name,override",
+    [("lorkd_cls", "stl.json"), ("lorkd_cls", "stl_kd.json"), ("rd_cls", "scratch.json"), ("rd_cls", "logit_kd.json"),
+     ("rd_cls", "reprogram.json"), ("rd_cls", "finetune.json")],
+)  # fmt: skip
+def test_baseline_overrides_train_on_their_task(workspace, tmp_path, name, override):
+    _run(workspace / name, "train.json", f"baselines/{override}", epochs=1, val_interval=1, task="shape_ct",
+         ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))  # fmt: skip
+    metrics = json.loads((tmp_path / "models" / "training_summary.json").read_text())["last_metrics"]
+    assert {k.split("/")[1] for k in metrics if "/" in k} == {"shape_ct"}, metrics  # one task (STL: one network per task)
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_rd_teacher_feature_cache_reused_then_refused_when_settings_change(workspace, tmp_path):
+    cache = tmp_path / "teacher_features.pt"
+    kw = dict(epochs=1, val_interval=1, task="shape_ct", cache_teacher_features=True, teacher_feature_cache=str(cache),
+              ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))  # fmt: skip
+    _run(workspace / "rd_cls", "train.json", **kw)
+    raw = torch.load(cache, weights_only=True)
+    assert raw["fingerprint"]["settings"] == {"spatial_size": [16, 16, 16]} and len(raw["entries"]) == 8
+    before = raw["entries"]
+    stamp = cache.stat().st_mtime_ns
+    _run(workspace / "rd_cls", "train.json", **kw)  # every item cached and the first batch checks out: not rewritten
+    assert cache.stat().st_mtime_ns == stamp
+    _run(workspace / "rd_cls", "train.json", **{**kw, "spatial_size": [12, 12, 12]})  # refused, recomputed
+    raw = torch.load(cache, weights_only=True)
+    assert raw["fingerprint"]["settings"] == {"spatial_size": [12, 12, 12]} and raw["entries"].keys() == before.keys()
+    assert not any(torch.allclose(raw["entries"][k][1], before[k][1]) for k in before)  # features of the 12^3 inputs
 
 
 def test_bad_datalist_item_stops_the_run_naming_it(workspace, tmp_path):

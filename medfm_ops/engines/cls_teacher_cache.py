@@ -29,7 +29,7 @@ def weights_digest(net: nn.Module) -> str:
     for name, value in sorted(net.state_dict().items()):
         t = value.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -71,12 +71,17 @@ class TeacherFeatureCache:
         self._checked = False
         self._dirty = False
         if self.path is not None and self.path.is_file():
+            self._read()
+
+    def _read(self) -> None:
+        try:
             raw = torch.load(self.path, map_location="cpu", weights_only=True)
-            if not isinstance(raw, dict) or "entries" not in raw or "fingerprint" not in raw:
-                self._refuse("it was written by an older version (no fingerprint)")
-            else:
-                self._stored = raw["fingerprint"]
-                self.entries = {k: (v[0], v[1]) for k, v in raw["entries"].items()}
+        except Exception as e:  # truncated, or not written by this class
+            return self._refuse(f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        if not isinstance(raw, dict) or "entries" not in raw or "fingerprint" not in raw:
+            return self._refuse("it was written by an older version (no fingerprint)")
+        self._stored = raw["fingerprint"]
+        self.entries = {k: (v[0], v[1]) for k, v in raw["entries"].items()}
 
     def _refuse(self, why: str) -> None:
         self.refused = why
@@ -108,8 +113,9 @@ class TeacherFeatureCache:
             self._refuse(f"its entries differ from the teacher's outputs on the first batch (max |diff| {worst:.3g})")
         logits, feats = teacher(image)
         if len(names) == image.shape[0] and len(set(names)) == len(names):
-            for n, lo, fe in zip(names, logits.cpu(), feats.cpu()):
-                self.entries[n] = (lo, fe)
+            plain = [t.as_tensor() if hasattr(t, "as_tensor") else t for t in (logits, feats)]  # no MetaTensor on disk
+            for n, lo, fe in zip(names, plain[0].detach().cpu(), plain[1].detach().cpu()):
+                self.entries[n] = (lo.clone(), fe.clone())
             self._dirty = True
         return logits, feats
 
