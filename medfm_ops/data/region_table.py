@@ -216,6 +216,37 @@ class RegionTable:
                 return t
         raise ValueError(f"unknown region '{name}'{self._where()}; known regions: {list(self.region_names.values())}.")
 
+    def cases_of(self, files: Sequence[Mapping[str, Any]], regions: str | Sequence[str] | None) -> list[Any]:
+        """
+        The datalist items of ``files`` that belong to ``regions`` (single-task baselines, region subsets).
+
+        Args:
+            files: datalist items with an integer ``region`` (task id).
+            regions: region name(s); ``None`` keeps every item.
+
+        Returns:
+            the selected items, in their order (``files`` itself as a list when ``regions`` is None).
+
+        Raises:
+            ValueError: on an unknown region name (the message lists the known ones), an empty ``regions``, or when
+                ``files`` is not empty but holds no case of ``regions``.
+
+        Example::
+
+            table.cases_of(datalist["training"], ["brain_mri"])  # the brain cases only
+        """
+        if regions is None:
+            return list(files)
+        names = [regions] if isinstance(regions, str) else list(regions)
+        if not names:
+            raise ValueError(f"regions must name at least one region (None keeps all){self._where()}; known regions: "
+                             f"{list(self.region_names.values())}.")
+        ids = {self.task_id_of(str(n)) for n in names}
+        selected = [f for f in files if int(f["region"]) in ids]
+        if files and not selected:
+            raise ValueError(f"no case of regions {names} among the {len(files)} items{self._where()}.")
+        return selected
+
     def channel_mask(self, task_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """
         Boolean mask of every sample's own channels.

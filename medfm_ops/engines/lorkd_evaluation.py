@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medfm_ops.engines.routing import RegionPrepareBatch
 from medfm_ops.metrics import RegionSegMetrics, write_table
-from medfm_ops.networks import export_expert
+from medfm_ops.networks import eks_layers, export_expert
 
 __all__ = ["count_params", "count_flops", "evaluate_segmentation", "evaluate_decomposition"]
 
@@ -115,6 +115,7 @@ def evaluate_decomposition(
     device: torch.device | str,
     out_dir: str | os.PathLike,
     tolerance_mm: float = 1.0,
+    network_label: str = "stock network (no experts)",
 ) -> list[dict]:
     """
     Evaluate the teacher, the unfused decomposed model and every fused expert region by region, with the bundle's
@@ -124,9 +125,12 @@ def evaluate_decomposition(
     deployment (one fused expert)) and ``{out_dir}/classes.csv|md`` (per class). Fused experts are scored on their
     own region's cases only and run as plain networks (no routing), i.e. exactly as deployed.
 
+    A ``model`` without EKS layers (the stock network of a baseline: single-task, multi-task, multi-task KD) gets one
+    row instead, ``network_label``, scored unrouted as it is deployed (training = deployment parameters/FLOPs).
+
     Args:
         teacher: the foundation model, or None to skip its row.
-        model: the trained :class:`~medfm_ops.networks.ExpertNetwork`.
+        model: the trained :class:`~medfm_ops.networks.ExpertNetwork`, or a stock network without experts.
         region_table: the data set's region table.
         files: datalist items to score (``image``, ``label``, ``region``).
         preprocessing: evaluation preprocessing (``validate#preprocessing``).
@@ -135,6 +139,7 @@ def evaluate_decomposition(
         device: where to run.
         out_dir: where the tables go.
         tolerance_mm: NSD tolerance in mm. Defaults to 1.0.
+        network_label: the row name of a model without experts. Defaults to ``"stock network (no experts)"``.
 
     Returns:
         the region-table rows.
@@ -180,6 +185,13 @@ def evaluate_decomposition(
         n, f = count_params(teacher), count_flops(teacher, in_shape)
         _row("Foundation (teacher)", scores, n, n, f, f)
 
+    if not any(True for _ in eks_layers(model)):  # a baseline's stock network: scored as deployed, unrouted
+        scores = _score(network_label, model, files, False)
+        n, f = count_params(model), count_flops(model, in_shape)
+        _row(network_label, scores, n, n, f, f)
+        _write(rows, class_rows, out_dir)
+        return rows
+
     scores = _score("LoRKD (unfused)", model, files, True)
     backbone = export_expert(model, None)
     train_flops = count_flops(model, in_shape, torch.zeros(1, dtype=torch.long))
@@ -203,6 +215,10 @@ def evaluate_decomposition(
         deploy_flops,
     )
 
+    _write(rows, class_rows, out_dir)
+    return rows
+
+
+def _write(rows: list[dict], class_rows: list[dict], out_dir: str | os.PathLike) -> None:
     write_table(rows, os.path.join(out_dir, "regions.csv"), os.path.join(out_dir, "regions.md"))
     write_table(class_rows, os.path.join(out_dir, "classes.csv"), os.path.join(out_dir, "classes.md"))
-    return rows

@@ -126,10 +126,11 @@ def write_training_summary(
     if warmup is not None:
         ranks = warmup.ranks
         if ranks is None:
-            ranks = list(next(eks_layers(warmup.network))[1].ranks)
+            first = next(eks_layers(warmup.network), None)  # None: a baseline network without experts
+            ranks = list(first[1].ranks) if first is not None else None
         summary.update(
             {
-                "expert_ranks": list(ranks),
+                "expert_ranks": ranks,
                 "lorkd_star_formula_ranks": getattr(warmup, "formula_ranks", None),
                 "warmup_loss_drops": warmup.loss_drops,
             }

@@ -303,13 +303,16 @@ def ranks_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor])
     """BASE expert ranks stored in ``state_dict`` (read from the ``lora_A`` shapes of the model's first EKS layer,
     divided by that layer's rank multiplier).
 
-    Returns None when the state dict holds no expert factors for that layer.
+    Returns None when the state dict holds no expert factors for that layer, or the model has no EKS layer.
 
     Raises:
         ValueError: when the factor shapes do not fit the layer's rank multiplier.
     """
     model = getattr(model, "module", model)
-    prefix_name, layer = next(eks_layers(model))
+    first = next(eks_layers(model), None)
+    if first is None:  # a network without experts (baselines): nothing to re-shape
+        return None
+    prefix_name, layer = first
     prefix = f"{prefix_name}.lora_A." if prefix_name else "lora_A."
     shapes = {int(k[len(prefix):]): v.shape[0] for k, v in state_dict.items() if k.startswith(prefix)}
     if not shapes:
@@ -323,7 +326,8 @@ def load_expert_state_dict(
     """Load a (LoRKD*) checkpoint whose expert ranks may differ from the model's: re-shape the experts, then load.
 
     Args:
-        model: the :class:`ExpertNetwork` (or its DDP wrapper).
+        model: the :class:`ExpertNetwork` (or its DDP wrapper); a network without experts (a baseline's stock
+            network) loads as with ``load_state_dict``.
         state_dict: a state dict, or the path of a file holding one (e.g. a bundle's ``models/model.pt``).
         strict: as in ``load_state_dict``; also checks first that the checkpoint's expert factors fit the model.
 

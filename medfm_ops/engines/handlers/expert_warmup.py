@@ -177,7 +177,7 @@ class ExpertWarmupHandler:
         formula = state.get("formula_ranks")  # absent in older checkpoints
         self.formula_ranks = (formula.tolist() or None) if formula is not None else None
         self.loss_drops = state["loss_drops"].tolist() or None
-        current = next(eks_layers(self.network))[1].ranks
-        if self.ranks is not None and tuple(self.ranks) != tuple(current):
+        first = next(eks_layers(self.network), None)  # None: a baseline network without experts
+        if first is not None and self.ranks is not None and tuple(self.ranks) != tuple(first[1].ranks):
             set_expert_ranks(self.network, self.ranks)
             self._repoint_optimizer()
