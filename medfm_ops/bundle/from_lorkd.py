@@ -14,7 +14,7 @@ import nibabel as nib
 
 from medfm_ops.data import RegionTable, load_datalist
 from medfm_ops.engines import model_fingerprint
-from medfm_ops.networks import export_expert, instantiate, load_expert_state_dict, load_network_spec, to_experts
+from medfm_ops.networks import expert_model_from_spec, export_expert, load_expert_state_dict, load_network_spec
 from medfm_ops.bundle.expert_bundle import write_expert_bundle
 from medfm_ops.bundle.verify import verify_bundle
 
@@ -117,9 +117,8 @@ def export_lorkd_expert(
         spacing = _region_spacing(sections["training"], task)
     if roi_size is None:
         roi_size = tuple(int(r) for r in parser.get_parsed_content("roi_size"))
-    # rebuild the trained expert model (ranks read from the checkpoint), fuse, keep the stock state dict
-    ranks, alpha = parser.get_parsed_content("expert_rank"), parser.get_parsed_content("expert_alpha")
-    model = to_experts(instantiate(spec["network_def"]), table.num_regions, ranks=ranks, alpha=alpha, copy_net=False)
+    # rebuild the trained expert model (settings recorded by its run, LoRKD* ranks from the checkpoint), fuse
+    model = expert_model_from_spec(spec)
     load_expert_state_dict(model, root / "models" / "model.pt")
     fused = export_expert(model, task)
     modality = "MR" if "mr" in name.lower() else "CT"

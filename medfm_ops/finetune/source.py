@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from medfm_ops.data import RegionTable
-from medfm_ops.networks import instantiate, load_fused_expert, load_network_spec, to_experts
+from medfm_ops.networks import expert_model_from_spec, instantiate, load_fused_expert, load_network_spec
 
 __all__ = ["SourceModel", "load_source", "INIT_MODES"]
 
@@ -127,8 +127,7 @@ def _training_bundle(root: Path, region: str | None, init: str) -> SourceModel:
     if init == "pretrained":
         state_dict = _weights(root / "models" / "model.pt")
         if any(".lora_A." in k for k in state_dict):  # a LoRKD ExpertNetwork: fuse the region's expert
-            alpha = float(_literal(root, "expert_alpha", 16.0))
-            experts = to_experts(instantiate(network_def), num_tasks=table.num_regions, ranks=1, alpha=alpha)
+            experts = expert_model_from_spec(spec)  # the settings its training run recorded
             state_dict = load_fused_expert(instantiate(network_def), experts, state_dict, task).state_dict()
     roi = _literal(root, "roi_size", None)
     spacing = _literal(root, "spacing", None)

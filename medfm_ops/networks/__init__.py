@@ -19,7 +19,15 @@ from medfm_ops.networks.experts import (
 )
 from medfm_ops.networks.execution import select_execution, set_execution
 from medfm_ops.networks.rank_allocation import lorkd_star_ranks, round_to_even
-from medfm_ops.networks.spec import SPEC_FILENAME, check_same_regions, instantiate, load_network_spec, save_network_spec
+from medfm_ops.networks.spec import (
+    LEGACY_EXPERT_SETTINGS,
+    SPEC_FILENAME,
+    check_same_regions,
+    expert_model_from_spec,
+    instantiate,
+    load_network_spec,
+    save_network_spec,
+)
 from medfm_ops.networks.routing import TaskRouting
 from medfm_ops.networks.teacher import freeze, load_teacher
 from medfm_ops.networks.cls_shufflenet import ShuffleNetV2, channel_shuffle
@@ -72,6 +80,8 @@ __all__ = [
     "freeze",
     "instantiate",
     "save_network_spec",
+    "expert_model_from_spec",
+    "LEGACY_EXPERT_SETTINGS",
     "load_network_spec",
     "check_same_regions",
     "SPEC_FILENAME",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,21 @@ from torch import nn
 from medfm_ops.utils.atomic_io import atomic_write_text
 from medfm_ops.utils.json_file import read_json_object
 
-__all__ = ["instantiate", "save_network_spec", "load_network_spec", "check_same_regions", "SPEC_FILENAME"]
+__all__ = [
+    "instantiate",
+    "save_network_spec",
+    "load_network_spec",
+    "check_same_regions",
+    "expert_model_from_spec",
+    "SPEC_FILENAME",
+    "LEGACY_EXPERT_SETTINGS",
+]
 
 #: written into a bundle's ``models/`` folder by its training config
 SPEC_FILENAME = "network_def.json"
+
+#: :func:`~medfm_ops.networks.to_experts` settings of models trained before specs recorded them (lorkd_seg < 0.3.0)
+LEGACY_EXPERT_SETTINGS: dict[str, Any] = {"ranks": 8, "alpha": 16.0, "convert_transposed": False, "scaling": "rank"}
 
 
 def instantiate(network_def: dict[str, Any]) -> nn.Module:
@@ -29,15 +41,31 @@ def instantiate(network_def: dict[str, Any]) -> nn.Module:
     return ConfigParser({"network_def": network_def}).get_parsed_content("network_def")
 
 
-def save_network_spec(ckpt_dir: str | os.PathLike, network_def: dict[str, Any], region_table: Any = None) -> Path:
+def save_network_spec(
+    ckpt_dir: str | os.PathLike,
+    network_def: dict[str, Any],
+    region_table: Any = None,
+    experts: Mapping[str, Any] | None = None,
+) -> Path:
     """
-    Write ``{ckpt_dir}/network_def.json`` = ``{"network_def": ..., "regions": [...]}`` atomically, so the weights
-    in ``ckpt_dir`` can be rebuilt without the training data (teacher loading, expert export, inference).
+    Write ``{ckpt_dir}/network_def.json`` = ``{"network_def": ..., "regions": [...], "experts": {...}}`` atomically,
+    so the weights in ``ckpt_dir`` can be rebuilt without the training data or config (teacher loading, expert
+    export, inference, site fine-tuning).
+
+    Args:
+        ckpt_dir: the folder of the weights.
+        network_def: literal config of the stock backbone (``_target_`` and values).
+        region_table: the class layout (:class:`~medfm_ops.data.RegionTable`). Defaults to None.
+        experts: keyword arguments of :func:`~medfm_ops.networks.to_experts` that built the trained model (base
+            ``ranks``, ``alpha``, ``convert_transposed``, ``rank_multipliers``, ``scaling``). Defaults to None (no
+            experts).
     """
     instantiate(network_def)  # fail now, not at load time, on a config that cannot be built
     content: dict[str, Any] = {"network_def": network_def}
     if region_table is not None:
         content["regions"] = region_table.to_regions()
+    if experts is not None:
+        content["experts"] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in experts.items()}
     path = Path(ckpt_dir) / SPEC_FILENAME
     atomic_write_text(path, json.dumps(content, indent=2))
     return path
@@ -69,3 +97,25 @@ def check_same_regions(spec: dict[str, Any], region_table: Any, what: str) -> No
             f"{[r['labels'] for r in saved]} vs the data set's {[r['name'] for r in current]} with "
             f"{[r['labels'] for r in current]}. Train it on the same datalist (or the same region table)."
         )
+
+
+def expert_model_from_spec(spec: str | os.PathLike | Mapping[str, Any], num_tasks: int | None = None) -> nn.Module:
+    """
+    The untrained :class:`~medfm_ops.networks.ExpertNetwork` of the same architecture as a trained LoRKD model: its
+    backbone ``network_def`` converted with the ``experts`` settings its training run recorded
+    (:data:`LEGACY_EXPERT_SETTINGS` for older specs). Load the weights with
+    :func:`~medfm_ops.networks.load_expert_state_dict` (it applies LoRKD* ranks from the checkpoint).
+
+    Args:
+        spec: a spec dict, or a file/folder holding ``network_def.json``.
+        num_tasks: number of experts. Defaults to the number of regions in the spec.
+    """
+    from medfm_ops.networks.experts import to_experts
+
+    spec = spec if isinstance(spec, Mapping) else load_network_spec(spec)
+    if num_tasks is None:
+        if not spec.get("regions"):
+            raise ValueError("the network description lists no regions: pass num_tasks.")
+        num_tasks = len(spec["regions"])
+    settings = dict(spec.get("experts") or LEGACY_EXPERT_SETTINGS)
+    return to_experts(instantiate(spec["network_def"]), num_tasks, copy_net=False, **settings)
