@@ -23,18 +23,11 @@ from monai.bundle import run as bundle_run
 
 from medfm_ops.bundle import export_lorkd_expert
 from medfm_ops.data import load_datalist
+from seg_fixture import TINY
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "synthetic#size": 16,
-    "synthetic#cases_per_region": 4,
-    "synthetic#test_cases_per_region": 1,
-    "roi_size": [16, 16, 16],
-    "batch_size": 4,
-    "num_workers": 0,
-}
 
 
 def _cfg(bundle: Path, *names: str) -> str | list[str]:
@@ -57,13 +50,11 @@ def _raw(bundle: str, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """Copies of both bundles, a private data cache, a trained teacher and a trained LoRKD* student."""
-    root = tmp_path_factory.mktemp("bundles")
-    for name in ("foundation_seg", "lorkd_seg"):
-        shutil.copytree(REPO / "bundles" / name, root / name, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+def workspace(seg_bundles):
+    """Copies of both bundles, a private data cache, a trained teacher (session fixture ``seg_bundles``) and a trained
+    LoRKD* student."""
+    root = seg_bundles
     os.environ["MEDFM_CACHE"] = str(root / "cache")
-    _run(root / "foundation_seg", "train.json", epochs=2, val_interval=1)
     _run(root / "lorkd_seg", "train.json", epochs=3, warmup_epochs=1, lorkd_star=True, val_interval=1)
     yield root
     os.environ.pop("MEDFM_CACHE", None)
