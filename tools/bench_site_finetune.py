@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ from typing import Any
 
 import fire
 
+from medfm_ops.metrics import markdown_sections
 from medfm_ops.utils.atomic_io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,18 +70,24 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` from the repository root, output to ``log``; raise with the log's tail on failure."""
+def _run_timed(cmd: list[str], log: Path) -> dict[str, float]:
+    """Run ``cmd`` from the repository root, output to ``log``; raise with the log's tail on failure. Returns
+    ``{"wall": seconds, "cpu": user + system seconds of the child}`` (CPU time depends less on other jobs)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"$ {shlex.join(cmd)}\n  (log: {log})", flush=True)
-    start = time.perf_counter()
+    start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as f:
         rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=_env())
-    seconds = time.perf_counter() - start
+    seconds, now = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
         raise RuntimeError(f"command failed (exit {rc}) after {seconds:.0f} s: {shlex.join(cmd)}\n{tail}")
-    return seconds
+    return {"wall": seconds, "cpu": (now.ru_utime - used.ru_utime) + (now.ru_stime - used.ru_stime)}
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    """:func:`_run_timed`'s wall time."""
+    return _run_timed(cmd, log)["wall"]
 
 
 def _config_epochs(name: str) -> int | None:
@@ -87,13 +95,14 @@ def _config_epochs(name: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _complete(bundle: Path, name: str) -> dict[str, Any] | None:
-    """The training summary of ``bundle`` when its checkpoint is complete (all of the config's epochs), else None."""
+def _complete(bundle: Path, name: str, epochs: int | None = None) -> dict[str, Any] | None:
+    """The training summary of ``bundle`` when its checkpoint is complete (``epochs``, default the config's), else
+    None."""
     summary = bundle / "models" / "training_summary.json"
     if not (bundle / "models" / "model.pt").is_file() or not (bundle / "models" / "network_def.json").is_file():
         return None
     info = json.loads(summary.read_text()) if summary.is_file() else {}
-    wanted = _config_epochs(name)
+    wanted = _config_epochs(name) if epochs is None else int(epochs)
     if wanted is not None and int(info.get("epochs", 0)) < wanted:
         return None
     return info
@@ -105,23 +114,47 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def ensure_pretrained(work_dir: str | Path, retrain: bool = False) -> dict[str, dict[str, Any]]:
+def ensure_pretrained(
+    work_dir: str | Path,
+    retrain: bool = False,
+    datalist: str | Path | None = None,
+    recipe: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
     """
     The teacher (``foundation_seg``) and LoRKD (``lorkd_seg``) bundle directories to start from, trained here when
-    missing or incomplete. Returns ``{name: {"path", "summary", "trained_now", "seconds"}}``.
+    missing or incomplete. Returns ``{name: {"path", "summary", "trained_now", "seconds", "recipe"}}``.
+
+    Without ``datalist``/``recipe``: complete checkpoints of ``bundles/<name>/models`` are used when present, else
+    the bundles' own ``configs/train.json`` (synthetic default data) trains into ``<work_dir>/pretrained/<name>``.
+    With them: ``configs/train.json`` trains on ``datalist`` with the command-line overrides ``recipe[name]``
+    (e.g. ``{"epochs": 40, "roi_size": [32, 32, 32]}``; no config copies) into ``<work_dir>/pretrained/<name>``,
+    stamped with ``recipe.json`` (datalist checksum, overrides, teacher checksum): reused only when complete and the
+    stamp is unchanged, an interrupted run of the same stamp resumes, a different stamp retrains from scratch.
     """
+    custom = datalist is not None or recipe is not None
     out: dict[str, dict[str, Any]] = {}
     teacher_dir = None
     for name in ("foundation_seg", "lorkd_seg"):
         repo_dir, local_dir = REPO / "bundles" / name, Path(work_dir).resolve() / "pretrained" / name
+        overrides = dict((recipe or {}).get(name, {}))
+        stamp = None
+        if custom:
+            stamp = {"datalist": str(datalist) if datalist else None,
+                     "datalist_sha256": _sha256(Path(datalist)) if datalist else None, "overrides": overrides,
+                     "teacher_sha256": _sha256(Path(teacher_dir) / "models" / "model.pt") if teacher_dir else None}  # fmt: skip
+        stamp_file = local_dir / "recipe.json"
+        same_stamp = stamp is None or (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp)
+        epochs = overrides.get("epochs")
         found = None
         if not retrain:
-            for candidate in (repo_dir, local_dir):
-                info = _complete(candidate, name)
-                if info is not None:
+            for candidate in ((local_dir,) if custom else (repo_dir, local_dir)):
+                info = _complete(candidate, name, epochs)
+                if info is not None and (candidate == repo_dir or same_stamp):
                     found = {"path": str(candidate), "summary": info, "trained_now": False, "seconds": None}
                     break
         if found is None:
+            if custom and (retrain or not same_stamp) and local_dir.exists():
+                shutil.rmtree(local_dir)  # another recipe (or a forced retrain): never resume or mix with it
             cmd = [
                 sys.executable, "-m", "monai.bundle", "run",
                 "--config_file", str(repo_dir / "configs" / "train.json"),
@@ -129,14 +162,22 @@ def ensure_pretrained(work_dir: str | Path, retrain: bool = False) -> dict[str, 
                 "--ckpt_dir", str(local_dir / "models"),
                 "--output_dir", str(local_dir / "runs"),
             ]  # fmt: skip
+            if datalist is not None:
+                cmd += ["--datalist", str(datalist)]
+            for key, value in overrides.items():
+                cmd += [f"--{key}", json.dumps(value)]
             if name == "lorkd_seg":
                 cmd += ["--teacher_path", str(teacher_dir)]
             states = sorted((local_dir / "models").glob("train_state_checkpoint_epoch=*.pt"), key=os.path.getmtime)
-            if states and not retrain:  # an interrupted earlier run: continue it
+            if states and not retrain:  # an interrupted earlier run (of the same recipe): continue it
                 cmd += ["--resume_from", str(states[-1])]
-            seconds = _run(cmd, local_dir / "train.log")
-            found = {"path": str(local_dir), "summary": _complete(local_dir, name) or {}, "trained_now": True,
-                     "seconds": seconds}  # fmt: skip
+            if stamp is not None:
+                local_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(stamp_file, json.dumps(stamp, indent=2))
+            timed = _run_timed(cmd, local_dir / "train.log")
+            found = {"path": str(local_dir), "summary": _complete(local_dir, name, epochs) or {}, "trained_now": True,
+                     "seconds": timed["wall"], "cpu_seconds": timed["cpu"]}  # fmt: skip
+        found["recipe"] = overrides
         out[name] = found
         if name == "foundation_seg":
             teacher_dir = found["path"]
@@ -155,6 +196,52 @@ def export_brain_expert(lorkd_dir: str | Path, out_dir: str | Path, roi_size=(32
         spacing=src.spacing or (1.0, 1.0, 1.0), roi_size=src.roi_size or roi_size, modality="MR",
     )  # fmt: skip
     return str(out_dir)
+
+
+def finetune_command(
+    source: str, region: str | None, init: str, mode: str, dataset: Path, out: Path, budget: dict[str, Any], seed: int,
+    *extra: str,
+) -> list[str]:
+    """The ``tools/finetune_site.py`` command of one run: a row's start (``source``, ``region``, ``init``, ``mode``)
+    with the shared ``budget`` (``epochs``, ``val_interval``, ``batch_size``, ``patch_size``, ``learning_rate``),
+    the :data:`SPARSE_SETTINGS` for ``sparse``, then ``extra`` flags (e.g. ``--split_file PATH``)."""
+    cmd = [
+        sys.executable, str(FINETUNE), "--expert_bundle", source, "--dataset_dir", str(dataset),
+        "--output_dir", str(out), "--mode", mode, "--init", init, "--epochs", str(budget["epochs"]),
+        "--val_interval", str(budget["val_interval"]), "--batch_size", str(budget["batch_size"]),
+        "--roi_size", json.dumps(list(budget["patch_size"])), "--learning_rate", str(budget["learning_rate"]),
+        "--seed", str(seed), *extra, "--verify", "false", "--progress", "false",
+    ]  # fmt: skip
+    if region:
+        cmd += ["--region", region]
+    if mode == "sparse":
+        for key, value in SPARSE_SETTINGS.items():
+            cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def run_or_reuse(cmd: list[str], out: Path, settings: dict[str, Any], reuse: bool = True) -> dict[str, Any]:
+    """
+    Run one fine-tuning ``cmd`` writing the site bundle ``out``, or reuse it: a bundle whose stamp
+    (``<out>.bench_row.json``, written after a successful run) holds the same ``settings`` (budget, mode, seed,
+    starting-weight checksum, split) is kept. The log goes to ``<out>.log``.
+
+    Returns:
+        ``{"summary": the bundle's docs/finetune_summary.json, "seconds": wall time of the run (the original run's
+        when reused), "cpu_seconds": its CPU time (None for stamps without it), "reused": bool}``.
+    """
+    done = out / "docs" / "finetune_summary.json"
+    stamp, log = out.parent / f"{out.name}.bench_row.json", out.parent / f"{out.name}.log"
+    old = json.loads(stamp.read_text()) if stamp.is_file() and done.is_file() else {}
+    reused = bool(reuse and old.get("settings") == settings)  # same budget AND the same starting weights
+    if reused:
+        print(f"  reusing {out}", flush=True)
+        seconds, cpu = old.get("seconds"), old.get("cpu_seconds")
+    else:
+        timed = _run_timed(cmd, log)
+        seconds, cpu = timed["wall"], timed["cpu"]
+        atomic_write_text(stamp, json.dumps({"settings": settings, "seconds": seconds, "cpu_seconds": cpu}, indent=2))
+    return {"summary": json.loads(done.read_text()), "seconds": seconds, "cpu_seconds": cpu, "reused": reused}
 
 
 def _rel(path: str) -> str:
@@ -193,7 +280,8 @@ def _sparse_setup(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_results(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """Render ``docs/RESULTS.md`` from the runs' summaries (``docs/finetune_summary.json`` of each site bundle)."""
+    """Render ``docs/RESULTS.md`` from the runs' summaries (``docs/finetune_summary.json`` of each site bundle); the
+    file's marked sections written by other tools (``<!-- medfm:KEY:begin -->``, e.g. the site curve) are kept."""
     first = rows[0]["runs"][0]["summary"]
     classes = [r["class"] for r in first["after"]["table"]]
     split = first["split"]
@@ -308,8 +396,9 @@ def write_results(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) 
         "",
     ]
     text = "\n".join(lines)
+    kept = markdown_sections(path.read_text()) if path.is_file() else {}  # other tools' sections (site curve)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write_text(path, text + "".join(f"\n{block}\n" for block in kept.values()))
     return text
 
 
@@ -359,6 +448,8 @@ def run(
     export_brain_expert(pretrained["lorkd_seg"]["path"], expert_dir)
     split_file = work / "split.json"
     sources = {"expert": (str(expert_dir), None), "teacher": (pretrained["foundation_seg"]["path"], REGION)}
+    budget = {"epochs": epochs, "val_interval": val_interval, "batch_size": batch_size, "patch_size": patch_size,
+              "learning_rate": learning_rate}
     out_rows = []
     for name, description, source, init, mode in ROWS:
         if name not in wanted:
@@ -367,37 +458,19 @@ def run(
         runs = []
         for seed in seed_list:
             out = work / f"{name}_seed{seed}"
-            cmd = [
-                sys.executable, str(FINETUNE), "--expert_bundle", path, "--dataset_dir", str(data),
-                "--output_dir", str(out), "--mode", mode, "--init", init, "--epochs", str(epochs),
-                "--val_interval", str(val_interval), "--batch_size", str(batch_size),
-                "--roi_size", json.dumps(list(patch_size)), "--learning_rate", str(learning_rate),
-                "--seed", str(seed), "--split_seed", str(split_seed), "--split_file", str(split_file),
-                "--verify", "false", "--progress", "false",
-            ]  # fmt: skip
-            if region:
-                cmd += ["--region", region]
-            if mode == "sparse":
-                for key, value in SPARSE_SETTINGS.items():
-                    cmd += [f"--{key}", str(value)]
-            done, stamp = out / "docs" / "finetune_summary.json", work / f"{name}_seed{seed}.bench_row.json"
+            cmd = finetune_command(path, region, init, mode, data, out, budget, seed, "--split_seed", str(split_seed),
+                                   "--split_file", str(split_file))  # fmt: skip
             settings = {"epochs": epochs, "val_interval": val_interval, "batch_size": batch_size,
                         "learning_rate": learning_rate, "patch_size": list(patch_size), "mode": mode, "init": init,
                         "seed": seed, "split_seed": split_seed,
                         "source": None if init == "scratch" else _sha256(Path(path) / "models" / "model.pt"),
                         **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
-            old = json.loads(stamp.read_text()) if stamp.is_file() and done.is_file() else {}
-            if reuse_rows and old.get("settings") == settings:  # same budget AND the same starting weights
-                print(f"  {name} seed {seed}: reusing {out}", flush=True)
-                seconds = old.get("seconds")
-            else:
-                if not split_file.is_file() and runs:
-                    raise RuntimeError(f"{split_file} was not written by the first run.")
-                seconds = _run(cmd, work / f"{name}_seed{seed}.log")
-                if not split_file.is_file():  # the first run made the split: every later run reuses it
-                    shutil.copyfile(out / "docs" / "split.json", split_file)
-                atomic_write_text(stamp, json.dumps({"settings": settings, "seconds": seconds}, indent=2))
-            summary = json.loads(done.read_text())
+            if not split_file.is_file() and runs:
+                raise RuntimeError(f"{split_file} was not written by the first run.")
+            result = run_or_reuse(cmd, out, settings, reuse_rows)
+            if not split_file.is_file():  # the first run made the split: every later run reuses it
+                shutil.copyfile(out / "docs" / "split.json", split_file)
+            summary, seconds = result["summary"], result["seconds"]
             print(f"  {name} seed {seed}: DSC {summary['before']['mean_dsc']:.4f} -> {summary['after']['mean_dsc']:.4f}, "
                   f"NSD {summary['before']['mean_nsd']:.4f} -> {summary['after']['mean_nsd']:.4f} "
                   f"({(seconds or 0) / 60:.1f} min)", flush=True)  # fmt: skip

@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 from .datalist import SECTIONS, load_datalist, require_files
+from .datalist_merge import merge_datalists
 from .atomic_writer import AtomicNibabelWriter
 from .integrity import DatasetIntegrityError, check_datalist_cases, check_segmentation_cases
 from .msd import convert_msd, read_msd_dataset, split_cases
 from .msd_mapping import convert_msd_mapping, read_msd_mapping
+from .msd_subset import write_msd_subset
 from .region_table import RegionTable
 from .synthetic import (
     GENERATOR_VERSION,
@@ -55,12 +57,14 @@ __all__ = [
     "ensure_synthetic_dataset",
     "generate_case",
     "load_datalist",
+    "merge_datalists",
     "partial_label",
     "read_msd_dataset",
     "read_msd_mapping",
     "require_files",
     "split_cases",
     "synthetic_fingerprint",
+    "write_msd_subset",
     "write_synthetic_dataset",
 ]
 

@@ -104,6 +104,7 @@ def finetune_expert(
     sparse_variant: str = "l2",
     sparse_lambda: float = 1.0,
     nsd_tolerance_mm: float = 1.0,
+    score_before: bool = True,
     version: str | None = None,
     device: str | None = None,
     verify: bool = True,
@@ -137,8 +138,10 @@ def finetune_expert(
         seed: seed of the fresh weights and of training (data order, augmentation). Defaults to 0.
         split_seed: seed of the train/validation split. Defaults to ``seed``.
         val_split: validation fraction or count of a new split. Defaults to 0.2.
-        split_file: a saved split to reuse. Defaults to ``{output_dir}/docs/split.json`` when it exists, else a new
-            split saved there.
+        split_file: a saved split to reuse: a seeded one (``split_seed``/``val_split`` must match) or explicit case
+            lists (:py:func:`~medfm_ops.finetune.write_split`; trained and validated on exactly those cases,
+            ``split_seed``/``val_split`` unused). Defaults to ``{output_dir}/docs/split.json`` when it exists, else
+            a new seeded split saved there.
         num_train_cases, num_val_cases: use only the first N cases of each part (shortened runs). Default to all.
         roi_size: training patch and inference window. Defaults to the source's.
         spacing: target spacing in mm. Defaults to the source's (or the first training image's).
@@ -147,6 +150,9 @@ def finetune_expert(
             that train, importance variant (``"l2"`` or ``"l1"``), weight of the magnitude part. Default to 0.01,
             ``"l2"`` and 1.0; the importance is estimated over one epoch of the training loader.
         nsd_tolerance_mm: NSD tolerance. Defaults to 1.0.
+        score_before: score the starting bundle on the validation cases before training (the README's "before"
+            rows). False skips that inference pass (``"before": null`` in the summary), e.g. when a study already
+            scored the same starting weights on the same cases. Defaults to True.
         version: version of the new bundle. Defaults to the source's with the minor number bumped.
         device: e.g. ``"cpu"`` or ``"cuda:0"``. Defaults to the bundle's choice (CUDA when available).
         verify: run MONAI's ``verify_metadata``, ``verify_net_in_out`` and ``ckpt_export`` on the result (the
@@ -214,7 +220,7 @@ def finetune_expert(
         )  # fmt: skip
         atomic_write_json(stage / SUMMARY_RELPATH, {"status": "in_progress"})
         cases = split["validation"]
-        before = _score(stage, cases, names, nsd_tolerance_mm, "before", device)
+        before = _score(stage, cases, names, nsd_tolerance_mm, "before", device) if score_before else None
 
         overrides: dict[str, Any] = {
             "train#dataset#data": [{"image": c["image"], "label": c["label"]} for c in split["training"]],
@@ -229,6 +235,8 @@ def finetune_expert(
         t0 = time.perf_counter()
         workflow = run_bundle_configs(stage, MODE_CONFIGS[mode], overrides, extra_train_handlers=handlers)
         train_seconds = time.perf_counter() - t0
+        val_state = workflow.parser.get_parsed_content("validate#evaluator").state
+        kept = {"epoch": int(val_state.best_metric_epoch), "val_mean_dice": float(val_state.best_metric)}
         network = workflow.parser.get_parsed_content("network")
         parameters = {"total": sum(p.numel() for p in network.parameters()),
                       "trainable": sum(p.numel() for p in network.parameters() if p.requires_grad)}  # fmt: skip
@@ -245,7 +253,7 @@ def finetune_expert(
         after = _score(stage, cases, names, nsd_tolerance_mm, "after", device)
         shutil.rmtree(stage / "eval", ignore_errors=True)
 
-        rows = comparison_rows({"before": before, "after": after})
+        rows = comparison_rows({"before": before, "after": after} if before else {"after": after})
         write_table(rows, stage / "docs" / "metrics.csv", stage / "docs" / "metrics.md", COLUMNS)
         summary = {
             "status": "complete",
@@ -263,7 +271,8 @@ def finetune_expert(
             "sparse": {"budget": float(sparse_budget), "variant": sparse_variant, "lambda": float(sparse_lambda),
                        "selected": parameters["trainable"], "estimation_batches": estimate.num_batches,
                        "estimation_seconds": estimate.seconds} if mode == "sparse" else None,
-            "split": {"file": SPLIT_FILENAME, "seed": int(split_seed), "val_split": val_split, "reused": split["reused"],
+            "split": {"file": SPLIT_FILENAME, "origin": split["origin"], "seed": split["seed"],
+                      "val_split": split["val_split"], "info": split["info"], "reused": split["reused"],
                       "num_training_total": split["num_training_total"],
                       "num_validation_total": split["num_validation_total"],
                       "num_training_used": len(split["training"]), "num_validation_used": len(cases)},
@@ -273,6 +282,7 @@ def finetune_expert(
             "parameters": parameters,
             "device": str(workflow.parser.get_parsed_content("device")),
             "train_seconds": train_seconds,
+            "best_validation": kept,  # the kept epoch, by the training-time validation (MONAI MeanDice)
             "before": before,
             "after": after,
             "machine": {**machine_info(workflow.parser.get_parsed_content("device")), "monai": monai.__version__},

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,13 +40,26 @@ def changelog_entry(summary: Mapping[str, Any]) -> str:
     """One changelog line: source bundle and version, data set, mode, epochs and the before/after scores."""
     src = summary["source"]
     b, a = summary["before"], summary["after"]
+    dsc, nsd = (f"{b['mean_dsc']:.4f} -> ", f"{b['mean_nsd']:.4f} -> ") if b else ("", "")
     return (
         f"site fine-tuning ({summary['mode']}, init {summary['init']}, {summary['epochs']} epochs) of "
         f"'{src['name']}' {src['version']} on '{summary['dataset']['name']}' "
         f"({summary['split']['num_training_used']} training / {summary['split']['num_validation_used']} validation "
-        f"cases): validation DSC {b['mean_dsc']:.4f} -> {a['mean_dsc']:.4f}, NSD ({summary['nsd_tolerance_mm']} mm) "
-        f"{b['mean_nsd']:.4f} -> {a['mean_nsd']:.4f}"
+        f"cases): validation DSC {dsc}{a['mean_dsc']:.4f}, NSD ({summary['nsd_tolerance_mm']} mm) "
+        f"{nsd}{a['mean_nsd']:.4f}"
     )
+
+
+def _split_origin(split: Mapping[str, Any]) -> str:
+    if split.get("origin") == "explicit":
+        return "explicit case lists" + (f", {json.dumps(split['info'])}" if split.get("info") else "")
+    return f"seed {split['seed']}, validation fraction {split['val_split']}"
+
+
+def _stages(summary: Mapping[str, Any]) -> str:
+    if summary["before"]:
+        return "before and after fine-tuning"
+    return "after fine-tuning (the starting point was not scored here: `score_before` false)"
 
 
 def readme_section(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
@@ -62,8 +76,8 @@ This bundle is `{src['name']}` version {src['version']} ({src['path']}) fine-tun
 (batch {summary['train_settings']['batch_size']}, learning rate {summary['train_settings']['learning_rate']}, AdamW,
 cosine schedule), on {summary['device']} in {summary['train_seconds']:.0f} s of training.
 
-Data: `{summary['dataset']['dir']}`; split saved in `docs/split.json` (seed {split['seed']}, validation fraction
-{split['val_split']}): {split['num_training_used']} of {split['num_training_total']} training and
+Data: `{summary['dataset']['dir']}`; split saved in `docs/split.json` ({_split_origin(split)}):
+{split['num_training_used']} of {split['num_training_total']} training and
 {split['num_validation_used']} of {split['num_validation_total']} validation cases used.
 
 Head `{head['mode']}` (site class -> source class -> network channel):
@@ -73,7 +87,7 @@ Head `{head['mode']}` (site class -> source class -> network channel):
 {classes}
 
 Validation scores of this bundle's own `configs/inference.json` (label maps written on each image's grid, scored
-against the site's label files; NSD tolerance {summary['nsd_tolerance_mm']} mm), before and after fine-tuning;
+against the site's label files; NSD tolerance {summary['nsd_tolerance_mm']} mm), {_stages(summary)};
 mean and standard deviation over cases:
 
 {format_markdown(rows, COLUMNS)}

@@ -1,6 +1,8 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""A site's deterministic train/validation split of an MSD-style data set, saved once and reused."""
+"""A site's train/validation split of an MSD-style data set, saved once and reused: a seeded split made here
+(:py:func:`load_or_create_split`) or explicit case lists chosen elsewhere (:py:func:`write_split`, e.g. the N-case
+draws of a data-efficiency study)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ from typing import Any
 from medfm_ops.data import read_msd_dataset, split_cases
 from medfm_ops.utils.atomic_io import atomic_write_text
 
-__all__ = ["load_or_create_split", "SPLIT_FILENAME"]
+__all__ = ["load_or_create_split", "write_split", "SPLIT_FILENAME", "SPLIT_ORIGINS"]
 
 #: default name of the split file, written next to the fine-tuning outputs
 SPLIT_FILENAME = "split.json"
+#: how a split file was made: ``"seeded"`` (a seeded permutation, :py:func:`load_or_create_split`; files without an
+#: ``origin`` key are seeded) or ``"explicit"`` (case lists given to :py:func:`write_split`)
+SPLIT_ORIGINS = ("seeded", "explicit")
 
 
 def _rel(path: str, root: Path) -> str:
@@ -42,7 +47,8 @@ def load_or_create_split(
     The train/validation split of an MSD-style data set: read from ``split_file`` when it exists, otherwise made
     with :py:func:`medfm_ops.data.split_cases` (seeded permutation of the cases sorted by image path) and written
     there atomically. The file stores case paths relative to ``dataset_dir``, so a site can move its data and keep
-    its split.
+    its split. An explicit split file (:py:func:`write_split`) is read as it is: ``seed`` and ``val_split`` do not
+    apply to it and are not checked.
 
     Args:
         dataset_dir: MSD-style directory (``dataset.json``, ``imagesTr/``, ``labelsTr/``).
@@ -54,9 +60,10 @@ def load_or_create_split(
         num_val_cases: likewise for the validation cases. Defaults to None (all).
 
     Returns:
-        ``{"dataset_dir", "split_file", "seed", "val_split", "label_names", "training", "validation", "reused"}``
-        with ``training``/``validation`` lists of ``{"image", "label", "region": 0}`` (absolute paths) and
-        ``label_names`` the site's ``{"1": name, ...}`` from ``dataset.json``.
+        ``{"dataset_dir", "split_file", "origin", "seed", "val_split", "label_names", "training", "validation",
+        "reused", ...}`` with ``training``/``validation`` lists of ``{"image", "label", "region": 0}`` (absolute
+        paths), ``label_names`` the site's ``{"1": name, ...}`` from ``dataset.json``, ``origin`` one of
+        :py:data:`SPLIT_ORIGINS` (``seed``/``val_split`` are None for an explicit split).
 
     Raises:
         ValueError: when an existing split file was made with another ``seed``/``val_split`` (delete it or pass the
@@ -79,7 +86,10 @@ def load_or_create_split(
             saved = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"split file {path}: invalid JSON ({e}); delete it to make a new split.") from e
-        if saved.get("seed") != int(seed) or saved.get("val_split") != val_split:
+        origin, info = saved.get("origin", "seeded"), saved.get("info") or {}
+        if origin not in SPLIT_ORIGINS:
+            raise ValueError(f"split file {path}: unknown origin {origin!r}; expected one of {SPLIT_ORIGINS}.")
+        if origin == "seeded" and (saved.get("seed") != int(seed) or saved.get("val_split") != val_split):
             raise ValueError(
                 f"split file {path} was made with seed={saved.get('seed')}, val_split={saved.get('val_split')} but "
                 f"seed={seed}, val_split={val_split} were asked: pass the saved values or delete the file."
@@ -97,9 +107,11 @@ def load_or_create_split(
                         raise FileNotFoundError(f"split file {path}: {k} of a {section} case not found: {p}.")
                 parts[section].append(item)
     else:
+        origin, info = "seeded", {}
         parts = split_cases(cases, val_split=val_split, test_split=0, seed=seed)
         content = {
             "dataset_dir": str(root),
+            "origin": origin,
             "seed": int(seed),
             "val_split": val_split,
             "label_names": label_names,
@@ -117,8 +129,10 @@ def load_or_create_split(
     return {
         "dataset_dir": str(root),
         "split_file": str(path.resolve()),
-        "seed": int(seed),
-        "val_split": val_split,
+        "origin": origin,
+        "seed": int(seed) if origin == "seeded" else None,
+        "val_split": val_split if origin == "seeded" else None,
+        "info": info,
         "label_names": label_names,
         "num_training_total": len(parts["training"]),
         "num_validation_total": len(parts["validation"]),
@@ -126,3 +140,94 @@ def load_or_create_split(
         "validation": [{**c, "region": 0} for c in val],
         "reused": reused,
     }
+
+
+def _case_key(case: Any, root: Path, known: dict[str, str], what: str) -> dict[str, str]:
+    """A case given to :py:func:`write_split` as ``{"image", "label"}`` paths (absolute or relative to the data set)
+    checked against the data set's own cases; returned relative to the data set."""
+    if not isinstance(case, dict) or "image" not in case or "label" not in case:
+        raise ValueError(f"{what}: every case must be {{'image', 'label'}}, got {case!r}.")
+    image, label = (str((root / os.path.normpath(str(case[k]))).resolve()) for k in ("image", "label"))
+    if known.get(image) != label:
+        raise ValueError(
+            f"{what}: case {case['image']} is not a case of {root / 'dataset.json'} (or its label is not "
+            f"{case['label']}): an explicit split names cases of the data set it splits."
+        )
+    return {"image": _rel(image, root), "label": _rel(label, root)}
+
+
+def write_split(
+    dataset_dir: str | os.PathLike,
+    split_file: str | os.PathLike,
+    training: list[dict[str, Any]],
+    validation: list[dict[str, Any]],
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """
+    Save an explicit split (case lists chosen elsewhere) in the format :py:func:`load_or_create_split` reads, and
+    read it back. ``finetune_expert(split_file=...)`` then trains on exactly ``training`` and validates on exactly
+    ``validation``, in the given order.
+
+    A split is never silently replaced: an existing file with the same data set and case lists is reused (its
+    ``info`` included), a different one is an error.
+
+    Args:
+        dataset_dir: MSD-style directory the cases belong to.
+        split_file: JSON file to write (parents created; atomic).
+        training: ``[{"image", "label"}, ...]`` paths, absolute or relative to ``dataset_dir``; at least one.
+        validation: likewise; at least one, disjoint from ``training``.
+        info: JSON-serialisable description of how the lists were chosen (e.g. ``{"num_cases": 5, "seed": 1}``),
+            stored as ``info``. Defaults to None.
+
+    Returns:
+        :py:func:`load_or_create_split`'s dict (``origin`` ``"explicit"``, ``reused`` True when the file existed).
+
+    Raises:
+        ValueError: on an empty part, a case that is not one of the data set's (image and label as in its
+            ``dataset.json``), a case listed twice or in both parts, or an existing ``split_file`` with other cases.
+        FileNotFoundError: when the data set or one of its files is missing.
+
+    Example::
+
+        write_split("../shared/data/msd_hippocampus", "runs/n5_seed0.json", pool[:5], validation, {"num_cases": 5})
+        finetune_expert(expert, "../shared/data/msd_hippocampus", "runs/site_n5", split_file="runs/n5_seed0.json")
+    """
+    root = Path(dataset_dir).expanduser().resolve()
+    label_names, cases, _ = read_msd_dataset(root)
+    known = {str(Path(c["image"]).resolve()): str(Path(c["label"]).resolve()) for c in cases}
+    parts = {}
+    for section, items in (("training", training), ("validation", validation)):
+        if not items:
+            raise ValueError(f"write_split: '{section}' names no cases.")
+        parts[section] = [_case_key(c, root, known, f"write_split {section}") for c in items]
+    images = [c["image"] for s in parts.values() for c in s]
+    repeated = sorted({i for i in images if images.count(i) > 1})
+    if repeated:
+        raise ValueError(f"write_split: case(s) {repeated} listed more than once (within or across training and "
+                         "validation).")
+    content = {
+        "dataset_dir": str(root),
+        "origin": "explicit",
+        "label_names": label_names,
+        "info": dict(info or {}),
+        "num_training": len(parts["training"]),
+        "num_validation": len(parts["validation"]),
+        **parts,
+    }
+    path = Path(split_file)
+    existed = path.is_file()
+    if existed:
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"split file {path}: invalid JSON ({e}); delete it to write the split again.") from e
+        same = all(saved.get(k) == content[k] for k in ("origin", "training", "validation", "info"))
+        if not same:
+            raise ValueError(
+                f"split file {path} exists with other cases or another description ({saved.get('info')}); a split is "
+                "never replaced silently: delete it (and the runs made with it) or write to another file."
+            )
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(content, indent=2) + "\n")
+    return {**load_or_create_split(root, path), "reused": existed}

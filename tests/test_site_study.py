@@ -1,0 +1,236 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""The data-efficiency study's pieces on tiny data: explicit split files (and a site run trained on exactly one),
+the saved public/site split, nested N-case draws, the MSD subset view, merging datalists, the pre-training datalist,
+the learning-curve plot, marked report sections and the curve tool's budget helpers."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from site_fixture import write_expert, write_msd
+
+from medfm_ops.data import (
+    check_datalist_cases,
+    ensure_synthetic_dataset,
+    load_datalist,
+    merge_datalists,
+    read_msd_dataset,
+    write_msd_subset,
+)
+from medfm_ops.finetune import (
+    SUMMARY_RELPATH,
+    STUDY_PARTS,
+    build_pretraining_datalist,
+    draw_training_cases,
+    finetune_expert,
+    load_or_create_split,
+    load_or_create_study_split,
+    write_draw_split,
+    write_split,
+)
+from medfm_ops.metrics import markdown_sections, mean_std, plot_learning_curve, write_markdown_section
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def msd(tmp_path_factory):
+    return write_msd(tmp_path_factory.mktemp("study") / "msd", n=12)
+
+
+# -------------------------------------------------------------------------------------------- explicit split files
+def test_explicit_split_is_saved_reused_and_never_replaced(msd, tmp_path):
+    _, cases, _ = read_msd_dataset(msd)
+    path = tmp_path / "split.json"
+    first = write_split(msd, path, cases[3:5], cases[:2], info={"num_cases": 2})
+    assert first["origin"] == "explicit" and not first["reused"] and first["seed"] is None
+    assert [c["image"] for c in first["training"]] == [c["image"] for c in cases[3:5]]  # exactly, in order
+    saved = json.loads(path.read_text())
+    assert saved["training"][0]["image"] == "imagesTr/case_003.nii.gz" and saved["info"] == {"num_cases": 2}
+    again = write_split(msd, path, [{"image": "imagesTr/case_003.nii.gz", "label": "labelsTr/case_003.nii.gz"},
+                                    cases[4]], cases[:2], info={"num_cases": 2})  # fmt: skip
+    assert again["reused"] and again["training"] == first["training"]
+    # a seeded split's settings do not apply to an explicit file
+    read = load_or_create_split(msd, path, val_split=0.5, seed=7)
+    assert read["origin"] == "explicit" and read["validation"] == first["validation"] and read["reused"]
+    with pytest.raises(ValueError, match="never replaced silently"):
+        write_split(msd, path, cases[3:6], cases[:2], info={"num_cases": 3})
+    with pytest.raises(ValueError, match="more than once"):
+        write_split(msd, tmp_path / "b.json", cases[3:5], cases[4:6])
+    with pytest.raises(ValueError, match="is not a case of"):
+        write_split(msd, tmp_path / "c.json", [{"image": "/elsewhere/x.nii.gz", "label": "/elsewhere/y.nii.gz"}],
+                    cases[:1])  # fmt: skip
+    with pytest.raises(ValueError, match="'validation' names no cases"):
+        write_split(msd, tmp_path / "d.json", cases[3:5], [])
+    assert not (tmp_path / "b.json").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_site_run_trains_on_exactly_the_explicit_split_without_before_scores(msd, tmp_path):
+    _, cases, _ = read_msd_dataset(msd)
+    split_file = tmp_path / "n3_seed1.json"
+    write_split(msd, split_file, cases[5:8], cases[:3], info={"num_cases": 3, "draw_seed": 1})
+    out = tmp_path / "site_bundle"
+    summary = finetune_expert(write_expert(tmp_path / "expert"), msd, out, seed=1, epochs=1, batch_size=2,
+                              split_file=split_file, score_before=False, device="cpu", verify=False,
+                              progress=False)  # fmt: skip
+    s = summary["split"]
+    assert s["origin"] == "explicit" and s["seed"] is None and s["info"]["draw_seed"] == 1
+    assert s["num_training_used"] == s["num_training_total"] == 3 and s["num_validation_used"] == 3
+    assert json.loads((out / "docs" / "split.json").read_text()) == json.loads(split_file.read_text())
+    assert summary["best_validation"]["epoch"] == 1 and (out / SUMMARY_RELPATH).is_file()
+    readme = (out / "docs" / "README.md").read_text()
+    assert "explicit case lists" in readme and "`score_before` false" in readme and "| before" not in readme
+    assert summary["before"] is None and "-> " not in json.loads((out / "configs" / "metadata.json").read_text())[
+        "changelog"][summary["bundle"]["version"]].split("cases)")[-1]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------- study split and draws
+def test_study_split_is_saved_disjoint_and_refuses_to_re_split(msd, tmp_path):
+    path = tmp_path / "study_split.json"
+    study = load_or_create_study_split(msd, path, num_public=5, num_validation=3, seed=2)
+    assert [len(study[p]) for p in STUDY_PARTS] == [5, 3, 4] and not study["reused"]
+    images = [c["image"] for p in STUDY_PARTS for c in study[p]]
+    assert len(set(images)) == 12
+    assert load_or_create_study_split(msd, path, num_public=5, num_validation=3, seed=2)["public"] == study["public"]
+    other = load_or_create_study_split(msd, tmp_path / "other.json", num_public=5, num_validation=3, seed=3)
+    assert other["public"] != study["public"]
+    with pytest.raises(ValueError, match="was made with"):
+        load_or_create_study_split(msd, path, num_public=6, num_validation=3, seed=2)
+    saved = json.loads(path.read_text())
+    saved["site_pool"] = saved["site_pool"][1:]  # the data set no longer matches the saved lists
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="data set changed"):
+        load_or_create_study_split(msd, path, num_public=5, num_validation=3, seed=2)
+    with pytest.raises(ValueError, match="leave site training cases"):
+        load_or_create_study_split(msd, tmp_path / "x.json", num_public=9, num_validation=3)
+
+
+def test_draws_are_nested_per_seed_and_differ_between_seeds(msd, tmp_path):
+    pool = [{"image": f"i{k}", "label": f"l{k}"} for k in range(20)]
+    for seed in (0, 1):
+        assert draw_training_cases(pool, 5, seed) == draw_training_cases(pool, 10, seed)[:5]
+        assert sorted(c["image"] for c in draw_training_cases(pool, "all", seed)) == sorted(c["image"] for c in pool)
+    assert draw_training_cases(pool, 5, 0) != draw_training_cases(pool, 5, 1)
+    with pytest.raises(ValueError, match="1..20"):
+        draw_training_cases(pool, 21, 0)
+    study = load_or_create_study_split(msd, tmp_path / "study.json", num_public=4, num_validation=3)
+    split = write_draw_split(study, tmp_path / "n2_seed1.json", 2, 1)
+    assert split["validation"] == [{**c, "region": 0} for c in study["site_validation"]]
+    assert [c["image"] for c in split["training"]] == [c["image"] for c in draw_training_cases(study["site_pool"], 2, 1)]
+    assert split["info"] == {"study_split": "study.json", "num_cases": 2, "all_cases": False, "draw_seed": 1,
+                             "draw": "nested"}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ subset view, merge, datalist
+def test_msd_subset_view_lists_cases_without_copying(msd, tmp_path):
+    _, cases, info = read_msd_dataset(msd)
+    path = write_msd_subset(msd, cases[2:5], tmp_path / "view")
+    labels, listed, view_info = read_msd_dataset(tmp_path / "view")
+    resolved = [{k: str(Path(v).resolve()) for k, v in c.items()} for c in listed]
+    assert labels == {"1": "anterior", "2": "posterior"} and resolved == cases[2:5]
+    assert view_info["subset_of"] == str(msd.resolve()) and sorted(p.name for p in path.parent.iterdir()) == ["dataset.json"]
+    with pytest.raises(ValueError, match="is not a case of"):
+        write_msd_subset(msd, [{"image": "imagesTr/nope.nii.gz", "label": "labelsTr/nope.nii.gz"}], tmp_path / "v2")
+
+
+def _datalist(path: Path, regions: list[dict], items: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": path.stem, "regions": regions, "training": items, "validation": items}))
+    return path
+
+
+def test_merge_datalists_keeps_task_ids_values_and_annotations(msd, tmp_path):
+    img, lab = str(msd / "imagesTr" / "case_000.nii.gz"), str(msd / "labelsTr" / "case_000.nii.gz")
+    base = _datalist(tmp_path / "a" / "base.json", [
+        {"name": "brain", "task_id": 0, "labels": {"1": "ventricles", "2": "x"}},
+        {"name": "thorax", "task_id": 1, "labels": {"1": "lung"}},
+    ], [{"image": img, "label": lab, "region": 0}, {"image": img, "label": lab, "region": 1}])  # fmt: skip
+    extra = _datalist(tmp_path / "b" / "extra.json", [
+        {"name": "pelvis", "task_id": 0, "labels": {"1": "bladder"}},
+        {"name": "brain", "task_id": 1, "labels": {"1": "ventricles", "2": "x", "3": "anterior"}},
+    ], [{"image": img, "label": lab, "region": 1, "annotated": ["anterior"], "dataset": "real"},
+        {"image": img, "label": lab, "region": 0}])  # fmt: skip
+    merged = merge_datalists(base, extra, tmp_path / "c" / "merged.json")
+    assert [(r["name"], r["task_id"]) for r in merged["regions"]] == [("brain", 0), ("thorax", 1), ("pelvis", 2)]
+    table, sections = load_datalist(tmp_path / "c" / "merged.json")
+    assert table.class_names[0] == ["ventricles", "x", "anterior"]
+    got = [(i["region"], i["dataset"], i["annotated"]) for i in sections["training"]]
+    assert got == [(0, "brain", ["ventricles", "x"]), (1, "thorax", ["lung"]), (0, "real", ["anterior"]),
+                   (2, "pelvis", ["bladder"])]  # fmt: skip
+    assert not Path(merged["training"][0]["image"]).is_absolute()  # relative to the merged datalist
+    with pytest.raises(FileExistsError):
+        merge_datalists(base, extra, tmp_path / "c" / "merged.json")
+    clash = _datalist(tmp_path / "d" / "clash.json", [{"name": "brain", "task_id": 0, "labels": {"1": "anterior"}}],
+                      [{"image": img, "label": lab, "region": 0}])  # fmt: skip
+    with pytest.raises(ValueError, match="cannot merge region 'brain'"):
+        merge_datalists(base, clash, tmp_path / "d" / "merged.json")
+
+
+def test_pretraining_datalist_adds_the_public_cases_to_a_base_region(msd, tmp_path):
+    study = load_or_create_study_split(msd, tmp_path / "study.json", num_public=6, num_validation=3)
+    base = ensure_synthetic_dataset(tmp_path / "synthetic", size=16, cases_per_region=4, regions=["brain_mri",
+                                                                                                "pelvis_mr"])  # fmt: skip
+    path = build_pretraining_datalist(study, tmp_path / "pre", base, region="brain_mri", val_split=2)
+    table, sections = load_datalist(path)
+    assert table.region_names == {0: "brain_mri", 1: "pelvis_mr"}
+    assert table.class_names[0] == ["ventricles", "hippocampus_left", "hippocampus_right", "anterior", "posterior"]
+    real = [i for s in sections.values() for i in s if i["dataset"].endswith("_public")]
+    assert len(real) == 6 and sum(i in sections["validation"] for i in real) == 2
+    assert all(i["annotated"] == ["anterior", "posterior"] and i["region"] == 0 for i in real)
+    assert {Path(i["image"]).name for i in real} == {Path(c["image"]).name for c in study["public"]}
+    synthetic_brain = [i for i in sections["training"] if i["region"] == 0 and i not in real]
+    assert synthetic_brain and all(i["annotated"] == ["ventricles", "hippocampus_left", "hippocampus_right"]
+                                   for i in synthetic_brain)  # fmt: skip
+    values = np.unique(np.asarray(nib.load(real[0]["label"]).dataobj))
+    assert set(values.tolist()) <= {0, 4, 5} and 4 in values  # anterior/posterior after the base's 3 classes
+    check_datalist_cases(sections, source=str(path))  # what the bundles' initialize step runs
+
+
+# ------------------------------------------------------------------------------------------------ report pieces
+def test_learning_curve_plot_and_mean_std(tmp_path):
+    assert mean_std([1.0, 3.0]) == (2.0, 1.0)
+    path = plot_learning_curve(tmp_path / "curve.png", {"scratch": {5: [40, 50], 10: [60, 62]}, "expert": {5: [70, 71],
+                               10: [75, 77]}}, x_labels={10: "all (10)"}, title="t")  # fmt: skip
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24])[0] > 200
+    with pytest.raises(ValueError, match="curve 'a', N=5"):
+        plot_learning_curve(tmp_path / "bad.png", {"a": {5: []}})
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_markdown_sections_are_replaced_in_place(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nkept text\n")
+    write_markdown_section(path, "site-curve", "## Curve\nv1")
+    write_markdown_section(path, "other", "## Other")
+    write_markdown_section(path, "site-curve", "## Curve\nv2")
+    text = path.read_text()
+    assert text.startswith("# Results\n\nkept text\n") and "v1" not in text and text.count("## Curve") == 1
+    assert list(markdown_sections(text)) == ["site-curve", "other"] and text.index("v2") < text.index("## Other")
+    with pytest.raises(ValueError, match="section key"):
+        write_markdown_section(path, "Bad Key", "x")
+
+
+def test_curve_tool_budget_and_recipe():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench_site_curve as tool
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    assert tool.plan_epochs(5, 2, 150, None, 2) == {"epochs": 50, "val_interval": 25, "steps": 150}
+    assert tool.plan_epochs(50, 2, 150, None, 2) == {"epochs": 6, "val_interval": 3, "steps": 150}
+    assert tool.plan_epochs(50, 2, None, 10, 2) == {"epochs": 10, "val_interval": 5, "steps": 250}
+    recipe = tool.pretraining_recipe(40, 20, (32, 32, 32), 10)
+    cfg = json.loads((REPO / "bundles" / "foundation_seg" / "configs" / "train.json").read_text())
+    flips = [k for k in recipe["foundation_seg"] if k.startswith("train#random_transforms#")]
+    assert flips and all(cfg["train"]["random_transforms"][int(k.split("#")[2])]["_target_"] == "RandFlipd"
+                         for k in flips)  # fmt: skip
+    assert recipe["lorkd_seg"]["warmup_epochs"] == 2 and recipe["lorkd_seg"]["val_interval"] == 10
