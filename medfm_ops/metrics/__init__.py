@@ -8,6 +8,7 @@ from .dice_nsd import binary_dice_nsd
 from .region_seg_metrics import RegionSegMetrics, region_metric_output_transform
 from .learning_curve import mean_std, plot_learning_curve
 from .report import format_markdown, markdown_sections, region_summary, write_markdown_section, write_table
+from .score_bars import plot_score_bars
 
 __all__ = [
     "RegionSegMetrics",
@@ -16,6 +17,7 @@ __all__ = [
     "markdown_sections",
     "mean_std",
     "plot_learning_curve",
+    "plot_score_bars",
     "region_metric_output_transform",
     "region_summary",
     "write_markdown_section",
