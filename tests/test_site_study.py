@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """The data-efficiency study's pieces on tiny data: explicit split files (and a site run trained on exactly one),
 the saved public/site split, nested N-case draws, the MSD subset view, merging datalists, the pre-training datalist,
-the learning-curve plot, marked report sections and the curve tool's budget helpers."""
+the learning-curve plot, marked report sections, and the tools' budget helpers, run reuse and report section."""
 
 from __future__ import annotations
 
@@ -220,11 +220,7 @@ def test_markdown_sections_are_replaced_in_place(tmp_path):
 
 
 def test_curve_tool_budget_and_recipe():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import bench_site_curve as tool
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    tool = _tool("bench_site_curve")
     assert tool.plan_epochs(5, 2, 150, None, 2) == {"epochs": 50, "val_interval": 25, "steps": 150}
     assert tool.plan_epochs(50, 2, 150, None, 2) == {"epochs": 6, "val_interval": 3, "steps": 150}
     assert tool.plan_epochs(50, 2, None, 10, 2) == {"epochs": 10, "val_interval": 5, "steps": 250}
@@ -234,3 +230,61 @@ def test_curve_tool_budget_and_recipe():
     assert flips and all(cfg["train"]["random_transforms"][int(k.split("#")[2])]["_target_"] == "RandFlipd"
                          for k in flips)  # fmt: skip
     assert recipe["lorkd_seg"]["warmup_epochs"] == 2 and recipe["lorkd_seg"]["val_interval"] == 10
+
+
+def _tool(name: str):
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+
+
+def test_runs_are_reused_only_with_the_same_settings(tmp_path):
+    bench = _tool("bench_site_finetune")
+    out = tmp_path / "n5" / "expert_full_seed0"
+    write = f"import json, pathlib; p = pathlib.Path({str(out)!r}) / 'docs'; p.mkdir(parents=True, exist_ok=True); " \
+            "(p / 'finetune_summary.json').write_text(json.dumps({'status': 'complete'}))"  # fmt: skip
+    cmd = [sys.executable, "-c", write]
+    first = bench.run_or_reuse(cmd, out, {"epochs": 2, "source": "abc"})
+    assert not first["reused"] and first["cpu_seconds"] >= 0 and first["seconds"] > 0
+    assert (tmp_path / "n5" / "expert_full_seed0.log").is_file()
+    again = bench.run_or_reuse(cmd, out, {"epochs": 2, "source": "abc"})
+    assert again["reused"] and again["seconds"] == first["seconds"] and again["summary"] == {"status": "complete"}
+    assert not bench.run_or_reuse(cmd, out, {"epochs": 2, "source": "other weights"})["reused"]
+    with pytest.raises(RuntimeError, match="exit 3"):
+        bench.run_or_reuse([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad", {})
+
+
+def test_curve_section_and_plot_from_a_summary(tmp_path):
+    tool = _tool("bench_site_curve")
+    machine = {"cpu_model": "cpu", "logical_cores": 2, "torch_threads": 1, "torch": "2", "monai": "1", "gpu": None,
+               "load_average_1min": 1.0}  # fmt: skip
+    records = [
+        {"row": row, "n": 50 if n == "all" else int(n), "n_label": n, "seed": seed, "epochs": 6, "val_interval": 3,
+         "steps": 150, "dsc": base + 0.01 * seed + (0.1 if n == "all" else 0), "nsd": base, "dsc_before": 0.1 if seed == 0 else None,
+         "nsd_before": 0.1 if seed == 0 else None, "per_class": {}, "best_epoch": 6, "trainable": 10, "total_params": 10,
+         "model_mb": 1.0, "delta_mb": None, "head": "keep (14 out)", "train_seconds": 60.0, "seconds": 90.0,
+         "cpu_seconds": 80.0, "reused": False, "load_average_1min": 1.0, "machine": machine, "bundle": "x"}
+        for n in ("5", "all") for seed in (0, 1) for row, base in (("scratch", 0.4), ("expert_full", 0.8))
+    ]  # fmt: skip
+    meta = {"command": "python tools/bench_site_curve.py run", "date": "today", "stage_seconds": {"curve": 60.0},
+            "glibc_tunables": "x", "omp_num_threads": "1", "jobs": 2,
+            "study": {"study_file": "/tmp/s.json", "seed": 0, "num_public": 120, "num_validation": 30,
+                      "num_site_pool": 50, "dataset_dir": "../shared/data/msd_hippocampus"},
+            "pretraining_datalist": "d.json", "expert_bundle": "e", "work_dir": "w", "sizes": ["5", "all"],
+            "seeds": [0, 1], "rows": ["scratch", "expert_full"],
+            "pretrained": {n: {"recipe": {"epochs": 40}, "summary": {"epochs": 40, "best_metric": 0.7}, "seconds": 60.0,
+                               "cpu_seconds": 60.0} for n in ("foundation_seg", "lorkd_seg")},
+            "budget": {"steps": 150, "epochs": None, "validations": 2, "batch_size": 2, "patch_size": [32, 48, 32],
+                       "learning_rate": 0.002}}  # fmt: skip
+    budget = [dict(records[1], epochs=e, seed=s) for e in (10, 60) for s in (0, 1)]
+    results = tmp_path / "docs" / "RESULTS.md"
+    results.parent.mkdir()
+    results.write_text("# Results\n\nthe other tool's table\n")
+    text = tool.write_section({"meta": meta, "records": records, "budget_records": budget}, results,
+                              tmp_path / "docs" / "site_curve.png")  # fmt: skip
+    assert "- N=5: expert_full beats scratch: DSC 80.50 ± 0.50 vs 40.50 ± 0.50" in text
+    assert "| expert_full | 10 | 1.00 | 80.50 ± 0.50 | 90.50 ± 0.50 |" in text and "![DSC against N](site_curve.png)" in text
+    assert "| 60 | 3 |" in text and results.read_text().startswith("# Results\n\nthe other tool's table\n")
+    assert (tmp_path / "docs" / "site_curve.png").read_bytes()[:4] == b"\x89PNG"

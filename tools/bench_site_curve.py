@@ -3,7 +3,7 @@
 """Data-efficiency curve at a clinical site, from starting points trained with real MRI; writes a section of
 ``docs/RESULTS.md`` and ``docs/site_curve.png``.
 
-    python tools/bench_site_curve.py run                             # the whole study (~90 min on 2 CPU cores)
+    python tools/bench_site_curve.py run                             # the whole study (~60-90 min on 2 CPU cores)
     python tools/bench_site_curve.py run --budget_epochs 10,60       # plus the budget study (expert_full, N=all)
     python tools/bench_site_curve.py report                          # section + plot again from saved summaries
 
@@ -39,6 +39,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -132,14 +133,15 @@ def _record(row: str, n_label: str, seed: int, plan: dict, result: dict, out: Pa
         "row": row, "n": s["split"]["num_training_used"], "n_label": n_label, "seed": seed,
         "epochs": s["epochs"], "val_interval": s["train_settings"]["val_interval"], "steps": plan["steps"],
         "dsc": s["after"]["mean_dsc"], "nsd": s["after"]["mean_nsd"],
-        "dsc_before": s["before"]["mean_dsc"], "nsd_before": s["before"]["mean_nsd"],
+        "dsc_before": (s["before"] or {}).get("mean_dsc"), "nsd_before": (s["before"] or {}).get("mean_nsd"),
         "per_class": {t["class"]: {"dsc": t["dsc_mean"], "nsd": t["nsd_mean"]} for t in s["after"]["table"]},
         "best_epoch": (s.get("best_validation") or {}).get("epoch"),
         "trainable": s["parameters"]["trainable"], "total_params": s["parameters"]["total"],
         "model_mb": (out / "models" / "model.pt").stat().st_size / 2**20,
         "delta_mb": delta.stat().st_size / 2**20 if delta.is_file() else None,
         "head": f"{s['head']['mode']} ({s['head']['out_channels']} out)",
-        "train_seconds": s["train_seconds"], "seconds": result["seconds"], "reused": result["reused"],
+        "train_seconds": s["train_seconds"], "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
+        "reused": result["reused"],
         "load_average_1min": s["machine"].get("load_average_1min"), "machine": s["machine"],
         "bundle": _rel(out),
     }  # fmt: skip
@@ -168,6 +170,8 @@ def run(
     pretrain_val_interval: int = 10,
     budget_epochs: Any = None,
     budget_val_interval: int = 5,
+    threads: int | None = 1,
+    jobs: int = 2,
     retrain_pretrained: bool = False,
     reuse_rows: bool = True,
 ) -> str:
@@ -193,11 +197,21 @@ def run(
             (:func:`pretraining_recipe`). Default to 40, 40, (32, 32, 32), 10.
         budget_epochs: epochs of the budget study (comma-separated, e.g. ``10,60``); None skips it.
         budget_val_interval: validation interval of the budget study (must divide each of its epochs). Defaults to 5.
+        threads: ``OMP_NUM_THREADS`` of every child process (pre-training, fine-tuning); None or 0 inherits it
+            (torch then uses all cores). Defaults to 1: with ``jobs=2`` both cores work without threads waiting for a
+            descheduled sibling, which made two-thread runs 3-7x slower on a machine shared with other jobs. Not part
+            of the reuse stamps (results change by float rounding only).
+        jobs: site runs (and budget-study runs) run at the same time, each its own process. Defaults to 2 (one per
+            core of a 2-core machine). Pre-training runs alone (the student needs the teacher).
         retrain_pretrained: retrain the starting points even when complete ones of the same recipe exist.
         reuse_rows: keep runs with unchanged settings, split and starting weights. Defaults to True.
     """
     stages = _Stages()
     work, data = _path(work_dir), _path(dataset_dir)
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
+    if int(jobs) < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}.")
     wanted = _list(rows) if rows else list(ROW_NAMES)
     unknown = sorted(set(wanted) - set(ROW_NAMES))
     if unknown:
@@ -225,42 +239,50 @@ def run(
     sources = {"expert": (str(expert_dir), None), "teacher": (pretrained["foundation_seg"]["path"], REGION)}
     sha = {k: _sha256(Path(p) / "models" / "model.pt") for k, (p, _) in sources.items()}
 
-    def one_run(row: tuple, n: Any, n_label: str, seed: int, plan: dict, out: Path) -> dict[str, Any]:
+    def one_run(row: tuple, n: Any, n_label: str, seed: int, plan: dict, out: Path, before: bool) -> dict[str, Any]:
         name, _, source, init, mode = row
         split_file = work / "splits" / f"n{n_label}_seed{seed}.json"
-        write_draw_split(study, split_file, n, seed)
         budget = {**plan, "batch_size": batch_size, "patch_size": list(patch_size), "learning_rate": learning_rate}
         path, region = sources[source]
-        cmd = finetune_command(path, region, init, mode, data, out, budget, seed, "--split_file", str(split_file))
+        cmd = finetune_command(path, region, init, mode, data, out, budget, seed, "--split_file", str(split_file),
+                               "--score_before", str(before).lower())  # fmt: skip
         settings = {"epochs": plan["epochs"], "val_interval": plan["val_interval"], "batch_size": batch_size,
                     "learning_rate": learning_rate, "patch_size": list(patch_size), "mode": mode, "init": init,
                     "seed": seed, "split_sha256": _sha256(split_file), "source": None if init == "scratch" else sha[source],
-                    **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
+                    "score_before": before, **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
         result = run_or_reuse(cmd, out, settings, reuse_rows)
         rec = _record(name, n_label, seed, plan, result, out)
-        print(f"  N={n_label} {name} seed {seed}: DSC {rec['dsc_before']:.4f} -> {rec['dsc']:.4f}, NSD "
-              f"{rec['nsd_before']:.4f} -> {rec['nsd']:.4f} ({(rec['seconds'] or 0) / 60:.1f} min"
+        print(f"  N={n_label} {name} seed {seed}: DSC {rec['dsc']:.4f}, NSD {rec['nsd']:.4f} "
+              f"({(rec['seconds'] or 0) / 60:.1f} min wall, {(rec['cpu_seconds'] or 0) / 60:.1f} min CPU"
               f"{', reused' if rec['reused'] else ''})", flush=True)  # fmt: skip
         return rec
 
-    records = []
+    def run_all(tasks: list[tuple]) -> list[dict[str, Any]]:
+        for _, n, n_label, seed, *_ in tasks:  # split files first: parallel runs only read them
+            write_draw_split(study, work / "splits" / f"n{n_label}_seed{seed}.json", n, seed)
+        with ThreadPoolExecutor(max_workers=int(jobs)) as pool:  # threads only wait for child processes
+            return list(pool.map(lambda task: one_run(*task), tasks))
+
+    tasks = []
     for n in size_list:
         n_label = "all" if str(n).lower() == "all" else str(int(n))
         n_cases = len(study["site_pool"]) if n_label == "all" else int(n)
         plan = plan_epochs(n_cases, batch_size, steps, epochs, validations)
         for seed in seed_list:
             for row in ROWS:
-                if row[0] in wanted:
-                    records.append(one_run(row, n, n_label, seed, plan, work / f"n{n_label}" / f"{row[0]}_seed{seed}"))
+                if row[0] in wanted:  # the starting point is scored once per row: first N, first seed
+                    first = n == size_list[0] and seed == seed_list[0]
+                    tasks.append((row, n, n_label, seed, plan, work / f"n{n_label}" / f"{row[0]}_seed{seed}", first))
+    records = run_all(tasks)
     stages.done("curve")
-    budget_records = []
     expert_full = next(r for r in ROWS if r[0] == "expert_full")
+    tasks = []
     for e in budget_list:
         plan = {"epochs": e, "val_interval": int(budget_val_interval),
                 "steps": e * math.ceil(len(study["site_pool"]) / batch_size)}  # fmt: skip
         for seed in seed_list:
-            out = work / "budget" / f"expert_full_e{e}_seed{seed}"
-            budget_records.append(one_run(expert_full, "all", "all", seed, plan, out))
+            tasks.append((expert_full, "all", "all", seed, plan, work / "budget" / f"expert_full_e{e}_seed{seed}", False))
+    budget_records = run_all(tasks)
     stages.done("budget")
 
     args = ["python tools/bench_site_curve.py run", f"--dataset_dir {dataset_dir}", f"--work_dir {work_dir}"]
@@ -268,14 +290,15 @@ def run(
                 "split_seed": 0, "sizes": "5,10,20,all", "seeds": "0,1,2", "steps": 150, "epochs": None,
                 "validations": 2, "batch_size": 2, "patch_size": "32,48,32", "learning_rate": 2e-3,
                 "teacher_epochs": 40, "student_epochs": 40, "pretrain_patch": "32,32,32", "pretrain_val_interval": 10,
-                "budget_epochs": None, "budget_val_interval": 5}  # fmt: skip
+                "budget_epochs": None, "budget_val_interval": 5, "threads": 1, "jobs": 2}  # fmt: skip
     given = {"results": results, "plot": plot, "num_public": num_public, "num_validation": num_validation,
              "split_seed": split_seed, "sizes": ",".join(size_list), "seeds": ",".join(map(str, seed_list)),
              "steps": steps, "epochs": epochs, "validations": validations, "batch_size": batch_size,
              "patch_size": ",".join(map(str, patch_size)), "learning_rate": learning_rate,
              "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
              "pretrain_patch": ",".join(map(str, pretrain_patch)), "pretrain_val_interval": pretrain_val_interval,
-             "budget_epochs": ",".join(map(str, budget_list)) or None, "budget_val_interval": budget_val_interval}  # fmt: skip
+             "budget_epochs": ",".join(map(str, budget_list)) or None, "budget_val_interval": budget_val_interval,
+             "threads": threads, "jobs": jobs}  # fmt: skip
     args += [f"--{k} {v}" for k, v in given.items() if v != defaults[k]]
     if rows:
         args.append(f"--rows {','.join(wanted)}")
@@ -284,6 +307,8 @@ def run(
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "stage_seconds": stages.seconds,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "jobs": int(jobs),
         "study": {k: study[k] for k in ("study_file", "seed", "num_public", "num_validation")}
         | {"num_site_pool": len(study["site_pool"]), "dataset_dir": _rel(study["dataset_dir"])},
         "pretraining_datalist": _rel(datalist),
@@ -328,6 +353,14 @@ def _verdict(records: list[dict], sizes: list[str], rows: list[str]) -> list[str
     return lines
 
 
+def _times(runs: list[dict]) -> str:
+    def mean(key: str) -> str:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return f"{statistics.fmean(values) / 60:.1f}" if values else "-"
+
+    return f"{mean('train_seconds')} / {mean('seconds')} / {mean('cpu_seconds')}"
+
+
 def _grid(records: list[dict], rows: list[str], sizes: list[str], key: str) -> list[str]:
     head = "| row | trainable params | deployed model.pt (MB) | " + " | ".join(f"N={n}" for n in sizes) + " |"
     lines = [head, "| --- | ---: | ---: | " + " | ".join("---:" for _ in sizes) + " |"]
@@ -364,7 +397,7 @@ def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
         f"{st.get('pretraining', 0) / 60:.1f}, export {st.get('export', 0) / 60:.1f}, curve {st.get('curve', 0) / 60:.1f}, "
         f"budget study {st.get('budget', 0) / 60:.1f}; reused parts count ~0). Sum of the site runs' own wall times "
         f"{sum(r['seconds'] or 0 for r in records) / 60:.1f} min ({len(records)} runs, {per_run / 60:.2f} min each on "
-        "average).",
+        f"average; CPU time {sum(r['cpu_seconds'] or 0 for r in records) / 60:.1f} min).",
         "",
         "**Does the expert beat scratch with few cases?** (\"beats\": mean DSC difference above twice the larger "
         "standard deviation over seeds)",
@@ -383,17 +416,23 @@ def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
         "",
         *_grid(records, rows, sizes, "nsd"),
         "",
-        "Before fine-tuning (the starting point's own DSC on the same validation cases; scratch: random weights):",
+        "Before fine-tuning: each starting point's own DSC / NSD on the same validation cases (scored once per row, "
+        f"in the N={sizes[0]} seed {meta['seeds'][0]} run; identical for every N and seed except scratch's random "
+        "weights):",
         "",
-        *_grid(records, rows, sizes, "dsc_before"),
+        "| row | DSC before | NSD before |",
+        "| --- | ---: | ---: |",
+        *[f"| {row} | {_mean_std([r['dsc_before'] for r in records if r['row'] == row and r['dsc_before'] is not None])} "
+          f"| {_mean_std([r['nsd_before'] for r in records if r['row'] == row and r['nsd_before'] is not None])} |"
+          for row in rows],
         "",
-        "Budget of each run (identical for every row at one N) and mean train wall time per run (min):",
+        "Budget of each run (identical for every row at one N) and mean time per run, min (training wall time / "
+        "whole run wall time / whole run CPU time: CPU time depends less on other jobs):",
         "",
         "| N | epochs | validation every | optimisation steps | " + " | ".join(rows) + " |",
         "| ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in rows) + " |",
         *[f"| {labels[n_of[n]]} | {plans[n]['epochs']} | {plans[n]['val_interval']} | {plans[n]['steps']} | "
-          + " | ".join(f"{statistics.fmean(r['train_seconds'] for r in _by(records, row, n)) / 60:.2f}" for row in rows)
-          + " |" for n in sizes],
+          + " | ".join(_times(_by(records, row, n)) for row in rows) + " |" for n in sizes],
         "",
         "### Setup",
         "",
@@ -405,10 +444,10 @@ def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
         "`medfm_ops.finetune.draw_training_cases`), saved as explicit split files under "
         f"`{meta['work_dir']}/splits/`; the seed is also the training seed.",
         f"- Site budget: {'a fixed ' + str(b['epochs']) + ' epochs' if b['epochs'] else str(b['steps']) + ' optimisation steps'} "
-        f"per run (epochs per N in the table above, rounded up to a multiple of {b['validations']} validations), "
+        f"per run (epochs per N in the table above, rounded up to a multiple of {b['validations']} validation(s)), "
         f"batch {b['batch_size']}, random {'x'.join(map(str, b['patch_size']))} patches, AdamW lr {b['learning_rate']} "
-        "with cosine decay, DiceCE (sigmoid) on the site channels; the best validation is kept (the site template, "
-        "`docs/site_finetuning.md`). LoRA: rank 8, alpha 16, fused back. SH-PEFT (`expert_sparse`): "
+        "with cosine decay, DiceCE (sigmoid) on the site channels; the best of the validations is kept (the site "
+        "template, `docs/site_finetuning.md`). LoRA: rank 8, alpha 16, fused back. SH-PEFT (`expert_sparse`): "
         f"{100 * SPARSE_SETTINGS['sparse_budget']:g}% of the weights, importance {SPARSE_SETTINGS['sparse_variant']}, "
         f"lambda {SPARSE_SETTINGS['sparse_lambda']} (its deployed size adds `models/sparse_delta.pt`).",
         f"- Starting points, trained on `{meta['pretraining_datalist']}` = the synthetic default set (4 regions) + the "
@@ -417,21 +456,24 @@ def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
         "`medfm_ops.finetune.build_pretraining_datalist` (MSD subset view + mapping file + `merge_datalists`). "
         + " ".join(
             f"`bundles/{name}` `configs/train.json` with `{' '.join(f'--{k} {json.dumps(v)}' for k, v in pre[name]['recipe'].items())}`"
-            f" ({pre[name]['summary'].get('epochs', '?')} epochs, "
-            + (f"{pre[name]['seconds'] / 60:.1f} min" if pre[name]["seconds"] else "reused: time in an earlier run")
-            + f", best validation mean DSC {pre[name]['summary'].get('best_metric', float('nan')):.3f});"
+            f" ({pre[name]['summary'].get('epochs', '?')} epoch(s), "
+            + (f"{pre[name]['seconds'] / 60:.1f} min wall / {pre[name].get('cpu_seconds', 0) / 60:.1f} min CPU"
+               if pre[name]["seconds"] else "reused: timed in an earlier run")
+            + f", best validation mean DSC {pre[name]['summary'].get('best_metric', float('nan')):.3f})."
             for name in ("foundation_seg", "lorkd_seg")
         )
         + f" The brain expert was fused out of the LoRKD student and exported to `{meta['expert_bundle']}`. Heads "
         "(`auto`; the site classes anterior/posterior take the region's classes of the same names): "
         + ", ".join(f"{row} {next(r['head'] for r in records if r['row'] == row)}" for row in rows) + ".",
-        f"- Machine: {m['cpu_model']}, {m['logical_cores']} logical cores ({m['torch_threads']} torch threads), torch "
-        f"{m['torch']}, MONAI {m['monai']}, GPU: {m['gpu'] or 'none'}; GLIBC_TUNABLES={meta['glibc_tunables']}. 1-min "
+        f"- Machine: {m['cpu_model']}, {m['logical_cores']} logical cores (torch threads per run: {m['torch_threads']}), torch "
+        f"{m['torch']}, MONAI {m['monai']}, GPU: {m['gpu'] or 'none'}; GLIBC_TUNABLES={meta['glibc_tunables']}, "
+        f"OMP_NUM_THREADS={meta.get('omp_num_threads') or 'unset'}, {meta.get('jobs', 1)} site run(s) at a time (each "
+        "run's wall time then includes sharing the cores with the other). 1-min "
         f"load average at the end of the runs: min {min(loads, default=float('nan')):.2f}, median "
         f"{statistics.median(loads) if loads else float('nan'):.2f}, max {max(loads, default=float('nan')):.2f} (above ~2 "
         "other jobs shared the 2 cores: wall times are then inflated).",
-        "- Reading: one validation set of 30 cases; the spread is over case draws and training seeds together. "
-        "Differences smaller than about two standard deviations are ties.",
+        f"- Reading: one validation set of {meta['study']['num_validation']} cases; the spread is over case draws "
+        "and training seeds together. Differences smaller than about two standard deviations are ties.",
     ]
     if budget_records:
         epochs_list = sorted({r["epochs"] for r in budget_records})

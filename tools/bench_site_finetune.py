@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shlex
 import shutil
 import subprocess
@@ -75,14 +74,16 @@ def _run_timed(cmd: list[str], log: Path) -> dict[str, float]:
     ``{"wall": seconds, "cpu": user + system seconds of the child}`` (CPU time depends less on other jobs)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"$ {shlex.join(cmd)}\n  (log: {log})", flush=True)
-    start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=_env())
-    seconds, now = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=_env())
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, also when several run at once
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
         raise RuntimeError(f"command failed (exit {rc}) after {seconds:.0f} s: {shlex.join(cmd)}\n{tail}")
-    return {"wall": seconds, "cpu": (now.ru_utime - used.ru_utime) + (now.ru_stime - used.ru_stime)}
+    return {"wall": seconds, "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def _run(cmd: list[str], log: Path) -> float:
@@ -128,8 +129,9 @@ def ensure_pretrained(
     the bundles' own ``configs/train.json`` (synthetic default data) trains into ``<work_dir>/pretrained/<name>``.
     With them: ``configs/train.json`` trains on ``datalist`` with the command-line overrides ``recipe[name]``
     (e.g. ``{"epochs": 40, "roi_size": [32, 32, 32]}``; no config copies) into ``<work_dir>/pretrained/<name>``,
-    stamped with ``recipe.json`` (datalist checksum, overrides, teacher checksum): reused only when complete and the
-    stamp is unchanged, an interrupted run of the same stamp resumes, a different stamp retrains from scratch.
+    stamped with ``recipe.json`` (checksums of the bundle's train.json, the datalist and the teacher; the overrides):
+    reused only when complete and the stamp is unchanged, an interrupted run of the same stamp resumes, a different
+    stamp retrains from scratch.
     """
     custom = datalist is not None or recipe is not None
     out: dict[str, dict[str, Any]] = {}
@@ -139,7 +141,8 @@ def ensure_pretrained(
         overrides = dict((recipe or {}).get(name, {}))
         stamp = None
         if custom:
-            stamp = {"datalist": str(datalist) if datalist else None,
+            stamp = {"config_sha256": _sha256(repo_dir / "configs" / "train.json"),
+                     "datalist": str(datalist) if datalist else None,
                      "datalist_sha256": _sha256(Path(datalist)) if datalist else None, "overrides": overrides,
                      "teacher_sha256": _sha256(Path(teacher_dir) / "models" / "model.pt") if teacher_dir else None}  # fmt: skip
         stamp_file = local_dir / "recipe.json"

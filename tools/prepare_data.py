@@ -14,6 +14,11 @@
     python tools/prepare_data.py msd_map --mapping data/mapping.json --out_datalist data/multi_region.json \
         [--val_split 0.2] [--test_split 0] [--seed 0] [--overwrite]
 
+    # two datalists region by region (e.g. the synthetic set + real data sets converted by a mapping file whose
+    # region lists the base's classes first; rules in medfm_ops/data/datalist_merge.py)
+    python tools/prepare_data.py merge --base synthetic/datalist.json --extra data/multi_region.json \
+        --out_datalist data/merged.json [--overwrite]
+
 All print what they wrote. The datalist schema is documented in ``medfm_ops.data.synthetic``.
 """
 
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import fire
 
-from medfm_ops.data import convert_msd, convert_msd_mapping, ensure_synthetic_dataset, load_datalist
+from medfm_ops.data import convert_msd, convert_msd_mapping, ensure_synthetic_dataset, load_datalist, merge_datalists
 
 
 def _summary(datalist: Path) -> str:
@@ -108,10 +113,16 @@ def msd_map(
     print(_summary(Path(out_datalist).expanduser()))
 
 
+def merge(base: str, extra: str, out_datalist: str, name: str | None = None, overwrite: bool = False) -> None:
+    """Merge the regions and items of ``extra`` into ``base`` (base task ids kept) and write ``out_datalist``."""
+    merge_datalists(base, extra, out_datalist, name=name, overwrite=overwrite)
+    print(_summary(Path(out_datalist).expanduser()))
+
+
 def main() -> None:
     """Run the CLI; data errors are printed as one line (no traceback) with exit status 2."""
     try:
-        fire.Fire({"synthetic": synthetic, "msd": msd, "msd_map": msd_map})
+        fire.Fire({"synthetic": synthetic, "msd": msd, "msd_map": msd_map, "merge": merge})
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         sys.exit(2)
