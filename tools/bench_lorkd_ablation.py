@@ -5,15 +5,17 @@ override file of ``configs/baselines/`` and/or command-line overrides, trained a
 ``evaluate.json`` (region-wise DSC/NSD on the test split); writes ``benchmarks/lorkd_ablation.md`` + ``.json`` and a
 PNG figure.
 
-    python tools/bench_lorkd_ablation.py run [--seeds 0,1,2 | --single_seed] [--epochs 4] [--rows lorkd,mtl,...]
+    python tools/bench_lorkd_ablation.py run [--seeds 0,1,2 | --single_seed] [--epochs 8] [--rows lorkd,mtl,...]
         [--datalist path/to/datalist.json] [--teacher bundles/foundation_seg] [--work_dir runs/lorkd_ablation]
         [--out benchmarks/lorkd_ablation.md]
     python tools/bench_lorkd_ablation.py report [--out benchmarks/lorkd_ablation.md]
 
 Rows (:data:`ROWS`): one stock network per region (single-task, task loss only, nnU-Net-like: ``baselines/stl.json
 --region R`` for every region R), one shared stock student (multi-task, task loss only: ``mtl.json``), the same
-distilled from the teacher (``mtl_kd.json``), LoRKD (train.json as it is), LoRKD* (``lorkd_star.json``), and LoRKD
-with ``expert_rank`` 4 / 16 and ``beta`` 0 / 1 (train.json's rank and beta are the LoRKD row). Same data, teacher,
+distilled from the teacher (``mtl_kd.json``), LoRKD (train.json as it is: experts on every convolution, decoder at
+twice the rank), LoRKD* (``lorkd_star.json``), and LoRKD with ``expert_rank`` 4 / 16, ``beta`` 0 / 1 (train.json's
+rank and beta are the LoRKD row) and with the transposed convolutions shared (``expert_transposed`` false, as in the
+LoRKD authors' U-Net). Same data, teacher,
 epochs, optimiser, augmentation and seeds for every row; validation only after the last epoch (its weights are
 scored: nothing is selected on the test split). The single-task networks train for the same number of epochs on
 their region's cases only, so the R of them together see the data (and take the steps) of one multi-task run.
@@ -21,6 +23,14 @@ their region's cases only, so the R of them together see the data (and take the 
 Deployment: LoRKD rows ship one fused expert per region (a stock network, W0 + B A); the single-task row one stock
 network per region; the multi-task rows one shared stock network. Train params count everything trained (all experts;
 the R single-task networks together); FLOPs are per sample of one ``roi_size`` window forward.
+
+Cost (synthetic default set: 36 training cases, 32^3 patches, batch 4, 9 steps per epoch): 10 rows x 3 seeds = 30
+trainings (the single-task row as 4 short ones) and their evaluations. The default 8 epochs are chosen for about an
+hour on an otherwise idle 2-core CPU (a LoRKD epoch ~10-12 s there, a plain student's ~5-8 s, plus ~30-50 s of process
+start, caching and evaluation per run). Measured on a 2-core AMD EPYC shared with other jobs (1-min load average ~4.5):
+``--single_seed --epochs 8 --rows stl,mtl,lorkd`` took 14.5 min (stl 324 s, mtl 211 s, lorkd 325 s), i.e. ~50 min per
+seed for all rows and ~2.5 h for the default command at that load. ``--single_seed``, ``--epochs``, ``--rows`` trade
+it down; finished runs are reused.
 
 Resumable: a run is reused when its settings (arguments, the bundle configs' contents, the datalist's contents) and
 the teacher's weights (sha256) are unchanged and its evaluation exists. CPU runs set ``GLIBC_TUNABLES``.
@@ -64,11 +74,13 @@ ROWS: tuple[tuple[str, str, str | None, dict[str, Any], str], ...] = (
     ("lorkd_rank16", "LoRKD, rank 16", None, {"expert_rank": 16}, "one fused expert per region"),
     ("lorkd_beta0", "LoRKD, beta 0 (no distillation)", None, {"beta": 0.0}, "one fused expert per region"),
     ("lorkd_beta1", "LoRKD, beta 1", None, {"beta": 1.0}, "one fused expert per region"),
+    ("lorkd_transposed_shared", "LoRKD, transposed convs shared (the LoRKD authors' U-Net)", None,
+     {"expert_transposed": False}, "one fused expert per region"),
 )  # fmt: skip
 #: evaluate.json's row of each kind of model (see medfm_ops.engines.evaluate_decomposition)
 DEPLOY_ROW = {True: "LoRKD experts (fused, one per region)", False: "stock network (no experts)"}
 TEACHER_ROW = "Foundation (teacher)"
-_DEFAULT_CMD = {"seeds": "0,1,2", "epochs": 4, "teacher": "bundles/foundation_seg", "work_dir": "runs/lorkd_ablation",
+_DEFAULT_CMD = {"seeds": "0,1,2", "epochs": 8, "teacher": "bundles/foundation_seg", "work_dir": "runs/lorkd_ablation",
                 "out": "benchmarks/lorkd_ablation.md"}  # fmt: skip
 
 
@@ -197,8 +209,8 @@ def run(
         seeds: training seeds (comma-separated or a list): network initialisation, data order, augmentation.
             Defaults to 0, 1, 2.
         single_seed: use only the first of ``seeds``. Defaults to False.
-        epochs: training epochs of every run. Defaults to 4 (the whole default command: about an hour on 2 CPU
-            cores).
+        epochs: training epochs of every run. Defaults to 8 (the whole default command: about an hour on an idle
+            2-core CPU, see "Cost" above).
         warmup_epochs: the LoRKD rows' warm-up (frozen experts; LoRKD*'s rank allocation). Defaults to
             ``max(1, epochs // 10)`` (train.json's 4 of 40).
         rows: subset of :data:`ROWS` names. Defaults to all.
@@ -230,8 +242,9 @@ def run(
     teacher_dir = root(teacher).resolve()
     if not (teacher_dir / "models" / "model.pt").is_file():
         raise FileNotFoundError(
-            f"no trained teacher at {teacher_dir / 'models' / 'model.pt'}: train it first, e.g. `python -m monai.bundle "
-            f"run --config_file {os.path.relpath(teacher_dir, REPO)}/configs/train.json` (same data as the rows).")
+            f"no trained teacher at {teacher_dir / 'models' / 'model.pt'}: train it first, e.g. "
+            f"`python -m monai.bundle run --config_file {os.path.relpath(teacher_dir, REPO)}/configs/train.json` "
+            "(same data as the rows).")
     data_args: dict[str, Any] = {}
     if datalist:
         if not root(datalist).is_file():
@@ -240,7 +253,7 @@ def run(
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
     parser.update({"bundle_root": str(BUNDLE), **data_args})
-    for key in ("expert_rank", "beta", "seed", "train_regions", "epochs", "warmup_epochs"):
+    for key in ("expert_rank", "beta", "expert_transposed", "seed", "train_regions", "epochs", "warmup_epochs"):
         if key not in parser.get():
             raise KeyError(f"bundles/lorkd_seg/configs/train.json has no '{key}' key: update ROWS / the harness.")
     table = parser.get_parsed_content("region_table")
@@ -385,9 +398,10 @@ def _write(out: Path, record: dict[str, Any]) -> str:
         for r in record["rows"]
     }  # fmt: skip
     teacher = record.get("teacher_row")
-    plot_score_bars(figure, groups, ylabel="DSC (%)", references={"teacher (mean)": 100 * teacher["mean DSC"]} if teacher
-                    else None, title=f"lorkd_seg: {record['settings']['epochs']} epoch(s), "
-                    f"{len(record['settings']['seeds'])} seed(s); error bars: std over seeds")
+    references = {"teacher (mean)": 100 * teacher["mean DSC"]} if teacher else None
+    settings = record["settings"]
+    title = f"lorkd_seg: {settings['epochs']} epoch(s), {len(settings['seeds'])} seed(s); error bars: std over seeds"
+    plot_score_bars(figure, groups, ylabel="DSC (%)", references=references, title=title)
     atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2, default=float))
     text = markdown(record, figure.name)
     atomic_write_text(out, text)
