@@ -91,6 +91,7 @@ def plot_learning_curve(
         ax.errorbar([n * shift for n, _, _ in rows], [m for _, m, _ in rows], yerr=[s for _, _, s in rows],
                     marker="o", markersize=4, capsize=3, linewidth=1.5, label=name)  # fmt: skip
     ax.set_xscale("log")
+    ax.set_xlim(min(all_n) / 1.4, max(all_n) * 1.4)  # the sideways shifts stay small, also for a single N
     ax.set_xticks(all_n)
     ax.set_xticklabels([(x_labels or {}).get(n, str(n)) for n in all_n])
     ax.minorticks_off()
