@@ -22,7 +22,14 @@ from monai.utils import set_determinism
 from seg_fixture import REPO, TINY
 
 from medfm_ops.data import RegionTable
-from medfm_ops.networks import eks_layers, export_expert, instantiate, load_expert_state_dict
+from medfm_ops.networks import (
+    eks_layers,
+    export_expert,
+    instantiate,
+    load_expert_state_dict,
+    load_network_spec,
+    load_teacher,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -214,6 +221,9 @@ def test_baselines_train_and_evaluate_as_stock_networks(seg_bundles, tmp_path, n
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     stock = instantiate({**parser["network_def"], "out_channels": parser.get_parsed_content("num_classes")})
     stock.load_state_dict(state, strict=True)  # the stock network_def itself: no expert factors, nothing else
+    spec = load_network_spec(tmp_path / "models" / "network_def.json")
+    assert "experts" not in spec, "a baseline's spec must not describe experts it does not have"
+    load_teacher(tmp_path, region_table=parser.get_parsed_content("region_table"))  # a stock network + its weights
     summary = json.loads((tmp_path / "models" / "training_summary.json").read_text())
     validated = sorted(k.split("/")[1] for k in summary["last_metrics"] if k.startswith("dsc/") and k.count("/") == 1)
     assert validated == sorted(scored) and summary["expert_ranks"] is None
