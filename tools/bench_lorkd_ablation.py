@@ -46,7 +46,6 @@ import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from medfm_ops.metrics import mean_std, plot_score_bars  # noqa: E402
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
-from medfm_ops.utils.bench import GLIBC_TUNABLES, machine_info  # noqa: E402
+from medfm_ops.utils.bench import GLIBC_TUNABLES, machine_info, run_logged, split_list  # noqa: E402
 
 BUNDLE = REPO / "bundles" / "lorkd_seg"
 CONFIGS = BUNDLE / "configs"
@@ -99,26 +98,9 @@ def _configs_digest(override: str | None) -> str:
     return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()[:16]
 
 
-def _split(value: Any) -> list[str]:
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
-
-
 def _run(cmd: list[str], log: Path) -> float:
     """Run ``cmd`` from the repository root (GLIBC_TUNABLES set), output to ``log``; raise with its tail on failure."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"$ {shlex.join(cmd)}\n  (log: {log})", flush=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
-    seconds = time.perf_counter() - start
-    if rc != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"command failed (exit {rc}) after {seconds:.0f} s: {shlex.join(cmd)}\n{tail}")
-    return seconds
+    return run_logged(cmd, log, cwd=REPO, glibc_tunables=True)
 
 
 def _bundle_cmd(files: list[Path], args: dict[str, Any]) -> list[str]:
@@ -229,11 +211,11 @@ def run(
 
     start = time.perf_counter()
     root = lambda p: Path(p) if Path(p).is_absolute() else REPO / p  # noqa: E731
-    wanted = _split(rows) if rows else [r[0] for r in ROWS]
+    wanted = split_list(rows) if rows else [r[0] for r in ROWS]
     unknown = sorted(set(wanted) - {r[0] for r in ROWS})
     if unknown:
         raise ValueError(f"unknown rows {unknown}; known: {[r[0] for r in ROWS]}.")
-    seed_list = [int(s) for s in _split(seeds)][: 1 if single_seed else None]
+    seed_list = [int(s) for s in split_list(seeds)][: 1 if single_seed else None]
     if not seed_list:
         raise ValueError("no seed given (--seeds 0,1,2).")
     warmup = max(1, int(epochs) // 10) if warmup_epochs is None else int(warmup_epochs)
@@ -293,7 +275,7 @@ def run(
                         "overrides": extra, "deployed_as": deployed, "experts": experts, "seeds": per_seed})
 
     cmd = ["python tools/bench_lorkd_ablation.py run"]
-    given = {"seeds": ",".join(_split(seeds)), "epochs": int(epochs), "teacher": teacher, "work_dir": work_dir,
+    given = {"seeds": ",".join(split_list(seeds)), "epochs": int(epochs), "teacher": teacher, "work_dir": work_dir,
              "out": out}  # fmt: skip
     cmd += [f"--{k} {v}" for k, v in given.items() if str(v) != str(_DEFAULT_CMD[k])]
     cmd += ["--single_seed"] if single_seed else []

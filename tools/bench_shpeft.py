@@ -34,7 +34,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ import fire
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
-from medfm_ops.utils.bench import GLIBC_TUNABLES, machine_info  # noqa: E402
+from medfm_ops.utils.bench import GLIBC_TUNABLES, machine_info, run_logged, split_list  # noqa: E402
 
 BUNDLE = REPO / "bundles" / "shpeft_cls"
 #: task -> npz path relative to ``--data_dir`` (see ../shared/data/README.md)
@@ -88,26 +87,9 @@ def _configs_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _split(value: str | int | float | tuple | list) -> list[str]:
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
-
-
 def _run(cmd: list[str], log: Path) -> float:
     """Run ``cmd`` from the repository root (GLIBC_TUNABLES set), output to ``log``; raise with its tail on failure."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"$ {shlex.join(cmd)}\n  (log: {log})", flush=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
-    seconds = time.perf_counter() - start
-    if rc != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"command failed (exit {rc}) after {seconds:.0f} s: {shlex.join(cmd)}\n{tail}")
-    return seconds
+    return run_logged(cmd, log, cwd=REPO, glibc_tunables=True)
 
 
 def _mean_std(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
@@ -216,18 +198,18 @@ def run(
     start = time.perf_counter()
     root = lambda p: Path(p) if Path(p).is_absolute() else REPO / p  # noqa: E731
     pre = load_pretrained_classifier(root(pretrained), root(pretrained_network_def) if pretrained_network_def else None)
-    wanted = _split(rows) if rows else [r[0] for r in ROWS]
+    wanted = split_list(rows) if rows else [r[0] for r in ROWS]
     unknown = sorted(set(wanted) - {r[0] for r in ROWS})
     if unknown:
         raise ValueError(f"unknown rows {unknown}; known: {[r[0] for r in ROWS]}.")
-    task_list = _split(tasks)
+    task_list = split_list(tasks)
     data = root(data_dir).resolve()
     for t in task_list:
         if t not in TASK_FILES:
             raise ValueError(f"unknown task {t!r}; known: {sorted(TASK_FILES)}.")
         if not (data / TASK_FILES[t]).is_file():
             raise FileNotFoundError(f"{data / TASK_FILES[t]} not found: pass --data_dir (see ../shared/data/README.md).")
-    seed_list = [int(s) for s in _split(seeds)]
+    seed_list = [int(s) for s in split_list(seeds)]
     work = root(work_dir)
     machine = machine_info("cpu")
     shared = {"epochs": int(epochs), "batch_size": int(batch_size), "learning_rate": float(learning_rate),
