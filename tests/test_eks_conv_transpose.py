@@ -146,3 +146,34 @@ def test_routed_inside_a_network_and_exported():
         expert = export_expert(model, t)
         assert type(expert[1]) is nn.ConvTranspose2d
         assert (expert(x[ids == t]) - out[ids == t]).abs().max().item() <= 1e-10
+
+
+# spatial_dims, c_in, c_out, bias, stride, padding, output_padding, dilation
+PADDED_CASES = [(3, 16, 12, True, 2, 1, 1, 1), (2, 10, 9, False, 2, 0, 0, 1), (1, 12, 10, True, 2, 1, 2, 3)]
+
+
+@pytest.mark.parametrize("spatial_dims,c_in,c_out,bias,stride,padding,output_padding,dilation", PADDED_CASES)
+def test_cpu_channel_padding_of_grouped_execution_is_exact(spatial_dims, c_in, c_out, bias, stride, padding,
+                                                           output_padding, dilation):
+    """Unaligned channels: the CPU grouped execution pads the input gradient; same outputs and gradients as the
+    unpadded grouped and the per-task execution."""
+    torch.manual_seed(0)
+    layer = EKSConvTranspose(spatial_dims, c_in, c_out, 3, num_tasks=3, ranks=[2, 0, 1], stride=stride,
+                             padding=padding, output_padding=output_padding, dilation=dilation, bias=bias,
+                             dtype=torch.float64)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    x = torch.randn(4, c_in, *SPATIAL[spatial_dims], dtype=torch.float64)
+    ids = torch.tensor([0, 2, 1, 2])
+    results = []
+    for execution, block in (("grouped", 8), ("grouped", 0), ("per_task", 8)):
+        layer.execution, layer.CPU_CHANNEL_BLOCK = execution, block
+        xg = x.clone().requires_grad_()
+        layer.zero_grad()
+        out = layer(xg, ids)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        results.append([out, xg.grad, *(p.grad for p in layer.parameters() if p.grad is not None)])
+    for other in results[1:]:
+        assert len(other) == len(results[0])
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-9) for a, b in zip(results[0], other))

@@ -95,4 +95,4 @@ class EKSConv(EKSLayer):
         if c_in % block == 0 and c_out % block == 0:
             return super()._forward_grouped(x, weights, bias)
         padding = (0,) * self.spatial_dims if self.padding == "valid" else self.padding
-        return blocked_grouped_conv(x, weights, bias, self.stride, padding, self.dilation, block)
+        return blocked_grouped_conv(x, weights, bias, self.stride, padding, self.dilation, block=block)

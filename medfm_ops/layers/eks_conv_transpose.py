@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfm_ops.layers.blocked_grouped_conv import blocked_grouped_conv
 from medfm_ops.layers.eks_base import EKSLayer, _tuple
 
 __all__ = ["EKSConvTranspose"]
@@ -27,6 +28,12 @@ class EKSConvTranspose(EKSLayer):
     :class:`EKSLayer`'s; :meth:`fuse` returns a plain ``nn.ConvTranspose{1,2,3}d`` with the same stride, padding,
     output padding, dilation and bias. Only ``groups == 1`` and zero padding mode are supported, and ``forward``
     takes no ``output_size`` (set ``output_padding`` instead).
+
+    On CPU, the input gradient of a grouped transposed convolution is a grouped convolution reading ``C_out``
+    channels per group, which oneDNN runs 2x slower unless the channels are multiples of 8 (e.g. 12 output
+    classes): grouped execution on CPU then runs through
+    :func:`~medfm_ops.layers.blocked_grouped_conv.blocked_grouped_conv` (that gradient zero-padded; exact) when
+    ``C_out >= CPU_CHANNEL_BLOCK``.
 
     Args:
         spatial_dims: number of spatial dimensions (1, 2 or 3).
@@ -52,6 +59,8 @@ class EKSConvTranspose(EKSLayer):
 
     _STOCK_TYPES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
     _GEOMETRY = ("stride", "padding", "output_padding", "dilation")
+    #: per-group channel multiple of the CPU grouped execution (0 disables the padding)
+    CPU_CHANNEL_BLOCK = 8
 
     def __init__(
         self,
@@ -87,3 +96,10 @@ class EKSConvTranspose(EKSLayer):
     ) -> torch.Tensor:
         fn = _CONV_T_FNS[self.spatial_dims]
         return fn(x, weight, bias, self.stride, self.padding, self.output_padding, groups, self.dilation)
+
+    def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        block, c_in, c_out = self.CPU_CHANNEL_BLOCK, self.in_channels, self.out_channels
+        if x.device.type != "cpu" or not block or c_out < block or (c_in % block == 0 and c_out % block == 0):
+            return super()._forward_grouped(x, weights, bias)
+        return blocked_grouped_conv(x, weights, bias, self.stride, self.padding, self.dilation, self.output_padding,
+                                    transposed=True, block=block)
