@@ -41,7 +41,8 @@ def workspace(tmp_path_factory):
         shutil.copytree(REPO / "bundles" / name, root / name, ignore=shutil.ignore_patterns("models", "eval", "runs"))
     os.environ["MEDFM_CACHE"] = str(root / "cache")
     _run(root / "foundation_cls", "train.json", epochs=2, val_interval=1)
-    _run(root / "lorkd_cls", "train.json", epochs=2, warmup_epochs=1, lorkd_star=True, val_interval=1)
+    # expert_alpha 8 (not the default 16): inference and export must rebuild the experts from what training recorded
+    _run(root / "lorkd_cls", "train.json", epochs=2, warmup_epochs=1, lorkd_star=True, val_interval=1, expert_alpha=8)
     yield root
     os.environ.pop("MEDFM_CACHE", None)
 
@@ -106,6 +107,37 @@ def test_exported_expert_is_a_verified_standalone_bundle(workspace, tmp_path):
     bundle_run(config_file=str(out / "configs" / "inference.json"), bundle_root=str(out), dataset_dir=str(tmp_path / "in"), spatial_size=[16, 16, 16])
     rows = list(csv.reader((out / "eval" / "predictions.csv").open()))
     assert len(rows) == 2 and all(abs(sum(map(float, r[1:])) - 1) < 1e-5 for r in rows)
+
+
+def test_inference_and_export_use_the_recorded_expert_settings(workspace, tmp_path):
+    """The fused network of lorkd_cls's inference.json and of the exported bundle equal the trained routed model on
+    its task, although training used a non-default expert_alpha that neither inference.json nor export is given."""
+    from monai.bundle import ConfigParser
+
+    from medfm_ops.networks import load_expert_state_dict, load_network_spec
+
+    bundle = workspace / "lorkd_cls"
+    spec = load_network_spec(bundle / "models")
+    assert spec["experts"] == {"ranks": 8, "alpha": 8, "scaling": "constant"}
+    train = ConfigParser()
+    train.read_config(str(bundle / "configs" / "train.json"))
+    train.update({"bundle_root": str(bundle), "expert_alpha": 8, "device": "$torch.device('cpu')", **TINY})
+    routed = load_expert_state_dict(train.get_parsed_content("network"), bundle / "models" / "model.pt").eval()
+    task = 1  # shape_ct (3 classes)
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = routed(x, torch.full((2,), task))[:, :3]
+        infer = ConfigParser()
+        infer.read_config(str(bundle / "configs" / "inference.json"))
+        infer.update({"bundle_root": str(bundle), "task": "shape_ct", "device": "$torch.device('cpu')"})
+        assert torch.allclose(infer.get_parsed_content("network")(x), want, atol=1e-5)
+        out = export_lorkd_cls_expert(bundle, "shape_ct", tmp_path / "shape_expert")
+        exported = ConfigParser()
+        exported.read_config(str(out / "configs" / "inference.json"))
+        exported.update({"bundle_root": str(out), "device": "$torch.device('cpu')"})
+        net = exported.get_parsed_content("network")
+        net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True))
+        assert torch.allclose(net.eval()(x), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,task", [("foundation_cls", "blobs_mr"), ("lorkd_cls", "shape_ct")])

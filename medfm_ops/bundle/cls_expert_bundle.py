@@ -140,7 +140,15 @@ def export_lorkd_cls_expert(
         ValueError: for a task the model was not trained on (the message lists the tasks).
     """
     from medfm_ops.data import ClsTaskTable
-    from medfm_ops.networks import TaskHeadNetwork, export_cls_expert, instantiate, load_expert_state_dict, load_network_spec, to_experts
+    from medfm_ops.networks import (
+        TaskHeadNetwork,
+        export_cls_expert,
+        instantiate,
+        load_expert_state_dict,
+        load_network_spec,
+        to_experts,
+        trained_expert_settings,
+    )
 
     root = Path(bundle_root)
     models = Path(ckpt_dir) if ckpt_dir is not None else root / "models"
@@ -151,7 +159,6 @@ def export_lorkd_cls_expert(
     table = ClsTaskTable.from_tasks(spec["regions"], source=str(models / "network_def.json"))
     tid = table.task_id_of(task)
     train_cfg = json.loads((root / "configs" / "train.json").read_text())
-    alpha = float(train_cfg.get("expert_alpha", 16))
     net_def = dict(spec["network_def"])
     key = next((k for k in _OUT_KEYS if k in net_def), "num_classes")
     net_def[key] = table.num_classes_of(tid)
@@ -159,7 +166,7 @@ def export_lorkd_cls_expert(
     routed = any(".lora_A." in k for k in sd)
     backbone = instantiate(net_def)
     if routed:
-        backbone = to_experts(backbone, table.num_tasks, ranks=8, alpha=alpha)
+        backbone = to_experts(backbone, table.num_tasks, **trained_expert_settings(spec))
     model = TaskHeadNetwork(backbone, table.task_num_classes)
     load_expert_state_dict(model, sd) if routed else model.load_state_dict(sd)
     fused = export_cls_expert(model, tid)

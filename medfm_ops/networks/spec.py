@@ -21,6 +21,7 @@ __all__ = [
     "load_network_spec",
     "check_same_regions",
     "expert_model_from_spec",
+    "trained_expert_settings",
     "SPEC_FILENAME",
     "LEGACY_EXPERT_SETTINGS",
 ]
@@ -117,5 +118,16 @@ def expert_model_from_spec(spec: str | os.PathLike | Mapping[str, Any], num_task
         if not spec.get("regions"):
             raise ValueError("the network description lists no regions: pass num_tasks.")
         num_tasks = len(spec["regions"])
-    settings = dict(spec.get("experts") or LEGACY_EXPERT_SETTINGS)
-    return to_experts(instantiate(spec["network_def"]), num_tasks, copy_net=False, **settings)
+    return to_experts(instantiate(spec["network_def"]), num_tasks, copy_net=False, **trained_expert_settings(spec))
+
+
+def trained_expert_settings(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The keyword arguments of :func:`~medfm_ops.networks.to_experts` that a LoRKD training run recorded in its spec
+    (``experts``), or :data:`LEGACY_EXPERT_SETTINGS` for specs written before they were recorded.
+
+    Args:
+        spec: a spec dict, or a file/folder holding ``network_def.json``.
+    """
+    spec = spec if isinstance(spec, Mapping) else load_network_spec(spec)
+    return dict(spec.get("experts") or LEGACY_EXPERT_SETTINGS)
