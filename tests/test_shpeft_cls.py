@@ -92,7 +92,7 @@ def _check_sparse_result(ckpt: Path, pre: Path, head: str, budget: float = 0.01)
     merged = apply_sparse_delta(start.state, delta)
     assert set(merged) == set(model) and all(torch.equal(_bits(merged[k]), _bits(model[k])) for k in model)
     params = dict(start.network.named_parameters())
-    selected = 0
+    selected = moved = 0
     for name in params:
         trainable = torch.zeros(params[name].numel(), dtype=torch.bool)
         trainable[delta["trainable_indices"].get(name, torch.zeros(0, dtype=torch.long))] = True
@@ -102,8 +102,10 @@ def _check_sparse_result(ckpt: Path, pre: Path, head: str, budget: float = 0.01)
         frozen = ~trainable
         assert torch.equal(_bits(model[name].reshape(-1)[frozen]), _bits(pretrained[name].reshape(-1)[frozen])), name
         selected += int(trainable.sum())
+        moved += int((model[name].reshape(-1)[trainable] != pretrained[name].reshape(-1)[trainable]).sum())
     body = sum(p.numel() for n, p in params.items() if not n.startswith(head + "."))
     assert selected == budget_count(budget, body)
+    assert moved >= 0.5 * selected, f"only {moved} of the {selected} selected weights changed: they did not train"
     assert summary["trainable"]["count"] == selected + sum(p.numel() for n, p in params.items() if n.startswith(head + "."))
     return summary
 
