@@ -47,8 +47,9 @@ def find_bundle_root(name: str, start: str | os.PathLike | None = None) -> str:
 
 
 def default_cache_dir() -> str:
-    """Where generated default data is cached: ``$MEDFM_CACHE`` or ``~/.cache/medfm``."""
-    return os.environ.get("MEDFM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "medfm"))
+    """Where generated default data is cached: ``$MEDFM_CACHE`` or, when it is unset or empty, ``~/.cache/medfm``
+    (an empty value would otherwise put the cache into the current directory)."""
+    return os.environ.get("MEDFM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medfm")
 
 
 def literal_config(config_file: str | os.PathLike, id: str, built: Any = None, **values: Any) -> Any:

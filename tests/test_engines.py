@@ -293,3 +293,12 @@ def test_renamed_config_keys_and_literal_config(tmp_path):
     assert literal == {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 5}
     with pytest.raises(ValueError, match="overridden on the command line"):
         literal_config(cfg, "network_def", built=nn.Linear(2, 6), n=5)
+
+
+def test_cache_dir_ignores_an_empty_environment_variable(monkeypatch, tmp_path):
+    from medfm_ops.bundle_paths import default_cache_dir
+
+    monkeypatch.setenv("MEDFM_CACHE", str(tmp_path))
+    assert default_cache_dir() == str(tmp_path)
+    monkeypatch.setenv("MEDFM_CACHE", "")  # not the current directory
+    assert default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "medfm")
