@@ -10,12 +10,10 @@ independently here with MONAI's metrics.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -41,6 +39,8 @@ from medfm_ops.finetune import (
     trainable_parameters,
 )
 from medfm_ops.networks import instantiate
+from medfm_ops.utils import file_sha256
+
 
 # ----------------------------------------------------------------------------------------------------------- split
 def test_split_is_deterministic_saved_and_reused(tmp_path):
@@ -175,10 +175,6 @@ def test_modes_and_start(tmp_path):
 EPOCHS = 12
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def site_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("site")
@@ -266,7 +262,7 @@ def test_reported_scores_equal_the_bundles_own_inference(site_run, tmp_path):
 
 def test_refused_run_keeps_the_previous_bundle(site_run):
     out = site_run["out"]
-    model_sha, summary_text = _sha(out / "models" / "model.pt"), (out / SUMMARY_RELPATH).read_text()
+    model_sha, summary_text = file_sha256(out / "models" / "model.pt"), (out / SUMMARY_RELPATH).read_text()
     with pytest.raises(ValueError, match="seed=0"):  # a different seed against the saved split
         finetune_expert(site_run["expert"], site_run["data"], out, seed=1, epochs=1, val_split=0.25, progress=False)
     with pytest.raises(ValueError, match="val_interval"):
@@ -275,7 +271,7 @@ def test_refused_run_keeps_the_previous_bundle(site_run):
         finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", sparse_budget=2.0, progress=False)
     with pytest.raises(ValueError, match="variant"):
         finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", sparse_variant="l3", progress=False)
-    assert _sha(out / "models" / "model.pt") == model_sha and (out / SUMMARY_RELPATH).read_text() == summary_text
+    assert file_sha256(out / "models" / "model.pt") == model_sha and (out / SUMMARY_RELPATH).read_text() == summary_text
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
 
 
@@ -283,7 +279,7 @@ def test_interrupted_run_keeps_the_previous_bundle(site_run, monkeypatch):
     import medfm_ops.finetune.pipeline as pipeline
 
     out = site_run["out"]
-    model_sha = _sha(out / "models" / "model.pt")
+    model_sha = file_sha256(out / "models" / "model.pt")
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("simulated kill during training")
@@ -291,7 +287,7 @@ def test_interrupted_run_keeps_the_previous_bundle(site_run, monkeypatch):
     monkeypatch.setattr(pipeline, "run_bundle_configs", killed)
     with pytest.raises(KeyboardInterrupt):
         finetune_expert(site_run["expert"], site_run["data"], out, epochs=1, val_split=0.25, progress=False)
-    assert _sha(out / "models" / "model.pt") == model_sha
+    assert file_sha256(out / "models" / "model.pt") == model_sha
     assert json.loads((out / SUMMARY_RELPATH).read_text())["status"] == "complete"
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
 
@@ -300,11 +296,11 @@ def test_diverging_run_names_the_batch_and_keeps_the_previous_bundle(site_run, t
     """A huge learning rate stops the run at the first non-finite loss (naming the batch), a training image with NaN
     voxels is refused by name; no bundle with NaN weights, earlier results intact."""
     out = site_run["out"]
-    model_sha = _sha(out / "models" / "model.pt")
+    model_sha = file_sha256(out / "models" / "model.pt")
     with pytest.raises(FloatingPointError, match=r"training loss is (nan|inf).*on the batch of \[.*\.nii"):
         finetune_expert(site_run["expert"], site_run["data"], out, epochs=1, batch_size=2, learning_rate=1e12,
                         val_split=0.25, progress=False, verify=False)  # fmt: skip
-    assert _sha(out / "models" / "model.pt") == model_sha
+    assert file_sha256(out / "models" / "model.pt") == model_sha
 
     data = tmp_path / "msd"
     shutil.copytree(site_run["data"], data)

@@ -22,7 +22,6 @@ Runs are resumable: a run directory is reused when its settings (configs' conten
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import statistics
@@ -39,6 +38,7 @@ if __name__ == "__main__":
 import fire  # noqa: E402
 
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
+from medfm_ops.utils.hashing import file_sha256  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {"adrenalmnist3d": "adrenalmnist3d/adrenalmnist3d.npz", "vesselmnist3d": "vesselmnist3d/vesselmnist3d.npz"}
@@ -61,10 +61,6 @@ ROWS: dict[str, tuple[str, str, list[str], bool, bool, str]] = {
 }  # fmt: skip
 DEFAULT_ROWS = [r for r in ROWS if r != "finetune"]
 PUBLISHED = "MedMNIST v2 (Yang et al., Sci. Data 2023), ResNet-18 (3D), test split, its own budget: AUC about 0.83 (adrenal), 0.87 (vessel)"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _abs(path: str | Path) -> Path:
@@ -115,8 +111,8 @@ def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
     """Train ``run`` unless an identical earlier run (same settings and starting weights) is complete."""
     run_dir = Path(run["dir"])
     teacher = run["overrides"]["teacher_path"] if run["teacher"] else None
-    settings = {"configs": {Path(c).name: _sha256(Path(c)) for c in run["configs"]}, "overrides": run["overrides"],
-                "teacher": _sha256(Path(teacher) / "models" / "model.pt") if teacher else None}  # fmt: skip
+    settings = {"configs": {Path(c).name: file_sha256(Path(c)) for c in run["configs"]}, "overrides": run["overrides"],
+                "teacher": file_sha256(Path(teacher) / "models" / "model.pt") if teacher else None}  # fmt: skip
     stamp, model = run_dir / "bench_run.json", run_dir / "models" / "model.pt"
     old = json.loads(stamp.read_text()) if stamp.is_file() and model.is_file() else {}
     if reuse and old.get("settings") == settings:

@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from medfm_ops.metrics import mean_std, plot_score_bars  # noqa: E402
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
+from medfm_ops.utils.hashing import file_sha256  # noqa: E402
 from medfm_ops.utils.bench import GLIBC_TUNABLES, machine_info, run_logged, split_list  # noqa: E402
 
 BUNDLE = REPO / "bundles" / "lorkd_seg"
@@ -81,14 +82,6 @@ DEPLOY_ROW = {True: "LoRKD experts (fused, one per region)", False: "stock netwo
 TEACHER_ROW = "Foundation (teacher)"
 _DEFAULT_CMD = {"seeds": "0,1,2", "epochs": 8, "teacher": "bundles/foundation_seg", "work_dir": "runs/lorkd_ablation",
                 "out": "benchmarks/lorkd_ablation.md"}  # fmt: skip
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _configs_digest(override: str | None) -> str:
@@ -242,8 +235,8 @@ def run(
     regions = [table.region_names[t] for t in table.task_ids]
     datalist_path = Path(parser.get_parsed_content("datalist"))
     shared = {"epochs": int(epochs), "val_interval": int(epochs), "teacher_path": str(teacher_dir), **data_args}
-    teacher_sha = _sha256(teacher_dir / "models" / "model.pt")
-    data_sha = _sha256(datalist_path)
+    teacher_sha = file_sha256(teacher_dir / "models" / "model.pt")
+    data_sha = file_sha256(datalist_path)
     machine = machine_info("cpu")
     work = root(work_dir)
     results: list[dict[str, Any]] = []

@@ -81,14 +81,6 @@ SCORES = (("f1", "F1"), ("accuracy", "acc"), ("majority_accuracy", "majority acc
           ("balanced_accuracy", "bal. acc"), ("auc", "AUC"))  # fmt: skip
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _configs_digest() -> str:
     """Hash of the bundle's training configs (a changed config invalidates reused runs)."""
     h = hashlib.sha256()

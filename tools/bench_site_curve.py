@@ -37,7 +37,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,7 +51,6 @@ from bench_site_finetune import (
     ROWS,
     SPARSE_SETTINGS,
     _mean_std,
-    _sha256,
     ensure_pretrained,
     export_brain_expert,
     finetune_command,
@@ -63,6 +61,7 @@ from medfm_ops.data import ensure_synthetic_dataset
 from medfm_ops.finetune import build_pretraining_datalist, load_or_create_study_split, write_draw_split
 from medfm_ops.metrics import plot_learning_curve, write_markdown_section
 from medfm_ops.utils.atomic_io import atomic_write_json
+from medfm_ops.utils.hashing import file_sha256
 
 SECTION = "site-curve"
 ROW_NAMES = [r[0] for r in ROWS]
@@ -237,7 +236,7 @@ def run(
     export_brain_expert(pretrained["lorkd_seg"]["path"], expert_dir)
     stages.done("export")
     sources = {"expert": (str(expert_dir), None), "teacher": (pretrained["foundation_seg"]["path"], REGION)}
-    sha = {k: _sha256(Path(p) / "models" / "model.pt") for k, (p, _) in sources.items()}
+    sha = {k: file_sha256(Path(p) / "models" / "model.pt") for k, (p, _) in sources.items()}
 
     def one_run(row: tuple, n: Any, n_label: str, seed: int, plan: dict, out: Path, before: bool) -> dict[str, Any]:
         name, _, source, init, mode = row
@@ -248,7 +247,7 @@ def run(
                                "--score_before", str(before).lower())  # fmt: skip
         settings = {"epochs": plan["epochs"], "val_interval": plan["val_interval"], "batch_size": batch_size,
                     "learning_rate": learning_rate, "patch_size": list(patch_size), "mode": mode, "init": init,
-                    "seed": seed, "split_sha256": _sha256(split_file), "source": None if init == "scratch" else sha[source],
+                    "seed": seed, "split_sha256": file_sha256(split_file), "source": None if init == "scratch" else sha[source],
                     "score_before": before, **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
         result = run_or_reuse(cmd, out, settings, reuse_rows)
         rec = _record(name, n_label, seed, plan, result, out)

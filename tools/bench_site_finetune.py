@@ -36,6 +36,7 @@ import fire
 
 from medfm_ops.metrics import markdown_sections
 from medfm_ops.utils.atomic_io import atomic_write_text
+from medfm_ops.utils.hashing import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "tools" / "finetune_site.py"
@@ -109,12 +110,6 @@ def _complete(bundle: Path, name: str, epochs: int | None = None) -> dict[str, A
     return info
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def ensure_pretrained(
     work_dir: str | Path,
     retrain: bool = False,
@@ -141,10 +136,10 @@ def ensure_pretrained(
         overrides = dict((recipe or {}).get(name, {}))
         stamp = None
         if custom:
-            stamp = {"config_sha256": _sha256(repo_dir / "configs" / "train.json"),
+            stamp = {"config_sha256": file_sha256(repo_dir / "configs" / "train.json"),
                      "datalist": str(datalist) if datalist else None,
-                     "datalist_sha256": _sha256(Path(datalist)) if datalist else None, "overrides": overrides,
-                     "teacher_sha256": _sha256(Path(teacher_dir) / "models" / "model.pt") if teacher_dir else None}  # fmt: skip
+                     "datalist_sha256": file_sha256(Path(datalist)) if datalist else None, "overrides": overrides,
+                     "teacher_sha256": file_sha256(Path(teacher_dir) / "models" / "model.pt") if teacher_dir else None}  # fmt: skip
         stamp_file = local_dir / "recipe.json"
         same_stamp = stamp is None or (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp)
         epochs = overrides.get("epochs")
@@ -466,7 +461,7 @@ def run(
             settings = {"epochs": epochs, "val_interval": val_interval, "batch_size": batch_size,
                         "learning_rate": learning_rate, "patch_size": list(patch_size), "mode": mode, "init": init,
                         "seed": seed, "split_seed": split_seed,
-                        "source": None if init == "scratch" else _sha256(Path(path) / "models" / "model.pt"),
+                        "source": None if init == "scratch" else file_sha256(Path(path) / "models" / "model.pt"),
                         **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
             if not split_file.is_file() and runs:
                 raise RuntimeError(f"{split_file} was not written by the first run.")

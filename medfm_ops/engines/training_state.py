@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,17 +16,14 @@ from ignite.handlers import Checkpoint
 
 from medfm_ops.networks import eks_layers
 from medfm_ops.utils.atomic_io import atomic_write_text
+from medfm_ops.utils.hashing import file_sha256
 
 __all__ = ["ValidationState", "resume_training", "write_training_summary", "atomic_write_text", "model_fingerprint"]
 
 
 def model_fingerprint(path: str | os.PathLike) -> str:
     """SHA-256 of a model file (ties ``models/model.pt`` to the run summary that describes it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 class ValidationState:

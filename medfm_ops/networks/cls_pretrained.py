@@ -10,7 +10,6 @@ classifier bundle such as an exported LoRKD expert (``models/model.pt`` + the li
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from torch import nn
 from medfm_ops.networks.cls_heads import head_layer_name
 from medfm_ops.networks.spec import SPEC_FILENAME, instantiate
 from medfm_ops.networks.teacher import _bundle_network_def
+from medfm_ops.utils.hashing import file_sha256
 from medfm_ops.utils.json_file import read_json_object
 
 __all__ = [
@@ -47,14 +47,6 @@ _HOW_TO = (
     "classifier bundle, or a model.pt> (with --pretrained_network_def <network_def dict or JSON file> for a bare "
     "state dict). A LoRKD expert is used through its exported bundle (medfm_ops.bundle.export_lorkd_cls_expert)."
 )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _out_key(network_def: Mapping[str, Any]) -> str:
@@ -181,7 +173,7 @@ def load_pretrained_classifier(source: str | os.PathLike, network_def: Any = Non
             f"the weights of {model} do not load into {net_def.get('_target_')}: {str(e)[:600]}{hint}"
         ) from None
     weights = {k: v.detach().cpu() for k, v in state.items()}
-    return PretrainedClassifier(dict(net_def), weights, str(model), _sha256(model), tasks)
+    return PretrainedClassifier(dict(net_def), weights, str(model), file_sha256(model), tasks)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from medfm_ops.utils.atomic_io import (
     replace_directory,
 )
 from medfm_ops.utils.errors import install_excepthook, root_cause
+from medfm_ops.utils.hashing import file_sha256
 from medfm_ops.utils.json_file import read_json_object
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
+    "file_sha256",
     "install_excepthook",
     "read_json_object",
     "replace_directory",
