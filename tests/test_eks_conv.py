@@ -183,7 +183,7 @@ def test_constant_scaling_keeps_an_experts_scale_when_re_ranked(layer_type):
 
 # spatial_dims, c_in, c_out, bias, stride, padding, dilation
 PADDED_CASES = [(3, 10, 6, True, 1, 1, 1), (2, 12, 16, False, 2, "valid", 1), (1, 16, 12, True, 1, 2, 2),
-                (3, 9, 8, True, 2, 1, 1)]
+                (3, 9, 8, True, 2, 1, 1), (3, 1, 12, True, 2, 1, 1), (2, 2, 6, False, 1, 1, 1)]  # 1-2 inputs: unpadded
 
 
 @pytest.mark.parametrize("spatial_dims,c_in,c_out,bias,stride,padding,dilation", PADDED_CASES)
