@@ -309,6 +309,10 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         "included at their recorded time in the first figure). Scores on the val splits (the test splits are not shipped), mean ± standard deviation over "
         f"{len(meta['seeds'])} seed(s) ({', '.join(map(str, meta['seeds']))}); each seed retrains every row, the "
         "foundation included (it is the teacher of its seed's rows).", "",
+        *([f"**One seed only: no spread over seeds, so no difference between rows here is established; the study is "
+           f"`--seeds 0,1,2` (finished runs are reused).** Machine: {meta['machine']['cpu_model']}, "
+           f"{meta['machine']['usable_cores']} cores, 1-min load average {meta['load_start']:.1f} at the start (other "
+           "jobs on these cores inflate the wall times).", ""] if len(meta["seeds"]) < 2 else []),
         "## Scores (val)", "",
         f"| row | {head} | mean AUC |",
         "| --- | " + " | ".join("---: | ---: | ---: | ---:" for _ in tasks) + " | ---: |",
@@ -373,7 +377,8 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         f"- Latency: `torch.no_grad()`, batch 1, {meta['latency_repeats']} timed calls after 3 warm-up calls, "
         f"{m['torch_threads']} torch threads.",
         f"- Machine: {m['cpu_model']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable), torch "
-        f"{m['torch']}, GPU: {m['gpu'] or 'none'}; GLIBC_TUNABLES={m['glibc_tunables']}. 1-min load average at the "
+        f"{m['torch']} ({m['torch_threads']} torch thread(s) per run: `OMP_NUM_THREADS` of the command's environment), "
+        f"GPU: {m['gpu'] or 'none'}; GLIBC_TUNABLES={m['glibc_tunables']}. 1-min load average at the "
         f"start {meta['load_start']:.2f}, at the end {m['load_average_1min']:.2f} (other jobs on the machine inflate "
         "the wall times).",
         f"- Published context (other split, far longer training): {PUBLISHED}.", "",
