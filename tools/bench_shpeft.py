@@ -26,9 +26,9 @@ linear probe, BitFit, LoRA (r 8), a random mask, magnitude only, gradient only (
 ablations lambda 0.5 / 1.5, budget 0.1% / 5%, hybrid L1.
 
 Cost: every row but the linear probe back-propagates through the whole network. The default budget is set for about
-an hour on 2 CPU cores (estimated from step timings; not yet measured end to end): the small pretrained network, 2 epochs per run, importance estimated on 16 batches
-(``--estimation_batches``; 0 = one whole epoch, the paper's setting), 14 rows x 2 tasks x 3 seeds = 84 runs, two at a
-time (``--jobs 2``, one thread each). With the 8.3 M-weight foundation ResNet (28^3, batch 16: about 2.5 s per
+an hour on 2 CPU cores (estimated from step timings; not yet measured end to end): the small pretrained network, 2
+epochs per run, importance estimated on 16 batches (``--estimation_batches``; 0 = one whole epoch, the paper's
+setting), 14 rows x 2 tasks x 3 seeds = 84 runs, two at a time (``--jobs 2``, one thread each). With the 8.3 M-weight foundation ResNet (28^3, batch 16: about 2.5 s per
 training step on 2 cores) 10 epochs of every row take roughly two days on CPU and far less on a GPU; ``--rows``,
 ``--seeds`` and ``--epochs`` trade it down, and finished runs are reused.
 
