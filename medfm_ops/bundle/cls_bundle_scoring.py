@@ -16,7 +16,9 @@ import numpy as np
 __all__ = ["score_cls_bundle"]
 
 
-def score_cls_bundle(bundle_dir: str | os.PathLike, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def score_cls_bundle(
+    bundle_dir: str | os.PathLike, items: Sequence[Mapping[str, Any]], majority_class: int | None = None
+) -> dict[str, Any]:
     """
     Accuracy, balanced accuracy, AUC, F1 and majority-class accuracy of a bundle written by
     :func:`~medfm_ops.bundle.write_cls_expert_bundle`, as a user of the bundle gets them: the items' volumes (NIfTI or
@@ -27,6 +29,8 @@ def score_cls_bundle(bundle_dir: str | os.PathLike, items: Sequence[Mapping[str,
     Args:
         bundle_dir: the bundle (``configs/inference.json``, ``models/model.pt``).
         items: checked datalist items of one task (``image`` [+ ``array``, ``index``], task-local ``label``).
+        majority_class: the class of the majority-class accuracy (e.g. the training split's most frequent).
+            Defaults to the most frequent label of ``items``.
 
     Returns:
         ``{"n", "accuracy", "balanced_accuracy", "auc", "f1", "majority_accuracy"}`` (see
@@ -65,5 +69,6 @@ def score_cls_bundle(bundle_dir: str | os.PathLike, items: Sequence[Mapping[str,
     missing = [(n, it) for n, it in zip(names, items) if n not in probs]
     if missing:
         raise ValueError(f"{bundle}: no prediction for {len(missing)} item(s), e.g. {missing[0][1].get('image')}.")
-    scores = classification_scores(np.array([probs[n] for n in names]), np.array([int(it["label"]) for it in items]))
+    labels = np.array([int(it["label"]) for it in items])
+    scores = classification_scores(np.array([probs[n] for n in names]), labels, majority_class)
     return {"n": len(items), **scores}
