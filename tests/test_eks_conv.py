@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eks_fixture import assert_equals_loops, assert_executions_agree, with_random_experts
+
 from medfm_ops.layers import EXECUTION_MODES, EKSConv, EKSConvTranspose
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -34,17 +36,7 @@ def _layer(spatial_dims, kernel, stride, padding, dilation, bias, ranks, seed=0)
     torch.manual_seed(seed)
     layer = EKSConv(spatial_dims, 4, 5, kernel, num_tasks=3, ranks=ranks, alpha=6.0, stride=stride, padding=padding,
                     dilation=dilation, bias=bias, dtype=torch.float64)
-    with torch.no_grad():  # non-zero B so the experts really differ from W0
-        for b in layer.lora_B:
-            b.normal_()
-    return layer
-
-
-def _reference_kernel(layer: EKSConv, t: int) -> torch.Tensor:
-    r = layer.ranks[t]
-    if r == 0:
-        return layer.weight
-    return layer.weight + (layer.lora_B[t] @ layer.lora_A[t]).reshape(layer.weight.shape) * (layer.alpha / r)
+    return with_random_experts(layer)
 
 
 def _ref_conv(layer, x, weight):
@@ -56,17 +48,7 @@ def test_equals_per_task_and_per_sample_loops(case, tasks, execution):
     layer = _layer(*case)
     layer.execution = execution
     x = torch.randn(len(tasks), 4, *SPATIAL[case[0]], dtype=torch.float64)
-    ids = torch.tensor(tasks)
-    out = layer(x, ids)
-    # per-sample loop
-    per_sample = torch.cat([_ref_conv(layer, x[b : b + 1], _reference_kernel(layer, t)) for b, t in enumerate(tasks)])
-    assert (out - per_sample).abs().max().item() <= 1e-10
-    # per-task loop
-    per_task = torch.empty_like(out)
-    for t in set(tasks):
-        idx = (ids == t).nonzero().view(-1)
-        per_task[idx] = _ref_conv(layer, x[idx], _reference_kernel(layer, t))
-    assert (out - per_task).abs().max().item() <= 1e-10
+    assert_equals_loops(layer, x, tasks, _ref_conv)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -143,9 +125,7 @@ def test_rank_multiplier_scales_factor_ranks_not_base_ranks():
     assert layer.ranks_of_factors([12, 0, 6]) == (2, 0, 1)
     with pytest.raises(ValueError, match="rank_multiplier=2"):
         layer.ranks_of_factors([9])
-    with torch.no_grad():
-        for b in layer.lora_B:
-            b.normal_()
+    with_random_experts(layer)
     # layer rank 4 for base rank 2: delta = (alpha / 4) B A
     ref = layer.weight + (layer.lora_B[0] @ layer.lora_A[0]).reshape(layer.weight.shape) * (6.0 / 4)
     assert (layer.expert_weight(0) - ref).abs().max().item() <= 1e-12
@@ -165,9 +145,7 @@ def test_constant_scaling_keeps_an_experts_scale_when_re_ranked(layer_type):
     for layer in (rank, const):
         layer.set_ranks([4, 0, 16])  # LoRKD* re-ranking
     assert rank.scales == (2.0, 0.0, 0.5) and const.scales == (1.0, 0.0, 1.0)
-    with torch.no_grad():
-        for b in const.lora_B:
-            b.normal_()
+    with_random_experts(const)
     ref = const.weight + (const.lora_B[2] @ const.lora_A[2]).reshape(const.weight.shape) * (16.0 / 16)
     assert (const.expert_weight(2) - ref).abs().max().item() <= 1e-12
     fused = const.fuse(2)
@@ -193,19 +171,6 @@ def test_cpu_channel_padding_of_grouped_execution_is_exact(spatial_dims, c_in, c
     torch.manual_seed(0)
     layer = EKSConv(spatial_dims, c_in, c_out, 3, num_tasks=3, ranks=[2, 0, 1], stride=stride, padding=padding,
                     dilation=dilation, bias=bias, dtype=torch.float64)
-    with torch.no_grad():
-        for b in layer.lora_B:
-            b.normal_()
+    with_random_experts(layer)
     x = torch.randn(4, c_in, *SPATIAL[spatial_dims], dtype=torch.float64)
-    ids = torch.tensor([0, 2, 1, 2])
-    results = []
-    for execution, block in (("grouped", 8), ("grouped", 0), ("per_task", 8)):
-        layer.execution, layer.CPU_CHANNEL_BLOCK = execution, block
-        xg = x.clone().requires_grad_()
-        layer.zero_grad()
-        out = layer(xg, ids)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
-        results.append([out, xg.grad, *(p.grad for p in layer.parameters() if p.grad is not None)])
-    for other in results[1:]:
-        assert len(other) == len(results[0])
-        assert all(torch.allclose(a, b, rtol=0, atol=1e-9) for a, b in zip(results[0], other))
+    assert_executions_agree(layer, x, torch.tensor([0, 2, 1, 2]))

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eks_fixture import assert_equals_loops, assert_executions_agree, with_random_experts
+
 from medfm_ops.layers import EXECUTION_MODES, EKSConvTranspose
 from medfm_ops.networks import ExpertNetwork, eks_layers, export_expert
 
@@ -35,18 +37,7 @@ def _layer(spatial_dims, kernel, stride, padding, output_padding, dilation, bias
     layer = EKSConvTranspose(spatial_dims, 4, 3, kernel, num_tasks=3, ranks=ranks, alpha=6.0, stride=stride,
                              padding=padding, output_padding=output_padding, dilation=dilation, bias=bias,
                              dtype=torch.float64)
-    with torch.no_grad():  # non-zero B so the experts really differ from W0
-        for b in layer.lora_B:
-            b.normal_()
-    return layer
-
-
-def _reference_kernel(layer: EKSConvTranspose, t: int) -> torch.Tensor:
-    """``W0 + (alpha / r_t) B_t A_t`` in the ``(C_in, C_out, *k)`` layout, written out independently."""
-    r = layer.ranks[t]
-    if r == 0:
-        return layer.weight
-    return layer.weight + (layer.lora_B[t] @ layer.lora_A[t]).reshape(layer.weight.shape) * (layer.alpha / r)
+    return with_random_experts(layer)
 
 
 def _ref(layer, x, weight):
@@ -59,15 +50,7 @@ def test_equals_per_task_and_per_sample_loops(case, tasks, execution):
     layer = _layer(*case)
     layer.execution = execution
     x = torch.randn(len(tasks), 4, *SPATIAL[case[0]], dtype=torch.float64)
-    ids = torch.tensor(tasks)
-    out = layer(x, ids)
-    per_sample = torch.cat([_ref(layer, x[b : b + 1], _reference_kernel(layer, t)) for b, t in enumerate(tasks)])
-    assert out.shape == per_sample.shape and (out - per_sample).abs().max().item() <= 1e-10
-    per_task = torch.empty_like(out)
-    for t in set(tasks):
-        idx = (ids == t).nonzero().view(-1)
-        per_task[idx] = _ref(layer, x[idx], _reference_kernel(layer, t))
-    assert (out - per_task).abs().max().item() <= 1e-10
+    assert_equals_loops(layer, x, tasks, _ref)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -161,19 +144,6 @@ def test_cpu_channel_padding_of_grouped_execution_is_exact(spatial_dims, c_in, c
     layer = EKSConvTranspose(spatial_dims, c_in, c_out, 3, num_tasks=3, ranks=[2, 0, 1], stride=stride,
                              padding=padding, output_padding=output_padding, dilation=dilation, bias=bias,
                              dtype=torch.float64)
-    with torch.no_grad():
-        for b in layer.lora_B:
-            b.normal_()
+    with_random_experts(layer)
     x = torch.randn(4, c_in, *SPATIAL[spatial_dims], dtype=torch.float64)
-    ids = torch.tensor([0, 2, 1, 2])
-    results = []
-    for execution, block in (("grouped", 8), ("grouped", 0), ("per_task", 8)):
-        layer.execution, layer.CPU_CHANNEL_BLOCK = execution, block
-        xg = x.clone().requires_grad_()
-        layer.zero_grad()
-        out = layer(xg, ids)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
-        results.append([out, xg.grad, *(p.grad for p in layer.parameters() if p.grad is not None)])
-    for other in results[1:]:
-        assert len(other) == len(results[0])
-        assert all(torch.allclose(a, b, rtol=0, atol=1e-9) for a, b in zip(results[0], other))
+    assert_executions_agree(layer, x, torch.tensor([0, 2, 1, 2]))
