@@ -224,6 +224,30 @@ def test_site_bundle_learned(site_run):
     assert before["mean_dsc"] < 0.3
     assert after["mean_dsc"] > 0.7 and after["mean_nsd"] > 0.7, after
     assert [r["class"] for r in after["table"]] == ["anterior", "posterior"]
+    assert site_run["summary"]["lowered_score"] is None
+
+
+def test_lowered_score_is_reported():
+    """A fine-tuning that ends below its starting point says so (README warning, summary), naming both scores."""
+    from medfm_ops.finetune.report import comparison_rows, readme_section, regression_note
+
+    def score(dsc, nsd):
+        return {"mean_dsc": dsc, "mean_nsd": nsd,
+                "table": [{"class": "a", "n": 3, "dsc_mean": dsc, "dsc_std": 0.0, "nsd_mean": nsd, "nsd_std": 0.0}]}
+
+    summary = {"source": {"name": "brain expert", "version": "0.1.0", "path": "/x"}, "mode": "full", "init": "pretrained",
+               "epochs": 10, "train_settings": {"batch_size": 2, "learning_rate": 0.002}, "device": "cpu",
+               "train_seconds": 1.0, "dataset": {"dir": "/d"}, "nsd_tolerance_mm": 1.0,
+               "split": {"origin": "explicit", "num_training_used": 5, "num_training_total": 5,
+                         "num_validation_used": 3, "num_validation_total": 3},
+               "head": {"mode": "keep", "classes": []}, "before": score(0.87, 0.92), "after": score(0.85, 0.91)}
+    note = regression_note(summary)
+    assert note is not None and "0.8700 to 0.8500" in note and "'brain expert' 0.1.0" in note
+    readme = readme_section(summary, comparison_rows({"before": summary["before"], "after": summary["after"]}))
+    assert "**Warning.** Fine-tuning LOWERED" in readme
+    assert regression_note({**summary, "after": score(0.87, 0.90)}) is None  # equal DSC is not lower
+    assert regression_note({**summary, "before": None}) is None and "Warning" not in readme_section(
+        {**summary, "before": None}, comparison_rows({"after": summary["after"]}))
 
 
 def test_reported_scores_equal_the_bundles_own_inference(site_run, tmp_path):

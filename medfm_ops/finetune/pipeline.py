@@ -21,7 +21,14 @@ from medfm_ops.bundle import verify_bundle, write_expert_bundle, write_metadata,
 from medfm_ops.data import check_segmentation_cases
 from medfm_ops.finetune.bundle_run import predict_with_bundle, run_bundle_configs
 from medfm_ops.finetune.lora import check_mode
-from medfm_ops.finetune.report import COLUMNS, bump_version, changelog_entry, comparison_rows, readme_section
+from medfm_ops.finetune.report import (
+    COLUMNS,
+    bump_version,
+    changelog_entry,
+    comparison_rows,
+    readme_section,
+    regression_note,
+)
 from medfm_ops.finetune.scoring import score_label_maps
 from medfm_ops.finetune.source import SourceModel, load_source
 from medfm_ops.finetune.split import SPLIT_FILENAME, load_or_create_split
@@ -287,6 +294,9 @@ def finetune_expert(
             "after": after,
             "machine": {**machine_info(workflow.parser.get_parsed_content("device")), "monai": monai.__version__},
         }  # fmt: skip
+        summary["lowered_score"] = regression_note(summary)  # None unless the DSC went down
+        if summary["lowered_score"]:
+            logger.warning(summary["lowered_score"])
         meta = json.loads((stage / "configs" / "metadata.json").read_text())
         meta["changelog"][version] = changelog_entry(summary)
         meta["medfm"]["site_finetuning"] = {k: summary[k] for k in ("source", "dataset", "mode", "init", "epochs")}

@@ -10,7 +10,7 @@ from typing import Any
 
 from medfm_ops.metrics import format_markdown
 
-__all__ = ["COLUMNS", "comparison_rows", "changelog_entry", "readme_section", "bump_version"]
+__all__ = ["COLUMNS", "comparison_rows", "changelog_entry", "readme_section", "bump_version", "regression_note"]
 
 COLUMNS = ["stage", "class", "n", "dsc", "dsc_std", "nsd", "nsd_std"]
 
@@ -50,6 +50,27 @@ def changelog_entry(summary: Mapping[str, Any]) -> str:
     )
 
 
+def regression_note(summary: Mapping[str, Any]) -> str | None:
+    """
+    A warning when fine-tuning LOWERED the validation mean DSC below the starting bundle's, else None.
+
+    A site with few cases of data the starting point already covers can end below where it started (measured on the
+    hippocampus site curve, ``docs/site_curve.md``); the written bundle is still the fine-tuned one, and the site
+    decides which of the two to serve.
+    """
+    b, a = summary.get("before"), summary["after"]
+    if not b or a["mean_dsc"] >= b["mean_dsc"]:
+        return None
+    src = summary["source"]
+    return (
+        f"Fine-tuning LOWERED the validation mean DSC from {b['mean_dsc']:.4f} to {a['mean_dsc']:.4f} (NSD "
+        f"{b['mean_nsd']:.4f} -> {a['mean_nsd']:.4f}): the starting bundle '{src['name']}' {src['version']} "
+        f"({src['path']}) scores higher on these {summary['split']['num_validation_used']} validation cases. "
+        "Consider serving it instead, or fine-tuning with more cases, fewer epochs or a parameter-efficient mode "
+        "(lora, sparse)."
+    )
+
+
 def _split_origin(split: Mapping[str, Any]) -> str:
     if split.get("origin") == "explicit":
         return "explicit case lists" + (f", {json.dumps(split['info'])}" if split.get("info") else "")
@@ -66,6 +87,8 @@ def readme_section(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
     """The ``## Site fine-tuning`` section of the written bundle's README."""
     src, split = summary["source"], summary["split"]
     head = summary["head"]
+    note = regression_note(summary)
+    warning = f"\n**Warning.** {note}\n" if note else ""
     classes = "\n".join(
         f"| {i} | {c['site_class']} | {c['region_class']} | {c['output_channel']} |"
         for i, c in enumerate(head["classes"], start=1)
@@ -91,4 +114,4 @@ against the site's label files; NSD tolerance {summary['nsd_tolerance_mm']} mm),
 mean and standard deviation over cases:
 
 {format_markdown(rows, COLUMNS)}
-"""
+{warning}"""
