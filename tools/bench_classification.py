@@ -131,6 +131,24 @@ def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
     return record, False
 
 
+def _train_all(plan: list[dict], reuse: bool, jobs: int) -> list[tuple[dict, bool]]:
+    """Train ``plan`` with ``jobs`` child processes at a time; a seed's rows wait for its foundation (their teacher)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    foundations: dict[int, Future] = {}
+
+    def after_teacher(run: dict) -> tuple[dict, bool]:
+        foundations[run["seed"]].result()  # re-raises the foundation's failure
+        return _train(run, reuse)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each worker waits on its own child process
+        for r in plan:  # every foundation is queued before any row, so a waiting row never starves its teacher
+            if r["row"] == "foundation":
+                foundations[r["seed"]] = pool.submit(_train, r, reuse)
+        futures = [foundations[r["seed"]] if r["row"] == "foundation" else pool.submit(after_teacher, r) for r in plan]
+        return [f.result() for f in futures]
+
+
 def _score(run: dict) -> dict[str, Any]:
     """Per-task val scores of the run's deployed model(s), parameters and FLOPs; bundle-path scores where exported."""
     import torch
@@ -377,7 +395,8 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         f"- Latency: `torch.no_grad()`, batch 1, {meta['latency_repeats']} timed calls after 3 warm-up calls, "
         f"{m['torch_threads']} torch threads.",
         f"- Machine: {m['cpu_model']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable), torch "
-        f"{m['torch']} ({m['torch_threads']} torch thread(s) per run: `OMP_NUM_THREADS` of the command's environment), "
+        f"{m['torch']} ({m['torch_threads']} torch thread(s) per run, {meta.get('jobs', 1)} training run(s) at a time: each "
+        f"run's wall time then includes sharing the cores), "
         f"GPU: {m['gpu'] or 'none'}; GLIBC_TUNABLES={m['glibc_tunables']}. 1-min load average at the "
         f"start {meta['load_start']:.2f}, at the end {m['load_average_1min']:.2f} (other jobs on the machine inflate "
         "the wall times).",
@@ -406,6 +425,8 @@ def run(
     latency_repeats: int = 30,
     gradcam_cases: int = 4,
     gradcam_layer: str = "layer3",
+    jobs: int = 2,
+    threads: int | None = 1,
 ) -> str:
     """
     Train and score the rows (each once per seed) and write ``results`` (+ ``.json``) and its figures.
@@ -423,6 +444,13 @@ def run(
         latency_repeats: timed calls per latency. Defaults to 30.
         gradcam_cases: val volumes per Grad-CAM panel (half positive). Defaults to 4.
         gradcam_layer: layer of the MONAI ResNets whose activations Grad-CAM weights. Defaults to ``"layer3"``.
+        jobs: training runs at the same time, each its own process (a seed's rows start once its foundation, their
+            teacher, is trained). Defaults to 2 (one per core of a 2-core machine).
+        threads: ``OMP_NUM_THREADS`` of every child process; None or 0 inherits it. Defaults to 1. Not part of the
+            reuse stamps.
+
+    Raises:
+        ValueError: for unknown rows or ``jobs < 1``.
     """
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     work, out = _abs(work_dir), _abs(results)
@@ -438,9 +466,14 @@ def run(
         raise FileNotFoundError(f"MedMNIST files not found: {missing} (see ../shared/data/README.md); pass --data_dir.")
     budget = {"epochs": epochs, "foundation_epochs": foundation_epochs, "lorkd_warmup_epochs": lorkd_warmup_epochs,
               "batch_size": batch_size, "limit": limit}  # fmt: skip
+    if int(jobs) < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}.")
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
+    plan = _runs(wanted, seed_list, work, data, budget)
+    trained = _train_all(plan, reuse_rows, int(jobs))
     records = []
-    for r in _runs(wanted, seed_list, work, data, budget):
-        rec, reused = _train(r, reuse_rows)
+    for r, (rec, reused) in zip(plan, trained):  # scoring in this process, one run at a time
         if not reused or rec.get("scoring_version") != SCORING_VERSION:
             rec.update(_score(r), scoring_version=SCORING_VERSION)
             atomic_write_text(Path(r["dir"]) / "bench_run.json", json.dumps(rec, indent=2, default=float))
@@ -455,7 +488,7 @@ def run(
     figures = _figures(records, out.parent / "figures", gradcam_cases, gradcam_layer)
     args = [f"python tools/bench_classification.py run --data_dir {data_dir} --seeds {','.join(map(str, seed_list))}",
             f"--epochs {epochs} --foundation_epochs {foundation_epochs} --lorkd_warmup_epochs {lorkd_warmup_epochs}",
-            f"--batch_size {batch_size}"]  # fmt: skip
+            f"--batch_size {batch_size} --jobs {jobs} --threads {threads}"]  # fmt: skip
     if limit:
         args.append(f"--limit {limit}")
     if rows:
@@ -465,7 +498,7 @@ def run(
     meta = {"command": " ".join(args), "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - start,
             "seeds": seed_list, "tasks": list(TASKS), "budget": budget, "data_dir": data_dir, "load_start": load_start,
             "work_dir": os.path.relpath(work, REPO) if work.is_relative_to(REPO) else str(work), "machine": machine_info(torch.device("cpu")),
-            "latency_repeats": latency_repeats}  # fmt: skip
+            "latency_repeats": latency_repeats, "jobs": int(jobs), "threads": threads}  # fmt: skip
     summary = {"meta": meta, "rows": [r for r in wanted], "records": records, "latency": latency, "figures": figures}
     atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2, default=float))
     return report(str(out))
