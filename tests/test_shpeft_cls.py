@@ -123,6 +123,24 @@ def test_metadata_and_one_preprocessing_definition(tmp_path):
         assert set(json.loads(f.read_text())) - set(train) <= {"+imports", "lora_rank", "lora_alpha"}, f.name
 
 
+def test_inference_verifies_before_training(tmp_path):
+    """verify_net_in_out on the shipped configs alone (no models/): the default recipe's network (foundation_cls's
+    ResNet re-headed for the default task), whose classes match the metadata and the default task."""
+    bundle = tmp_path / "shpeft_cls"
+    shutil.copytree(REPO / "bundles" / "shpeft_cls" / "configs", bundle / "configs")
+    verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
+                      config_file=str(bundle / "configs" / "inference.json"), device="cpu", bundle_root=str(bundle))  # fmt: skip
+    infer = json.loads((bundle / "configs" / "inference.json").read_text())
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    foundation = json.loads((REPO / "bundles" / "foundation_cls" / "configs" / "inference.json").read_text())
+    (task,) = infer["untrained_tasks"]
+    assert task["name"] == train["task"] and task["labels"] == SYNTHETIC_CLS_TASKS[train["task"]]["labels"]
+    net = infer["untrained_network_def"]
+    assert net["num_classes"] == len(task["labels"]) == meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+    assert {**net, "num_classes": None} == {**foundation["network_def"], "num_classes": None}
+
+
 def test_train_frozen_bits_delta_and_exported_bundle(workspace, tmp_path):
     bundle = workspace / "shpeft_cls"
     summary = _check_sparse_result(bundle / "models", workspace / "pretrained", "fc")
