@@ -36,7 +36,7 @@ from medfm_ops.finetune import (
     write_draw_split,
     write_split,
 )
-from medfm_ops.metrics import markdown_sections, mean_std, plot_learning_curve, write_markdown_section
+from medfm_ops.metrics import compare_over_seeds, markdown_sections, mean_std, plot_learning_curve, write_markdown_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,6 +195,17 @@ def test_pretraining_datalist_adds_the_public_cases_to_a_base_region(msd, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------ report pieces
+def test_compare_over_seeds():
+    """Above/below only beyond twice the larger population std of the two rows; a tie otherwise."""
+    assert compare_over_seeds([10.0, 12.0], [5.0, 5.0]) == (6.0, 1.0, "above")  # 6 > 2 * 1
+    assert compare_over_seeds([5.0, 5.0], [10.0, 12.0]) == (-6.0, 1.0, "below")
+    assert compare_over_seeds([6.0, 8.0], [5.0, 5.0])[2] == "tie"  # 2 <= 2 * 1
+    assert compare_over_seeds([5.0, 7.0], [5.0, 5.0], factor=1.0)[2] == "tie"  # 1 <= 1 * 1
+    assert compare_over_seeds([6.0, 8.0], [5.0, 5.0], factor=1.0)[2] == "above"  # 2 > 1 * 1
+    with pytest.raises(ValueError):
+        compare_over_seeds([], [1.0])
+
+
 def test_learning_curve_plot_and_mean_std(tmp_path):
     assert mean_std([1.0, 3.0]) == (2.0, 1.0)
     path = plot_learning_curve(tmp_path / "curve.png", {"scratch": {5: [40, 50], 10: [60, 62]}, "expert": {5: [70, 71],

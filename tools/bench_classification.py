@@ -37,6 +37,7 @@ if __name__ == "__main__":
 
 import fire  # noqa: E402
 
+from medfm_ops.metrics import compare_over_seeds  # noqa: E402
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
 from medfm_ops.utils.hashing import file_sha256  # noqa: E402
 
@@ -319,17 +320,16 @@ def _reading(rows: list[str], tasks: list[str], auc: Any) -> list[str]:
             continue
         for t in tasks:
             ref_v = auc(ref, t)
-            verdicts: dict[str, list[str]] = {"above": [], "tie": [], "below": []}
+            verdicts: dict[str, dict[str, float]] = {"above": {}, "tie": {}, "below": {}}  # verdict -> row -> diff
             for row in rows:
                 v = auc(row, t)
-                if row == ref or len(v) < 2 or len(ref_v) < 2:
-                    continue
-                d = statistics.fmean(v) - statistics.fmean(ref_v)
-                bar = 2 * max(statistics.pstdev(v), statistics.pstdev(ref_v))
-                verdicts["above" if d > bar else "below" if d < -bar else "tie"].append(f"{ROWS[row][0]} ({d:+.3f})")
+                if row != ref and len(v) > 1 and len(ref_v) > 1:
+                    d, _, verdict = compare_over_seeds(v, ref_v)
+                    verdicts[verdict][row] = d
             out.append(f"- {t}, against {ROWS[ref][0]}: " + "; ".join(
-                f"{k}: {', '.join(v)}" for k, v in verdicts.items() if v) + ".")
-            if ref == "scratch" and "foundation" in rows and not any("foundation" in x for x in verdicts["above"]):
+                f"{k}: {', '.join(f'{ROWS[r][0]} ({d:+.3f})' for r, d in v.items())}" for k, v in verdicts.items() if v)
+                + ".")  # fmt: skip
+            if ref == "scratch" and "foundation" in rows and "foundation" not in verdicts["above"]:
                 weak.append(t)
     if weak:
         out += ["", f"The foundation (the teacher of every distillation row) is not above the student from scratch on "

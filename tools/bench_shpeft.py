@@ -3,7 +3,7 @@
 """SH-PEFT benchmark: fine-tune one pretrained 3D classifier on the real MedMNIST 3D tasks with SH-PEFT, its
 baselines and its ablations; writes ``docs/RESULTS_shpeft.md`` (+ ``.json``).
 
-    python tools/bench_shpeft.py run                       # the default study (26 min measured on 2 CPU cores)
+    python tools/bench_shpeft.py run                       # the default study (27.5 min measured on 2 CPU cores)
     python tools/bench_shpeft.py run --pretrained bundles/foundation_cls --epochs 10 --estimation_batches 0
         [--seeds 0,1,2] [--tasks adrenalmnist3d,vesselmnist3d] [--rows shpeft,full,...] [--limit 64]
 
@@ -26,7 +26,7 @@ linear probe, BitFit, LoRA (r 8), a random mask, magnitude only, gradient only (
 ablations lambda 0.5 / 1.5, budget 0.1% / 5%, hybrid L1.
 
 Cost: every row but the linear probe back-propagates through the whole network. The default budget is set for about
-an hour on 2 CPU cores (measured: 26 min on a 2-core Intel Xeon, 2026-12-03): the small pretrained network, 2
+an hour on 2 CPU cores (measured: 27.5 min on a 2-core Intel Xeon, 2026-12-03): the small pretrained network, 2
 epochs per run, importance estimated on 16 batches (``--estimation_batches``; 0 = one whole epoch, the paper's
 setting), 14 rows x 2 tasks x 3 seeds = 84 runs, two at a time (``--jobs 2``, one thread each). With the 8.3 M-weight foundation ResNet (28^3, batch 16: about 2.5 s per
 training step on 2 cores) 10 epochs of every row take roughly two days on CPU and far less on a GPU; ``--rows``,
@@ -55,6 +55,7 @@ import fire
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from medfm_ops.metrics import compare_over_seeds  # noqa: E402
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
 from medfm_ops.utils.bench import GLIBC_TUNABLES, machine_info, run_logged, split_list  # noqa: E402
 
@@ -129,9 +130,8 @@ def _reading(rows: list[dict[str, Any]], ref: str = "shpeft") -> list[str]:
             v = [100 * x["scores"][key] for x in r["runs"]]
             if r["name"] == ref or len(v) < 2:
                 continue
-            d = statistics.fmean(v) - statistics.fmean(ref_v)
-            bar = 2 * max(statistics.pstdev(v), statistics.pstdev(ref_v))
-            verdicts["above" if d > bar else "below" if d < -bar else "tie"].append(f"{r['name']} ({d:+.1f})")
+            d, _, verdict = compare_over_seeds(v, ref_v)
+            verdicts[verdict].append(f"{r['name']} ({d:+.1f})")
         out.append(f"- {label}: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in verdicts.items() if v) + ".")
     return out
 

@@ -59,7 +59,7 @@ from bench_site_finetune import (
 from medfm_ops.bundle_paths import default_cache_dir
 from medfm_ops.data import ensure_synthetic_dataset
 from medfm_ops.finetune import build_pretraining_datalist, load_or_create_study_split, write_draw_split
-from medfm_ops.metrics import plot_learning_curve, write_markdown_section
+from medfm_ops.metrics import compare_over_seeds, plot_learning_curve, write_markdown_section
 from medfm_ops.utils.atomic_io import atomic_write_json
 from medfm_ops.utils.hashing import file_sha256
 
@@ -342,10 +342,9 @@ def _verdict(records: list[dict], sizes: list[str], rows: list[str]) -> list[str
             mine = [r["dsc"] for r in _by(records, row, n)]
             if row == "scratch" or not mine or not base:
                 continue
-            diff = 100 * (statistics.fmean(mine) - statistics.fmean(base))
-            spread = 100 * max(statistics.pstdev(mine), statistics.pstdev(base))
-            call = ("beats scratch" if diff > 2 * spread else "is below scratch" if diff < -2 * spread
-                    else "ties with scratch (difference within 2 std)")  # fmt: skip
+            diff, spread, verdict = compare_over_seeds([100 * v for v in mine], [100 * v for v in base])
+            call = {"above": "beats scratch", "below": "is below scratch",
+                    "tie": "ties with scratch (difference within 2 std)"}[verdict]  # fmt: skip
             mb = _by(records, row, n)[0]["model_mb"]
             lines.append(f"- N={n}: {row} {call}: DSC {_mean_std(mine)} vs {_mean_std(base)} ({diff:+.2f} points; "
                          f"largest std over seeds {spread:.2f}; deployed model.pt {mb:.2f} MB).")  # fmt: skip

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from .dice_nsd import binary_dice_nsd
 from .region_seg_metrics import RegionSegMetrics, region_metric_output_transform
-from .learning_curve import mean_std, plot_learning_curve
+from .learning_curve import compare_over_seeds, mean_std, plot_learning_curve
 from .report import format_markdown, markdown_sections, region_summary, write_markdown_section, write_table
 from .score_bars import plot_score_bars
 
 __all__ = [
     "RegionSegMetrics",
     "binary_dice_nsd",
+    "compare_over_seeds",
     "format_markdown",
     "markdown_sections",
     "mean_std",

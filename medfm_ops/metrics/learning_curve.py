@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medfm_ops.utils.atomic_io import atomic_write
 
-__all__ = ["mean_std", "plot_learning_curve"]
+__all__ = ["mean_std", "compare_over_seeds", "plot_learning_curve"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -27,6 +27,21 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
         raise ValueError(f"mean_std needs at least one finite value, got {list(values)}.")
     mean = sum(vals) / len(vals)
     return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+
+
+
+def compare_over_seeds(values: Sequence[float], reference: Sequence[float], factor: float = 2.0) -> tuple[float, float, str]:
+    """
+    Compare a row's scores over seeds with a reference row's: ``(mean difference, larger standard deviation,
+    verdict)``, the verdict ``"above"`` / ``"below"`` when the difference exceeds ``factor`` times the larger
+    population standard deviation of the two rows, else ``"tie"`` (the rule every medfm result table reads by).
+
+    Raises:
+        ValueError: when either row is empty or holds a non-finite value (see :func:`mean_std`).
+    """
+    (mean, std), (ref_mean, ref_std) = mean_std(values), mean_std(reference)
+    diff, spread = mean - ref_mean, max(std, ref_std)
+    return diff, spread, "above" if diff > factor * spread else "below" if diff < -factor * spread else "tie"
 
 
 def plot_learning_curve(
