@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_text
+from medfm_ops.utils.staging import staged_directory
 
+from .bundle_scripts import write_bundle_scripts
 from .expert_bundle import SCHEMA_RELPATH, _license_text, _plain_state_dict, _version, bundle_metadata, write_metadata
 from .metadata_schema import write_metadata_schema
 
@@ -48,12 +50,18 @@ def write_cls_expert_bundle(
     authors: str = "medfm contributors",
     extra_metadata: Mapping[str, Any] | None = None,
     required_packages: Mapping[str, str] | None = None,
+    verify: bool = False,
 ) -> Path:
     """
     Write a standalone classification bundle: ``configs/{metadata,inference}.json`` and ``logging.conf``,
-    ``models/model.pt`` (plain state dict, atomically, finite weights only), ``LICENSE``, ``docs/README.md`` and
-    ``docs/metadata_schema.json`` (offline ``verify_metadata``). ``inference.json`` reads the NIfTI images of
-    ``--dataset_dir`` and writes ``eval/predictions.csv`` (one row per image: its class probabilities).
+    ``models/model.pt`` (plain state dict, atomically, finite weights only), ``scripts/`` (the input guard, a copy of
+    :py:mod:`medfm_ops.data.input_guard`), ``LICENSE``, ``docs/README.md`` and ``docs/metadata_schema.json``
+    (offline ``verify_metadata``). ``inference.json`` reads the NIfTI images of ``--dataset_dir``, refuses an image
+    with NaN/inf voxels, not 3D or not single-channel (naming the file), and writes ``eval/predictions.csv`` (one
+    row per image: its class probabilities).
+
+    The bundle is written as a whole (:func:`~medfm_ops.utils.staged_directory`): staged beside ``out_dir``,
+    checked (``verify``), then swapped in; a failed or killed writer leaves an earlier bundle there as it was.
 
     Args:
         out_dir: bundle directory (created).
@@ -70,9 +78,13 @@ def write_cls_expert_bundle(
         extra_metadata: keys merged into ``metadata.json`` last.
         required_packages: extra ``required_packages_version`` entries (e.g. ``{"medfm_ops": "0.1.0"}`` for a
             network class of medfm_ops). Defaults to none (MONAI only).
+        verify: run :func:`~medfm_ops.bundle.verify_bundle` on the staged bundle before it replaces ``out_dir``.
+            Defaults to False.
 
     Raises:
         ValueError: when the class count and the network's outputs differ, or the state dict does not load.
+        OutputWriteError: when the disk is full (one line naming the file); ``out_dir`` is untouched.
+        OutputLockedError: when another running process writes ``out_dir``.
     """
     if len(class_names) < 2:
         raise ValueError(f"class_names needs at least 2 classes, got {list(class_names)}.")
@@ -80,45 +92,50 @@ def write_cls_expert_bundle(
     if outs and int(outs[0]) != len(class_names):
         raise ValueError(f"network_def outputs {outs[0]} classes but class_names has {len(class_names)}: {list(class_names)}.")
     plain = _plain_state_dict(state_dict, network_def)
-    root = Path(out_dir)
-    for sub in ("configs", "models", "docs"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    net_cfg = json.loads(json.dumps(dict(network_def)))
-    cfg = _render({"network_def": net_cfg, "spatial_size": [int(s) for s in spatial_size], "class_names": list(class_names)})
-    atomic_write_text(root / "configs" / "inference.json", json.dumps(cfg, indent=4) + "\n")
-    shutil.copyfile(CLS_TEMPLATE_DIR / "configs" / "logging.conf", root / "configs" / "logging.conf")
-    n = len(class_names)
-    description = description or (
-        f"3D classifier of task {task_name} ({', '.join(class_names)}): a stock {net_cfg['_target_']} with its task "
-        f"head, input resized to {list(spatial_size)} and z-score normalised per image; outputs {n} logits."
-    )
-    pred = {"type": "probabilities", "format": "classes", "num_channels": n, "spatial_shape": [1], "dtype": "float32",
-            "value_range": [0, 1], "is_patch_data": False, "channel_def": {str(i): c for i, c in enumerate(class_names)}}  # fmt: skip
-    meta = {
-        **bundle_metadata(
-            version, f"{task_name} classifier exported by medfm (stock network + task head)", f"medfm {task_name} classifier",
-            f"Classification of {task_name}: {', '.join(class_names)}", description, authors, modality, spatial_size,
-            False, pred, required_packages,
-        ),  # fmt: skip
-        "medfm": {"task": task_name, "class_names": list(class_names), "spatial_size": [int(s) for s in spatial_size]},
-    }  # fmt: skip
-    meta.update(dict(extra_metadata or {}))
-    write_metadata(root, meta)
-    write_metadata_schema(root / SCHEMA_RELPATH)
-    atomic_write_text(root / "LICENSE", _license_text(authors))
-    readme = (
-        f"# {meta['name']}\n\n## Overview\n{description}\n\n## Data\nOne-channel 3D volumes (NIfTI), resized to "
-        f"{list(spatial_size)}.\n\n## Inference\n\n```bash\npython -m monai.bundle run --config_file "
-        f"configs/inference.json --bundle_root . --dataset_dir <folder of .nii.gz>\n```\n\nWrites "
-        f"`eval/predictions.csv`: file name, then the probabilities of {', '.join(class_names)}.\n\n## Checks\n\n"
-        "```bash\npython -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath "
-        f"{SCHEMA_RELPATH}\npython -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json "
-        "--config_file configs/inference.json --device cpu\n```\n\n## Intended use\nResearch only; not for clinical "
-        "use.\n\n## Licence\nApache-2.0 (see LICENSE).\n"
-    )
-    atomic_write_text(root / "docs" / "README.md", readme)
-    atomic_torch_save(plain, root / "models" / "model.pt")
-    return root
+    with staged_directory(out_dir) as root:
+        for sub in ("configs", "models", "docs"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        write_bundle_scripts(root)
+        net_cfg = json.loads(json.dumps(dict(network_def)))
+        cfg = _render({"network_def": net_cfg, "spatial_size": [int(s) for s in spatial_size], "class_names": list(class_names)})
+        atomic_write_text(root / "configs" / "inference.json", json.dumps(cfg, indent=4) + "\n")
+        shutil.copyfile(CLS_TEMPLATE_DIR / "configs" / "logging.conf", root / "configs" / "logging.conf")
+        n = len(class_names)
+        description = description or (
+            f"3D classifier of task {task_name} ({', '.join(class_names)}): a stock {net_cfg['_target_']} with its task "
+            f"head, input resized to {list(spatial_size)} and z-score normalised per image; outputs {n} logits."
+        )
+        pred = {"type": "probabilities", "format": "classes", "num_channels": n, "spatial_shape": [1], "dtype": "float32",
+                "value_range": [0, 1], "is_patch_data": False, "channel_def": {str(i): c for i, c in enumerate(class_names)}}  # fmt: skip
+        meta = {
+            **bundle_metadata(
+                version, f"{task_name} classifier exported by medfm (stock network + task head)", f"medfm {task_name} classifier",
+                f"Classification of {task_name}: {', '.join(class_names)}", description, authors, modality, spatial_size,
+                False, pred, required_packages,
+            ),  # fmt: skip
+            "medfm": {"task": task_name, "class_names": list(class_names), "spatial_size": [int(s) for s in spatial_size]},
+        }  # fmt: skip
+        meta.update(dict(extra_metadata or {}))
+        write_metadata(root, meta)
+        write_metadata_schema(root / SCHEMA_RELPATH)
+        atomic_write_text(root / "LICENSE", _license_text(authors))
+        readme = (
+            f"# {meta['name']}\n\n## Overview\n{description}\n\n## Data\nOne-channel 3D volumes (NIfTI), resized to "
+            f"{list(spatial_size)}.\n\n## Inference\n\n```bash\npython -m monai.bundle run --config_file "
+            f"configs/inference.json --bundle_root . --dataset_dir <folder of .nii.gz>\n```\n\nWrites "
+            f"`eval/predictions.csv`: file name, then the probabilities of {', '.join(class_names)}.\n\n## Checks\n\n"
+            "```bash\npython -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath "
+            f"{SCHEMA_RELPATH}\npython -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json "
+            "--config_file configs/inference.json --device cpu\n```\n\n## Intended use\nResearch only; not for clinical "
+            "use.\n\n## Licence\nApache-2.0 (see LICENSE).\n"
+        )
+        atomic_write_text(root / "docs" / "README.md", readme)
+        atomic_torch_save(plain, root / "models" / "model.pt")
+        if verify:
+            from .verify import verify_bundle
+
+            verify_bundle(root)
+    return Path(out_dir)
 
 
 def export_lorkd_cls_expert(
@@ -174,9 +191,6 @@ def export_lorkd_cls_expert(
         out_dir, net_def, fused.state_dict(), table.task_names[tid], table.class_names[tid],
         train_cfg.get("spatial_size", [28, 28, 28]), modality=table.modalities[tid], version=version,
         required_packages={"medfm_ops": _version("medfm_ops")} if str(net_def["_target_"]).startswith("medfm_ops") else None,
+        verify=verify,
     )  # fmt: skip
-    if verify:
-        from .verify import verify_bundle
-
-        verify_bundle(out)
     return out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_text
+from medfm_ops.utils.staging import staged_directory
 
 from .template import TEMPLATE_DIR, render_configs
 from .expert_readme import expert_readme
@@ -186,9 +187,14 @@ def write_expert_bundle(
     modality: str = "CT",
     config_values: Mapping[str, Mapping[str, Any]] | None = None,
     readme_extra: str = "",
+    verify: bool = False,
 ) -> Path:
     """
     Write a region expert as a standalone MONAI bundle that needs only ``monai`` (no medfm code).
+
+    The bundle is written as a whole (:func:`~medfm_ops.utils.staged_directory`): built in a hidden sibling of
+    ``out_dir``, checked (``verify``), then swapped in; a failed, refused or killed writer leaves an earlier bundle
+    at ``out_dir`` as it was, and a second writer of the same folder is refused while the first runs.
 
     Layout: ``configs/{metadata,inference,train,evaluate,train_lora}.json`` (from the JSON template in
     ``medfm_ops/bundle/templates/seg_expert``; ``train_lora.json`` needs medfm_ops), ``configs/logging.conf``, ``models/model.pt`` (plain
@@ -198,7 +204,7 @@ def write_expert_bundle(
     ``output_channels[i - 1]`` and ``label_names[i]``.
 
     Args:
-        out_dir: bundle directory to create (parents created; existing files are overwritten).
+        out_dir: bundle directory to create (parents created); an earlier bundle there is replaced as a whole.
         network_def: ``_target_`` config of a stock network, e.g. ``{"_target_": "monai.networks.nets.UNet",
             "spatial_dims": 3, "in_channels": 1, "out_channels": 12, ...}``.
         state_dict: weights for ``network_def``; must load with ``strict=True``. Tensors only.
@@ -216,6 +222,8 @@ def write_expert_bundle(
             1e-3}, "train_lora.json": {"lora_rank": 4}}`` (see :func:`~medfm_ops.bundle.render_configs`). Defaults
             to the template's.
         readme_extra: markdown appended to ``docs/README.md`` (e.g. a fine-tuning report). Defaults to none.
+        verify: run MONAI's bundle checks (:func:`~medfm_ops.bundle.verify_bundle`, which also writes
+            ``models/model.ts``) on the staged bundle before it replaces ``out_dir``. Defaults to False.
 
     Returns:
         The bundle directory.
@@ -223,6 +231,9 @@ def write_expert_bundle(
     Raises:
         ValueError: when label names, output channels, spacing/roi_size or the state dict are inconsistent
             (the message names the argument), or the state dict does not load into ``network_def``.
+        OutputWriteError: when the disk is full (one line naming the file); ``out_dir`` is untouched.
+        OutputLockedError: when another running process writes ``out_dir``.
+        FileExistsError: when ``out_dir`` is a non-empty folder that is not a bundle.
 
     Example::
 
@@ -246,35 +257,39 @@ def write_expert_bundle(
             f"channels {list(output_channels)} and writes a label map (0 background, 1..{n} as in channel_def)."
         )
 
-    root = Path(out_dir)
-    for sub in ("configs", "models", "docs"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    net_cfg = json.loads(json.dumps(dict(network_def)))  # plain JSON types
-    meta = _metadata(
-        version, description, authors, region_name, label_names, output_channels, spacing, roi_size, modality,
-        out_ch, dtype,
-    )
-    meta.update(dict(extra_metadata or {}))
-    if meta["version"] not in meta["changelog"]:
-        raise ValueError(f"extra_metadata changelog must list the bundle version {meta['version']!r}.")
-    values = {
-        "network_def": net_cfg,
-        "output_channels": [int(c) for c in output_channels],
-        "num_labels": n,
-        "spacing": [float(s) for s in spacing],
-        "roi_size": [int(r) for r in roi_size],
-        "axcodes": "RAS"[:dims],
-        "label_dtype": dtype,
-    }
-    for name, cfg in render_configs(values, config_values).items():
-        _write_json(root / "configs" / name, cfg)
-    shutil.copyfile(TEMPLATE_DIR / "configs" / "logging.conf", root / "configs" / "logging.conf")
-    write_metadata(root, meta)
-    write_metadata_schema(root / SCHEMA_RELPATH)
-    atomic_write_text(root / "LICENSE", _license_text(authors))
-    write_readme(root, meta, net_cfg, readme_extra)
-    atomic_torch_save(plain, root / "models" / "model.pt")
-    return root
+    with staged_directory(out_dir) as root:
+        for sub in ("configs", "models", "docs"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        net_cfg = json.loads(json.dumps(dict(network_def)))  # plain JSON types
+        meta = _metadata(
+            version, description, authors, region_name, label_names, output_channels, spacing, roi_size, modality,
+            out_ch, dtype,
+        )
+        meta.update(dict(extra_metadata or {}))
+        if meta["version"] not in meta["changelog"]:
+            raise ValueError(f"extra_metadata changelog must list the bundle version {meta['version']!r}.")
+        values = {
+            "network_def": net_cfg,
+            "output_channels": [int(c) for c in output_channels],
+            "num_labels": n,
+            "spacing": [float(s) for s in spacing],
+            "roi_size": [int(r) for r in roi_size],
+            "axcodes": "RAS"[:dims],
+            "label_dtype": dtype,
+        }
+        for name, cfg in render_configs(values, config_values).items():
+            _write_json(root / "configs" / name, cfg)
+        shutil.copyfile(TEMPLATE_DIR / "configs" / "logging.conf", root / "configs" / "logging.conf")
+        write_metadata(root, meta)
+        write_metadata_schema(root / SCHEMA_RELPATH)
+        atomic_write_text(root / "LICENSE", _license_text(authors))
+        write_readme(root, meta, net_cfg, readme_extra)
+        atomic_torch_save(plain, root / "models" / "model.pt")
+        if verify:
+            from .verify import verify_bundle
+
+            verify_bundle(root)
+    return Path(out_dir)
 
 
 def write_metadata(root: str | os.PathLike, meta: Mapping[str, Any]) -> None:

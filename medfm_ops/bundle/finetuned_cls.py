@@ -22,6 +22,7 @@ from medfm_ops.engines.cls_evaluation import score_classifier
 from medfm_ops.networks import StartingClassifier, save_network_spec
 from medfm_ops.peft import ImportanceEstimate, apply_sparse_delta, fuse_linear_lora, sparse_delta
 from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_text
+from medfm_ops.utils.staging import staged_directory
 
 from .cls_expert_bundle import write_cls_expert_bundle
 from .expert_bundle import _version
@@ -29,6 +30,9 @@ from .expert_bundle import _version
 __all__ = ["FINAL_MODELS", "check_result_settings", "save_finetuned_classifier", "summary_line"]
 
 logger = logging.getLogger("medfm.finetune")
+
+#: files of a models folder that a fine-tuning run never writes there (an earlier tool's TorchScript export)
+_NOT_WRITTEN_HERE = ("model.ts",)
 
 #: ``best``: the weights of the best validation epoch (key metric); ``last``: the weights after the last epoch
 FINAL_MODELS = ("best", "last")
@@ -99,8 +103,11 @@ def save_finetuned_classifier(
     4. ``{ckpt_dir}/model.pt`` (stock state dict), ``sparse_delta.pt`` (``save_delta``), ``network_def.json``
        (network + the task as a one-task class layout), and the scores of that model on ``score_files``.
     5. ``export_dir``: a complete standalone bundle (:py:func:`~medfm_ops.bundle.write_cls_expert_bundle`; MONAI-only
-       ``inference.json``, metadata, schema, README, LICENSE) with the delta beside its ``models/model.pt``,
-       checked by :py:func:`~medfm_ops.bundle.verify_bundle` (``verify``).
+       ``inference.json`` with its input guard in ``scripts/``, metadata, schema, README, LICENSE) with the delta
+       beside its ``models/model.pt``, checked by :py:func:`~medfm_ops.bundle.verify_bundle` (``verify``), built
+       in a staging folder and swapped in as a whole: a fresh folder, so no earlier run's delta or TorchScript stays
+       in it, and a failed export leaves the previous one intact. In ``ckpt_dir`` an earlier run's
+       ``sparse_delta.pt`` is removed when this run saves none.
     6. ``{ckpt_dir}/training_summary.json``: settings, starting point, trainable count, importance-estimation time
        next to training time, best/last validation metrics and the written model's scores; one log line.
 
@@ -143,6 +150,10 @@ def save_finetuned_classifier(
     atomic_torch_save(tuned, ckpt / "model.pt")
     if save_delta:
         atomic_torch_save(delta, ckpt / "sparse_delta.pt")
+    for stale in ([] if save_delta else ["sparse_delta.pt"]) + list(_NOT_WRITTEN_HERE):
+        if (ckpt / stale).is_file():  # an earlier run's file must not sit beside this run's model
+            logger.info(f"removing {ckpt / stale}: an earlier run's file that this run does not write")
+            (ckpt / stale).unlink()
     save_network_spec(ckpt, start.network_def, one_task)
     scores = None
     if score_files:
@@ -170,14 +181,16 @@ def save_finetuned_classifier(
             best_metric_epoch=getattr(evaluator.state, "best_metric_epoch", None),
             last_metrics={k: v for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))},
         )
-    if export_dir is not None:
-        summary["export_dir"] = str(_export(export_dir, start, tuned, task_table, tid, spatial_size, summary))
-        if save_delta:
-            shutil.copyfile(ckpt / "sparse_delta.pt", Path(summary["export_dir"]) / "models" / "sparse_delta.pt")
-        if verify:
-            from .verify import verify_bundle
+    if export_dir is not None:  # a fresh bundle, staged and checked, then swapped in as a whole
+        with staged_directory(export_dir) as stage:
+            _export(stage, start, tuned, task_table, tid, spatial_size, summary)
+            if save_delta:
+                shutil.copyfile(ckpt / "sparse_delta.pt", stage / "models" / "sparse_delta.pt")
+            if verify:
+                from .verify import verify_bundle
 
-            verify_bundle(summary["export_dir"])
+                verify_bundle(stage)
+        summary["export_dir"] = str(Path(export_dir))
     atomic_write_text(ckpt / "training_summary.json", json.dumps(summary, indent=2, default=float))
     logger.info(summary_line(summary))
     return summary

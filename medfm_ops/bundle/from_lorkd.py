@@ -16,7 +16,6 @@ from medfm_ops.data import RegionTable, load_datalist
 from medfm_ops.engines import model_fingerprint
 from medfm_ops.networks import expert_model_from_spec, export_expert, load_expert_state_dict, load_network_spec
 from medfm_ops.bundle.expert_bundle import write_expert_bundle
-from medfm_ops.bundle.verify import verify_bundle
 
 __all__ = ["export_lorkd_expert", "check_model_is_from_last_run"]
 
@@ -48,10 +47,16 @@ def check_model_is_from_last_run(models_dir: Path) -> None:
     if "model_sha256" not in summary:
         raise ValueError(f"{summary_path} has no model fingerprint (written by an older medfm): retrain the bundle.")
     if not summary.get("model_written_by_this_run"):
-        raise ValueError(
-            f"{model} was not written by the last training run ({summary.get('epochs')} epochs; it never validated, "
-            "e.g. epochs < val_interval): it is an earlier run's model. Retrain with validation, or pass force=True."
-        )
+        epochs = summary.get("epochs")
+        if summary.get("resumed_from") and summary.get("validated_this_run", True):
+            why = (f"the run resumed from {summary['resumed_from']} (epoch {summary.get('resumed_epoch')}) validated "
+                   f"but never beat the best score of the epochs before the interruption (epoch "
+                   f"{summary.get('best_metric_epoch')}), so it kept that earlier model file")
+            fix = "Export with force=True to ship that best model, or train on"
+        else:
+            why = f"it never validated in its {epochs} epoch(s), e.g. epochs < val_interval: it is an earlier run's model"
+            fix = "Retrain with validation, or pass force=True"
+        raise ValueError(f"{model} was not written by the last training run ({why}). {fix}.")
     if model_fingerprint(model) != summary["model_sha256"]:
         raise ValueError(
             f"{model} is not the model the last finished training run wrote ({summary_path}): a later run was "
@@ -92,7 +97,8 @@ def export_lorkd_expert(
         spacing: target spacing of the exported bundle. Defaults to the spacing of the region's first case.
         roi_size: sliding-window size. Defaults to the bundle's ``roi_size``.
         version: version of the new bundle. Defaults to ``"0.1.0"``.
-        verify: run MONAI's ``verify_metadata`` / ``verify_net_in_out`` / ``ckpt_export`` on the result.
+        verify: run MONAI's ``verify_metadata`` / ``verify_net_in_out`` / ``ckpt_export`` on the staged bundle before
+            it replaces ``out_dir`` (a failed check keeps an earlier bundle there).
         force: export even when ``models/model.pt`` is not the one the last training run wrote (a warning is
             logged). Defaults to False (refused, see :func:`check_model_is_from_last_run`).
     """
@@ -137,9 +143,9 @@ def export_lorkd_expert(
             f"{root.name} into a stock {spec['network_def']['_target_'].rsplit('.', 1)[-1]}."
         ),
         modality=modality,
+        verify=verify,
     )
-    logger.info(f"wrote the '{name}' expert bundle to {out}")
     if verify:
-        verify_bundle(out)
         logger.info("verify_metadata, verify_net_in_out and ckpt_export passed")
+    logger.info(f"wrote the '{name}' expert bundle to {out}")
     return out

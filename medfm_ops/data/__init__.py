@@ -7,6 +7,7 @@ from __future__ import annotations
 from .datalist import SECTIONS, load_datalist, require_files
 from .datalist_merge import merge_datalists
 from .atomic_writer import AtomicNibabelWriter
+from .input_guard import InputGuardd, require_images
 from .integrity import DatasetIntegrityError, check_datalist_cases, check_segmentation_cases
 from .msd import convert_msd, read_msd_dataset, split_cases
 from .msd_mapping import convert_msd_mapping, read_msd_mapping
@@ -35,6 +36,8 @@ from .transforms import (
 __all__ = [
     "AtomicNibabelWriter",
     "DatasetIntegrityError",
+    "InputGuardd",
+    "require_images",
     "check_datalist_cases",
     "check_segmentation_cases",
     "GENERATOR_VERSION",

@@ -18,6 +18,7 @@ from monai.transforms import LoadImage, LoadImaged, MapTransform
 from monai.utils import ensure_tuple
 from monai.utils.enums import PostFix
 
+from medfm_ops.data.input_guard import check_finite, check_shape
 from medfm_ops.data.region_table import RegionTable
 
 __all__ = [
@@ -132,13 +133,7 @@ class CheckFinited(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            values = torch.as_tensor(d[key])
-            if values.is_floating_point():
-                bad = int((~torch.isfinite(values)).sum())
-                if bad:
-                    raise ValueError(
-                        f"case {case_name(d, [key])}: '{key}' has {bad} NaN/inf voxel(s); repair or mask the file."
-                    )
+            check_finite(d[key], case_name(d, [key]), key)  # the input guard's check (medfm_ops.data.input_guard)
         return d
 
 
@@ -166,13 +161,7 @@ class CheckInputShaped(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            shape = tuple(d[key].shape)
-            if len(shape) != self.spatial_dims + 1 or shape[0] != self.channels:
-                raise ValueError(
-                    f"case {case_name(d, [key])}: '{key}' has shape {shape} (channel first), expected "
-                    f"({self.channels}, {', '.join(['*'] * self.spatial_dims)}): a {self.spatial_dims}D volume with "
-                    f"{self.channels} channel(s)."
-                )
+            check_shape(d[key], case_name(d, [key]), self.spatial_dims, self.channels, key)  # the input guard's check
         return d
 
 

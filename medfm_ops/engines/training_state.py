@@ -14,6 +14,7 @@ import torch
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint
 
+from medfm_ops.engines.handlers.random_states import RandomStates
 from medfm_ops.networks import eks_layers
 from medfm_ops.utils.atomic_io import atomic_write_text
 from medfm_ops.utils.hashing import file_sha256
@@ -64,8 +65,12 @@ def resume_training(
     scheduler, trainer) so that the run continues exactly where it stopped. ``None`` does nothing.
 
     Objects are loaded in the order of ``state``: put the warm-up handler first so LoRKD* ranks re-shape the experts
-    before their weights are loaded. With ``checkpointer`` (the :class:`~medfm_ops.engines.AtomicCheckpointSaver` of
-    the training state), the resumed file is recorded as its latest, so it is removed once superseded.
+    before their weights are loaded. The random generators saved with the state (``"rng"``, added by
+    :class:`~medfm_ops.engines.AtomicCheckpointSaver`) are restored last, so the resumed run draws the same data
+    order, augmentations and dropout masks as an uninterrupted one (bit-exact). The trainer's state records the
+    resume (``resumed_from``, ``resumed_epoch``) for :func:`write_training_summary`. With ``checkpointer`` (the
+    :class:`~medfm_ops.engines.AtomicCheckpointSaver` of the training state), the resumed file is recorded as its
+    latest, so it is removed once superseded.
 
     Raises:
         FileNotFoundError: when ``checkpoint_path`` does not exist.
@@ -83,6 +88,16 @@ def resume_training(
     Checkpoint.load_objects(to_load=to_load, checkpoint=ckpt)
     trainer = state.get("trainer")
     epoch = trainer.state.epoch if isinstance(trainer, Engine) else "?"
+    if isinstance(trainer, Engine):
+        if "rng" in ckpt:
+            RandomStates(trainer).load_state_dict(ckpt["rng"])
+        else:
+            logging.getLogger("medfm.resume").warning(
+                f"{checkpoint_path} holds no random generator states (written by an older medfm): the resumed run "
+                "continues correctly but is not bit-exact with an uninterrupted one."
+            )
+        trainer.state.resumed_from = str(checkpoint_path)
+        trainer.state.resumed_epoch = int(trainer.state.epoch)
     if checkpointer is not None and isinstance(trainer, Engine):
         checkpointer.adopt_interval_checkpoint(str(checkpoint_path), trainer.state.epoch)
     logging.getLogger("medfm.resume").info(f"resumed from {checkpoint_path} at epoch {epoch}")
@@ -102,15 +117,20 @@ def write_training_summary(
 
     With ``model_path`` the summary also says whether this run wrote that model (its file changed after the run
     started) and, if so, its SHA-256 (``model_sha256``): an export compares it with the file it is about to ship,
-    so a model left over from an earlier run is never exported as this run's.
+    so a model left over from an earlier run is never exported as this run's. It also records whether this run
+    validated (``validated_this_run``) and the checkpoint it resumed from (``resumed_from``, ``resumed_epoch``), so
+    a refused export can say why (never validated, or resumed without beating the best score before the resume).
     """
-    summary: dict[str, Any] = {"epochs": trainer.state.epoch, "iterations": trainer.state.iteration}
+    summary: dict[str, Any] = {"epochs": trainer.state.epoch, "iterations": trainer.state.iteration,
+                               "resumed_from": getattr(trainer.state, "resumed_from", None),
+                               "resumed_epoch": getattr(trainer.state, "resumed_epoch", None)}  # fmt: skip
     if model_path is not None:
         run_seconds = float(trainer.state.times.get("COMPLETED") or 0.0)
         started = time.time() - run_seconds - 1.0
         written = os.path.isfile(model_path) and os.path.getmtime(model_path) >= started
         summary["model_written_by_this_run"] = bool(written)
         summary["model_sha256"] = model_fingerprint(model_path) if written else None
+        summary["validated_this_run"] = bool(evaluator is not None and evaluator.state.iteration > 0)
     if evaluator is not None:
         summary.update(
             {

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ from medfm_ops.finetune.split import SPLIT_FILENAME, load_or_create_split
 from medfm_ops.finetune.start import prepare_start
 from medfm_ops.metrics import format_markdown, write_table
 from medfm_ops.peft import check_sparse_settings
-from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_json, replace_directory
+from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_json
+from medfm_ops.utils.staging import staged_directory
 from medfm_ops.utils.bench import machine_info
 
 __all__ = ["finetune_expert", "SUMMARY_RELPATH", "MODE_CONFIGS"]
@@ -184,9 +184,7 @@ def finetune_expert(
     out = Path(output_dir).expanduser().resolve()
     saved_split = Path(split_file) if split_file else out / "docs" / SPLIT_FILENAME
     source = load_source(expert_bundle, region=region, init=init)  # validates init, path, region
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_directory(out) as stage:  # one writer; swapped in as a whole when complete, else out stays as it was
         staged_split = stage / "docs" / SPLIT_FILENAME
         split = load_or_create_split(
             dataset_dir, saved_split if saved_split.is_file() else staged_split, val_split=val_split, seed=split_seed,
@@ -311,11 +309,6 @@ def finetune_expert(
             _export_torchscript(stage)
         summary["total_seconds"] = time.perf_counter() - start_time
         atomic_write_json(stage / SUMMARY_RELPATH, summary)
-        os.chmod(stage, 0o755)  # mkdtemp creates 0o700
-        replace_directory(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     print("\n[site fine-tuning] validation scores of the written bundle's inference.json, before vs after\n"
           + format_markdown(rows, COLUMNS) + f"\n[site fine-tuning] bundle written to {out}", flush=True)  # fmt: skip
     return summary

@@ -7,6 +7,8 @@ never leaves a half-written file in place of a good one."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -18,6 +20,8 @@ from typing import Any
 
 __all__ = [
     "NonFiniteWeightsError",
+    "OutputWriteError",
+    "write_error",
     "atomic_write",
     "atomic_write_text",
     "atomic_write_json",
@@ -28,6 +32,48 @@ __all__ = [
 ]
 
 
+class OutputWriteError(OSError):
+    """The operating system refused to write an output (full disk, file size limit, quota, read-only or forbidden
+    folder). ``str()`` is one line: what happened, where, and whether the previous file is intact; ``errno`` and
+    ``filename`` are those of the original error."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+#: plain words for the errors a full or limited disk gives
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EFBIG: "file size limit exceeded (ulimit -f)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+}
+
+
+def write_error(
+    error: OSError, path: str | os.PathLike, previous_kept: bool, what: str | None = None
+) -> OutputWriteError:
+    """
+    The one-line :class:`OutputWriteError` for ``error`` raised while writing ``path``, e.g. ``"no space left on
+    device while writing /b/models/model.pt; the previous model.pt is intact"``.
+
+    Args:
+        error: the operating system's error.
+        path: the file (or folder) being written.
+        previous_kept: whether an earlier version of ``path`` exists and is untouched.
+        what: how to call the earlier version in the message. Defaults to the file name.
+    """
+    if isinstance(error, OutputWriteError):
+        return error
+    path = Path(path)
+    reason = _REASONS.get(error.errno or 0, (error.strerror or str(error)).lower())
+    kept = f"the previous {what or path.name} is intact" if previous_kept else f"nothing was written in place of {path}"
+    out = OutputWriteError(error.errno or errno.EIO, f"{reason} while writing {path}; {kept}")
+    out.filename = str(path)
+    return out
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[Any]:
     """
@@ -36,10 +82,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
 
     Yields:
         the open file object (``mode`` ``"w"`` or ``"wb"``).
+
+    Raises:
+        OutputWriteError: when the operating system refuses the write (full disk, file size limit, ...), in one
+            line naming ``path`` (see :func:`write_error`); ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(e, path, existed) from e
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
@@ -47,9 +101,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0o600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise write_error(e, path, existed) from e
         raise
 
 
@@ -86,6 +142,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, check_finite: bool = Tr
 
     Raises:
         NonFiniteWeightsError: naming the first non-finite entries; ``path`` is left untouched.
+        OutputWriteError: when the disk is full (or another OS error), naming ``path``; ``path`` is left untouched.
     """
     import torch
 
@@ -95,8 +152,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, check_finite: bool = Tr
             f"refusing to write {path}: {len(bad)} tensor(s) hold NaN/inf values (first: {bad[:3]}); the run "
             "diverged (learning rate too high, or NaN/inf in the input images?)."
         )
+    buffer = io.BytesIO()  # serialised first: a full disk then fails in write() with its own errno (torch's zip
+    torch.save(obj, buffer)  # writer would only say "unexpected pos")
     with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
     return Path(path)
 
 

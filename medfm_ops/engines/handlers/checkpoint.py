@@ -5,12 +5,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
-from ignite.handlers.checkpoint import BaseSaveHandler
+import ignite.distributed as idist
+from ignite.engine import Engine
+from ignite.handlers.checkpoint import BaseSaveHandler, DiskSaver
 from monai.handlers import CheckpointSaver
 
-from medfm_ops.utils.atomic_io import NonFiniteWeightsError, non_finite_entries
+from medfm_ops.engines.handlers.random_states import RandomStates
+from medfm_ops.utils.atomic_io import NonFiniteWeightsError, atomic_torch_save, non_finite_entries
 
 __all__ = ["AtomicCheckpointSaver"]
 
@@ -38,7 +42,12 @@ class _FiniteSaver(BaseSaveHandler):
                 f"refusing to write checkpoint {filename}: {len(bad)} tensor(s) hold NaN/inf values (first: "
                 f"{bad[:3]}); the previous checkpoints are kept. The run diverged (learning rate, NaN/inf input?)."
             )
-        self.saver(checkpoint, filename, metadata)
+        if isinstance(self.saver, DiskSaver) and not idist.has_xla_support:
+            if self.saver.save_on_rank == idist.get_rank():  # a full disk: one line naming the file
+                name = getattr(self.saver, "filename", None) or filename  # MONAI's fixed-name saver (model.pt)
+                atomic_torch_save(checkpoint, Path(self.saver.dirname) / name, check_finite=False)
+        else:
+            self.saver(checkpoint, filename, metadata)
         pending, self.pending_removals = self.pending_removals, []
         if getattr(self.saver, "filename", None) is not None:
             return  # MONAI's fixed-name saver (model.pt): the new file replaced the old one atomically, keep it
@@ -56,7 +65,13 @@ class AtomicCheckpointSaver(CheckpointSaver):
     file in the same directory, then renamed over the target (Ignite's ``DiskSaver(atomic=True)``), so a run that
     fails or is killed while saving never corrupts an existing checkpoint; superseded files are removed only after
     the new one is written (Ignite removes first), and a checkpoint with NaN/inf tensors is refused
-    (:class:`~medfm_ops.utils.NonFiniteWeightsError`) with the previous files kept. Takes the same arguments.
+    (:class:`~medfm_ops.utils.NonFiniteWeightsError`) with the previous files kept. A full disk stops the run with
+    one line naming the file (:class:`~medfm_ops.utils.OutputWriteError`). Takes the same arguments.
+
+    A full training state (a ``save_dict`` with an Ignite ``Engine``, e.g. ``"trainer"``) also gets an ``"rng"``
+    entry, the run's :class:`~medfm_ops.engines.handlers.random_states.RandomStates`, so that
+    :func:`~medfm_ops.engines.resume_training` continues the same random sequence (bit-exact resume). The
+    best-model file (one entry) stays a plain state dict.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -64,6 +79,14 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for ckpt in self._checkpoints().values():
             ckpt.save_handler._atomic = True  # MONAI builds its DiskSavers with atomic=False
             ckpt.save_handler = _FiniteSaver(ckpt.save_handler)
+
+    def attach(self, engine: Engine) -> None:
+        if any(isinstance(v, Engine) for v in self.save_dict.values()) and "rng" not in self.save_dict:
+            for name in ("final", "interval"):
+                ckpt = self._checkpoints().get(name)
+                if ckpt is not None:
+                    ckpt.to_save = {**ckpt.to_save, "rng": RandomStates(engine)}
+        super().attach(engine)
 
     def _checkpoints(self) -> dict[str, Any]:
         named = {"final": self._final_checkpoint, "key_metric": self._key_metric_checkpoint,

@@ -1,0 +1,35 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Bundle-local code (``scripts/``, as model-zoo bundles ship it) of the exported bundles: verbatim copies of
+self-contained medfm_ops modules, so that an exported bundle runs with MONAI alone and behaves as the package does."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from medfm_ops.data import input_guard
+from medfm_ops.utils.atomic_io import atomic_write_text
+
+__all__ = ["BUNDLE_SCRIPTS", "write_bundle_scripts"]
+
+#: ``scripts/<name>`` of an exported bundle -> the medfm_ops module it copies (torch/MONAI imports only)
+BUNDLE_SCRIPTS = {"input_guard.py": Path(input_guard.__file__)}
+
+_INIT = '"""Bundle-local code: copies of medfm_ops modules (see each file), so that this bundle needs MONAI only."""\n'
+
+
+def write_bundle_scripts(root: str | os.PathLike) -> Path:
+    """
+    Write ``{root}/scripts/`` (a package: ``__init__.py`` and :data:`BUNDLE_SCRIPTS`, each byte for byte its
+    medfm_ops module). A config names them as ``scripts.input_guard.InputGuardd``; MONAI puts the bundle root on
+    ``sys.path`` before the ``run`` step, so they can be used from ``run`` on (not in ``initialize``).
+
+    Returns:
+        the ``scripts`` folder.
+    """
+    scripts = Path(root) / "scripts"
+    atomic_write_text(scripts / "__init__.py", _INIT)
+    for name, source in BUNDLE_SCRIPTS.items():
+        atomic_write_text(scripts / name, source.read_text(encoding="utf-8"))
+    return scripts
