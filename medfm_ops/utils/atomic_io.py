@@ -70,7 +70,7 @@ def write_error(
     reason = _REASONS.get(error.errno or 0, (error.strerror or str(error)).lower())
     kept = f"the previous {what or path.name} is intact" if previous_kept else f"nothing was written in place of {path}"
     out = OutputWriteError(error.errno or errno.EIO, f"{reason} while writing {path}; {kept}")
-    out.filename = str(path)
+    out.filename, out.reason = str(path), reason
     return out
 
 

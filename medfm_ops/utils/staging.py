@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from medfm_ops.utils.atomic_io import replace_directory, write_error
+from medfm_ops.utils.atomic_io import OutputWriteError, replace_directory, write_error
 from medfm_ops.utils.output_lock import output_lock
 
 __all__ = ["staged_directory", "STAGE_INFIX"]
@@ -38,6 +38,18 @@ def _check_replaceable(target: Path, marker: str | None) -> None:
             f"refusing to replace {target}: it is not empty and has no {marker} (not a bundle written here); "
             "choose a new or empty output folder."
         )
+
+
+def _in_target(error: OutputWriteError, stage: Path, target: Path, existed: bool) -> OutputWriteError:
+    try:
+        where = target / Path(error.filename).relative_to(stage)
+    except (TypeError, ValueError):
+        return error
+    kept = f"the previous {target} is intact" if existed else f"no folder was written at {target}"
+    out = OutputWriteError(error.errno, f"{getattr(error, 'reason', error.strerror)} while writing {where} (staged in "
+                                        f"{stage.name}, now removed); {kept}")  # fmt: skip
+    out.filename, out.reason = str(where), getattr(error, "reason", None)
+    return out
 
 
 @contextmanager
@@ -78,8 +90,12 @@ def staged_directory(target: str | os.PathLike, marker: str | None = "configs/me
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed writer (we hold the lock)
         stage = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGE_INFIX}", dir=target.parent))
         token = _open_stages.set(_open_stages.get() + (stage,))
+        existed = target.exists()
         try:
-            yield stage
+            try:
+                yield stage
+            except OutputWriteError as e:  # name the file as the user knows it, and say what was kept
+                raise _in_target(e, stage, target, existed) from e
             os.chmod(stage, 0o755)  # mkdtemp creates 0o700
             try:
                 replace_directory(stage, target)

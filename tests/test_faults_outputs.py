@@ -1,0 +1,349 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Fault behaviour of whole outputs (issue 22): a bundle is written as a whole, one writer per output folder, a full
+disk ends in one line naming the file, exported classification bundles guard their inputs, a run owns its outputs,
+the data check decodes every file, a resumed run is bit-exact.
+
+Each test asserts the exit code (where a command is run), the message naming the file, and that the previous
+outputs are byte-identical afterwards. Disk-full cases use a file size limit (``ulimit -f``, RLIMIT_FSIZE) in a
+subprocess: Python ignores SIGXFSZ, so the write fails with EFBIG as it would with ENOSPC on a full disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from site_fixture import write_expert, write_msd
+
+from medfm_ops.bundle import write_cls_expert_bundle
+from medfm_ops.data import input_guard
+from medfm_ops.utils import OutputLockedError, OutputWriteError, atomic_torch_save, lock_path, output_lock
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TINY_CLS = {"_target_": "monai.networks.nets.ResNet", "block": "basic", "layers": [1, 1, 1, 1],
+            "block_inplanes": [4, 4, 8, 8], "spatial_dims": 3, "n_input_channels": 1, "conv1_t_size": 3,
+            "conv1_t_stride": 1, "num_classes": 2}  # fmt: skip
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.update(extra)
+    return env
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) with its SHA-256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def _limited(size_bytes: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size_bytes, size_bytes))
+
+    return apply
+
+
+def _nii(path: Path, array: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    return path
+
+
+# ------------------------------------------------------------------------------- a bundle is written as a whole
+def test_export_into_an_existing_bundle_on_a_full_disk_keeps_the_previous_bundle(tmp_path):
+    """Row 1: a new expert (other classes, larger model) exported over an existing bundle with the disk filling up
+    while model.pt is written: exit 1, one line naming model.pt, the old bundle byte-identical, nothing staged left."""
+    bundle = write_expert(tmp_path / "expert")  # the "brain" bundle
+    before = _snapshot(bundle)
+    largest_config = max(p.stat().st_size for p in bundle.rglob("*") if p.is_file() and p.suffix != ".pt")
+    script = textwrap.dedent(f"""
+        import copy, torch
+        from site_fixture import UNET
+        from medfm_ops.bundle import write_expert_bundle
+        from medfm_ops.networks import instantiate
+        net_def = dict(copy.deepcopy(UNET), channels=[16, 32, 64])
+        torch.manual_seed(1)
+        net = instantiate(copy.deepcopy(net_def))
+        write_expert_bundle({str(bundle)!r}, net_def, net.state_dict(), "thorax", {{1: "lung", 2: "heart"}}, [1, 2],
+                            (1, 1, 1), (16, 16, 16))
+    """)
+    res = subprocess.run([PY, "-c", script], cwd=REPO / "tests", env=_env(), capture_output=True, text=True,
+                         timeout=300, preexec_fn=_limited(largest_config + 4096))  # fmt: skip
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "OutputWriteError: file size limit exceeded (ulimit -f) while writing" in last, last
+    assert f"{bundle}/models/model.pt" in last and f"the previous {bundle} is intact" in last, last
+    assert _snapshot(bundle) == before
+    assert _hidden(tmp_path) == []  # no staging folder, no lock file left
+
+
+def test_killed_export_keeps_the_previous_bundle_and_the_next_writer_cleans_up(tmp_path):
+    """A writer killed (SIGKILL) mid-way leaves the previous bundle intact; its staging folder and lock file are
+    cleaned up by the next writer, which reports the stale lock and takes it over."""
+    bundle = write_expert(tmp_path / "expert")
+    before = _snapshot(bundle)
+    script = textwrap.dedent(f"""
+        import time, sys
+        from medfm_ops.utils import staged_directory
+        with staged_directory({str(bundle)!r}) as stage:
+            (stage / "configs").mkdir()
+            (stage / "configs" / "metadata.json").write_text("{{}}")  # half-new bundle
+            print("staged", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([PY, "-c", script], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "staged"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert _snapshot(bundle) == before
+    assert any(n.startswith(".expert.partial-") for n in _hidden(tmp_path)) and lock_path(bundle).is_file()
+    res = subprocess.run([PY, "-c", f"import sys; sys.path.insert(0, 'tests'); from site_fixture import write_expert; "
+                          f"from pathlib import Path; write_expert(Path({str(bundle)!r}))"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"taking over the stale lock {lock_path(bundle)} of pid {proc.pid}" in res.stderr
+    assert "that process is no longer running" in res.stderr
+    assert _hidden(tmp_path) == [] and (bundle / "models" / "model.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------ one writer per output folder
+def test_second_site_finetuning_into_the_same_folder_is_refused(tmp_path):
+    """Row 7 (two processes): while one run holds the output folder, a second site fine-tuning exits 1 naming the
+    holder's pid and the lock file, and the folder stays byte-identical."""
+    expert = write_expert(tmp_path / "expert")
+    data = write_msd(tmp_path / "site", n=4)
+    out = write_expert(tmp_path / "site_bundle")  # an earlier result in the output folder
+    before = _snapshot(out)
+    holder = subprocess.Popen(
+        [PY, "-c", f"import time; from medfm_ops.utils import output_lock\nwith output_lock({str(out)!r}):\n"
+                   "    print('locked', flush=True); time.sleep(120)"],
+        env=_env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        res = subprocess.run(
+            [PY, str(REPO / "tools" / "finetune_site.py"), "--expert_bundle", str(expert), "--dataset_dir", str(data),
+             "--output_dir", str(out), "--epochs", "1", "--batch_size", "1", "--val_split", "0.25", "--device", "cpu",
+             "--verify", "false", "--progress", "false"],
+            env=_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert res.returncode == 1, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert f"{out} is being written by another run (pid {holder.pid} on" in last, last
+    assert str(lock_path(out)) in last
+    assert _snapshot(out) == before
+
+
+def test_output_lock_in_process():
+    """The lock names its owner; a second lock of the same folder in a live process is refused."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        target = Path(d) / "out"
+        with output_lock(target) as lock:
+            owner = json.loads(lock.read_text())
+            assert owner["pid"] == os.getpid() and owner["process_start"] and owner["target"] == str(target)
+            with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
+                with output_lock(target):
+                    pass
+        assert not lock.exists()
+
+
+# ------------------------------------------------------------------------------ a full disk in training: one line
+def test_full_disk_during_training_is_one_line_naming_the_file(tmp_path):
+    """Row 8: the checkpoint saver of every training (AtomicCheckpointSaver) on a full disk: exit 1, the last line
+    says what happened and where, the previous model.pt is byte-identical."""
+    script = textwrap.dedent(f"""
+        import resource, shutil, torch
+        from ignite.engine import Engine, Events
+        from medfm_ops.engines import AtomicCheckpointSaver
+        net = torch.nn.Linear(64, 64)
+        engine = Engine(lambda e, b: None)
+        @engine.on(Events.EPOCH_COMPLETED)
+        def score(e):
+            e.state.metrics = {{"acc": float(e.state.epoch)}}
+        saver = AtomicCheckpointSaver(save_dir={str(tmp_path)!r}, save_dict={{"model": net}}, save_key_metric=True,
+                                      key_metric_name="acc", key_metric_filename="model.pt")
+        saver.attach(engine)
+        engine.run([0], max_epochs=1)
+        shutil.copyfile({str(tmp_path / "model.pt")!r}, {str(tmp_path / "first.bin")!r})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # the disk fills up
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        engine.run([0], max_epochs=2)
+    """)
+    res = subprocess.run([PY, "-c", script], env=_env(), capture_output=True, text=True, timeout=300)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert last.endswith(f"file size limit exceeded (ulimit -f) while writing {tmp_path / 'model.pt'}; the previous "
+                         "model.pt is intact"), last  # fmt: skip
+    assert "unexpected pos" not in res.stderr
+    assert (tmp_path / "model.pt").read_bytes() == (tmp_path / "first.bin").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["first.bin", "model.pt"]
+
+
+def test_no_space_left_message(tmp_path, monkeypatch):
+    """ENOSPC itself (a real full disk; no tmpfs can be mounted here): the words the issue asks for."""
+    target = tmp_path / "model.pt"
+    atomic_torch_save({"w": torch.ones(2)}, target)
+    before = target.read_bytes()
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(bytes(data)[:10])
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    with pytest.raises(OutputWriteError) as info:
+        atomic_torch_save({"w": torch.zeros(2)}, target)
+    assert str(info.value) == f"no space left on device while writing {target}; the previous model.pt is intact"
+    assert info.value.errno == 28 and target.read_bytes() == before and _hidden(tmp_path) == []
+
+
+# ----------------------------------------------------------------- exported classification bundles guard their input
+def _run_cls_bundle(bundle: Path, images: Path, out: Path, blocker: Path) -> subprocess.CompletedProcess:
+    """The exported bundle's inference.json with MONAI only: importing medfm_ops fails in this subprocess."""
+    return subprocess.run(
+        [PY, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
+         "--dataset_dir", str(images), "--output_dir", str(out)],
+        cwd=bundle, env=_env(PYTHONPATH=str(blocker)), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_exported_classification_bundle_refuses_nan_2d_and_two_channel_volumes(tmp_path):
+    """Rows 2 and 3: the exported classification bundle (the writer of the lorkd_cls experts and of the SH-PEFT
+    export) runs without medfm, refuses NaN/inf, 2D and 2-channel volumes naming the file (exit 1), and leaves the
+    previous predictions byte-identical; its scripts/ is the package's input guard byte for byte."""
+    torch.manual_seed(0)
+    from medfm_ops.networks import instantiate
+
+    net = instantiate(dict(TINY_CLS))
+    bundle = write_cls_expert_bundle(tmp_path / "cls", TINY_CLS, net.state_dict(), "shape_ct", ["round", "square"],
+                                     [12, 12, 12])  # fmt: skip
+    assert (bundle / "scripts" / "input_guard.py").read_bytes() == Path(input_guard.__file__).read_bytes()
+    blocker = tmp_path / "no_medfm"
+    (blocker / "medfm_ops").mkdir(parents=True)
+    (blocker / "medfm_ops" / "__init__.py").write_text("raise ImportError('the exported bundle must not need medfm')")
+    rng = np.random.default_rng(0)
+    cases = {"good": rng.normal(size=(10, 10, 10)).astype(np.float32)}
+    cases["nan"] = cases["good"].copy()
+    cases["nan"][3, 3, 3] = np.nan
+    cases["inf"] = cases["good"].copy()
+    cases["inf"][1, 1, 1] = np.inf
+    cases["flat"] = cases["good"][:, :, 0].copy()  # a 2D slice
+    cases["two_channel"] = np.stack([cases["good"], cases["good"]], axis=-1)  # (10, 10, 10, 2)
+    out = tmp_path / "predictions"
+    folders = {}
+    for name, arr in cases.items():
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        _nii(folders[name] / f"{name}.nii.gz", arr)
+    res = _run_cls_bundle(bundle, folders["good"], out, blocker)
+    assert res.returncode == 0, res.stderr[-3000:]
+    csv = (out / "predictions.csv").read_text()
+    assert "good.nii.gz" in csv and "nan" not in csv.lower()
+    before = _snapshot(out)
+    expected = {"nan": "NaN/inf voxel(s)", "inf": "NaN/inf voxel(s)", "flat": "has shape (1, 10, 10)",
+                "two_channel": "has shape (2, 10, 10, 10)"}  # fmt: skip
+    for name, words in expected.items():
+        res = _run_cls_bundle(bundle, folders[name], out, blocker)
+        assert res.returncode == 1, (name, res.stderr[-3000:])
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("ERROR (cause of the failure above): ValueError: image"), (name, last)
+        assert str(folders[name] / f"{name}.nii.gz") in last and words in last, (name, last)
+        assert _snapshot(out) == before, name
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = _run_cls_bundle(bundle, empty, out, blocker)
+    assert res.returncode == 1 and f"no NIfTI image (*.nii, *.nii.gz) in dataset_dir '{empty}'" in res.stderr
+    assert _snapshot(out) == before
+
+
+# ------------------------------------------------------------------- site fine-tuning: data check decodes every file
+def test_truncated_and_nan_images_at_site_finetuning_exit_1_naming_the_file(tmp_path):
+    """Rows 5 and 6: a truncated image (gzip cut) and a NaN image are found by the data check, before any scoring or
+    training: exit 1 (no abort), the file named, the previous output bundle byte-identical, nothing staged left."""
+    expert = write_expert(tmp_path / "expert")
+    out = write_expert(tmp_path / "site_bundle")
+    before = _snapshot(out)
+    for problem in ("truncated", "nan"):
+        data = write_msd(tmp_path / problem, n=4)
+        image = data / "imagesTr" / "case_002.nii.gz"
+        if problem == "truncated":
+            raw = image.read_bytes()
+            image.write_bytes(raw[: len(raw) * 2 // 3])
+        else:
+            arr = np.asarray(nib.load(image).dataobj).astype(np.float32)
+            arr[2:4, 2:4, 2:4] = np.nan
+            nib.save(nib.Nifti1Image(arr, nib.load(image).affine), image)
+        res = subprocess.run(
+            [PY, str(REPO / "tools" / "finetune_site.py"), "--expert_bundle", str(expert), "--dataset_dir", str(data),
+             "--output_dir", str(out), "--epochs", "1", "--batch_size", "1", "--val_split", "0.25", "--device", "cpu",
+             "--verify", "false", "--progress", "false"],
+            env=_env(MEDFM_CACHE_DIR=str(tmp_path / "cache")), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert res.returncode == 1, (problem, res.returncode, res.stderr[-3000:])
+        text = res.stderr
+        assert f"{image}: " in text, (problem, text[-2000:])
+        assert ("cannot read" if problem == "truncated" else "image has NaN/inf voxels (8 of") in text, text[-2000:]
+        assert "EOFError" not in text.split(str(image))[0]  # named with the file, not a bare reader error
+        assert _snapshot(out) == before and _hidden(tmp_path) == []
+
+
+def test_data_check_reads_each_file_once(tmp_path, monkeypatch):
+    """The verdict of a file is cached by path, size and mtime: a second check decodes nothing; a changed file is
+    decoded again."""
+    from medfm_ops.data import check_segmentation_cases, integrity
+
+    monkeypatch.setenv("MEDFM_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_msd(tmp_path / "site", n=2)
+    cases = [{"image": str(p), "label": str(data / "labelsTr" / p.name)} for p in sorted((data / "imagesTr").iterdir())]
+    loads = []
+    real_load = integrity.nib.load
+    monkeypatch.setattr(integrity.nib, "load", lambda p, *a, **k: loads.append(p) or real_load(p, *a, **k))
+    check_segmentation_cases(cases, {"1": "a", "2": "b"})
+    assert len(loads) == 4
+    check_segmentation_cases(cases, {"1": "a", "2": "b"})
+    assert len(loads) == 4  # all from the cache
+    time.sleep(0.01)
+    arr = np.asarray(real_load(cases[0]["label"]).dataobj).copy()
+    arr[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(arr, real_load(cases[0]["label"]).affine), cases[0]["label"])
+    with pytest.raises(ValueError, match=r"label value\(s\) \[7\]"):
+        check_segmentation_cases(cases, {"1": "a", "2": "b"})
+    assert len(loads) == 5
