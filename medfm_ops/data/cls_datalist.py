@@ -94,8 +94,10 @@ def load_cls_datalist(
         :func:`check_cls_item`, image paths absolute.
 
     Raises:
-        FileNotFoundError: for a missing datalist or (with ``check_files``) image file, naming the item.
-        ValueError / ClsItemError: for a malformed datalist or item (the message names section, index and image).
+        FileNotFoundError: for a missing datalist, or (with ``check_files``) when the only bad items are missing
+            image files; every one is listed.
+        ValueError / ClsItemError: for a malformed datalist or items: one error lists every bad item (section,
+            index, image and what is wrong).
     """
     path = Path(path)
     content = read_json_object(path, "classification datalist")
@@ -105,6 +107,8 @@ def load_cls_datalist(
     table = ClsTaskTable.from_tasks(content["tasks"], source=str(path))
     base = path.parent
     sections: dict[str, list[dict[str, Any]]] = {}
+    problems: list[str] = []
+    missing_files = 0
     for sec in _SECTIONS:
         if sec not in content:
             continue
@@ -114,16 +118,30 @@ def load_cls_datalist(
         out = []
         for i, item in enumerate(items):
             if not isinstance(item, Mapping):
-                raise ClsItemError(f"{path} {sec}[{i}]: an item must be a dict, got {item!r}.")
+                problems.append(f"{path} {sec}[{i}]: an item must be a dict, got {item!r}.")
+                continue
             item = dict(item)
             if "image" in item:
                 p = Path(os.path.expanduser(str(item["image"])))
                 item["image"] = str(p if p.is_absolute() else (base / p).resolve())
-            checked = check_cls_item(item, table, f"{path} {sec}[{i}]")
+            try:
+                checked = check_cls_item(item, table, f"{path} {sec}[{i}]")
+            except ClsItemError as e:
+                problems.append(str(e))
+                continue
             if check_files and not Path(checked["image"]).is_file():
-                raise FileNotFoundError(f"{path} {sec}[{i}]: image file not found: {checked['image']}.")
+                problems.append(f"{path} {sec}[{i}]: image file not found: {checked['image']}.")
+                missing_files += 1
+                continue
             out.append(checked)
         sections[sec] = out
+    if problems:  # every bad item at once, not only the first
+        error = FileNotFoundError if missing_files == len(problems) else ClsItemError
+        if len(problems) == 1:
+            raise error(problems[0])
+        shown = "\n".join(f"  - {m}" for m in problems[:30])
+        more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
+        raise error(f"{path}: {len(problems)} bad item(s):\n{shown}{more}")
     return table, sections
 
 

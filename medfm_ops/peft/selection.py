@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -84,14 +85,21 @@ def check_sparse_settings(budget: float, variant: str = "l2", lambda_: float = 1
 
 def budget_count(budget: float, num_weights: int) -> int:
     """
-    Number of weights a budget selects: ``round(budget * num_weights)``, at least 1.
+    Number of weights a budget selects: ``round(budget * num_weights)``, at least 1 (with a warning when the budget
+    rounds to no weight: the run is then a linear probe in effect).
 
     Raises:
         ValueError: when ``budget`` is not in (0, 1].
     """
     if not 0.0 < float(budget) <= 1.0:
         raise ValueError(f"budget is a fraction of the weights in (0, 1], got {budget} (e.g. 0.01 for 1%).")
-    return max(1, min(int(num_weights), int(round(float(budget) * int(num_weights)))))
+    k = int(round(float(budget) * int(num_weights)))
+    if k < 1:
+        logging.getLogger("medfm.peft").warning(
+            f"budget {budget} of {int(num_weights):,} weights selects {float(budget) * int(num_weights):.3g} weights: "
+            "only 1 trains besides the head (a linear probe in effect); raise the budget (e.g. 0.01 for 1%)."
+        )
+    return max(1, min(int(num_weights), k))
 
 
 def select_top_k(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
