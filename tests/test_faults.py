@@ -7,7 +7,12 @@ complete: a huge learning rate and a NaN training image during site fine-tuning,
 against the saved split, unknown mode, bad schedule) and a run killed during training
 (``tests/test_finetune.py``: ``test_diverging_run_*``, ``test_refused_run_*``, ``test_interrupted_run_*``); a stale
 model at export and a resumed run's validation record (``tests/test_lorkd_bundle.py``); an empty input folder at
-inference (``tests/test_lorkd_bundle.py``, and below for the exported bundle).
+inference (``tests/test_lorkd_bundle.py``, and below for the exported bundle). The second round (issue 22) has one
+test per case in ``tests/test_faults_outputs.py`` (whole-bundle writes on a full disk or a kill, one writer per
+folder, one-line disk-full errors in training, the exported classification bundle's input guard, truncated and NaN
+images at site fine-tuning, the cached data check), ``tests/test_faults_training.py`` (bit-exact resume, the export
+refusal after a resumed run, every bad classification item at once, a budget that selects no weight) and
+``tests/test_faults_shpeft.py`` (an SH-PEFT re-run leaves no stale delta or TorchScript).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from .template import CONFIG_FILES, TEMPLATE_DIR, render_configs
 from .verify import BundleCheckError, bundle_check_commands, verify_bundle
 from .cls_expert_bundle import CLS_TEMPLATE_DIR, export_lorkd_cls_expert, write_cls_expert_bundle
 from .cls_bundle_scoring import score_cls_bundle
+from .bundle_scripts import BUNDLE_SCRIPTS, write_bundle_scripts
 from .finetuned_cls import FINAL_MODELS, check_result_settings, save_finetuned_classifier
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "export_lorkd_cls_expert",
     "write_cls_expert_bundle",
     "score_cls_bundle",
+    "BUNDLE_SCRIPTS",
+    "write_bundle_scripts",
     "FINAL_MODELS",
     "check_result_settings",
     "save_finetuned_classifier",

@@ -97,7 +97,8 @@ def write_cls_expert_bundle(
             (root / sub).mkdir(parents=True, exist_ok=True)
         write_bundle_scripts(root)
         net_cfg = json.loads(json.dumps(dict(network_def)))
-        cfg = _render({"network_def": net_cfg, "spatial_size": [int(s) for s in spatial_size], "class_names": list(class_names)})
+        cfg = _render({"network_def": net_cfg, "spatial_size": [int(s) for s in spatial_size],
+                       "class_names": list(class_names)})  # fmt: skip
         atomic_write_text(root / "configs" / "inference.json", json.dumps(cfg, indent=4) + "\n")
         shutil.copyfile(CLS_TEMPLATE_DIR / "configs" / "logging.conf", root / "configs" / "logging.conf")
         n = len(class_names)
