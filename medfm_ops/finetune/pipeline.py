@@ -184,7 +184,9 @@ def finetune_expert(
     out = Path(output_dir).expanduser().resolve()
     saved_split = Path(split_file) if split_file else out / "docs" / SPLIT_FILENAME
     source = load_source(expert_bundle, region=region, init=init)  # validates init, path, region
-    with staged_directory(out) as stage:  # one writer; swapped in as a whole when complete, else out stays as it was
+    # one writer; swapped in as a whole when complete, else out stays as it was (a folder holding only a saved split
+    # to reuse is an earlier output too)
+    with staged_directory(out, markers=("configs/metadata.json", f"docs/{SPLIT_FILENAME}")) as stage:
         staged_split = stage / "docs" / SPLIT_FILENAME
         split = load_or_create_split(
             dataset_dir, saved_split if saved_split.is_file() else staged_split, val_split=val_split, seed=split_seed,

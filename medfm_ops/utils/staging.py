@@ -8,7 +8,7 @@ import contextvars
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,15 +28,15 @@ def _inside_open_stage(target: Path) -> bool:
     return any(target == s or s in target.parents for s in _open_stages.get())
 
 
-def _check_replaceable(target: Path, marker: str | None) -> None:
-    if marker is None or not target.exists():
+def _check_replaceable(target: Path, markers: Sequence[str] | None) -> None:
+    if markers is None or not target.exists():
         return
     if not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder: choose another output folder.")
-    if any(target.iterdir()) and not (target / marker).exists():
+    if any(target.iterdir()) and not any((target / m).exists() for m in markers):
         raise FileExistsError(
-            f"refusing to replace {target}: it is not empty and has no {marker} (not a bundle written here); "
-            "choose a new or empty output folder."
+            f"refusing to replace {target}: it is not empty and has none of {list(markers)} (not an output written "
+            "here); choose a new or empty output folder."
         )
 
 
@@ -53,7 +53,9 @@ def _in_target(error: OutputWriteError, stage: Path, target: Path, existed: bool
 
 
 @contextmanager
-def staged_directory(target: str | os.PathLike, marker: str | None = "configs/metadata.json") -> Iterator[Path]:
+def staged_directory(
+    target: str | os.PathLike, markers: Sequence[str] | None = ("configs/metadata.json",)
+) -> Iterator[Path]:
     """
     Build the folder ``target`` as a whole: the block fills a hidden staging folder ``.<name>.partial-*`` beside
     ``target``; when the block ends without error the staging folder is renamed over ``target``
@@ -67,16 +69,16 @@ def staged_directory(target: str | os.PathLike, marker: str | None = "configs/me
 
     Args:
         target: the folder to build (replaced when it exists).
-        marker: a path that an existing non-empty ``target`` must contain to be replaced (a folder that is not an
-            earlier output is never deleted). Defaults to ``"configs/metadata.json"`` (a bundle); None replaces
-            any folder.
+        markers: paths of which an existing non-empty ``target`` must contain one to be replaced (a folder that is
+            not an earlier output is never deleted). Defaults to ``("configs/metadata.json",)`` (a bundle); None
+            replaces any folder.
 
     Yields:
         the staging folder to fill.
 
     Raises:
         OutputLockedError: when another running process writes ``target``.
-        FileExistsError: when ``target`` exists and is not an earlier output (see ``marker``).
+        FileExistsError: when ``target`` exists and is not an earlier output (see ``markers``).
         OutputWriteError: when the disk is full (or another OS error) while swapping the folder in.
     """
     target = Path(target).expanduser().absolute()
@@ -84,7 +86,7 @@ def staged_directory(target: str | os.PathLike, marker: str | None = "configs/me
         target.mkdir(parents=True, exist_ok=True)
         yield target
         return
-    _check_replaceable(target, marker)
+    _check_replaceable(target, markers)
     with output_lock(target):
         for stale in target.parent.glob(f".{target.name}{STAGE_INFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed writer (we hold the lock)
