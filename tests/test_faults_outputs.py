@@ -347,3 +347,34 @@ def test_data_check_reads_each_file_once(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"label value\(s\) \[7\]"):
         check_segmentation_cases(cases, {"1": "a", "2": "b"})
     assert len(loads) == 5
+
+
+def test_full_disk_in_a_stock_bundle_training_during_site_finetuning(tmp_path, monkeypatch):
+    """Row 8 for the fine-tuning path: the site bundle's own train.json saves with MONAI's CheckpointSaver (stock
+    MONAI), where torch only says "unexpected pos"; the run ends with one line naming the file, the previous output
+    bundle byte-identical and nothing staged left."""
+    from ignite.handlers import checkpoint as ignite_checkpoint
+
+    from medfm_ops.finetune import finetune_expert
+
+    expert = write_expert(tmp_path / "expert")
+    data = write_msd(tmp_path / "site", n=4)
+    out = write_expert(tmp_path / "site_bundle")
+    before = _snapshot(out)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):  # Ignite's DiskSaver writing the file itself
+            Path(f).write_bytes(b"PK partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ignite_checkpoint.torch, "save", full_disk)
+    monkeypatch.setenv("MEDFM_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(OutputWriteError) as info:
+        finetune_expert(expert, data, out, epochs=1, batch_size=1, val_split=0.25, device="cpu", verify=False,
+                        progress=False, score_before=False)  # fmt: skip
+    text = str(info.value)
+    assert f"while writing {out}/models/finetune_best.pt" in text and f"the previous {out} is intact" in text, text
+    assert "unexpected pos" not in text
+    assert _snapshot(out) == before and _hidden(tmp_path) == []

@@ -11,6 +11,7 @@ from typing import Any
 
 from monai.bundle import ConfigWorkflow
 
+from medfm_ops.utils.atomic_io import torch_write_failure
 from medfm_ops.utils.errors import root_cause
 
 __all__ = ["run_bundle_configs", "predict_with_bundle"]
@@ -38,7 +39,8 @@ def run_bundle_configs(
 
     Raises:
         the error that stopped the run, unwrapped from MONAI's "Failed to evaluate/instantiate" wrappers so that
-        its own message (naming the file or batch) is what the user reads last.
+        its own message (naming the file or batch) is what the user reads last; torch's "unexpected pos" of a full
+        disk becomes an :class:`~medfm_ops.utils.OutputWriteError` naming the file.
     """
     root = Path(bundle_dir)
     files = [str(root / "configs" / f) for f in config_files]
@@ -58,6 +60,9 @@ def run_bundle_configs(
         workflow.finalize()
     except RuntimeError as e:  # surface the real error (a bad file, a NaN loss), not the config wrapper
         cause = root_cause(e)
+        disk = torch_write_failure(cause, root)  # MONAI's CheckpointSaver on a full disk: say so, name the file
+        if disk is not None:
+            raise disk from cause
         if cause is e:
             raise
         raise cause.with_traceback(cause.__traceback__) from None

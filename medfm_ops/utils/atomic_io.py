@@ -74,6 +74,30 @@ def write_error(
     return out
 
 
+#: what torch's zip writer says when the file system refuses a write (it drops the operating system's error)
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed writing")
+
+
+def torch_write_failure(error: BaseException, folder: str | os.PathLike) -> OutputWriteError | None:
+    """
+    The one-line :class:`OutputWriteError` for a failed ``torch.save`` by code that does not go through
+    :func:`atomic_torch_save` (e.g. MONAI's ``CheckpointSaver`` in a stock bundle config), or None when ``error`` is
+    not one. torch's message (``[enforce fail at inline_container.cc:...] unexpected pos``) names neither the file
+    nor the cause: the file is taken as the most recently modified one under ``folder``, and the cause is a full
+    disk when ``folder``'s file system has no space left, else a file size limit or quota.
+    """
+    if not isinstance(error, RuntimeError) or not any(m in str(error) for m in _TORCH_WRITE_FAILURES):
+        return None
+    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    newest = max(files, key=lambda p: p.stat().st_mtime_ns) if files else Path(folder)
+    full = shutil.disk_usage(folder).free < (1 << 20)
+    reason = "no space left on device" if full else "the file system refused the write (file size limit or quota)"
+    out = OutputWriteError(errno.ENOSPC if full else errno.EFBIG, f"{reason} while writing {newest}; that file is "
+                                                                  "incomplete")  # fmt: skip
+    out.filename, out.reason = str(newest), reason
+    return out
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[Any]:
     """
