@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from .datalist import SECTIONS, load_datalist, require_files
 from .datalist_merge import merge_datalists
+from .datalist_real import ensure_mapped_datalist
 from .atomic_writer import AtomicNibabelWriter
 from .integrity import DatasetIntegrityError, check_datalist_cases, check_segmentation_cases
-from .msd import convert_msd, read_msd_dataset, split_cases
+from .msd import case_groups, convert_msd, read_msd_dataset, split_cases
 from .msd_mapping import convert_msd_mapping, read_msd_mapping
 from .msd_subset import write_msd_subset
 from .region_table import RegionTable
@@ -51,9 +52,11 @@ __all__ = [
     "SafeLoadImage",
     "SafeLoadImaged",
     "StructureSpec",
+    "case_groups",
     "case_name",
     "convert_msd",
     "convert_msd_mapping",
+    "ensure_mapped_datalist",
     "ensure_synthetic_dataset",
     "generate_case",
     "load_datalist",
