@@ -12,6 +12,17 @@ from .integrity import DatasetIntegrityError, check_datalist_cases, check_segmen
 from .msd import case_groups, convert_msd, read_msd_dataset, split_cases
 from .msd_mapping import convert_msd_mapping, read_msd_mapping
 from .msd_subset import write_msd_subset
+from .region_preprocessing import (
+    INTENSITY_MODES,
+    RegionBatchSampler,
+    RegionNormalizeIntensityd,
+    RegionPreprocessing,
+    RegionPreprocessingTable,
+    RegionRandCropd,
+    RegionSpacingd,
+    RegionToMetad,
+    save_region_preprocessing,
+)
 from .region_table import RegionTable
 from .synthetic import (
     GENERATOR_VERSION,
@@ -49,6 +60,15 @@ __all__ = [
     "RegionLabelToChannelsd",
     "RegionSpec",
     "RegionTable",
+    "INTENSITY_MODES",
+    "RegionBatchSampler",
+    "RegionNormalizeIntensityd",
+    "RegionPreprocessing",
+    "RegionPreprocessingTable",
+    "RegionRandCropd",
+    "RegionSpacingd",
+    "RegionToMetad",
+    "save_region_preprocessing",
     "SafeLoadImage",
     "SafeLoadImaged",
     "StructureSpec",
