@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .datalist import SECTIONS, load_datalist, require_files
 from .datalist_merge import merge_datalists
-from .datalist_real import ensure_mapped_datalist
+from .datalist_real import ensure_mapped_datalist, write_datalist_subset
 from .atomic_writer import AtomicNibabelWriter
 from .integrity import DatasetIntegrityError, check_datalist_cases, check_segmentation_cases
 from .msd import case_groups, convert_msd, read_msd_dataset, split_cases
@@ -87,6 +87,7 @@ __all__ = [
     "require_files",
     "split_cases",
     "synthetic_fingerprint",
+    "write_datalist_subset",
     "write_msd_subset",
     "write_synthetic_dataset",
 ]

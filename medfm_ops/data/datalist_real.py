@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from medfm_ops.data.msd_mapping import convert_msd_mapping
+from medfm_ops.utils.atomic_io import atomic_write_json
 
-__all__ = ["ensure_mapped_datalist"]
+__all__ = ["ensure_mapped_datalist", "write_datalist_subset"]
 
 
 def _build_record(mapping: Path, data_root: str | os.PathLike | None, seed: int) -> dict:
@@ -71,4 +73,54 @@ def ensure_mapped_datalist(
         if built == record:
             return str(out)
     convert_msd_mapping(src, out, seed=seed, overwrite=True, data_root=data_root, extra={"build": record})
+    return str(out)
+
+
+def write_datalist_subset(
+    datalist: str | os.PathLike, out_datalist: str | os.PathLike, per_region: Mapping[str, int | None]
+) -> str:
+    """
+    Write a datalist holding the first ``per_region[section]`` cases of every region of each section of
+    ``datalist`` (``None``: all of them), in the datalist's order, e.g. for a short run on a few real cases.
+    Both frames of a grouped case stay together only if the count allows it: the source split is what keeps
+    patients apart, and a subset of one section never mixes sections. Image/label paths are made absolute.
+
+    Args:
+        datalist: source datalist JSON.
+        out_datalist: where to write the subset (atomically).
+        per_region: ``{"training": 4, "validation": 2, "test": 2}``; sections not named are kept whole.
+
+    Returns:
+        the written path (string).
+
+    Raises:
+        ValueError: when a count is negative or leaves ``training`` or ``validation`` without a case of a region.
+    """
+    src = Path(datalist).expanduser().absolute()
+    data = json.loads(src.read_text(encoding="utf-8"))
+    for section, n in per_region.items():
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"per_region['{section}'] must be a case count >= 0 or None, got {n!r}.")
+        if section not in data:
+            continue
+        counts: dict[int, int] = {}
+        kept = []
+        for item in data[section]:
+            r = int(item["region"])
+            if n is None or counts.get(r, 0) < n:
+                counts[r] = counts.get(r, 0) + 1
+                kept.append(item)
+        data[section] = kept
+    for section in ("training", "validation"):
+        regions = {int(i["region"]) for i in data.get(section, [])}
+        missing = [r["name"] for r in data["regions"] if r["task_id"] not in regions]
+        if missing:
+            raise ValueError(f"the subset of {src} has no '{section}' case of region(s) {missing}.")
+    for section in ("training", "validation", "test"):
+        for item in data.get(section, []):
+            for key in ("image", "label"):
+                item[key] = str((src.parent / item[key]).resolve()) if not os.path.isabs(item[key]) else item[key]
+    out = Path(out_datalist).expanduser().absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, data)
     return str(out)
