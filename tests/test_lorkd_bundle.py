@@ -100,12 +100,14 @@ def test_inference_json_is_one_definition_with_train_json(bundle):
     assert train["validate"]["preprocessing"]["transforms"] == "%deterministic_transforms"
     assert train["train"]["preprocessing"]["transforms"] == "$@deterministic_transforms + @train#random_transforms"
     assert infer["preprocessing"]["transforms"] == "%deterministic_transforms"
-    for key in ("network_def", "roi_size", "spacing"):
+    for key in ("network_def", "roi_size", "spacing", "region_preprocessing", "preprocessing_table"):
         assert infer[key] == train[key], key
     if bundle == "lorkd_seg":  # the expert layout is read from the trained model's spec, not repeated
         assert "expert_rank" not in infer and "expert_model_from_spec(@ckpt_dir)" in infer["expert_model"]
-        assert "experts=@experts" in train["initialize"][-1]
-    assert infer["inferer"]["roi_size"] == train["validate"]["inferer"]["roi_size"] == "@roi_size"
+        assert any("experts=@experts" in x for x in train["initialize"] if isinstance(x, str))
+    # one window per region, from the same per-region table as the training patches
+    assert infer["inferer"]["preprocessing"] == train["validate"]["inferer"]["preprocessing"] == "@preprocessing_table"
+    assert train["train"]["random_transforms"][0]["preprocessing"] == "@preprocessing_table"
     assert infer["network_def"]["_target_"] == "monai.networks.nets.UNet", "a stock network a site can serve"
     assert [r["name"] for r in infer["regions"]] == ["brain_mri", "thorax_ct", "abdomen_ct", "pelvis_mr"]
     overrides = ("evaluate.json", "multi_gpu_train.json") if bundle == "lorkd_seg" else ()
@@ -304,7 +306,7 @@ def test_resumed_run_continues_from_the_same_state(workspace, tmp_path):
     epoch-1 checkpoint removed."""
     det = {
         "train#preprocessing": "$@validate#preprocessing",  # no random augmentation: bitwise reproducible
-        "train#dataloader#shuffle": False,
+        "train#dataloader#batch_sampler#shuffle": False,
         "epochs": 2,
         "warmup_epochs": 1,
         "lorkd_star": True,
@@ -403,7 +405,7 @@ def test_multi_gpu_config_equals_one_process_with_the_same_global_batch(workspac
     parser.update({**TINY, "bundle_root": str(bundle), "device": "$torch.device('cpu')"})
     torch.save(parser.get_parsed_content("network").state_dict(), tmp_path / "init.pt")
 
-    single = {**common, "batch_size": 4, "train#dataloader#shuffle": False, "ckpt_dir": str(tmp_path / "single"),
+    single = {**common, "batch_size": 4, "train#dataloader#batch_sampler#shuffle": False, "ckpt_dir": str(tmp_path / "single"),
               "+initialize": [_LOAD_INIT]}  # fmt: skip
     (tmp_path / "single.json").write_text(json.dumps(single))
     threads = torch.get_num_threads()

@@ -14,6 +14,11 @@
     python tools/prepare_data.py msd_map --mapping data/mapping.json --out_datalist data/multi_region.json \
         [--val_split 0.2] [--test_split 0] [--seed 0] [--overwrite]
 
+    # the real multi-region set shipped as bundles/lorkd_seg/data/real_regions.json: brain_mri (MSD hippocampus)
+    # and heart_mri (ACDC, split by patient); train / val / test with a fixed seed, recorded in the datalist
+    python tools/prepare_data.py real_regions [--out_dir ~/.cache/medfm/real_regions] [--data_root ../shared/data] \
+        [--seed 0] [--mapping bundles/lorkd_seg/data/real_regions.json]
+
     # two datalists region by region (e.g. the synthetic set + real data sets converted by a mapping file whose
     # region lists the base's classes first; rules in medfm_ops/data/datalist_merge.py)
     python tools/prepare_data.py merge --base synthetic/datalist.json --extra data/multi_region.json \
@@ -30,7 +35,17 @@ from pathlib import Path
 
 import fire
 
-from medfm_ops.data import convert_msd, convert_msd_mapping, ensure_synthetic_dataset, load_datalist, merge_datalists
+from medfm_ops.bundle_paths import default_cache_dir
+from medfm_ops.data import (
+    convert_msd,
+    convert_msd_mapping,
+    ensure_mapped_datalist,
+    ensure_synthetic_dataset,
+    load_datalist,
+    merge_datalists,
+)
+
+REAL_REGIONS_MAPPING = Path(__file__).resolve().parents[1] / "bundles" / "lorkd_seg" / "data" / "real_regions.json"
 
 
 def _summary(datalist: Path) -> str:
@@ -113,6 +128,25 @@ def msd_map(
     print(_summary(Path(out_datalist).expanduser()))
 
 
+def real_regions(
+    out_dir: str | None = None,
+    data_root: str | None = None,
+    seed: int = 0,
+    mapping: str = str(REAL_REGIONS_MAPPING),
+) -> None:
+    """Build (or reuse, when mapping, data root and seed are unchanged) the real brain + heart MRI datalist.
+
+    Args:
+        out_dir: folder of ``datalist.json``. Defaults to ``$MEDFM_CACHE/real_regions`` (``~/.cache/medfm/...``).
+        data_root: folder holding ``msd_hippocampus/`` and ``acdc/``. Defaults to the mapping's (``../shared/data``
+            from the repository root).
+        seed: split seed (per data set; ACDC split by patient). Defaults to 0.
+        mapping: the mapping file. Defaults to the shipped ``bundles/lorkd_seg/data/real_regions.json``.
+    """
+    out = out_dir or str(Path(default_cache_dir()) / "real_regions")
+    print(_summary(Path(ensure_mapped_datalist(mapping, out, seed=seed, data_root=data_root))))
+
+
 def merge(base: str, extra: str, out_datalist: str, name: str | None = None, overwrite: bool = False) -> None:
     """Merge the regions and items of ``extra`` into ``base`` (base task ids kept) and write ``out_datalist``."""
     merge_datalists(base, extra, out_datalist, name=name, overwrite=overwrite)
@@ -122,7 +156,8 @@ def merge(base: str, extra: str, out_datalist: str, name: str | None = None, ove
 def main() -> None:
     """Run the CLI; data errors are printed as one line (no traceback) with exit status 2."""
     try:
-        fire.Fire({"synthetic": synthetic, "msd": msd, "msd_map": msd_map, "merge": merge})
+        fire.Fire({"synthetic": synthetic, "msd": msd, "msd_map": msd_map, "real_regions": real_regions,
+                   "merge": merge})
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -139,7 +139,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _metadata(
-    version, description, authors, region_name, label_names, output_channels, spacing, roi_size, modality, n_out, dtype
+    version, description, authors, region_name, label_names, output_channels, spacing, roi_size, modality, n_out, dtype,
+    intensity_nonzero=False,
 ) -> dict:
     channel_def = {"0": "background", **{str(k): str(v) for k, v in sorted(label_names.items())}}
     n = len(label_names)
@@ -165,6 +166,7 @@ def _metadata(
             "output_channels": [int(c) for c in output_channels],
             "spacing": [float(s) for s in spacing],
             "roi_size": [int(r) for r in roi_size],
+            "intensity": "zscore_nonzero" if intensity_nonzero else "zscore",
             "label_dtype": dtype,
             "label_rule": "argmax over [0, logits[output_channels]]: label i where its logit is the largest above 0",
         },
@@ -188,6 +190,7 @@ def write_expert_bundle(
     config_values: Mapping[str, Mapping[str, Any]] | None = None,
     readme_extra: str = "",
     verify: bool = False,
+    intensity_nonzero: bool = False,
 ) -> Path:
     """
     Write a region expert as a standalone MONAI bundle that needs only ``monai`` (no medfm code).
@@ -224,6 +227,8 @@ def write_expert_bundle(
         readme_extra: markdown appended to ``docs/README.md`` (e.g. a fine-tuning report). Defaults to none.
         verify: run MONAI's bundle checks (:func:`~medfm_ops.bundle.verify_bundle`, which also writes
             ``models/model.ts``) on the staged bundle before it replaces ``out_dir``. Defaults to False.
+        intensity_nonzero: z-score over the non-zero voxels only (the region's ``intensity: zscore_nonzero``).
+            Defaults to False (all voxels).
 
     Returns:
         The bundle directory.
@@ -263,7 +268,7 @@ def write_expert_bundle(
         net_cfg = json.loads(json.dumps(dict(network_def)))  # plain JSON types
         meta = _metadata(
             version, description, authors, region_name, label_names, output_channels, spacing, roi_size, modality,
-            out_ch, dtype,
+            out_ch, dtype, intensity_nonzero,
         )
         meta.update(dict(extra_metadata or {}))
         if meta["version"] not in meta["changelog"]:
@@ -276,6 +281,7 @@ def write_expert_bundle(
             "roi_size": [int(r) for r in roi_size],
             "axcodes": "RAS"[:dims],
             "label_dtype": dtype,
+            "intensity_nonzero": bool(intensity_nonzero),
         }
         for name, cfg in render_configs(values, config_values).items():
             _write_json(root / "configs" / name, cfg)

@@ -72,6 +72,17 @@ def _region_spacing(files: list[dict], task: int) -> tuple[float, ...]:
     return tuple(round(float(z), 4) for z in zooms)
 
 
+def _recorded_preprocessing(models_dir: Path, region: str) -> dict:
+    """The region's row of ``region_preprocessing.json`` written by the training run ({} for older runs)."""
+    path = models_dir / "region_preprocessing.json"
+    if not path.is_file():
+        return {}
+    table = json.loads(path.read_text())
+    if region not in table:
+        raise ValueError(f"{path} has no row for region '{region}' (rows: {sorted(table)}): retrain the bundle.")
+    return dict(table[region])
+
+
 def export_lorkd_expert(
     bundle_root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -94,8 +105,10 @@ def export_lorkd_expert(
         region: region name. Defaults to the first region of the data set.
         datalist: datalist of the training data (to read the region's voxel spacing). Defaults to the bundle's own
             ``datalist`` (the synthetic default set).
-        spacing: target spacing of the exported bundle. Defaults to the spacing of the region's first case.
-        roi_size: sliding-window size. Defaults to the bundle's ``roi_size``.
+        spacing: target spacing of the exported bundle. Defaults to the region's training spacing (its row of
+            ``models/region_preprocessing.json``, recorded by the run), else the spacing of the region's first case.
+        roi_size: sliding-window size. Defaults to the region's training window (same row), else the bundle's
+            ``roi_size``.
         version: version of the new bundle. Defaults to ``"0.1.0"``.
         verify: run MONAI's ``verify_metadata`` / ``verify_net_in_out`` / ``ckpt_export`` on the staged bundle before
             it replaces ``out_dir`` (a failed check keeps an earlier bundle there).
@@ -119,10 +132,11 @@ def export_lorkd_expert(
     if datalist is None:
         datalist = parser.get_parsed_content("datalist")
     _, sections = load_datalist(datalist)
+    row = _recorded_preprocessing(root / "models", name)
     if spacing is None:
-        spacing = _region_spacing(sections["training"], task)
+        spacing = row["spacing"] if row.get("spacing") else _region_spacing(sections["training"], task)
     if roi_size is None:
-        roi_size = tuple(int(r) for r in parser.get_parsed_content("roi_size"))
+        roi_size = tuple(row["window_size"]) if row else tuple(int(r) for r in parser.get_parsed_content("roi_size"))
     # rebuild the trained expert model (settings recorded by its run, LoRKD* ranks from the checkpoint), fuse
     model = expert_model_from_spec(spec)
     load_expert_state_dict(model, root / "models" / "model.pt")
@@ -144,6 +158,7 @@ def export_lorkd_expert(
         ),
         modality=modality,
         verify=verify,
+        intensity_nonzero=row.get("intensity") == "zscore_nonzero",
     )
     if verify:
         logger.info("verify_metadata, verify_net_in_out and ckpt_export passed")

@@ -6,12 +6,24 @@ from __future__ import annotations
 
 from .datalist import SECTIONS, load_datalist, require_files
 from .datalist_merge import merge_datalists
+from .datalist_real import ensure_mapped_datalist, write_datalist_subset
 from .atomic_writer import AtomicNibabelWriter
 from .input_guard import InputGuardd, require_images
 from .integrity import DatasetIntegrityError, check_datalist_cases, check_segmentation_cases
-from .msd import convert_msd, read_msd_dataset, split_cases
+from .msd import case_groups, convert_msd, read_msd_dataset, split_cases
 from .msd_mapping import convert_msd_mapping, read_msd_mapping
 from .msd_subset import write_msd_subset
+from .region_preprocessing import (
+    INTENSITY_MODES,
+    RegionBatchSampler,
+    RegionNormalizeIntensityd,
+    RegionPreprocessing,
+    RegionPreprocessingTable,
+    RegionRandCropd,
+    RegionSpacingd,
+    RegionToMetad,
+    save_region_preprocessing,
+)
 from .region_table import RegionTable
 from .synthetic import (
     GENERATOR_VERSION,
@@ -51,12 +63,23 @@ __all__ = [
     "RegionLabelToChannelsd",
     "RegionSpec",
     "RegionTable",
+    "INTENSITY_MODES",
+    "RegionBatchSampler",
+    "RegionNormalizeIntensityd",
+    "RegionPreprocessing",
+    "RegionPreprocessingTable",
+    "RegionRandCropd",
+    "RegionSpacingd",
+    "RegionToMetad",
+    "save_region_preprocessing",
     "SafeLoadImage",
     "SafeLoadImaged",
     "StructureSpec",
+    "case_groups",
     "case_name",
     "convert_msd",
     "convert_msd_mapping",
+    "ensure_mapped_datalist",
     "ensure_synthetic_dataset",
     "generate_case",
     "load_datalist",
@@ -67,6 +90,7 @@ __all__ = [
     "require_files",
     "split_cases",
     "synthetic_fingerprint",
+    "write_datalist_subset",
     "write_msd_subset",
     "write_synthetic_dataset",
 ]

@@ -31,7 +31,7 @@ from medfm_ops.utils.atomic_io import atomic_write_json
 from medfm_ops.data.region_table import RegionTable
 from medfm_ops.utils.json_file import read_json_object
 
-__all__ = ["convert_msd", "read_msd_dataset", "split_cases"]
+__all__ = ["case_groups", "convert_msd", "read_msd_dataset", "split_cases"]
 
 _NII = re.compile(r"\.nii(\.gz)?$")
 
@@ -115,24 +115,71 @@ def _count(split: float | int, n: int, what: str) -> int:
     return int(split)
 
 
+def case_groups(cases: list[dict[str, Any]], group_pattern: str | None, key: str = "image") -> list[str] | None:
+    """
+    The group (e.g. patient) of every case: the first capture group of ``group_pattern`` searched in the file name of
+    ``case[key]``; ``None`` when ``group_pattern`` is None (every case its own group).
+
+    Raises:
+        ValueError: when ``group_pattern`` is not a valid regular expression with one group, or does not match a
+            case (the message names the file and the pattern).
+    """
+    if group_pattern is None:
+        return None
+    try:
+        rx = re.compile(group_pattern)
+    except re.error as e:
+        raise ValueError(f"group_pattern {group_pattern!r} is not a regular expression: {e}.") from None
+    if rx.groups < 1:
+        raise ValueError(f"group_pattern {group_pattern!r} needs one capture group (the patient id), e.g. "
+                         "'(patient\\d+)_frame'.")
+    groups = []
+    for case in cases:
+        name = Path(str(case[key])).name
+        m = rx.search(name)
+        if m is None:
+            raise ValueError(f"group_pattern {group_pattern!r} does not match case file {name!r}.")
+        groups.append(m.group(1))
+    return groups
+
+
 def split_cases(
-    cases: list[dict[str, Any]], val_split: float | int = 0.2, test_split: float | int = 0, seed: int = 0
+    cases: list[dict[str, Any]],
+    val_split: float | int = 0.2,
+    test_split: float | int = 0,
+    seed: int = 0,
+    groups: list[str] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """
-    Deterministic seeded split into training / validation / test.
+    Deterministic seeded split into training / validation / test, optionally by group (e.g. by patient: every
+    case of one group lands in the same section).
 
     Args:
         cases: the cases, in a stable order (e.g. sorted by path).
-        val_split: validation fraction in (0, 1) or number of cases. Defaults to 0.2.
-        test_split: test fraction in (0, 1) or number of cases (0: no test section). Defaults to 0.
+        val_split: validation fraction in (0, 1) or number of cases (of groups when ``groups`` is given).
+            Defaults to 0.2.
+        test_split: test fraction in (0, 1) or number of cases / groups (0: no test section). Defaults to 0.
         seed: permutation seed (numpy ``default_rng``). Defaults to 0.
+        groups: one group name per case (see :func:`case_groups`); fractions and counts then apply to the groups
+            in order of first appearance. Defaults to None (each case its own group: the same split as before).
 
     Returns:
         ``{"training", "validation", "test"}`` lists, each in the input order.
 
     Raises:
-        ValueError: on an invalid fraction/count or when fewer than one training and one validation case remain.
+        ValueError: on an invalid fraction/count, ``groups`` of another length than ``cases``, or when fewer than one
+            training and one validation case (group) remain.
     """
+    if groups is not None:
+        if len(groups) != len(cases):
+            raise ValueError(f"groups has {len(groups)} entries for {len(cases)} cases.")
+        names = list(dict.fromkeys(groups))
+        parts = split_cases([{"group": g} for g in names], val_split, test_split, seed)
+        where = {p["group"]: section for section, items in parts.items() for p in items}
+        out_g: dict[str, list[dict[str, Any]]] = {"training": [], "validation": [], "test": []}
+        for case, g in zip(cases, groups):
+            out_g[where[g]].append(case)
+        return out_g
     n = len(cases)
     n_test = 0 if test_split == 0 else _count(test_split, n, "test_split")
     n_val = _count(val_split, n, "val_split")

@@ -8,15 +8,22 @@ A region's expert may learn from several data sets that each label a different s
 
     {
       "name": "abdomen_two_sources",                                  # optional: the datalist's name
+      "data_root": "../data",                                         # optional: base of the data set dirs
       "regions": {"abdomen_ct": ["liver", "spleen", "kidney_left"]},  # optional: a region's classes, in order
       "datasets": {                                                   # data set dir -> its region and labels
         "Task03_Liver":  {"region": "abdomen_ct", "labels": {"1": "liver", "2": "liver"}},
-        "../Task09_Spleen": {"region": "abdomen_ct", "labels": {"spleen": "spleen"}, "name": "msd_spleen"}
+        "../Task09_Spleen": {"region": "abdomen_ct", "labels": {"spleen": "spleen"}, "name": "msd_spleen",
+                             "split": {"val": 0.1, "test": 0.2, "group_pattern": "(patient\\d+)_"}}
       }
     }
 
-- ``datasets`` keys are MSD-style directories (``dataset.json``, ``imagesTr/``, ``labelsTr/``), relative to the
-  mapping file's directory or absolute; ``name`` (default: the directory's name) is the items' ``dataset``.
+- ``datasets`` keys are MSD-style directories (``dataset.json``, ``imagesTr/``, ``labelsTr/``), relative to
+  ``data_root`` (itself relative to the mapping file's directory; default: that directory) or absolute; ``name``
+  (default: the directory's name) is the items' ``dataset``.
+- ``split`` (optional) overrides the converter's ``val_split`` / ``test_split`` for one data set (``"val"``,
+  ``"test"``) and may split it by group: ``group_pattern`` is a regular expression whose first group, searched in
+  each image's file name, names the case's group (e.g. the patient of a two-frame cardiac study); every case of a
+  group lands in one section and the fractions count groups (:py:func:`~medfm_ops.data.msd.split_cases`).
 - ``labels`` maps EVERY foreground label of the data set's ``dataset.json`` (by value, ``"1"``, or by name as
   written there, case-insensitive) to a class name of its region, or to ``null``: voxels of a ``null`` label become
   background and that label is not a class (e.g. a tumour label not kept). Several labels may map to one class
@@ -47,14 +54,15 @@ import nibabel as nib
 import numpy as np
 
 from medfm_ops.data.integrity import DatasetIntegrityError
-from medfm_ops.data.msd import read_msd_dataset, split_cases
+from medfm_ops.data.msd import case_groups, read_msd_dataset, split_cases
 from medfm_ops.utils.atomic_io import atomic_write_json
 from medfm_ops.utils.json_file import read_json_object
 
 __all__ = ["convert_msd_mapping", "read_msd_mapping"]
 
-_TOP_KEYS = {"name", "regions", "datasets"}
-_ENTRY_KEYS = {"region", "labels", "name"}
+_TOP_KEYS = {"name", "regions", "datasets", "data_root"}
+_ENTRY_KEYS = {"region", "labels", "name", "split"}
+_SPLIT_KEYS = {"val", "test", "group_pattern"}
 
 
 def _norm(name: str) -> str:
@@ -66,17 +74,19 @@ def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def read_msd_mapping(mapping_file: str | os.PathLike) -> dict[str, Any]:
+def read_msd_mapping(mapping_file: str | os.PathLike, data_root: str | os.PathLike | None = None) -> dict[str, Any]:
     """
     Read and validate a mapping file (format in this module's docstring) against the data sets it names.
 
     Args:
         mapping_file: the JSON mapping file.
+        data_root: base directory of relative data set dirs, overriding the file's ``data_root``. Defaults to None.
 
     Returns:
         ``{"name", "regions": {region: [classes]}, "datasets": [{"name", "dir", "region", "label_names" (the
         data set's ``{"1": name}``), "value_map" ({MSD value: region class or None}), "annotated" (region order),
-        "cases", "info"}]}`` with regions in task-id order.
+        "cases", "info", "split" ({"val", "test", "group_pattern"}, entries
+        not given are absent)}]}`` with regions in task-id order.
 
     Raises:
         FileNotFoundError: when the mapping file or a data set (``dataset.json``, an image or label) is missing.
@@ -89,7 +99,12 @@ def read_msd_mapping(mapping_file: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise ValueError(f"{where}: unknown top-level key(s) {unknown}; expected 'datasets' and optionally 'name', "
-                         "'regions'.")
+                         "'regions', 'data_root'.")
+    root = raw.get("data_root", ".") if data_root is None else data_root
+    if not isinstance(root, (str, os.PathLike)) or not str(root).strip():
+        raise ValueError(f"{where}: 'data_root' must be a directory path, got {root!r}.")
+    base = Path(os.path.expanduser(str(root)))
+    base = base if base.is_absolute() else path.parent / base
     name = raw.get("name", path.stem)
     if not _nonempty_str(name):
         raise ValueError(f"{where}: 'name' must be a non-empty string, got {name!r}.")
@@ -110,7 +125,7 @@ def read_msd_mapping(mapping_file: str | os.PathLike) -> dict[str, Any]:
                          f"got {entries!r}.")
     datasets: list[dict[str, Any]] = []
     for key, entry in entries.items():
-        datasets.append(_read_entry(key, entry, path, where, regions, fixed))
+        datasets.append(_read_entry(key, entry, base, where, regions, fixed))
     names = [d["name"] for d in datasets]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -123,8 +138,21 @@ def read_msd_mapping(mapping_file: str | os.PathLike) -> dict[str, Any]:
     return {"name": name, "regions": regions, "datasets": datasets}
 
 
+def _read_split(split: Any, where: str) -> dict[str, Any]:
+    if not isinstance(split, Mapping) or set(split) - _SPLIT_KEYS:
+        raise ValueError(f"{where} must be an object with keys among {sorted(_SPLIT_KEYS)}, got {split!r}.")
+    for k in ("val", "test"):
+        v = split.get(k, 0.5)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"{where}.{k} must be a fraction in (0, 1) or a case count, got {v!r}.")
+    pattern = split.get("group_pattern")
+    if pattern is not None and not _nonempty_str(pattern):
+        raise ValueError(f"{where}.group_pattern must be a regular expression with one group, got {pattern!r}.")
+    return dict(split)
+
+
 def _read_entry(
-    key: str, entry: Any, path: Path, where: str, regions: dict[str, list[str]], fixed: set[str]
+    key: str, entry: Any, base: Path, where: str, regions: dict[str, list[str]], fixed: set[str]
 ) -> dict[str, Any]:
     field = f"datasets['{key}']"
     if not isinstance(entry, Mapping):
@@ -133,12 +161,13 @@ def _read_entry(
     missing = sorted({"region", "labels"} - set(entry))
     if unknown or missing:
         raise ValueError(f"{where}: {field} has unknown key(s) {unknown} / misses {missing}; expected 'region', "
-                         "'labels' and optionally 'name'.")
+                         "'labels' and optionally 'name', 'split'.")
+    split = _read_split(entry.get("split", {}), f"{where}: {field}.split")
     region = entry["region"]
     if not _nonempty_str(region):
         raise ValueError(f"{where}: {field}.region must be a non-empty region name, got {region!r}.")
     directory = Path(os.path.expanduser(key))
-    directory = directory if directory.is_absolute() else (path.parent / directory)
+    directory = directory if directory.is_absolute() else (base / directory)
     try:
         label_names, cases, info = read_msd_dataset(directory)
     except (FileNotFoundError, ValueError) as e:
@@ -177,7 +206,7 @@ def _read_entry(
     if region not in fixed:
         classes.extend(c for _, c in sorted(value_map.items()) if c is not None and c not in classes)
     return {"name": name, "dir": directory.resolve(), "region": region, "label_names": label_names,
-            "value_map": value_map, "cases": cases, "info": info}
+            "value_map": value_map, "cases": cases, "info": info, "split": split}
 
 
 def _lookup(value_map: Mapping[int, str | None], classes: list[str]) -> np.ndarray:
@@ -227,6 +256,8 @@ def convert_msd_mapping(
     test_split: float | int = 0,
     seed: int = 0,
     overwrite: bool = False,
+    data_root: str | os.PathLike | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
     Convert the MSD-style data sets of a mapping file into one multi-region datalist (schema in
@@ -239,6 +270,8 @@ def convert_msd_mapping(
         test_split: test fraction or number of cases per data set; 0 writes no test cases. Defaults to 0.
         seed: split seed. Defaults to 0.
         overwrite: replace an existing ``out_datalist``. Defaults to False.
+        data_root: base of the mapping's relative data set dirs, overriding its ``data_root``. Defaults to None.
+        extra: top-level entries added to the datalist (e.g. how it was built). Defaults to None.
 
     Returns:
         the written datalist (as a dict); its ``datasets`` entry records each data set's source, region, label
@@ -252,7 +285,7 @@ def convert_msd_mapping(
     out = Path(out_datalist).expanduser().absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: pass overwrite=True to replace it.")
-    mapping = read_msd_mapping(mapping_file)
+    mapping = read_msd_mapping(mapping_file, data_root=data_root)
     region_names = list(mapping["regions"])
     datalist: dict[str, Any] = {
         "name": mapping["name"],
@@ -272,7 +305,10 @@ def convert_msd_mapping(
         identity = all(lut[v] == v for v in range(1, len(lut)))
         label_dir = None if identity else out.parent / "labels" / ds["name"]
         allowed = ", ".join(f"{k}={v}" for k, v in ds["label_names"].items())
-        parts = split_cases(ds["cases"], val_split=val_split, test_split=test_split, seed=seed)
+        ds_val, ds_test = ds["split"].get("val", val_split), ds["split"].get("test", test_split)
+        groups = case_groups(ds["cases"], ds["split"].get("group_pattern"))
+        parts = split_cases(ds["cases"], val_split=ds_val, test_split=ds_test, seed=seed, groups=groups)
+        group_of = {} if groups is None else {c["image"]: g for c, g in zip(ds["cases"], groups)}
         for section, cases in parts.items():
             for case in cases:
                 label = case["label"]
@@ -288,6 +324,7 @@ def convert_msd_mapping(
                         "label_names": datalist["regions"][task]["labels"],
                         "dataset": ds["name"],
                         "annotated": ds["annotated"],
+                        **({} if groups is None else {"group": group_of[case["image"]]}),
                     }
                 )
         datalist["datasets"].append(
@@ -299,13 +336,17 @@ def convert_msd_mapping(
                 "msd_labels": {str(v): c for v, c in sorted(ds["value_map"].items())},
                 "annotated": ds["annotated"],
                 "remapped_labels": None if label_dir is None else _relative(label_dir, out.parent),
-                "split": {"seed": int(seed), "val_split": val_split, "test_split": test_split,
-                          **{f"num_{k}": len(v) for k, v in parts.items()}},
+                "split": {"seed": int(seed), "val_split": ds_val, "test_split": ds_test,
+                          "group_pattern": ds["split"].get("group_pattern"),
+                          **{f"num_{k}": len(v) for k, v in parts.items()},
+                          **{f"num_{k}_groups": len({group_of[c["image"]] for c in v}) for k, v in parts.items()
+                             if groups is not None}},
             }
         )
     if problems:
         raise DatasetIntegrityError(f"MSD mapping {Path(mapping_file)}", problems)
     if not datalist.get("test"):
         datalist.pop("test", None)
+    datalist.update(dict(extra or {}))
     atomic_write_json(out, datalist)
     return datalist

@@ -17,6 +17,7 @@ from medfm_ops.engines.cls_teacher_cache import TeacherFeatureCache
 from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier, write_cls_summary
 from medfm_ops.engines.handlers import LinearDecayHandler
 from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
+from medfm_ops.engines.region_window import RegionSlidingWindowInferer
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -28,6 +29,7 @@ __all__ = [
     "RegionPrepareBatch",
     "RoutedSimpleInferer",
     "RoutedSlidingWindowInferer",
+    "RegionSlidingWindowInferer",
     "batch_filenames",
     "atomic_write_text",
     "resume_training",
