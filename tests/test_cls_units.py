@@ -67,8 +67,8 @@ def test_alpha_beta_schedule_values():
 
     handler(_E)
     assert loss.alpha == loss.beta == 0.5
-    with pytest.raises(AttributeError, match="gamma"):
-        LinearDecayHandler(loss, names=("gamma",))
+    with pytest.raises(AttributeError, match="delta"):
+        LinearDecayHandler(loss, names=("delta",))
 
 
 def _model(name="resnet_tiny"):

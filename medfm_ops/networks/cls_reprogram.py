@@ -66,8 +66,9 @@ class ReprogrammedStudent(nn.Module):
 
     - default: the student's logits ``g(F_s(x))`` ``(B, num_classes)`` (what is deployed);
     - ``predict="teacher"`` (direct-reprogramming baseline): ``g(phi(f_t))``, needs ``teacher_features``;
-    - ``return_features=True``: ``{"z_s", "f_s"}`` plus, with ``teacher_features``, ``{"z_t", "f_t"}`` (``f_t`` the
-      raw teacher features, as used by the CKA term).
+    - ``return_features=True``: ``{"z_s", "f_s"}`` plus, with ``teacher_features``, ``{"z_t", "f_t"}`` with
+      ``f_t = phi(teacher_features)`` the REPROGRAMMED teacher features (the input of ``g``, compared with ``f_s``
+      by RD's CKA term, so that ``phi`` gets its gradient) and ``z_t = g(f_t)``.
 
     Args:
         student: stock classifier (e.g. MONAI ``resnet18``) built with ``num_classes`` outputs.
@@ -103,7 +104,8 @@ class ReprogrammedStudent(nn.Module):
             return z_s
         out = {"z_s": z_s, "f_s": f_s}
         if teacher_features is not None:
-            out.update(z_t=self.g(self.phi(teacher_features)), f_t=teacher_features)
+            f_t = self.phi(teacher_features)
+            out.update(z_t=self.g(f_t), f_t=f_t)
         return out
 
     def export_student(self) -> nn.Module:
