@@ -40,6 +40,7 @@ from medfm_ops.networks.cls_heads import (
     export_cls_expert,
     head_layer_name,
     load_fused_cls_expert,
+    load_teacher_features,
     mask_task_logits,
 )
 from medfm_ops.networks.cls_zoo import CLS_NETWORKS, ViTClassifier, build_cls_network, cls_network_def
@@ -49,6 +50,7 @@ from medfm_ops.networks.cls_reprogram import (
     init_from_checkpoint,
     load_rd_student,
     teacher_for_finetuning,
+    trained_student_spec,
 )
 from medfm_ops.networks.cls_pretrained import (
     HEAD_INITS,
@@ -96,6 +98,7 @@ __all__ = [
     "export_cls_expert",
     "head_layer_name",
     "load_fused_cls_expert",
+    "load_teacher_features",
     "mask_task_logits",
     "CLS_NETWORKS",
     "ViTClassifier",
@@ -106,6 +109,7 @@ __all__ = [
     "init_from_checkpoint",
     "load_rd_student",
     "teacher_for_finetuning",
+    "trained_student_spec",
     "HEAD_INITS",
     "PretrainedClassifier",
     "StartingClassifier",

@@ -21,6 +21,7 @@ __all__ = [
     "init_from_checkpoint",
     "teacher_for_finetuning",
     "load_rd_student",
+    "trained_student_spec",
 ]
 
 #: keys of a classifier config that hold its number of outputs (MONAI ResNet/ViT: num_classes, DenseNet: out_channels)
@@ -183,3 +184,32 @@ def load_rd_student(stock_network: nn.Module, checkpoint: str | os.PathLike | di
     sd.update({f"{head}.{k[2:]}": v for k, v in checkpoint.items() if k.startswith("g.")})
     stock_network.load_state_dict(sd, strict=True)
     return stock_network
+
+
+def trained_student_spec(
+    ckpt_dir: str | os.PathLike, untrained_network_def: dict[str, Any], untrained_tasks: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """
+    ``{"network_def", "regions"}`` of the student an rd_cls run recorded in ``{ckpt_dir}/network_def.json`` (its
+    stock network with the trained task's class count, and that task with its class names), so that inference serves
+    exactly the trained student under its own task's name. Before any training (no ``models/``) the bundle's default
+    recipe (``untrained_network_def``, ``untrained_tasks``) is returned, for ``verify_net_in_out``.
+
+    Raises:
+        ValueError: when ``models/model.pt`` exists without ``network_def.json`` (a run of rd_cls older than 0.3.0:
+            train it again, or export it).
+    """
+    from medfm_ops.networks.spec import SPEC_FILENAME, load_network_spec
+
+    ckpt = Path(ckpt_dir)
+    if (ckpt / SPEC_FILENAME).is_file():
+        spec = load_network_spec(ckpt)
+        if not spec.get("regions"):
+            raise ValueError(f"{ckpt / SPEC_FILENAME} records no task: it was not written by rd_cls's training.")
+        return {"network_def": spec["network_def"], "regions": spec["regions"]}
+    if (ckpt / "model.pt").is_file():
+        raise ValueError(
+            f"{ckpt / 'model.pt'} has no {SPEC_FILENAME} next to it (written by rd_cls >= 0.3.0 at the end of training): "
+            "the trained task and network are unknown; run configs/train.json again."
+        )
+    return {"network_def": dict(untrained_network_def), "regions": list(untrained_tasks)}
