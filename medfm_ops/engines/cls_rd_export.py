@@ -21,8 +21,8 @@ _OUT_KEYS = ("num_classes", "out_channels")
 
 def rd_student_network_def(network_config: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
     """
-    The literal config of the deployed student: the bundle's ``network_def`` config (as written in train.json, e.g.
-    ``%network_def``) with its class count (``num_classes`` / ``out_channels``) set to ``num_classes``.
+    The literal config of the deployed student: the student's network config (``_target_`` and literal values) with
+    its class count (``num_classes`` / ``out_channels``) set to ``num_classes``.
 
     Raises:
         ValueError: when the config has no class-count key, or another value is still an expression (``$...`` or
@@ -76,7 +76,8 @@ def export_rd_student(
        place only when complete (and verified with ``verify``).
 
     Args:
-        network_config: the bundle's ``network_def`` config (``%network_def``).
+        network_config: the student's literal network config (rd_cls: ``@network_config``, built by
+            :func:`~medfm_ops.networks.network_config`).
         checkpoint: the run's best :class:`~medfm_ops.networks.ReprogrammedStudent` state dict (``models/model.pt``).
         task_table: the data set's task table.
         task: the task the student was trained on.

@@ -43,14 +43,15 @@ from medfm_ops.networks.cls_heads import (
     load_teacher_features,
     mask_task_logits,
 )
-from medfm_ops.networks.cls_zoo import CLS_NETWORKS, ViTClassifier, build_cls_network, cls_network_def
+from medfm_ops.networks.cls_zoo import CLS_NETWORKS, ViTClassifier, build_cls_network, cls_network_def, network_config
 from medfm_ops.networks.cls_reprogram import (
     ReprogrammedStudent,
     ReprogrammingModule,
     init_from_checkpoint,
     load_rd_student,
     teacher_for_finetuning,
-    trained_student_spec,
+    trained_student_network,
+    trained_student_task_table,
 )
 from medfm_ops.networks.cls_pretrained import (
     HEAD_INITS,
@@ -104,12 +105,14 @@ __all__ = [
     "ViTClassifier",
     "build_cls_network",
     "cls_network_def",
+    "network_config",
     "ReprogrammedStudent",
     "ReprogrammingModule",
     "init_from_checkpoint",
     "load_rd_student",
     "teacher_for_finetuning",
-    "trained_student_spec",
+    "trained_student_network",
+    "trained_student_task_table",
     "HEAD_INITS",
     "PretrainedClassifier",
     "StartingClassifier",

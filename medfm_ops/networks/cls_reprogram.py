@@ -21,7 +21,8 @@ __all__ = [
     "init_from_checkpoint",
     "teacher_for_finetuning",
     "load_rd_student",
-    "trained_student_spec",
+    "trained_student_network",
+    "trained_student_task_table",
 ]
 
 #: keys of a classifier config that hold its number of outputs (MONAI ResNet/ViT: num_classes, DenseNet: out_channels)
@@ -186,18 +187,13 @@ def load_rd_student(stock_network: nn.Module, checkpoint: str | os.PathLike | di
     return stock_network
 
 
-def trained_student_spec(
-    ckpt_dir: str | os.PathLike, untrained_network_def: dict[str, Any], untrained_tasks: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """
-    ``{"network_def", "regions"}`` of the student an rd_cls run recorded in ``{ckpt_dir}/network_def.json`` (its
-    stock network with the trained task's class count, and that task with its class names), so that inference serves
-    exactly the trained student under its own task's name. Before any training (no ``models/``) the bundle's default
-    recipe (``untrained_network_def``, ``untrained_tasks``) is returned, for ``verify_net_in_out``.
+
+def _trained_student_spec(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The spec an rd_cls run recorded in ``{ckpt_dir}/network_def.json``, or None before any training.
 
     Raises:
-        ValueError: when ``models/model.pt`` exists without ``network_def.json`` (a run of rd_cls older than 0.3.0:
-            train it again, or export it).
+        ValueError: when ``model.pt`` exists without ``network_def.json`` (a run of rd_cls older than 0.3.0), or the
+            spec records no task.
     """
     from medfm_ops.networks.spec import SPEC_FILENAME, load_network_spec
 
@@ -206,10 +202,33 @@ def trained_student_spec(
         spec = load_network_spec(ckpt)
         if not spec.get("regions"):
             raise ValueError(f"{ckpt / SPEC_FILENAME} records no task: it was not written by rd_cls's training.")
-        return {"network_def": spec["network_def"], "regions": spec["regions"]}
+        return spec
     if (ckpt / "model.pt").is_file():
         raise ValueError(
             f"{ckpt / 'model.pt'} has no {SPEC_FILENAME} next to it (written by rd_cls >= 0.3.0 at the end of training): "
             "the trained task and network are unknown; run configs/train.json again."
         )
-    return {"network_def": dict(untrained_network_def), "regions": list(untrained_tasks)}
+    return None
+
+
+def trained_student_task_table(ckpt_dir: str | os.PathLike, untrained_tasks: list[dict[str, Any]]) -> Any:
+    """
+    The task table of the student an rd_cls run recorded in ``{ckpt_dir}/network_def.json`` (its one task, with its
+    class names), so inference serves it under its own task's name whatever the task (synthetic or real). Before
+    any training, the default recipe's ``untrained_tasks`` (for ``verify_net_in_out``).
+    """
+    from medfm_ops.data.cls_tasks import ClsTaskTable
+
+    spec = _trained_student_spec(ckpt_dir)
+    if spec is None:
+        return ClsTaskTable.from_tasks(untrained_tasks, source="untrained_tasks of configs/inference.json")
+    return ClsTaskTable.from_tasks(spec["regions"], source=str(Path(ckpt_dir) / "network_def.json"))
+
+
+def trained_student_network(ckpt_dir: str | os.PathLike, untrained_network: nn.Module) -> nn.Module:
+    """The untrained stock network of the student recorded in ``{ckpt_dir}/network_def.json`` (load its weights with
+    :func:`load_rd_student`); before any training, ``untrained_network`` (the default recipe's)."""
+    from medfm_ops.networks.spec import instantiate
+
+    spec = _trained_student_spec(ckpt_dir)
+    return untrained_network if spec is None else instantiate(spec["network_def"])
