@@ -231,7 +231,8 @@ def test_lora_r1_baseline_trains_about_one_percent_of_the_foundation():
     budget), while baselines/lora.json (rank 8) trains several times more."""
     from medfm_ops.finetune import add_lora
 
-    net_def = {**json.loads((REPO / "bundles" / "foundation_cls" / "configs" / "train.json").read_text())["network_def"], "num_classes": 2}
+    config = json.loads((REPO / "bundles" / "foundation_cls" / "configs" / "train.json").read_text())["network_config"]
+    net_def = {"_target_": config["target"], **{k: v for k, v in config.items() if k not in ("_target_", "target")}, "num_classes": 2}
     fractions = {}
     for name in ("lora", "lora_r1"):
         cfg = json.loads((REPO / "bundles" / "shpeft_cls" / "configs" / "baselines" / f"{name}.json").read_text())

@@ -92,6 +92,24 @@ class MultiTaskClsMetric(Metric):
         self._rows: list[dict[str, Any]] | None = None
         super().__init__(output_transform=output_transform)
 
+    @classmethod
+    def from_task_table(
+        cls, task_table: Any, unified: bool = False, task_num_classes: Sequence[int] | None = None, **kwargs: Any
+    ) -> MultiTaskClsMetric:
+        """
+        The metric of a :class:`~medfm_ops.data.ClsTaskTable`'s tasks (class counts and names from the table).
+
+        Args:
+            task_table: the task table.
+            unified: the logits are a unified head over all tasks (its offsets). Defaults to False.
+            task_num_classes: class count per task overriding the table's (e.g. a single-task student scored on the
+                columns of its task). Defaults to None.
+            kwargs: further arguments of the constructor (``key``, ``majority``...).
+        """
+        offsets = [task_table.offset_of(t) for t in task_table.task_ids] if unified else None
+        num = task_num_classes if task_num_classes is not None else task_table.task_num_classes
+        return cls(num, task_table.task_names, offsets=offsets, **kwargs)
+
     @reinit__is_reduced
     def reset(self) -> None:
         self._probs: list[torch.Tensor] = []
