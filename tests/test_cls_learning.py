@@ -48,7 +48,7 @@ def test_shpeft_cls_learns_beyond_chance(tmp_path, monkeypatch):
     probe override: AUC 0.72, accuracy 0.54 when this was written; SH-PEFT 0.89-0.91 and 0.75-0.79 at 1-2 threads),
     so a selection or update of the backbone weights that does not work fails it."""
     monkeypatch.setenv("MEDFM_CACHE", str(tmp_path / "cache"))
-    small = {"_target_": "monai.networks.nets.ResNet", "block": "basic", "layers": [1, 1, 1, 1],
+    small = {"_target_": "medfm_ops.networks.network_config", "target": "monai.networks.nets.ResNet", "block": "basic", "layers": [1, 1, 1, 1],
              "block_inplanes": [8, 16, 32, 64], "spatial_dims": 3, "n_input_channels": 1, "conv1_t_size": 3,
              "conv1_t_stride": 1, "num_classes": "@num_classes"}  # fmt: skip
     data = {"synthetic#size": 16, "synthetic#train_cases": 48, "synthetic#val_cases": 24, "spatial_size": [16, 16, 16],
@@ -56,7 +56,7 @@ def test_shpeft_cls_learns_beyond_chance(tmp_path, monkeypatch):
     foundation = tmp_path / "foundation_cls"  # a copy whose train.json builds the small network (the run records it)
     shutil.copytree(REPO / "bundles" / "foundation_cls", foundation, ignore=shutil.ignore_patterns("models", "eval", "runs"))
     cfg = json.loads((foundation / "configs" / "train.json").read_text())
-    (foundation / "configs" / "train.json").write_text(json.dumps({**cfg, "network_def": small}))
+    (foundation / "configs" / "train.json").write_text(json.dumps({**cfg, "network_config": small}))
     bundle_run(config_file=str(foundation / "configs" / "train.json"), bundle_root=str(foundation), epochs=4,
                val_interval=4, **{**data, "synthetic#tasks": ["lesion_ct", "blobs_mr", "vessel_mra"]})  # fmt: skip
     shpeft = REPO / "bundles" / "shpeft_cls"

@@ -24,7 +24,7 @@ from medfm_ops.data import (
 )
 from medfm_ops.engines import ClsLossAdapter, LinearDecayHandler, TaskPrepareBatch
 from medfm_ops.losses import CKALoss, LoRKDClsLoss, RDLoss, linear_cka, linear_decay, task_cross_entropy
-from medfm_ops.metrics import binary_auc, classification_scores
+from medfm_ops.metrics import binary_auc, classification_scores, task_score_rows, working_verdict
 from medfm_ops.networks import (
     ReprogrammedStudent,
     TaskHeadNetwork,
@@ -67,8 +67,8 @@ def test_alpha_beta_schedule_values():
 
     handler(_E)
     assert loss.alpha == loss.beta == 0.5
-    with pytest.raises(AttributeError, match="gamma"):
-        LinearDecayHandler(loss, names=("gamma",))
+    with pytest.raises(AttributeError, match="delta"):
+        LinearDecayHandler(loss, names=("delta",))
 
 
 def _model(name="resnet_tiny"):
@@ -134,6 +134,20 @@ def test_scores_and_majority():
     assert binary_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
 
 
+def test_majority_level_balanced_accuracy_reads_not_working_whatever_the_auc():
+    y = np.array([0, 0, 0, 1])
+    ranked = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])  # perfect ranking, always predicts class 0
+    s = classification_scores(ranked, y)
+    assert s["auc"] == 1.0 and s["balanced_accuracy"] == s["majority_balanced_accuracy"] == 0.5
+    assert working_verdict(s) == "not working" and working_verdict(classification_scores(np.eye(2)[y], y)) == "working"
+    assert working_verdict({"balanced_accuracy": 0.59, "majority_balanced_accuracy": 0.5}) == "not working"
+    assert working_verdict({"balanced_accuracy": 0.45, "majority_balanced_accuracy": 1 / 3}) == "working"  # 3 classes
+    probs = [np.eye(2)[k] for k in y] + [r for r in ranked]
+    rows = task_score_rows(probs, list(y) * 2, [0] * 4 + [1] * 4, {0: "good", 1: "majority"})
+    assert [r["verdict"] for r in rows] == ["working", "not working", "not working on 1 of 2 tasks"]
+    assert rows[-1]["balanced_accuracy"] == 0.75 and rows[-1]["auc"] == 1.0
+
+
 def test_bad_inputs_stop_naming_the_item(tmp_path):
     check = CheckClsItemd(TABLE)
     with pytest.raises(ClsItemError, match=r"case7.nii.gz.*unknown task 'c'"):
@@ -172,3 +186,24 @@ def test_real_medmnist_files_read_and_mix_with_synthetic(tmp_path):
     assert table.task_names == {0: "lesion_ct", 1: "adrenalmnist3d"} and table.offset_of(1) == 2
     item = LoadClsImaged()(sections["validation"][-1])
     assert item["image"].shape == (1, 28, 28, 28) and item["global_label"] in (2, 3)
+
+
+def test_leave_one_task_out_datalist(tmp_path):
+    """exclude_tasks drops the target task (real or synthetic) from a foundation's datalist; a name that is not
+    among the selected tasks stops with an error instead of silently leaving the target in."""
+    from medfm_ops.data import load_cls_datalist
+
+    adrenal, vessel = DATA / "adrenalmnist3d" / "adrenalmnist3d.npz", DATA / "vesselmnist3d" / "vesselmnist3d.npz"
+    real = {"adrenalmnist3d": str(adrenal), "vesselmnist3d": str(vessel)}
+    syn = {"size": 16, "train_cases": 4, "val_cases": 2, "tasks": ["lesion_ct", "shape_ct"]}
+    full = load_cls_datalist(ensure_cls_dataset(tmp_path, synthetic=syn, real_tasks=real, real_limit=3))
+    loto = load_cls_datalist(ensure_cls_dataset(tmp_path, synthetic=syn, real_tasks=real, real_limit=3, exclude_tasks=["adrenalmnist3d"]))
+    assert list(full[0].task_names.values()) == ["lesion_ct", "shape_ct", "adrenalmnist3d", "vesselmnist3d"]
+    assert list(loto[0].task_names.values()) == ["lesion_ct", "shape_ct", "vesselmnist3d"]
+    for sec in ("training", "validation"):
+        assert {f["task"] for f in loto[1][sec]} == {"lesion_ct", "shape_ct", "vesselmnist3d"}
+        assert len(loto[1][sec]) == len(full[1][sec]) - 3
+    no_shape = load_cls_datalist(ensure_cls_dataset(tmp_path, synthetic=syn, exclude_tasks=["shape_ct"]))
+    assert list(no_shape[0].task_names.values()) == ["lesion_ct"]
+    with pytest.raises(ValueError, match=r"exclude_tasks: \['adrenal'\] are not among the selected tasks"):
+        ensure_cls_dataset(tmp_path, synthetic=syn, real_tasks=real, exclude_tasks=["adrenal"])

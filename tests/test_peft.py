@@ -5,6 +5,7 @@ changes a frozen weight (SGD + momentum + weight decay, AdamW decoupled decay), 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from medfm_ops.peft import (
     DELTA_FORMAT,
     SELECTION_METHODS,
     SparseParameters,
+    TensorSubset,
     apply_sparse_delta,
     budget_count,
     estimate_importance,
@@ -118,6 +120,25 @@ def test_importance_errors():
     bad = [(torch.full((2, 1, 6, 6), float("nan")), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(ValueError, match="non-finite loss.*batch 0"):
         estimate_importance(net, bad, nn.CrossEntropyLoss())
+
+
+@pytest.mark.parametrize("budget", [1 / 8, 3 / 8, 5 / 8])
+def test_sh_peft_mask_is_the_top_k_of_the_hand_computed_hybrid_score(budget):
+    """The mask SH-PEFT trains is the top-k, k = round(budget * N), of I_td + lambda * s * I_ta written out by hand
+    (numpy argsort, not the library's threshold)."""
+    lin, batches, (W, b), (gW, gb) = _hand_linear_case()
+    td = np.concatenate([sum(g * g for g in gW).numpy().ravel(), sum(g * g for g in gb).numpy().ravel()])
+    ta = np.concatenate([(W * W).numpy().ravel(), (b * b).numpy().ravel()])
+    lam = 0.7
+    score = td + lam * (td.sum() / ta.sum()) * ta
+    k = round(budget * score.size)
+    want = np.zeros(score.size, dtype=bool)
+    want[np.argsort(-score, kind="stable")[:k]] = True
+    masks = select_weights(estimate_importance(lin, batches, nn.MSELoss()), budget=budget, method="hybrid", lambda_=lam)
+    got = np.concatenate([masks["weight"].numpy().ravel(), masks["bias"].numpy().ravel()])
+    assert np.array_equal(got, want), (got, want, score)
+    sparse = SparseParameters(lin, masks)  # and the trained selection is that mask
+    assert all(torch.equal(sparse.masks()[n], masks[n]) for n in masks)
 
 
 # ------------------------------------------------------------------------------------------------------- selection
@@ -241,6 +262,37 @@ def test_sparse_parameters_errors():
         sparse.attach(torch.optim.SGD(net.parameters(), lr=0.1))
     with pytest.raises(RuntimeError, match="no optimiser is attached"):
         nn.CrossEntropyLoss()(net(_loader()[0][0]), _loader()[0][1]).backward()
+
+
+def _norm_buffers(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items() if "running_" in k or "num_batches_tracked" in k}
+
+
+@pytest.mark.parametrize("kind", ["sparse", "linear_probe", "bitfit", "full"])
+def test_norm_statistics_unchanged_unless_asked(kind):
+    """update_norm_stats=False: BatchNorm buffers stay bit-for-bit through training (train() mode every step, as the
+    engines set it); True (plain PyTorch): they move. Selected weights train either way."""
+    for update in (False, True):
+        net = _mixed().train()
+        if kind == "sparse":
+            masks = select_weights(estimate_importance(net, _loader(), nn.CrossEntropyLoss()), budget=0.05)
+            trainable = SparseParameters(net, masks, update_norm_stats=update)
+        else:
+            include = {"linear_probe": ["head.*"], "bitfit": ["*.bias", "head.*"], "full": ["*"]}[kind]
+            trainable = TensorSubset(net, include, update_norm_stats=update)
+        before, weights = _norm_buffers(net), {n: p.detach().clone() for n, p in net.named_parameters()}
+        assert set(before) == {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"}
+        _train(net, trainable.attach(torch.optim.AdamW(trainable.parameters(), lr=0.01)), steps=3)
+        assert net.training  # the network is in train mode; the hook runs the norm layers in eval mode per call
+        after = _norm_buffers(net)
+        same = all(torch.equal(after[k], before[k]) for k in before)
+        assert same == (not update), (kind, update)
+        assert any(not torch.equal(p.detach(), weights[n]) for n, p in net.named_parameters())
+        assert f"update_norm_stats={update}" in repr(trainable)
+        if kind == "sparse" and not update:  # detach() restores the usual behaviour
+            trainable.detach()
+            net.train()(_loader(1)[0][0])
+            assert not torch.equal(net.norm.running_mean, before["norm.running_mean"])
 
 
 # ---------------------------------------------------------------------------------------------------------- delta

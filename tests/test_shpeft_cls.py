@@ -103,6 +103,10 @@ def _check_sparse_result(ckpt: Path, pre: Path, head: str, budget: float = 0.01)
         assert torch.equal(_bits(model[name].reshape(-1)[frozen]), _bits(pretrained[name].reshape(-1)[frozen])), name
         selected += int(trainable.sum())
         moved += int((model[name].reshape(-1)[trainable] != pretrained[name].reshape(-1)[trainable]).sum())
+    buffers = [k for k in model if k not in params and not k.startswith(head + ".")]
+    for k in buffers:  # update_norm_stats false (the default): BatchNorm statistics are the pretrained ones
+        assert torch.equal(_bits(model[k]), _bits(pretrained[k])), k
+    assert not set(buffers) & set(delta["tensors"])
     body = sum(p.numel() for n, p in params.items() if not n.startswith(head + "."))
     assert selected == budget_count(budget, body)
     assert moved >= 0.5 * selected, f"only {moved} of the {selected} selected weights changed: they did not train"
@@ -144,6 +148,8 @@ def test_inference_verifies_before_training(tmp_path):
 def test_train_frozen_bits_delta_and_exported_bundle(workspace, tmp_path):
     bundle = workspace / "shpeft_cls"
     summary = _check_sparse_result(bundle / "models", workspace / "pretrained", "fc")
+    assert any("running_mean" in k for k in torch.load(bundle / "models" / "model.pt", weights_only=True))  # checked there
+    assert summary["settings"]["update_norm_stats"] is False
     assert summary["importance_estimation"]["seconds"] > 0 and summary["train_seconds"] > 0
     assert summary["importance_estimation"]["batches"] == 1 and summary["epochs"] == 2
     assert summary["start"]["head_init"] == "fresh (seed 0)"
@@ -203,20 +209,40 @@ def test_baselines_select_their_tensors(workspace):
     pre = workspace / "pretrained"
     expected = {"full": lambda n: True, "linear_probe": lambda n: n.startswith("fc."),
                 "bitfit": lambda n: n.endswith(".bias") or n.startswith("fc.")}  # fmt: skip
-    for name in ("full", "linear_probe", "bitfit", "lora"):
+    for name in ("full", "linear_probe", "bitfit", "lora", "lora_r1"):
         parser = ConfigParser()
         parser.read_config([str(bundle / "configs" / "train.json"), str(bundle / "configs" / "baselines" / f"{name}.json")])
         parser.update({"bundle_root": str(bundle), "pretrained": str(pre), **TINY})
         trainable = parser.get_parsed_content("trainable")
         assert isinstance(trainable, TensorSubset) and parser.get_parsed_content("importance") is None
+        assert trainable.update_norm_stats == (name == "full"), name  # a subset row leaves BatchNorm statistics alone
         names = set(trainable.names)
-        if name == "lora":
+        if name.startswith("lora"):
             assert names and all(".lora_" in n or n.startswith("model.net.fc.") for n in names)
         else:
             assert names == {n for n, _ in trainable.network.named_parameters() if expected[name](n)}, name
     for name in ("random_mask", "magnitude", "gradient_l1", "gradient_l2"):
         override = json.loads((bundle / "configs" / "baselines" / f"{name}.json").read_text())
         assert override["sparse_method"] in ("random", "magnitude", "gradient") and "trainable" not in override
+
+
+def test_lora_r1_baseline_trains_about_one_percent_of_the_foundation():
+    """baselines/lora_r1.json on the shipped foundation_cls network: adapters + head about 1% of the weights (SH-PEFT's
+    budget), while baselines/lora.json (rank 8) trains several times more."""
+    from medfm_ops.finetune import add_lora
+
+    config = json.loads((REPO / "bundles" / "foundation_cls" / "configs" / "train.json").read_text())["network_config"]
+    net_def = {"_target_": config["target"], **{k: v for k, v in config.items() if k not in ("_target_", "target")}, "num_classes": 2}
+    fractions = {}
+    for name in ("lora", "lora_r1"):
+        cfg = json.loads((REPO / "bundles" / "shpeft_cls" / "configs" / "baselines" / f"{name}.json").read_text())
+        stock = instantiate(net_def)
+        total = sum(p.numel() for p in stock.parameters())
+        adapted = add_lora(add_linear_lora(stock, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], exclude=["fc"], allow_none=True),
+                           rank=cfg["lora_rank"], alpha=cfg["lora_alpha"])  # fmt: skip
+        trainable = TensorSubset(adapted, ["*.lora_A*", "*.lora_B*", "model.net.fc.*"])
+        fractions[name] = trainable.num_selected / total
+    assert 0.005 <= fractions["lora_r1"] <= 0.015 and fractions["lora"] > 4 * fractions["lora_r1"], fractions
 
 
 def test_linear_lora_fuses_exactly_and_fails_loudly():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,9 +150,14 @@ def ensure_cls_dataset(
     synthetic: Mapping[str, Any] | None = None,
     real_tasks: Mapping[str, str | os.PathLike] | None = None,
     real_limit: int | None = None,
+    exclude_tasks: Sequence[str] = (),
 ) -> str:
     """
     Write (once) the datalist of the default multi-task set and return its path.
+
+    Leave-one-task-out: ``exclude_tasks=["adrenalmnist3d"]`` with both real tasks in ``real_tasks`` gives the
+    datalist of a foundation pre-trained WITHOUT its target task (the synthetic tasks + the other real task), the
+    setting in which Reprogramming Distillation's teacher meets a task it has never seen.
 
     Args:
         cache_dir: where the synthetic npz files and the datalist go.
@@ -161,9 +166,13 @@ def ensure_cls_dataset(
         real_tasks: ``{medmnist name: npz path}`` of real MedMNIST 3D tasks to add (e.g. ``{"adrenalmnist3d":
             "../shared/data/adrenalmnist3d/adrenalmnist3d.npz"}``), their ``train``/``val`` splits. Defaults to none.
         real_limit: keep the first ``real_limit`` cases of each real split (quick runs). Defaults to None (all).
+        exclude_tasks: names of tasks left out of the datalist (synthetic or real); each must be one of the tasks
+            selected by ``synthetic`` / ``real_tasks`` (a typo would otherwise leave the target task in).
+            Defaults to none.
 
     Raises:
-        ValueError: for an unknown real task name, or when no task is selected.
+        ValueError: for an unknown real task name, an ``exclude_tasks`` entry that names no selected task, or when
+            no task is left.
         NpzReadError / FileNotFoundError: for a missing or corrupt real npz (naming it).
     """
     cache = Path(cache_dir)
@@ -171,6 +180,15 @@ def ensure_cls_dataset(
     synthetic = dict(synthetic or {})
     syn_tasks = synthetic.pop("tasks", None)
     syn_tasks = list(SYNTHETIC_CLS_TASKS) if syn_tasks is None else list(syn_tasks)
+    excluded = [exclude_tasks] if isinstance(exclude_tasks, str) else list(exclude_tasks or [])
+    unknown = [t for t in excluded if t not in syn_tasks and t not in (real_tasks or {})]
+    if unknown:
+        raise ValueError(
+            f"exclude_tasks: {unknown} are not among the selected tasks {syn_tasks + list(real_tasks or {})}; "
+            "name a synthetic task or a key of real_tasks."
+        )
+    syn_tasks = [t for t in syn_tasks if t not in excluded]
+    real_tasks = {n: p for n, p in (real_tasks or {}).items() if n not in excluded}
     if syn_tasks:
         paths = write_synthetic_cls_tasks(cache, tasks=syn_tasks, **synthetic)
         for name, p in paths.items():
@@ -188,7 +206,7 @@ def ensure_cls_dataset(
         validation += medmnist_items(p, name, "val", real_limit)
     if not tasks:
         raise ValueError(
-            "ensure_cls_dataset: no task selected (no synthetic tasks and no real_tasks): name a synthetic task "
+            f"ensure_cls_dataset: no task selected (excluded: {excluded}) (no synthetic tasks and no real_tasks): name a synthetic task "
             f"({list(SYNTHETIC_CLS_TASKS)}) or add a real one, e.g. --real_tasks \"{{'adrenalmnist3d': "
             "'../shared/data/adrenalmnist3d/adrenalmnist3d.npz'}\"."
         )

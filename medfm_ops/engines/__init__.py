@@ -14,6 +14,7 @@ from medfm_ops.engines.training_state import (
 from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evaluate_decomposition, evaluate_segmentation
 from medfm_ops.engines.cls_batch import ClsLossAdapter, TaskPrepareBatch
 from medfm_ops.engines.cls_teacher_cache import TeacherFeatureCache
+from medfm_ops.engines.cls_rd_export import export_rd_student, rd_student_network_def, student_task_table
 from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier, write_cls_summary
 from medfm_ops.engines.handlers import LinearDecayHandler
 from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
@@ -49,4 +50,7 @@ __all__ = [
     "evaluate_rd",
     "score_classifier",
     "write_cls_summary",
+    "export_rd_student",
+    "rd_student_network_def",
+    "student_task_table",
 ]

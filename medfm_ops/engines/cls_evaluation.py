@@ -20,8 +20,7 @@ from torch import nn
 
 from medfm_ops.engines.cls_batch import TaskPrepareBatch
 from medfm_ops.engines.lorkd_evaluation import count_flops, count_params
-from medfm_ops.metrics import MultiTaskClsMetric, write_table
-from medfm_ops.metrics.cls_scores import SCORE_NAMES
+from medfm_ops.metrics import MultiTaskClsMetric, mean_score_row, write_table
 from medfm_ops.networks.cls_heads import export_cls_expert
 from medfm_ops.networks.experts import eks_layers
 from medfm_ops.utils.atomic_io import atomic_write_text
@@ -110,7 +109,8 @@ class _ScoreTable:
         mean = scores[-1]
         logger.info(
             f"{label}: mean acc {mean['accuracy']:.4f} (majority {mean['majority_accuracy']:.4f}), balanced acc "
-            f"{mean['balanced_accuracy']:.4f}, AUC {mean['auc']:.4f}, F1 {mean['f1']:.4f}"
+            f"{mean['balanced_accuracy']:.4f} (majority {mean['majority_balanced_accuracy']:.4f}), AUC {mean['auc']:.4f}, "
+            f"F1 {mean['f1']:.4f}: {mean.get('verdict', '?')}"
         )
         return scores
 
@@ -153,7 +153,7 @@ def evaluate_cls_decomposition(
         fused += score_classifier(expert, own, preprocessing, task_table, device)[:-1]
         deploy = (count_params(expert), count_flops(expert, table.shape))
     if fused:
-        mean = {"task": "mean", "n": sum(r["n"] for r in fused), **{k: sum(r[k] for r in fused) / len(fused) for k in SCORE_NAMES}}
+        mean = mean_score_row(fused)
         name = "LoRKD experts (fused, one per task)" if routed else "task heads (exported, one per task)"
         table.add(name, None, (train[0], deploy[0]), (train[1], deploy[1]), scores=fused + [mean])
     return table.write(out_dir)
@@ -168,11 +168,13 @@ def evaluate_rd(
     spatial_size: Sequence[int],
     device: torch.device | str,
     out_dir: str | os.PathLike,
+    score_foundation: bool = True,
 ) -> list[dict]:
     """
     Score the deployed RD student (its stock network + ``g``), the reprogrammed teacher ``g(phi(F_t(x)))`` and the
     foundation's unified head on ``files``; write ``{out_dir}/tasks.csv|md`` with params and MFLOPs (teacher + phi +
-    g for the reprogrammed teacher) and return the rows.
+    g for the reprogrammed teacher) and return the rows. ``score_foundation=False`` leaves the foundation's own row
+    out (a leave-one-task-out teacher has no head for the task). Defaults to True.
     """
     table = _ScoreTable(files, preprocessing, task_table, device, spatial_size)
     student = rd_model.export_student().eval()
@@ -186,7 +188,8 @@ def evaluate_rd(
         table.add("reprogrammed teacher g(phi(F_t))", rd_model.eval(), (extra, n_t + extra), (f_t, f_t), prepare_batch=pb)
     finally:
         rd_model.predict = predict
-    table.add("foundation (unified head)", teacher.teacher, (n_t, n_t), (f_t, f_t), unified=True)
+    if score_foundation:
+        table.add("foundation (unified head)", teacher.teacher, (n_t, n_t), (f_t, f_t), unified=True)
     return table.write(out_dir)
 
 

@@ -96,42 +96,84 @@ class SingleTaskCELoss(UnifiedCELoss):
 
 class LoRKDClsLoss(nn.Module):
     """
-    LoRKD classification loss (per sample, then averaged): ``CE(y, softmax(h_t(f) / tau)) + beta * KL(softmax(P f_T)
-    || softmax(f))`` where ``f`` are the student's features, ``f_T`` the teacher's and ``P`` a trainable linear
-    projection to the student's width (optimised with the student; put this module's parameters in the optimizer).
+    LoRKD classification loss (per sample, then averaged over the batch)::
+
+        CE(y, softmax(h_t(f) / tau)) + beta * T^2 * KL(softmax(f_T / T) || softmax(M(f) / T))
+
+    with ``f`` the student's features ``(B, student_dim)``, ``f_T`` the frozen teacher's ``(B, teacher_dim)`` and
+    ``M`` a map of the STUDENT's features to the teacher's width. The teacher side is never transformed: its
+    distribution is a fixed target, so the KD term has no trivial minimum (a trainable, weight-decayed map of the
+    teacher's features could shrink to zero and make the target flat). ``T^2`` keeps the KD gradient's scale
+    independent of ``T`` (Hinton et al.).
+
+    ``feature_map``:
+
+    - ``"linear"``: a trainable ``nn.Linear(student_dim, teacher_dim)`` trained with the student (put this
+      module's parameters in the optimizer; it is not part of the deployed experts);
+    - ``"frozen"``: the same map at its random initialisation, never trained (``requires_grad=False``);
+    - ``"identity"``: no map (needs ``student_dim == teacher_dim``).
 
     Args:
         teacher_dim: teacher feature width. 0 = no distillation term (STL/MTL baselines).
         student_dim: student feature width.
         num_classes: classes per task.
         beta: distillation weight. Defaults to 1.
-        temperature: tau of the task cross-entropy. Defaults to 1.
-        kd_temperature: temperature of the feature softmax. Defaults to 1.
+        temperature: tau of the task cross-entropy. Defaults to 1 (plain CE).
+        kd_temperature: T of the feature softmax (the KL is multiplied by ``T^2``). Defaults to 1.
+        feature_map: ``"linear"``, ``"frozen"`` or ``"identity"``. Defaults to ``"linear"``.
+
+    Raises:
+        ValueError: for an unknown ``feature_map``, ``"identity"`` with different widths, or a non-positive
+            temperature.
     """
 
     input_keys = ("logits", "features", "label", "task_id", "teacher_features")
+    feature_maps = ("linear", "frozen", "identity")
 
     def __init__(
         self, teacher_dim: int, student_dim: int, num_classes: Sequence[int], beta: float = 1.0,
-        temperature: float = 1.0, kd_temperature: float = 1.0,
+        temperature: float = 1.0, kd_temperature: float = 1.0, feature_map: str = "linear",
     ) -> None:  # fmt: skip
         super().__init__()
+        if feature_map not in self.feature_maps:
+            raise ValueError(f"feature_map must be one of {self.feature_maps}, got {feature_map!r}.")
+        if not (temperature > 0 and kd_temperature > 0):
+            raise ValueError(f"temperatures must be > 0, got temperature={temperature}, kd_temperature={kd_temperature}.")
         self.num_classes = [int(n) for n in num_classes]
         self.beta, self.temperature, self.kd_temperature = float(beta), float(temperature), float(kd_temperature)
-        self.projection = nn.Linear(int(teacher_dim), int(student_dim)) if teacher_dim else None
+        self.teacher_dim, self.feature_map = int(teacher_dim), feature_map
+        self.student_map: nn.Module | None = None
+        if self.teacher_dim and feature_map == "identity":
+            if int(student_dim) != self.teacher_dim:
+                raise ValueError(f"feature_map='identity' needs equal widths, got student {student_dim}, teacher {teacher_dim}.")
+            self.student_map = nn.Identity()
+        elif self.teacher_dim:
+            self.student_map = nn.Linear(int(student_dim), self.teacher_dim)
+            self.student_map.requires_grad_(feature_map == "linear")
 
     def forward(
         self, logits: torch.Tensor, features: torch.Tensor, label: torch.Tensor, task_id: torch.Tensor,
         teacher_features: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
+        """
+        Args:
+            logits: ``(B, C_max)`` student logits of each sample's task head.
+            features: ``(B, student_dim)`` student features.
+            label: ``(B,)`` task-local labels.
+            task_id: ``(B,)`` task ids.
+            teacher_features: ``(B, teacher_dim)`` frozen teacher features (detached here).
+
+        Returns:
+            scalar loss; ``last_components`` holds ``ce`` and ``kd`` (the KL before ``beta``, with ``T^2``).
+        """
         ce = task_cross_entropy(logits, label, task_id, self.num_classes, self.temperature)
         self.last_per_sample_task = ce.detach()
         total = ce.mean()
         comps = {"ce": float(total.detach())}
-        if self.projection is not None and self.beta > 0:
+        if self.student_map is not None and self.beta > 0:
             if teacher_features is None:
                 raise ValueError("LoRKDClsLoss with beta > 0 needs teacher_features (give the prepare_batch a teacher).")
-            kd = softmax_kl(self.projection(teacher_features), features, self.kd_temperature).mean()
+            kd = softmax_kl(teacher_features.detach(), self.student_map(features), self.kd_temperature).mean()
             total = total + self.beta * kd
             comps["kd"] = float(kd.detach())
         self.last_components = comps
@@ -140,35 +182,58 @@ class LoRKDClsLoss(nn.Module):
 
 class RDLoss(nn.Module):
     """
-    Reprogramming Distillation loss: ``CE(y, z_s) + alpha * CE(y, z_t) + beta * (KL(z_t || z_s) + 1 - CKA(f_t, f_s))``
-    with ``z_s = g(F_s(x))``, ``z_t = g(phi(F_t(x)))``, ``f_t`` the frozen teacher's features and ``f_s`` the
-    student's. ``z_t`` is detached inside the KL (the student follows the reprogrammed teacher). ``alpha`` and
-    ``beta`` are attributes, set each epoch by :class:`~medfm_ops.engines.LinearDecayHandler` (1 -> 0).
+    Reprogramming Distillation loss::
+
+        CE(y, z_s) + alpha * CE(y, z_t) + beta * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + gamma * (1 - CKA(f_t, f_s))
+
+    with ``z_s = g(F_s(x))`` the student's logits, ``z_t = g(phi(F_t(x)))`` the reprogrammed teacher's, ``f_s =
+    F_s(x)`` the student's features and ``f_t = phi(F_t(x))`` the REPROGRAMMED teacher features (the input of the
+    shared classifier ``g``), so that ``phi`` receives the CKA gradient as well as the student. ``z_t`` is detached
+    inside the KL (the student follows the reprogrammed teacher, not the reverse). ``alpha``, ``beta`` and
+    ``gamma`` are attributes; :class:`~medfm_ops.engines.LinearDecayHandler` decays each linearly from its
+    configured value to 0 over the epochs. ``gamma = 0`` is the paper's ablation without CKA, ``beta = 0`` the one
+    without KL.
 
     Args:
         alpha: initial weight of the reprogrammed teacher's CE. Defaults to 1.
-        beta: initial weight of the KL + CKA terms. Defaults to 1.
-        temperature: KL temperature. Defaults to 1.
+        beta: initial weight of the KL term. Defaults to 1.
+        gamma: initial weight of the CKA term. Defaults to 1.
+        temperature: KL temperature T. Defaults to 1.
     """
 
     input_keys = ("z_s", "z_t", "f_s", "f_t", "label")
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0) -> None:
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0) -> None:
         super().__init__()
-        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.alpha, self.beta, self.gamma, self.temperature = float(alpha), float(beta), float(gamma), float(temperature)
 
     def forward(
         self, z_s: torch.Tensor, z_t: torch.Tensor | None, f_s: torch.Tensor, f_t: torch.Tensor | None, label: torch.Tensor
     ) -> torch.Tensor:
+        """
+        Args:
+            z_s: ``(B, K)`` student logits.
+            z_t: ``(B, K)`` reprogrammed teacher logits, or None (no teacher: the scratch baseline).
+            f_s: ``(B, D)`` student features.
+            f_t: ``(B, D)`` reprogrammed teacher features ``phi(F_t(x))``, or None.
+            label: ``(B,)`` labels.
+
+        Returns:
+            scalar loss; ``last_components`` holds every term before its weight and the weights used.
+        """
         ce_s = F.cross_entropy(z_s, label.long(), reduction="none")
         self.last_per_sample_task = ce_s.detach()
         total = ce_s.mean()
-        comps = {"ce_s": float(total.detach()), "alpha": self.alpha, "beta": self.beta}
+        comps = {"ce_s": float(total.detach()), "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma}
         if z_t is not None:
+            if f_t is None:
+                raise ValueError("RDLoss needs the reprogrammed teacher features f_t with z_t (ReprogrammedStudent(return_features=True)).")
             ce_t = F.cross_entropy(z_t, label.long())
             kl = softmax_kl(z_t.detach(), z_s, self.temperature).mean()
             cka = 1.0 - linear_cka(f_t, f_s) if f_s.shape[0] > 1 else f_s.new_zeros(())
-            total = total + self.alpha * ce_t + self.beta * (kl + cka)
+            total = total + self.alpha * ce_t + self.beta * kl + self.gamma * cka
             comps.update(ce_t=float(ce_t.detach()), kl=float(kl.detach()), cka=float(cka.detach()))
         self.last_components = comps
         return total

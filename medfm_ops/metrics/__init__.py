@@ -25,7 +25,17 @@ __all__ = [
     "write_table",
 ]
 
-from .cls_metrics import MultiTaskClsMetric, task_score_rows
-from .cls_scores import SCORE_NAMES, binary_auc, classification_scores, majority_classes
+from .cls_metrics import MultiTaskClsMetric, mean_score_row, task_score_rows
+from .cls_scores import SCORE_NAMES, WORKING_MARGIN, binary_auc, classification_scores, majority_classes, working_verdict
 
-__all__ += ["MultiTaskClsMetric", "SCORE_NAMES", "binary_auc", "classification_scores", "majority_classes", "task_score_rows"]
+__all__ += [
+    "MultiTaskClsMetric",
+    "SCORE_NAMES",
+    "WORKING_MARGIN",
+    "binary_auc",
+    "classification_scores",
+    "majority_classes",
+    "mean_score_row",
+    "task_score_rows",
+    "working_verdict",
+]

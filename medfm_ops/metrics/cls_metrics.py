@@ -16,34 +16,44 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
-from medfm_ops.metrics.cls_scores import SCORE_NAMES, classification_scores
+from medfm_ops.metrics.cls_scores import SCORE_NAMES, classification_scores, working_verdict
 
-__all__ = ["MultiTaskClsMetric", "task_score_rows"]
+__all__ = ["MultiTaskClsMetric", "mean_score_row", "task_score_rows"]
+
+
+def mean_score_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``mean`` row of per-task rows: the unweighted mean of every score over the tasks (NaN ignored), ``n`` the
+    total, and ``verdict`` "working" only when every task's row is working, else "not working on k of n tasks"."""
+    mean = {k: float(np.nanmean([r[k] for r in rows])) if not all(math.isnan(r[k]) for r in rows) else float("nan")
+            for k in SCORE_NAMES}  # fmt: skip
+    failing = sum(working_verdict(r) != "working" for r in rows)
+    verdict = "working" if not failing else f"not working on {failing} of {len(rows)} tasks"
+    return {"task": "mean", "n": int(sum(r["n"] for r in rows)), **mean, "verdict": verdict}
 
 
 def task_score_rows(
     probs: Sequence[np.ndarray], labels: Sequence[int], task_ids: Sequence[int], task_names: Mapping[int, str],
     majority: Mapping[int, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per task present (``task``, ``n`` and :data:`SCORE_NAMES`), then a ``mean`` row (unweighted mean
-    over tasks). ``probs[i]`` holds the class probabilities of sample ``i`` over ITS task's classes."""
+    """One row per task present (``task``, ``n``, :data:`SCORE_NAMES` and ``verdict``: "not working" when the
+    balanced accuracy is at the majority level, see :func:`~medfm_ops.metrics.working_verdict`), then a ``mean`` row
+    (:func:`mean_score_row`). ``probs[i]`` holds the class probabilities of sample ``i`` over ITS task's classes."""
     rows = []
     tids = np.asarray(task_ids)
     for t in sorted(set(int(x) for x in tids)):
         idx = np.nonzero(tids == t)[0]
         p = np.stack([probs[i] for i in idx])
         s = classification_scores(p, np.asarray(labels)[idx], (majority or {}).get(t))
-        rows.append({"task": task_names.get(t, str(t)), "n": int(len(idx)), **s})
+        rows.append({"task": task_names.get(t, str(t)), "n": int(len(idx)), **s, "verdict": working_verdict(s)})
     if rows:
-        mean = {k: float(np.nanmean([r[k] for r in rows])) if not all(math.isnan(r[k]) for r in rows) else float("nan")
-                for k in SCORE_NAMES}  # fmt: skip
-        rows.append({"task": "mean", "n": int(sum(r["n"] for r in rows)), **mean})
+        rows.append(mean_score_row(rows))
     return rows
 
 
 class MultiTaskClsMetric(Metric):
     """
-    Accuracy, balanced accuracy, AUC, F1 and majority-class accuracy per task and averaged over tasks.
+    Accuracy, balanced accuracy, AUC, F1 and what a majority-class predictor scores, per task and averaged over
+    tasks; the rows also carry the "working" / "not working" verdict (balanced accuracy above the majority level).
 
     Reads ``engine.state.output`` ``{"pred": logits, "label": labels}`` and the batch's ``task_id``. The logits are
     either task-local (multi-head ``(B, C_max)``: the first ``n_t`` columns) or a unified head (``offsets`` given:
@@ -81,6 +91,24 @@ class MultiTaskClsMetric(Metric):
         self.key, self.majority, self.task_key = key, majority, task_key
         self._rows: list[dict[str, Any]] | None = None
         super().__init__(output_transform=output_transform)
+
+    @classmethod
+    def from_task_table(
+        cls, task_table: Any, unified: bool = False, task_num_classes: Sequence[int] | None = None, **kwargs: Any
+    ) -> MultiTaskClsMetric:
+        """
+        The metric of a :class:`~medfm_ops.data.ClsTaskTable`'s tasks (class counts and names from the table).
+
+        Args:
+            task_table: the task table.
+            unified: the logits are a unified head over all tasks (its offsets). Defaults to False.
+            task_num_classes: class count per task overriding the table's (e.g. a single-task student scored on the
+                columns of its task). Defaults to None.
+            kwargs: further arguments of the constructor (``key``, ``majority``...).
+        """
+        offsets = [task_table.offset_of(t) for t in task_table.task_ids] if unified else None
+        num = task_num_classes if task_num_classes is not None else task_table.task_num_classes
+        return cls(num, task_table.task_names, offsets=offsets, **kwargs)
 
     @reinit__is_reduced
     def reset(self) -> None:
@@ -140,3 +168,4 @@ class MultiTaskClsMetric(Metric):
         for r in rows[:-1]:
             for k in SCORE_NAMES:
                 metrics[f"{k}/{r['task']}"] = r[k]
+            metrics[f"working/{r['task']}"] = float(r["verdict"] == "working")

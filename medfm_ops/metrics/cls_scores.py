@@ -1,6 +1,7 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Classification scores of one task (plain numpy maths): accuracy, balanced accuracy, AUC, F1, majority accuracy."""
+"""Classification scores of one task (plain numpy maths): accuracy, balanced accuracy, AUC, F1, what a majority-class
+predictor scores, and the verdict "not working" for a model whose balanced accuracy stays at that level."""
 
 from __future__ import annotations
 
@@ -9,9 +10,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["binary_auc", "classification_scores", "majority_classes", "SCORE_NAMES"]
+__all__ = [
+    "binary_auc",
+    "classification_scores",
+    "majority_classes",
+    "working_verdict",
+    "SCORE_NAMES",
+    "WORKING_MARGIN",
+]
 
-SCORE_NAMES = ("accuracy", "balanced_accuracy", "auc", "f1", "majority_accuracy")
+#: the numeric scores of :func:`classification_scores`, in table order (balanced accuracy next to AUC)
+SCORE_NAMES = ("accuracy", "balanced_accuracy", "auc", "f1", "majority_accuracy", "majority_balanced_accuracy")
+
+#: a model is "working" when its balanced accuracy exceeds the majority-class predictor's (``1 / classes``) by at
+#: least this much: 0.10, so that a binary model at 0.50-0.59 (a majority predictor with a few lucky hits, what
+#: 2-3-epoch runs gave in issue 19) reads "not working" whatever its AUC
+WORKING_MARGIN = 0.10
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -53,7 +67,8 @@ def classification_scores(probs: np.ndarray, labels: np.ndarray, majority_class:
         ``accuracy``; ``balanced_accuracy`` (mean recall over the classes present); ``auc`` (binary: of class 1;
         multi-class: mean one-vs-rest AUC over the classes present with positives and negatives; NaN when none);
         ``f1`` (macro over the classes present in labels or predictions); ``majority_accuracy`` (accuracy of always
-        predicting ``majority_class``).
+        predicting ``majority_class``); ``majority_balanced_accuracy`` (the balanced accuracy of any constant
+        prediction: ``1 / number of classes present``).
 
     Raises:
         ValueError: on mismatched shapes, no samples, or labels outside ``0..C-1``.
@@ -85,7 +100,27 @@ def classification_scores(probs: np.ndarray, labels: np.ndarray, majority_class:
         "auc": auc,
         "f1": float(np.mean(f1s)),
         "majority_accuracy": float((labels == maj).mean()),
+        "majority_balanced_accuracy": 1.0 / len(present),
     }
+
+
+def working_verdict(scores: Mapping[str, Any], margin: float = WORKING_MARGIN) -> str:
+    """
+    ``"working"`` when ``scores["balanced_accuracy"]`` is at least ``margin`` above
+    ``scores["majority_balanced_accuracy"]`` (what always predicting one class gives), else ``"not working"`` (the
+    model predicts the majority class, whatever its AUC says about its ranking). NaN scores give ``"not working"``.
+
+    Args:
+        scores: a dict of :func:`classification_scores` (or a table row holding the same keys).
+        margin: required gain over the majority level. Defaults to :data:`WORKING_MARGIN`.
+
+    Example::
+
+        >>> working_verdict({"balanced_accuracy": 0.55, "majority_balanced_accuracy": 0.5})
+        'not working'
+    """
+    ba, chance = float(scores["balanced_accuracy"]), float(scores["majority_balanced_accuracy"])
+    return "working" if ba >= chance + float(margin) - 1e-12 else "not working"
 
 
 def majority_classes(items: Sequence[Mapping[str, Any]]) -> dict[int, int]:

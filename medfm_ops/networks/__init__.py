@@ -40,15 +40,18 @@ from medfm_ops.networks.cls_heads import (
     export_cls_expert,
     head_layer_name,
     load_fused_cls_expert,
+    load_teacher_features,
     mask_task_logits,
 )
-from medfm_ops.networks.cls_zoo import CLS_NETWORKS, ViTClassifier, build_cls_network, cls_network_def
+from medfm_ops.networks.cls_zoo import CLS_NETWORKS, ViTClassifier, build_cls_network, cls_network_def, network_config
 from medfm_ops.networks.cls_reprogram import (
     ReprogrammedStudent,
     ReprogrammingModule,
     init_from_checkpoint,
     load_rd_student,
     teacher_for_finetuning,
+    trained_student_network,
+    trained_student_task_table,
 )
 from medfm_ops.networks.cls_pretrained import (
     HEAD_INITS,
@@ -96,16 +99,20 @@ __all__ = [
     "export_cls_expert",
     "head_layer_name",
     "load_fused_cls_expert",
+    "load_teacher_features",
     "mask_task_logits",
     "CLS_NETWORKS",
     "ViTClassifier",
     "build_cls_network",
     "cls_network_def",
+    "network_config",
     "ReprogrammedStudent",
     "ReprogrammingModule",
     "init_from_checkpoint",
     "load_rd_student",
     "teacher_for_finetuning",
+    "trained_student_network",
+    "trained_student_task_table",
     "HEAD_INITS",
     "PretrainedClassifier",
     "StartingClassifier",

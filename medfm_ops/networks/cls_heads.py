@@ -20,6 +20,7 @@ __all__ = [
     "TaskHeadNetwork",
     "TeacherFeatures",
     "head_layer_name",
+    "load_teacher_features",
     "export_cls_expert",
     "load_fused_cls_expert",
     "mask_task_logits",
@@ -186,3 +187,50 @@ class TeacherFeatures(nn.Module):
         if len(self._captured) != 1:
             raise RuntimeError(f"teacher classifier layer ran {len(self._captured)} times in one forward (expected 1).")
         return logits.detach(), self._captured.pop().flatten(1)
+
+
+def load_teacher_features(
+    teacher_path: str | os.PathLike,
+    task_table: Any,
+    device: str | torch.device = "cpu",
+    target_task: str | None = None,
+    leave_task_out: bool = False,
+) -> TeacherFeatures:
+    """
+    The frozen teacher bundle at ``teacher_path`` as :class:`TeacherFeatures` (``(logits, features)``, no gradient).
+
+    - ``leave_task_out=False``: the teacher must have been trained on the data set's task table (same tasks, ids and
+      labels, :func:`~medfm_ops.networks.load_teacher`'s check);
+    - ``leave_task_out=True``: the teacher must NOT have been trained on ``target_task`` (the leave-one-task-out
+      setting of RD: a foundation pre-trained on other tasks, e.g. ``foundation_cls`` with ``--exclude_tasks``);
+      its task table may differ from the data set's, as only its features are used.
+
+    Args:
+        teacher_path: the teacher bundle directory (``models/model.pt`` + ``models/network_def.json``).
+        task_table: the data set's :class:`~medfm_ops.data.ClsTaskTable`.
+        device: where to put the teacher. Defaults to ``"cpu"``.
+        target_task: the task the student learns (with ``leave_task_out``).
+        leave_task_out: see above. Defaults to False.
+
+    Raises:
+        ValueError: with ``leave_task_out``, when ``target_task`` is missing, the teacher recorded no task table,
+            or its table contains ``target_task``; without it, when the tables differ.
+    """
+    from medfm_ops.networks.spec import load_network_spec
+    from medfm_ops.networks.teacher import load_teacher
+
+    if not leave_task_out:
+        return TeacherFeatures(load_teacher(teacher_path, device=device, region_table=task_table))
+    if not target_task:
+        raise ValueError("load_teacher_features(leave_task_out=True) needs the target_task the student learns.")
+    spec = load_network_spec(os.path.join(teacher_path, "models"))
+    seen = [r["name"] for r in spec.get("regions") or []]
+    if not seen:
+        raise ValueError(f"teacher {teacher_path}: its models/network_def.json records no task table, so it cannot be "
+                         "shown to have been trained without the target task.")  # fmt: skip
+    if target_task in seen:
+        raise ValueError(
+            f"teacher {teacher_path} was trained on the target task '{target_task}' (its tasks: {seen}): not a "
+            f"leave-one-task-out teacher. Train foundation_cls with --exclude_tasks \"['{target_task}']\" first."
+        )
+    return TeacherFeatures(load_teacher(teacher_path, device=device, region_table=None))

@@ -21,6 +21,8 @@ __all__ = [
     "init_from_checkpoint",
     "teacher_for_finetuning",
     "load_rd_student",
+    "trained_student_network",
+    "trained_student_task_table",
 ]
 
 #: keys of a classifier config that hold its number of outputs (MONAI ResNet/ViT: num_classes, DenseNet: out_channels)
@@ -66,8 +68,9 @@ class ReprogrammedStudent(nn.Module):
 
     - default: the student's logits ``g(F_s(x))`` ``(B, num_classes)`` (what is deployed);
     - ``predict="teacher"`` (direct-reprogramming baseline): ``g(phi(f_t))``, needs ``teacher_features``;
-    - ``return_features=True``: ``{"z_s", "f_s"}`` plus, with ``teacher_features``, ``{"z_t", "f_t"}`` (``f_t`` the
-      raw teacher features, as used by the CKA term).
+    - ``return_features=True``: ``{"z_s", "f_s"}`` plus, with ``teacher_features``, ``{"z_t", "f_t"}`` with
+      ``f_t = phi(teacher_features)`` the REPROGRAMMED teacher features (the input of ``g``, compared with ``f_s``
+      by RD's CKA term, so that ``phi`` gets its gradient) and ``z_t = g(f_t)``.
 
     Args:
         student: stock classifier (e.g. MONAI ``resnet18``) built with ``num_classes`` outputs.
@@ -103,7 +106,8 @@ class ReprogrammedStudent(nn.Module):
             return z_s
         out = {"z_s": z_s, "f_s": f_s}
         if teacher_features is not None:
-            out.update(z_t=self.g(self.phi(teacher_features)), f_t=teacher_features)
+            f_t = self.phi(teacher_features)
+            out.update(z_t=self.g(f_t), f_t=f_t)
         return out
 
     def export_student(self) -> nn.Module:
@@ -181,3 +185,50 @@ def load_rd_student(stock_network: nn.Module, checkpoint: str | os.PathLike | di
     sd.update({f"{head}.{k[2:]}": v for k, v in checkpoint.items() if k.startswith("g.")})
     stock_network.load_state_dict(sd, strict=True)
     return stock_network
+
+
+
+def _trained_student_spec(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The spec an rd_cls run recorded in ``{ckpt_dir}/network_def.json``, or None before any training.
+
+    Raises:
+        ValueError: when ``model.pt`` exists without ``network_def.json`` (a run of rd_cls older than 0.3.0), or the
+            spec records no task.
+    """
+    from medfm_ops.networks.spec import SPEC_FILENAME, load_network_spec
+
+    ckpt = Path(ckpt_dir)
+    if (ckpt / SPEC_FILENAME).is_file():
+        spec = load_network_spec(ckpt)
+        if not spec.get("regions"):
+            raise ValueError(f"{ckpt / SPEC_FILENAME} records no task: it was not written by rd_cls's training.")
+        return spec
+    if (ckpt / "model.pt").is_file():
+        raise ValueError(
+            f"{ckpt / 'model.pt'} has no {SPEC_FILENAME} next to it (written by rd_cls >= 0.3.0 at the end of training): "
+            "the trained task and network are unknown; run configs/train.json again."
+        )
+    return None
+
+
+def trained_student_task_table(ckpt_dir: str | os.PathLike, untrained_tasks: list[dict[str, Any]]) -> Any:
+    """
+    The task table of the student an rd_cls run recorded in ``{ckpt_dir}/network_def.json`` (its one task, with its
+    class names), so inference serves it under its own task's name whatever the task (synthetic or real). Before
+    any training, the default recipe's ``untrained_tasks`` (for ``verify_net_in_out``).
+    """
+    from medfm_ops.data.cls_tasks import ClsTaskTable
+
+    spec = _trained_student_spec(ckpt_dir)
+    if spec is None:
+        return ClsTaskTable.from_tasks(untrained_tasks, source="untrained_tasks of configs/inference.json")
+    return ClsTaskTable.from_tasks(spec["regions"], source=str(Path(ckpt_dir) / "network_def.json"))
+
+
+def trained_student_network(ckpt_dir: str | os.PathLike, untrained_network: nn.Module) -> nn.Module:
+    """The untrained stock network of the student recorded in ``{ckpt_dir}/network_def.json`` (load its weights with
+    :func:`load_rd_student`); before any training, ``untrained_network`` (the default recipe's)."""
+    from medfm_ops.networks.spec import instantiate
+
+    spec = _trained_student_spec(ckpt_dir)
+    return untrained_network if spec is None else instantiate(spec["network_def"])

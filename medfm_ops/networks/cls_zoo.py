@@ -12,7 +12,7 @@ from torch import nn
 
 from medfm_ops.networks.spec import instantiate
 
-__all__ = ["CLS_NETWORKS", "ViTClassifier", "cls_network_def", "build_cls_network"]
+__all__ = ["CLS_NETWORKS", "ViTClassifier", "cls_network_def", "build_cls_network", "network_config"]
 
 
 class ViTClassifier(nn.Module):
@@ -71,6 +71,30 @@ def cls_network_def(name: str, num_classes: int, spatial_size: Sequence[int] | N
         d["img_size"] = [int(s) for s in spatial_size]
     d.update(overrides)
     return d
+
+
+def network_config(target: str, **kwargs: Any) -> dict[str, Any]:
+    """
+    A literal network config ``{"_target_": target, **kwargs}`` built FROM a bundle config: the config writes
+    ``{"_target_": "medfm_ops.networks.network_config", "target": "monai.networks.nets.ResNet", ...}`` and gets the
+    plain dict back (its ``$``/``@`` values resolved), which it can both instantiate and record
+    (``models/network_def.json``, an exported bundle) without re-reading its own file.
+
+    Raises:
+        ValueError: when a value is not JSON data (e.g. an instantiated object).
+
+    Example::
+
+        >>> network_config("monai.networks.nets.ResNet", block="basic", layers=[1, 1, 1, 1], num_classes=2)["_target_"]
+        'monai.networks.nets.ResNet'
+    """
+    import json
+
+    out = {"_target_": str(target), **kwargs}
+    try:
+        return json.loads(json.dumps(out))
+    except TypeError as e:
+        raise ValueError(f"network_config({target!r}): the values must be JSON data (numbers, strings, lists): {e}") from None
 
 
 def build_cls_network(name: str, num_classes: int, spatial_size: Sequence[int] | None = None, **overrides: Any) -> nn.Module:

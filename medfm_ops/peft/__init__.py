@@ -6,7 +6,7 @@ Modules: ``importance`` (task-driven and task-agnostic importance of every weigh
 ``selection`` (hybrid score or a baseline, one global top-k threshold), ``sparse_parameters`` (masked training:
 frozen weights never change under any optimiser), ``delta`` (the result as a sparse delta on the base checkpoint),
 ``tensor_subset`` (whole tensors by name: the full / linear-probe / BitFit / adapter baselines, same interface as
-``SparseParameters``), ``linear_lora`` (LoRA on ``nn.Linear`` layers, fused back: the ViT adapter baseline).
+``SparseParameters``), ``norm_statistics`` (BatchNorm running statistics kept fixed while a subset trains), ``linear_lora`` (LoRA on ``nn.Linear`` layers, fused back: the ViT adapter baseline).
 
 Example::
 
@@ -29,6 +29,7 @@ from .selection import (
     select_top_k,
     select_weights,
 )
+from .norm_statistics import freeze_norm_statistics, norm_statistics_layers
 from .sparse_parameters import SparseParameters
 from .tensor_subset import TensorSubset, match_parameters
 from .linear_lora import LoRALinear, add_linear_lora, fuse_linear_lora
@@ -47,9 +48,11 @@ __all__ = [
     "check_sparse_settings",
     "default_prepare_batch",
     "estimate_importance",
+    "freeze_norm_statistics",
     "fuse_linear_lora",
     "importance_scores",
     "match_parameters",
+    "norm_statistics_layers",
     "save_sparse_result",
     "select_top_k",
     "select_weights",

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfm_ops.peft.norm_statistics import freeze_norm_statistics
+
 __all__ = ["SparseParameters"]
 
 
@@ -35,6 +37,11 @@ class SparseParameters:
         network: the stock network (modified in place by training; no copy is made).
         masks: ``{name: bool tensor}`` over ``network.named_parameters()`` names (e.g.
             :py:func:`~medfm_ops.peft.select_weights`); a missing name is frozen entirely.
+        update_norm_stats: let BatchNorm (and tracked InstanceNorm) layers update their running statistics during
+            training, as plain ``train()`` mode does. False runs them in evaluation mode
+            (:py:func:`~medfm_ops.peft.freeze_norm_statistics`): their buffers never change, as a row that claims
+            to train only the selected weights requires. Defaults to True (plain PyTorch behaviour; the SH-PEFT
+            bundle passes False).
 
     Raises:
         ValueError: for a mask that names no parameter, has the wrong shape or dtype, selects nothing at all, or a
@@ -47,7 +54,7 @@ class SparseParameters:
         ...  # the usual loop: optimizer.zero_grad(); loss.backward(); optimizer.step()
     """
 
-    def __init__(self, network: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, network: nn.Module, masks: Mapping[str, torch.Tensor], update_norm_stats: bool = True) -> None:
         params = dict(network.named_parameters())
         unknown = sorted(set(masks) - set(params))
         if unknown:
@@ -77,6 +84,9 @@ class SparseParameters:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_hook(name)))
         if not self._params:
             raise ValueError("masks select no weight: pass at least one True entry (budget > 0).")
+        self.update_norm_stats = bool(update_norm_stats)
+        if not self.update_norm_stats:
+            self._hooks.extend(freeze_norm_statistics(network))
 
     # ------------------------------------------------------------------------------------------------ queries
     @property
@@ -156,7 +166,8 @@ class SparseParameters:
         return optimizer
 
     def detach(self) -> None:
-        """Remove every hook (the network is then an ordinary network again; its weights are kept)."""
+        """Remove every hook, the frozen normalisation statistics' included (the network is then an ordinary network
+        again; its weights are kept)."""
         for h in self._hooks:
             h.remove()
         self._hooks, self._optimizer = [], None
@@ -164,5 +175,6 @@ class SparseParameters:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.num_selected} of {self.num_weights} weights "
-            f"({100.0 * self.num_selected / max(1, self.num_weights):.3g}%) in {len(self._params)} tensors)"
+            f"({100.0 * self.num_selected / max(1, self.num_weights):.3g}%) in {len(self._params)} tensors, "
+            f"update_norm_stats={self.update_norm_stats})"
         )

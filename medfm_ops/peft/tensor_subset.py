@@ -11,6 +11,8 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from medfm_ops.peft.norm_statistics import freeze_norm_statistics
+
 __all__ = ["TensorSubset", "match_parameters"]
 
 
@@ -46,6 +48,10 @@ class TensorSubset:
         include: ``fnmatch`` patterns of ``named_parameters()`` names to train, e.g. ``["*"]`` (full fine-tuning),
             ``["fc.*"]`` (linear probe), ``["*.bias", "fc.*"]`` (BitFit).
         exclude: patterns removed from the selection. Defaults to None.
+        update_norm_stats: let BatchNorm (and tracked InstanceNorm) layers update their running statistics during
+            training. False runs them in evaluation mode (:py:func:`~medfm_ops.peft.freeze_norm_statistics`): their
+            buffers never change, as the linear probe, BitFit and LoRA rows require. Defaults to True (plain
+            PyTorch behaviour; the SH-PEFT bundle passes False except for full fine-tuning).
 
     Raises:
         ValueError: when a pattern of ``include`` matches nothing, or nothing remains selected.
@@ -56,7 +62,10 @@ class TensorSubset:
         optimizer = trainable.attach(torch.optim.AdamW(trainable.parameters(), lr=1e-3))
     """
 
-    def __init__(self, network: nn.Module, include: Sequence[str], exclude: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, network: nn.Module, include: Sequence[str], exclude: Sequence[str] | None = None,
+        update_norm_stats: bool = True,
+    ) -> None:  # fmt: skip
         params = dict(network.named_parameters())
         chosen = set(match_parameters(params, include, "TensorSubset include"))
         if exclude:
@@ -67,6 +76,8 @@ class TensorSubset:
         self.names = [n for n in params if n in chosen]
         for name, p in params.items():
             p.requires_grad_(name in chosen)
+        self.update_norm_stats = bool(update_norm_stats)
+        self._hooks = [] if self.update_norm_stats else freeze_norm_statistics(network)
 
     @property
     def num_selected(self) -> int:
@@ -108,4 +119,5 @@ class TensorSubset:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.num_selected} of {self.num_weights} weights "
-                f"({100.0 * self.num_selected / max(1, self.num_weights):.3g}%) in {len(self.names)} tensors)")  # fmt: skip
+                f"({100.0 * self.num_selected / max(1, self.num_weights):.3g}%) in {len(self.names)} tensors, "
+                f"update_norm_stats={self.update_norm_stats})")  # fmt: skip
