@@ -25,6 +25,7 @@ from site_fixture import UNET, write_expert, write_msd
 
 from medfm_ops.finetune import (
     SUMMARY_RELPATH,
+    SiteFinetuneSettings,
     add_lora,
     check_mode,
     finetune_expert,
@@ -181,8 +182,9 @@ def site_run(tmp_path_factory):
     data = write_msd(root / "msd", n=8)
     expert = write_expert(root / "expert")
     out = root / "site_bundle"
-    summary = finetune_expert(expert, data, out, mode="full", epochs=EPOCHS, batch_size=2, learning_rate=0.01,
-                              val_split=0.25, device="cpu", progress=False)  # fmt: skip
+    summary = finetune_expert(expert, data, out, SiteFinetuneSettings(
+        mode="full", epochs=EPOCHS, batch_size=2, learning_rate=0.01, val_split=0.25, device="cpu",
+        progress=False))  # fmt: skip
     return {"root": root, "data": data, "expert": expert, "out": out, "summary": summary}
 
 
@@ -288,13 +290,17 @@ def test_refused_run_keeps_the_previous_bundle(site_run):
     out = site_run["out"]
     model_sha, summary_text = file_sha256(out / "models" / "model.pt"), (out / SUMMARY_RELPATH).read_text()
     with pytest.raises(ValueError, match="seed=0"):  # a different seed against the saved split
-        finetune_expert(site_run["expert"], site_run["data"], out, seed=1, epochs=1, val_split=0.25, progress=False)
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            seed=1, epochs=1, val_split=0.25, progress=False))  # fmt: skip
     with pytest.raises(ValueError, match="val_interval"):
-        finetune_expert(site_run["expert"], site_run["data"], out, epochs=3, val_interval=2, progress=False)
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            epochs=3, val_interval=2, progress=False))  # fmt: skip
     with pytest.raises(ValueError, match="budget"):
-        finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", sparse_budget=2.0, progress=False)
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            mode="sparse", sparse_budget=2.0, progress=False))  # fmt: skip
     with pytest.raises(ValueError, match="variant"):
-        finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", sparse_variant="l3", progress=False)
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            mode="sparse", sparse_variant="l3", progress=False))  # fmt: skip
     assert file_sha256(out / "models" / "model.pt") == model_sha and (out / SUMMARY_RELPATH).read_text() == summary_text
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
 
@@ -310,7 +316,8 @@ def test_interrupted_run_keeps_the_previous_bundle(site_run, monkeypatch):
 
     monkeypatch.setattr(pipeline, "run_bundle_configs", killed)
     with pytest.raises(KeyboardInterrupt):
-        finetune_expert(site_run["expert"], site_run["data"], out, epochs=1, val_split=0.25, progress=False)
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            epochs=1, val_split=0.25, progress=False))  # fmt: skip
     assert file_sha256(out / "models" / "model.pt") == model_sha
     assert json.loads((out / SUMMARY_RELPATH).read_text())["status"] == "complete"
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
@@ -322,8 +329,8 @@ def test_diverging_run_names_the_batch_and_keeps_the_previous_bundle(site_run, t
     out = site_run["out"]
     model_sha = file_sha256(out / "models" / "model.pt")
     with pytest.raises(FloatingPointError, match=r"training loss is (nan|inf).*on the batch of \[.*\.nii"):
-        finetune_expert(site_run["expert"], site_run["data"], out, epochs=1, batch_size=2, learning_rate=1e12,
-                        val_split=0.25, progress=False, verify=False)  # fmt: skip
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            epochs=1, batch_size=2, learning_rate=1e12, val_split=0.25, progress=False, verify=False))  # fmt: skip
     assert file_sha256(out / "models" / "model.pt") == model_sha
 
     data = tmp_path / "msd"
@@ -335,8 +342,8 @@ def test_diverging_run_names_the_batch_and_keeps_the_previous_bundle(site_run, t
     arr[2:4, 2:4, 2:4] = np.nan
     nib.save(nib.Nifti1Image(arr, img.affine), bad)
     with pytest.raises(ValueError, match="NaN/inf voxels") as info:  # refused by name before any training step
-        finetune_expert(site_run["expert"], data, tmp_path / "nan_bundle", epochs=1, batch_size=1, val_split=0.25,
-                        progress=False, verify=False)  # fmt: skip
+        finetune_expert(site_run["expert"], data, tmp_path / "nan_bundle", SiteFinetuneSettings(
+            epochs=1, batch_size=1, val_split=0.25, progress=False, verify=False))  # fmt: skip
     assert str(bad) in str(info.value)
     assert not (tmp_path / "nan_bundle").exists() and not list(tmp_path.glob(".nan_bundle.partial-*"))
 
@@ -345,9 +352,9 @@ def test_diverging_run_names_the_batch_and_keeps_the_previous_bundle(site_run, t
 def test_lora_site_bundle_is_stock_and_reuses_split(site_run, tmp_path, head):
     out = tmp_path / "lora_bundle"
     shutil.copytree(site_run["out"] / "docs", out / "docs")  # the saved split of the first run is reused
-    summary = finetune_expert(site_run["expert"], site_run["data"], out, mode="lora", head=head, epochs=2,
-                              batch_size=2, learning_rate=0.01, val_split=0.25, lora_rank=2, verify=False,
-                              progress=False)  # fmt: skip
+    summary = finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+        mode="lora", head=head, epochs=2, batch_size=2, learning_rate=0.01, val_split=0.25, lora_rank=2,
+        verify=False, progress=False))  # fmt: skip
     assert summary["split"]["reused"] and summary["head"]["mode"] == "resize" and summary["lora"]["rank"] == 2
     assert summary["parameters"]["trainable"] < summary["parameters"]["total"] / 2
     infer = json.loads((out / "configs" / "inference.json").read_text())
@@ -365,9 +372,9 @@ def test_sparse_site_bundle_trains_the_budget_and_keeps_frozen_bits(site_run, tm
 
     out = tmp_path / "sparse_bundle"
     shutil.copytree(site_run["out"] / "docs", out / "docs")  # the saved split of the first run is reused
-    summary = finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", epochs=2, batch_size=2,
-                              learning_rate=0.01, weight_decay=0.05, val_split=0.25, sparse_budget=0.05,
-                              verify=False, progress=False)  # fmt: skip
+    summary = finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+        mode="sparse", epochs=2, batch_size=2, learning_rate=0.01, weight_decay=0.05, val_split=0.25,
+        sparse_budget=0.05, verify=False, progress=False))  # fmt: skip
     start = torch.load(site_run["expert"] / "models" / "model.pt", weights_only=True)  # head "keep": same tensors
     total = sum(v.numel() for k, v in start.items() if v.is_floating_point())
     assert summary["mode"] == "sparse" and summary["head"]["mode"] == "keep"

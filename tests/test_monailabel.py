@@ -43,7 +43,7 @@ from expert_fixture import CHANNELS, NET_DEF, ROI, SPACING
 from site_fixture import write_expert, write_msd
 
 from medfm_ops.bundle import write_expert_bundle
-from medfm_ops.finetune import finetune_expert
+from medfm_ops.finetune import SiteFinetuneSettings, finetune_expert
 
 pytestmark = pytest.mark.slow
 
@@ -151,8 +151,8 @@ def setup(tmp_path_factory, label_python):
 
     # a site bundle: a tiny expert fine-tuned on two-blob volumes by medfm's site fine-tuning
     site_data = write_msd(root / "site_msd", n=8)
-    site = finetune_expert(write_expert(root / "site_source"), site_data, root / "bundle" / SITE_NAME, epochs=12,
-                           batch_size=2, learning_rate=0.01, val_split=0.25, verify=False, progress=False)  # fmt: skip
+    site = finetune_expert(write_expert(root / "site_source"), site_data, root / "bundle" / SITE_NAME, SiteFinetuneSettings(
+        epochs=12, batch_size=2, learning_rate=0.01, val_split=0.25, verify=False, progress=False))  # fmt: skip
     site_case = Path(site["after"]["cases"][0]["label"].replace("labelsTr", "imagesTr"))
     (root / "site_in").mkdir()
     shutil.copy(site_case, root / "site_in" / site_case.name)

@@ -27,6 +27,7 @@ from medfm_ops.data import (
 )
 from medfm_ops.finetune import (
     SUMMARY_RELPATH,
+    SiteFinetuneSettings,
     STUDY_PARTS,
     build_pretraining_datalist,
     draw_training_cases,
@@ -78,9 +79,9 @@ def test_site_run_trains_on_exactly_the_explicit_split_without_before_scores(msd
     split_file = tmp_path / "n3_seed1.json"
     write_split(msd, split_file, cases[5:8], cases[:3], info={"num_cases": 3, "draw_seed": 1})
     out = tmp_path / "site_bundle"
-    summary = finetune_expert(write_expert(tmp_path / "expert"), msd, out, seed=1, epochs=1, batch_size=2,
-                              split_file=split_file, score_before=False, device="cpu", verify=False,
-                              progress=False)  # fmt: skip
+    summary = finetune_expert(write_expert(tmp_path / "expert"), msd, out, SiteFinetuneSettings(
+        seed=1, epochs=1, batch_size=2, split_file=split_file, score_before=False, device="cpu", verify=False,
+        progress=False))  # fmt: skip
     s = summary["split"]
     assert s["origin"] == "explicit" and s["seed"] is None and s["info"]["draw_seed"] == 1
     assert s["num_training_used"] == s["num_training_total"] == 3 and s["num_validation_used"] == 3

@@ -6,7 +6,8 @@ MONAI bundle.
 Modules: ``source`` (what a site starts from), ``split`` (the saved train/validation split), ``head`` (site classes
 onto the expert's channels), ``start`` (starting weights), ``lora`` (the modes; adapters, fused back),
 ``bundle_run`` (a bundle's own configs run in-process), ``scoring`` (DSC/NSD of written label maps), ``report``
-(tables, changelog, README), ``pipeline`` (:py:func:`finetune_expert`, the whole run), ``site_study`` (a
+(tables, changelog, README), ``settings`` (:py:class:`SiteFinetuneSettings`, every setting and its default, once), ``pipeline``
+(:py:func:`finetune_expert`, the whole run), ``site_study`` (a
 data-efficiency study: public/site split of a real data set, N-case draws, the public cases added to a
 pre-training datalist). The sparse mode's maths is
 :py:mod:`medfm_ops.peft`, used by the bundle's ``configs/train_sparse.json``.
@@ -27,6 +28,7 @@ from .lora import (
 )
 from .pipeline import MODE_CONFIGS, SUMMARY_RELPATH, finetune_expert
 from .scoring import score_label_maps
+from .settings import SiteFinetuneSettings
 from .site_study import (
     STUDY_PARTS,
     build_pretraining_datalist,
@@ -49,6 +51,7 @@ __all__ = [
     "SUMMARY_RELPATH",
     "HeadPlan",
     "SingleTaskAdapter",
+    "SiteFinetuneSettings",
     "SourceModel",
     "StartingPoint",
     "add_lora",
