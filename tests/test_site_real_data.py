@@ -35,7 +35,7 @@ def test_site_finetune_on_msd_hippocampus(tmp_path):
         "set MEDFM_SHARED_DATA to the folder holding msd_hippocampus/."
     )
     # an expert bundle with the student architecture; trained from scratch here (init=scratch) to stay independent
-    # of the pre-trained checkpoints, which the benchmark (tools/bench_site_finetune.py) covers
+    # of the pre-trained checkpoints, which the benchmark (benchmarks/site_finetune.py) covers
     net = instantiate(dict(STUDENT))
     expert = write_expert_bundle(tmp_path / "expert", STUDENT, net.state_dict(), "brain_mri",
                                  {1: "ventricles", 2: "hippocampus_left", 3: "hippocampus_right"}, [0, 1, 2],

@@ -15,8 +15,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the command-line scripts: ``python tools/<name>.py`` and ``python -m benchmarks.<name>``
 SCRIPTS = sorted(p for folder in ("tools", "benchmarks") for p in (ROOT / folder).glob("*.py")
-                 if p.name != "__init__.py" and not p.name.startswith("bench_"))  # bench_*: moving to benchmarks/
+                 if 'if __name__ == "__main__":' in p.read_text())  # fmt: skip
+
+
+def _run(script: Path, run_name: str) -> dict:
+    if script.parent.name == "benchmarks":
+        sys.modules.pop(f"benchmarks.{script.stem}", None)  # imported by a sibling: run a fresh copy
+        return runpy.run_module(f"benchmarks.{script.stem}", run_name=run_name, alter_sys=run_name == "__main__")
+    return runpy.run_path(str(script), run_name=run_name)
 
 
 def _help(script: Path, argv: list[str], capsys, monkeypatch) -> str:
@@ -24,7 +32,7 @@ def _help(script: Path, argv: list[str], capsys, monkeypatch) -> str:
     monkeypatch.setenv("GLIBC_TUNABLES", "")  # benchmarks re-execute themselves unless it is set
     monkeypatch.setenv("PAGER", "cat")
     with pytest.raises(SystemExit) as info:
-        runpy.run_path(str(script), run_name="__main__")
+        _run(script, "__main__")
     out = capsys.readouterr()
     assert info.value.code in (0, None), f"{script.name} {' '.join(argv)} --help exited {info.value.code}: {out.err}"
     return out.out + out.err  # fire writes its pages to stderr when not on a terminal
@@ -45,7 +53,7 @@ def test_help_lists_options_with_defaults(script, capsys, monkeypatch):
         return
     commands = _commands(page)
     assert commands, page
-    module = runpy.run_path(str(script), run_name="help_check")
+    module = _run(script, "help_check")
     for command in commands:
         page = " ".join(_help(script, [command], capsys, monkeypatch).split())
         params = inspect.signature(module[command]).parameters.values()

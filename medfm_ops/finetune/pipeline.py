@@ -35,7 +35,7 @@ from medfm_ops.finetune.split import SPLIT_FILENAME, load_or_create_split
 from medfm_ops.finetune.start import prepare_start
 from medfm_ops.metrics import format_markdown, write_table
 from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_json, replace_directory
-from medfm_ops.utils.bench import machine_info
+from medfm_ops.utils.machine import machine_info
 
 __all__ = ["finetune_expert", "SUMMARY_RELPATH", "MODE_CONFIGS"]
 

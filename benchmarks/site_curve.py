@@ -3,9 +3,9 @@
 """Data-efficiency curve at a clinical site, from starting points trained with real MRI; writes a section of
 ``docs/RESULTS.md`` and ``docs/site_curve.png``.
 
-    python tools/bench_site_curve.py run                             # the whole study (~60-90 min on 2 CPU cores)
-    python tools/bench_site_curve.py run --budget_epochs 10,60       # plus the budget study (expert_full, N=all)
-    python tools/bench_site_curve.py report                          # section + plot again from saved summaries
+    python -m benchmarks.site_curve run                             # the whole study (~60-90 min on 2 CPU cores)
+    python -m benchmarks.site_curve run --budget_epochs 10,60       # plus the budget study (expert_full, N=all)
+    python -m benchmarks.site_curve report                          # section + plot again from saved summaries
 
 Stages (each resumable; see ``docs/site_curve.md``):
 
@@ -19,7 +19,7 @@ Stages (each resumable; see ``docs/site_curve.md``):
    exported as a standalone bundle.
 3. The curve: for every N in ``--sizes`` and seed in ``--seeds``, N site training cases drawn from the pool (nested
    per seed: ``medfm_ops.finetune.draw_training_cases``), written as an explicit split file, and every row of
-   ``tools/bench_site_finetune.py`` (scratch, teacher_full, expert_full, expert_lora, expert_sparse) fine-tuned
+   ``benchmarks/site_finetune.py`` (scratch, teacher_full, expert_full, expert_lora, expert_sparse) fine-tuned
    through ``tools/finetune_site.py``: each run writes a complete site bundle scored by its own inference.json.
    Budget per run, the same for every row: ``--steps`` optimisation steps (epochs = steps / steps per epoch for
    that N, rounded up to a multiple of ``--validations``; or a fixed ``--epochs``), ``--batch_size``,
@@ -44,7 +44,7 @@ from typing import Any
 
 import fire
 
-from bench_site_finetune import (
+from benchmarks.site_finetune import (
     GLIBC_TUNABLES,
     REGION,
     REPO,
@@ -56,10 +56,11 @@ from bench_site_finetune import (
     finetune_command,
     run_or_reuse,
 )
+from benchmarks.learning_curve import compare_over_seeds, plot_learning_curve
+from benchmarks.sections import write_markdown_section
 from medfm_ops.bundle_paths import default_cache_dir
 from medfm_ops.data import ensure_synthetic_dataset
 from medfm_ops.finetune import build_pretraining_datalist, load_or_create_study_split, write_draw_split
-from medfm_ops.metrics import compare_over_seeds, plot_learning_curve, write_markdown_section
 from medfm_ops.utils.atomic_io import atomic_write_json
 from medfm_ops.utils.hashing import file_sha256
 
@@ -187,7 +188,7 @@ def run(
         num_public, num_validation, split_seed: the study split (120 public, 30 site validation, seed 0).
         sizes: N values (comma-separated; ``all`` = the whole pool). Defaults to ``5,10,20,all``.
         seeds: training seeds = case-draw seeds. Defaults to ``0,1,2``.
-        rows: subset of the rows (comma-separated). Defaults to all of ``tools/bench_site_finetune.py``'s.
+        rows: subset of the rows (comma-separated). Defaults to all of ``benchmarks/site_finetune.py``'s.
         steps: optimisation steps per run (every row and N); None to use ``epochs``. Defaults to 150.
         epochs: a fixed number of epochs per run instead of ``steps``. Defaults to None.
         validations: validations per run (the best is kept); epochs are rounded up to a multiple. Defaults to 2.
@@ -284,7 +285,7 @@ def run(
     budget_records = run_all(tasks)
     stages.done("budget")
 
-    args = ["python tools/bench_site_curve.py run", f"--dataset_dir {dataset_dir}", f"--work_dir {work_dir}"]
+    args = ["python -m benchmarks.site_curve run", f"--dataset_dir {dataset_dir}", f"--work_dir {work_dir}"]
     defaults = {"results": "docs/RESULTS.md", "plot": "docs/site_curve.png", "num_public": 120, "num_validation": 30,
                 "split_seed": 0, "sizes": "5,10,20,all", "seeds": "0,1,2", "steps": 150, "epochs": None,
                 "validations": 2, "batch_size": 2, "patch_size": "32,48,32", "learning_rate": 2e-3,
