@@ -39,12 +39,14 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cls_bundles")
     for name in NAMES:
         shutil.copytree(REPO / "bundles" / name, root / name, ignore=shutil.ignore_patterns("models", "eval", "runs"))
-    os.environ["MEDFM_CACHE"] = str(root / "cache")
-    _run(root / "foundation_cls", "train.json", epochs=2, val_interval=1)
-    # expert_alpha 8 (not the default 16): inference and export must rebuild the experts from what training recorded
-    _run(root / "lorkd_cls", "train.json", epochs=2, warmup_epochs=1, lorkd_star=True, val_interval=1, expert_alpha=8)
-    yield root
-    os.environ.pop("MEDFM_CACHE", None)
+    with pytest.MonkeyPatch.context() as mp:  # the module's data cache, restored afterwards
+        mp.setenv("MEDFM_CACHE", str(root / "cache"))
+        _run(root / "foundation_cls", "train.json", epochs=2, val_interval=1)
+        # expert_alpha 8 (not the default 16): inference and export must rebuild the experts from what training
+        # recorded
+        _run(root / "lorkd_cls", "train.json", epochs=2, warmup_epochs=1, lorkd_star=True, val_interval=1,
+             expert_alpha=8)  # fmt: skip
+        yield root
 
 
 def _images(folder: Path) -> None:

@@ -1,6 +1,6 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""tools/finetune_site.py: options built from SiteFinetuneSettings (types, booleans, defaults) and the one-line error."""
+"""tools/finetune_site.py: options built from SiteFinetuneSettings (types, booleans, defaults); one-line errors."""
 
 from __future__ import annotations
 

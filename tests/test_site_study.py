@@ -15,7 +15,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from site_fixture import write_expert, write_msd
 
 from benchmarks import site_curve, site_finetune
 from benchmarks.learning_curve import compare_over_seeds, mean_std, plot_learning_curve
@@ -45,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def msd(tmp_path_factory):
-    return write_msd(tmp_path_factory.mktemp("study") / "msd", n=12)
+def msd(site_files, tmp_path_factory):
+    return site_files.write_msd(tmp_path_factory.mktemp("study") / "msd", n=12)
 
 
 # -------------------------------------------------------------------------------------------- explicit split files
@@ -76,12 +75,12 @@ def test_explicit_split_is_saved_reused_and_never_replaced(msd, tmp_path):
     assert not (tmp_path / "b.json").exists() and not (tmp_path / "c.json").exists()
 
 
-def test_site_run_trains_on_exactly_the_explicit_split_without_before_scores(msd, tmp_path):
+def test_site_run_trains_on_exactly_the_explicit_split_without_before_scores(site_files, msd, tmp_path):
     _, cases, _ = read_msd_dataset(msd)
     split_file = tmp_path / "n3_seed1.json"
     write_split(msd, split_file, cases[5:8], cases[:3], info={"num_cases": 3, "draw_seed": 1})
     out = tmp_path / "site_bundle"
-    summary = finetune_expert(write_expert(tmp_path / "expert"), msd, out, SiteFinetuneSettings(
+    summary = finetune_expert(site_files.write_expert(tmp_path / "expert"), msd, out, SiteFinetuneSettings(
         seed=1, epochs=1, batch_size=2, split_file=split_file, score_before=False, device="cpu", verify=False,
         progress=False))  # fmt: skip
     s = summary["split"]
