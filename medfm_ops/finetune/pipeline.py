@@ -162,7 +162,7 @@ def finetune_expert(
         if device is not None:
             overrides["device"] = torch.device(device)
         # the bundle's own train.json stops at the first non-finite loss (its `finite_loss` key), naming the batch
-        handlers = [{"_target_": "ignite.handlers.ProgressBar", "persist": False}] if settings.progress else []
+        handlers = [{"_target_": "medfm_ops.engines.TerminalProgressBar"}] if settings.progress else []
         logger.info(f"training ({mode}) for {epochs} epochs on {len(split['training'])} cases")
         t0 = time.perf_counter()
         workflow = run_bundle_configs(stage, MODE_CONFIGS[mode], overrides, extra_train_handlers=handlers)

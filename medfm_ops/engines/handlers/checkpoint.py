@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -27,6 +28,7 @@ class _FiniteSaver(BaseSaveHandler):
     def __init__(self, saver: Any) -> None:
         self.saver = saver
         self.pending_removals: list[str] = []
+        self.saved: list[str] = []  # names written since the owner last cleared it
 
     def remove(self, filename: str) -> None:
         self.pending_removals.append(filename)
@@ -39,6 +41,7 @@ class _FiniteSaver(BaseSaveHandler):
                 f"{bad[:3]}); the previous checkpoints are kept. The run diverged (learning rate, NaN/inf input?)."
             )
         self.saver(checkpoint, filename, metadata)
+        self.saved.append(getattr(self.saver, "filename", None) or filename)  # MONAI: a fixed name (model.pt)
         pending, self.pending_removals = self.pending_removals, []
         if getattr(self.saver, "filename", None) is not None:
             return  # MONAI's fixed-name saver (model.pt): the new file replaced the old one atomically, keep it
@@ -57,6 +60,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     fails or is killed while saving never corrupts an existing checkpoint; superseded files are removed only after
     the new one is written (Ignite removes first), and a checkpoint with NaN/inf tensors is refused
     (:class:`~medfm_ops.utils.NonFiniteWeightsError`) with the previous files kept. Takes the same arguments.
+
+    It logs one line (logger ``medfm.checkpoint``) each time the best model changes, i.e. when its key-metric file is
+    written: ``best val_mean_dice 0.8123 at epoch 4: saved models/model.pt``; nothing on other validations.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -64,6 +70,19 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for ckpt in self._checkpoints().values():
             ckpt.save_handler._atomic = True  # MONAI builds its DiskSavers with atomic=False
             ckpt.save_handler = _FiniteSaver(ckpt.save_handler)
+        self.best_logger = logging.getLogger("medfm.checkpoint")
+
+    def metrics_completed(self, engine: Any) -> None:
+        """Save the key-metric checkpoint when the metric improved, and say so in one line."""
+        saver = self._key_metric_checkpoint.save_handler
+        saver.saved.clear()
+        super().metrics_completed(engine)
+        if saver.saved:
+            name = engine.state.key_metric_name
+            value = engine.state.metrics.get(name) if name else None
+            score = f" {name} {float(value):.4f}" if value is not None else ""
+            path = os.path.join(saver.dirname, saver.saved[-1])
+            self.best_logger.info(f"best{score} at epoch {engine.state.epoch}: saved {path}")
 
     def _checkpoints(self) -> dict[str, Any]:
         named = {"final": self._final_checkpoint, "key_metric": self._key_metric_checkpoint,
