@@ -36,6 +36,7 @@ import fire
 
 from benchmarks.common import GLIBC_TUNABLES, REPO
 from benchmarks.sections import markdown_sections
+from medfm_ops.finetune.settings import SiteFinetuneSettings
 from medfm_ops.utils.atomic_io import atomic_write_text
 from medfm_ops.utils.hashing import file_sha256
 
@@ -53,7 +54,7 @@ ROWS = (
 )
 
 #: SH-PEFT settings of the ``sparse`` rows (passed to tools/finetune_site.py; part of a row's reuse stamp)
-SPARSE_SETTINGS = {"sparse_budget": 0.01, "sparse_variant": "l2", "sparse_lambda": 1.0}
+SPARSE_SETTINGS = {k: getattr(SiteFinetuneSettings(), k) for k in ("sparse_budget", "sparse_variant", "sparse_lambda")}
 
 REFERENCES = (
     ("nnU-Net", "89.18", "97.92"),

@@ -120,7 +120,7 @@ def test_inference_and_export_use_the_recorded_expert_settings(workspace, tmp_pa
 
     bundle = workspace / "lorkd_cls"
     spec = load_network_spec(bundle / "models")
-    assert spec["experts"] == {"ranks": 8, "alpha": 8, "scaling": "constant"}
+    assert spec["experts"] == {"ranks": 8, "alpha": 8, "scaling": "constant", "convert_transposed": True}  # complete
     train = ConfigParser()
     train.read_config(str(bundle / "configs" / "train.json"))
     train.update({"bundle_root": str(bundle), "expert_alpha": 8, "device": "$torch.device('cpu')", **TINY})
