@@ -17,6 +17,13 @@ import pytest
 
 
 from benchmarks import site_curve, site_finetune
+from benchmarks.site_study import (
+    STUDY_PARTS,
+    build_pretraining_datalist,
+    draw_training_cases,
+    load_or_create_study_split,
+    write_draw_split,
+)
 from benchmarks.learning_curve import compare_over_seeds, mean_std, plot_learning_curve
 from benchmarks.sections import markdown_sections, write_markdown_section
 from medfm_ops.data import (
@@ -30,13 +37,8 @@ from medfm_ops.data import (
 from medfm_ops.finetune import (
     SUMMARY_RELPATH,
     SiteFinetuneSettings,
-    STUDY_PARTS,
-    build_pretraining_datalist,
-    draw_training_cases,
     finetune_expert,
     load_or_create_split,
-    load_or_create_study_split,
-    write_draw_split,
     write_split,
 )
 
