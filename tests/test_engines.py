@@ -368,3 +368,27 @@ def test_checkpoint_line_only_when_the_best_model_changes(tmp_path, caplog):
     assert lines == [f"best val_mean_dice 0.5000 at epoch 1: saved {tmp_path / 'model.pt'}",
                      f"best val_mean_dice 0.6000 at epoch 3: saved {tmp_path / 'model.pt'}"], lines  # fmt: skip
     assert (tmp_path / "model.pt").is_file()
+
+
+def test_one_training_summary_for_every_kind_with_the_model_fingerprint(tmp_path):
+    """Segmentation and classification runs write the same summary (write_cls_summary is its former name); with
+    model_path it names the model this run wrote by its SHA-256, and a model older than the run by None."""
+    from medfm_ops.engines import model_fingerprint, write_cls_summary, write_training_summary
+
+    assert write_cls_summary is write_training_summary
+    trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    model = tmp_path / "model.pt"
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def save(e):
+        torch.save({"w": torch.full((2,), float(e.state.epoch))}, model)
+        evaluator.state.metrics, evaluator.state.best_metric, evaluator.state.best_metric_epoch = {"acc": 0.5}, 0.5, 1
+
+    trainer.run([0], max_epochs=2)
+    write_training_summary(tmp_path / "s.json", trainer, evaluator, model_path=model)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["epochs"] == 2 and summary["last_metrics"] == {"acc": 0.5} and summary["best_metric_epoch"] == 1
+    assert summary["model_written_by_this_run"] and summary["model_sha256"] == model_fingerprint(model)
+    os.utime(model, (0, 0))  # a model left over from an earlier run
+    write_training_summary(tmp_path / "s.json", trainer, evaluator, model_path=model)
+    assert json.loads((tmp_path / "s.json").read_text())["model_sha256"] is None

@@ -14,9 +14,13 @@ from medfm_ops.engines.training_state import (
 from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evaluate_decomposition, evaluate_segmentation
 from medfm_ops.engines.cls_batch import ClsLossAdapter, TaskPrepareBatch
 from medfm_ops.engines.cls_teacher_cache import TeacherFeatureCache
-from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier, write_cls_summary
+from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier
 from medfm_ops.engines.handlers import LinearDecayHandler, TerminalProgressBar
 from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
+
+#: the former classification-only name of :func:`write_training_summary` (one writer for every kind of task; kept
+#: while bundle configs switch)
+write_cls_summary = write_training_summary
 
 __all__ = [
     "AtomicCheckpointSaver",
