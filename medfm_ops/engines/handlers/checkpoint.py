@@ -71,6 +71,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
             ckpt.save_handler._atomic = True  # MONAI builds its DiskSavers with atomic=False
             ckpt.save_handler = _FiniteSaver(ckpt.save_handler)
         self.best_logger = logging.getLogger("medfm.checkpoint")
+        self._key_name = kwargs.get("key_metric_name")  # else the engine's key metric
 
     def metrics_completed(self, engine: Any) -> None:
         """Save the key-metric checkpoint when the metric improved, and say so in one line."""
@@ -78,8 +79,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
         saver.saved.clear()
         super().metrics_completed(engine)
         if saver.saved:
-            name = engine.state.key_metric_name
-            value = engine.state.metrics.get(name) if name else None
+            name = self._key_name or getattr(engine.state, "key_metric_name", None)
+            value = getattr(engine.state, "metrics", {}).get(name) if name else None
             score = f" {name} {float(value):.4f}" if value is not None else ""
             path = os.path.join(saver.dirname, saver.saved[-1])
             self.best_logger.info(f"best{score} at epoch {engine.state.epoch}: saved {path}")
