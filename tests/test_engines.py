@@ -392,3 +392,28 @@ def test_one_training_summary_for_every_kind_with_the_model_fingerprint(tmp_path
     os.utime(model, (0, 0))  # a model left over from an earlier run
     write_training_summary(tmp_path / "s.json", trainer, evaluator, model_path=model)
     assert json.loads((tmp_path / "s.json").read_text())["model_sha256"] is None
+
+
+def test_one_loss_adapter_serves_segmentation_and_classification():
+    """TaskLossAdapter feeds any loss the entries it names: the LoRKD segmentation loss (through LoRKDLossAdapter)
+    gives the loss itself, a classification loss likewise; ClsLossAdapter is its former name."""
+    from medfm_ops.engines import ClsLossAdapter, TaskLossAdapter
+    from medfm_ops.losses import LoRKDSegLoss, SingleTaskCELoss
+
+    torch.manual_seed(0)
+    pred, label = torch.randn(2, 3, 4, 4, 4), (torch.rand(2, 3, 4, 4, 4) > 0.5).float()
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    seg = LoRKDLossAdapter()
+    value = seg(pred, {"label": label, "channel_mask": mask, "region": torch.tensor([0, 1])})
+    torch.testing.assert_close(value, LoRKDSegLoss()(pred, label, mask))
+    assert seg.last_regions.tolist() == [0, 1]
+    logits, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    cls = TaskLossAdapter(SingleTaskCELoss())
+    value = cls(logits, {"label": y, "task_id": torch.zeros(4, dtype=torch.long)})
+    torch.testing.assert_close(value, SingleTaskCELoss()(logits, y))
+    assert ClsLossAdapter is TaskLossAdapter and cls.last_regions.tolist() == [0, 0, 0, 0]
+    with pytest.raises(TypeError, match="no input_keys"):
+        TaskLossAdapter(nn.MSELoss())
+    with pytest.raises(NonFiniteLossError, match=r"case_3.*tasks \[0, 0, 0, 0\]"):
+        cls(torch.full((4, 3), float("nan")), {"label": y, "task_id": torch.zeros(4, dtype=torch.long),
+                                               "filenames": ["case_3"]})  # fmt: skip

@@ -3,7 +3,8 @@
 """Engines: batch routing, inferers, loss adapters and handlers for MONAI / Ignite workflows."""
 
 from medfm_ops.engines.handlers import AtomicCheckpointSaver, EpochSummaryHandler, ExpertWarmupHandler, FinalValidationHandler
-from medfm_ops.engines.lorkd_loss_adapter import LoRKDLossAdapter, NonFiniteLossError
+from medfm_ops.engines.loss_adapter import NonFiniteLossError, TaskLossAdapter
+from medfm_ops.engines.lorkd_loss_adapter import LoRKDLossAdapter
 from medfm_ops.engines.training_state import (
     ValidationState,
     atomic_write_text,
@@ -30,6 +31,7 @@ __all__ = [
     "TerminalProgressBar",
     "LoRKDLossAdapter",
     "NonFiniteLossError",
+    "TaskLossAdapter",
     "RegionPrepareBatch",
     "RoutedSimpleInferer",
     "RoutedSlidingWindowInferer",
