@@ -1,6 +1,6 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""tools/bench_eks.py --quick: writes the report files with every strategy, positive timings and matching outputs."""
+"""benchmarks/eks.py --quick: writes the report files with every strategy, positive timings and matching outputs."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ STRATEGIES = ("plain", "eks_grouped", "eks_per_task", "per_sample", "lora")
 def test_quick_run_writes_report(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # exercise the re-exec path
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_eks.py"), "run", "--out_dir", str(tmp_path), "--device", "cpu",
+        [sys.executable, "-m", "benchmarks.eks", "run", "--out_dir", str(tmp_path), "--device", "cpu",
          "--quick"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )

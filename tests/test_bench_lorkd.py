@@ -1,6 +1,6 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Smoke run of tools/bench_lorkd.py: it writes both tables with measured, positive numbers."""
+"""Smoke run of benchmarks/lorkd.py: it writes both tables with measured, positive numbers."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_lorkd_quick(tmp_path):
     env = {**os.environ, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "")}  # no re-exec inside the test
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_lorkd.py"), "run", "--out_dir", str(tmp_path), "--batch", "2",
+        [sys.executable, "-m", "benchmarks.lorkd", "run", "--out_dir", str(tmp_path), "--batch", "2",
          "--roi", "16", "--repeats", "1", "--warmup", "0", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "lorkd_bench.json").read_text())

@@ -1,18 +1,18 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""tools/bench_lorkd_ablation.py without training: reuse only of identical runs, the single-task row assembled from its
+"""benchmarks/lorkd_ablation.py without training: reuse only of identical runs, the single-task row assembled from its
 per-region runs, the results page (mean ± std over seeds, machine, command) and its figure; plot_score_bars."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from medfm_ops.metrics import plot_score_bars
+from benchmarks import lorkd_ablation
+from benchmarks.score_bars import plot_score_bars
 
 REPO = Path(__file__).resolve().parents[1]
 REGIONS = ["brain_mri", "thorax_ct"]
@@ -20,10 +20,7 @@ REGIONS = ["brain_mri", "thorax_ct"]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lorkd_ablation", REPO / "tools" / "bench_lorkd_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return lorkd_ablation
 
 
 def _csv_row(model: str, scores: dict[str, float], params: float = 0.6) -> dict:
@@ -81,7 +78,7 @@ def _record() -> dict:
 
     rows = [{"name": n, "description": f"{n} method", "override": None, "overrides": {}, "deployed_as": "x",
              "experts": True, "seeds": [seed(0, d), seed(1, d + 0.1)]} for n, d in (("lorkd", 0.5), ("mtl", 0.3))]
-    return {"command": "python tools/bench_lorkd_ablation.py run --epochs 2", "date": "2026-01-01 00:00 UTC",
+    return {"command": "python -m benchmarks.lorkd_ablation run --epochs 2", "date": "2026-01-01 00:00 UTC",
             "wall_seconds": 600.0, "load_average_end": 1.5,
             "machine": {"cpu_model": "Test CPU", "usable_cores": 2, "torch_threads": 2, "torch": "2.x", "gpu": None,
                         "glibc_tunables": "x", "load_average_1min": 1.0},
@@ -98,7 +95,7 @@ def test_results_page_and_figure(bench, tmp_path):
     text = out.read_text()
     assert "| lorkd | lorkd method | 55.0 ± 5.0 | 55.0 ± 5.0 | **55.0 ± 5.0** |" in text
     assert "Test CPU, 2 usable cores" in text and "load average 1.00 at start, 1.50 at end" in text
-    assert "python tools/bench_lorkd_ablation.py run --epochs 2" in text and "in 10.0 min" in text
+    assert "python -m benchmarks.lorkd_ablation run --epochs 2" in text and "in 10.0 min" in text
     assert "| teacher |" in text and "![" in text and "(ablation.png)" in text
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][1]["name"] == "mtl"

@@ -42,15 +42,15 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cls_bundles")
     for name in NAMES:
         shutil.copytree(REPO / "bundles" / name, root / name, ignore=shutil.ignore_patterns("models", "eval", "runs"))
-    os.environ["MEDFM_CACHE"] = str(root / "cache")
-    _run(root / "foundation_cls", "train.json", epochs=2, val_interval=1)
-    # expert_alpha 8 (not the default 16): inference and export must rebuild the experts from what training recorded
-    # lorkd_star_max_rank: with 1 warm-up epoch on 8 cases the mean loss drop can be near 0 and the unclipped formula
-    # gives ranks in the tens of thousands (tens of GB)
-    _run(root / "lorkd_cls", "train.json", epochs=2, warmup_epochs=1, lorkd_star=True, val_interval=1, expert_alpha=8,
-         lorkd_star_max_rank=16)
-    yield root
-    os.environ.pop("MEDFM_CACHE", None)
+    with pytest.MonkeyPatch.context() as mp:  # the module's data cache, restored afterwards
+        mp.setenv("MEDFM_CACHE", str(root / "cache"))
+        _run(root / "foundation_cls", "train.json", epochs=2, val_interval=1)
+        # expert_alpha 8 (not the default 16): inference and export must rebuild the experts from what training
+        # recorded; lorkd_star_max_rank: with 1 warm-up epoch on 8 cases the mean loss drop can be near 0 and the
+        # unclipped formula gives ranks in the tens of thousands (tens of GB)
+        _run(root / "lorkd_cls", "train.json", epochs=2, warmup_epochs=1, lorkd_star=True, val_interval=1,
+             expert_alpha=8, lorkd_star_max_rank=16)  # fmt: skip
+        yield root
 
 
 def _images(folder: Path) -> None:
@@ -124,7 +124,7 @@ def test_inference_and_export_use_the_recorded_expert_settings(workspace, tmp_pa
 
     bundle = workspace / "lorkd_cls"
     spec = load_network_spec(bundle / "models")
-    assert spec["experts"] == {"ranks": 8, "alpha": 8, "scaling": "constant"}
+    assert spec["experts"] == {"ranks": 8, "alpha": 8, "scaling": "constant", "convert_transposed": True}  # complete
     train = ConfigParser()
     train.read_config(str(bundle / "configs" / "train.json"))
     train.update({"bundle_root": str(bundle), "expert_alpha": 8, "device": "$torch.device('cpu')", **TINY})

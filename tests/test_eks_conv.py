@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eks_fixture import assert_equals_loops, assert_executions_agree, with_random_experts
 
 from medfm_ops.layers import EXECUTION_MODES, EKSConv, EKSConvTranspose
 
@@ -36,7 +35,7 @@ def _layer(spatial_dims, kernel, stride, padding, dilation, bias, ranks, seed=0)
     torch.manual_seed(seed)
     layer = EKSConv(spatial_dims, 4, 5, kernel, num_tasks=3, ranks=ranks, alpha=6.0, stride=stride, padding=padding,
                     dilation=dilation, bias=bias, dtype=torch.float64)
-    return with_random_experts(layer)
+    return layer
 
 
 def _ref_conv(layer, x, weight):
@@ -44,16 +43,16 @@ def _ref_conv(layer, x, weight):
 
 
 @pytest.mark.parametrize("case,tasks,execution", list(itertools.product(CASES, TASK_BATCHES, EXECUTION_MODES)))
-def test_equals_per_task_and_per_sample_loops(case, tasks, execution):
-    layer = _layer(*case)
+def test_equals_per_task_and_per_sample_loops(eks_oracle, case, tasks, execution):
+    layer = eks_oracle.with_random_experts(_layer(*case))
     layer.execution = execution
     x = torch.randn(len(tasks), 4, *SPATIAL[case[0]], dtype=torch.float64)
-    assert_equals_loops(layer, x, tasks, _ref_conv)
+    eks_oracle.assert_equals_loops(layer, x, tasks, _ref_conv)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_none_is_shared_kernel_and_fuse_is_exact(case):
-    layer = _layer(*case)
+def test_none_is_shared_kernel_and_fuse_is_exact(eks_oracle, case):
+    layer = eks_oracle.with_random_experts(_layer(*case))
     x = torch.randn(2, 4, *SPATIAL[case[0]], dtype=torch.float64)
     assert torch.equal(layer(x), _ref_conv(layer, x, layer.weight))
     w0 = layer.weight.detach().clone()
@@ -78,8 +77,8 @@ def test_fresh_experts_equal_w0():
 
 @pytest.mark.parametrize("execution", EXECUTION_MODES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradient_separation(execution, bias):
-    layer = _layer(3, 3, 1, 1, 1, bias, [2, 2, 2, 2][:3])
+def test_gradient_separation(eks_oracle, execution, bias):
+    layer = eks_oracle.with_random_experts(_layer(3, 3, 1, 1, 1, bias, [2, 2, 2, 2][:3]))
     layer.execution = execution
     x = torch.randn(3, 4, 5, 5, 5, dtype=torch.float64)
     layer(x, torch.tensor([0, 2, 0])).square().sum().backward()
@@ -116,7 +115,7 @@ def test_set_ranks_and_errors():
         layer(torch.randn(2, 3, 5, 5), torch.tensor([0, 1]))
 
 
-def test_rank_multiplier_scales_factor_ranks_not_base_ranks():
+def test_rank_multiplier_scales_factor_ranks_not_base_ranks(eks_oracle):
     torch.manual_seed(0)
     stock = torch.nn.Conv2d(3, 4, 3, padding=1).double()
     layer = EKSConv.from_conv(stock, num_tasks=3, ranks=[2, 0, 1], alpha=6.0, rank_multiplier=2)
@@ -125,7 +124,7 @@ def test_rank_multiplier_scales_factor_ranks_not_base_ranks():
     assert layer.ranks_of_factors([12, 0, 6]) == (2, 0, 1)
     with pytest.raises(ValueError, match="rank_multiplier=2"):
         layer.ranks_of_factors([9])
-    with_random_experts(layer)
+    eks_oracle.with_random_experts(layer)
     # layer rank 4 for base rank 2: delta = (alpha / 4) B A
     ref = layer.weight + (layer.lora_B[0] @ layer.lora_A[0]).reshape(layer.weight.shape) * (6.0 / 4)
     assert (layer.expert_weight(0) - ref).abs().max().item() <= 1e-12
@@ -136,7 +135,7 @@ def test_rank_multiplier_scales_factor_ranks_not_base_ranks():
 
 
 @pytest.mark.parametrize("layer_type", ["conv", "transposed"])
-def test_constant_scaling_keeps_an_experts_scale_when_re_ranked(layer_type):
+def test_constant_scaling_keeps_an_experts_scale_when_re_ranked(eks_oracle, layer_type):
     cls = EKSConv if layer_type == "conv" else EKSConvTranspose
     rank = cls(2, 3, 4, 3, num_tasks=3, ranks=8, alpha=16.0, rank_multiplier=2, dtype=torch.float64)
     const = cls(2, 3, 4, 3, num_tasks=3, ranks=8, alpha=16.0, rank_multiplier=2, scaling="constant",
@@ -145,7 +144,7 @@ def test_constant_scaling_keeps_an_experts_scale_when_re_ranked(layer_type):
     for layer in (rank, const):
         layer.set_ranks([4, 0, 16])  # LoRKD* re-ranking
     assert rank.scales == (2.0, 0.0, 0.5) and const.scales == (1.0, 0.0, 1.0)
-    with_random_experts(const)
+    eks_oracle.with_random_experts(const)
     ref = const.weight + (const.lora_B[2] @ const.lora_A[2]).reshape(const.weight.shape) * (16.0 / 16)
     assert (const.expert_weight(2) - ref).abs().max().item() <= 1e-12
     fused = const.fuse(2)
@@ -165,12 +164,13 @@ PADDED_CASES = [(3, 10, 6, True, 1, 1, 1), (2, 12, 16, False, 2, "valid", 1), (1
 
 
 @pytest.mark.parametrize("spatial_dims,c_in,c_out,bias,stride,padding,dilation", PADDED_CASES)
-def test_cpu_channel_padding_of_grouped_execution_is_exact(spatial_dims, c_in, c_out, bias, stride, padding, dilation):
+def test_cpu_channel_padding_of_grouped_execution_is_exact(eks_oracle, spatial_dims, c_in, c_out, bias, stride, padding,
+                                                          dilation):
     """Channels not multiples of 8 run padded (forward, input gradient) in grouped mode on CPU: same outputs and
     gradients as unpadded grouped and per-task execution."""
     torch.manual_seed(0)
     layer = EKSConv(spatial_dims, c_in, c_out, 3, num_tasks=3, ranks=[2, 0, 1], stride=stride, padding=padding,
                     dilation=dilation, bias=bias, dtype=torch.float64)
-    with_random_experts(layer)
+    eks_oracle.with_random_experts(layer)
     x = torch.randn(4, c_in, *SPATIAL[spatial_dims], dtype=torch.float64)
-    assert_executions_agree(layer, x, torch.tensor([0, 2, 1, 2]))
+    eks_oracle.assert_executions_agree(layer, x, torch.tensor([0, 2, 1, 2]))

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eks_fixture import assert_equals_loops, assert_executions_agree, with_random_experts
 
 from medfm_ops.layers import EXECUTION_MODES, EKSConvTranspose
 from medfm_ops.networks import ExpertNetwork, eks_layers, export_expert
@@ -37,7 +36,7 @@ def _layer(spatial_dims, kernel, stride, padding, output_padding, dilation, bias
     layer = EKSConvTranspose(spatial_dims, 4, 3, kernel, num_tasks=3, ranks=ranks, alpha=6.0, stride=stride,
                              padding=padding, output_padding=output_padding, dilation=dilation, bias=bias,
                              dtype=torch.float64)
-    return with_random_experts(layer)
+    return layer
 
 
 def _ref(layer, x, weight):
@@ -46,16 +45,16 @@ def _ref(layer, x, weight):
 
 
 @pytest.mark.parametrize("case,tasks,execution", list(itertools.product(CASES, TASK_BATCHES, EXECUTION_MODES)))
-def test_equals_per_task_and_per_sample_loops(case, tasks, execution):
-    layer = _layer(*case)
+def test_equals_per_task_and_per_sample_loops(eks_oracle, case, tasks, execution):
+    layer = eks_oracle.with_random_experts(_layer(*case))
     layer.execution = execution
     x = torch.randn(len(tasks), 4, *SPATIAL[case[0]], dtype=torch.float64)
-    assert_equals_loops(layer, x, tasks, _ref)
+    eks_oracle.assert_equals_loops(layer, x, tasks, _ref)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_none_is_shared_kernel_and_fuse_is_exact(case):
-    layer = _layer(*case)
+def test_none_is_shared_kernel_and_fuse_is_exact(eks_oracle, case):
+    layer = eks_oracle.with_random_experts(_layer(*case))
     x = torch.randn(2, 4, *SPATIAL[case[0]], dtype=torch.float64)
     assert torch.equal(layer(x), _ref(layer, x, layer.weight))
     w0 = layer.weight.detach().clone()
@@ -91,8 +90,8 @@ def test_from_conv_keeps_stock_keys_and_fresh_experts_equal_w0():
 
 @pytest.mark.parametrize("execution", EXECUTION_MODES)
 @pytest.mark.parametrize("spatial_dims", [1, 2, 3])
-def test_gradient_separation(execution, spatial_dims):
-    layer = _layer(spatial_dims, 3, 2, 1, 1, 1, True, 2)
+def test_gradient_separation(eks_oracle, execution, spatial_dims):
+    layer = eks_oracle.with_random_experts(_layer(spatial_dims, 3, 2, 1, 1, 1, True, 2))
     layer.execution = execution
     x = torch.randn(3, 4, *SPATIAL[spatial_dims], dtype=torch.float64)
     layer(x, torch.tensor([0, 2, 0])).square().sum().backward()
@@ -136,7 +135,7 @@ PADDED_CASES = [(3, 16, 12, True, 2, 1, 1, 1), (2, 10, 9, False, 2, 0, 0, 1), (1
 
 
 @pytest.mark.parametrize("spatial_dims,c_in,c_out,bias,stride,padding,output_padding,dilation", PADDED_CASES)
-def test_cpu_channel_padding_of_grouped_execution_is_exact(spatial_dims, c_in, c_out, bias, stride, padding,
+def test_cpu_channel_padding_of_grouped_execution_is_exact(eks_oracle, spatial_dims, c_in, c_out, bias, stride, padding,
                                                            output_padding, dilation):
     """Unaligned channels: the CPU grouped execution pads the input gradient; same outputs and gradients as the
     unpadded grouped and the per-task execution."""
@@ -144,6 +143,6 @@ def test_cpu_channel_padding_of_grouped_execution_is_exact(spatial_dims, c_in, c
     layer = EKSConvTranspose(spatial_dims, c_in, c_out, 3, num_tasks=3, ranks=[2, 0, 1], stride=stride,
                              padding=padding, output_padding=output_padding, dilation=dilation, bias=bias,
                              dtype=torch.float64)
-    with_random_experts(layer)
+    eks_oracle.with_random_experts(layer)
     x = torch.randn(4, c_in, *SPATIAL[spatial_dims], dtype=torch.float64)
-    assert_executions_agree(layer, x, torch.tensor([0, 2, 1, 2]))
+    eks_oracle.assert_executions_agree(layer, x, torch.tensor([0, 2, 1, 2]))

@@ -5,13 +5,14 @@ summary line, evaluation with the caller's inferer, renamed config keys."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.networks.nets import UNet
 from torch import nn
 
@@ -23,6 +24,7 @@ from medfm_ops.engines import (
     NonFiniteLossError,
     RegionPrepareBatch,
     RoutedSlidingWindowInferer,
+    TerminalProgressBar,
     resume_training,
 )
 from medfm_ops.networks import eks_layers, expert_parameters, load_teacher, param_groups, to_experts
@@ -302,3 +304,116 @@ def test_cache_dir_ignores_an_empty_environment_variable(monkeypatch, tmp_path):
     assert default_cache_dir() == str(tmp_path)
     monkeypatch.setenv("MEDFM_CACHE", "")  # not the current directory
     assert default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "medfm")
+
+
+def test_epoch_summary_follows_the_validation_and_quiets_the_engines(caplog):
+    """The line is the epoch's last: it carries the validation that a handler attached AFTER it ran (key metric and
+    best so far), and Ignite's own per-epoch lines are gone."""
+    engine, validator = Engine(lambda e, b: {"loss": torch.tensor(1.0)}), Engine(lambda e, b: None)
+    EpochSummaryHandler(validator=validator, metric_names=["val_mean_nsd"]).attach(engine)
+    scores = {1: 0.5, 2: 0.4, 4: 0.7}  # no validation at epoch 3
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def validate(e):  # what MONAI's ValidationHandler leaves in the evaluator's state
+        if e.state.epoch in scores:
+            s = validator.state
+            s.epoch, s.key_metric_name = e.state.epoch, "val_mean_dice"
+            s.metrics = {"val_mean_dice": scores[e.state.epoch], "val_mean_nsd": 0.25, "other": 1.0}
+            if scores[e.state.epoch] > getattr(s, "best_metric", -1):
+                s.best_metric, s.best_metric_epoch = scores[e.state.epoch], e.state.epoch
+
+    with caplog.at_level(logging.INFO):
+        engine.run([0], max_epochs=4)
+    lines = [r.getMessage() for r in caplog.records if r.name == "medfm.train"]
+    assert [line.split(" s", 1)[-1] for line in lines] == [
+        "; val_mean_dice 0.5000 (best), val_mean_nsd 0.2500",
+        "; val_mean_dice 0.4000 (best 0.5000, epoch 1), val_mean_nsd 0.2500",
+        "",
+        "; val_mean_dice 0.7000 (best), val_mean_nsd 0.2500",
+    ], lines
+    assert not [r for r in caplog.records if r.name.startswith("ignite")], "Ignite's per-epoch lines are still there"
+
+
+def test_progress_bar_only_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, shown in ((io.StringIO(), False), (Terminal(), True)):
+        engine = Engine(lambda e, b: None)
+        bar = TerminalProgressBar(stream=stream)
+        bar.attach(engine)
+        engine.run([0, 1, 2], max_epochs=1)
+        assert (bar.bar is not None) == shown and bool(stream.getvalue()) == shown, stream.getvalue()
+
+
+def test_checkpoint_line_only_when_the_best_model_changes(tmp_path, caplog):
+    net = nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    scores = iter([0.5, 0.4, 0.6, 0.6])
+
+    @engine.on(Events.STARTED)
+    def key(e):
+        e.state.key_metric_name = "val_mean_dice"
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def metrics(e):
+        e.state.metrics = {"val_mean_dice": next(scores)}
+
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True,
+                          key_metric_filename="model.pt").attach(engine)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="medfm.checkpoint"):
+        engine.run([0], max_epochs=4)
+    lines = [r.getMessage() for r in caplog.records if r.name == "medfm.checkpoint"]
+    assert lines == [f"best val_mean_dice 0.5000 at epoch 1: saved {tmp_path / 'model.pt'}",
+                     f"best val_mean_dice 0.6000 at epoch 3: saved {tmp_path / 'model.pt'}"], lines  # fmt: skip
+    assert (tmp_path / "model.pt").is_file()
+
+
+def test_one_training_summary_for_every_kind_with_the_model_fingerprint(tmp_path):
+    """Segmentation and classification runs write the same summary (write_cls_summary is its former name); with
+    model_path it names the model this run wrote by its SHA-256, and a model older than the run by None."""
+    from medfm_ops.engines import model_fingerprint, write_cls_summary, write_training_summary
+
+    assert write_cls_summary is write_training_summary
+    trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    model = tmp_path / "model.pt"
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def save(e):
+        torch.save({"w": torch.full((2,), float(e.state.epoch))}, model)
+        evaluator.state.metrics, evaluator.state.best_metric, evaluator.state.best_metric_epoch = {"acc": 0.5}, 0.5, 1
+
+    trainer.run([0], max_epochs=2)
+    write_training_summary(tmp_path / "s.json", trainer, evaluator, model_path=model)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["epochs"] == 2 and summary["last_metrics"] == {"acc": 0.5} and summary["best_metric_epoch"] == 1
+    assert summary["model_written_by_this_run"] and summary["model_sha256"] == model_fingerprint(model)
+    os.utime(model, (0, 0))  # a model left over from an earlier run
+    write_training_summary(tmp_path / "s.json", trainer, evaluator, model_path=model)
+    assert json.loads((tmp_path / "s.json").read_text())["model_sha256"] is None
+
+
+def test_one_loss_adapter_serves_segmentation_and_classification():
+    """TaskLossAdapter feeds any loss the entries it names: the LoRKD segmentation loss (through LoRKDLossAdapter)
+    gives the loss itself, a classification loss likewise; ClsLossAdapter is its former name."""
+    from medfm_ops.engines import ClsLossAdapter, TaskLossAdapter
+    from medfm_ops.losses import LoRKDSegLoss, SingleTaskCELoss
+
+    torch.manual_seed(0)
+    pred, label = torch.randn(2, 3, 4, 4, 4), (torch.rand(2, 3, 4, 4, 4) > 0.5).float()
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    seg = LoRKDLossAdapter()
+    value = seg(pred, {"label": label, "channel_mask": mask, "region": torch.tensor([0, 1])})
+    torch.testing.assert_close(value, LoRKDSegLoss()(pred, label, mask))
+    assert seg.last_regions.tolist() == [0, 1]
+    logits, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    cls = TaskLossAdapter(SingleTaskCELoss())
+    value = cls(logits, {"label": y, "task_id": torch.zeros(4, dtype=torch.long)})
+    torch.testing.assert_close(value, SingleTaskCELoss()(logits, y))
+    assert ClsLossAdapter is TaskLossAdapter and cls.last_regions.tolist() == [0, 0, 0, 0]
+    with pytest.raises(TypeError, match="no input_keys"):
+        TaskLossAdapter(nn.MSELoss())
+    with pytest.raises(NonFiniteLossError, match=r"case_3.*tasks \[0, 0, 0, 0\]"):
+        cls(torch.full((4, 3), float("nan")), {"label": y, "task_id": torch.zeros(4, dtype=torch.long),
+                                               "filenames": ["case_3"]})  # fmt: skip

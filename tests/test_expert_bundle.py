@@ -15,16 +15,21 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from expert_fixture import CHANNELS, NET_DEF, ROI, SPACING
 
 from medfm_ops.bundle import BundleCheckError, verify_bundle, write_expert_bundle
 
 LABELS = {1: "liver", 2: "spleen", 3: "left kidney"}
 
 
-def _net() -> UNet:
+def _net(tiny_expert) -> UNet:
     torch.manual_seed(0)
-    return UNet(**{k: v for k, v in NET_DEF.items() if k != "_target_"})
+    return UNet(**{k: v for k, v in tiny_expert.net_def.items() if k != "_target_"})
+
+
+def _write(tiny_expert, out: Path) -> Path:
+    """The tiny expert written as a bundle in ``out`` (region "abdomen", three labels)."""
+    return write_expert_bundle(out, tiny_expert.net_def, _net(tiny_expert).state_dict(), "abdomen", LABELS,
+                               tiny_expert.channels, tiny_expert.spacing, tiny_expert.roi)  # fmt: skip
 
 
 def _run_bundle(bundle: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -40,36 +45,36 @@ def _run_bundle(bundle: Path, *args: str, timeout: float = 300) -> subprocess.Co
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
+def bundle(tiny_expert, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "abdomen_expert"
-    return write_expert_bundle(out, NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
+    return _write(tiny_expert, out)
 
 
-def test_layout_and_metadata(bundle):
+def test_layout_and_metadata(tiny_expert, bundle):
     for rel in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json",
                 "configs/logging.conf", "docs/README.md", "docs/metadata_schema.json", "models/model.pt"):
         assert (bundle / rel).is_file(), rel  # fmt: skip
     meta = json.loads((bundle / "configs/metadata.json").read_text())
     assert meta["version"] in meta["changelog"]
     pred = meta["network_data_format"]["outputs"]["pred"]
-    assert pred["num_channels"] == NET_DEF["out_channels"]
+    assert pred["num_channels"] == tiny_expert.net_def["out_channels"]
     assert pred["channel_def"] == {"0": "background", "1": "liver", "2": "spleen", "3": "left kidney"}
-    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == list(ROI)
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == list(tiny_expert.roi)
     text = (bundle / "configs/inference.json").read_text()
     assert "_meta_" not in text and "medfm" not in text  # standalone: stock MONAI only, no metadata references
     assert not list(bundle.glob("models/.*.tmp"))  # atomic write left no temp file
 
 
-def test_monai_checks_offline(bundle):
+def test_monai_checks_offline(tiny_expert, bundle):
     """verify_metadata (shipped schema, no download), verify_net_in_out and ckpt_export (TorchScript)."""
     verify_bundle(bundle)
     ts = torch.jit.load(str(bundle / "models/model.ts"))
-    x = torch.rand(1, 1, *ROI)
-    torch.testing.assert_close(ts(x), _net().eval()(x))
+    x = torch.rand(1, 1, *tiny_expert.roi)
+    torch.testing.assert_close(ts(x), _net(tiny_expert).eval()(x))
 
 
-def test_verify_metadata_uses_schema(tmp_path):
-    bad = write_expert_bundle(tmp_path / "b", NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
+def test_verify_metadata_uses_schema(tiny_expert, tmp_path):
+    bad = _write(tiny_expert, tmp_path / "b")
     meta = json.loads((bad / "configs/metadata.json").read_text())
     del meta["network_data_format"]["inputs"]["image"]["dtype"]
     (bad / "configs/metadata.json").write_text(json.dumps(meta))
@@ -78,13 +83,13 @@ def test_verify_metadata_uses_schema(tmp_path):
     assert err.value.check == "verify_metadata" and "dtype" in err.value.output
 
 
-def test_state_dict_round_trip(bundle):
+def test_state_dict_round_trip(tiny_expert, bundle):
     sd = torch.load(bundle / "models/model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
-    fresh = UNet(**{k: v for k, v in NET_DEF.items() if k != "_target_"})
+    fresh = UNet(**{k: v for k, v in tiny_expert.net_def.items() if k != "_target_"})
     fresh.load_state_dict(sd, strict=True)
-    x = torch.rand(1, 1, *ROI)
-    torch.testing.assert_close(fresh.eval()(x), _net().eval()(x))
+    x = torch.rand(1, 1, *tiny_expert.roi)
+    torch.testing.assert_close(fresh.eval()(x), _net(tiny_expert).eval()(x))
 
 
 def _volume(shape, seed=0) -> np.ndarray:
@@ -102,8 +107,8 @@ def _volume(shape, seed=0) -> np.ndarray:
     ],
     ids=["permuted", "identity-grid"],
 )
-def test_inference_run_keeps_affine_and_shape(bundle, tmp_path, affine):
-    shape = (40, 33, 27) if affine[0, 0] < 0 else ROI
+def test_inference_run_keeps_affine_and_shape(tiny_expert, bundle, tmp_path, affine):
+    shape = (40, 33, 27) if affine[0, 0] < 0 else tiny_expert.roi
     (tmp_path / "in").mkdir()
     nib.save(nib.Nifti1Image(_volume(shape), affine), tmp_path / "in" / "case.nii.gz")
     _run_bundle(bundle, "--config_file", "configs/inference.json", "--dataset_dir", str(tmp_path / "in"),
@@ -118,8 +123,8 @@ def test_inference_run_keeps_affine_and_shape(bundle, tmp_path, affine):
         img = torch.from_numpy(_volume(shape))
         img = (img - img.mean()) / img.std(unbiased=False)
         with torch.no_grad():
-            logits = _net().eval()(img[None, None])[0]
-        expected = torch.cat([torch.zeros_like(logits[:1]), logits[CHANNELS]]).argmax(0).numpy()
+            logits = _net(tiny_expert).eval()(img[None, None])[0]
+        expected = torch.cat([torch.zeros_like(logits[:1]), logits[tiny_expert.channels]]).argmax(0).numpy()
         assert (seg == expected).mean() > 0.999
 
 
@@ -140,11 +145,11 @@ def _msd(root: Path, n: int = 5) -> Path:
     return root
 
 
-def test_train_config_fine_tunes(tmp_path):
+def test_train_config_fine_tunes(tiny_expert, tmp_path):
     """train.json runs as written (what MONAI Label runs) and saves a plain state dict to models/model.pt."""
     data = _msd(tmp_path / "data")
     work = tmp_path / "bundle"
-    write_expert_bundle(work, NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
+    _write(tiny_expert, work)
     before = torch.load(work / "models/model.pt", weights_only=True)
     res = _run_bundle(work, "--config_file", "configs/train.json", "--dataset_dir", str(data), "--epochs", "1",
                       "--weight_decay", "0.0")  # fmt: skip
@@ -154,9 +159,9 @@ def test_train_config_fine_tunes(tmp_path):
     changed = [k for k in after if not torch.equal(after[k], before[k])]
     assert changed
     head = "model.2.1.conv.unit0.conv.bias"  # final conv: only region channels get gradient
-    untouched = [c for c in range(NET_DEF["out_channels"]) if c not in CHANNELS]
+    untouched = [c for c in range(tiny_expert.net_def["out_channels"]) if c not in tiny_expert.channels]
     assert torch.equal(after[head][untouched], before[head][untouched])  # no weight decay: exactly unchanged
-    assert not torch.equal(after[head][CHANNELS], before[head][CHANNELS])
+    assert not torch.equal(after[head][tiny_expert.channels], before[head][tiny_expert.channels])
 
     # evaluate.json: a difference-only override of train.json that scores models/model.pt on the validation split
     res = _run_bundle(work, "--config_file", "['configs/train.json','configs/evaluate.json']", "--dataset_dir",
@@ -164,11 +169,11 @@ def test_train_config_fine_tunes(tmp_path):
     assert (tmp_path / "eval" / "val_mean_dice_raw.csv").is_file(), res.stdout[-2000:]
 
 
-def test_lora_override_writes_a_stock_model(tmp_path):
+def test_lora_override_writes_a_stock_model(tiny_expert, tmp_path):
     """train.json + train_lora.json: adapters train, and finalize fuses them into a stock models/model.pt."""
     data = _msd(tmp_path / "data")
     work = tmp_path / "bundle"
-    write_expert_bundle(work, NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
+    _write(tiny_expert, work)
     before = torch.load(work / "models/model.pt", weights_only=True)
     _run_bundle(work, "--config_file", "['configs/train.json','configs/train_lora.json']", "--dataset_dir",
                 str(data), "--epochs", "1", "--lora_rank", "2", "--learning_rate", "0.05")  # fmt: skip
@@ -195,18 +200,19 @@ def test_lora_override_writes_a_stock_model(tmp_path):
         ({"extra_metadata": {"changelog": {"0.0.1": "old"}}}, "changelog"),
     ],
 )
-def test_argument_errors(tmp_path, change, match):
-    args = dict(network_def=NET_DEF, state_dict=_net().state_dict(), region_name="abdomen", label_names=LABELS,
-                output_channels=CHANNELS, spacing=SPACING, roi_size=ROI)  # fmt: skip
+def test_argument_errors(tiny_expert, tmp_path, change, match):
+    args = dict(network_def=tiny_expert.net_def, state_dict=_net(tiny_expert).state_dict(), region_name="abdomen",
+                label_names=LABELS, output_channels=tiny_expert.channels, spacing=tiny_expert.spacing,
+                roi_size=tiny_expert.roi)  # fmt: skip
     args.update(change)
     with pytest.raises((ValueError, RuntimeError), match=match):
         write_expert_bundle(tmp_path / "b", **args)
 
 
-def test_cli_write(tmp_path):
+def test_cli_write(tiny_expert, tmp_path):
     """tools/export_expert_bundle.py write: network config under `network_def`, state dict file, label list."""
-    (tmp_path / "net.json").write_text(json.dumps({"network_def": NET_DEF}))
-    torch.save(_net().state_dict(), tmp_path / "sd.pt")
+    (tmp_path / "net.json").write_text(json.dumps({"network_def": tiny_expert.net_def}))
+    torch.save(_net(tiny_expert).state_dict(), tmp_path / "sd.pt")
     res = subprocess.run(
         [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "export_expert_bundle.py"), "write",
          "--network_config", str(tmp_path / "net.json"), "--state_dict", str(tmp_path / "sd.pt"),
@@ -217,19 +223,19 @@ def test_cli_write(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     meta = json.loads((tmp_path / "b" / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["3"] == "kidney"
-    assert meta["medfm"]["output_channels"] == CHANNELS
+    assert meta["medfm"]["output_channels"] == tiny_expert.channels
     sd = torch.load(tmp_path / "b" / "models" / "model.pt", weights_only=True)
-    assert all(torch.equal(sd[k], v) for k, v in _net().state_dict().items())
+    assert all(torch.equal(sd[k], v) for k, v in _net(tiny_expert).state_dict().items())
 
 
-def test_sparse_override_trains_the_budget_only(tmp_path):
+def test_sparse_override_trains_the_budget_only(tiny_expert, tmp_path):
     """train.json + train_sparse.json as written: importance on the training loader, 1% budget, AdamW with weight
     decay; frozen weights keep their bits, models/model.pt is stock and models/sparse_delta.pt rebuilds it."""
     from medfm_ops.peft import apply_sparse_delta, budget_count
 
     data = _msd(tmp_path / "data")
     work = tmp_path / "bundle"
-    write_expert_bundle(work, NET_DEF, _net().state_dict(), "abdomen", LABELS, CHANNELS, SPACING, ROI)
+    _write(tiny_expert, work)
     before = torch.load(work / "models/model.pt", weights_only=True)
     _run_bundle(work, "--config_file", "['configs/train.json','configs/train_sparse.json']", "--dataset_dir",
                 str(data), "--epochs", "1", "--sparse_budget", "0.02", "--learning_rate", "0.05",
@@ -238,7 +244,7 @@ def test_sparse_override_trains_the_budget_only(tmp_path):
     delta = torch.load(work / "models/sparse_delta.pt", weights_only=True)
     assert after.keys() == before.keys()
     changed = sum(int((after[k] != before[k]).sum()) for k in after)
-    total = sum(p.numel() for p in _net().parameters())
+    total = sum(p.numel() for p in _net(tiny_expert).parameters())
     assert 0 < changed <= budget_count(0.02, total) and delta["num_changed"] == changed
     merged = apply_sparse_delta(before, delta)
     assert all(torch.equal(merged[k], after[k]) for k in after)

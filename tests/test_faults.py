@@ -32,7 +32,6 @@ from ignite.engine import Engine, Events
 from monai.networks.nets import UNet
 from monai.transforms import Compose
 
-from site_fixture import write_expert, write_msd
 
 from medfm_ops.bundle_paths import check_writable
 from medfm_ops.data import (
@@ -192,8 +191,8 @@ def _infer(bundle: Path, images: Path, out: Path) -> subprocess.CompletedProcess
     )  # fmt: skip
 
 
-def test_exported_bundle_refuses_bad_inputs_by_name(tmp_path):
-    bundle = write_expert(tmp_path / "expert")
+def test_exported_bundle_refuses_bad_inputs_by_name(site_files, tmp_path):
+    bundle = site_files.write_expert(tmp_path / "expert")
     empty = tmp_path / "empty"
     empty.mkdir()
     res = _infer(bundle, empty, tmp_path / "out")
@@ -216,11 +215,11 @@ def test_exported_bundle_refuses_bad_inputs_by_name(tmp_path):
     assert json.loads((bundle / "configs" / "metadata.json").read_text())["version"]  # the bundle is untouched
 
 
-def test_exported_bundle_training_stops_at_a_non_finite_loss(tmp_path):
+def test_exported_bundle_training_stops_at_a_non_finite_loss(site_files, tmp_path):
     """The stock train.json (as run by `monai.bundle run` or MONAI Label) stops at the first NaN/inf loss, naming the
     batch's files; the bundle's model.pt is untouched (no checkpoint is written from a diverged run)."""
-    bundle = write_expert(tmp_path / "expert")
-    data = write_msd(tmp_path / "site", n=4)
+    bundle = site_files.write_expert(tmp_path / "expert")
+    data = site_files.write_msd(tmp_path / "site", n=4)
     model_bytes = (bundle / "models" / "model.pt").read_bytes()
     res = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--dataset_dir", str(data),
@@ -259,12 +258,12 @@ def test_label_maps_are_written_atomically(tmp_path, monkeypatch):
     assert out.read_bytes() == before and _leftovers(tmp_path) == []
 
 
-def test_exported_bundle_label_maps_are_complete_or_absent(tmp_path, monkeypatch):
+def test_exported_bundle_label_maps_are_complete_or_absent(site_files, tmp_path, monkeypatch):
     """The stock inference.json writes each label map in `<output_dir>/.partial` and renames it into `output_dir`
     once written: a full disk on the second case leaves the first case's map complete and no truncated map."""
     from monai.bundle import run as bundle_run
 
-    bundle = write_expert(tmp_path / "expert")
+    bundle = site_files.write_expert(tmp_path / "expert")
     images = tmp_path / "in"
     images.mkdir()
     for name in ("a", "b"):

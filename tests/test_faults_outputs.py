@@ -27,8 +27,6 @@ import numpy as np
 import pytest
 import torch
 
-from site_fixture import write_expert, write_msd
-
 from medfm_ops.bundle import write_cls_expert_bundle
 from medfm_ops.data import input_guard
 from medfm_ops.utils import OutputLockedError, OutputWriteError, atomic_torch_save, lock_path, output_lock
@@ -69,18 +67,17 @@ def _nii(path: Path, array: np.ndarray) -> Path:
 
 
 # ------------------------------------------------------------------------------- a bundle is written as a whole
-def test_export_into_an_existing_bundle_on_a_full_disk_keeps_the_previous_bundle(tmp_path):
+def test_export_into_an_existing_bundle_on_a_full_disk_keeps_the_previous_bundle(site_files, tmp_path):
     """Row 1: a new expert (other classes, larger model) exported over an existing bundle with the disk filling up
     while model.pt is written: exit 1, one line naming model.pt, the old bundle byte-identical, nothing staged left."""
-    bundle = write_expert(tmp_path / "expert")  # the "brain" bundle
+    bundle = site_files.write_expert(tmp_path / "expert")  # the "brain" bundle
     before = _snapshot(bundle)
     largest_config = max(p.stat().st_size for p in bundle.rglob("*") if p.is_file() and p.suffix != ".pt")
     script = textwrap.dedent(f"""
         import copy, torch
-        from site_fixture import UNET
         from medfm_ops.bundle import write_expert_bundle
         from medfm_ops.networks import instantiate
-        net_def = dict(copy.deepcopy(UNET), channels=[16, 32, 64])
+        net_def = dict({site_files.unet!r}, channels=[16, 32, 64])
         torch.manual_seed(1)
         net = instantiate(copy.deepcopy(net_def))
         write_expert_bundle({str(bundle)!r}, net_def, net.state_dict(), "thorax", {{1: "lung", 2: "heart"}}, [1, 2],
@@ -96,10 +93,10 @@ def test_export_into_an_existing_bundle_on_a_full_disk_keeps_the_previous_bundle
     assert _hidden(tmp_path) == []  # no staging folder, no lock file left
 
 
-def test_killed_export_keeps_the_previous_bundle_and_the_next_writer_cleans_up(tmp_path):
+def test_killed_export_keeps_the_previous_bundle_and_the_next_writer_cleans_up(site_files, tmp_path):
     """A writer killed (SIGKILL) mid-way leaves the previous bundle intact; its staging folder and lock file are
     cleaned up by the next writer, which reports the stale lock and takes it over."""
-    bundle = write_expert(tmp_path / "expert")
+    bundle = site_files.write_expert(tmp_path / "expert")
     before = _snapshot(bundle)
     script = textwrap.dedent(f"""
         import time, sys
@@ -116,9 +113,17 @@ def test_killed_export_keeps_the_previous_bundle_and_the_next_writer_cleans_up(t
     proc.wait(timeout=30)
     assert _snapshot(bundle) == before
     assert any(n.startswith(".expert.partial-") for n in _hidden(tmp_path)) and lock_path(bundle).is_file()
-    res = subprocess.run([PY, "-c", f"import sys; sys.path.insert(0, 'tests'); from site_fixture import write_expert; "
-                          f"from pathlib import Path; write_expert(Path({str(bundle)!r}))"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    rewrite = textwrap.dedent(f"""
+        import torch
+        from medfm_ops.bundle import write_expert_bundle
+        from medfm_ops.networks import instantiate
+        torch.manual_seed(0)
+        net = instantiate({site_files.unet!r})
+        write_expert_bundle({str(bundle)!r}, {site_files.unet!r}, net.state_dict(), "brain",
+                            {{1: "ventricles", 2: "posterior", 3: "anterior"}}, [1, 2, 4], (1, 1, 1), (16, 16, 16),
+                            modality="MR")
+    """)
+    res = subprocess.run([PY, "-c", rewrite], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"taking over the stale lock {lock_path(bundle)} of pid {proc.pid}" in res.stderr
     assert "that process is no longer running" in res.stderr
@@ -126,12 +131,12 @@ def test_killed_export_keeps_the_previous_bundle_and_the_next_writer_cleans_up(t
 
 
 # ------------------------------------------------------------------------------------ one writer per output folder
-def test_second_site_finetuning_into_the_same_folder_is_refused(tmp_path):
+def test_second_site_finetuning_into_the_same_folder_is_refused(site_files, tmp_path):
     """Row 7 (two processes): while one run holds the output folder, a second site fine-tuning exits 1 naming the
     holder's pid and the lock file, and the folder stays byte-identical."""
-    expert = write_expert(tmp_path / "expert")
-    data = write_msd(tmp_path / "site", n=4)
-    out = write_expert(tmp_path / "site_bundle")  # an earlier result in the output folder
+    expert = site_files.write_expert(tmp_path / "expert")
+    data = site_files.write_msd(tmp_path / "site", n=4)
+    out = site_files.write_expert(tmp_path / "site_bundle")  # an earlier result in the output folder
     before = _snapshot(out)
     holder = subprocess.Popen(
         [PY, "-c", f"import time; from medfm_ops.utils import output_lock\nwith output_lock({str(out)!r}):\n"
@@ -295,14 +300,14 @@ def test_exported_classification_bundle_refuses_nan_2d_and_two_channel_volumes(t
 
 
 # ------------------------------------------------------------------- site fine-tuning: data check decodes every file
-def test_truncated_and_nan_images_at_site_finetuning_exit_1_naming_the_file(tmp_path):
+def test_truncated_and_nan_images_at_site_finetuning_exit_1_naming_the_file(site_files, tmp_path):
     """Rows 5 and 6: a truncated image (gzip cut) and a NaN image are found by the data check, before any scoring or
     training: exit 1 (no abort), the file named, the previous output bundle byte-identical, nothing staged left."""
-    expert = write_expert(tmp_path / "expert")
-    out = write_expert(tmp_path / "site_bundle")
+    expert = site_files.write_expert(tmp_path / "expert")
+    out = site_files.write_expert(tmp_path / "site_bundle")
     before = _snapshot(out)
     for problem in ("truncated", "nan"):
-        data = write_msd(tmp_path / problem, n=4)
+        data = site_files.write_msd(tmp_path / problem, n=4)
         image = data / "imagesTr" / "case_002.nii.gz"
         if problem == "truncated":
             raw = image.read_bytes()
@@ -325,13 +330,13 @@ def test_truncated_and_nan_images_at_site_finetuning_exit_1_naming_the_file(tmp_
         assert _snapshot(out) == before and _hidden(tmp_path) == []
 
 
-def test_data_check_reads_each_file_once(tmp_path, monkeypatch):
+def test_data_check_reads_each_file_once(site_files, tmp_path, monkeypatch):
     """The verdict of a file is cached by path, size and mtime: a second check decodes nothing; a changed file is
     decoded again."""
     from medfm_ops.data import check_segmentation_cases, integrity
 
     monkeypatch.setenv("MEDFM_CACHE_DIR", str(tmp_path / "cache"))
-    data = write_msd(tmp_path / "site", n=2)
+    data = site_files.write_msd(tmp_path / "site", n=2)
     cases = [{"image": str(p), "label": str(data / "labelsTr" / p.name)} for p in sorted((data / "imagesTr").iterdir())]
     loads = []
     real_load = integrity.nib.load
@@ -349,7 +354,7 @@ def test_data_check_reads_each_file_once(tmp_path, monkeypatch):
     assert len(loads) == 5
 
 
-def test_full_disk_in_a_stock_bundle_training_during_site_finetuning(tmp_path, monkeypatch):
+def test_full_disk_in_a_stock_bundle_training_during_site_finetuning(site_files, tmp_path, monkeypatch):
     """Row 8 for the fine-tuning path: the site bundle's own train.json saves with MONAI's CheckpointSaver (stock
     MONAI), where torch only says "unexpected pos"; the run ends with one line naming the file, the previous output
     bundle byte-identical and nothing staged left."""
@@ -357,9 +362,9 @@ def test_full_disk_in_a_stock_bundle_training_during_site_finetuning(tmp_path, m
 
     from medfm_ops.finetune import finetune_expert
 
-    expert = write_expert(tmp_path / "expert")
-    data = write_msd(tmp_path / "site", n=4)
-    out = write_expert(tmp_path / "site_bundle")
+    expert = site_files.write_expert(tmp_path / "expert")
+    data = site_files.write_msd(tmp_path / "site", n=4)
+    out = site_files.write_expert(tmp_path / "site_bundle")
     before = _snapshot(out)
     real_save = torch.save
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 from monai.metrics import compute_dice, compute_surface_dice
 
-from site_fixture import UNET, write_expert, write_msd
 
 from medfm_ops.finetune import (
     SUMMARY_RELPATH,
+    SiteFinetuneSettings,
     add_lora,
     check_mode,
     finetune_expert,
@@ -43,8 +43,8 @@ from medfm_ops.utils import file_sha256
 
 
 # ----------------------------------------------------------------------------------------------------------- split
-def test_split_is_deterministic_saved_and_reused(tmp_path):
-    data = write_msd(tmp_path / "msd", n=10)
+def test_split_is_deterministic_saved_and_reused(site_files, tmp_path):
+    data = site_files.write_msd(tmp_path / "msd", n=10)
     a = load_or_create_split(data, tmp_path / "a" / "split.json", val_split=0.3, seed=3)
     b = load_or_create_split(data, tmp_path / "b" / "split.json", val_split=0.3, seed=3)
     assert not a["reused"] and (tmp_path / "a" / "split.json").is_file()
@@ -97,8 +97,8 @@ def test_plan_head_modes():
         plan_head(["a"], ["a"], [0], 5, head="grow")
 
 
-def test_resize_single_conv_head_is_exact():
-    net_def = {**UNET, "num_res_units": 0}  # the top layer is a single transposed convolution
+def test_resize_single_conv_head_is_exact(site_files):
+    net_def = {**site_files.unet, "num_res_units": 0}  # the top layer is a single transposed convolution
     torch.manual_seed(1)
     old = instantiate(copy.deepcopy(net_def)).double().eval()
     new_def, sd = resize_head(net_def, old.state_dict(), [3, None, 0])
@@ -113,21 +113,21 @@ def test_resize_single_conv_head_is_exact():
     assert not torch.allclose(b[:, 1], a[:, 1])
 
 
-def test_resize_residual_unet_slices_both_dims_of_top_unit():
-    dims = out_channel_dims(UNET)
+def test_resize_residual_unet_slices_both_dims_of_top_unit(site_files):
+    dims = out_channel_dims(site_files.unet)
     square = [k for k, d in dims.items() if d == [0, 1]]
     assert square, f"expected a C x C kernel among {dims}"
     torch.manual_seed(0)
-    sd = instantiate(copy.deepcopy(UNET)).state_dict()
-    _, new = resize_head(UNET, sd, [4, 2])
+    sd = instantiate(copy.deepcopy(site_files.unet)).state_dict()
+    _, new = resize_head(site_files.unet, sd, [4, 2])
     k = square[0]
     assert new[k].shape[:2] == (2, 2) and torch.equal(new[k], sd[k][[4, 2]][:, [4, 2]])
 
 
 # ------------------------------------------------------------------------------------------------------------ LoRA
-def test_lora_merge_is_exact_and_stock():
+def test_lora_merge_is_exact_and_stock(site_files):
     torch.manual_seed(0)
-    net = instantiate(copy.deepcopy(UNET)).double().eval()
+    net = instantiate(copy.deepcopy(site_files.unet)).double().eval()
     adapted = add_lora(net, rank=2, alpha=4).double().eval()
     with torch.no_grad():
         for name, p in adapted.named_parameters():
@@ -142,9 +142,9 @@ def test_lora_merge_is_exact_and_stock():
     assert not torch.allclose(ya, y0)
 
 
-def test_lora_mode_trains_adapters_only():
+def test_lora_mode_trains_adapters_only(site_files):
     torch.manual_seed(0)
-    adapted = add_lora(instantiate(copy.deepcopy(UNET)), rank=2)
+    adapted = add_lora(instantiate(copy.deepcopy(site_files.unet)), rank=2)
     before = {k: v.clone() for k, v in adapted.state_dict().items()}
     opt = torch.optim.SGD(trainable_parameters(adapted), lr=0.1)
     for _ in range(2):
@@ -156,11 +156,11 @@ def test_lora_mode_trains_adapters_only():
     assert all(("lora_" in n) == p.requires_grad for n, p in adapted.named_parameters())
 
 
-def test_modes_and_start(tmp_path):
+def test_modes_and_start(site_files, tmp_path):
     assert [check_mode(m) for m in ("full", "lora", "sparse")] == ["full", "lora", "sparse"]
     with pytest.raises(ValueError, match="mode must be"):
         check_mode("half")
-    src = load_source(write_expert(tmp_path / "expert"))
+    src = load_source(site_files.write_expert(tmp_path / "expert"))
     assert src.class_names == ["ventricles", "posterior", "anterior"] and src.output_channels == [1, 2, 4]
     keep = prepare_start(src, {"1": "anterior", "2": "posterior"})
     assert keep.output_channels == [4, 2] and keep.plan.mode == "keep" and keep.init == "pretrained"
@@ -176,13 +176,14 @@ EPOCHS = 12
 
 
 @pytest.fixture(scope="module")
-def site_run(tmp_path_factory):
+def site_run(site_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("site")
-    data = write_msd(root / "msd", n=8)
-    expert = write_expert(root / "expert")
+    data = site_files.write_msd(root / "msd", n=8)
+    expert = site_files.write_expert(root / "expert")
     out = root / "site_bundle"
-    summary = finetune_expert(expert, data, out, mode="full", epochs=EPOCHS, batch_size=2, learning_rate=0.01,
-                              val_split=0.25, device="cpu", progress=False)  # fmt: skip
+    summary = finetune_expert(expert, data, out, SiteFinetuneSettings(
+        mode="full", epochs=EPOCHS, batch_size=2, learning_rate=0.01, val_split=0.25, device="cpu",
+        progress=False))  # fmt: skip
     return {"root": root, "data": data, "expert": expert, "out": out, "summary": summary}
 
 
@@ -288,13 +289,17 @@ def test_refused_run_keeps_the_previous_bundle(site_run):
     out = site_run["out"]
     model_sha, summary_text = file_sha256(out / "models" / "model.pt"), (out / SUMMARY_RELPATH).read_text()
     with pytest.raises(ValueError, match="seed=0"):  # a different seed against the saved split
-        finetune_expert(site_run["expert"], site_run["data"], out, seed=1, epochs=1, val_split=0.25, progress=False)
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            seed=1, epochs=1, val_split=0.25, progress=False))  # fmt: skip
     with pytest.raises(ValueError, match="val_interval"):
-        finetune_expert(site_run["expert"], site_run["data"], out, epochs=3, val_interval=2, progress=False)
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            epochs=3, val_interval=2, progress=False))  # fmt: skip
     with pytest.raises(ValueError, match="budget"):
-        finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", sparse_budget=2.0, progress=False)
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            mode="sparse", sparse_budget=2.0, progress=False))  # fmt: skip
     with pytest.raises(ValueError, match="variant"):
-        finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", sparse_variant="l3", progress=False)
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            mode="sparse", sparse_variant="l3", progress=False))  # fmt: skip
     assert file_sha256(out / "models" / "model.pt") == model_sha and (out / SUMMARY_RELPATH).read_text() == summary_text
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
 
@@ -310,7 +315,8 @@ def test_interrupted_run_keeps_the_previous_bundle(site_run, monkeypatch):
 
     monkeypatch.setattr(pipeline, "run_bundle_configs", killed)
     with pytest.raises(KeyboardInterrupt):
-        finetune_expert(site_run["expert"], site_run["data"], out, epochs=1, val_split=0.25, progress=False)
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            epochs=1, val_split=0.25, progress=False))  # fmt: skip
     assert file_sha256(out / "models" / "model.pt") == model_sha
     assert json.loads((out / SUMMARY_RELPATH).read_text())["status"] == "complete"
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
@@ -322,8 +328,8 @@ def test_diverging_run_names_the_batch_and_keeps_the_previous_bundle(site_run, t
     out = site_run["out"]
     model_sha = file_sha256(out / "models" / "model.pt")
     with pytest.raises(FloatingPointError, match=r"training loss is (nan|inf).*on the batch of \[.*\.nii"):
-        finetune_expert(site_run["expert"], site_run["data"], out, epochs=1, batch_size=2, learning_rate=1e12,
-                        val_split=0.25, progress=False, verify=False)  # fmt: skip
+        finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+            epochs=1, batch_size=2, learning_rate=1e12, val_split=0.25, progress=False, verify=False))  # fmt: skip
     assert file_sha256(out / "models" / "model.pt") == model_sha
 
     data = tmp_path / "msd"
@@ -335,8 +341,8 @@ def test_diverging_run_names_the_batch_and_keeps_the_previous_bundle(site_run, t
     arr[2:4, 2:4, 2:4] = np.nan
     nib.save(nib.Nifti1Image(arr, img.affine), bad)
     with pytest.raises(ValueError, match="NaN/inf voxels") as info:  # refused by name before any training step
-        finetune_expert(site_run["expert"], data, tmp_path / "nan_bundle", epochs=1, batch_size=1, val_split=0.25,
-                        progress=False, verify=False)  # fmt: skip
+        finetune_expert(site_run["expert"], data, tmp_path / "nan_bundle", SiteFinetuneSettings(
+            epochs=1, batch_size=1, val_split=0.25, progress=False, verify=False))  # fmt: skip
     assert str(bad) in str(info.value)
     assert not (tmp_path / "nan_bundle").exists() and not list(tmp_path.glob(".nan_bundle.partial-*"))
 
@@ -345,9 +351,9 @@ def test_diverging_run_names_the_batch_and_keeps_the_previous_bundle(site_run, t
 def test_lora_site_bundle_is_stock_and_reuses_split(site_run, tmp_path, head):
     out = tmp_path / "lora_bundle"
     shutil.copytree(site_run["out"] / "docs", out / "docs")  # the saved split of the first run is reused
-    summary = finetune_expert(site_run["expert"], site_run["data"], out, mode="lora", head=head, epochs=2,
-                              batch_size=2, learning_rate=0.01, val_split=0.25, lora_rank=2, verify=False,
-                              progress=False)  # fmt: skip
+    summary = finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+        mode="lora", head=head, epochs=2, batch_size=2, learning_rate=0.01, val_split=0.25, lora_rank=2,
+        verify=False, progress=False))  # fmt: skip
     assert summary["split"]["reused"] and summary["head"]["mode"] == "resize" and summary["lora"]["rank"] == 2
     assert summary["parameters"]["trainable"] < summary["parameters"]["total"] / 2
     infer = json.loads((out / "configs" / "inference.json").read_text())
@@ -365,9 +371,9 @@ def test_sparse_site_bundle_trains_the_budget_and_keeps_frozen_bits(site_run, tm
 
     out = tmp_path / "sparse_bundle"
     shutil.copytree(site_run["out"] / "docs", out / "docs")  # the saved split of the first run is reused
-    summary = finetune_expert(site_run["expert"], site_run["data"], out, mode="sparse", epochs=2, batch_size=2,
-                              learning_rate=0.01, weight_decay=0.05, val_split=0.25, sparse_budget=0.05,
-                              verify=False, progress=False)  # fmt: skip
+    summary = finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+        mode="sparse", epochs=2, batch_size=2, learning_rate=0.01, weight_decay=0.05, val_split=0.25,
+        sparse_budget=0.05, verify=False, progress=False))  # fmt: skip
     start = torch.load(site_run["expert"] / "models" / "model.pt", weights_only=True)  # head "keep": same tensors
     total = sum(v.numel() for k, v in start.items() if v.is_floating_point())
     assert summary["mode"] == "sparse" and summary["head"]["mode"] == "keep"

@@ -23,11 +23,12 @@ from monai.bundle import run as bundle_run
 
 from medfm_ops.bundle import export_lorkd_expert
 from medfm_ops.data import load_datalist
-from seg_fixture import TINY
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
+#: the tiny synthetic set (also what the session teacher of conftest.py trains on)
+TINY = json.loads((REPO / "tests" / "configs" / "tiny_seg.json").read_text())
 
 
 def _cfg(bundle: Path, *names: str) -> str | list[str]:
@@ -54,10 +55,10 @@ def workspace(seg_bundles):
     """Copies of both bundles, a private data cache, a trained teacher (session fixture ``seg_bundles``) and a trained
     LoRKD* student."""
     root = seg_bundles
-    os.environ["MEDFM_CACHE"] = str(root / "cache")
-    _run(root / "lorkd_seg", "train.json", epochs=3, warmup_epochs=1, lorkd_star=True, val_interval=1)
-    yield root
-    os.environ.pop("MEDFM_CACHE", None)
+    with pytest.MonkeyPatch.context() as mp:  # the module's data cache, restored afterwards
+        mp.setenv("MEDFM_CACHE", str(root / "cache"))
+        _run(root / "lorkd_seg", "train.json", epochs=3, warmup_epochs=1, lorkd_star=True, val_interval=1)
+        yield root
 
 
 def test_metadata_of_both_bundles_is_complete(tmp_path):
@@ -256,15 +257,12 @@ def test_inference_bad_inputs_are_clear_errors(workspace, tmp_path, bundle):
     assert any("spleen_xyz" in m and "brain_mri" in m for m in _messages(info.value)), _messages(info.value)[-1]
 
 
-def test_missing_teacher_says_how_to_produce_one(tmp_path):
+def test_missing_teacher_says_how_to_produce_one(tmp_path, monkeypatch):
     bundle = tmp_path / "lorkd_seg"
     shutil.copytree(REPO / "bundles" / "lorkd_seg", bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
-    os.environ["MEDFM_CACHE"] = str(tmp_path / "cache")
-    try:
-        with pytest.raises(Exception) as info:
-            _run(bundle, "train.json", epochs=1)
-    finally:
-        os.environ.pop("MEDFM_CACHE", None)
+    monkeypatch.setenv("MEDFM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(Exception) as info:
+        _run(bundle, "train.json", epochs=1)
     assert any("teacher not found" in m and "foundation_seg/configs/train.json" in m for m in _messages(info.value))
 
 

@@ -19,7 +19,6 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle import run as bundle_run
 from monai.utils import set_determinism
-from seg_fixture import REPO, TINY
 
 from medfm_ops.data import RegionTable
 from medfm_ops.networks import (
@@ -32,6 +31,10 @@ from medfm_ops.networks import (
 )
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+#: the tiny synthetic set (also what the session teacher of conftest.py trains on)
+TINY = json.loads((REPO / "tests" / "configs" / "tiny_seg.json").read_text())
 
 TRAINED = ("brain_mri", "thorax_ct", "abdomen_ct")  # the short run's regions; pelvis_mr is never trained
 ABSENT = "pelvis_mr"

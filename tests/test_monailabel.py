@@ -39,11 +39,9 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
-from expert_fixture import CHANNELS, NET_DEF, ROI, SPACING
-from site_fixture import write_expert, write_msd
 
 from medfm_ops.bundle import write_expert_bundle
-from medfm_ops.finetune import finetune_expert
+from medfm_ops.finetune import SiteFinetuneSettings, finetune_expert
 
 pytestmark = pytest.mark.slow
 
@@ -98,24 +96,24 @@ def label_python() -> Path:
     return LABEL_VENV / "bin" / "python"
 
 
-def _calibrated_state_dict(image: np.ndarray) -> dict[str, torch.Tensor]:
+def _calibrated_state_dict(tiny_expert, image: np.ndarray) -> dict[str, torch.Tensor]:
     """Random UNet whose final bias puts each region channel above 0 on ~30 % of the preprocessed test volume."""
     torch.manual_seed(0)
-    net = UNet(**{k: v for k, v in NET_DEF.items() if k != "_target_"}).eval()
+    net = UNet(**{k: v for k, v in tiny_expert.net_def.items() if k != "_target_"}).eval()
     # the bundle's preprocessing for this volume: orientation/spacing change the grid, the logits' quantiles barely
     # depend on it; the intensity normalisation is what matters for the scale of the logits
     x = torch.from_numpy((image - image.mean()) / image.std())[None, None].float()
     with torch.no_grad():
-        before = sliding_window_inference(x, ROI, 1, net, overlap=0.25, mode="gaussian")[0]
+        before = sliding_window_inference(x, tiny_expert.roi, 1, net, overlap=0.25, mode="gaussian")[0]
     sd = net.state_dict()
-    head = [k for k, v in sd.items() if k.endswith("bias") and v.shape == (NET_DEF["out_channels"],)][-1]
-    shift = torch.zeros(NET_DEF["out_channels"])
-    for c in CHANNELS:
+    head = [k for k, v in sd.items() if k.endswith("bias") and v.shape == (tiny_expert.net_def["out_channels"],)][-1]
+    shift = torch.zeros(tiny_expert.net_def["out_channels"])
+    for c in tiny_expert.channels:
         shift[c] = -torch.quantile(before[c].flatten(), 0.7)
     sd[head] = sd[head] + shift
     net.load_state_dict(sd)
     with torch.no_grad():
-        after = sliding_window_inference(x, ROI, 1, net, overlap=0.25, mode="gaussian")[0]
+        after = sliding_window_inference(x, tiny_expert.roi, 1, net, overlap=0.25, mode="gaussian")[0]
     # the shift is exact (last layer is a plain conv added to an identity residual): checked, not assumed
     torch.testing.assert_close(after, before + shift[:, None, None, None], atol=1e-4, rtol=1e-4)
     return sd
@@ -133,7 +131,7 @@ def _offline(bundle: Path, images_dir: Path, out_dir: Path, name: str) -> np.nda
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, label_python):
+def setup(site_files, tiny_expert, tmp_path_factory, label_python):
     root = tmp_path_factory.mktemp("monailabel")
     rng = np.random.default_rng(0)
     image = rng.normal(size=SHAPE).astype(np.float32)
@@ -142,7 +140,8 @@ def setup(tmp_path_factory, label_python):
     nib.save(nib.Nifti1Image(image, AFFINE), case)
 
     bundle = write_expert_bundle(
-        root / "bundle" / NAME, NET_DEF, _calibrated_state_dict(image), "abdomen", LABELS, CHANNELS, SPACING, ROI
+        root / "bundle" / NAME, tiny_expert.net_def, _calibrated_state_dict(tiny_expert, image), "abdomen", LABELS,
+        tiny_expert.channels, tiny_expert.spacing, tiny_expert.roi,
     )
     # oracle: the same bundle offline, stock monai.bundle run in this (main) environment
     (root / "in").mkdir()
@@ -150,9 +149,9 @@ def setup(tmp_path_factory, label_python):
     oracle = _offline(bundle, root / "in", root / "oracle", case.name)
 
     # a site bundle: a tiny expert fine-tuned on two-blob volumes by medfm's site fine-tuning
-    site_data = write_msd(root / "site_msd", n=8)
-    site = finetune_expert(write_expert(root / "site_source"), site_data, root / "bundle" / SITE_NAME, epochs=12,
-                           batch_size=2, learning_rate=0.01, val_split=0.25, verify=False, progress=False)  # fmt: skip
+    site_data = site_files.write_msd(root / "site_msd", n=8)
+    site = finetune_expert(site_files.write_expert(root / "site_source"), site_data, root / "bundle" / SITE_NAME, SiteFinetuneSettings(
+        epochs=12, batch_size=2, learning_rate=0.01, val_split=0.25, verify=False, progress=False))  # fmt: skip
     site_case = Path(site["after"]["cases"][0]["label"].replace("labelsTr", "imagesTr"))
     (root / "site_in").mkdir()
     shutil.copy(site_case, root / "site_in" / site_case.name)

@@ -5,13 +5,16 @@ expert_model_from_spec rebuilds exactly that model (older specs: the 0.2.0 layou
 
 from __future__ import annotations
 
+import inspect
 import json
 
+import pytest
 import torch
 from monai.networks.nets import UNet
 
 from medfm_ops.data import RegionTable
-from medfm_ops.layers import EKSConv, EKSConvTranspose
+from medfm_ops.engines.handlers.expert_warmup import _uniform_rank
+from medfm_ops.layers import EKSConv, EKSConvTranspose, ExpertSettings
 from medfm_ops.networks import (
     MONAI_UNET_DECODER,
     eks_layers,
@@ -19,7 +22,9 @@ from medfm_ops.networks import (
     load_expert_state_dict,
     load_network_spec,
     save_network_spec,
+    set_expert_ranks,
     to_experts,
+    trained_expert_settings,
 )
 
 NETWORK_DEF = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3,
@@ -62,3 +67,33 @@ def test_spec_without_experts_is_read_with_the_old_layout(tmp_path):
     layers = [m for _, m in eks_layers(model)]
     assert layers and all(isinstance(m, EKSConv) and not isinstance(m, EKSConvTranspose) for m in layers)
     assert all(m.ranks == (8, 8) and m.rank_multiplier == 1 and m.scaling == "rank" for m in layers)
+
+
+def test_expert_settings_own_the_defaults_and_are_recorded_complete(tmp_path):
+    """ExpertSettings is where a default lives: the layers, to_experts and the warm-up read it; a spec records every
+    setting (defaults written out), and an unknown recorded key is refused by name."""
+    defaults = ExpertSettings()
+    for fn in (to_experts, EKSConv.__init__, EKSConvTranspose.__init__):
+        params = inspect.signature(fn).parameters
+        assert params["ranks"].default == defaults.ranks and params["alpha"].default == defaults.alpha, fn
+    assert inspect.signature(to_experts).parameters["scaling"].default == defaults.scaling
+    assert inspect.signature(to_experts).parameters["convert_transposed"].default == defaults.convert_transposed
+    save_network_spec(tmp_path, NETWORK_DEF, RegionTable.from_regions(REGIONS), experts={"ranks": 4})
+    recorded = load_network_spec(tmp_path)["experts"]
+    assert recorded == {"ranks": 4, "alpha": defaults.alpha, "scaling": defaults.scaling,
+                        "convert_transposed": defaults.convert_transposed}  # fmt: skip
+    assert ExpertSettings.from_record(recorded) == ExpertSettings(ranks=4)
+    assert trained_expert_settings(tmp_path) == {**ExpertSettings(ranks=4).to_experts_kwargs()}
+    with pytest.raises(ValueError, match=r"unknown expert settings \['rank'\]"):
+        ExpertSettings.from_record({"rank": 4})
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        ExpertSettings(scaling="linear")
+
+
+def test_warmup_reads_the_base_rank_of_the_network():
+    """LoRKD* without base_rank re-ranks from the rank the experts were built with (here 4, not the default 8)."""
+    net = to_experts(UNet(**{k: v for k, v in NETWORK_DEF.items() if k != "_target_"}), 2, ranks=4)
+    assert _uniform_rank(net) == 4
+    set_expert_ranks(net, [4, 2])
+    with pytest.raises(ValueError, match="one uniform base rank"):
+        _uniform_rank(net)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -74,11 +73,11 @@ def _images(folder: Path, n: int = 2) -> None:
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("shpeft")
     shutil.copytree(REPO / "bundles" / "shpeft_cls", root / "shpeft_cls", ignore=shutil.ignore_patterns("models", "eval", "runs", "export"))
-    os.environ["MEDFM_CACHE"] = str(root / "cache")
-    pre = _pretrained(root / "pretrained", RESNET)
-    _run(root / "shpeft_cls", "train.json", pretrained=str(pre), epochs=2, head_init="fresh")
-    yield root
-    os.environ.pop("MEDFM_CACHE", None)
+    with pytest.MonkeyPatch.context() as mp:  # the module's data cache, restored afterwards
+        mp.setenv("MEDFM_CACHE", str(root / "cache"))
+        pre = _pretrained(root / "pretrained", RESNET)
+        _run(root / "shpeft_cls", "train.json", pretrained=str(pre), epochs=2, head_init="fresh")
+        yield root
 
 
 def _check_sparse_result(ckpt: Path, pre: Path, head: str, budget: float = 0.01) -> dict:

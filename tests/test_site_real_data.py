@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from medfm_ops.bundle import write_expert_bundle
-from medfm_ops.finetune import SUMMARY_RELPATH, finetune_expert
+from medfm_ops.finetune import SUMMARY_RELPATH, SiteFinetuneSettings, finetune_expert
 from medfm_ops.networks import instantiate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,17 +35,16 @@ def test_site_finetune_on_msd_hippocampus(tmp_path):
         "set MEDFM_SHARED_DATA to the folder holding msd_hippocampus/."
     )
     # an expert bundle with the student architecture; trained from scratch here (init=scratch) to stay independent
-    # of the pre-trained checkpoints, which the benchmark (tools/bench_site_finetune.py) covers
+    # of the pre-trained checkpoints, which the benchmark (benchmarks/site_finetune.py) covers
     net = instantiate(dict(STUDENT))
     expert = write_expert_bundle(tmp_path / "expert", STUDENT, net.state_dict(), "brain_mri",
                                  {1: "ventricles", 2: "hippocampus_left", 3: "hippocampus_right"}, [0, 1, 2],
                                  (1.0, 1.0, 1.0), (32, 48, 32), modality="MR")  # fmt: skip
     out = tmp_path / "site_bundle"
     start = time.perf_counter()
-    finetune_expert(
-        expert, data, out, init="scratch", mode="full", epochs=10, val_interval=10, num_train_cases=60,
-        num_val_cases=10, batch_size=2, learning_rate=0.003, roi_size=[32, 48, 32], verify=False, progress=False,
-    )  # fmt: skip
+    finetune_expert(expert, data, out, SiteFinetuneSettings(
+        init="scratch", mode="full", epochs=10, val_interval=10, num_train_cases=60, num_val_cases=10,
+        batch_size=2, learning_rate=0.003, roi_size=[32, 48, 32], verify=False, progress=False))  # fmt: skip
     seconds = time.perf_counter() - start
     summary = json.loads((out / SUMMARY_RELPATH).read_text())
     split = json.loads((out / "docs" / "split.json").read_text())

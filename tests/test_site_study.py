@@ -15,8 +15,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from site_fixture import write_expert, write_msd
 
+from benchmarks import site_curve, site_finetune
+from benchmarks.site_study import (
+    STUDY_PARTS,
+    build_pretraining_datalist,
+    draw_training_cases,
+    load_or_create_study_split,
+    write_draw_split,
+)
+from benchmarks.learning_curve import compare_over_seeds, mean_std, plot_learning_curve
+from benchmarks.sections import markdown_sections, write_markdown_section
 from medfm_ops.data import (
     check_datalist_cases,
     ensure_synthetic_dataset,
@@ -27,23 +36,18 @@ from medfm_ops.data import (
 )
 from medfm_ops.finetune import (
     SUMMARY_RELPATH,
-    STUDY_PARTS,
-    build_pretraining_datalist,
-    draw_training_cases,
+    SiteFinetuneSettings,
     finetune_expert,
     load_or_create_split,
-    load_or_create_study_split,
-    write_draw_split,
     write_split,
 )
-from medfm_ops.metrics import compare_over_seeds, markdown_sections, mean_std, plot_learning_curve, write_markdown_section
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def msd(tmp_path_factory):
-    return write_msd(tmp_path_factory.mktemp("study") / "msd", n=12)
+def msd(site_files, tmp_path_factory):
+    return site_files.write_msd(tmp_path_factory.mktemp("study") / "msd", n=12)
 
 
 # -------------------------------------------------------------------------------------------- explicit split files
@@ -73,14 +77,14 @@ def test_explicit_split_is_saved_reused_and_never_replaced(msd, tmp_path):
     assert not (tmp_path / "b.json").exists() and not (tmp_path / "c.json").exists()
 
 
-def test_site_run_trains_on_exactly_the_explicit_split_without_before_scores(msd, tmp_path):
+def test_site_run_trains_on_exactly_the_explicit_split_without_before_scores(site_files, msd, tmp_path):
     _, cases, _ = read_msd_dataset(msd)
     split_file = tmp_path / "n3_seed1.json"
     write_split(msd, split_file, cases[5:8], cases[:3], info={"num_cases": 3, "draw_seed": 1})
     out = tmp_path / "site_bundle"
-    summary = finetune_expert(write_expert(tmp_path / "expert"), msd, out, seed=1, epochs=1, batch_size=2,
-                              split_file=split_file, score_before=False, device="cpu", verify=False,
-                              progress=False)  # fmt: skip
+    summary = finetune_expert(site_files.write_expert(tmp_path / "expert"), msd, out, SiteFinetuneSettings(
+        seed=1, epochs=1, batch_size=2, split_file=split_file, score_before=False, device="cpu", verify=False,
+        progress=False))  # fmt: skip
     s = summary["split"]
     assert s["origin"] == "explicit" and s["seed"] is None and s["info"]["draw_seed"] == 1
     assert s["num_training_used"] == s["num_training_total"] == 3 and s["num_validation_used"] == 3
@@ -231,7 +235,7 @@ def test_markdown_sections_are_replaced_in_place(tmp_path):
 
 
 def test_curve_tool_budget_and_recipe():
-    tool = _tool("bench_site_curve")
+    tool = site_curve
     assert tool.plan_epochs(5, 2, 150, None, 2) == {"epochs": 50, "val_interval": 25, "steps": 150}
     assert tool.plan_epochs(50, 2, 150, None, 2) == {"epochs": 6, "val_interval": 3, "steps": 150}
     assert tool.plan_epochs(50, 2, None, 10, 2) == {"epochs": 10, "val_interval": 5, "steps": 250}
@@ -243,16 +247,8 @@ def test_curve_tool_budget_and_recipe():
     assert recipe["lorkd_seg"]["warmup_epochs"] == 2 and recipe["lorkd_seg"]["val_interval"] == 10
 
 
-def _tool(name: str):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(REPO / "tools"))
-
-
 def test_runs_are_reused_only_with_the_same_settings(tmp_path):
-    bench = _tool("bench_site_finetune")
+    bench = site_finetune
     out = tmp_path / "n5" / "expert_full_seed0"
     write = f"import json, pathlib; p = pathlib.Path({str(out)!r}) / 'docs'; p.mkdir(parents=True, exist_ok=True); " \
             "(p / 'finetune_summary.json').write_text(json.dumps({'status': 'complete'}))"  # fmt: skip
@@ -268,7 +264,7 @@ def test_runs_are_reused_only_with_the_same_settings(tmp_path):
 
 
 def test_curve_section_and_plot_from_a_summary(tmp_path):
-    tool = _tool("bench_site_curve")
+    tool = site_curve
     machine = {"cpu_model": "cpu", "logical_cores": 2, "torch_threads": 1, "torch": "2", "monai": "1", "gpu": None,
                "load_average_1min": 1.0}  # fmt: skip
     records = [
@@ -279,7 +275,7 @@ def test_curve_section_and_plot_from_a_summary(tmp_path):
          "cpu_seconds": 80.0, "reused": False, "load_average_1min": 1.0, "machine": machine, "bundle": "x"}
         for n in ("5", "all") for seed in (0, 1) for row, base in (("scratch", 0.4), ("expert_full", 0.8))
     ]  # fmt: skip
-    meta = {"command": "python tools/bench_site_curve.py run", "date": "today", "stage_seconds": {"curve": 60.0},
+    meta = {"command": "python -m benchmarks.site_curve run", "date": "today", "stage_seconds": {"curve": 60.0},
             "glibc_tunables": "x", "omp_num_threads": "1", "jobs": 2,
             "study": {"study_file": "/tmp/s.json", "seed": 0, "num_public": 120, "num_validation": 30,
                       "num_site_pool": 50, "dataset_dir": "../shared/data/msd_hippocampus"},

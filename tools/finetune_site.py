@@ -8,44 +8,47 @@
 
 A thin entry point: it runs the expert bundle's own ``configs/train.json`` (with ``configs/train_lora.json`` for
 ``--mode lora``, ``configs/train_sparse.json`` for ``--mode sparse``: SH-PEFT, only the ``--sparse_budget`` most
-important weights train) through :func:`medfm_ops.finetune.finetune_expert`; see ``docs/site_finetuning.md``. Any
-argument of that function can be given as ``--name value``. ``--expert_bundle`` may also be a trained medfm training
-bundle (``bundles/foundation_seg``, ``bundles/lorkd_seg``) with ``--region``.
+important weights train) through :func:`medfm_ops.finetune.finetune_expert`; see ``docs/site_finetuning.md``. The
+options are the fields of :class:`medfm_ops.finetune.SiteFinetuneSettings` (``--help`` lists them with their
+defaults). ``--expert_bundle`` may also be a trained medfm training bundle (``bundles/foundation_seg``,
+``bundles/lorkd_seg``) with ``--region``.
 """
 
 from __future__ import annotations
 
-import inspect
+import argparse
 import logging
 import sys
 
-import fire
-
-from medfm_ops.finetune import finetune_expert
+from medfm_ops.finetune import SiteFinetuneSettings, finetune_expert
 
 
-def _booleans(kwargs: dict) -> dict:
-    """Fire passes ``--verify false`` as the (truthy) string "false": read true/false words of bool options."""
-    flags = {n for n, p in inspect.signature(finetune_expert).parameters.items() if p.annotation in (bool, "bool")}
-    out = dict(kwargs)
-    for name in flags & set(out):
-        value = out[name]
-        if isinstance(value, str):
-            if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"--{name} must be true or false, got {value!r}.")
-            out[name] = value.strip().lower() in ("true", "1", "yes")
-    return out
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line: the three paths, then one option per :class:`SiteFinetuneSettings` field."""
+    parser = argparse.ArgumentParser(
+        prog="finetune_site",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    paths = parser.add_argument_group("paths")
+    paths.add_argument("--expert_bundle", required=True, default=argparse.SUPPRESS, help="expert bundle (or medfm training bundle) to start from")
+    paths.add_argument("--dataset_dir", required=True, default=argparse.SUPPRESS, help="the site's MSD-style folder (dataset.json, imagesTr/, labelsTr/)")
+    paths.add_argument("--output_dir", required=True, default=argparse.SUPPRESS, help="the bundle to write (replaced when the run succeeds)")
+    SiteFinetuneSettings.add_arguments(parser.add_argument_group("settings (medfm_ops.finetune.SiteFinetuneSettings)"))
+    return parser
 
 
-def main(**kwargs) -> None:
-    """Run :func:`~medfm_ops.finetune.finetune_expert` with ``kwargs``; exits 1 with a one-line error on bad input."""
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run :func:`~medfm_ops.finetune.finetune_expert`; 1 with a one-line error on bad input."""
+    args = argument_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     try:
-        finetune_expert(**_booleans(kwargs))
+        finetune_expert(args.expert_bundle, args.dataset_dir, args.output_dir, SiteFinetuneSettings.from_namespace(args))
     except (ValueError, FileNotFoundError, NotImplementedError, TypeError, ArithmeticError) as e:
         print(f"\nfinetune_site: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    sys.exit(main())

@@ -3,7 +3,8 @@
 """Engines: batch routing, inferers, loss adapters and handlers for MONAI / Ignite workflows."""
 
 from medfm_ops.engines.handlers import AtomicCheckpointSaver, EpochSummaryHandler, ExpertWarmupHandler, FinalValidationHandler
-from medfm_ops.engines.lorkd_loss_adapter import LoRKDLossAdapter, NonFiniteLossError
+from medfm_ops.engines.loss_adapter import NonFiniteLossError, TaskLossAdapter
+from medfm_ops.engines.lorkd_loss_adapter import LoRKDLossAdapter
 from medfm_ops.engines.training_state import (
     ValidationState,
     atomic_write_text,
@@ -15,18 +16,24 @@ from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evalua
 from medfm_ops.engines.cls_batch import ClsLossAdapter, TaskPrepareBatch
 from medfm_ops.engines.cls_teacher_cache import TeacherFeatureCache
 from medfm_ops.engines.cls_rd_export import export_rd_student, rd_student_network_def, student_task_table
-from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier, write_cls_summary
-from medfm_ops.engines.handlers import LinearDecayHandler
+from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier
+from medfm_ops.engines.handlers import LinearDecayHandler, TerminalProgressBar
 from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
 from medfm_ops.engines.region_window import RegionSlidingWindowInferer
+
+#: the former classification-only name of :func:`write_training_summary` (one writer for every kind of task; kept
+#: while bundle configs switch)
+write_cls_summary = write_training_summary
 
 __all__ = [
     "AtomicCheckpointSaver",
     "EpochSummaryHandler",
     "ExpertWarmupHandler",
     "FinalValidationHandler",
+    "TerminalProgressBar",
     "LoRKDLossAdapter",
     "NonFiniteLossError",
+    "TaskLossAdapter",
     "RegionPrepareBatch",
     "RoutedSimpleInferer",
     "RoutedSlidingWindowInferer",

@@ -1,10 +1,9 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Batch preparation and the loss adapter of the classification workflows (task routing, frozen teacher)."""
+"""Batch preparation of the classification workflows (task routing, frozen teacher)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +12,7 @@ from monai.utils import CommonKeys
 from torch import nn
 
 from medfm_ops.engines.cls_teacher_cache import TeacherFeatureCache
-from medfm_ops.engines.lorkd_loss_adapter import NonFiniteLossError
+from medfm_ops.engines.loss_adapter import TaskLossAdapter
 from medfm_ops.engines.routing import batch_filenames
 
 __all__ = ["TaskPrepareBatch", "ClsLossAdapter"]
@@ -103,44 +102,5 @@ class TaskPrepareBatch:
         return image, targets, args, kw
 
 
-class ClsLossAdapter(nn.Module):
-    """
-    ``forward(pred, targets)`` for :class:`monai.engines.SupervisedTrainer`: feeds a classification loss the batch
-    entries it names in ``input_keys`` (from the network output — a dict, or a tensor read as ``logits``/``z_s`` —
-    and the targets of :class:`TaskPrepareBatch` with ``targets_as_dict=True``); stops with
-    :class:`~medfm_ops.engines.NonFiniteLossError` naming the batch's items when the loss is not finite. Exposes
-    ``last_components``, ``last_per_sample_task`` and ``last_regions`` (task ids) to handlers (epoch summary,
-    LoRKD* warm-up).
-
-    Args:
-        loss: a loss of :mod:`medfm_ops.losses.cls_losses` (it has ``input_keys``).
-    """
-
-    def __init__(self, loss: nn.Module) -> None:
-        super().__init__()
-        if not hasattr(loss, "input_keys"):
-            raise TypeError(f"{type(loss).__name__} has no input_keys: use a loss of medfm_ops.losses.cls_losses.")
-        self.loss = loss
-        self.last_regions: torch.Tensor | None = None
-
-    @property
-    def last_components(self) -> dict[str, float]:
-        return getattr(self.loss, "last_components", {})
-
-    @property
-    def last_per_sample_task(self) -> torch.Tensor | None:
-        return getattr(self.loss, "last_per_sample_task", None)
-
-    def forward(self, pred: Any, targets: dict[str, Any]) -> torch.Tensor:
-        if not isinstance(targets, dict):
-            raise TypeError("ClsLossAdapter expects dict targets: use TaskPrepareBatch(targets_as_dict=True).")
-        entries = dict(targets)
-        entries.update(pred if isinstance(pred, dict) else {"logits": pred, "z_s": pred})
-        value = self.loss(*[entries.get(k) for k in self.loss.input_keys])
-        self.last_regions = targets["task_id"].detach()
-        if not math.isfinite(float(value.detach())):
-            raise NonFiniteLossError(
-                f"training loss is {float(value.detach())} (components {self.last_components}) for the batch "
-                f"{targets.get('filenames', [])}: check these images for NaN/Inf values or lower the learning rate."
-            )
-        return value
+#: the former classification-only name of the one task loss adapter (kept while bundle configs switch)
+ClsLossAdapter = TaskLossAdapter

@@ -5,14 +5,12 @@ experts, an RD student and its teacher, with train/deploy parameters and FLOPs; 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Engine
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator
 from monai.inferers import SimpleInferer
@@ -22,10 +20,8 @@ from medfm_ops.engines.cls_batch import TaskPrepareBatch
 from medfm_ops.engines.lorkd_evaluation import count_flops, count_params
 from medfm_ops.metrics import MultiTaskClsMetric, mean_score_row, write_table
 from medfm_ops.networks.cls_heads import export_cls_expert
-from medfm_ops.networks.experts import eks_layers
-from medfm_ops.utils.atomic_io import atomic_write_text
 
-__all__ = ["score_classifier", "evaluate_classifier", "evaluate_cls_decomposition", "evaluate_rd", "write_cls_summary"]
+__all__ = ["score_classifier", "evaluate_classifier", "evaluate_cls_decomposition", "evaluate_rd"]
 
 logger = logging.getLogger("medfm.evaluate")
 
@@ -191,22 +187,6 @@ def evaluate_rd(
     if score_foundation:
         table.add("foundation (unified head)", teacher.teacher, (n_t, n_t), (f_t, f_t), unified=True)
     return table.write(out_dir)
-
-
-def write_cls_summary(path: str | os.PathLike, trainer: Engine, evaluator: Engine | None = None, warmup: Any = None) -> None:
-    """``{epochs, iterations, best metric, last metrics, expert ranks?}`` as JSON (atomically)."""
-    summary: dict[str, Any] = {"epochs": trainer.state.epoch, "iterations": trainer.state.iteration}
-    if evaluator is not None:
-        summary.update(
-            best_metric=getattr(evaluator.state, "best_metric", None),
-            best_metric_epoch=getattr(evaluator.state, "best_metric_epoch", None),
-            last_metrics={k: v for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))},
-        )
-    if warmup is not None:
-        layers = list(eks_layers(warmup.network))
-        ranks = warmup.ranks if warmup.ranks is not None else (list(layers[0][1].ranks) if layers else [])
-        summary.update(expert_ranks=list(ranks), warmup_loss_drops=warmup.loss_drops)
-    atomic_write_text(path, json.dumps(summary, indent=2, default=float))
 
 
 def evaluate_classifier(

@@ -113,7 +113,8 @@ def write_training_summary(
 ) -> None:
     """
     Write ``{epochs, iterations, best validation metric, last metrics, ranks (applied, and LoRKD*'s formula ranks
-    before any clip), loss drops}`` as JSON (atomically).
+    before any clip), loss drops}`` as JSON (atomically): the one training summary of every bundle, segmentation
+    and classification (``write_cls_summary`` is its former name).
 
     With ``model_path`` the summary also says whether this run wrote that model (its file changed after the run
     started) and, if so, its SHA-256 (``model_sha256``): an export compares it with the file it is about to ship,

@@ -6,10 +6,10 @@ MONAI bundle.
 Modules: ``source`` (what a site starts from), ``split`` (the saved train/validation split), ``head`` (site classes
 onto the expert's channels), ``start`` (starting weights), ``lora`` (the modes; adapters, fused back),
 ``bundle_run`` (a bundle's own configs run in-process), ``scoring`` (DSC/NSD of written label maps), ``report``
-(tables, changelog, README), ``pipeline`` (:py:func:`finetune_expert`, the whole run), ``site_study`` (a
-data-efficiency study: public/site split of a real data set, N-case draws, the public cases added to a
-pre-training datalist). The sparse mode's maths is
-:py:mod:`medfm_ops.peft`, used by the bundle's ``configs/train_sparse.json``.
+(tables, changelog, README), ``settings`` (:py:class:`SiteFinetuneSettings`, every setting and its default, once),
+``pipeline`` (:py:func:`finetune_expert`, the whole run). The sparse mode's maths is :py:mod:`medfm_ops.peft`, used
+by the bundle's ``configs/train_sparse.json``. The data-efficiency study built on it (public/site split, N-case
+draws) is a benchmark: ``benchmarks/site_study.py``.
 """
 
 from __future__ import annotations
@@ -27,13 +27,7 @@ from .lora import (
 )
 from .pipeline import MODE_CONFIGS, SUMMARY_RELPATH, finetune_expert
 from .scoring import score_label_maps
-from .site_study import (
-    STUDY_PARTS,
-    build_pretraining_datalist,
-    draw_training_cases,
-    load_or_create_study_split,
-    write_draw_split,
-)
+from .settings import SiteFinetuneSettings
 from .source import INIT_MODES, SourceModel, load_source
 from .split import SPLIT_FILENAME, SPLIT_ORIGINS, load_or_create_split, write_split
 from .start import StartingPoint, prepare_start, site_class_names
@@ -45,19 +39,16 @@ __all__ = [
     "MODE_CONFIGS",
     "SPLIT_FILENAME",
     "SPLIT_ORIGINS",
-    "STUDY_PARTS",
     "SUMMARY_RELPATH",
     "HeadPlan",
     "SingleTaskAdapter",
+    "SiteFinetuneSettings",
     "SourceModel",
     "StartingPoint",
     "add_lora",
-    "build_pretraining_datalist",
     "check_mode",
-    "draw_training_cases",
     "finetune_expert",
     "load_or_create_split",
-    "load_or_create_study_split",
     "load_source",
     "match_classes",
     "fuse_lora",
@@ -71,6 +62,5 @@ __all__ = [
     "score_label_maps",
     "site_class_names",
     "trainable_parameters",
-    "write_draw_split",
     "write_split",
 ]

@@ -19,7 +19,6 @@ import torch
 from medfm_ops.bundle import verify_bundle, write_expert_bundle, write_metadata, write_readme
 from medfm_ops.data import check_segmentation_cases
 from medfm_ops.finetune.bundle_run import predict_with_bundle, run_bundle_configs
-from medfm_ops.finetune.lora import check_mode
 from medfm_ops.finetune.report import (
     COLUMNS,
     bump_version,
@@ -29,14 +28,14 @@ from medfm_ops.finetune.report import (
     regression_note,
 )
 from medfm_ops.finetune.scoring import score_label_maps
+from medfm_ops.finetune.settings import SiteFinetuneSettings
 from medfm_ops.finetune.source import SourceModel, load_source
 from medfm_ops.finetune.split import SPLIT_FILENAME, load_or_create_split
 from medfm_ops.finetune.start import prepare_start
 from medfm_ops.metrics import format_markdown, write_table
-from medfm_ops.peft import check_sparse_settings
 from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_json
+from medfm_ops.utils.machine import machine_info
 from medfm_ops.utils.staging import staged_directory
-from medfm_ops.utils.bench import machine_info
 
 __all__ = ["finetune_expert", "SUMMARY_RELPATH", "MODE_CONFIGS"]
 
@@ -73,49 +72,11 @@ def _score(bundle: Path, cases: list[dict], names: list[str], tolerance: float, 
     return result
 
 
-def _check_schedule(mode: str, epochs: int, val_interval: int) -> None:
-    check_mode(mode)
-    if int(epochs) < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}.")
-    if int(val_interval) < 1 or int(epochs) % int(val_interval):
-        raise ValueError(
-            f"val_interval={val_interval} must divide epochs={epochs}: the last epoch must be validated so that the "
-            "written model is the best one of THIS run."
-        )
-
-
 def finetune_expert(
     expert_bundle: str | os.PathLike,
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
-    region: str | None = None,
-    mode: str = "full",
-    init: str = "pretrained",
-    head: str = "auto",
-    epochs: int = 10,
-    val_interval: int = 1,
-    batch_size: int = 4,
-    learning_rate: float = 1e-3,
-    weight_decay: float = 1e-5,
-    seed: int = 0,
-    split_seed: int | None = None,
-    val_split: float | int = 0.2,
-    split_file: str | os.PathLike | None = None,
-    num_train_cases: int | None = None,
-    num_val_cases: int | None = None,
-    roi_size: list[int] | None = None,
-    spacing: list[float] | None = None,
-    lora_rank: int = 8,
-    lora_alpha: float = 16.0,
-    sparse_budget: float = 0.01,
-    sparse_variant: str = "l2",
-    sparse_lambda: float = 1.0,
-    nsd_tolerance_mm: float = 1.0,
-    score_before: bool = True,
-    version: str | None = None,
-    device: str | None = None,
-    verify: bool = True,
-    progress: bool = True,
+    settings: SiteFinetuneSettings | None = None,
 ) -> dict[str, Any]:
     """
     Fine-tune one region expert on a site's MSD-style data set and write the result as a complete MONAI bundle.
@@ -133,38 +94,10 @@ def finetune_expert(
             (``bundles/foundation_seg``, ``bundles/lorkd_seg``) with ``region``.
         dataset_dir: the site's MSD-style folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``).
         output_dir: the bundle to write (replaced when it exists and the run succeeds).
-        region: region of a training bundle. Defaults to None (its only region).
-        mode: ``"full"``, ``"lora"`` (adapters fused into the kernels: the result is a stock network) or ``"sparse"``
-            (SH-PEFT: only the ``sparse_budget`` most important weights train; stock ``models/model.pt`` plus
-            ``models/sparse_delta.pt``). Defaults to ``"full"``.
-        init: ``"pretrained"`` or ``"scratch"`` (same architecture, seeded random weights). Defaults to
-            ``"pretrained"``.
-        head: ``"auto"``, ``"keep"`` or ``"resize"`` (see ``docs/site_finetuning.md``). Defaults to ``"auto"``.
-        epochs, val_interval, batch_size, learning_rate, weight_decay: training settings, written into the new
-            bundle's ``train.json``; ``val_interval`` must divide ``epochs``. Default to 10, 1, 4, 1e-3, 1e-5.
-        seed: seed of the fresh weights and of training (data order, augmentation). Defaults to 0.
-        split_seed: seed of the train/validation split. Defaults to ``seed``.
-        val_split: validation fraction or count of a new split. Defaults to 0.2.
-        split_file: a saved split to reuse: a seeded one (``split_seed``/``val_split`` must match) or explicit case
-            lists (:py:func:`~medfm_ops.finetune.write_split`; trained and validated on exactly those cases,
-            ``split_seed``/``val_split`` unused). Defaults to ``{output_dir}/docs/split.json`` when it exists, else
-            a new seeded split saved there.
-        num_train_cases, num_val_cases: use only the first N cases of each part (shortened runs). Default to all.
-        roi_size: training patch and inference window. Defaults to the source's.
-        spacing: target spacing in mm. Defaults to the source's (or the first training image's).
-        lora_rank, lora_alpha: LoRA settings (``mode="lora"``). Default to 8 and 16.
-        sparse_budget, sparse_variant, sparse_lambda: SH-PEFT settings (``mode="sparse"``): fraction of all weights
-            that train, importance variant (``"l2"`` or ``"l1"``), weight of the magnitude part. Default to 0.01,
-            ``"l2"`` and 1.0; the importance is estimated over one epoch of the training loader.
-        nsd_tolerance_mm: NSD tolerance. Defaults to 1.0.
-        score_before: score the starting bundle on the validation cases before training (the README's "before"
-            rows). False skips that inference pass (``"before": null`` in the summary), e.g. when a study already
-            scored the same starting weights on the same cases. Defaults to True.
-        version: version of the new bundle. Defaults to the source's with the minor number bumped.
-        device: e.g. ``"cpu"`` or ``"cuda:0"``. Defaults to the bundle's choice (CUDA when available).
-        verify: run MONAI's ``verify_metadata``, ``verify_net_in_out`` and ``ckpt_export`` on the result (the
-            TorchScript ``models/model.ts`` is written either way). Defaults to True.
-        progress: show a progress bar per training epoch. Defaults to True.
+        settings: every other setting, with its default and meaning (mode, epochs, split, LoRA / SH-PEFT
+            values, ...): :class:`~medfm_ops.finetune.SiteFinetuneSettings`. Defaults to
+            ``SiteFinetuneSettings()``. ``epochs``, ``val_interval``, ``batch_size``, ``learning_rate``,
+            ``weight_decay``, the LoRA and SH-PEFT values are written into the new bundle's configs.
 
     Returns:
         the summary written to ``docs/finetune_summary.json``.
@@ -178,37 +111,33 @@ def finetune_expert(
         FileNotFoundError: when the source, the data set or a case is missing.
     """
     start_time = time.perf_counter()
-    _check_schedule(mode, epochs, val_interval)
-    check_sparse_settings(sparse_budget, sparse_variant, sparse_lambda)
-    split_seed = seed if split_seed is None else split_seed
+    settings = (SiteFinetuneSettings() if settings is None else settings).check()
+    mode, epochs, device = settings.mode, int(settings.epochs), settings.device
     out = Path(output_dir).expanduser().resolve()
-    saved_split = Path(split_file) if split_file else out / "docs" / SPLIT_FILENAME
-    source = load_source(expert_bundle, region=region, init=init)  # validates init, path, region
+    saved_split = Path(settings.split_file) if settings.split_file else out / "docs" / SPLIT_FILENAME
+    source = load_source(expert_bundle, region=settings.region, init=settings.init)  # validates init, path, region
     # one writer; swapped in as a whole when complete, else out stays as it was (a folder holding only a saved split
     # to reuse is an earlier output too)
     with staged_directory(out, markers=("configs/metadata.json", f"docs/{SPLIT_FILENAME}")) as stage:
         staged_split = stage / "docs" / SPLIT_FILENAME
         split = load_or_create_split(
-            dataset_dir, saved_split if saved_split.is_file() else staged_split, val_split=val_split, seed=split_seed,
-            num_train_cases=num_train_cases, num_val_cases=num_val_cases,
+            dataset_dir, saved_split if saved_split.is_file() else staged_split, val_split=settings.val_split,
+            seed=settings.effective_split_seed, num_train_cases=settings.num_train_cases, num_val_cases=settings.num_val_cases,
         )  # fmt: skip
         if saved_split.is_file():
             staged_split.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(saved_split, staged_split)
         names = [str(split["label_names"][str(i)]) for i in range(1, len(split["label_names"]) + 1)]
         check_segmentation_cases(split["training"] + split["validation"], split["label_names"], str(dataset_dir))
-        start = prepare_start(source, names, head=head, seed=seed)
+        start = prepare_start(source, names, head=settings.head, seed=settings.seed)
         src_meta = _source_metadata(source)
-        spacing = spacing or source.spacing or _spacing_of(split["training"][0]["image"])
-        roi_size = roi_size or source.roi_size
+        spacing = settings.spacing or source.spacing or _spacing_of(split["training"][0]["image"])
+        roi_size = settings.roi_size or source.roi_size
         if roi_size is None:
             raise ValueError(f"{source.path} records no roi_size (patch/window): pass roi_size.")
-        version = version or bump_version(src_meta["version"])
+        version = settings.version or bump_version(src_meta["version"])
         dataset_json = Path(split["dataset_dir"]) / "dataset.json"
         dataset_name = str(json.loads(dataset_json.read_text()).get("name") or Path(split["dataset_dir"]).name)
-        train_settings = {"epochs": int(epochs), "val_interval": int(val_interval), "batch_size": int(batch_size),
-                          "learning_rate": float(learning_rate), "weight_decay": float(weight_decay),
-                          "seed": int(seed), "val_split": val_split}  # fmt: skip
         changelog = {**src_meta["changelog"], version: "site fine-tuning in progress"}
         modality = src_meta["modality"] or ("MR" if "mr" in source.region.lower() else "CT")
         write_expert_bundle(
@@ -219,15 +148,11 @@ def finetune_expert(
                          f"({mode}); classes {', '.join(names)}."),
             extra_metadata={"name": f"{src_meta['name']} ({dataset_name})", "changelog": changelog},
             modality=modality,
-            config_values={"train.json": train_settings,
-                           "train_lora.json": {"lora_rank": int(lora_rank), "lora_alpha": float(lora_alpha)},
-                           "train_sparse.json": {"sparse_budget": float(sparse_budget),
-                                                 "sparse_variant": str(sparse_variant),
-                                                 "sparse_lambda": float(sparse_lambda)}},
+            config_values=settings.config_values(),
         )  # fmt: skip
         atomic_write_json(stage / SUMMARY_RELPATH, {"status": "in_progress"})
         cases = split["validation"]
-        before = _score(stage, cases, names, nsd_tolerance_mm, "before", device) if score_before else None
+        before = _score(stage, cases, names, settings.nsd_tolerance_mm, "before", device) if settings.score_before else None
 
         overrides: dict[str, Any] = {
             "train#dataset#data": [{"image": c["image"], "label": c["label"]} for c in split["training"]],
@@ -237,7 +162,7 @@ def finetune_expert(
         if device is not None:
             overrides["device"] = torch.device(device)
         # the bundle's own train.json stops at the first non-finite loss (its `finite_loss` key), naming the batch
-        handlers = [{"_target_": "ignite.handlers.ProgressBar", "persist": False}] if progress else []
+        handlers = [{"_target_": "medfm_ops.engines.TerminalProgressBar"}] if settings.progress else []
         logger.info(f"training ({mode}) for {epochs} epochs on {len(split['training'])} cases")
         t0 = time.perf_counter()
         workflow = run_bundle_configs(stage, MODE_CONFIGS[mode], overrides, extra_train_handlers=handlers)
@@ -257,7 +182,7 @@ def finetune_expert(
         if mode == "full":  # lora, sparse: the mode's finalize already wrote the stock models/model.pt
             atomic_torch_save(torch.load(best, map_location="cpu", weights_only=True), stage / "models" / "model.pt")
         best.unlink()
-        after = _score(stage, cases, names, nsd_tolerance_mm, "after", device)
+        after = _score(stage, cases, names, settings.nsd_tolerance_mm, "after", device)
         shutil.rmtree(stage / "eval", ignore_errors=True)
 
         rows = comparison_rows({"before": before, "after": after} if before else {"after": after})
@@ -273,9 +198,10 @@ def finetune_expert(
             "head": {"mode": start.plan.mode, "out_channels": start.plan.out_channels,
                      "classes": start.plan.describe(source.class_names)},
             "epochs": int(epochs),
-            "train_settings": train_settings,
-            "lora": {"rank": int(lora_rank), "alpha": float(lora_alpha)} if mode == "lora" else None,
-            "sparse": {"budget": float(sparse_budget), "variant": sparse_variant, "lambda": float(sparse_lambda),
+            "train_settings": settings.train_settings(),
+            "settings": settings.to_dict(),
+            "lora": {"rank": int(settings.lora_rank), "alpha": float(settings.lora_alpha)} if mode == "lora" else None,
+            "sparse": {"budget": float(settings.sparse_budget), "variant": settings.sparse_variant, "lambda": float(settings.sparse_lambda),
                        "selected": parameters["trainable"], "estimation_batches": estimate.num_batches,
                        "estimation_seconds": estimate.seconds} if mode == "sparse" else None,
             "split": {"file": SPLIT_FILENAME, "origin": split["origin"], "seed": split["seed"],
@@ -283,9 +209,9 @@ def finetune_expert(
                       "num_training_total": split["num_training_total"],
                       "num_validation_total": split["num_validation_total"],
                       "num_training_used": len(split["training"]), "num_validation_used": len(cases)},
-            "spacing": [float(s) for s in spacing],
+            "spacing": [float(z) for z in spacing],
             "roi_size": [int(r) for r in roi_size],
-            "nsd_tolerance_mm": float(nsd_tolerance_mm),
+            "nsd_tolerance_mm": float(settings.nsd_tolerance_mm),
             "parameters": parameters,
             "device": str(workflow.parser.get_parsed_content("device")),
             "train_seconds": train_seconds,
@@ -305,7 +231,7 @@ def finetune_expert(
         write_metadata(stage, meta)
         network_def = json.loads((stage / "configs" / "inference.json").read_text())["network_def"]
         write_readme(stage, meta, network_def, readme_section(summary, rows))
-        if verify:
+        if settings.verify:
             verify_bundle(stage)
         else:
             _export_torchscript(stage)

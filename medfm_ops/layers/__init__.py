@@ -6,6 +6,7 @@ from medfm_ops.layers.eks_base import EXPERT_SCALINGS, EKSLayer, check_scaling
 from medfm_ops.layers.eks_conv import EKSConv
 from medfm_ops.layers.eks_conv_transpose import EKSConvTranspose
 from medfm_ops.layers.execution import EXECUTION_MODES, check_execution_mode
+from medfm_ops.layers.expert_settings import DEFAULT_EXPERTS, ExpertSettings
 
 __all__ = [
     "EKSLayer",
@@ -15,4 +16,6 @@ __all__ = [
     "check_execution_mode",
     "EXPERT_SCALINGS",
     "check_scaling",
+    "DEFAULT_EXPERTS",
+    "ExpertSettings",
 ]

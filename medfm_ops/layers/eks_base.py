@@ -30,14 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfm_ops.layers.execution import check_execution_mode
+from medfm_ops.layers.expert_settings import DEFAULT_EXPERTS, EXPERT_SCALINGS
 
 __all__ = ["EKSLayer", "EXPERT_SCALINGS", "check_scaling"]
 
-#: How expert ``t`` of a layer with rank multiplier ``m`` is scaled.
-#: ``rank``: ``alpha / (m * r_t)`` (loralib): an expert's scale, hence its effective learning rate, follows its rank.
-#: ``constant``: ``alpha / (m * base_rank)`` with ``base_rank`` fixed at construction: re-ranking an expert (LoRKD*)
-#: leaves its scale unchanged (the LoRKD authors' choice).
-EXPERT_SCALINGS = ("rank", "constant")
 
 
 def check_scaling(scaling: str, name: str = "scaling") -> str:
@@ -117,12 +113,12 @@ class EKSLayer(nn.Module):
         out_channels: int,
         kernel_size: int | Sequence[int],
         num_tasks: int,
-        ranks: int | Sequence[int] = 8,
-        alpha: float = 16.0,
+        ranks: int | Sequence[int] = DEFAULT_EXPERTS.ranks,
+        alpha: float = DEFAULT_EXPERTS.alpha,
         bias: bool = True,
         execution: str = "grouped",
         rank_multiplier: int = 1,
-        scaling: str = "rank",
+        scaling: str = DEFAULT_EXPERTS.scaling,
         base_rank: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -173,7 +169,8 @@ class EKSLayer(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_conv(cls, conv: nn.Module, num_tasks: int, ranks: int | Sequence[int] = 8, alpha: float = 16.0, **kwargs):
+    def from_conv(cls, conv: nn.Module, num_tasks: int, ranks: int | Sequence[int] = DEFAULT_EXPERTS.ranks,
+                  alpha: float = DEFAULT_EXPERTS.alpha, **kwargs):
         """Build an EKS layer whose shared kernel and bias are the given stock layer's (copied values).
 
         Args:

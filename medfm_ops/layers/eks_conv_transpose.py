@@ -12,6 +12,7 @@ from torch import nn
 
 from medfm_ops.layers.blocked_grouped_conv import blocked_grouped_conv
 from medfm_ops.layers.eks_base import EKSLayer, _tuple
+from medfm_ops.layers.expert_settings import DEFAULT_EXPERTS
 
 __all__ = ["EKSConvTranspose"]
 
@@ -69,8 +70,8 @@ class EKSConvTranspose(EKSLayer):
         out_channels: int,
         kernel_size: int | Sequence[int],
         num_tasks: int,
-        ranks: int | Sequence[int] = 8,
-        alpha: float = 16.0,
+        ranks: int | Sequence[int] = DEFAULT_EXPERTS.ranks,
+        alpha: float = DEFAULT_EXPERTS.alpha,
         stride: int | Sequence[int] = 1,
         padding: int | Sequence[int] = 0,
         output_padding: int | Sequence[int] = 0,

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -84,12 +85,14 @@ def binary_dice_nsd(
     nsd = empty_score.clone()
     both = (pred_any & gt_any).nonzero().flatten()
     if both.numel() > 0:
-        values = compute_surface_dice(
-            pred_b[both][None].float(),
-            gt_b[both][None].float(),
-            class_thresholds=[thresholds[i] for i in both.tolist()],
-            include_background=True,
-            spacing=spacing_list,
-        )[0]
+        with warnings.catch_warnings():  # MONAI 1.5-1.6 warn from their own get_mask_edges call, on every case
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+            values = compute_surface_dice(
+                pred_b[both][None].float(),
+                gt_b[both][None].float(),
+                class_thresholds=[thresholds[i] for i in both.tolist()],
+                include_background=True,
+                spacing=spacing_list,
+            )[0]
         nsd[both] = values.to(nsd.device, nsd.dtype)
     return dsc, nsd

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from medfm_ops.layers import EKSConv, EKSConvTranspose, EKSLayer
+from medfm_ops.layers import DEFAULT_EXPERTS, EKSConv, EKSConvTranspose, EKSLayer
 from medfm_ops.networks.routing import TaskRouting
 
 __all__ = [
@@ -115,14 +115,14 @@ class ExpertNetwork(nn.Module):
 def to_experts(
     net: nn.Module,
     num_tasks: int,
-    ranks: int | Sequence[int] = 8,
-    alpha: float = 16.0,
+    ranks: int | Sequence[int] = DEFAULT_EXPERTS.ranks,
+    alpha: float = DEFAULT_EXPERTS.alpha,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     copy_net: bool = True,
-    convert_transposed: bool = True,
-    rank_multipliers: Mapping[str, int] | None = None,
-    scaling: str = "rank",
+    convert_transposed: bool = DEFAULT_EXPERTS.convert_transposed,
+    rank_multipliers: Mapping[str, int] | None = DEFAULT_EXPERTS.rank_multipliers,
+    scaling: str = DEFAULT_EXPERTS.scaling,
     base_rank: int | None = None,
 ) -> ExpertNetwork:
     """

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from medfm_ops.layers import ExpertSettings
 from medfm_ops.utils.atomic_io import atomic_write_text
 from medfm_ops.utils.json_file import read_json_object
 
@@ -30,7 +31,8 @@ __all__ = [
 SPEC_FILENAME = "network_def.json"
 
 #: :func:`~medfm_ops.networks.to_experts` settings of models trained before specs recorded them (lorkd_seg < 0.3.0)
-LEGACY_EXPERT_SETTINGS: dict[str, Any] = {"ranks": 8, "alpha": 16.0, "convert_transposed": False, "scaling": "rank"}
+LEGACY_EXPERT_SETTINGS: dict[str, Any] = ExpertSettings(ranks=8, alpha=16.0, convert_transposed=False,
+                                                        scaling="rank").to_record()  # fmt: skip
 
 
 def instantiate(network_def: dict[str, Any]) -> nn.Module:
@@ -46,7 +48,7 @@ def save_network_spec(
     ckpt_dir: str | os.PathLike,
     network_def: dict[str, Any],
     region_table: Any = None,
-    experts: Mapping[str, Any] | None = None,
+    experts: ExpertSettings | Mapping[str, Any] | None = None,
 ) -> Path:
     """
     Write ``{ckpt_dir}/network_def.json`` = ``{"network_def": ..., "regions": [...], "experts": {...}}`` atomically,
@@ -57,8 +59,10 @@ def save_network_spec(
         ckpt_dir: the folder of the weights.
         network_def: literal config of the stock backbone (``_target_`` and values).
         region_table: the class layout (:class:`~medfm_ops.data.RegionTable`). Defaults to None.
-        experts: keyword arguments of :func:`~medfm_ops.networks.to_experts` that built the trained model (base
-            ``ranks``, ``alpha``, ``convert_transposed``, ``rank_multipliers``, ``scaling``). Defaults to None (no
+        experts: the :class:`~medfm_ops.layers.ExpertSettings` that built the trained model, or the keyword
+            arguments of :func:`~medfm_ops.networks.to_experts` holding them (base ``ranks``, ``alpha``,
+            ``convert_transposed``, ``rank_multipliers``, ``scaling``); recorded complete, the defaults written
+            out, so that export and inference never depend on a later change of a default. Defaults to None (no
             experts).
     """
     instantiate(network_def)  # fail now, not at load time, on a config that cannot be built
@@ -66,7 +70,8 @@ def save_network_spec(
     if region_table is not None:
         content["regions"] = region_table.to_regions()
     if experts is not None:
-        content["experts"] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in experts.items()}
+        settings = experts if isinstance(experts, ExpertSettings) else ExpertSettings.from_record(experts, "experts")
+        content["experts"] = settings.to_record()
     path = Path(ckpt_dir) / SPEC_FILENAME
     atomic_write_text(path, json.dumps(content, indent=2))
     return path
@@ -124,10 +129,15 @@ def expert_model_from_spec(spec: str | os.PathLike | Mapping[str, Any], num_task
 def trained_expert_settings(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """
     The keyword arguments of :func:`~medfm_ops.networks.to_experts` that a LoRKD training run recorded in its spec
-    (``experts``), or :data:`LEGACY_EXPERT_SETTINGS` for specs written before they were recorded.
+    (``experts``; missing keys take the :class:`~medfm_ops.layers.ExpertSettings` defaults), or
+    :data:`LEGACY_EXPERT_SETTINGS` for specs written before they were recorded.
 
     Args:
         spec: a spec dict, or a file/folder holding ``network_def.json``.
+
+    Raises:
+        ValueError: when the recorded settings hold an unknown key.
     """
+    source = "network_def.json experts" if isinstance(spec, Mapping) else f"{spec} experts"
     spec = spec if isinstance(spec, Mapping) else load_network_spec(spec)
-    return dict(spec.get("experts") or LEGACY_EXPERT_SETTINGS)
+    return ExpertSettings.from_record(spec.get("experts") or LEGACY_EXPERT_SETTINGS, source).to_experts_kwargs()

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ class _FiniteSaver(BaseSaveHandler):
     def __init__(self, saver: Any) -> None:
         self.saver = saver
         self.pending_removals: list[str] = []
+        self.saved: list[str] = []  # names written since the owner last cleared it
 
     def remove(self, filename: str) -> None:
         self.pending_removals.append(filename)
@@ -48,6 +50,7 @@ class _FiniteSaver(BaseSaveHandler):
                 atomic_torch_save(checkpoint, Path(self.saver.dirname) / name, check_finite=False)
         else:
             self.saver(checkpoint, filename, metadata)
+        self.saved.append(getattr(self.saver, "filename", None) or filename)  # MONAI: a fixed name (model.pt)
         pending, self.pending_removals = self.pending_removals, []
         if getattr(self.saver, "filename", None) is not None:
             return  # MONAI's fixed-name saver (model.pt): the new file replaced the old one atomically, keep it
@@ -72,6 +75,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     entry, the run's :class:`~medfm_ops.engines.handlers.random_states.RandomStates`, so that
     :func:`~medfm_ops.engines.resume_training` continues the same random sequence (bit-exact resume). The
     best-model file (one entry) stays a plain state dict.
+
+    It logs one line (logger ``medfm.checkpoint``) each time the best model changes, i.e. when its key-metric file is
+    written: ``best val_mean_dice 0.8123 at epoch 4: saved models/model.pt``; nothing on other validations.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -79,6 +85,20 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for ckpt in self._checkpoints().values():
             ckpt.save_handler._atomic = True  # MONAI builds its DiskSavers with atomic=False
             ckpt.save_handler = _FiniteSaver(ckpt.save_handler)
+        self.best_logger = logging.getLogger("medfm.checkpoint")
+        self._key_name = kwargs.get("key_metric_name")  # else the engine's key metric
+
+    def metrics_completed(self, engine: Any) -> None:
+        """Save the key-metric checkpoint when the metric improved, and say so in one line."""
+        saver = self._key_metric_checkpoint.save_handler
+        saver.saved.clear()
+        super().metrics_completed(engine)
+        if saver.saved:
+            name = self._key_name or getattr(engine.state, "key_metric_name", None)
+            value = getattr(engine.state, "metrics", {}).get(name) if name else None
+            score = f" {name} {float(value):.4f}" if value is not None else ""
+            path = os.path.join(saver.dirname, saver.saved[-1])
+            self.best_logger.info(f"best{score} at epoch {engine.state.epoch}: saved {path}")
 
     def attach(self, engine: Engine) -> None:
         if any(isinstance(v, Engine) for v in self.save_dict.values()) and "rng" not in self.save_dict:

@@ -17,6 +17,15 @@ from medfm_ops.networks import eks_layers, expert_parameters, lorkd_star_ranks, 
 __all__ = ["ExpertWarmupHandler"]
 
 
+def _uniform_rank(network: nn.Module) -> int:
+    """The base rank every expert of ``network`` was built with (LoRKD* starts from a uniform rank)."""
+    ranks = {r for _, layer in eks_layers(network) for r in layer.ranks}
+    if len(ranks) != 1:
+        raise ValueError(f"LoRKD* needs experts built with one uniform base rank, found ranks {sorted(ranks)}: "
+                         "pass base_rank.")  # fmt: skip
+    return ranks.pop()
+
+
 class ExpertWarmupHandler:
     """
     Train the shared backbone alone (experts frozen) for ``warmup_epochs``, then experts and backbone jointly.
@@ -43,7 +52,8 @@ class ExpertWarmupHandler:
         num_regions: number of regions / experts.
         warmup_epochs: epochs with frozen experts. Defaults to 1. 0 disables the warm-up.
         lorkd_star: allocate per-region ranks after the warm-up. Defaults to False.
-        base_rank: uniform rank ``r`` for LoRKD*. Defaults to 8.
+        base_rank: uniform rank ``r`` for LoRKD*. Defaults to None: the rank the network's experts were built with
+            (the same in every EKS layer; its :class:`~medfm_ops.layers.ExpertSettings` ``ranks``).
         min_rank: lower clip of the applied LoRKD* ranks (not part of the formula). Defaults to 0 (no clip).
         max_rank: upper clip of the applied LoRKD* ranks (not part of the formula). Defaults to None (no clip).
 
@@ -60,7 +70,7 @@ class ExpertWarmupHandler:
         num_regions: int,
         warmup_epochs: int = 1,
         lorkd_star: bool = False,
-        base_rank: int = 8,
+        base_rank: int | None = None,
         min_rank: int = 0,
         max_rank: int | None = None,
     ) -> None:
@@ -83,7 +93,8 @@ class ExpertWarmupHandler:
         self.num_regions = num_regions
         self.warmup_epochs = warmup_epochs
         self.lorkd_star = lorkd_star
-        self.base_rank, self.min_rank, self.max_rank = base_rank, min_rank, max_rank
+        self.base_rank = None if base_rank is None else int(base_rank)  # None: read from the network when used
+        self.min_rank, self.max_rank = min_rank, max_rank
         self.done = warmup_epochs == 0
         self.ranks: list[int] | None = None
         self.formula_ranks: list[int] | None = None
@@ -116,6 +127,8 @@ class ExpertWarmupHandler:
             return
         if self.lorkd_star:
             self.loss_drops = self._loss_drops()
+            if self.base_rank is None:
+                self.base_rank = _uniform_rank(self.network)
             try:
                 self.formula_ranks = lorkd_star_ranks(self.loss_drops, self.base_rank)
                 self.ranks = lorkd_star_ranks(self.loss_drops, self.base_rank, self.min_rank, self.max_rank)

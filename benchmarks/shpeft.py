@@ -3,8 +3,8 @@
 """SH-PEFT benchmark: fine-tune one pretrained 3D classifier on the real MedMNIST 3D tasks with SH-PEFT, its
 baselines and its ablations; writes ``docs/RESULTS_shpeft.md`` (+ ``.json``).
 
-    python tools/bench_shpeft.py run                       # the default study (27.5 min measured on 2 CPU cores)
-    python tools/bench_shpeft.py run --pretrained bundles/foundation_cls --epochs 10 --estimation_batches 0
+    python -m benchmarks.shpeft run                       # the default study (27.5 min measured on 2 CPU cores)
+    python -m benchmarks.shpeft run --pretrained bundles/foundation_cls --epochs 10 --estimation_batches 0
         [--seeds 0,1,2] [--tasks adrenalmnist3d,vesselmnist3d] [--rows shpeft,full,...] [--limit 64]
 
 Starting point: by default the benchmark makes its own (stage 1): ``bundles/foundation_cls`` trained on its synthetic
@@ -53,11 +53,9 @@ from typing import Any
 
 import fire
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from medfm_ops.metrics import compare_over_seeds  # noqa: E402
-from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
-from medfm_ops.utils.bench import GLIBC_TUNABLES, machine_info, run_logged, split_list  # noqa: E402
+from benchmarks.common import GLIBC_TUNABLES, REPO, machine_info, run_logged, split_list
+from benchmarks.learning_curve import compare_over_seeds
+from medfm_ops.utils.atomic_io import atomic_write_text
 
 BUNDLE = REPO / "bundles" / "shpeft_cls"
 #: task -> npz path relative to ``--data_dir`` (see ../shared/data/README.md)
@@ -373,7 +371,7 @@ def run(
         rows_of_task[-1]["runs"].append(result)
     total = sum(r["seconds"] for r in done)
 
-    cmd_line = ["python tools/bench_shpeft.py run"]
+    cmd_line = ["python -m benchmarks.shpeft run"]
     if pretrained:
         cmd_line.append(f"--pretrained {pretrained}")
     elif int(pretrain_epochs) != 20:

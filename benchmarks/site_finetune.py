@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """Site fine-tuning benchmark: one split, one budget, four starting points, several seeds; writes ``docs/RESULTS.md``.
 
-    python tools/bench_site_finetune.py run --dataset_dir ../shared/data/msd_hippocampus
+    python -m benchmarks.site_finetune run --dataset_dir ../shared/data/msd_hippocampus
 
 Rows, all through ``tools/finetune_site.py`` (each run writes a complete site bundle, and its scores are those of
 that bundle's own ``configs/inference.json``) with the same split, epochs, patch, batch and learning rate: a student
@@ -34,13 +34,13 @@ from typing import Any
 
 import fire
 
-from medfm_ops.metrics import markdown_sections
+from benchmarks.common import GLIBC_TUNABLES, REPO
+from benchmarks.sections import markdown_sections
+from medfm_ops.finetune.settings import SiteFinetuneSettings
 from medfm_ops.utils.atomic_io import atomic_write_text
 from medfm_ops.utils.hashing import file_sha256
 
-REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "tools" / "finetune_site.py"
-GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
 REGION = "brain_mri"
 
 #: (row name, description, source, init, mode)
@@ -54,7 +54,7 @@ ROWS = (
 )
 
 #: SH-PEFT settings of the ``sparse`` rows (passed to tools/finetune_site.py; part of a row's reuse stamp)
-SPARSE_SETTINGS = {"sparse_budget": 0.01, "sparse_variant": "l2", "sparse_lambda": 1.0}
+SPARSE_SETTINGS = {k: getattr(SiteFinetuneSettings(), k) for k in ("sparse_budget", "sparse_variant", "sparse_lambda")}
 
 REFERENCES = (
     ("nnU-Net", "89.18", "97.92"),
@@ -476,7 +476,7 @@ def run(
         model_mb = (work / f"{name}_seed{seed_list[0]}" / "models" / "model.pt").stat().st_size / 2**20
         out_rows.append({"name": name, "description": description, "runs": runs, "model_mb": model_mb})
 
-    args = ["python tools/bench_site_finetune.py run", f"--dataset_dir {dataset_dir}", f"--epochs {epochs}",
+    args = ["python -m benchmarks.site_finetune run", f"--dataset_dir {dataset_dir}", f"--epochs {epochs}",
             f"--val_interval {val_interval}", f"--batch_size {batch_size}",
             f"--patch_size '[{','.join(map(str, patch_size))}]'", f"--learning_rate {learning_rate}",
             f"--seeds {','.join(map(str, seed_list))}", f"--split_seed {split_seed}"]  # fmt: skip

@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """3D classification benchmark on AdrenalMNIST3D and VesselMNIST3D; writes ``docs/RESULTS_classification.md`` (+ json).
 
-    python tools/bench_classification.py run
+    python -m benchmarks.classification run
 
 Every row trains with the bundles' own ``configs/train.json`` (plus its baseline override file) in a child process,
 on the two real tasks' train splits, with one shared budget (epochs, batch, 28^3, no random augmentation so that the
@@ -30,18 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medfm_ops.utils.bench import reexec_with_glibc_tunables
+from benchmarks.common import REPO, reexec_with_glibc_tunables
 
 if __name__ == "__main__":
     reexec_with_glibc_tunables("bench_classification")
 
 import fire  # noqa: E402
 
-from medfm_ops.metrics import compare_over_seeds  # noqa: E402
+from benchmarks.learning_curve import compare_over_seeds  # noqa: E402
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
 from medfm_ops.utils.hashing import file_sha256  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TASKS = {"adrenalmnist3d": "adrenalmnist3d/adrenalmnist3d.npz", "vesselmnist3d": "vesselmnist3d/vesselmnist3d.npz"}
 SCORES = ("accuracy", "balanced_accuracy", "auc", "f1")
 SCORING_VERSION = 1
@@ -119,7 +118,7 @@ def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
     if reuse and old.get("settings") == settings:
         print(f"  {run_dir.name} (seed {run['seed']}): reusing", flush=True)
         return old, True
-    from medfm_ops.utils.bench import run_logged
+    from benchmarks.common import run_logged
 
     stamp.unlink(missing_ok=True)  # a failed retraining must not leave the old record next to new files
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
@@ -210,7 +209,7 @@ def _latencies(records: list[dict], repeats: int) -> dict[str, dict[str, float]]
     import torch
     from torch import nn
 
-    from medfm_ops.utils.bench import summarize_ms, time_ms
+    from benchmarks.common import summarize_ms, time_ms
 
     def first(row):
         return next((r for r in records if r["row"] == row), None)
@@ -514,11 +513,11 @@ def run(
         print(f"  {r['row']} seed {r['seed']}{' ' + r['task'] if r['task'] else ''}: AUC {s} ({rec['seconds'] / 60:.1f} min)", flush=True)
     import torch
 
-    from medfm_ops.utils.bench import machine_info
+    from benchmarks.common import machine_info
 
     latency = _latencies(records, latency_repeats)
     figures = _figures(records, out.parent / "figures", gradcam_cases, gradcam_layer)
-    args = [f"python tools/bench_classification.py run --data_dir {data_dir} --seeds {','.join(map(str, seed_list))}",
+    args = [f"python -m benchmarks.classification run --data_dir {data_dir} --seeds {','.join(map(str, seed_list))}",
             f"--epochs {epochs} --foundation_epochs {foundation_epochs} --lorkd_warmup_epochs {lorkd_warmup_epochs}",
             f"--batch_size {batch_size} --jobs {jobs} --threads {threads}"]  # fmt: skip
     if limit:

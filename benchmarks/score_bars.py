@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from medfm_ops.metrics.learning_curve import mean_std
+from benchmarks.learning_curve import mean_std
 from medfm_ops.utils.atomic_io import atomic_write
 
 __all__ = ["plot_score_bars"]

@@ -3,7 +3,7 @@
 """Benchmark of the lorkd_seg models: expert-student training step vs the plain student, fused-expert inference vs
 the plain network, and parameters/FLOPs of teacher vs expert.
 
-    python tools/bench_lorkd.py run --out_dir benchmarks/ [--device auto|cpu|cuda] [--batch 4] [--roi 32] [--repeats 10]
+    python -m benchmarks.lorkd run --out_dir benchmarks/ [--device auto|cpu|cuda] [--batch 4] [--roi 32] [--repeats 10]
 
 Writes ``lorkd_bench.md`` and ``lorkd_bench.json``. The networks are read from the bundles' default configs
 (``network_def`` of ``bundles/foundation_seg`` (teacher: UNet 32-64-128-256 with 2 residual units) and
@@ -23,8 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medfm_ops.utils.bench import reexec_with_glibc_tunables  # noqa: E402
+from benchmarks.common import REPO, machine_info, reexec_with_glibc_tunables, summarize_ms, time_ms
 
 if __name__ == "__main__":
     reexec_with_glibc_tunables("bench_lorkd")
@@ -45,10 +44,9 @@ from medfm_ops.networks import (  # noqa: E402
     param_groups,
 )
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
-from medfm_ops.utils.bench import machine_info, summarize_ms, time_ms  # noqa: E402
 
 NUM_CLASSES, REGION_SIZES = 12, (3, 3, 4, 2)
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLES = REPO / "bundles"
 
 
 def _train_config(bundle: str) -> dict:
@@ -103,7 +101,7 @@ def run(out_dir: str = "benchmarks", device: str = "auto", batch: int = 4, roi: 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
     torch.manual_seed(0)
-    record = {"command": " ".join(["python tools/bench_lorkd.py", *sys.argv[1:]]),
+    record = {"command": " ".join(["python -m benchmarks.lorkd", *sys.argv[1:]]),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
               "machine": machine_info(dev), "batch": batch, "roi": roi, "repeats": repeats}
     x = torch.randn(batch, 1, roi, roi, roi, device=dev)

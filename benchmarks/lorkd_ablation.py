@@ -5,10 +5,10 @@ override file of ``configs/baselines/`` and/or command-line overrides, trained a
 ``evaluate.json`` (region-wise DSC/NSD on the test split); writes ``benchmarks/lorkd_ablation.md`` + ``.json`` and a
 PNG figure.
 
-    python tools/bench_lorkd_ablation.py run [--seeds 0,1,2 | --single_seed] [--epochs 8] [--rows lorkd,mtl,...]
+    python -m benchmarks.lorkd_ablation run [--seeds 0,1,2 | --single_seed] [--epochs 8] [--rows lorkd,mtl,...]
         [--datalist path/to/datalist.json] [--teacher bundles/foundation_seg] [--work_dir runs/lorkd_ablation]
         [--out benchmarks/lorkd_ablation.md]
-    python tools/bench_lorkd_ablation.py report [--out benchmarks/lorkd_ablation.md]
+    python -m benchmarks.lorkd_ablation report [--out benchmarks/lorkd_ablation.md]
 
 Rows (:data:`ROWS`): one stock network per region (single-task, task loss only, nnU-Net-like: ``baselines/stl.json
 --region R`` for every region R), one shared stock student (multi-task, task loss only: ``mtl.json``), the same
@@ -53,12 +53,11 @@ from typing import Any
 
 import fire
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from medfm_ops.metrics import mean_std, plot_score_bars  # noqa: E402
-from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
-from medfm_ops.utils.hashing import file_sha256  # noqa: E402
-from medfm_ops.utils.bench import GLIBC_TUNABLES, machine_info, run_logged, split_list  # noqa: E402
+from benchmarks.common import GLIBC_TUNABLES, REPO, machine_info, run_logged, split_list
+from benchmarks.learning_curve import mean_std
+from benchmarks.score_bars import plot_score_bars
+from medfm_ops.utils.atomic_io import atomic_write_text
+from medfm_ops.utils.hashing import file_sha256
 
 BUNDLE = REPO / "bundles" / "lorkd_seg"
 CONFIGS = BUNDLE / "configs"
@@ -267,7 +266,7 @@ def run(
         results.append({"name": name, "description": description.format(**defaults), "override": override,
                         "overrides": extra, "deployed_as": deployed, "experts": experts, "seeds": per_seed})
 
-    cmd = ["python tools/bench_lorkd_ablation.py run"]
+    cmd = ["python -m benchmarks.lorkd_ablation run"]
     given = {"seeds": ",".join(split_list(seeds)), "epochs": int(epochs), "teacher": teacher, "work_dir": work_dir,
              "out": out}  # fmt: skip
     cmd += [f"--{k} {v}" for k, v in given.items() if str(v) != str(_DEFAULT_CMD[k])]
@@ -361,7 +360,7 @@ def markdown(record: dict[str, Any], figure_name: str) -> str:
     lines += ["", f"![mean and region-wise DSC per row, error bars: std over {n_seeds} seed(s)]({figure_name})", "",
               "## Regenerate", "", "```bash", record["command"], "```", "",
               f"Per-run outputs (models, logs, `eval/regions.csv`) are under `{record['work_dir']}/<row>/seed<seed>/`; "
-              "`python tools/bench_lorkd_ablation.py report` rewrites this page and the figure from the `.json`.", ""]
+              "`python -m benchmarks.lorkd_ablation report` rewrites this page and the figure from the `.json`.", ""]
     return "\n".join(lines)
 
 

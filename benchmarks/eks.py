@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """Benchmark mixed-task EKS execution against shared weights, loops and a LoRA side branch.
 
-    python tools/bench_eks.py run --out_dir benchmarks/ [--device auto|cpu|cuda] [--tasks 1,4,8] \
+    python -m benchmarks.eks run --out_dir benchmarks/ [--device auto|cpu|cuda] [--tasks 1,4,8] \
         [--batches 2,4,8] [--size 32] [--channels 32] [--rank 8] [--repeats 10] [--warmup 2] [--threads 0] [--quick]
 
 Writes ``eks_bench.md`` and ``eks_bench.json`` into ``out_dir``.
@@ -47,9 +47,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medfm_ops.utils.bench import machine_info  # noqa: E402
-from medfm_ops.utils.bench import reexec_with_glibc_tunables  # noqa: E402
+from benchmarks.common import machine_info, reexec_with_glibc_tunables
 
 if __name__ == "__main__":  # before torch is loaded: re-exec costs little
     reexec_with_glibc_tunables("bench_eks")
@@ -465,7 +463,7 @@ def run(
         torch.backends.cudnn.benchmark = True
     machine = machine_info(dev)
     machine["load_start"] = os.getloadavg()[0]
-    command = "python tools/bench_eks.py run " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "bench_eks.run"
+    command = "python -m benchmarks.eks run " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "benchmarks.eks run"
     print(f"[bench_eks] {machine['cpu_model']} | {machine['device']} {machine['gpu'] or ''} | "
           f"torch {machine['torch']}, "
           f"{machine['torch_threads']} threads | GLIBC_TUNABLES={machine['glibc_tunables']}"

@@ -3,23 +3,23 @@
 """Data-efficiency curve at a clinical site, from starting points trained with real MRI; writes a section of
 ``docs/RESULTS.md`` and ``docs/site_curve.png``.
 
-    python tools/bench_site_curve.py run                             # the whole study (~60-90 min on 2 CPU cores)
-    python tools/bench_site_curve.py run --budget_epochs 10,60       # plus the budget study (expert_full, N=all)
-    python tools/bench_site_curve.py report                          # section + plot again from saved summaries
+    python -m benchmarks.site_curve run                             # the whole study (~60-90 min on 2 CPU cores)
+    python -m benchmarks.site_curve run --budget_epochs 10,60       # plus the budget study (expert_full, N=all)
+    python -m benchmarks.site_curve report                          # section + plot again from saved summaries
 
 Stages (each resumable; see ``docs/site_curve.md``):
 
-1. ``medfm_ops.finetune.load_or_create_study_split``: ``--dataset_dir`` split once into ``public`` cases
+1. ``benchmarks.site_study.load_or_create_study_split``: ``--dataset_dir`` split once into ``public`` cases
    (``--num_public``; the foundation may see them) and a disjoint site part: a fixed validation set
    (``--num_validation``) and a training pool. Saved to ``<work_dir>/study_split.json``; reused, never re-made.
-2. ``medfm_ops.finetune.build_pretraining_datalist``: the synthetic default regions (the bundles' own ``synthetic``
+2. ``benchmarks.site_study.build_pretraining_datalist``: the synthetic default regions (the bundles' own ``synthetic``
    settings) with the public cases added to ``brain_mri`` (classes anterior, posterior appended; partial labels)
    through the mapping-file converter; ``bundles/foundation_seg`` then ``bundles/lorkd_seg`` train on it with their
    own ``configs/train.json`` and command-line overrides only (:func:`pretraining_recipe`); the brain expert is
    exported as a standalone bundle.
 3. The curve: for every N in ``--sizes`` and seed in ``--seeds``, N site training cases drawn from the pool (nested
-   per seed: ``medfm_ops.finetune.draw_training_cases``), written as an explicit split file, and every row of
-   ``tools/bench_site_finetune.py`` (scratch, teacher_full, expert_full, expert_lora, expert_sparse) fine-tuned
+   per seed: ``benchmarks.site_study.draw_training_cases``), written as an explicit split file, and every row of
+   ``benchmarks/site_finetune.py`` (scratch, teacher_full, expert_full, expert_lora, expert_sparse) fine-tuned
    through ``tools/finetune_site.py``: each run writes a complete site bundle scored by its own inference.json.
    Budget per run, the same for every row: ``--steps`` optimisation steps (epochs = steps / steps per epoch for
    that N, rounded up to a multiple of ``--validations``; or a fixed ``--epochs``), ``--batch_size``,
@@ -44,7 +44,7 @@ from typing import Any
 
 import fire
 
-from bench_site_finetune import (
+from benchmarks.site_finetune import (
     GLIBC_TUNABLES,
     REGION,
     REPO,
@@ -56,10 +56,11 @@ from bench_site_finetune import (
     finetune_command,
     run_or_reuse,
 )
+from benchmarks.learning_curve import compare_over_seeds, plot_learning_curve
+from benchmarks.sections import write_markdown_section
+from benchmarks.site_study import build_pretraining_datalist, load_or_create_study_split, write_draw_split
 from medfm_ops.bundle_paths import default_cache_dir
 from medfm_ops.data import ensure_synthetic_dataset
-from medfm_ops.finetune import build_pretraining_datalist, load_or_create_study_split, write_draw_split
-from medfm_ops.metrics import compare_over_seeds, plot_learning_curve, write_markdown_section
 from medfm_ops.utils.atomic_io import atomic_write_json
 from medfm_ops.utils.hashing import file_sha256
 
@@ -187,7 +188,7 @@ def run(
         num_public, num_validation, split_seed: the study split (120 public, 30 site validation, seed 0).
         sizes: N values (comma-separated; ``all`` = the whole pool). Defaults to ``5,10,20,all``.
         seeds: training seeds = case-draw seeds. Defaults to ``0,1,2``.
-        rows: subset of the rows (comma-separated). Defaults to all of ``tools/bench_site_finetune.py``'s.
+        rows: subset of the rows (comma-separated). Defaults to all of ``benchmarks/site_finetune.py``'s.
         steps: optimisation steps per run (every row and N); None to use ``epochs``. Defaults to 150.
         epochs: a fixed number of epochs per run instead of ``steps``. Defaults to None.
         validations: validations per run (the best is kept); epochs are rounded up to a multiple. Defaults to 2.
@@ -284,7 +285,7 @@ def run(
     budget_records = run_all(tasks)
     stages.done("budget")
 
-    args = ["python tools/bench_site_curve.py run", f"--dataset_dir {dataset_dir}", f"--work_dir {work_dir}"]
+    args = ["python -m benchmarks.site_curve run", f"--dataset_dir {dataset_dir}", f"--work_dir {work_dir}"]
     defaults = {"results": "docs/RESULTS.md", "plot": "docs/site_curve.png", "num_public": 120, "num_validation": 30,
                 "split_seed": 0, "sizes": "5,10,20,all", "seeds": "0,1,2", "steps": 150, "epochs": None,
                 "validations": 2, "batch_size": 2, "patch_size": "32,48,32", "learning_rate": 2e-3,
@@ -439,7 +440,7 @@ def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
         f"trained on them) and a disjoint site part: {meta['study']['num_validation']} fixed validation cases (every "
         f"row, N and seed) and a pool of {meta['study']['num_site_pool']} training cases. N cases are drawn from the "
         "pool per seed, NESTED within a seed (N=5 is a subset of N=10, ...; different draws for different seeds: "
-        "`medfm_ops.finetune.draw_training_cases`), saved as explicit split files under "
+        "`benchmarks.site_study.draw_training_cases`), saved as explicit split files under "
         f"`{meta['work_dir']}/splits/`; the seed is also the training seed.",
         f"- Site budget: {'a fixed ' + str(b['epochs']) + ' epochs' if b['epochs'] else str(b['steps']) + ' optimisation steps'} "
         f"per run (epochs per N in the table above, rounded up to a multiple of {b['validations']} validation(s)), "
@@ -451,7 +452,7 @@ def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
         f"- Starting points, trained on `{meta['pretraining_datalist']}` = the synthetic default set (4 regions) + the "
         f"{meta['study']['num_public']} public cases in region `brain_mri` (classes anterior, posterior appended; "
         "partial labels: real cases annotate only those two, synthetic brain cases only theirs), built with "
-        "`medfm_ops.finetune.build_pretraining_datalist` (MSD subset view + mapping file + `merge_datalists`). "
+        "`benchmarks.site_study.build_pretraining_datalist` (MSD subset view + mapping file + `merge_datalists`). "
         + " ".join(
             f"`bundles/{name}` `configs/train.json` with `{' '.join(f'--{k} {json.dumps(v)}' for k, v in pre[name]['recipe'].items())}`"
             f" ({pre[name]['summary'].get('epochs', '?')} epoch(s), "

@@ -1,11 +1,12 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Shared pieces of the ``tools/bench_*.py`` benchmarks: allocator settings, machine record, robust timing."""
+"""Shared pieces of the benchmarks (``python -m benchmarks.<name>``): the repository root, allocator settings, robust
+timing, logged child runs, command-line lists; the machine record is :py:func:`medfm_ops.utils.machine.machine_info`
+(re-exported here)."""
 
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 import subprocess
 import statistics
@@ -15,47 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms", "run_logged", "split_list"]
+from medfm_ops.utils.machine import BENCH_REEXEC_FLAG, machine_info
+
+__all__ = ["REPO", "GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms",
+           "run_logged", "split_list"]  # fmt: skip
+
+#: the repository root (benchmarks run from it: ``python -m benchmarks.<name>``)
+REPO = Path(__file__).resolve().parents[1]
 
 #: glibc returns large buffers to the kernel after every call by default, which makes 3D CPU steps slow and noisy
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
-_REEXEC_FLAG = "MEDFM_BENCH_REEXEC"
 
 
 def reexec_with_glibc_tunables(tag: str) -> None:
-    """Re-execute the running script with :data:`GLIBC_TUNABLES` unless set (call before importing torch)."""
+    """Re-execute the running command (``python -m benchmarks.<name> ...`` as typed) with :data:`GLIBC_TUNABLES`
+    unless set (call before importing torch)."""
     if "GLIBC_TUNABLES" not in os.environ:
         print(f"[{tag}] GLIBC_TUNABLES not set: re-executing with GLIBC_TUNABLES={GLIBC_TUNABLES}", flush=True)
-        env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES, _REEXEC_FLAG: "1"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
-def machine_info(device: Any) -> dict[str, Any]:
-    """CPU model, cores, torch/python versions, threads, GPU name, allocator settings and the load average."""
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = torch.device(device)
-    return {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-        "glibc_tunables_set_by_bench": os.environ.get(_REEXEC_FLAG) == "1",
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
+        env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES, BENCH_REEXEC_FLAG: "1"}
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def time_ms(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[], None] | None = None) -> list[float]:

@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from medfm_ops.data import convert_msd_mapping, load_datalist, merge_datalists, read_msd_dataset, write_msd_subset
+from medfm_ops.data import (
+    convert_msd_mapping,
+    load_datalist,
+    merge_datalists,
+    read_msd_dataset,
+    split_cases,
+    write_msd_subset,
+)
 from medfm_ops.finetune.split import write_split
 from medfm_ops.utils.atomic_io import atomic_write_json
 
@@ -106,10 +113,10 @@ def load_or_create_study_split(
             )
         parts = {p: [{k: str(root / c[k]) for k in ("image", "label")} for c in saved[p]] for p in STUDY_PARTS}
     else:
-        order = np.random.default_rng(int(seed)).permutation(len(cases)).tolist()
-        bounds = {"public": (0, n_public), "site_validation": (n_public, n_public + n_val),
-                  "site_pool": (n_public + n_val, len(cases))}  # fmt: skip
-        parts = {p: sorted((cases[i] for i in order[a:b]), key=lambda c: c["image"]) for p, (a, b) in bounds.items()}
+        # the one seeded split (split_cases): the permutation's first n_public cases, the next n_val, the rest
+        split = split_cases(cases, val_split=n_public, test_split=n_val, seed=int(seed))
+        named = {"public": split["validation"], "site_validation": split["test"], "site_pool": split["training"]}
+        parts = {p: sorted(named[p], key=lambda c: c["image"]) for p in STUDY_PARTS}
         content = {
             "dataset_dir": str(root),
             **settings,
