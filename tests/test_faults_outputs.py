@@ -315,7 +315,7 @@ def test_truncated_and_nan_images_at_site_finetuning_exit_1_naming_the_file(tmp_
             [PY, str(REPO / "tools" / "finetune_site.py"), "--expert_bundle", str(expert), "--dataset_dir", str(data),
              "--output_dir", str(out), "--epochs", "1", "--batch_size", "1", "--val_split", "0.25", "--device", "cpu",
              "--verify", "false", "--progress", "false"],
-            env=_env(MEDFM_CACHE_DIR=str(tmp_path / "cache")), capture_output=True, text=True, timeout=300,
+            env=_env(MEDFM_CACHE=str(tmp_path / "cache")), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert res.returncode == 1, (problem, res.returncode, res.stderr[-3000:])
         text = res.stderr
@@ -330,7 +330,7 @@ def test_data_check_reads_each_file_once(tmp_path, monkeypatch):
     decoded again."""
     from medfm_ops.data import check_segmentation_cases, integrity
 
-    monkeypatch.setenv("MEDFM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEDFM_CACHE", str(tmp_path / "cache"))
     data = write_msd(tmp_path / "site", n=2)
     cases = [{"image": str(p), "label": str(data / "labelsTr" / p.name)} for p in sorted((data / "imagesTr").iterdir())]
     loads = []
@@ -370,7 +370,7 @@ def test_full_disk_in_a_stock_bundle_training_during_site_finetuning(tmp_path, m
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(ignite_checkpoint.torch, "save", full_disk)
-    monkeypatch.setenv("MEDFM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEDFM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(OutputWriteError) as info:
         finetune_expert(expert, data, out, epochs=1, batch_size=1, val_split=0.25, device="cpu", verify=False,
                         progress=False, score_before=False)  # fmt: skip
