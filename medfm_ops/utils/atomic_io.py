@@ -33,8 +33,9 @@ __all__ = [
 
 
 class OutputWriteError(OSError):
-    """The disk refused to write an output (full, file size limit, quota, read-only, I/O error). ``str()`` is one line: what happened, where, and whether the previous file is intact; ``errno`` and
-    ``filename`` are those of the original error."""
+    """The disk refused to write an output (full, file size limit, quota, read-only, I/O error). ``str()`` is one
+    line: what happened, where, and whether the previous file is intact; ``errno`` is the original error's,
+    ``filename`` the file being written and ``reason`` the plain words for the error."""
 
     def __str__(self) -> str:
         return str(self.strerror)
