@@ -29,7 +29,7 @@ import torch
 
 from site_fixture import write_expert, write_msd
 
-from medfm_ops.bundle import write_cls_expert_bundle
+from medfm_ops.bundle import BUNDLE_SCRIPTS, write_cls_expert_bundle
 from medfm_ops.data import input_guard
 from medfm_ops.utils import OutputLockedError, OutputWriteError, atomic_torch_save, lock_path, output_lock
 
@@ -255,7 +255,11 @@ def test_exported_classification_bundle_refuses_nan_2d_and_two_channel_volumes(t
     net = instantiate(dict(TINY_CLS))
     bundle = write_cls_expert_bundle(tmp_path / "cls", TINY_CLS, net.state_dict(), "shape_ct", ["round", "square"],
                                      [12, 12, 12])  # fmt: skip
-    assert (bundle / "scripts" / "input_guard.py").read_bytes() == Path(input_guard.__file__).read_bytes()
+    for name, source in BUNDLE_SCRIPTS.items():  # the bundle-local code is the package's, byte for byte
+        assert (bundle / "scripts" / name).read_bytes() == source.read_bytes(), name
+    assert BUNDLE_SCRIPTS["input_guard.py"] == Path(input_guard.__file__)
+    config = (bundle / "configs" / "inference.json").read_text()
+    assert "exec(" not in config and "sys.excepthook" not in config  # configs are data; the logic is in scripts/
     blocker = tmp_path / "no_medfm"
     (blocker / "medfm_ops").mkdir(parents=True)
     (blocker / "medfm_ops" / "__init__.py").write_text("raise ImportError('the exported bundle must not need medfm')")
