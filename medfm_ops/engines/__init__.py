@@ -15,7 +15,7 @@ from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evalua
 from medfm_ops.engines.cls_batch import ClsLossAdapter, TaskPrepareBatch
 from medfm_ops.engines.cls_teacher_cache import TeacherFeatureCache
 from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier, write_cls_summary
-from medfm_ops.engines.handlers import LinearDecayHandler
+from medfm_ops.engines.handlers import LinearDecayHandler, RandomStates
 from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "FinalValidationHandler",
     "LoRKDLossAdapter",
     "NonFiniteLossError",
+    "RandomStates",
     "RegionPrepareBatch",
     "RoutedSimpleInferer",
     "RoutedSlidingWindowInferer",
