@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from medfm_ops.bundle import write_cls_expert_bundle
+from medfm_ops.bundle import BUNDLE_SCRIPTS, write_cls_expert_bundle
 from medfm_ops.data import input_guard
 from medfm_ops.utils import OutputLockedError, OutputWriteError, atomic_torch_save, lock_path, output_lock
 
@@ -260,7 +260,11 @@ def test_exported_classification_bundle_refuses_nan_2d_and_two_channel_volumes(t
     net = instantiate(dict(TINY_CLS))
     bundle = write_cls_expert_bundle(tmp_path / "cls", TINY_CLS, net.state_dict(), "shape_ct", ["round", "square"],
                                      [12, 12, 12])  # fmt: skip
-    assert (bundle / "scripts" / "input_guard.py").read_bytes() == Path(input_guard.__file__).read_bytes()
+    for name, source in BUNDLE_SCRIPTS.items():  # the bundle-local code is the package's, byte for byte
+        assert (bundle / "scripts" / name).read_bytes() == source.read_bytes(), name
+    assert BUNDLE_SCRIPTS["input_guard.py"] == Path(input_guard.__file__)
+    config = (bundle / "configs" / "inference.json").read_text()
+    assert "exec(" not in config and "sys.excepthook" not in config  # configs are data; the logic is in scripts/
     blocker = tmp_path / "no_medfm"
     (blocker / "medfm_ops").mkdir(parents=True)
     (blocker / "medfm_ops" / "__init__.py").write_text("raise ImportError('the exported bundle must not need medfm')")
@@ -320,7 +324,7 @@ def test_truncated_and_nan_images_at_site_finetuning_exit_1_naming_the_file(site
             [PY, str(REPO / "tools" / "finetune_site.py"), "--expert_bundle", str(expert), "--dataset_dir", str(data),
              "--output_dir", str(out), "--epochs", "1", "--batch_size", "1", "--val_split", "0.25", "--device", "cpu",
              "--verify", "false", "--progress", "false"],
-            env=_env(MEDFM_CACHE_DIR=str(tmp_path / "cache")), capture_output=True, text=True, timeout=300,
+            env=_env(MEDFM_CACHE=str(tmp_path / "cache")), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert res.returncode == 1, (problem, res.returncode, res.stderr[-3000:])
         text = res.stderr
@@ -335,7 +339,7 @@ def test_data_check_reads_each_file_once(site_files, tmp_path, monkeypatch):
     decoded again."""
     from medfm_ops.data import check_segmentation_cases, integrity
 
-    monkeypatch.setenv("MEDFM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEDFM_CACHE", str(tmp_path / "cache"))
     data = site_files.write_msd(tmp_path / "site", n=2)
     cases = [{"image": str(p), "label": str(data / "labelsTr" / p.name)} for p in sorted((data / "imagesTr").iterdir())]
     loads = []
@@ -375,7 +379,7 @@ def test_full_disk_in_a_stock_bundle_training_during_site_finetuning(site_files,
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(ignite_checkpoint.torch, "save", full_disk)
-    monkeypatch.setenv("MEDFM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEDFM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(OutputWriteError) as info:
         finetune_expert(expert, data, out, epochs=1, batch_size=1, val_split=0.25, device="cpu", verify=False,
                         progress=False, score_before=False)  # fmt: skip

@@ -22,7 +22,8 @@ TASK = "blobs_mr"
 
 def test_rerun_without_delta_and_verification_leaves_no_stale_file(tmp_path):
     bundle = tmp_path / "shpeft_cls"
-    shutil.copytree(REPO / "bundles" / "shpeft_cls", bundle, ignore=shutil.ignore_patterns("models", "eval", "runs", "export"))
+    shutil.copytree(REPO / "bundles" / "shpeft_cls", bundle,
+                    ignore=shutil.ignore_patterns("models", "eval", "runs", "export"))  # fmt: skip
     pre = _pretrained(tmp_path / "pretrained", RESNET)
     _run(bundle, "train.json", pretrained=str(pre), epochs=1, head_init="fresh", verify_export=True)
     models, export = bundle / "models", bundle / "export" / TASK

@@ -9,12 +9,14 @@ import os
 from pathlib import Path
 
 from medfm_ops.data import input_guard
+from medfm_ops.utils import errors
 from medfm_ops.utils.atomic_io import atomic_write_text
 
 __all__ = ["BUNDLE_SCRIPTS", "write_bundle_scripts"]
 
-#: ``scripts/<name>`` of an exported bundle -> the medfm_ops module it copies (torch/MONAI imports only)
-BUNDLE_SCRIPTS = {"input_guard.py": Path(input_guard.__file__)}
+#: ``scripts/<name>`` of an exported bundle -> the medfm_ops module it copies (standard library, torch and MONAI
+#: imports only): the input guard, and the exception hook that prints the cause of a failure last
+BUNDLE_SCRIPTS = {"input_guard.py": Path(input_guard.__file__), "errors.py": Path(errors.__file__)}
 
 _INIT = '"""Bundle-local code: copies of medfm_ops modules (see each file), so that this bundle needs MONAI only."""\n'
 
@@ -23,7 +25,8 @@ def write_bundle_scripts(root: str | os.PathLike) -> Path:
     """
     Write ``{root}/scripts/`` (a package: ``__init__.py`` and :data:`BUNDLE_SCRIPTS`, each byte for byte its
     medfm_ops module). A config names them as ``scripts.input_guard.InputGuardd``; MONAI puts the bundle root on
-    ``sys.path`` before the ``run`` step, so they can be used from ``run`` on (not in ``initialize``).
+    ``sys.path`` before the ``run`` step, so they can be used from ``run`` on (not in ``initialize``): the exception
+    hook (``scripts.errors.install_excepthook``) is the first item of ``run``.
 
     Returns:
         the ``scripts`` folder.

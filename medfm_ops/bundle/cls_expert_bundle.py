@@ -92,44 +92,45 @@ def write_cls_expert_bundle(
     if outs and int(outs[0]) != len(class_names):
         raise ValueError(f"network_def outputs {outs[0]} classes but class_names has {len(class_names)}: {list(class_names)}.")
     plain = _plain_state_dict(state_dict, network_def)
-    with staged_directory(out_dir) as root:
+    net_cfg = json.loads(json.dumps(dict(network_def)))
+    cfg = _render({"network_def": net_cfg, "spatial_size": [int(s) for s in spatial_size],
+                   "class_names": list(class_names)})  # fmt: skip
+    n = len(class_names)
+    description = description or (
+        f"3D classifier of task {task_name} ({', '.join(class_names)}): a stock {net_cfg['_target_']} with its task "
+        f"head, input resized to {list(spatial_size)} and z-score normalised per image; outputs {n} logits."
+    )
+    pred = {"type": "probabilities", "format": "classes", "num_channels": n, "spatial_shape": [1], "dtype": "float32",
+            "value_range": [0, 1], "is_patch_data": False, "channel_def": {str(i): c for i, c in enumerate(class_names)}}  # fmt: skip
+    meta = {
+        **bundle_metadata(
+            version, f"{task_name} classifier exported by medfm (stock network + task head)", f"medfm {task_name} classifier",
+            f"Classification of {task_name}: {', '.join(class_names)}", description, authors, modality, spatial_size,
+            False, pred, required_packages,
+        ),  # fmt: skip
+        "medfm": {"task": task_name, "class_names": list(class_names), "spatial_size": [int(s) for s in spatial_size]},
+    }  # fmt: skip
+    meta.update(dict(extra_metadata or {}))
+    readme = (
+        f"# {meta['name']}\n\n## Overview\n{description}\n\n## Data\nOne-channel 3D volumes (NIfTI), resized to "
+        f"{list(spatial_size)}.\n\n## Inference\n\n```bash\npython -m monai.bundle run --config_file "
+        f"configs/inference.json --bundle_root . --dataset_dir <folder of .nii.gz>\n```\n\nWrites "
+        f"`eval/predictions.csv`: file name, then the probabilities of {', '.join(class_names)}. An image with NaN/inf "
+        "voxels, not 3D or not single-channel is refused, naming its file (`scripts/input_guard.py`).\n\n## Checks\n\n"
+        "```bash\npython -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath "
+        f"{SCHEMA_RELPATH}\npython -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json "
+        "--config_file configs/inference.json --device cpu\n```\n\n## Intended use\nResearch only; not for clinical "
+        "use.\n\n## Licence\nApache-2.0 (see LICENSE).\n"
+    )
+    with staged_directory(out_dir) as root:  # written as a whole: staged, checked, swapped in
         for sub in ("configs", "models", "docs"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         write_bundle_scripts(root)
-        net_cfg = json.loads(json.dumps(dict(network_def)))
-        cfg = _render({"network_def": net_cfg, "spatial_size": [int(s) for s in spatial_size],
-                       "class_names": list(class_names)})  # fmt: skip
         atomic_write_text(root / "configs" / "inference.json", json.dumps(cfg, indent=4) + "\n")
         shutil.copyfile(CLS_TEMPLATE_DIR / "configs" / "logging.conf", root / "configs" / "logging.conf")
-        n = len(class_names)
-        description = description or (
-            f"3D classifier of task {task_name} ({', '.join(class_names)}): a stock {net_cfg['_target_']} with its task "
-            f"head, input resized to {list(spatial_size)} and z-score normalised per image; outputs {n} logits."
-        )
-        pred = {"type": "probabilities", "format": "classes", "num_channels": n, "spatial_shape": [1], "dtype": "float32",
-                "value_range": [0, 1], "is_patch_data": False, "channel_def": {str(i): c for i, c in enumerate(class_names)}}  # fmt: skip
-        meta = {
-            **bundle_metadata(
-                version, f"{task_name} classifier exported by medfm (stock network + task head)", f"medfm {task_name} classifier",
-                f"Classification of {task_name}: {', '.join(class_names)}", description, authors, modality, spatial_size,
-                False, pred, required_packages,
-            ),  # fmt: skip
-            "medfm": {"task": task_name, "class_names": list(class_names), "spatial_size": [int(s) for s in spatial_size]},
-        }  # fmt: skip
-        meta.update(dict(extra_metadata or {}))
         write_metadata(root, meta)
         write_metadata_schema(root / SCHEMA_RELPATH)
         atomic_write_text(root / "LICENSE", _license_text(authors))
-        readme = (
-            f"# {meta['name']}\n\n## Overview\n{description}\n\n## Data\nOne-channel 3D volumes (NIfTI), resized to "
-            f"{list(spatial_size)}.\n\n## Inference\n\n```bash\npython -m monai.bundle run --config_file "
-            f"configs/inference.json --bundle_root . --dataset_dir <folder of .nii.gz>\n```\n\nWrites "
-            f"`eval/predictions.csv`: file name, then the probabilities of {', '.join(class_names)}.\n\n## Checks\n\n"
-            "```bash\npython -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath "
-            f"{SCHEMA_RELPATH}\npython -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json "
-            "--config_file configs/inference.json --device cpu\n```\n\n## Intended use\nResearch only; not for clinical "
-            "use.\n\n## Licence\nApache-2.0 (see LICENSE).\n"
-        )
         atomic_write_text(root / "docs" / "README.md", readme)
         atomic_torch_save(plain, root / "models" / "model.pt")
         if verify:

@@ -54,7 +54,8 @@ def check_model_is_from_last_run(models_dir: Path) -> None:
                    f"{summary.get('best_metric_epoch')}), so it kept that earlier model file")
             fix = "Export with force=True to ship that best model, or train on"
         else:
-            why = f"it never validated in its {epochs} epoch(s), e.g. epochs < val_interval: it is an earlier run's model"
+            why = (f"it never validated in its {epochs} epoch(s), e.g. epochs < val_interval: it is an earlier run's "
+                   "model")
             fix = "Retrain with validation, or pass force=True"
         raise ValueError(f"{model} was not written by the last training run ({why}). {fix}.")
     if model_fingerprint(model) != summary["model_sha256"]:

@@ -15,6 +15,7 @@ from monai.transforms import LoadImage, MapTransform, Transform
 from medfm_ops.data.cls_datalist import ClsItemError, check_cls_item, cls_item_name
 from medfm_ops.data.cls_medmnist import NpzReadError, read_npz_array
 from medfm_ops.data.cls_tasks import ClsTaskTable
+from medfm_ops.data.input_guard import check_shape
 
 __all__ = ["CheckClsItemd", "LoadClsImaged", "VolumeShapeError"]
 
@@ -94,11 +95,10 @@ class LoadClsImaged(MapTransform):
             except Exception as e:
                 raise ValueError(f"{name}: cannot load the image ({type(e).__name__}: {e}).") from e
             img = MetaTensor(torch.as_tensor(img, dtype=torch.float32), meta={**img.meta, "filename_or_obj": name})
-        if img.ndim != self.spatial_dims + 1 or img.shape[0] != 1:
-            raise VolumeShapeError(
-                f"{name}: expected one {self.spatial_dims}D volume (1, D, H, W after adding the channel), got "
-                f"shape {tuple(img.shape)}."
-            )
+        try:
+            check_shape(img, name, self.spatial_dims, 1)  # the input guard's check (medfm_ops.data.input_guard)
+        except ValueError as e:
+            raise VolumeShapeError(str(e)) from None
         return img
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:

@@ -13,6 +13,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from medfm_ops.bundle_paths import default_cache_dir
 from medfm_ops.utils.atomic_io import atomic_write_json
 
 __all__ = ["DatasetIntegrityError", "check_datalist_cases", "check_segmentation_cases", "read_volume_facts",
@@ -33,13 +34,10 @@ class DatasetIntegrityError(ValueError):
 
 
 def data_check_cache_file() -> Path:
-    """Where the data check keeps its verdicts: ``$MEDFM_CACHE_DIR/data_check.json``, else
-    ``$XDG_CACHE_HOME/medfm/data_check.json`` (``~/.cache/medfm``). Data folders may be read-only, so the cache is
-    never written beside the data."""
-    base = os.environ.get("MEDFM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "medfm"
-    )
-    return Path(base) / "data_check.json"
+    """Where the data check keeps its verdicts: ``data_check.json`` in medfm's cache folder (``$MEDFM_CACHE``, else
+    ``~/.cache/medfm``; :func:`~medfm_ops.bundle_paths.default_cache_dir`). Data folders may be read-only, so the
+    cache is never written beside the data."""
+    return Path(default_cache_dir()) / "data_check.json"
 
 
 def _load_cache() -> dict[str, Any]:

@@ -17,7 +17,7 @@ from medfm_ops.engines.cls_batch import ClsLossAdapter, TaskPrepareBatch
 from medfm_ops.engines.cls_teacher_cache import TeacherFeatureCache
 from medfm_ops.engines.cls_rd_export import export_rd_student, rd_student_network_def, student_task_table
 from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier
-from medfm_ops.engines.handlers import LinearDecayHandler, TerminalProgressBar
+from medfm_ops.engines.handlers import LinearDecayHandler, TerminalProgressBar, RandomStates
 from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
 from medfm_ops.engines.region_window import RegionSlidingWindowInferer
 
@@ -34,6 +34,7 @@ __all__ = [
     "LoRKDLossAdapter",
     "NonFiniteLossError",
     "TaskLossAdapter",
+    "RandomStates",
     "RegionPrepareBatch",
     "RoutedSimpleInferer",
     "RoutedSlidingWindowInferer",

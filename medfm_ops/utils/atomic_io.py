@@ -33,21 +33,22 @@ __all__ = [
 
 
 class OutputWriteError(OSError):
-    """The operating system refused to write an output (full disk, file size limit, quota, read-only or forbidden
-    folder). ``str()`` is one line: what happened, where, and whether the previous file is intact; ``errno`` and
-    ``filename`` are those of the original error."""
+    """The disk refused to write an output (full, file size limit, quota, read-only, I/O error). ``str()`` is one
+    line: what happened, where, and whether the previous file is intact; ``errno`` is the original error's,
+    ``filename`` the file being written and ``reason`` the plain words for the error."""
 
     def __str__(self) -> str:
         return str(self.strerror)
 
 
-#: plain words for the errors a full or limited disk gives
+#: plain words for the errors of a full or limited disk (the errors :func:`atomic_write` turns into one line; others,
+#: e.g. a missing or forbidden folder, already name their path)
 _REASONS = {
     errno.ENOSPC: "no space left on device",
     errno.EFBIG: "file size limit exceeded (ulimit -f)",
     errno.EDQUOT: "disk quota exceeded",
     errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
+    errno.EIO: "input/output error of the disk",
 }
 
 
@@ -108,8 +109,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
         the open file object (``mode`` ``"w"`` or ``"wb"``).
 
     Raises:
-        OutputWriteError: when the operating system refuses the write (full disk, file size limit, ...), in one
-            line naming ``path`` (see :func:`write_error`); ``path`` is untouched.
+        OutputWriteError: when the disk refuses the write (full, file size limit, quota, read-only, I/O error), in
+            one line naming ``path`` (see :func:`write_error`); ``path`` is untouched.
     """
     path = Path(path)
     existed = path.exists()
@@ -117,7 +118,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise write_error(e, path, existed) from e
+        if e.errno in _REASONS:
+            raise write_error(e, path, existed) from e
+        raise
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
@@ -128,7 +131,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and e.errno in _REASONS:
             raise write_error(e, path, existed) from e
         raise
 

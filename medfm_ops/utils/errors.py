@@ -1,6 +1,9 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Errors a user can read: the cause under MONAI's wrappers, printed as the last line of a failed run."""
+"""Errors a user can read: the cause under MONAI's wrappers, printed as the last line of a failed run.
+
+Standard library only: exported bundles ship this module verbatim as ``scripts/errors.py`` (see
+:py:data:`medfm_ops.bundle.BUNDLE_SCRIPTS`)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from medfm_ops.engines.handlers.expert_warmup import ExpertWarmupHandler
 from medfm_ops.engines.handlers.final_validation import FinalValidationHandler
 from medfm_ops.engines.handlers.cls_schedule import LinearDecayHandler
 from medfm_ops.engines.handlers.progress import TerminalProgressBar
+from medfm_ops.engines.handlers.random_states import RandomStates
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -16,4 +17,5 @@ __all__ = [
     "FinalValidationHandler",
     "LinearDecayHandler",
     "TerminalProgressBar",
+    "RandomStates",
 ]
