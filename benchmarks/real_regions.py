@@ -19,7 +19,9 @@ settings are unchanged; an interrupted command picks up where it stopped):
    and row (its own seed is train.json's fixed one).
 3. The rows, each ``lorkd_seg`` train.json + real_regions.json + its baseline override: STL (``stl.json``, one
    stock student per region, the same epochs on its region's cases = the LoRKD student's steps on that region),
-   MTL (``mtl.json``), MTL-KD (``mtl_kd.json``), LoRKD (train.json), LoRKD* (``lorkd_star.json``). The learning rate
+   MTL (``mtl.json``), MTL-KD (``mtl_kd.json``), LoRKD (train.json), LoRKD* (``lorkd_star.json``), and ``scratch``:
+   the stock MONAI UNet of the expert's size from scratch per region, trained by an expert bundle's own
+   ``train.json`` (the recipe a site gets; same epochs, the region's cases, no teacher). The learning rate
    of every row is chosen on the VALIDATION split (best ``val_mean_dsc`` of the first seed over ``lr_grid``); the
    other seeds train with it. Nothing is chosen on test.
 4. Every model is exported per region as a standalone expert bundle (LoRKD: the fused expert; baselines: the
@@ -31,8 +33,8 @@ settings are unchanged; an interrupted command picks up where it stopped):
 5. The page: per region and class DSC/NSD mean +- std over seeds, train/deploy parameters and GFLOPs (one window),
    wall time per part, machine; the reading under the 2x-spread rule (``medfm_ops.metrics.compare_over_seeds``).
 
-Presets: ``smoke`` (2 training, 1 validation, 1 test case per region, 1 epoch, one seed, rows teacher/mtl/lorkd: a
-few minutes on 2 CPU cores, for checking the harness); ``full`` (40 training cases per region, all validation and
+Presets: ``smoke`` (2 training, 1 validation, 1 test case per region, 1 epoch, one seed, rows teacher/mtl/lorkd (add
+``--rows teacher,mtl,lorkd,scratch`` for the scratch row): a few minutes on 2 CPU cores, for checking the harness); ``full`` (40 training cases per region, all validation and
 test cases, teacher 30 epochs, students 20, LR grid 1e-3 / 3e-3, seeds 0, 1, 2). The ``full`` budget is a plan,
 not a measurement: time ``--preset full --single_seed --rows teacher,lorkd`` first and scale ``--train_cases`` /
 ``--epochs`` to the 2.5-hour target; the page records what ran and how long each part took.
@@ -75,10 +77,14 @@ ROWS: dict[str, tuple[str, str | None, bool, str]] = {
     "lorkd_star": ("LoRKD* (per-region ranks from the warm-up)", "lorkd_star", True,
                    "one fused expert (stock UNet) per region"),
 }  # fmt: skip
+#: the stock MONAI UNet of the expert's size trained from scratch per region with the exported bundle's own
+#: train.json (the recipe a site gets: DiceCE on the region's channels, no teacher), same epochs as the students
+SCRATCH = ("scratch", "stock MONAI UNet of the expert's size, from scratch per region, the expert bundle's own "
+           "train.json", "one stock network per region")
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {"train_cases": 40, "val_cases": None, "test_cases": None, "teacher_epochs": 30, "epochs": 20,
              "warmup_epochs": 2, "lr_grid": [1e-3, 3e-3], "seeds": [0, 1, 2], "batch_size": 4,
-             "rows": ["teacher", *ROWS]},
+             "rows": ["teacher", *ROWS, "scratch"]},
     "smoke": {"train_cases": 2, "val_cases": 1, "test_cases": 1, "teacher_epochs": 1, "epochs": 1,
               "warmup_epochs": 0, "lr_grid": [1e-3], "seeds": [0], "batch_size": 2, "rows": ["teacher", "mtl", "lorkd"]},
 }  # fmt: skip
@@ -241,9 +247,9 @@ def run(
     p["seeds"] = p["seeds"][:1] if single_seed else p["seeds"]
     p["lr_grid"] = [float(x) for x in split_list(lr_grid)] if lr_grid is not None else p["lr_grid"]
     p["rows"] = split_list(rows) if rows is not None else p["rows"]
-    unknown = sorted(set(p["rows"]) - {"teacher", *ROWS})
+    unknown = sorted(set(p["rows"]) - {"teacher", *ROWS, "scratch"})
     if unknown:
-        raise ValueError(f"unknown rows {unknown}; known: {['teacher', *ROWS]}.")
+        raise ValueError(f"unknown rows {unknown}; known: {['teacher', *ROWS, 'scratch']}.")
     if "lorkd_star" in p["rows"] and p["warmup_epochs"] < 1:
         raise ValueError("LoRKD* needs a warm-up epoch (its ranks come from it): use a preset with warmup_epochs >= 1.")
     work = (REPO / work_dir).resolve() if not Path(work_dir).is_absolute() else Path(work_dir)
@@ -322,6 +328,11 @@ def run(
         times[row] = time.perf_counter() - t0
         print(f"  {row}: lr {best_lr:g} (val {val[best_lr]:.4f}); {times[row]:.0f} s", flush=True)
 
+    if "scratch" in p["rows"]:
+        t0 = time.perf_counter()
+        results["scratch"] = _scratch_row(work, table, sections, prep, p, device, data_sha)
+        times["scratch"] = time.perf_counter() - t0
+
     record = {
         "command": "python benchmarks/real_regions.py run" + (f" --preset {preset}" if preset != "full" else "")
         + "".join(f" --{k} {v}" for k, v in (("seeds", seeds), ("rows", rows), ("lr_grid", lr_grid),
@@ -342,6 +353,88 @@ def run(
     out_path = (REPO / out) if not Path(out).is_absolute() else Path(out)
     atomic_write_json(out_path.with_suffix(".json"), record)
     return _write(out_path, record)
+
+
+def _scratch_row(work: Path, table: Any, sections: dict, prep: dict, p: dict, device: str, data_sha: str) -> dict:
+    """The scratch row: per region, a freshly initialised stock UNet of the expert's size written as an expert
+    bundle and trained by that bundle's own train.json on the region's training cases (validation for the best
+    model and the LR choice); scored on test through the same bundle's inference.json."""
+    import torch
+
+    from medfm_ops.bundle_paths import literal_config
+
+    net_def = literal_config(REPO / "bundles" / "lorkd_seg" / "configs" / "train.json", "network_def",
+                             num_classes=table.num_classes)
+    cases = lambda section, task: [{"image": c["image"], "label": c["label"]} for c in sections.get(section, [])  # noqa
+                                   if int(c["region"]) == task]
+
+    def train(name: str, lr: float, seed: int) -> tuple[Path, dict]:
+        task, row = table.task_id_of(name), prep[name]
+        run_dir = work / "scratch" / f"lr{lr:g}" / f"seed{seed}" / name
+        args = {"train_datalist": cases("training", task), "val_datalist": cases("validation", task),
+                "pretrained": False, "epochs": p["epochs"], "val_interval": p["epochs"], "learning_rate": lr,
+                "seed": seed, "batch_size": p["batch_size"], "num_workers": 0,
+                "device": "$torch.device('cuda:0')" if device.startswith("cuda") else "$torch.device('cpu')"}
+        settings = {"args": args, "data": data_sha, "net": net_def, "row": row}
+        stamp = run_dir / "run.json"
+        old = _stored(stamp, settings)
+        if old is not None:
+            return run_dir, {**old, "reused": True}
+        shutil.rmtree(run_dir, ignore_errors=True)
+        torch.manual_seed(seed)
+        bundle = write_expert_bundle(
+            run_dir / "bundle", net_def, instantiate(dict(net_def)).state_dict(), region_name=name,
+            label_names={i: c for i, c in enumerate(table.class_names[task], start=1)},
+            output_channels=table.channels_of(task), spacing=row["spacing"], roi_size=row["window_size"],
+            modality="MR", intensity_nonzero=row.get("intensity") == "zscore_nonzero",
+        )  # fmt: skip
+        seconds = run_logged(_bundle_cmd(bundle, ["train.json"], args), run_dir / "train.log", cwd=REPO,
+                             glibc_tunables=True)
+        val = args["val_datalist"]
+        preds = predict_with_bundle(bundle, [c["image"] for c in val], run_dir / "val_predictions", device=device)
+        val_dsc = score_label_maps(preds, [c["label"] for c in val], table.class_names[task],
+                                   NSD_TOLERANCE_MM.get(name, 1.0))["mean_dsc"]
+        record = {"settings": settings, "train_seconds": seconds, "val_mean_dsc": val_dsc}
+        atomic_write_json(stamp, record)
+        return run_dir, {**record, "reused": False}
+
+    regions = [table.region_names[t] for t in table.task_ids]
+    grid = {lr: [train(r, lr, p["seeds"][0]) for r in regions] for lr in p["lr_grid"]}
+    val = {lr: statistics.fmean(rec["val_mean_dsc"] for _, rec in runs) for lr, runs in grid.items()}
+    best_lr = max(val, key=val.get)
+    test = sections.get("test", [])
+    per_seed = []
+    for seed in p["seeds"]:
+        runs = grid[best_lr] if seed == p["seeds"][0] else [train(r, best_lr, seed) for r in regions]
+        scored: dict[str, Any] = {"regions": {}, "train_seconds": 0.0, "score_seconds": 0.0}
+        for run_dir, rec in runs:
+            name = run_dir.name
+            task = table.task_id_of(name)
+            stamp = run_dir / "scores.json"
+            settings = {"model": file_sha256(run_dir / "bundle" / "models" / "model.pt"), "data": data_sha}
+            s = _stored(stamp, settings)
+            if s is None:
+                t0 = time.perf_counter()
+                mine = [c for c in test if int(c["region"]) == task]
+                preds = predict_with_bundle(run_dir / "bundle", [c["image"] for c in mine], run_dir / "predictions",
+                                            device=device)
+                sc = score_label_maps(preds, [c["label"] for c in mine], table.class_names[task],
+                                      NSD_TOLERANCE_MM.get(name, 1.0))
+                net = instantiate(dict(net_def))
+                window = (1, 1, *prep[name]["window_size"])
+                s = {"settings": settings, "score_seconds": time.perf_counter() - t0, "regions": {name: {
+                    "classes": sc["table"], "mean_dsc": sc["mean_dsc"], "mean_nsd": sc["mean_nsd"],
+                    "n_test": len(mine), "nsd_tolerance_mm": NSD_TOLERANCE_MM.get(name, 1.0),
+                    "deploy_params": count_params(net), "deploy_gflops": count_flops(net, window) / 1e9,
+                    "train_params": count_params(net)}}}  # fmt: skip
+                atomic_write_json(stamp, s)
+            scored["regions"].update(s["regions"])
+            scored["train_seconds"] += rec["train_seconds"]
+            scored["score_seconds"] += s["score_seconds"]
+        per_seed.append({"seed": seed, **scored})
+    print(f"  scratch: lr {best_lr:g} (val {val[best_lr]:.4f})", flush=True)
+    return {"description": SCRATCH[1], "deployed_as": SCRATCH[2], "lr": best_lr,
+            "lr_grid": {f"{lr:g}": v for lr, v in val.items()}, "seeds": per_seed}
 
 
 def _digest(bundle: str, files: list[str]) -> str:
