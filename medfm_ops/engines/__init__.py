@@ -18,6 +18,7 @@ from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_d
 from medfm_ops.engines.handlers import LinearDecayHandler
 from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
 from medfm_ops.engines.region_window import RegionSlidingWindowInferer
+from medfm_ops.engines.loss_log import loss_values
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -30,6 +31,7 @@ __all__ = [
     "RoutedSimpleInferer",
     "RoutedSlidingWindowInferer",
     "RegionSlidingWindowInferer",
+    "loss_values",
     "batch_filenames",
     "atomic_write_text",
     "resume_training",
