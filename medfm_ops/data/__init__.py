@@ -21,6 +21,7 @@ from .region_preprocessing import (
     RegionRandCropd,
     RegionSpacingd,
     RegionToMetad,
+    check_trained_preprocessing,
     save_region_preprocessing,
 )
 from .region_table import RegionTable
@@ -69,6 +70,7 @@ __all__ = [
     "RegionSpacingd",
     "RegionToMetad",
     "save_region_preprocessing",
+    "check_trained_preprocessing",
     "SafeLoadImage",
     "SafeLoadImaged",
     "StructureSpec",
