@@ -113,3 +113,14 @@ def test_sliding_window_uses_each_region_window():
     with pytest.raises(ValueError, match="RegionToMetad"):
         inferer(torch.zeros(1, 1, 8, 8, 8), lambda w: net(w))
     np.testing.assert_equal(inferer.roi_size, (8, 8, 8))
+
+
+def test_inference_refuses_other_preprocessing_than_trained(tmp_path):
+    from medfm_ops.data import check_trained_preprocessing, save_region_preprocessing
+
+    check_trained_preprocessing(tmp_path, RegionPreprocessingTable(ROWS, REGIONS))  # nothing recorded: nothing to check
+    save_region_preprocessing(tmp_path, RegionPreprocessingTable(ROWS, REGIONS))
+    check_trained_preprocessing(tmp_path, RegionPreprocessingTable(ROWS, REGIONS))
+    other = RegionPreprocessingTable({"default": {"patch_size": [8, 8, 8]}}, REGIONS)  # heart row lost
+    with pytest.raises(ValueError, match=r"heart_mri: trained .*--region_preprocessing \"%"):
+        check_trained_preprocessing(tmp_path, other)

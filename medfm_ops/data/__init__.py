@@ -22,6 +22,7 @@ from .region_preprocessing import (
     RegionRandCropd,
     RegionSpacingd,
     RegionToMetad,
+    check_trained_preprocessing,
     save_region_preprocessing,
 )
 from .region_table import RegionTable
@@ -72,6 +73,7 @@ __all__ = [
     "RegionSpacingd",
     "RegionToMetad",
     "save_region_preprocessing",
+    "check_trained_preprocessing",
     "SafeLoadImage",
     "SafeLoadImaged",
     "StructureSpec",

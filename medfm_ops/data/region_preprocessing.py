@@ -26,6 +26,7 @@ and copied into every exported expert bundle (its ``spacing``, ``roi_size`` and 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -59,6 +60,7 @@ __all__ = [
     "RegionToMetad",
     "RegionBatchSampler",
     "save_region_preprocessing",
+    "check_trained_preprocessing",
 ]
 
 INTENSITY_MODES = ("zscore", "zscore_nonzero")
@@ -198,6 +200,30 @@ def save_region_preprocessing(ckpt_dir: str | os.PathLike, table: RegionPreproce
     os.makedirs(ckpt_dir, exist_ok=True)
     atomic_write_json(path, table.to_json())
     return path
+
+
+def check_trained_preprocessing(ckpt_dir: str | os.PathLike, table: RegionPreprocessingTable) -> None:
+    """
+    Check that an inference config's region rows are those the weights in ``ckpt_dir`` were trained with
+    (``region_preprocessing.json`` written by the training run). Nothing to check before training or for runs that
+    recorded none.
+
+    Raises:
+        ValueError: naming the regions whose rows differ, both rows, and the option that reads the trained table.
+    """
+    path = os.path.join(ckpt_dir, "region_preprocessing.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        trained = json.load(f)
+    config = table.to_json()
+    differ = {r: (trained.get(r), row) for r, row in config.items() if r in trained and trained[r] != row}
+    if differ:
+        raise ValueError(
+            f"the model in {ckpt_dir} was trained with other region preprocessing than the config's: "
+            + "; ".join(f"{r}: trained {t}, config {c}" for r, (t, c) in differ.items())
+            + f'. Pass --region_preprocessing "%{path}" (or serve the region\'s exported expert bundle).'
+        )
 
 
 def _region_of(d: Mapping[Hashable, Any], key: Hashable) -> int:

@@ -20,6 +20,7 @@ from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_d
 from medfm_ops.engines.handlers import LinearDecayHandler, TerminalProgressBar, RandomStates
 from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
 from medfm_ops.engines.region_window import RegionSlidingWindowInferer
+from medfm_ops.engines.loss_log import loss_values
 
 #: the former classification-only name of :func:`write_training_summary` (one writer for every kind of task; kept
 #: while bundle configs switch)
@@ -39,6 +40,7 @@ __all__ = [
     "RoutedSimpleInferer",
     "RoutedSlidingWindowInferer",
     "RegionSlidingWindowInferer",
+    "loss_values",
     "batch_filenames",
     "atomic_write_text",
     "resume_training",

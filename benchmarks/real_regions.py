@@ -1,0 +1,561 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""LoRKD segmentation on real data: a foundation over brain MRI (MSD hippocampus) and cardiac MRI (ACDC),
+decomposed into real region experts, against the baselines in one harness; writes
+``docs/RESULTS_real_regions.md`` + ``.json`` + ``.png``.
+
+    python benchmarks/real_regions.py run [--preset full|smoke] [--seeds 0,1,2] [--rows teacher,stl,mtl,...]
+        [--lr_grid 0.001,0.003] [--device cpu|cuda] [--data_root ../shared/data] [--work_dir runs/real_regions]
+        [--out docs/RESULTS_real_regions.md]
+    python benchmarks/real_regions.py report [--work_dir runs/real_regions] [--out docs/RESULTS_real_regions.md]
+
+What one ``run`` does (every step resumes: a finished run is stored as JSON in its folder and reused while its
+settings are unchanged; an interrupted command picks up where it stopped):
+
+1. The datalist of the shipped mapping ``bundles/lorkd_seg/data/real_regions.json`` (``tools/prepare_data.py
+   real_regions``; ACDC split by patient, hippocampus by case, seed ``split_seed``), then the preset's subset (the
+   first N training cases of each region; validation and test kept whole in ``full``).
+2. The teacher: ``foundation_seg`` (train.json + configs/real_regions.json) trained ONCE and reused for every seed
+   and row (its own seed is train.json's fixed one).
+3. The rows, each ``lorkd_seg`` train.json + real_regions.json + its baseline override: STL (``stl.json``, one
+   stock student per region, the same epochs on its region's cases = the LoRKD student's steps on that region),
+   MTL (``mtl.json``), MTL-KD (``mtl_kd.json``), LoRKD (train.json), LoRKD* (``lorkd_star.json``), and ``scratch``:
+   the stock MONAI UNet of the expert's size from scratch per region, trained by an expert bundle's own
+   ``train.json`` (the recipe a site gets; same epochs, the region's cases, no teacher). The learning rate
+   of every row is chosen on the VALIDATION split (best ``val_mean_dsc`` of the first seed over ``lr_grid``); the
+   other seeds train with it. Nothing is chosen on test.
+4. Every model is exported per region as a standalone expert bundle (LoRKD: the fused expert; baselines: the
+   stock network with the region's output channels; the teacher: the foundation network the same way) carrying
+   the region's preprocessing (spacing, window, intensity), and scored on the region's TEST cases through the
+   bundle's own ``inference.json`` (label maps on the input grid), per class: DSC and NSD. NSD tolerance per region
+   (``nsd_tolerance_mm``): 1 mm on the 1 mm hippocampus grid; on ACDC 1.5 mm, in mm of the NOMINAL 1.5 x 1.5 x 10 mm
+   spacing the files carry (the true spacing is unknown: approximate, as the data README says).
+5. The page: per region and class DSC/NSD mean +- std over seeds, train/deploy parameters and GFLOPs (one window),
+   wall time per part, machine; the reading under the 2x-spread rule (``medfm_ops.metrics.compare_over_seeds``).
+
+Presets: ``smoke`` (2 training, 1 validation, 1 test case per region, 1 epoch, one seed, rows teacher/mtl/lorkd (add
+``--rows teacher,mtl,lorkd,scratch`` for the scratch row): a few minutes on 2 CPU cores, for checking the harness); ``full`` (40 training cases per region, all validation and
+test cases, teacher 30 epochs, students 20, LR grid 1e-3 / 3e-3, seeds 0, 1, 2). The ``full`` budget is a plan,
+not a measurement: time ``--preset full --single_seed --rows teacher,lorkd`` first and scale ``--train_cases`` /
+``--epochs`` to the 2.5-hour target; the page records what ran and how long each part took.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import fire
+
+from medfm_ops.bundle import write_expert_bundle
+from medfm_ops.data import ensure_mapped_datalist, load_datalist, write_datalist_subset
+from medfm_ops.engines import count_flops, count_params
+from medfm_ops.finetune.bundle_run import predict_with_bundle
+from medfm_ops.finetune.scoring import score_label_maps
+from medfm_ops.metrics import compare_over_seeds, mean_std, plot_score_bars
+from medfm_ops.networks import expert_model_from_spec, export_expert, instantiate, load_expert_state_dict, load_network_spec
+from medfm_ops.utils.atomic_io import atomic_write_json, atomic_write_text
+from medfm_ops.utils.bench import machine_info, run_logged, split_list
+from medfm_ops.utils.hashing import file_sha256
+
+REPO = Path(__file__).resolve().parents[1]
+MAPPING = REPO / "bundles" / "lorkd_seg" / "data" / "real_regions.json"
+#: row name -> (description, lorkd_seg baseline override or None, experts?, deployed as)
+ROWS: dict[str, tuple[str, str | None, bool, str]] = {
+    "stl": ("STL: one stock student per region, task loss", "stl", False, "one stock network per region"),
+    "mtl": ("MTL: one shared stock student (union head), task loss", "mtl", False, "one shared stock network"),
+    "mtl_kd": ("MTL-KD: MTL distilled from the teacher", "mtl_kd", False, "one shared stock network"),
+    "lorkd": ("LoRKD (lorkd_seg train.json)", None, True, "one fused expert (stock UNet) per region"),
+    "lorkd_star": ("LoRKD* (per-region ranks from the warm-up)", "lorkd_star", True,
+                   "one fused expert (stock UNet) per region"),
+}  # fmt: skip
+#: the stock MONAI UNet of the expert's size trained from scratch per region with the exported bundle's own
+#: train.json (the recipe a site gets: DiceCE on the region's channels, no teacher), same epochs as the students
+SCRATCH = ("scratch", "stock MONAI UNet of the expert's size, from scratch per region, the expert bundle's own "
+           "train.json", "one stock network per region")
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {"train_cases": 40, "val_cases": None, "test_cases": None, "teacher_epochs": 30, "epochs": 20,
+             "warmup_epochs": 2, "lr_grid": [1e-3, 3e-3], "seeds": [0, 1, 2], "batch_size": 4,
+             "rows": ["teacher", *ROWS, "scratch"]},
+    "smoke": {"train_cases": 2, "val_cases": 1, "test_cases": 1, "teacher_epochs": 1, "epochs": 1,
+              "warmup_epochs": 0, "lr_grid": [1e-3], "seeds": [0], "batch_size": 2, "rows": ["teacher", "mtl", "lorkd"]},
+}  # fmt: skip
+NSD_TOLERANCE_MM = {"brain_mri": 1.0, "heart_mri": 1.5}
+
+
+def _bundle_copy(name: str, dest: Path) -> Path:
+    """A copy of ``bundles/<name>`` (configs, data, docs; no models) to train in, so that runs never write into the
+    repository and each run's ``models/`` sits in its own bundle root (what the export reads)."""
+    if not (dest / "configs").is_dir():
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(REPO / "bundles" / name, tmp, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+    return dest
+
+
+def _bundle_cmd(bundle: Path, files: list[str], args: dict[str, Any]) -> list[str]:
+    configs = [str(bundle / "configs" / f) for f in files]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs),
+           "--bundle_root", str(bundle)]  # fmt: skip
+    for k, v in args.items():  # Fire reads Python literals
+        cmd += [f"--{k}", repr(v) if isinstance(v, bool) else (v if isinstance(v, str) else json.dumps(v))]
+    return cmd
+
+
+def _stored(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("settings") == settings:
+            return record
+    return None
+
+
+def train_run(bundle_name: str, run_dir: Path, files: list[str], args: dict[str, Any], settings: dict[str, Any]) -> dict:
+    """Train one bundle run in ``run_dir`` (a copy of the bundle), or reuse the stored one with the same settings.
+    Returns ``{"settings", "train_seconds", "val_mean_dsc", "reused"}``."""
+    stamp = run_dir / "run.json"
+    old = _stored(stamp, settings)
+    if old is not None and (run_dir / "models" / "model.pt").is_file():
+        print(f"  reusing {run_dir}", flush=True)
+        return {**old, "reused": True}
+    bundle = _bundle_copy(bundle_name, run_dir)
+    shutil.rmtree(bundle / "models", ignore_errors=True)
+    seconds = run_logged(_bundle_cmd(bundle, files, args), run_dir / "train.log", cwd=REPO, glibc_tunables=True)
+    summary = json.loads((bundle / "models" / "training_summary.json").read_text())
+    record = {"settings": settings, "train_seconds": seconds, "val_mean_dsc": summary.get("best_metric"),
+              "val_metrics": summary.get("last_metrics", {})}  # fmt: skip
+    atomic_write_json(stamp, record)
+    return {**record, "reused": False}
+
+
+def _region_model(models: Path, task: int, experts: bool) -> tuple[dict, dict, Any, Any]:
+    """(stock network_def, its state dict for region ``task``, the deployed module, the trained module)."""
+    spec = load_network_spec(models)
+    if experts:
+        trained = expert_model_from_spec(spec)
+        load_expert_state_dict(trained, models / "model.pt")
+        deployed = export_expert(trained, task)
+    else:
+        trained = deployed = instantiate(dict(spec["network_def"]))
+        deployed.load_state_dict(_plain_state(models / "model.pt"))
+    return spec["network_def"], deployed.state_dict(), deployed, trained
+
+
+def _plain_state(path: Path) -> dict:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state) if isinstance(state, dict) and "model" in state else state
+
+
+def score_run(run_dir: Path, experts: bool, table: Any, prep: dict[str, Any], test: list[dict], regions: list[str],
+              settings: dict[str, Any], device: str) -> dict[str, Any]:
+    """Export every region of the run's model as a standalone bundle and score it on the region's test cases
+    through its own ``inference.json`` (stored in ``run_dir/scores.json``; reused while ``settings`` hold)."""
+    stamp = run_dir / "scores.json"
+    old = _stored(stamp, settings)
+    if old is not None:
+        return old
+    start = time.perf_counter()
+    out: dict[str, Any] = {"settings": settings, "regions": {}}
+    for name in regions:
+        task = table.task_id_of(name)
+        net_def, state, deployed, trained = _region_model(run_dir / "models", task, experts)
+        row = prep[name]
+        bundle = write_expert_bundle(
+            run_dir / "export" / name, net_def, state, region_name=name,
+            label_names={i: c for i, c in enumerate(table.class_names[task], start=1)},
+            output_channels=table.channels_of(task), spacing=row["spacing"], roi_size=row["window_size"],
+            modality="MR", intensity_nonzero=row.get("intensity") == "zscore_nonzero",
+        )  # fmt: skip
+        cases = [c for c in test if int(c["region"]) == task]
+        preds = predict_with_bundle(bundle, [c["image"] for c in cases], run_dir / "predictions" / name, device=device)
+        scores = score_label_maps(preds, [c["label"] for c in cases], table.class_names[task],
+                                  NSD_TOLERANCE_MM.get(name, 1.0))
+        window = (1, 1, *row["window_size"])
+        out["regions"][name] = {
+            "classes": scores["table"], "mean_dsc": scores["mean_dsc"], "mean_nsd": scores["mean_nsd"],
+            "n_test": len(cases), "nsd_tolerance_mm": NSD_TOLERANCE_MM.get(name, 1.0),
+            "deploy_params": count_params(deployed), "deploy_gflops": count_flops(deployed, window) / 1e9,
+            "train_params": count_params(trained),
+        }  # fmt: skip
+    out["score_seconds"] = time.perf_counter() - start
+    atomic_write_json(stamp, out)
+    return out
+
+
+def _teacher_scores(teacher_dir: Path, table: Any, prep: dict, test: list[dict], regions: list[str], settings: dict,
+                    device: str) -> dict:
+    return score_run(teacher_dir, False, table, prep, test, regions, settings, device)
+
+
+def run(
+    preset: str = "full",
+    seeds: str | tuple | None = None,
+    single_seed: bool = False,
+    rows: str | tuple | None = None,
+    lr_grid: str | tuple | None = None,
+    train_cases: int | None = None,
+    epochs: int | None = None,
+    teacher_epochs: int | None = None,
+    device: str = "cpu",
+    data_root: str | None = None,
+    split_seed: int = 0,
+    work_dir: str = "runs/real_regions",
+    out: str = "docs/RESULTS_real_regions.md",
+) -> str:
+    """
+    Build the data, train the teacher (once) and the rows, export and score every model on test; write ``out``
+    (markdown), ``.json`` and ``.png`` beside it. Resumes: finished runs and scores are reused.
+
+    Args:
+        preset: ``full`` or ``smoke`` (see the module docstring). Defaults to ``full``.
+        seeds: training seeds (comma-separated). Defaults to the preset's.
+        single_seed: only the first seed. Defaults to False.
+        rows: subset of ``teacher`` and :data:`ROWS` names. Defaults to the preset's.
+        lr_grid: learning rates tried on the first seed, chosen on validation. Defaults to the preset's.
+        train_cases: training cases per region (the first N of the split). Defaults to the preset's.
+        epochs: student epochs. Defaults to the preset's.
+        teacher_epochs: teacher epochs. Defaults to the preset's.
+        device: ``cpu`` or ``cuda`` (``cuda:0``). Defaults to ``cpu``.
+        data_root: folder holding ``msd_hippocampus/`` and ``acdc/``. Defaults to the mapping's (``../shared/data``).
+        split_seed: seed of the train / val / test split. Defaults to 0.
+        work_dir: runs, exports, logs. Defaults to ``runs/real_regions``.
+        out: the results page. Defaults to ``docs/RESULTS_real_regions.md``.
+
+    Raises:
+        ValueError: on an unknown preset or row; FileNotFoundError when the data are missing.
+    """
+    start = time.perf_counter()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {list(PRESETS)}.")
+    p = dict(PRESETS[preset])
+    for key, value in (("train_cases", train_cases), ("epochs", epochs), ("teacher_epochs", teacher_epochs)):
+        if value is not None:
+            p[key] = int(value)
+    p["seeds"] = [int(s) for s in split_list(seeds)] if seeds is not None else p["seeds"]
+    p["seeds"] = p["seeds"][:1] if single_seed else p["seeds"]
+    p["lr_grid"] = [float(x) for x in split_list(lr_grid)] if lr_grid is not None else p["lr_grid"]
+    p["rows"] = split_list(rows) if rows is not None else p["rows"]
+    unknown = sorted(set(p["rows"]) - {"teacher", *ROWS, "scratch"})
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; known: {['teacher', *ROWS, 'scratch']}.")
+    if "lorkd_star" in p["rows"] and p["warmup_epochs"] < 1:
+        raise ValueError("LoRKD* needs a warm-up epoch (its ranks come from it): use a preset with warmup_epochs >= 1.")
+    work = (REPO / work_dir).resolve() if not Path(work_dir).is_absolute() else Path(work_dir)
+    dev = "$torch.device('cuda:0')" if device.startswith("cuda") else "$torch.device('cpu')"
+    times: dict[str, float] = {}
+
+    # 1. data
+    t0 = time.perf_counter()
+    full = ensure_mapped_datalist(MAPPING, work / "data", seed=split_seed, data_root=data_root)
+    subset = write_datalist_subset(full, work / "data" / f"{preset}_{p['train_cases']}.json",
+                                   {"training": p["train_cases"], "validation": p["val_cases"],
+                                    "test": p["test_cases"]})  # fmt: skip
+    table, sections = load_datalist(subset)
+    regions = [table.region_names[t] for t in table.task_ids]
+    data_sha = file_sha256(subset)
+    times["data"] = time.perf_counter() - t0
+    common = {"datalist": subset, "batch_size": p["batch_size"], "num_workers": 0, "device": dev,
+              "data_cache": str(work / "cache")}  # fmt: skip
+
+    # 2. teacher, once
+    t0 = time.perf_counter()
+    teacher_dir = work / "teacher"
+    t_args = {**common, "epochs": p["teacher_epochs"], "val_interval": p["teacher_epochs"]}
+    teacher = train_run("foundation_seg", teacher_dir, ["train.json", "real_regions.json"], t_args,
+                        {"args": t_args, "data": data_sha, "configs": _digest("foundation_seg", [])})
+    teacher_sha = file_sha256(teacher_dir / "models" / "model.pt")
+    prep = json.loads((teacher_dir / "models" / "region_preprocessing.json").read_text())
+    times["teacher_train"] = time.perf_counter() - t0
+
+    test = sections.get("test", [])
+    results: dict[str, Any] = {}
+    if "teacher" in p["rows"]:
+        t0 = time.perf_counter()
+        s = _teacher_scores(teacher_dir, table, prep, test, regions, {"model": teacher_sha, "data": data_sha}, device)
+        results["teacher"] = {"description": "foundation_seg (teacher), trained once", "deployed_as":
+                              "the foundation network per region", "lr": None, "lr_grid": {},
+                              "seeds": [{"seed": None, **s, "train_seconds": teacher["train_seconds"]}]}
+        times["teacher_score"] = time.perf_counter() - t0
+
+    # 3-4. rows: LR chosen on validation with the first seed, then every seed; each exported and scored on test
+    for row in [r for r in ROWS if r in p["rows"]]:
+        t0 = time.perf_counter()
+        description, override, experts, deployed = ROWS[row]
+        files = ["train.json", "real_regions.json", *([f"baselines/{override}.json"] if override else [])]
+        base = {**common, "epochs": p["epochs"], "val_interval": p["epochs"], "teacher_path": str(teacher_dir),
+                **({"warmup_epochs": p["warmup_epochs"]} if experts else {})}  # fmt: skip
+
+        def _train(lr: float, seed: int) -> list[tuple[Path, dict]]:
+            runs = []
+            for region in regions if override == "stl" else [None]:
+                args = {**base, "learning_rate": lr, "seed": seed, **({"region": region} if region else {})}
+                run_dir = work / row / f"lr{lr:g}" / f"seed{seed}" / (region or "all")
+                settings = {"args": args, "teacher": teacher_sha, "data": data_sha,
+                            "configs": _digest("lorkd_seg", files)}  # fmt: skip
+                runs.append((run_dir, train_run("lorkd_seg", run_dir, files, args, settings)))
+            return runs
+
+        grid = {lr: _train(lr, p["seeds"][0]) for lr in p["lr_grid"]}
+        val = {lr: statistics.fmean(r["val_mean_dsc"] or 0.0 for _, r in runs) for lr, runs in grid.items()}
+        best_lr = max(val, key=val.get)
+        per_seed = []
+        for seed in p["seeds"]:
+            runs = grid[best_lr] if seed == p["seeds"][0] else _train(best_lr, seed)
+            scored: dict[str, Any] = {"regions": {}, "train_seconds": 0.0, "score_seconds": 0.0, "train_params": 0}
+            for run_dir, rec in runs:
+                region = run_dir.name if override == "stl" else None
+                mine = [region] if region else regions
+                s = score_run(run_dir, experts, table, prep, test, mine,
+                              {"model": file_sha256(run_dir / "models" / "model.pt"), "data": data_sha}, device)
+                scored["regions"].update(s["regions"])
+                scored["train_seconds"] += rec["train_seconds"]
+                scored["score_seconds"] += s["score_seconds"]
+            per_seed.append({"seed": seed, **scored})
+        results[row] = {"description": description, "deployed_as": deployed, "lr": best_lr,
+                        "lr_grid": {f"{lr:g}": v for lr, v in val.items()}, "seeds": per_seed}  # fmt: skip
+        times[row] = time.perf_counter() - t0
+        print(f"  {row}: lr {best_lr:g} (val {val[best_lr]:.4f}); {times[row]:.0f} s", flush=True)
+
+    if "scratch" in p["rows"]:
+        t0 = time.perf_counter()
+        results["scratch"] = _scratch_row(work, table, sections, prep, p, device, data_sha)
+        times["scratch"] = time.perf_counter() - t0
+
+    record = {
+        "command": "python benchmarks/real_regions.py run" + (f" --preset {preset}" if preset != "full" else "")
+        + "".join(f" --{k} {v}" for k, v in (("seeds", seeds), ("rows", rows), ("lr_grid", lr_grid),
+                                              ("train_cases", train_cases), ("epochs", epochs),
+                                              ("teacher_epochs", teacher_epochs), ("device", device if device != "cpu"
+                                                                                   else None)) if v is not None)
+        + (" --single_seed" if single_seed else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_seconds": time.perf_counter() - start,
+        "part_seconds": times,
+        "machine": machine_info(device if device.startswith("cuda") else "cpu"),
+        "settings": {**p, "split_seed": split_seed, "datalist": os.path.relpath(subset, REPO),
+                     "regions": regions, "preprocessing": prep, "nsd_tolerance_mm": NSD_TOLERANCE_MM,
+                     "n_cases": {s: {r: sum(1 for i in items if table.region_names[int(i["region"])] == r)
+                                     for r in regions} for s, items in sections.items()}},  # fmt: skip
+        "results": results,
+    }
+    out_path = (REPO / out) if not Path(out).is_absolute() else Path(out)
+    atomic_write_json(out_path.with_suffix(".json"), record)
+    return _write(out_path, record)
+
+
+def _scratch_row(work: Path, table: Any, sections: dict, prep: dict, p: dict, device: str, data_sha: str) -> dict:
+    """The scratch row: per region, a freshly initialised stock UNet of the expert's size written as an expert
+    bundle and trained by that bundle's own train.json on the region's training cases (validation for the best
+    model and the LR choice); scored on test through the same bundle's inference.json."""
+    import torch
+
+    from medfm_ops.bundle_paths import literal_config
+
+    net_def = literal_config(REPO / "bundles" / "lorkd_seg" / "configs" / "train.json", "network_def",
+                             num_classes=table.num_classes)
+    cases = lambda section, task: [{"image": c["image"], "label": c["label"]} for c in sections.get(section, [])  # noqa
+                                   if int(c["region"]) == task]
+
+    def train(name: str, lr: float, seed: int) -> tuple[Path, dict]:
+        task, row = table.task_id_of(name), prep[name]
+        run_dir = work / "scratch" / f"lr{lr:g}" / f"seed{seed}" / name
+        args = {"train_datalist": cases("training", task), "val_datalist": cases("validation", task),
+                "pretrained": False, "epochs": p["epochs"], "val_interval": p["epochs"], "learning_rate": lr,
+                "seed": seed, "batch_size": p["batch_size"], "num_workers": 0,
+                "device": "$torch.device('cuda:0')" if device.startswith("cuda") else "$torch.device('cpu')"}
+        settings = {"args": args, "data": data_sha, "net": net_def, "row": row}
+        stamp = run_dir / "run.json"
+        old = _stored(stamp, settings)
+        if old is not None:
+            return run_dir, {**old, "reused": True}
+        shutil.rmtree(run_dir, ignore_errors=True)
+        torch.manual_seed(seed)
+        bundle = write_expert_bundle(
+            run_dir / "bundle", net_def, instantiate(dict(net_def)).state_dict(), region_name=name,
+            label_names={i: c for i, c in enumerate(table.class_names[task], start=1)},
+            output_channels=table.channels_of(task), spacing=row["spacing"], roi_size=row["window_size"],
+            modality="MR", intensity_nonzero=row.get("intensity") == "zscore_nonzero",
+        )  # fmt: skip
+        seconds = run_logged(_bundle_cmd(bundle, ["train.json"], args), run_dir / "train.log", cwd=REPO,
+                             glibc_tunables=True)
+        val = args["val_datalist"]
+        preds = predict_with_bundle(bundle, [c["image"] for c in val], run_dir / "val_predictions", device=device)
+        val_dsc = score_label_maps(preds, [c["label"] for c in val], table.class_names[task],
+                                   NSD_TOLERANCE_MM.get(name, 1.0))["mean_dsc"]
+        record = {"settings": settings, "train_seconds": seconds, "val_mean_dsc": val_dsc}
+        atomic_write_json(stamp, record)
+        return run_dir, {**record, "reused": False}
+
+    regions = [table.region_names[t] for t in table.task_ids]
+    grid = {lr: [train(r, lr, p["seeds"][0]) for r in regions] for lr in p["lr_grid"]}
+    val = {lr: statistics.fmean(rec["val_mean_dsc"] for _, rec in runs) for lr, runs in grid.items()}
+    best_lr = max(val, key=val.get)
+    test = sections.get("test", [])
+    per_seed = []
+    for seed in p["seeds"]:
+        runs = grid[best_lr] if seed == p["seeds"][0] else [train(r, best_lr, seed) for r in regions]
+        scored: dict[str, Any] = {"regions": {}, "train_seconds": 0.0, "score_seconds": 0.0}
+        for run_dir, rec in runs:
+            name = run_dir.name
+            task = table.task_id_of(name)
+            stamp = run_dir / "scores.json"
+            settings = {"model": file_sha256(run_dir / "bundle" / "models" / "model.pt"), "data": data_sha}
+            s = _stored(stamp, settings)
+            if s is None:
+                t0 = time.perf_counter()
+                mine = [c for c in test if int(c["region"]) == task]
+                preds = predict_with_bundle(run_dir / "bundle", [c["image"] for c in mine], run_dir / "predictions",
+                                            device=device)
+                sc = score_label_maps(preds, [c["label"] for c in mine], table.class_names[task],
+                                      NSD_TOLERANCE_MM.get(name, 1.0))
+                net = instantiate(dict(net_def))
+                window = (1, 1, *prep[name]["window_size"])
+                s = {"settings": settings, "score_seconds": time.perf_counter() - t0, "regions": {name: {
+                    "classes": sc["table"], "mean_dsc": sc["mean_dsc"], "mean_nsd": sc["mean_nsd"],
+                    "n_test": len(mine), "nsd_tolerance_mm": NSD_TOLERANCE_MM.get(name, 1.0),
+                    "deploy_params": count_params(net), "deploy_gflops": count_flops(net, window) / 1e9,
+                    "train_params": count_params(net)}}}  # fmt: skip
+                atomic_write_json(stamp, s)
+            scored["regions"].update(s["regions"])
+            scored["train_seconds"] += rec["train_seconds"]
+            scored["score_seconds"] += s["score_seconds"]
+        per_seed.append({"seed": seed, **scored})
+    print(f"  scratch: lr {best_lr:g} (val {val[best_lr]:.4f})", flush=True)
+    return {"description": SCRATCH[1], "deployed_as": SCRATCH[2], "lr": best_lr,
+            "lr_grid": {f"{lr:g}": v for lr, v in val.items()}, "seeds": per_seed}
+
+
+def _digest(bundle: str, files: list[str]) -> str:
+    import hashlib
+
+    paths = [REPO / "bundles" / bundle / "configs" / f for f in (files or ["train.json", "real_regions.json"])]
+    return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in paths)).hexdigest()[:16]
+
+
+def _values(entry: dict, region: str, key: str, cls: str | None = None) -> list[float]:
+    vals = []
+    for s in entry["seeds"]:
+        r = s["regions"].get(region)
+        if r is None:
+            continue
+        if cls is None:
+            vals.append(r[key])
+        else:
+            vals.append(next(c[f"{key}_mean"] for c in r["classes"] if c["class"] == cls))
+    return vals
+
+
+def _fmt(vals: list[float]) -> str:
+    finite = [v for v in vals if v is not None and not math.isnan(v)]
+    if not finite:
+        return "-"
+    m, s = mean_std(finite)
+    return f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def markdown(record: dict[str, Any], figure: str) -> str:
+    """The results page of ``record`` (what :func:`run` stored as JSON)."""
+    st, res = record["settings"], record["results"]
+    lines = [
+        "# LoRKD segmentation on real data: brain MRI + cardiac MRI",
+        "",
+        f"Regenerate: `{record['command']}` (this page from its JSON: `python benchmarks/real_regions.py report`).",
+        f"Run {record['date']}, {record['wall_seconds'] / 60:.1f} min on {record['machine']['cpu_model']} "
+        f"({record['machine']['usable_cores']} cores usable, device {record['machine']['device']}, load "
+        f"{record['machine']['load_average_1min']}).",
+        "",
+        "Data: " + "; ".join(f"{r}: " + ", ".join(f"{s} {n[r]}" for s, n in st["n_cases"].items()) for r in st["regions"])
+        + f" (split seed {st['split_seed']}, ACDC by patient). Preprocessing per region: "
+        + "; ".join(f"{r} {v['spacing']} mm, patch/window {v['window_size']}, {v['intensity']}"
+                    for r, v in st["preprocessing"].items()) + ".",
+        f"NSD tolerance: {st['nsd_tolerance_mm']} mm; on heart_mri in mm of the NOMINAL 1.5 x 1.5 x 10 mm spacing "
+        "of the files (approximate).",
+        f"Teacher {st['teacher_epochs']} epochs (trained once, reused by every row and seed); students {st['epochs']} "
+        f"epochs, batch {st['batch_size']}, seeds {st['seeds']}; learning rate per row chosen on validation from "
+        f"{st['lr_grid']}. Scores: each model exported per region as a standalone bundle and run through its own "
+        "inference.json on the region's TEST cases.",
+        "",
+        "| row | lr (val DSC per lr) | " + " | ".join(f"{r} DSC | {r} NSD" for r in st["regions"])
+        + " | deploy params (M) | deploy GFLOPs | train s |",
+        "| --- | --- | " + " | ".join("--- | ---" for _ in st["regions"]) + " | --- | --- | --- |",
+    ]
+    for name, e in res.items():
+        first = e["seeds"][0]["regions"]
+        params = max((r["deploy_params"] for r in first.values()), default=0) / 1e6
+        flops = max((r["deploy_gflops"] for r in first.values()), default=0)
+        grid = ", ".join(f"{k}: {100 * v:.1f}" for k, v in e["lr_grid"].items()) or "-"
+        train_s = statistics.fmean(s["train_seconds"] for s in e["seeds"])
+        lines.append(f"| {name} | {e['lr'] if e['lr'] is not None else '-'} ({grid}) | "
+                     + " | ".join(f"{_fmt(_values(e, r, 'mean_dsc'))} | {_fmt(_values(e, r, 'mean_nsd'))}"
+                                  for r in st["regions"])
+                     + f" | {params:.3f} | {flops:.2f} | {train_s:.0f} |")
+    lines += ["", "Per class (DSC / NSD, % mean ± std over seeds):", ""]
+    for region in st["regions"]:
+        classes = [c["class"] for c in next(iter(res.values()))["seeds"][0]["regions"].get(region, {"classes": []})
+                   ["classes"]]
+        lines += [f"**{region}**", "", "| row | " + " | ".join(classes) + " |",
+                  "| --- | " + " | ".join("---" for _ in classes) + " |"]
+        for name, e in res.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{_fmt(_values(e, region, 'dsc', c))} / {_fmt(_values(e, region, 'nsd', c))}" for c in classes) + " |")
+        lines.append("")
+    lines += ["Reading (2x-spread rule: a difference counts when it exceeds twice the larger std over seeds):", ""]
+    lines += _reading(res, st["regions"])
+    lines += ["", f"![DSC per region]({figure})", "", "Wall time per part (s): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in record["part_seconds"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _reading(res: dict, regions: list[str]) -> list[str]:
+    out = []
+    for region in regions:
+        if "lorkd" in res and "mtl" in res:
+            a, b = _values(res["lorkd"], region, "mean_dsc"), _values(res["mtl"], region, "mean_dsc")
+            if len(a) > 1 and len(b) > 1:
+                diff, spread, verdict = compare_over_seeds(a, b)
+                out.append(f"- {region}: LoRKD vs MTL {100 * diff:+.1f} DSC points (spread {100 * spread:.1f}): "
+                           f"{verdict}.")
+            elif a and b:
+                out.append(f"- {region}: LoRKD vs MTL {100 * (a[0] - b[0]):+.1f} DSC points (one seed: no spread, "
+                           "no verdict).")
+        if "lorkd" in res and "teacher" in res:
+            a, t = _values(res["lorkd"], region, "mean_dsc"), _values(res["teacher"], region, "mean_dsc")
+            if a and t:
+                gap = 100 * (statistics.fmean(a) - t[0])
+                out.append(f"- {region}: fused LoRKD expert vs teacher {gap:+.1f} DSC points "
+                           f"({'within 1 point or above' if gap >= -1 else 'MORE than 1 point below'}).")
+    return out or ["- (no LoRKD / MTL / teacher rows to compare)"]
+
+
+def _write(out: Path, record: dict[str, Any]) -> str:
+    figure = out.with_suffix(".png")
+    groups = {name: {r: [100 * v for v in _values(e, r, "mean_dsc")] for r in record["settings"]["regions"]}
+              for name, e in record["results"].items()}  # fmt: skip
+    if any(v for g in groups.values() for v in g.values()):
+        plot_score_bars(figure, groups, ylabel="test DSC (%)", title="Real regions: test DSC per region")
+    text = markdown(record, figure.name)
+    atomic_write_text(out, text)
+    print(f"wrote {out}, {out.with_suffix('.json')}, {figure}", flush=True)
+    return str(out)
+
+
+def report(out: str = "docs/RESULTS_real_regions.md") -> str:
+    """Rewrite the page (and its PNG) from its stored JSON."""
+    path = (REPO / out) if not Path(out).is_absolute() else Path(out)
+    return _write(path, json.loads(path.with_suffix(".json").read_text()))
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "report": report})
