@@ -44,7 +44,7 @@ from medfm_ops.data import (
 )
 from medfm_ops.engines import AtomicCheckpointSaver
 from medfm_ops.networks import load_teacher
-from medfm_ops.utils import NonFiniteWeightsError, atomic_torch_save, atomic_write_text, install_excepthook, root_cause
+from medfm_ops.utils import NonFiniteWeightsError, atomic_torch_save, atomic_write_text, report_cause_last, root_cause
 
 
 def _nii(path: Path, array: np.ndarray) -> Path:
@@ -154,7 +154,7 @@ def test_truncated_image_is_the_last_line_a_user_reads(tmp_path):
     saved_hook, saved_err = sys.excepthook, sys.stderr
     try:
         sys.excepthook = lambda *a: None  # the usual traceback printer, silenced here
-        install_excepthook()
+        report_cause_last()
         sys.stderr = captured = io.StringIO()
         sys.excepthook(type(info.value), info.value, info.value.__traceback__)
     finally:

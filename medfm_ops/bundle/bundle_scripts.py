@@ -26,7 +26,7 @@ def write_bundle_scripts(root: str | os.PathLike) -> Path:
     Write ``{root}/scripts/`` (a package: ``__init__.py`` and :data:`BUNDLE_SCRIPTS`, each byte for byte its
     medfm_ops module). A config names them as ``scripts.input_guard.InputGuardd``; MONAI puts the bundle root on
     ``sys.path`` before the ``run`` step, so they can be used from ``run`` on (not in ``initialize``): the exception
-    hook (``scripts.errors.install_excepthook``) is the first item of ``run``.
+    hook (``scripts.errors.report_cause_last``) is the first item of ``run``.
 
     Returns:
         the ``scripts`` folder.

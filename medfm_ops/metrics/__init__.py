@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 from .dice_nsd import binary_dice_nsd
-from .region_seg_metrics import RegionSegMetrics, region_metric_output_transform
+from .region_seg_metrics import RegionSegMetrics, region_metric_output_transform, task_seg_metrics
 from .report import format_markdown, region_summary, write_table
 
 __all__ = [
     "RegionSegMetrics",
+    "task_seg_metrics",
     "binary_dice_nsd",
     "format_markdown",
     "region_metric_output_transform",

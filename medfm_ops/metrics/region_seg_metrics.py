@@ -20,7 +20,7 @@ from medfm_ops.metrics.dice_nsd import binary_dice_nsd
 from medfm_ops.metrics.region_outputs import as_samples, merge_batch, region_metric_output_transform
 from medfm_ops.metrics.report import region_summary
 
-__all__ = ["RegionSegMetrics", "binary_dice_nsd", "region_metric_output_transform"]
+__all__ = ["RegionSegMetrics", "binary_dice_nsd", "region_metric_output_transform", "task_seg_metrics"]
 
 
 class RegionSegMetrics(Metric):
@@ -297,3 +297,18 @@ class RegionSegMetrics(Metric):
         """
         table = self._table if self._table is not None else self._aggregate()[0]
         return [dict(row) for row in table]
+
+
+def task_seg_metrics(task_table: Any, **kwargs: Any) -> RegionSegMetrics:
+    """
+    :class:`RegionSegMetrics` over the tasks of a task table (its ``region_channels``, ``region_names`` and
+    ``class_names``), so that a bundle config names the table once: ``{"_target_":
+    "medfm_ops.metrics.task_seg_metrics", "task_table": "@region_table", "tolerance_mm": 1.0}``.
+
+    Args:
+        task_table: a :class:`~medfm_ops.data.RegionTable`.
+        kwargs: the other arguments of :class:`RegionSegMetrics`.
+    """
+    return RegionSegMetrics(
+        task_table.region_channels, task_table.region_names, task_table.class_names, **kwargs
+    )

@@ -14,7 +14,7 @@ from medfm_ops.utils.atomic_io import (
     replace_directory,
     write_error,
 )
-from medfm_ops.utils.errors import install_excepthook, root_cause
+from medfm_ops.utils.errors import install_excepthook, report_cause_last, root_cause
 from medfm_ops.utils.hashing import file_sha256
 from medfm_ops.utils.json_file import read_json_object
 from medfm_ops.utils.output_lock import OutputLockedError, lock_path, output_lock
@@ -31,6 +31,7 @@ __all__ = [
     "atomic_write_text",
     "file_sha256",
     "install_excepthook",
+    "report_cause_last",
     "lock_path",
     "output_lock",
     "read_json_object",

@@ -11,7 +11,7 @@ import sys
 import traceback
 from types import TracebackType
 
-__all__ = ["root_cause", "install_excepthook"]
+__all__ = ["root_cause", "report_cause_last", "install_excepthook"]
 
 #: messages of the wrappers MONAI puts around an error (config parsing, ``Compose``/``Dataset`` transforms)
 _WRAPPERS = ("Failed to evaluate", "Failed to instantiate", "applying transform")
@@ -47,11 +47,15 @@ def _hook(previous):
     return excepthook
 
 
-def install_excepthook() -> None:
+def report_cause_last() -> None:
     """
     Make the last line of a failed run name its cause: after the usual traceback, the error under MONAI's wrappers
-    (e.g. the corrupt file, the NaN batch) is printed again. Idempotent; the first ``initialize`` step of the medfm
-    bundles calls it.
+    (e.g. the corrupt file, the NaN batch) is printed again (installed as ``sys.excepthook``). Idempotent; the first
+    ``initialize`` step of the medfm bundles names it as ``{"_target_": "medfm_ops.utils.report_cause_last"}``.
     """
     if not getattr(sys.excepthook, "medfm", False):
         sys.excepthook = _hook(sys.excepthook)
+
+
+#: the former name of :func:`report_cause_last`
+install_excepthook = report_cause_last
