@@ -76,14 +76,16 @@ from benchmarks.learning_curve import compare_over_seeds, plot_learning_curve
 from benchmarks.sections import write_markdown_section
 from benchmarks.site_shift import (
     HEART,
+    MAPPING,
     REAL_CONFIGS,
     describe_split,
     export_heart_expert,
-    prepare_shift_data,
     score_bundle_on_cases,
 )
 from benchmarks.site_study import (
     build_pretraining_datalist,
+    build_shift_pretraining_datalist,
+    load_or_create_shift_split,
     load_or_create_study_split,
     patients_of,
     write_draw_split,
@@ -161,6 +163,13 @@ def plan_epochs(num_cases: int, batch_size: int, steps: int | None, epochs: int 
     epochs = max(int(validations), int(epochs))
     epochs = math.ceil(epochs / int(validations)) * int(validations)
     return {"epochs": epochs, "val_interval": epochs // int(validations), "steps": epochs * per_epoch}
+
+
+def _check_sizes(sizes: list[str], pool_size: int, unit: str) -> None:
+    """Every N is ``all`` or a number in ``1..pool_size`` (one clear error naming the bad ones)."""
+    bad = [n for n in sizes if str(n).lower() != "all" and not (str(n).isdigit() and 1 <= int(n) <= pool_size)]
+    if bad or not sizes:
+        raise ValueError(f"sizes {bad or sizes} must be 'all' or numbers of {unit} in 1..{pool_size} (the site pool).")
 
 
 class _Stages:
@@ -290,8 +299,6 @@ def run(
     spacing = None if spacing is None else [float(x) for x in _list(spacing)]
     pretrain_patch = None if pretrain_patch is None else [int(x) for x in _list(pretrain_patch)]
     work, data = _path(work_dir), _path(dataset_dir)
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
     wanted = _list(rows) if rows else list(ROW_NAMES)
@@ -309,12 +316,19 @@ def run(
     if bad:
         raise ValueError(f"budget_val_interval={budget_val_interval} must divide every budget epoch count, not {bad}.")
     held = _list(held_out)
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
 
     recipe = pretraining_recipe(teacher_epochs, student_epochs, pretrain_patch, pretrain_val_interval)
     before_scores: dict[str, Any] = {}
     if shift:
-        study, datalist = prepare_shift_data(data, work, held, num_test, num_validation, split_seed, brain_cases,
-                                             pretrain_val_patients)  # fmt: skip
+        study = load_or_create_shift_split(data, work / "population_split.json", held, num_test, num_validation,
+                                           split_seed)  # fmt: skip
+        pool_size = len(patients_of(study["site_pool"]))
+        _check_sizes(size_list, pool_size, "patients")  # before any training
+        datalist = build_shift_pretraining_datalist(study, work / "pretraining_data", MAPPING, dataset_key=data.name,
+                                                    val_patients=pretrain_val_patients, other_cases=brain_cases,
+                                                    seed=split_seed)  # fmt: skip
         stages.done("data")
         pretrained = ensure_pretrained(work, retrain=retrain_pretrained, datalist=datalist, recipe=recipe,
                                        config_files=REAL_CONFIGS)  # fmt: skip
@@ -325,9 +339,10 @@ def run(
                                                         work / "expert_bundle.test_scores.json")  # fmt: skip
         stages.done("export")
         region = HEART
-        pool_size = len(patients_of(study["site_pool"]))
     else:
         study = load_or_create_study_split(data, work / "study_split.json", num_public, num_validation, split_seed)
+        pool_size = len(study["site_pool"])
+        _check_sizes(size_list, pool_size, "cases")
         cfg = json.loads((REPO / "bundles" / "foundation_seg" / "configs" / "train.json").read_text())
         base = ensure_synthetic_dataset(Path(default_cache_dir()) / "synthetic", **cfg["synthetic"])
         datalist = build_pretraining_datalist(study, work / "pretraining_data", base, region=REGION)
@@ -338,7 +353,6 @@ def run(
         export_brain_expert(pretrained["lorkd_seg"]["path"], expert_dir)
         stages.done("export")
         region = REGION
-        pool_size = len(study["site_pool"])
     sources = {"expert": (str(expert_dir), None), "teacher": (pretrained["foundation_seg"]["path"], region)}
     sha = {k: file_sha256(Path(p) / "models" / "model.pt") for k, (p, _) in sources.items()}
 
@@ -381,8 +395,6 @@ def run(
     for n in size_list:
         n_label = "all" if str(n).lower() == "all" else str(int(n))
         n_units = pool_size if n_label == "all" else int(n)
-        if not 1 <= n_units <= pool_size:
-            raise ValueError(f"size {n} is not in 1..{pool_size} (the site pool{' patients' if shift else ''}) or 'all'.")
         n_cases = 2 * n_units if shift else n_units  # acdc: both frames of every patient
         plan = plan_epochs(n_cases, batch_size, steps, epochs, validations)
         scratch_plan = plan_epochs(n_cases, batch_size, scratch_steps, None, scratch_validations) if shift else plan

@@ -3,10 +3,11 @@
 """The ``acdc_shift`` data set of the site curve (``python -m benchmarks.site_curve run --dataset acdc_shift``): a
 cardiac expert fine-tuned at a site whose pathology group its pre-training never saw (``docs/site_curve.md``).
 
-- :func:`prepare_shift_data`: the saved population split (``benchmarks.site_study.load_or_create_shift_split``)
-  and the pre-training datalist through the repository's real-region mapping file (brain MRI + the heart cases of
-  the pre-training groups); ``bundles/foundation_seg`` + ``bundles/lorkd_seg`` then train on it with their own
-  ``configs/train.json`` + ``configs/real_regions.json`` (:data:`REAL_CONFIGS`: the regions' preprocessing).
+- The saved population split (``benchmarks.site_study.load_or_create_shift_split``) and the pre-training datalist
+  through the repository's real-region mapping file :data:`MAPPING` (brain MRI + the heart cases of the pre-training
+  groups: ``benchmarks.site_study.build_shift_pretraining_datalist``); ``bundles/foundation_seg`` +
+  ``bundles/lorkd_seg`` train on it with their own ``configs/train.json`` + ``configs/real_regions.json``
+  (:data:`REAL_CONFIGS`: the regions' preprocessing).
 - :func:`export_heart_expert`: the heart expert exported with its region's preprocessing (spacing, window,
   intensity) by :func:`medfm_ops.bundle.export_lorkd_expert`.
 - :func:`score_bundle_on_cases`: a written bundle's own ``configs/inference.json`` on the fixed site test set, per
@@ -20,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.site_finetune import REPO
-from benchmarks.site_study import build_shift_pretraining_datalist, load_or_create_shift_split, patients_of
+from benchmarks.site_study import patients_of
 from medfm_ops.utils.atomic_io import atomic_write_json
 from medfm_ops.utils.hashing import file_sha256
 
-__all__ = ["HEART", "MAPPING", "REAL_CONFIGS", "describe_split", "export_heart_expert", "prepare_shift_data",
-           "score_bundle_on_cases"]  # fmt: skip
+__all__ = ["HEART", "MAPPING", "REAL_CONFIGS", "describe_split", "export_heart_expert", "score_bundle_on_cases"]  # fmt: skip
 
 #: the region of the site's classes (right ventricle, myocardium, left ventricle)
 HEART = "heart_mri"
@@ -35,20 +35,6 @@ MAPPING = REPO / "bundles" / "lorkd_seg" / "data" / "real_regions.json"
 
 #: the bundle config that adds the real regions' preprocessing to each ``configs/train.json``
 REAL_CONFIGS = ("train.json", "real_regions.json")
-
-
-def prepare_shift_data(
-    data: Path, work: Path, held_out: list[str], num_test: int, num_validation: int, split_seed: int,
-    brain_cases: int | None, pretrain_val_patients: int,
-) -> tuple[dict[str, Any], Path]:
-    """The saved population split (``<work>/population_split.json``) and the pre-training datalist
-    (``<work>/pretraining_data/datalist.json``: :data:`MAPPING` with the held-out patients removed)."""
-    study = load_or_create_shift_split(data, work / "population_split.json", held_out, num_test, num_validation,
-                                       split_seed)  # fmt: skip
-    datalist = build_shift_pretraining_datalist(study, work / "pretraining_data", MAPPING, dataset_key=data.name,
-                                                val_patients=pretrain_val_patients, other_cases=brain_cases,
-                                                seed=split_seed)  # fmt: skip
-    return study, datalist
 
 
 def export_heart_expert(lorkd_dir: str | Path, expert_dir: Path, datalist: Path) -> str:
