@@ -104,11 +104,11 @@ DATASETS = {
     "hippocampus": {"dataset_dir": "../shared/data/msd_hippocampus", "work_dir": "runs/site_curve",
                     "plot": "docs/site_curve.png", "section": SECTION, "sizes": "5,10,20,all", "num_validation": 30,
                     "patch_size": (32, 48, 32), "spacing": None, "pretrain_patch": (32, 32, 32),
-                    "nsd_tolerance_mm": 1.0},
+                    "nsd_tolerance_mm": 1.0, "teacher_epochs": 40, "student_epochs": 40, "brain_cases": None},
     "acdc_shift": {"dataset_dir": "../shared/data/acdc", "work_dir": "runs/site_curve_acdc_shift",
                    "plot": "docs/site_curve_acdc_shift.png", "section": "site-curve-acdc-shift", "sizes": "2,5,all",
                    "num_validation": 2, "patch_size": (96, 96, 8), "spacing": (1.5, 1.5, 10.0), "pretrain_patch": None,
-                   "nsd_tolerance_mm": 1.5},
+                   "nsd_tolerance_mm": 1.5, "teacher_epochs": 20, "student_epochs": 20, "brain_cases": 40},
 }  # fmt: skip
 
 
@@ -225,8 +225,8 @@ def run(
     patch_size: Any = None,
     spacing: Any = None,
     learning_rate: float = 2e-3,
-    teacher_epochs: int = 40,
-    student_epochs: int = 40,
+    teacher_epochs: int | None = None,
+    student_epochs: int | None = None,
     pretrain_patch: Any = None,
     pretrain_val_interval: int = 10,
     budget_epochs: Any = None,
@@ -235,7 +235,7 @@ def run(
     num_test: int = 5,
     scratch_steps: int | None = 600,
     scratch_validations: int = 6,
-    brain_cases: int | None = 60,
+    brain_cases: int | None = None,
     pretrain_val_patients: int = 6,
     nsd_tolerance_mm: float | None = None,
     threads: int | None = 1,
@@ -265,7 +265,7 @@ def run(
         batch_size, patch_size, spacing, learning_rate: the site budget and grid (patch and spacing: the data set's).
         teacher_epochs, student_epochs, pretrain_patch, pretrain_val_interval: the pre-training recipe
             (:func:`pretraining_recipe`; acdc_shift: no patch override, the regions' patches of
-            ``configs/real_regions.json``). Default to 40, 40, the data set's patch, 10.
+            ``configs/real_regions.json``). Default to the data set's epochs (40, 40; acdc_shift 20, 20), patch, and 10.
         budget_epochs: epochs of the budget study (comma-separated, e.g. ``10,60``); None skips it.
         budget_val_interval: validation interval of the budget study (must divide each of its epochs). Defaults to 5.
         held_out: acdc_shift: the site's pathology groups (comma-separated among dcm, hcm, minf, nor, arv).
@@ -273,8 +273,8 @@ def run(
         num_test: acdc_shift: patients of the fixed site test set. Defaults to 5.
         scratch_steps, scratch_validations: acdc_shift: the scratch row's own budget (steps, validations; the best
             validation is kept: early stopping on the validation patients). Default to 600, 6.
-        brain_cases: acdc_shift: hippocampus cases in the pre-training (the brain region, the other task; None: all
-            200). Defaults to 60.
+        brain_cases: acdc_shift: hippocampus cases in the pre-training (the brain region, the other task; 0: all
+            200). Defaults to 40.
         pretrain_val_patients: acdc_shift: pre-training patients kept for the foundation's validation. Defaults to 6.
         nsd_tolerance_mm: NSD tolerance of the reported scores (acdc_shift: of the test-set scores, in the nominal
             mm of its headers). Defaults to the data set's (1.0; acdc_shift 1.5 = one in-plane voxel).
@@ -292,9 +292,11 @@ def run(
     shift = dataset == "acdc_shift"
     given_args = {"dataset_dir": dataset_dir, "work_dir": work_dir, "plot": plot, "sizes": sizes,
                   "num_validation": num_validation, "patch_size": patch_size, "spacing": spacing,
-                  "pretrain_patch": pretrain_patch, "nsd_tolerance_mm": nsd_tolerance_mm}  # fmt: skip
-    dataset_dir, work_dir, plot, sizes, num_validation, patch_size, spacing, pretrain_patch, nsd_tolerance_mm = (
-        d[k] if v is None else v for k, v in given_args.items())  # fmt: skip
+                  "pretrain_patch": pretrain_patch, "nsd_tolerance_mm": nsd_tolerance_mm,
+                  "teacher_epochs": teacher_epochs, "student_epochs": student_epochs, "brain_cases": brain_cases}
+    (dataset_dir, work_dir, plot, sizes, num_validation, patch_size, spacing, pretrain_patch, nsd_tolerance_mm,
+     teacher_epochs, student_epochs, brain_cases) = (d[k] if v is None else v for k, v in given_args.items())  # fmt: skip
+    brain_cases = None if brain_cases in (0, None) else int(brain_cases)
     patch_size = [int(x) for x in _list(patch_size)]
     spacing = None if spacing is None else [float(x) for x in _list(spacing)]
     pretrain_patch = None if pretrain_patch is None else [int(x) for x in _list(pretrain_patch)]
@@ -334,7 +336,7 @@ def run(
                                        config_files=REAL_CONFIGS)  # fmt: skip
         stages.done("pretraining")
         expert_dir = work / "expert_bundle"
-        export_heart_expert(pretrained["lorkd_seg"]["path"], expert_dir, datalist)
+        export_heart_expert(pretrained["lorkd_seg"]["path"], expert_dir)
         before_scores["expert"] = score_bundle_on_cases(expert_dir, study["site_test"], nsd_tolerance_mm,
                                                         work / "expert_bundle.test_scores.json")  # fmt: skip
         stages.done("export")
@@ -421,7 +423,7 @@ def run(
     defaults = {"results": "docs/RESULTS.md", "plot": d["plot"], "num_public": 120, "num_validation": d["num_validation"],
                 "split_seed": 0, "sizes": d["sizes"], "seeds": "0,1,2", "steps": 150, "epochs": None,
                 "validations": 2, "batch_size": 2, "patch_size": ",".join(map(str, d["patch_size"])),
-                "learning_rate": 2e-3, "teacher_epochs": 40, "student_epochs": 40,
+                "learning_rate": 2e-3, "teacher_epochs": d["teacher_epochs"], "student_epochs": d["student_epochs"],
                 "pretrain_patch": None if d["pretrain_patch"] is None else ",".join(map(str, d["pretrain_patch"])),
                 "pretrain_val_interval": 10, "budget_epochs": None, "budget_val_interval": 5, "threads": 1, "jobs": 2,
                 "nsd_tolerance_mm": d["nsd_tolerance_mm"]}  # fmt: skip
@@ -438,7 +440,7 @@ def run(
         defaults.pop("num_public")
         given.pop("num_public")
         defaults |= {"held_out": "arv", "num_test": 5, "scratch_steps": 600, "scratch_validations": 6,
-                     "brain_cases": 60, "pretrain_val_patients": 6}  # fmt: skip
+                     "brain_cases": d["brain_cases"], "pretrain_val_patients": 6}  # fmt: skip
         given |= {"held_out": ",".join(held), "num_test": num_test, "scratch_steps": scratch_steps,
                   "scratch_validations": scratch_validations, "brain_cases": brain_cases,
                   "pretrain_val_patients": pretrain_val_patients}  # fmt: skip

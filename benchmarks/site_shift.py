@@ -8,8 +8,8 @@ cardiac expert fine-tuned at a site whose pathology group its pre-training never
   groups: ``benchmarks.site_study.build_shift_pretraining_datalist``); ``bundles/foundation_seg`` +
   ``bundles/lorkd_seg`` train on it with their own ``configs/train.json`` + ``configs/real_regions.json``
   (:data:`REAL_CONFIGS`: the regions' preprocessing).
-- :func:`export_heart_expert`: the heart expert exported with its region's preprocessing (spacing, window,
-  intensity) by :func:`medfm_ops.bundle.export_lorkd_expert`.
+- :func:`export_heart_expert`: the heart expert fused out of the LoRKD student and exported with its region's
+  recorded preprocessing (spacing, window, intensity).
 - :func:`score_bundle_on_cases`: a written bundle's own ``configs/inference.json`` on the fixed site test set, per
   class, saved beside the bundle and reused while its ``models/model.pt`` is unchanged.
 """
@@ -37,18 +37,36 @@ MAPPING = REPO / "bundles" / "lorkd_seg" / "data" / "real_regions.json"
 REAL_CONFIGS = ("train.json", "real_regions.json")
 
 
-def export_heart_expert(lorkd_dir: str | Path, expert_dir: Path, datalist: Path) -> str:
-    """The heart expert fused out of the LoRKD bundle, exported with its region's recorded preprocessing (spacing,
-    window, intensity); re-exported only when the LoRKD weights changed (stamp ``expert_bundle.source.json``)."""
-    from medfm_ops.bundle import export_lorkd_expert
+def export_heart_expert(lorkd_dir: str | Path, expert_dir: Path) -> str:
+    """
+    The heart expert fused out of a LoRKD checkpoint directory (``models/`` of a training run) and written as a
+    standalone bundle with its region's preprocessing as the run recorded it (``models/region_preprocessing.json``:
+    spacing, window, intensity); re-exported only when the LoRKD weights changed (stamp ``<expert_dir>.source.json``).
+
+    Raises:
+        ValueError: when the run recorded no preprocessing row for :data:`HEART` (a run without
+            ``configs/real_regions.json``).
+    """
+    from medfm_ops.bundle import write_expert_bundle
+    from medfm_ops.finetune import load_source
 
     lorkd = Path(lorkd_dir)
     stamp = expert_dir.parent / f"{expert_dir.name}.source.json"
     source = {"lorkd_sha256": file_sha256(lorkd / "models" / "model.pt"), "region": HEART}
     done = stamp.is_file() and json.loads(stamp.read_text()) == source and (expert_dir / "models" / "model.pt").is_file()
-    if not done:
-        export_lorkd_expert(lorkd, expert_dir, region=HEART, datalist=datalist, force=True)
-        atomic_write_json(stamp, source)
+    if done:
+        return str(expert_dir)
+    table_file = lorkd / "models" / "region_preprocessing.json"
+    row = json.loads(table_file.read_text()).get(HEART) if table_file.is_file() else None
+    if not row:
+        raise ValueError(f"{table_file} records no '{HEART}' preprocessing: train with configs/real_regions.json.")
+    src = load_source(lorkd, region=HEART)
+    write_expert_bundle(
+        expert_dir, src.network_def, src.state_dict, HEART, {i: n for i, n in enumerate(src.class_names, start=1)},
+        src.output_channels, spacing=row["spacing"], roi_size=row["window_size"], modality="MR",
+        intensity_nonzero=row.get("intensity") == "zscore_nonzero",
+    )  # fmt: skip
+    atomic_write_json(stamp, source)
     return str(expert_dir)
 
 
