@@ -363,7 +363,8 @@ def run(
         split_file = work / "splits" / f"n{n_label}_seed{seed}.json"
         budget = {**plan, "batch_size": batch_size, "patch_size": list(patch_size), "learning_rate": learning_rate}
         path, region = sources[source]
-        extra = ["--split_file", str(split_file), "--score_before", str(before and not shift).lower()]
+        extra = ["--split_file", str(split_file), "--score_before", str(before and not shift).lower(),
+                 "--nsd_tolerance_mm", str(float(nsd_tolerance_mm))]
         if spacing:
             extra += ["--spacing", json.dumps(spacing)]
         cmd = finetune_command(path, region, init, mode, data, out, budget, seed, *extra)
@@ -371,6 +372,7 @@ def run(
                     "learning_rate": learning_rate, "patch_size": list(patch_size), "mode": mode, "init": init,
                     "seed": seed, "split_sha256": file_sha256(split_file), "source": None if init == "scratch" else sha[source],
                     "score_before": before and not shift, **({"spacing": spacing} if spacing else {}),
+                    **({"nsd_tolerance_mm": float(nsd_tolerance_mm)} if float(nsd_tolerance_mm) != 1.0 else {}),
                     **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
         result = run_or_reuse(cmd, out, settings, reuse_rows)
         rec = _record(name, n_label, seed, plan, result, out)

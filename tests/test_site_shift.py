@@ -121,6 +121,8 @@ def test_curve_tool_options_are_checked_before_any_work(tmp_path):
         site_curve.run(dataset="acdc", work_dir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown rows"):
         site_curve.run(dataset="acdc_shift", work_dir=str(tmp_path), rows="scratch,expert_xl")
+    with pytest.raises(ValueError, match="unknown rows"):
+        site_curve.run(dataset="hippocampus", work_dir=str(tmp_path), rows="expert_xl")
     with pytest.raises(ValueError, match="scratch_steps"):
         site_curve.run(dataset="acdc_shift", work_dir=str(tmp_path), scratch_steps=0)
     with pytest.raises(ValueError, match="must be 'all' or numbers of cases"):
