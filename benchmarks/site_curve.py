@@ -53,6 +53,7 @@ import json
 import math
 import os
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -357,6 +358,7 @@ def run(
         region = REGION
     sources = {"expert": (str(expert_dir), None), "teacher": (pretrained["foundation_seg"]["path"], region)}
     sha = {k: file_sha256(Path(p) / "models" / "model.pt") for k, (p, _) in sources.items()}
+    scoring_lock = threading.Lock()
 
     def one_run(row: tuple, n: Any, n_label: str, seed: int, plan: dict, out: Path, before: bool) -> dict[str, Any]:
         name, _, source, init, mode = row
@@ -376,8 +378,10 @@ def run(
                     **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
         result = run_or_reuse(cmd, out, settings, reuse_rows)
         rec = _record(name, n_label, seed, plan, result, out)
-        if shift:  # the fixed site test set, through the written bundle's own inference.json
-            test = score_bundle_on_cases(out, study["site_test"], nsd_tolerance_mm, out.parent / f"{out.name}.test_scores.json")
+        if shift:  # the fixed site test set, through the written bundle's own inference.json (in this process: one
+            with scoring_lock:  # at a time, beside the site runs' child processes)
+                test = score_bundle_on_cases(out, study["site_test"], nsd_tolerance_mm,
+                                             out.parent / f"{out.name}.test_scores.json")  # fmt: skip
             info = result["summary"]["split"]["info"]
             rec.update({"n": info["num_patients"], "num_volumes": result["summary"]["split"]["num_training_used"],
                         "val_dsc": rec["dsc"], "val_nsd": rec["nsd"], "dsc": test["mean_dsc"], "nsd": test["mean_nsd"],
