@@ -321,6 +321,9 @@ def run(
     held = _list(held_out)
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
+        import torch
+
+        torch.set_num_threads(int(threads))  # this process's own work (acdc_shift: the test-set scoring)
 
     recipe = pretraining_recipe(teacher_epochs, student_epochs, pretrain_patch, pretrain_val_interval)
     before_scores: dict[str, Any] = {}
