@@ -6,6 +6,12 @@
     python -m benchmarks.site_curve run                             # the whole study (~60-90 min on 2 CPU cores)
     python -m benchmarks.site_curve run --budget_epochs 10,60       # plus the budget study (expert_full, N=all)
     python -m benchmarks.site_curve report                          # section + plot again from saved summaries
+    python -m benchmarks.site_curve run --dataset acdc_shift        # the population-shift study on ACDC (~2 h)
+    python -m benchmarks.site_curve report --dataset acdc_shift
+
+One tool, two data sets (``--dataset``, table :data:`DATASETS`): ``hippocampus`` (below) and ``acdc_shift``
+(a cardiac expert fine-tuned at a site whose pathology group its pre-training never saw; the differences are listed
+after the stages and in ``docs/site_curve.md``).
 
 Stages (each resumable; see ``docs/site_curve.md``):
 
@@ -29,6 +35,16 @@ Stages (each resumable; see ``docs/site_curve.md``):
 
 A run is reused only when its settings, its split and its starting weights are unchanged (stamp beside it); the
 starting points only when the pre-training datalist and recipe are unchanged. CPU runs set ``GLIBC_TUNABLES``.
+
+``acdc_shift`` (``benchmarks/site_shift.py``): stage 1 is ``benchmarks.site_study.load_or_create_shift_split`` (the
+``--held_out`` pathology groups are the site, split BY PATIENT into ``--num_test`` fixed test patients,
+``--num_validation`` validation patients and a pool; the other groups may pre-train); stage 2 trains on the
+repository's real-region mapping file (brain MRI + the pre-training groups' heart MRI) with each bundle's
+``configs/real_regions.json`` (region-wise preprocessing) and exports the heart expert with its region's spacing
+and window; stage 3 draws N site PATIENTS (both frames), selects each run's kept epoch on the validation patients,
+gives ``scratch`` its own converged budget (``--scratch_steps``, ``--scratch_validations``: the best of many
+validations = early stopping on the validation patients), and scores every written bundle's own inference.json on
+the fixed site test set, per class; BEFORE = the exported expert on the same test set.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ import json
 import math
 import os
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,7 +75,23 @@ from benchmarks.site_finetune import (
 )
 from benchmarks.learning_curve import compare_over_seeds, plot_learning_curve
 from benchmarks.sections import write_markdown_section
-from benchmarks.site_study import build_pretraining_datalist, load_or_create_study_split, write_draw_split
+from benchmarks.site_shift import (
+    HEART,
+    MAPPING,
+    REAL_CONFIGS,
+    describe_split,
+    export_heart_expert,
+    score_bundle_on_cases,
+)
+from benchmarks.site_study import (
+    build_pretraining_datalist,
+    build_shift_pretraining_datalist,
+    load_or_create_shift_split,
+    load_or_create_study_split,
+    patients_of,
+    write_draw_split,
+    write_patient_draw_split,
+)
 from medfm_ops.bundle_paths import default_cache_dir
 from medfm_ops.data import ensure_synthetic_dataset
 from medfm_ops.utils.atomic_io import atomic_write_json
@@ -66,6 +99,25 @@ from medfm_ops.utils.hashing import file_sha256
 
 SECTION = "site-curve"
 ROW_NAMES = [r[0] for r in ROWS]
+
+#: the data sets of the curve and their defaults (``None`` arguments of :func:`run` take these)
+DATASETS = {
+    "hippocampus": {"dataset_dir": "../shared/data/msd_hippocampus", "work_dir": "runs/site_curve",
+                    "plot": "docs/site_curve.png", "section": SECTION, "sizes": "5,10,20,all", "num_validation": 30,
+                    "patch_size": (32, 48, 32), "spacing": None, "pretrain_patch": (32, 32, 32),
+                    "nsd_tolerance_mm": 1.0, "teacher_epochs": 40, "student_epochs": 40, "brain_cases": None},
+    "acdc_shift": {"dataset_dir": "../shared/data/acdc", "work_dir": "runs/site_curve_acdc_shift",
+                   "plot": "docs/site_curve_acdc_shift.png", "section": "site-curve-acdc-shift", "sizes": "2,5,all",
+                   "num_validation": 2, "patch_size": (96, 96, 8), "spacing": (1.5, 1.5, 10.0), "pretrain_patch": None,
+                   "nsd_tolerance_mm": 1.5, "teacher_epochs": 20, "student_epochs": 20, "brain_cases": 40},
+}  # fmt: skip
+
+
+def dataset_defaults(dataset: str) -> dict[str, Any]:
+    """The defaults of ``dataset`` (a key of :data:`DATASETS`); a clear error for another name."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}.")
+    return DATASETS[dataset]
 
 
 def _path(p: str | Path) -> Path:
@@ -96,7 +148,8 @@ def pretraining_recipe(teacher_epochs: int, student_epochs: int, patch_size: Any
         cfg = json.loads((REPO / "bundles" / name / "configs" / "train.json").read_text())
         flips = {f"train#random_transforms#{i}#prob": 0.0 for i, t in enumerate(cfg["train"]["random_transforms"])
                  if t.get("_target_") == "RandFlipd"}  # fmt: skip
-        recipe[name] = {"epochs": epochs, "roi_size": [int(x) for x in patch_size], "val_interval": interval, **flips}
+        roi = {} if patch_size is None else {"roi_size": [int(x) for x in patch_size]}  # None: the configs' own
+        recipe[name] = {"epochs": epochs, **roi, "val_interval": interval, **flips}
         if name == "lorkd_seg":
             recipe[name]["warmup_epochs"] = max(1, round(0.1 * epochs))
     return recipe
@@ -111,6 +164,13 @@ def plan_epochs(num_cases: int, batch_size: int, steps: int | None, epochs: int 
     epochs = max(int(validations), int(epochs))
     epochs = math.ceil(epochs / int(validations)) * int(validations)
     return {"epochs": epochs, "val_interval": epochs // int(validations), "steps": epochs * per_epoch}
+
+
+def _check_sizes(sizes: list[str], pool_size: int, unit: str) -> None:
+    """Every N is ``all`` or a number in ``1..pool_size`` (one clear error naming the bad ones)."""
+    bad = [n for n in sizes if str(n).lower() != "all" and not (str(n).isdigit() and 1 <= int(n) <= pool_size)]
+    if bad or not sizes:
+        raise ValueError(f"sizes {bad or sizes} must be 'all' or numbers of {unit} in 1..{pool_size} (the site pool).")
 
 
 class _Stages:
@@ -148,55 +208,77 @@ def _record(row: str, n_label: str, seed: int, plan: dict, result: dict, out: Pa
 
 
 def run(
-    dataset_dir: str = "../shared/data/msd_hippocampus",
-    work_dir: str = "runs/site_curve",
+    dataset: str = "hippocampus",
+    dataset_dir: str | None = None,
+    work_dir: str | None = None,
     results: str = "docs/RESULTS.md",
-    plot: str = "docs/site_curve.png",
+    plot: str | None = None,
     num_public: int = 120,
-    num_validation: int = 30,
+    num_validation: int | None = None,
     split_seed: int = 0,
-    sizes: Any = "5,10,20,all",
+    sizes: Any = None,
     seeds: Any = "0,1,2",
     rows: Any = None,
     steps: int | None = 150,
     epochs: int | None = None,
     validations: int = 2,
     batch_size: int = 2,
-    patch_size: Any = (32, 48, 32),
+    patch_size: Any = None,
+    spacing: Any = None,
     learning_rate: float = 2e-3,
-    teacher_epochs: int = 40,
-    student_epochs: int = 40,
-    pretrain_patch: Any = (32, 32, 32),
+    teacher_epochs: int | None = None,
+    student_epochs: int | None = None,
+    pretrain_patch: Any = None,
     pretrain_val_interval: int = 10,
     budget_epochs: Any = None,
     budget_val_interval: int = 5,
+    held_out: Any = "arv",
+    num_test: int = 5,
+    scratch_steps: int | None = 600,
+    scratch_validations: int = 6,
+    brain_cases: int | None = None,
+    pretrain_val_patients: int = 6,
+    nsd_tolerance_mm: float | None = None,
     threads: int | None = 1,
     jobs: int = 2,
     retrain_pretrained: bool = False,
     reuse_rows: bool = True,
 ) -> str:
     """
-    Run the study (stages in the module docstring) and write the ``site-curve`` section of ``results`` and ``plot``.
+    Run the study (stages in the module docstring) and write the data set's section of ``results`` and ``plot``.
 
     Args:
+        dataset: ``hippocampus`` or ``acdc_shift`` (:data:`DATASETS`: its defaults fill every None argument below).
         dataset_dir: the real MSD-style data set (relative paths: to the repository root).
-        work_dir: all outputs: ``study_split.json``, ``pretraining_data/``, ``pretrained/``, ``expert_bundle/``,
-            ``splits/``, ``n<N>/<row>_seed<seed>/`` site bundles (+ ``.log``, ``.bench_row.json``), ``budget/``,
-            ``curve_summary.json``.
-        results: markdown report; only its ``site-curve`` section is replaced. Defaults to ``docs/RESULTS.md``.
-        plot: PNG of DSC against N. Defaults to ``docs/site_curve.png``.
-        num_public, num_validation, split_seed: the study split (120 public, 30 site validation, seed 0).
-        sizes: N values (comma-separated; ``all`` = the whole pool). Defaults to ``5,10,20,all``.
-        seeds: training seeds = case-draw seeds. Defaults to ``0,1,2``.
+        work_dir: all outputs: the study split, ``pretraining_data/``, ``pretrained/``, ``expert_bundle/``,
+            ``splits/``, ``n<N>/<row>_seed<seed>/`` site bundles (+ ``.log``, ``.bench_row.json``; ``acdc_shift``:
+            ``.test_scores.json``), ``budget/``, ``curve_summary.json``.
+        results: markdown report; only the data set's section is replaced. Defaults to ``docs/RESULTS.md``.
+        plot: PNG of DSC against N.
+        num_public, num_validation, split_seed: the study split (hippocampus: 120 public, 30 site validation cases;
+            acdc_shift: ``num_validation`` site validation PATIENTS, default 2; seed 0).
+        sizes: N values (comma-separated; ``all`` = the whole pool; acdc_shift: patients).
+        seeds: training seeds = draw seeds. Defaults to ``0,1,2``.
         rows: subset of the rows (comma-separated). Defaults to all of ``benchmarks/site_finetune.py``'s.
         steps: optimisation steps per run (every row and N); None to use ``epochs``. Defaults to 150.
         epochs: a fixed number of epochs per run instead of ``steps``. Defaults to None.
         validations: validations per run (the best is kept); epochs are rounded up to a multiple. Defaults to 2.
-        batch_size, patch_size, learning_rate: the site budget. Default to 2, (32, 48, 32), 2e-3.
+        batch_size, patch_size, spacing, learning_rate: the site budget and grid (patch and spacing: the data set's).
         teacher_epochs, student_epochs, pretrain_patch, pretrain_val_interval: the pre-training recipe
-            (:func:`pretraining_recipe`). Default to 40, 40, (32, 32, 32), 10.
+            (:func:`pretraining_recipe`; acdc_shift: no patch override, the regions' patches of
+            ``configs/real_regions.json``). Default to the data set's epochs (40, 40; acdc_shift 20, 20), patch, and 10.
         budget_epochs: epochs of the budget study (comma-separated, e.g. ``10,60``); None skips it.
         budget_val_interval: validation interval of the budget study (must divide each of its epochs). Defaults to 5.
+        held_out: acdc_shift: the site's pathology groups (comma-separated among dcm, hcm, minf, nor, arv).
+            Defaults to ``arv`` (abnormal right ventricle: see docs/site_curve.md).
+        num_test: acdc_shift: patients of the fixed site test set. Defaults to 5.
+        scratch_steps, scratch_validations: acdc_shift: the scratch row's own budget (steps, validations; the best
+            validation is kept: early stopping on the validation patients). Default to 600, 6.
+        brain_cases: acdc_shift: hippocampus cases in the pre-training (the brain region, the other task; 0: all
+            200). Defaults to 40.
+        pretrain_val_patients: acdc_shift: pre-training patients kept for the foundation's validation. Defaults to 6.
+        nsd_tolerance_mm: NSD tolerance of the reported scores (acdc_shift: of the test-set scores, in the nominal
+            mm of its headers). Defaults to the data set's (1.0; acdc_shift 1.5 = one in-plane voxel).
         threads: ``OMP_NUM_THREADS`` of every child process (pre-training, fine-tuning); None or 0 inherits it
             (torch then uses all cores). Defaults to 1: with ``jobs=2`` both cores work without threads waiting for a
             descheduled sibling, which made two-thread runs 3-7x slower on a machine shared with other jobs. Not part
@@ -207,9 +289,19 @@ def run(
         reuse_rows: keep runs with unchanged settings, split and starting weights. Defaults to True.
     """
     stages = _Stages()
+    d = dataset_defaults(dataset)
+    shift = dataset == "acdc_shift"
+    given_args = {"dataset_dir": dataset_dir, "work_dir": work_dir, "plot": plot, "sizes": sizes,
+                  "num_validation": num_validation, "patch_size": patch_size, "spacing": spacing,
+                  "pretrain_patch": pretrain_patch, "nsd_tolerance_mm": nsd_tolerance_mm,
+                  "teacher_epochs": teacher_epochs, "student_epochs": student_epochs, "brain_cases": brain_cases}
+    (dataset_dir, work_dir, plot, sizes, num_validation, patch_size, spacing, pretrain_patch, nsd_tolerance_mm,
+     teacher_epochs, student_epochs, brain_cases) = (d[k] if v is None else v for k, v in given_args.items())  # fmt: skip
+    brain_cases = None if brain_cases in (0, None) else int(brain_cases)
+    patch_size = [int(x) for x in _list(patch_size)]
+    spacing = None if spacing is None else [float(x) for x in _list(spacing)]
+    pretrain_patch = None if pretrain_patch is None else [int(x) for x in _list(pretrain_patch)]
     work, data = _path(work_dir), _path(dataset_dir)
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
     wanted = _list(rows) if rows else list(ROW_NAMES)
@@ -218,40 +310,86 @@ def run(
         raise ValueError(f"unknown rows {unknown}; known: {ROW_NAMES}.")
     if (steps is None) == (epochs is None):
         raise ValueError(f"give exactly one of steps ({steps}) and epochs ({epochs}).")
+    if shift and (scratch_steps is None or int(scratch_steps) < 1 or int(scratch_validations) < 1):
+        raise ValueError(f"scratch_steps ({scratch_steps}) and scratch_validations ({scratch_validations}) must be >= 1.")
     seed_list = [int(s) for s in _list(seeds)]
     size_list = _list(sizes)
     budget_list = [int(e) for e in _list(budget_epochs)] if budget_epochs not in (None, "", False) else []
     bad = [e for e in budget_list if e % int(budget_val_interval)]
     if bad:
         raise ValueError(f"budget_val_interval={budget_val_interval} must divide every budget epoch count, not {bad}.")
+    held = _list(held_out)
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
+        import torch
 
-    study = load_or_create_study_split(data, work / "study_split.json", num_public, num_validation, split_seed)
-    cfg = json.loads((REPO / "bundles" / "foundation_seg" / "configs" / "train.json").read_text())
-    base = ensure_synthetic_dataset(Path(default_cache_dir()) / "synthetic", **cfg["synthetic"])
-    datalist = build_pretraining_datalist(study, work / "pretraining_data", base, region=REGION)
-    stages.done("data")
+        torch.set_num_threads(int(threads))  # this process's own work (acdc_shift: the test-set scoring)
+
     recipe = pretraining_recipe(teacher_epochs, student_epochs, pretrain_patch, pretrain_val_interval)
-    pretrained = ensure_pretrained(work, retrain=retrain_pretrained, datalist=datalist, recipe=recipe)
-    stages.done("pretraining")
-    expert_dir = work / "expert_bundle"
-    export_brain_expert(pretrained["lorkd_seg"]["path"], expert_dir)
-    stages.done("export")
-    sources = {"expert": (str(expert_dir), None), "teacher": (pretrained["foundation_seg"]["path"], REGION)}
+    before_scores: dict[str, Any] = {}
+    if shift:
+        study = load_or_create_shift_split(data, work / "population_split.json", held, num_test, num_validation,
+                                           split_seed)  # fmt: skip
+        pool_size = len(patients_of(study["site_pool"]))
+        _check_sizes(size_list, pool_size, "patients")  # before any training
+        datalist = build_shift_pretraining_datalist(study, work / "pretraining_data", MAPPING, dataset_key=data.name,
+                                                    val_patients=pretrain_val_patients, other_cases=brain_cases,
+                                                    seed=split_seed)  # fmt: skip
+        stages.done("data")
+        pretrained = ensure_pretrained(work, retrain=retrain_pretrained, datalist=datalist, recipe=recipe,
+                                       config_files=REAL_CONFIGS)  # fmt: skip
+        stages.done("pretraining")
+        expert_dir = work / "expert_bundle"
+        export_heart_expert(pretrained["lorkd_seg"]["path"], expert_dir)
+        before_scores["expert"] = score_bundle_on_cases(expert_dir, study["site_test"], nsd_tolerance_mm,
+                                                        work / "expert_bundle.test_scores.json")  # fmt: skip
+        stages.done("export")
+        region = HEART
+    else:
+        study = load_or_create_study_split(data, work / "study_split.json", num_public, num_validation, split_seed)
+        pool_size = len(study["site_pool"])
+        _check_sizes(size_list, pool_size, "cases")
+        cfg = json.loads((REPO / "bundles" / "foundation_seg" / "configs" / "train.json").read_text())
+        base = ensure_synthetic_dataset(Path(default_cache_dir()) / "synthetic", **cfg["synthetic"])
+        datalist = build_pretraining_datalist(study, work / "pretraining_data", base, region=REGION)
+        stages.done("data")
+        pretrained = ensure_pretrained(work, retrain=retrain_pretrained, datalist=datalist, recipe=recipe)
+        stages.done("pretraining")
+        expert_dir = work / "expert_bundle"
+        export_brain_expert(pretrained["lorkd_seg"]["path"], expert_dir)
+        stages.done("export")
+        region = REGION
+    sources = {"expert": (str(expert_dir), None), "teacher": (pretrained["foundation_seg"]["path"], region)}
     sha = {k: file_sha256(Path(p) / "models" / "model.pt") for k, (p, _) in sources.items()}
+    scoring_lock = threading.Lock()
 
     def one_run(row: tuple, n: Any, n_label: str, seed: int, plan: dict, out: Path, before: bool) -> dict[str, Any]:
         name, _, source, init, mode = row
         split_file = work / "splits" / f"n{n_label}_seed{seed}.json"
         budget = {**plan, "batch_size": batch_size, "patch_size": list(patch_size), "learning_rate": learning_rate}
         path, region = sources[source]
-        cmd = finetune_command(path, region, init, mode, data, out, budget, seed, "--split_file", str(split_file),
-                               "--score_before", str(before).lower())  # fmt: skip
+        extra = ["--split_file", str(split_file), "--score_before", str(before and not shift).lower(),
+                 "--nsd_tolerance_mm", str(float(nsd_tolerance_mm))]
+        if spacing:
+            extra += ["--spacing", json.dumps(spacing)]
+        cmd = finetune_command(path, region, init, mode, data, out, budget, seed, *extra)
         settings = {"epochs": plan["epochs"], "val_interval": plan["val_interval"], "batch_size": batch_size,
                     "learning_rate": learning_rate, "patch_size": list(patch_size), "mode": mode, "init": init,
                     "seed": seed, "split_sha256": file_sha256(split_file), "source": None if init == "scratch" else sha[source],
-                    "score_before": before, **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
+                    "score_before": before and not shift, **({"spacing": spacing} if spacing else {}),
+                    **({"nsd_tolerance_mm": float(nsd_tolerance_mm)} if float(nsd_tolerance_mm) != 1.0 else {}),
+                    **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
         result = run_or_reuse(cmd, out, settings, reuse_rows)
         rec = _record(name, n_label, seed, plan, result, out)
+        if shift:  # the fixed site test set, through the written bundle's own inference.json (in this process: one
+            with scoring_lock:  # at a time, beside the site runs' child processes)
+                test = score_bundle_on_cases(out, study["site_test"], nsd_tolerance_mm,
+                                             out.parent / f"{out.name}.test_scores.json")  # fmt: skip
+            info = result["summary"]["split"]["info"]
+            rec.update({"n": info["num_patients"], "num_volumes": result["summary"]["split"]["num_training_used"],
+                        "val_dsc": rec["dsc"], "val_nsd": rec["nsd"], "dsc": test["mean_dsc"], "nsd": test["mean_nsd"],
+                        "per_class": {t["class"]: {"dsc": t["dsc_mean"], "nsd": t["nsd_mean"]} for t in test["table"]},
+                        "score_set": "site_test"})  # fmt: skip
         print(f"  N={n_label} {name} seed {seed}: DSC {rec['dsc']:.4f}, NSD {rec['nsd']:.4f} "
               f"({(rec['seconds'] or 0) / 60:.1f} min wall, {(rec['cpu_seconds'] or 0) / 60:.1f} min CPU"
               f"{', reused' if rec['reused'] else ''})", flush=True)  # fmt: skip
@@ -259,58 +397,82 @@ def run(
 
     def run_all(tasks: list[tuple]) -> list[dict[str, Any]]:
         for _, n, n_label, seed, *_ in tasks:  # split files first: parallel runs only read them
-            write_draw_split(study, work / "splits" / f"n{n_label}_seed{seed}.json", n, seed)
+            split_file = work / "splits" / f"n{n_label}_seed{seed}.json"
+            (write_patient_draw_split if shift else write_draw_split)(study, split_file, n, seed)
         with ThreadPoolExecutor(max_workers=int(jobs)) as pool:  # threads only wait for child processes
             return list(pool.map(lambda task: one_run(*task), tasks))
 
     tasks = []
     for n in size_list:
         n_label = "all" if str(n).lower() == "all" else str(int(n))
-        n_cases = len(study["site_pool"]) if n_label == "all" else int(n)
+        n_units = pool_size if n_label == "all" else int(n)
+        n_cases = 2 * n_units if shift else n_units  # acdc: both frames of every patient
         plan = plan_epochs(n_cases, batch_size, steps, epochs, validations)
+        scratch_plan = plan_epochs(n_cases, batch_size, scratch_steps, None, scratch_validations) if shift else plan
         for seed in seed_list:
             for row in ROWS:
                 if row[0] in wanted:  # the starting point is scored once per row: first N, first seed
                     first = n == size_list[0] and seed == seed_list[0]
-                    tasks.append((row, n, n_label, seed, plan, work / f"n{n_label}" / f"{row[0]}_seed{seed}", first))
+                    tasks.append((row, n, n_label, seed, scratch_plan if row[0] == "scratch" else plan,
+                                  work / f"n{n_label}" / f"{row[0]}_seed{seed}", first))  # fmt: skip
     records = run_all(tasks)
     stages.done("curve")
     expert_full = next(r for r in ROWS if r[0] == "expert_full")
     tasks = []
     for e in budget_list:
         plan = {"epochs": e, "val_interval": int(budget_val_interval),
-                "steps": e * math.ceil(len(study["site_pool"]) / batch_size)}  # fmt: skip
+                "steps": e * math.ceil((2 if shift else 1) * pool_size / batch_size)}  # fmt: skip
         for seed in seed_list:
             tasks.append((expert_full, "all", "all", seed, plan, work / "budget" / f"expert_full_e{e}_seed{seed}", False))
     budget_records = run_all(tasks)
     stages.done("budget")
 
-    args = ["python -m benchmarks.site_curve run", f"--dataset_dir {dataset_dir}", f"--work_dir {work_dir}"]
-    defaults = {"results": "docs/RESULTS.md", "plot": "docs/site_curve.png", "num_public": 120, "num_validation": 30,
-                "split_seed": 0, "sizes": "5,10,20,all", "seeds": "0,1,2", "steps": 150, "epochs": None,
-                "validations": 2, "batch_size": 2, "patch_size": "32,48,32", "learning_rate": 2e-3,
-                "teacher_epochs": 40, "student_epochs": 40, "pretrain_patch": "32,32,32", "pretrain_val_interval": 10,
-                "budget_epochs": None, "budget_val_interval": 5, "threads": 1, "jobs": 2}  # fmt: skip
+    args = ["python -m benchmarks.site_curve run"] + ([f"--dataset {dataset}"] if dataset != "hippocampus" else [])
+    args += [f"--dataset_dir {dataset_dir}", f"--work_dir {work_dir}"]
+    defaults = {"results": "docs/RESULTS.md", "plot": d["plot"], "num_public": 120, "num_validation": d["num_validation"],
+                "split_seed": 0, "sizes": d["sizes"], "seeds": "0,1,2", "steps": 150, "epochs": None,
+                "validations": 2, "batch_size": 2, "patch_size": ",".join(map(str, d["patch_size"])),
+                "learning_rate": 2e-3, "teacher_epochs": d["teacher_epochs"], "student_epochs": d["student_epochs"],
+                "pretrain_patch": None if d["pretrain_patch"] is None else ",".join(map(str, d["pretrain_patch"])),
+                "pretrain_val_interval": 10, "budget_epochs": None, "budget_val_interval": 5, "threads": 1, "jobs": 2,
+                "nsd_tolerance_mm": d["nsd_tolerance_mm"]}  # fmt: skip
     given = {"results": results, "plot": plot, "num_public": num_public, "num_validation": num_validation,
              "split_seed": split_seed, "sizes": ",".join(size_list), "seeds": ",".join(map(str, seed_list)),
              "steps": steps, "epochs": epochs, "validations": validations, "batch_size": batch_size,
              "patch_size": ",".join(map(str, patch_size)), "learning_rate": learning_rate,
              "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
-             "pretrain_patch": ",".join(map(str, pretrain_patch)), "pretrain_val_interval": pretrain_val_interval,
+             "pretrain_patch": None if pretrain_patch is None else ",".join(map(str, pretrain_patch)),
+             "pretrain_val_interval": pretrain_val_interval,
              "budget_epochs": ",".join(map(str, budget_list)) or None, "budget_val_interval": budget_val_interval,
-             "threads": threads, "jobs": jobs}  # fmt: skip
+             "threads": threads, "jobs": jobs, "nsd_tolerance_mm": nsd_tolerance_mm}  # fmt: skip
+    if shift:
+        defaults.pop("num_public")
+        given.pop("num_public")
+        defaults |= {"held_out": "arv", "num_test": 5, "scratch_steps": 600, "scratch_validations": 6,
+                     "brain_cases": d["brain_cases"], "pretrain_val_patients": 6}  # fmt: skip
+        given |= {"held_out": ",".join(held), "num_test": num_test, "scratch_steps": scratch_steps,
+                  "scratch_validations": scratch_validations, "brain_cases": brain_cases,
+                  "pretrain_val_patients": pretrain_val_patients}  # fmt: skip
     args += [f"--{k} {v}" for k, v in given.items() if v != defaults[k]]
     if rows:
         args.append(f"--rows {','.join(wanted)}")
+    if shift:
+        study_meta = {"dataset_dir": _rel(study["dataset_dir"]), "study_file": study["split_file"],
+                      "seed": study["seed"], **describe_split(study)}  # fmt: skip
+        study_meta["dataset_dir"] = _rel(study["dataset_dir"])
+    else:
+        study_meta = {k: study[k] for k in ("study_file", "seed", "num_public", "num_validation")} | {
+            "num_site_pool": len(study["site_pool"]), "dataset_dir": _rel(study["dataset_dir"])}
     meta = {
+        "dataset": dataset,
+        "section": d["section"],
         "command": " ".join(args),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "stage_seconds": stages.seconds,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "jobs": int(jobs),
-        "study": {k: study[k] for k in ("study_file", "seed", "num_public", "num_validation")}
-        | {"num_site_pool": len(study["site_pool"]), "dataset_dir": _rel(study["dataset_dir"])},
+        "study": study_meta,
         "pretraining_datalist": _rel(datalist),
         "pretrained": pretrained,
         "expert_bundle": _rel(expert_dir),
@@ -319,13 +481,18 @@ def run(
         "seeds": seed_list,
         "rows": [r[0] for r in ROWS if r[0] in wanted],
         "budget": {"steps": steps, "epochs": epochs, "validations": validations, "batch_size": batch_size,
-                   "patch_size": list(patch_size), "learning_rate": learning_rate},
+                   "patch_size": list(patch_size), "learning_rate": learning_rate, "spacing": spacing,
+                   **({"scratch_steps": scratch_steps, "scratch_validations": scratch_validations} if shift else {})},
         "budget_study": {"epochs": budget_list, "val_interval": budget_val_interval},
+        "nsd_tolerance_mm": nsd_tolerance_mm,
+        "before": {k: {"mean_dsc": v["mean_dsc"], "mean_nsd": v["mean_nsd"],
+                       "per_class": {t["class"]: {"dsc": t["dsc_mean"], "nsd": t["nsd_mean"]} for t in v["table"]}}
+                   for k, v in before_scores.items()},
         "results": results,
         "plot": plot,
     }  # fmt: skip
     atomic_write_json(work / "curve_summary.json", {"meta": meta, "records": records, "budget_records": budget_records})
-    return report(work_dir, results, plot)
+    return report(work_dir, results, plot, dataset=dataset)
 
 
 def _by(records: list[dict], row: str, n_label: str) -> list[dict]:
@@ -371,8 +538,20 @@ def _grid(records: list[dict], rows: list[str], sizes: list[str], key: str) -> l
     return lines
 
 
+def _class_grids(records: list[dict], rows: list[str], sizes: list[str], key: str) -> list[str]:
+    """One table per class of ``records[*]["per_class"]``: ``key`` (dsc or nsd) per row and N."""
+    lines = []
+    for cls in records[0]["per_class"]:
+        view = [{**r, key: r["per_class"][cls][key]} for r in records]
+        lines += [f"{cls}:", "", *_grid(view, rows, sizes, key), ""]
+    return lines
+
+
 def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
-    """The ``site-curve`` section of ``results`` and the plot, from a ``curve_summary.json`` dict."""
+    """The data set's section of ``results`` (``site-curve``, or ``meta["section"]``) and the plot, from a
+    ``curve_summary.json`` dict."""
+    if summary["meta"].get("dataset") == "acdc_shift":
+        return write_shift_section(summary, results, plot)
     meta, records, budget_records = summary["meta"], summary["records"], summary["budget_records"]
     rows, sizes = meta["rows"], [("all" if str(n).lower() == "all" else str(int(n))) for n in meta["sizes"]]
     n_of = {n: next(r["n"] for r in records if r["n_label"] == n) for n in sizes}
@@ -507,8 +686,130 @@ def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
     return text
 
 
-def report(work_dir: str = "runs/site_curve", results: str = "docs/RESULTS.md", plot: str = "docs/site_curve.png"):
-    """(Re)write the ``site-curve`` section of ``results`` and ``plot`` from ``<work_dir>/curve_summary.json``."""
+def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
+    """The ``site-curve-acdc-shift`` section and plot: the curve on the fixed site test set, per class, with the
+    expert's BEFORE scores (as exported) on the same cases."""
+    meta, records, budget_records = summary["meta"], summary["records"], summary["budget_records"]
+    rows, sizes = meta["rows"], [("all" if str(n).lower() == "all" else str(int(n))) for n in meta["sizes"]]
+    st, pre, b, sp = meta["stage_seconds"], meta["pretrained"], meta["budget"], meta["study"]
+    n_of = {n: next(r["n"] for r in records if r["n_label"] == n) for n in sizes}
+    labels = {n_of[n]: (f"all ({n_of[n]})" if n == "all" else n) for n in sizes}
+    curves = {row: {n_of[n]: [100 * r["dsc"] for r in _by(records, row, n)] for n in sizes} for row in rows}
+    held = ", ".join(sp["held_out"])
+    plot_learning_curve(plot, curves, xlabel="labelled site patients (N, both frames each)",
+                        ylabel="site test DSC (%)", title=f"ACDC site = held-out group(s) {held}: "
+                        f"{sp['num_site_test_patients']} fixed test patients", x_labels=labels)  # fmt: skip
+    m = records[0]["machine"]
+    loads = [r["load_average_1min"] for r in records + budget_records if r["load_average_1min"] is not None]
+    plans = {n: next(r for r in records if r["n_label"] == n and r["row"] != "scratch") for n in sizes if
+             any(r["n_label"] == n and r["row"] != "scratch" for r in records)}  # fmt: skip
+    scratch = {n: next(r for r in records if r["n_label"] == n and r["row"] == "scratch") for n in sizes if
+               any(r["n_label"] == n and r["row"] == "scratch" for r in records)}  # fmt: skip
+    before = meta["before"].get("expert")
+    tol = meta["nsd_tolerance_mm"]
+    lines = [
+        "## Site curve under a population shift: a cardiac expert at a site whose pathology group it never saw",
+        "",
+        f"Generated by `{meta['command']}` on {meta['date']}; wall time of this invocation "
+        f"{sum(st.values()) / 60:.1f} min (data {st.get('data', 0) / 60:.1f}, pre-training "
+        f"{st.get('pretraining', 0) / 60:.1f}, export + BEFORE scoring {st.get('export', 0) / 60:.1f}, curve "
+        f"{st.get('curve', 0) / 60:.1f}, budget study {st.get('budget', 0) / 60:.1f}; reused parts count ~0). Sum of "
+        f"the site runs' own wall times {sum(r['seconds'] or 0 for r in records) / 60:.1f} min ({len(records)} runs).",
+        "",
+        "**Does adapting the expert beat training from scratch with few patients of an unseen population?** "
+        "(\"beats\": mean DSC difference above twice the larger standard deviation over seeds)",
+        "",
+        *_verdict(records, sizes, rows),
+        "",
+        f"![DSC against N]({os.path.relpath(plot, results.parent)})",
+        "",
+        "**BEFORE** (the heart expert as exported, never trained on the site's group) on the fixed site test set: "
+        + (f"DSC {100 * before['mean_dsc']:.2f}, NSD {100 * before['mean_nsd']:.2f}; per class "
+           + ", ".join(f"{c} DSC {100 * v['dsc']:.2f} / NSD {100 * v['nsd']:.2f}" for c, v in before["per_class"].items())
+           if before else "not scored") + ".",
+        "",
+        f"**AFTER**: mean ± standard deviation (population, over seeds {', '.join(map(str, meta['seeds']))}) of the "
+        f"site test DSC (%, mean over right ventricle, myocardium and left ventricle of the per-case Dice; "
+        f"{sp['num_site_test_cases']} volumes of {sp['num_site_test_patients']} patients) of each run's written site "
+        "bundle, scored by its own `configs/inference.json`:",
+        "",
+        *_grid(records, rows, sizes, "dsc"),
+        "",
+        f"NSD (%, tolerance {tol} mm of the NOMINAL 1.5 x 1.5 x 10 mm spacing: approximate):",
+        "",
+        *_grid(records, rows, sizes, "nsd"),
+        "",
+        "Per class, DSC (%):",
+        "",
+        *_class_grids(records, rows, sizes, "dsc"),
+        "Budget of each run and mean time per run, min (training wall / whole run wall / whole run CPU):",
+        "",
+        "| N (patients) | epochs | validation every | optimisation steps | scratch: epochs / steps / kept epochs | "
+        + " | ".join(rows) + " |",
+        "| ---: | ---: | ---: | ---: | --- | " + " | ".join("---:" for _ in rows) + " |",
+        *[f"| {labels[n_of[n]]} | {plans[n]['epochs'] if n in plans else '-'} | "
+          f"{plans[n]['val_interval'] if n in plans else '-'} | {plans[n]['steps'] if n in plans else '-'} | "
+          + (f"{scratch[n]['epochs']} / {scratch[n]['steps']} / "
+             + ", ".join(str(r["best_epoch"]) for r in _by(records, "scratch", n)) if n in scratch else "-")
+          + " | " + " | ".join(_times(_by(records, row, n)) for row in rows) + " |" for n in sizes],
+        "",
+        "### Setup",
+        "",
+        f"- Data: `{sp['dataset_dir']}` (ACDC). Population split saved to `{_rel(sp['split_file'])}` (seed "
+        f"{sp['seed']}): the site = held-out pathology group(s) {held} ({sp['num_site_test_patients']} fixed test "
+        f"patients, {sp['num_site_validation_patients']} validation patients for model selection, a pool of "
+        f"{sp['num_site_pool_patients']} training patients); the {sp['num_pretraining_patients']} patients of the "
+        "other groups are the only heart cases pre-training sees. Split by patient (both frames on one side) with "
+        "`medfm_ops.data.split_held_out_population`; N patients are drawn from the pool per seed, nested within a "
+        "seed (`benchmarks.site_study.write_patient_draw_split`); the seed is also the training seed.",
+        f"- Site budget: {'a fixed ' + str(b['epochs']) + ' epochs' if b['epochs'] else str(b['steps']) + ' optimisation steps'} "
+        f"per pre-trained row, {b['validations']} validation(s); scratch its own budget of {b.get('scratch_steps')} "
+        f"steps with {b.get('scratch_validations')} validations (the best is kept: early stopping on the validation "
+        f"patients; the kept epochs are in the table: a kept last epoch means scratch had not converged). Batch "
+        f"{b['batch_size']}, {'x'.join(map(str, b['patch_size']))} patches at {'x'.join(map(str, b['spacing'] or []))} mm "
+        f"(the heart region's preprocessing, carried by the exported expert), AdamW lr {b['learning_rate']} with "
+        "cosine decay, DiceCE (sigmoid). LoRA rank 8, alpha 16, fused back. SH-PEFT: "
+        f"{100 * SPARSE_SETTINGS['sparse_budget']:g}% of the weights, importance {SPARSE_SETTINGS['sparse_variant']}, "
+        f"lambda {SPARSE_SETTINGS['sparse_lambda']}.",
+        f"- Starting points, trained on `{meta['pretraining_datalist']}` (the repository's mapping file "
+        "`bundles/lorkd_seg/data/real_regions.json` with the held-out patients removed; brain MRI = the other task) "
+        "with each bundle's `configs/train.json` + `configs/real_regions.json`: "
+        + " ".join(
+            f"`bundles/{name}` with `{' '.join(f'--{k} {json.dumps(v)}' for k, v in pre[name]['recipe'].items())}`"
+            f" ({pre[name]['summary'].get('epochs', '?')} epoch(s), "
+            + (f"{pre[name]['seconds'] / 60:.1f} min wall" if pre[name]["seconds"] else "reused")
+            + f", best validation mean DSC {pre[name]['summary'].get('best_metric', float('nan')):.3f})."
+            for name in ("foundation_seg", "lorkd_seg")
+        )
+        + f" The heart expert was fused out of the LoRKD student and exported to `{meta['expert_bundle']}`.",
+        f"- Machine: {m['cpu_model']}, {m['logical_cores']} logical cores, torch {m['torch']}, MONAI {m['monai']}, GPU: "
+        f"{m['gpu'] or 'none'}; OMP_NUM_THREADS={meta.get('omp_num_threads') or 'unset'}, {meta.get('jobs', 1)} site "
+        f"run(s) at a time; 1-min load average at the end of the runs: max {max(loads, default=float('nan')):.2f}.",
+        f"- Reading: one test set of {sp['num_site_test_patients']} patients; the spread is over patient draws and "
+        "training seeds together. Differences smaller than about two standard deviations are ties.",
+        "",
+        "### Regenerate",
+        "",
+        "```bash",
+        meta["command"],
+        "```",
+        "",
+        f"Site bundles and logs: `{meta['work_dir']}/n<N>/<row>_seed<seed>/` (test scores: "
+        f"`<row>_seed<seed>.test_scores.json`); all numbers: `{meta['work_dir']}/curve_summary.json`.",
+    ]
+    text = "\n".join(lines)
+    write_markdown_section(results, meta["section"], text)
+    return text
+
+
+def report(
+    work_dir: str | None = None, results: str = "docs/RESULTS.md", plot: str | None = None,
+    dataset: str = "hippocampus",
+) -> str:
+    """(Re)write the data set's section of ``results`` and ``plot`` from ``<work_dir>/curve_summary.json`` (defaults
+    of ``dataset``, :data:`DATASETS`)."""
+    d = dataset_defaults(dataset)
+    work_dir, plot = work_dir or d["work_dir"], plot or d["plot"]
     summary = json.loads((_path(work_dir) / "curve_summary.json").read_text())
     text = write_section(summary, _path(results), _path(plot))
     print(text)

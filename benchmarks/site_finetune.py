@@ -115,6 +115,7 @@ def ensure_pretrained(
     retrain: bool = False,
     datalist: str | Path | None = None,
     recipe: dict[str, dict[str, Any]] | None = None,
+    config_files: tuple[str, ...] = ("train.json",),
 ) -> dict[str, dict[str, Any]]:
     """
     The teacher (``foundation_seg``) and LoRKD (``lorkd_seg``) bundle directories to start from, trained here when
@@ -126,7 +127,8 @@ def ensure_pretrained(
     (e.g. ``{"epochs": 40, "roi_size": [32, 32, 32]}``; no config copies) into ``<work_dir>/pretrained/<name>``,
     stamped with ``recipe.json`` (checksums of the bundle's train.json, the datalist and the teacher; the overrides):
     reused only when complete and the stamp is unchanged, an interrupted run of the same stamp resumes, a different
-    stamp retrains from scratch.
+    stamp retrains from scratch. ``config_files``: the bundle's config files merged in order (e.g. ``("train.json",
+    "real_regions.json")`` for the real regions' preprocessing); checksummed in the stamp.
     """
     custom = datalist is not None or recipe is not None
     out: dict[str, dict[str, Any]] = {}
@@ -137,6 +139,8 @@ def ensure_pretrained(
         stamp = None
         if custom:
             stamp = {"config_sha256": file_sha256(repo_dir / "configs" / "train.json"),
+                     **({"config_files": {f: file_sha256(repo_dir / "configs" / f) for f in config_files}}
+                        if tuple(config_files) != ("train.json",) else {}),
                      "datalist": str(datalist) if datalist else None,
                      "datalist_sha256": file_sha256(Path(datalist)) if datalist else None, "overrides": overrides,
                      "teacher_sha256": file_sha256(Path(teacher_dir) / "models" / "model.pt") if teacher_dir else None}  # fmt: skip
@@ -155,7 +159,8 @@ def ensure_pretrained(
                 shutil.rmtree(local_dir)  # another recipe (or a forced retrain): never resume or mix with it
             cmd = [
                 sys.executable, "-m", "monai.bundle", "run",
-                "--config_file", str(repo_dir / "configs" / "train.json"),
+                "--config_file", str(repo_dir / "configs" / "train.json") if tuple(config_files) == ("train.json",)
+                else json.dumps([str(repo_dir / "configs" / f) for f in config_files]),
                 "--bundle_root", str(repo_dir),
                 "--ckpt_dir", str(local_dir / "models"),
                 "--output_dir", str(local_dir / "runs"),

@@ -13,6 +13,7 @@ from .integrity import DatasetIntegrityError, check_datalist_cases, check_segmen
 from .msd import case_groups, convert_msd, read_msd_dataset, split_cases
 from .msd_mapping import convert_msd_mapping, read_msd_mapping
 from .msd_subset import write_msd_subset
+from .population_split import HOLDOUT_PARTS, case_populations, split_held_out_population
 from .region_preprocessing import (
     INTENSITY_MODES,
     RegionBatchSampler,
@@ -91,6 +92,9 @@ __all__ = [
     "read_msd_mapping",
     "require_files",
     "split_cases",
+    "split_held_out_population",
+    "case_populations",
+    "HOLDOUT_PARTS",
     "synthetic_fingerprint",
     "write_datalist_subset",
     "write_msd_subset",

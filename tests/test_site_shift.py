@@ -1,0 +1,179 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""The population-shift site study (``python -m benchmarks.site_curve run --dataset acdc_shift``): the held-out
+pathology-group split on the real ACDC files, the patient draws, the curve tool's new options and its section.
+
+The ACDC data are required: the split tests FAIL (never skip) with a message saying where they looked. Override the
+location with ``MEDFM_SHARED_DATA`` (the folder holding ``acdc/``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks import site_curve
+from benchmarks.site_study import (
+    ACDC_POPULATIONS,
+    build_shift_pretraining_datalist,
+    load_or_create_shift_split,
+    patients_of,
+    write_patient_draw_split,
+)
+from medfm_ops.data import HOLDOUT_PARTS, case_populations, read_msd_dataset, split_held_out_population
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def acdc() -> Path:
+    data = Path(os.environ.get("MEDFM_SHARED_DATA", REPO.parent / "shared" / "data")) / "acdc"
+    assert (data / "dataset.json").is_file(), (
+        f"real data set not found at {data} (expected dataset.json, imagesTr/, labelsTr/ of ACDC); set "
+        "MEDFM_SHARED_DATA to the folder holding acdc/."
+    )
+    return data
+
+
+def _number(case: dict) -> int:
+    return int(case["group"][len("patient") :])
+
+
+def test_held_out_group_split_on_real_acdc_is_by_patient_and_disjoint(acdc):
+    _, cases, _ = read_msd_dataset(acdc)
+    parts = split_held_out_population(cases, r"(patient\d+)_frame", ACDC_POPULATIONS, ["arv"], 5, 2, seed=0)
+    assert set(parts) == set(HOLDOUT_PARTS)
+    assert sum(len(v) for v in parts.values()) == len(cases)
+    patients = {p: set(patients_of(v)) for p, v in parts.items()}
+    for a in HOLDOUT_PARTS:  # every patient in exactly one part: both frames on one side
+        for b in HOLDOUT_PARTS:
+            assert a == b or not patients[a] & patients[b], (a, b)
+    for p, v in parts.items():
+        assert all(sum(c["group"] == g for c in v) == 2 for g in patients[p]), p  # both frames of each patient
+    site = [c for p in ("site_test", "site_validation", "site_pool") for c in parts[p]]
+    assert all(81 <= _number(c) <= 100 and c["population"] == "arv" for c in site)
+    assert all(not 81 <= _number(c) <= 100 for c in parts["pretraining"])
+    assert {"dcm", "hcm", "minf", "nor"} == {c["population"] for c in parts["pretraining"]}
+    assert (len(patients["site_test"]), len(patients["site_validation"])) == (5, 2)
+    assert len(patients["site_pool"]) == len({c["group"] for c in site}) - 7
+    again = split_held_out_population(cases, r"(patient\d+)_frame", ACDC_POPULATIONS, ["arv"], 5, 2, seed=0)
+    other = split_held_out_population(cases, r"(patient\d+)_frame", ACDC_POPULATIONS, ["arv"], 5, 2, seed=1)
+    assert again == parts and other["site_test"] != parts["site_test"]
+    two = split_held_out_population(cases, r"(patient\d+)_frame", ACDC_POPULATIONS, ["arv", "minf"], 5, 2, seed=0)
+    assert {c["population"] for c in two["site_pool"]} <= {"arv", "minf"} and len(patients_of(two["site_pool"])) > 20
+    with pytest.raises(ValueError, match="held_out must name populations"):
+        split_held_out_population(cases, r"(patient\d+)_frame", ACDC_POPULATIONS, ["rv"], 5, 2)
+    with pytest.raises(ValueError, match="leave site pool patients"):
+        split_held_out_population(cases, r"(patient\d+)_frame", ACDC_POPULATIONS, ["arv"], 10, 10)
+
+
+def test_population_ranges_are_checked():
+    assert case_populations(["patient007", "patient081"], ACDC_POPULATIONS) == ["dcm", "arv"]
+    with pytest.raises(ValueError, match="overlap"):
+        case_populations(["patient001"], {"a": [1, 20], "b": [20, 40]})
+    with pytest.raises(ValueError, match="none of the ranges"):
+        case_populations(["patient120"], ACDC_POPULATIONS)
+    with pytest.raises(ValueError, match="first <= last"):
+        case_populations(["patient001"], {"a": [20, 1]})
+
+
+def test_shift_split_is_saved_reused_and_draws_whole_patients(acdc, tmp_path):
+    file = tmp_path / "population_split.json"
+    split = load_or_create_shift_split(acdc, file, ["arv"], 5, 2, seed=0)
+    saved = json.loads(file.read_text())
+    assert not split["reused"] and saved["held_out"] == ["arv"] and saved["num_site_test_patients"] == 5
+    assert all(not Path(c["image"]).is_absolute() for c in saved["site_pool"])
+    again = load_or_create_shift_split(acdc, file, ["arv"], 5, 2, seed=0)
+    assert again["reused"] and again["site_test"] == split["site_test"] and again["site_pool"] == split["site_pool"]
+    with pytest.raises(ValueError, match="was made with"):
+        load_or_create_shift_split(acdc, file, ["minf"], 5, 2, seed=0)
+    small = write_patient_draw_split(split, tmp_path / "n2.json", 2, seed=1)
+    large = write_patient_draw_split(split, tmp_path / "n5.json", 5, seed=1)
+    assert small["info"]["patients"] == large["info"]["patients"][:2]  # nested within a seed
+    assert len(small["training"]) == 4 and len(large["training"]) == 10  # both frames of every drawn patient
+    assert [c["image"] for c in small["validation"]] == [c["image"] for c in split["site_validation"]]
+    test_images = {c["image"] for c in split["site_test"]}
+    assert not test_images & {c["image"] for c in large["training"] + large["validation"]}
+    everyone = write_patient_draw_split(split, tmp_path / "nall.json", "all", seed=0)
+    assert everyone["info"]["all_patients"] and len(everyone["training"]) == len(split["site_pool"])
+
+
+def test_pretraining_datalist_holds_no_site_patient(acdc, tmp_path):
+    split = load_or_create_shift_split(acdc, tmp_path / "split.json", ["arv"], 5, 2, seed=0)
+    mapping = REPO / "bundles" / "lorkd_seg" / "data" / "real_regions.json"
+    datalist = json.loads(build_shift_pretraining_datalist(split, tmp_path / "pre", mapping, other_cases=3).read_text())
+    items = datalist["training"] + datalist["validation"]
+    heart = [i for i in items if i["region_name"] == "heart_mri"]
+    brain = [i for i in items if i["region_name"] == "brain_mri"]
+    assert len(brain) == 3 and len(heart) == len(split["pretraining"])
+    site_files = {Path(c["image"]).name for p in ("site_test", "site_validation", "site_pool") for c in split[p]}
+    assert not site_files & {Path(i["image"]).name for i in heart}
+    assert heart[0]["annotated"] == ["right_ventricle", "myocardium", "left_ventricle"]
+    val_patients = {i["group"] for i in datalist["validation"] if i["region_name"] == "heart_mri"}
+    assert len(val_patients) == 6 and not val_patients & {i["group"] for i in datalist["training"] if "group" in i}
+
+
+def test_curve_tool_options_are_checked_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        site_curve.run(dataset="acdc", work_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown rows"):
+        site_curve.run(dataset="acdc_shift", work_dir=str(tmp_path), rows="scratch,expert_xl")
+    with pytest.raises(ValueError, match="unknown rows"):
+        site_curve.run(dataset="hippocampus", work_dir=str(tmp_path), rows="expert_xl")
+    with pytest.raises(ValueError, match="scratch_steps"):
+        site_curve.run(dataset="acdc_shift", work_dir=str(tmp_path), scratch_steps=0)
+    with pytest.raises(ValueError, match="must be 'all' or numbers of cases"):
+        site_curve._check_sizes(["2", "500"], 50, "cases")
+    site_curve._check_sizes(["2", "all"], 8, "patients")
+    assert site_curve.dataset_defaults("acdc_shift")["patch_size"] == (96, 96, 8)
+    recipe = site_curve.pretraining_recipe(4, 4, None, 2)  # acdc_shift: the configs' own region patches
+    assert "roi_size" not in recipe["foundation_seg"] and recipe["lorkd_seg"]["epochs"] == 4
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_shift_section_and_plot_from_a_fake_record_set(tmp_path):
+    machine = {"cpu_model": "cpu", "logical_cores": 2, "torch_threads": 1, "torch": "2", "monai": "1", "gpu": None}
+    classes = ("right_ventricle", "myocardium", "left_ventricle")
+
+    def rec(row, n, seed, base):
+        dsc = base + 0.01 * seed
+        return {"row": row, "n": 8 if n == "all" else int(n), "n_label": n, "seed": seed, "epochs": 20,
+                "val_interval": 10, "steps": 40, "dsc": dsc, "nsd": dsc, "dsc_before": None, "nsd_before": None,
+                "per_class": {c: {"dsc": dsc - 0.1 * i, "nsd": dsc} for i, c in enumerate(classes)},
+                "best_epoch": 20 if row == "scratch" else 10, "trainable": 10, "total_params": 10, "model_mb": 1.0,
+                "delta_mb": None, "head": "keep (4 out)", "train_seconds": 60.0, "seconds": 90.0, "cpu_seconds": 80.0,
+                "reused": False, "load_average_1min": 1.0, "machine": machine, "bundle": "x", "val_dsc": 0.5}  # fmt: skip
+
+    records = [rec(row, n, s, base) for n in ("2", "all") for s in (0, 1)
+               for row, base in (("scratch", 0.30), ("expert_full", 0.70), ("expert_lora", 0.31))]  # fmt: skip
+    meta = {"dataset": "acdc_shift", "section": "site-curve-acdc-shift", "command": "python -m benchmarks.site_curve "
+            "run --dataset acdc_shift", "date": "today", "stage_seconds": {"curve": 60.0}, "omp_num_threads": "1",
+            "jobs": 2, "study": {"split_file": "/tmp/p.json", "held_out": ["arv"], "seed": 0, "num_test": 5,
+            "num_validation": 2, "num_pretraining_patients": 65, "num_site_test_patients": 5,
+            "num_site_validation_patients": 2, "num_site_pool_patients": 8, "num_site_test_cases": 10,
+            "dataset_dir": "../shared/data/acdc"}, "pretraining_datalist": "d.json", "expert_bundle": "e",
+            "work_dir": "w", "sizes": ["2", "all"], "seeds": [0, 1], "rows": ["scratch", "expert_full", "expert_lora"],
+            "pretrained": {n: {"recipe": {"epochs": 40}, "summary": {"epochs": 40, "best_metric": 0.7}, "seconds": 60.0}
+                           for n in ("foundation_seg", "lorkd_seg")},
+            "budget": {"steps": 40, "epochs": None, "validations": 2, "batch_size": 2, "patch_size": [96, 96, 8],
+                       "learning_rate": 0.002, "spacing": [1.5, 1.5, 10.0], "scratch_steps": 600,
+                       "scratch_validations": 6}, "nsd_tolerance_mm": 1.5,
+            "before": {"expert": {"mean_dsc": 0.55, "mean_nsd": 0.5, "per_class": {c: {"dsc": 0.4, "nsd": 0.4}
+                                                                                    for c in classes}}}}  # fmt: skip
+    results = tmp_path / "docs" / "RESULTS.md"
+    results.parent.mkdir()
+    results.write_text("# Results\n\nthe hippocampus section\n")
+    plot = tmp_path / "docs" / "site_curve_acdc_shift.png"
+    text = site_curve.write_section({"meta": meta, "records": records, "budget_records": []}, results, plot)
+    assert "- N=2: expert_full beats scratch: DSC 70.50 ± 0.50 vs 30.50 ± 0.50 (+40.00 points" in text
+    assert "- N=2: expert_lora ties with scratch" in text
+    assert "**BEFORE** (the heart expert as exported" in text and "right_ventricle DSC 40.00 / NSD 40.00" in text
+    assert "| expert_full | 10 | 1.00 | 70.50 ± 0.50 | 70.50 ± 0.50 |" in text
+    assert "left_ventricle:" in text and "| expert_full | 10 | 1.00 | 50.50 ± 0.50 | 50.50 ± 0.50 |" in text
+    assert "| 2 | 20 | 10 | 40 | 20 / 40 / 20, 20 |" in text  # scratch's own budget and its kept epochs
+    written = results.read_text()
+    assert written.startswith("# Results\n\nthe hippocampus section\n") and "medfm:site-curve-acdc-shift:begin" in written
+    assert plot.read_bytes()[:4] == b"\x89PNG"
