@@ -132,7 +132,7 @@ def real_regions(
     out_dir: str | None = None,
     data_root: str | None = None,
     seed: int = 0,
-    mapping: str = str(REAL_REGIONS_MAPPING),
+    mapping: str | None = None,
 ) -> None:
     """Build (or reuse, when mapping, data root and seed are unchanged) the real brain + heart MRI datalist.
 
@@ -144,6 +144,7 @@ def real_regions(
         mapping: the mapping file. Defaults to the shipped ``bundles/lorkd_seg/data/real_regions.json``.
     """
     out = out_dir or str(Path(default_cache_dir()) / "real_regions")
+    mapping = mapping or str(REAL_REGIONS_MAPPING)
     print(_summary(Path(ensure_mapped_datalist(mapping, out, seed=seed, data_root=data_root))))
 
 
