@@ -4,10 +4,10 @@
 decomposed into real region experts, against the baselines in one harness; writes
 ``docs/RESULTS_real_regions.md`` + ``.json`` + ``.png``.
 
-    python benchmarks/real_regions.py run [--preset full|smoke] [--seeds 0,1,2] [--rows teacher,stl,mtl,...]
+    python -m benchmarks.real_regions run [--preset full|smoke] [--seeds 0,1,2] [--rows teacher,stl,mtl,...]
         [--lr_grid 0.001,0.003] [--device cpu|cuda] [--data_root ../shared/data] [--work_dir runs/real_regions]
         [--out docs/RESULTS_real_regions.md]
-    python benchmarks/real_regions.py report [--work_dir runs/real_regions] [--out docs/RESULTS_real_regions.md]
+    python -m benchmarks.real_regions report [--work_dir runs/real_regions] [--out docs/RESULTS_real_regions.md]
 
 What one ``run`` does (every step resumes: a finished run is stored as JSON in its folder and reused while its
 settings are unchanged; an interrupted command picks up where it stopped):
@@ -334,7 +334,7 @@ def run(
         times["scratch"] = time.perf_counter() - t0
 
     record = {
-        "command": "python benchmarks/real_regions.py run" + (f" --preset {preset}" if preset != "full" else "")
+        "command": "python -m benchmarks.real_regions run" + (f" --preset {preset}" if preset != "full" else "")
         + "".join(f" --{k} {v}" for k, v in (("seeds", seeds), ("rows", rows), ("lr_grid", lr_grid),
                                               ("train_cases", train_cases), ("epochs", epochs),
                                               ("teacher_epochs", teacher_epochs), ("device", device if device != "cpu"
@@ -471,7 +471,7 @@ def markdown(record: dict[str, Any], figure: str) -> str:
     lines = [
         "# LoRKD segmentation on real data: brain MRI + cardiac MRI",
         "",
-        f"Regenerate: `{record['command']}` (this page from its JSON: `python benchmarks/real_regions.py report`).",
+        f"Regenerate: `{record['command']}` (this page from its JSON: `python -m benchmarks.real_regions report`).",
         f"Run {record['date']}, {record['wall_seconds'] / 60:.1f} min on {record['machine']['cpu_model']} "
         f"({record['machine']['usable_cores']} cores usable, device {record['machine']['device']}, load "
         f"{record['machine']['load_average_1min']}).",

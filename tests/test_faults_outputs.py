@@ -364,7 +364,7 @@ def test_full_disk_in_a_stock_bundle_training_during_site_finetuning(site_files,
     bundle byte-identical and nothing staged left."""
     from ignite.handlers import checkpoint as ignite_checkpoint
 
-    from medfm_ops.finetune import finetune_expert
+    from medfm_ops.finetune import SiteFinetuneSettings, finetune_expert
 
     expert = site_files.write_expert(tmp_path / "expert")
     data = site_files.write_msd(tmp_path / "site", n=4)
@@ -381,8 +381,8 @@ def test_full_disk_in_a_stock_bundle_training_during_site_finetuning(site_files,
     monkeypatch.setattr(ignite_checkpoint.torch, "save", full_disk)
     monkeypatch.setenv("MEDFM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(OutputWriteError) as info:
-        finetune_expert(expert, data, out, epochs=1, batch_size=1, val_split=0.25, device="cpu", verify=False,
-                        progress=False, score_before=False)  # fmt: skip
+        finetune_expert(expert, data, out, SiteFinetuneSettings(
+            epochs=1, batch_size=1, val_split=0.25, device="cpu", verify=False, progress=False, score_before=False))
     text = str(info.value)
     assert f"while writing {out}/models/finetune_best.pt" in text and f"the previous {out} is intact" in text, text
     assert "unexpected pos" not in text
