@@ -5,16 +5,23 @@
     python -m benchmarks.classification run
 
 Every row trains with the bundles' own ``configs/train.json`` (plus its baseline override file) in a child process,
-on the two real tasks' train splits, with one shared budget (epochs, batch, 28^3, no random augmentation so that the
-frozen teacher's features are computed once per seed and shared through the bundles' feature cache), validation
-only after the last epoch (the scored model is the last one, not one selected on val), once per seed. Rows:
-student from scratch, foundation (``foundation_cls``, unified head; the teacher of that seed's other rows), LoRKD
-experts (``lorkd_cls``; each fused expert exported as a standalone bundle and scored through that bundle's own
-``inference.json``), MTL, MTL-KD, STL, STL-KD, RD student (its deployed student also scored through an exported
-bundle), logit-KD student, direct reprogramming; ``finetune`` (full fine-tuning of the teacher) on request. Scores on
-the val splits (their test splits are not shipped): accuracy next to the majority-class accuracy, balanced accuracy,
-AUC, F1, mean ± std over seeds; train/deploy parameters, FLOPs, CPU latency (batch 1, median); Grad-CAM panels and a
-linear-CKA matrix of the experts' features (PNG, ``figures/`` next to the results file).
+on the two real tasks' train splits minus a validation split carved from them (``--val_fraction``, one fixed draw
+shared by every row and seed, :func:`benchmarks.common.carve_validation_datalist`), with one shared budget (epochs,
+batch, 28^3, no random augmentation so that the frozen teacher's features are computed once per teacher and shared
+through the bundles' feature cache), validated after every epoch on that carved split: the scored model is the
+bundles' best-on-val ``model.pt`` (the bundles have no early-stopping handler, so every run trains its full budget).
+Scores on the shipped val splits, which no choice uses (their test splits are not shipped). Rows: student from
+scratch, foundation (``foundation_cls``, unified head; the teacher of that seed's other rows), LoRKD experts
+(``lorkd_cls``; each fused expert exported as a standalone bundle and scored through that bundle's own
+``inference.json``), MTL, MTL-KD, STL, STL-KD, RD student (each run's own exported ``export/<task>`` bundle, scored
+through its ``inference.json``), RD with gamma 0 (the CKA ablation), logit-KD student, direct reprogramming; the
+leave-one-task-out rows (``*_loto``: RD, RD gamma 0, logit-KD, direct reprogramming with ``--leave_task_out true``,
+their teacher a foundation pre-trained WITHOUT the target task, ``foundation_cls --exclude_tasks``, trained once per
+target task and reused by every row and seed); ``finetune`` (full fine-tuning of the teacher) on request. Scores:
+AUC, balanced accuracy next to its majority level, F1, accuracy next to the majority-class accuracy and the verdict
+("not working" at the majority level), mean ± std over seeds; train/deploy parameters, FLOPs, CPU latency (batch 1,
+median); Grad-CAM panels and a linear-CKA matrix of the experts' features (PNG, ``figures/`` next to the results
+file).
 
 Runs are resumable: a run directory is reused when its settings (configs' contents, overrides) and starting weights
 (the teacher's ``model.pt``) are unchanged. CPU runs set ``GLIBC_TUNABLES`` (steadier, faster 3D steps).

@@ -3,7 +3,7 @@
 """SH-PEFT benchmark: fine-tune one pretrained 3D classifier on the real MedMNIST 3D tasks with SH-PEFT, its
 baselines and its ablations; writes ``docs/RESULTS_shpeft.md`` (+ ``.json``).
 
-    python -m benchmarks.shpeft run                       # the default study (27.5 min measured on 2 CPU cores)
+    python -m benchmarks.shpeft run                       # the default study (27.5 min measured on 2 CPU cores before the carved validation split)
     python -m benchmarks.shpeft run --pretrained bundles/foundation_cls --epochs 10 --estimation_batches 0
         [--seeds 0,1,2] [--tasks adrenalmnist3d,vesselmnist3d] [--rows shpeft,full,...] [--limit 64]
 
@@ -15,20 +15,26 @@ classifier bundle or checkpoint instead (e.g. the 8.3 M-weight ``bundles/foundat
 
 Every run is ``bundles/shpeft_cls/configs/train.json`` (plus the row's override file of ``configs/baselines/`` and
 its command-line overrides) in a child process, with one shared harness: the same starting checkpoint, train split,
-epochs, batch, learning rate, augmentation and 28^3 input; validation only after the last epoch and the LAST weights
-kept (``--final_model last``: nothing is selected on the validation split that is scored). Scores on each task's
-``val`` split (its ``test`` split is kept aside): F1, accuracy next to the majority-class accuracy (the training
-split's most frequent class), balanced accuracy, AUC; mean ± std over seeds; trainable-parameter count; importance
-estimation and training wall time (validation excluded: it runs after training).
+epochs, batch, learning rate, augmentation and 28^3 input; validated after every epoch on the run's OWN validation
+split carved from train (``--val_fraction``, one fixed draw for every row and seed,
+:func:`benchmarks.common.carve_validation_datalist`) and its best epoch kept (``--final_model best``; the bundle has
+no early-stopping handler, so every run trains its full budget). Scores on each task's shipped ``val`` split, which no
+choice uses (its ``test`` split is kept aside): AUC, balanced accuracy next to its majority level, F1, accuracy next
+to the majority-class accuracy (the training split's most frequent class) and the verdict ("not working" at the
+majority level); mean ± std over seeds; trainable-parameter count; importance estimation and training wall time.
+
+``--leave_task_out true``: every row of a task starts from a foundation pre-trained WITHOUT that task (foundation_cls's
+synthetic tasks + the other real task, ``--exclude_tasks``), trained once per target task and reused by every row
+and seed (the setting issue 19 asks the SH-PEFT rows to be reported in).
 
 Rows (:data:`ROWS`): SH-PEFT (hybrid L2, lambda 1, 1% of the backbone weights + the task head), full fine-tuning,
-linear probe, BitFit, LoRA (r 8), a random mask, magnitude only, gradient only (L1, L2) at the same 1%, and the
+linear probe, BitFit, LoRA (r 8), LoRA (r 1, about 1% of the weights), a random mask, magnitude only, gradient only (L1, L2) at the same 1%, and the
 ablations lambda 0.5 / 1.5, budget 0.1% / 5%, hybrid L1.
 
 Cost: every row but the linear probe back-propagates through the whole network. The default budget is set for about
 an hour on 2 CPU cores (measured: 27.5 min on a 2-core Intel Xeon, 2026-12-03): the small pretrained network, 2
 epochs per run, importance estimated on 16 batches (``--estimation_batches``; 0 = one whole epoch, the paper's
-setting), 14 rows x 2 tasks x 3 seeds = 84 runs, two at a time (``--jobs 2``, one thread each). With the 8.3 M-weight foundation ResNet (28^3, batch 16: about 2.5 s per
+setting), 15 rows x 2 tasks x 3 seeds = 90 runs, two at a time (``--jobs 2``, one thread each). With the 8.3 M-weight foundation ResNet (28^3, batch 16: about 2.5 s per
 training step on 2 cores) 10 epochs of every row take roughly two days on CPU and far less on a GPU; ``--rows``,
 ``--seeds`` and ``--epochs`` trade it down, and finished runs are reused.
 
