@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from benchmarks.common import REPO, carve_validation_datalist, reexec_with_glibc_tunables
+from benchmarks.common import REPO, carve_validation_datalist, reexec_with_glibc_tunables, verdict_cell
 
 if __name__ == "__main__":
     reexec_with_glibc_tunables("bench_classification")
@@ -441,8 +441,8 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
            "jobs on these cores inflate the wall times).", ""] if len(meta["seeds"]) < 2 else []),
         "## Scores (val)", "",
         "Verdict: \"working\" when the balanced accuracy is above the majority level (what always predicting one "
-        "class gives) by the bundles' margin, else \"not working\", whatever the AUC; the cell counts the seeds "
-        "whose model works.", "",
+        "class gives) by the bundles' margin, else \"not working\", whatever the AUC; \"working k/n\" when only k of "
+        "the n seeds' models work.", "",
         f"| row | {head} | mean AUC |",
         "| --- | " + " | ".join("---: | ---: | ---: | ---: | ---" for _ in tasks) + " | ---: |",
     ]  # fmt: skip
@@ -452,7 +452,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         for t in tasks:
             cells += [_ms(scores(row, t, k, which)) for k in SCORES]
             v = [x for x in scores(row, t, "verdict", which) if isinstance(x, str)]
-            cells.append(f"working {sum(x == 'working' for x in v)}/{len(v)}" if v else "-")
+            cells.append(verdict_cell(v))
         per_seed = [statistics.fmean(vals) for vals in zip(*[scores(row, t, "auc", which) for t in tasks])]
         lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + f" | **{_ms(per_seed)}** |")
     if len(meta["seeds"]) > 1:
@@ -500,7 +500,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         "scored.",
         f"- Budget per run: {b['epochs']} epochs ({b['foundation_epochs']} for the foundation), batch {b['batch_size']}, "
         "input 28^3 z-scored, no random augmentation (all rows, so that the frozen teacher's features are computed "
-        "once per seed: `--cache_teacher_features true` with one shared cache file); the optimiser, learning rate and "
+        "once per teacher: `--cache_teacher_features true` with one shared cache file per teacher); the optimiser, learning rate and "
         "schedule are each bundle's own (foundation AdamW 1e-3; lorkd_cls SGD 0.05 cosine; rd_cls AdamW 5e-3 cosine; "
         f"fine-tuning AdamW 1e-3), LoRKD warm-up {b['lorkd_warmup_epochs']} epoch(s) with frozen experts, rank 8. "
         "Model selection: the bundles keep the checkpoint of the best carved-split AUC (`model.pt`, the key metric); "

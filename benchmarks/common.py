@@ -19,7 +19,7 @@ from typing import Any
 from medfm_ops.utils.machine import BENCH_REEXEC_FLAG, machine_info
 
 __all__ = ["REPO", "GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms",
-           "run_logged", "split_list", "carve_validation_datalist"]  # fmt: skip
+           "run_logged", "split_list", "carve_validation_datalist", "verdict_cell"]  # fmt: skip
 
 #: the repository root (benchmarks run from it: ``python -m benchmarks.<name>``)
 REPO = Path(__file__).resolve().parents[1]
@@ -154,3 +154,12 @@ def carve_validation_datalist(
     if not out.is_file() or out.read_text() != text:
         atomic_write_text(out, text)
     return out
+
+
+def verdict_cell(verdicts: list[str]) -> str:
+    """A table cell of per-seed verdicts (``"working"`` / ``"not working"``): the verdict when every seed agrees,
+    else ``"working k/n"`` (seeds whose model works); ``"-"`` for none."""
+    if not verdicts:
+        return "-"
+    k = sum(v == "working" for v in verdicts)
+    return "working" if k == len(verdicts) else "not working" if k == 0 else f"working {k}/{len(verdicts)}"

@@ -59,7 +59,15 @@ from typing import Any
 
 import fire
 
-from benchmarks.common import GLIBC_TUNABLES, REPO, carve_validation_datalist, machine_info, run_logged, split_list
+from benchmarks.common import (
+    GLIBC_TUNABLES,
+    REPO,
+    carve_validation_datalist,
+    machine_info,
+    run_logged,
+    split_list,
+    verdict_cell,
+)
 from benchmarks.learning_curve import compare_over_seeds
 from medfm_ops.metrics import working_verdict
 from medfm_ops.utils.atomic_io import atomic_write_text
@@ -177,8 +185,8 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
         "(main), balanced accuracy next to that of always predicting one class, F1 (macro), accuracy next to the "
         "majority-class accuracy (always predicting the training split's most frequent class); mean ± std over "
         "seeds, in %. Verdict: \"working\" when the balanced accuracy is above the majority level by the bundles' "
-        "margin (`medfm_ops.metrics.working_verdict`), else \"not working\" whatever the AUC; the cell counts the "
-        "seeds whose model works. Wall times: importance estimation and training (validation on the carved split "
+        "margin (`medfm_ops.metrics.working_verdict`), else \"not working\" whatever the AUC; \"working k/n\" when "
+        "only k of the n seeds' models work. Wall times: importance estimation and training (validation on the carved split "
         "included, bundle writing excluded), seconds, mean over seeds.",
         f"- Machine: {m['cpu_model']}, {m['usable_cores']} usable cores ({s.get('threads') or m['torch_threads']} torch "
         "thread(s) per run), torch "
@@ -196,8 +204,7 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
             est = [(x["importance_estimation"] or {}).get("seconds") for x in runs]
             cells = [_mean_std([x["scores"].get(k) for x in runs], 100.0) for k, _ in SCORES]
             cells[0] = f"**{cells[0]}**"
-            verdicts = [working_verdict(x["scores"]) for x in runs]
-            cells.append(f"working {verdicts.count('working')}/{len(verdicts)}")
+            cells.append(verdict_cell([working_verdict(x["scores"]) for x in runs]))
             lines.append(
                 f"| {r['name']} | {r['description']} | {runs[0]['trainable']['count']:,} "
                 f"({100 * runs[0]['trainable']['fraction']:.3g}%) | " + " | ".join(cells)

@@ -102,3 +102,11 @@ def test_write_results(tmp_path):
     assert "0.650 ± 0.050" in row and "0.123" not in row  # the bundle scores, mean ± std over seeds
     assert row.count("working 1/2") == 2 and "**0.650 ± 0.050**" in row
     assert "carved from train" in text and "foundation_without_<task>" in text and "--exclude_tasks" in text
+
+
+def test_verdict_cell():
+    from benchmarks.common import verdict_cell
+
+    assert verdict_cell(["working", "working"]) == "working"
+    assert verdict_cell(["not working", "not working"]) == "not working"
+    assert verdict_cell(["working", "not working", "working"]) == "working 2/3" and verdict_cell([]) == "-"
