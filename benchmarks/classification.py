@@ -62,7 +62,7 @@ class Row(NamedTuple):
     teacher: bool  # distils from / reprograms the teacher (its features are cached)
     deployed: str  # which model serves a task: "foundation", "student" or "reprogrammed"
     overrides: dict[str, Any] = {}  # further command-line overrides of the row
-    leave_task_out: bool = False  # teacher: the foundation pre-trained WITHOUT the target task (foundation_cls --exclude_tasks)
+    leave_task_out: bool = False  # teacher: a foundation pre-trained WITHOUT the target task (--exclude_tasks)
 
 
 ROWS: dict[str, Row] = {
@@ -74,9 +74,11 @@ ROWS: dict[str, Row] = {
     "stl": Row("STL (one network per task)", "lorkd_cls", ["baselines/stl.json"], True, False, "student"),
     "stl_kd": Row("STL-KD", "lorkd_cls", ["baselines/stl_kd.json"], True, True, "student"),
     "rd": Row("RD student (deployed; exported bundle)", "rd_cls", [], True, True, "student"),
-    "rd_no_cka": Row("RD student, gamma 0 (CKA ablation; exported bundle)", "rd_cls", [], True, True, "student", {"gamma": 0.0}),
+    "rd_no_cka": Row("RD student, gamma 0 (CKA ablation; exported bundle)", "rd_cls", [], True, True, "student",
+                     {"gamma": 0.0}),
     "logit_kd": Row("logit-KD student", "rd_cls", ["baselines/logit_kd.json"], True, True, "student"),
-    "reprogram": Row("direct reprogramming (teacher + phi + g)", "rd_cls", ["baselines/reprogram.json"], True, True, "reprogrammed"),
+    "reprogram": Row("direct reprogramming (teacher + phi + g)", "rd_cls", ["baselines/reprogram.json"], True, True,
+                     "reprogrammed"),
     "rd_loto": Row("RD student, leave-one-task-out teacher (exported bundle)", "rd_cls", [], True, True, "student",
                    {"leave_task_out": True}, True),
     "rd_no_cka_loto": Row("RD student, gamma 0, leave-one-task-out teacher (exported bundle)", "rd_cls", [], True, True,
@@ -107,7 +109,8 @@ def _datalists(work: Path, data: dict[str, str], budget: dict[str, Any], loto_ta
 
     cache, out = work / "cache" / "synthetic_cls", {}
     synthetic = ConfigParser.load_config_file(str(REPO / "bundles" / "foundation_cls" / "configs" / "train.json"))["synthetic"]
-    sources = {"both": ensure_cls_dataset(cache, synthetic={**synthetic, "tasks": []}, real_tasks=data, real_limit=budget["limit"])}
+    both = ensure_cls_dataset(cache, synthetic={**synthetic, "tasks": []}, real_tasks=data, real_limit=budget["limit"])
+    sources = {"both": both}
     for t in loto_tasks:
         sources[f"without_{t}"] = ensure_cls_dataset(cache, synthetic=synthetic, real_tasks=data,
                                                      real_limit=budget["limit"], exclude_tasks=[t])  # fmt: skip
@@ -456,7 +459,8 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         per_seed = [statistics.fmean(vals) for vals in zip(*[scores(row, t, "auc", which) for t in tasks])]
         lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + f" | **{_ms(per_seed)}** |")
     if len(meta["seeds"]) > 1:
-        lines += ["", *_reading(rows, tasks, lambda row, t: scores(row, t, "auc", "bundle_scores" if row in EXPORTED_ROWS else "scores"))]
+        lines += ["", *_reading(rows, tasks, lambda row, t: scores(row, t, "auc", "bundle_scores" if row in EXPORTED_ROWS
+                                                                    else "scores"))]
     lines += ["", "## Size and cost", "",
               "| row | train params (M) | deploy params per task (M) | deploy MFLOPs per volume | latency, batch 1 "
               "(ms, median [IQR]) | train wall time per seed (min) |",

@@ -3,7 +3,7 @@
 """SH-PEFT benchmark: fine-tune one pretrained 3D classifier on the real MedMNIST 3D tasks with SH-PEFT, its
 baselines and its ablations; writes ``docs/RESULTS_shpeft.md`` (+ ``.json``).
 
-    python -m benchmarks.shpeft run                       # the default study (27.5 min measured on 2 CPU cores before the carved validation split)
+    python -m benchmarks.shpeft run                       # the default study (27.5 min on 2 CPU cores, last version)
     python -m benchmarks.shpeft run --pretrained bundles/foundation_cls --epochs 10 --estimation_batches 0
         [--seeds 0,1,2] [--tasks adrenalmnist3d,vesselmnist3d] [--rows shpeft,full,...] [--limit 64]
 
@@ -28,7 +28,8 @@ synthetic tasks + the other real task, ``--exclude_tasks``), trained once per ta
 and seed (the setting issue 19 asks the SH-PEFT rows to be reported in).
 
 Rows (:data:`ROWS`): SH-PEFT (hybrid L2, lambda 1, 1% of the backbone weights + the task head), full fine-tuning,
-linear probe, BitFit, LoRA (r 8), LoRA (r 1, about 1% of the weights), a random mask, magnitude only, gradient only (L1, L2) at the same 1%, and the
+linear probe, BitFit, LoRA (r 8), LoRA (r 1, about 1% of the weights),
+a random mask, magnitude only, gradient only (L1, L2) at the same 1%, and the
 ablations lambda 0.5 / 1.5, budget 0.1% / 5%, hybrid L1.
 
 Cost: every row but the linear probe back-propagates through the whole network. The default budget is set for about

@@ -43,7 +43,8 @@ def test_plan(tmp_path, monkeypatch):
             ov = by[("rd_loto", seed, t)]["overrides"]
             assert ov["leave_task_out"] is True and ov["teacher_path"] == str(tmp_path / f"foundation_without_{t}")
             assert by[("rd_loto", seed, t)]["after"] == f"without_{t}"
-            assert by[("reprogram_loto", seed, t)]["overrides"]["teacher_feature_cache"].startswith(str(tmp_path / f"foundation_without_{t}"))
+            cache = by[("reprogram_loto", seed, t)]["overrides"]["teacher_feature_cache"]
+            assert cache.startswith(str(tmp_path / f"foundation_without_{t}"))
             assert by[("rd_no_cka", seed, t)]["overrides"]["gamma"] == 0.0
             rd = by[("rd", seed, t)]
             assert "gamma" not in rd["overrides"] and rd["overrides"]["teacher_path"] == str(tmp_path / f"seed{seed}" / "foundation")
