@@ -337,7 +337,7 @@ def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str) -> dict
     by = {(r["row"], r["task"]): r for r in records if r["seed"] == seed}
 
     def load(run):
-        p = _parser(run)
+        p = _parser(run, shipped_val=True)  # the pictures use the shipped val volumes
         net = p.get_parsed_content("network").cpu()
         sd = torch.load(Path(run["dir"]) / "models" / "model.pt", map_location="cpu", weights_only=True)
         load_expert_state_dict(net, sd) if getattr(net, "routed", False) else net.load_state_dict(sd)
