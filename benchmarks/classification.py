@@ -5,16 +5,23 @@
     python -m benchmarks.classification run
 
 Every row trains with the bundles' own ``configs/train.json`` (plus its baseline override file) in a child process,
-on the two real tasks' train splits, with one shared budget (epochs, batch, 28^3, no random augmentation so that the
-frozen teacher's features are computed once per seed and shared through the bundles' feature cache), validation
-only after the last epoch (the scored model is the last one, not one selected on val), once per seed. Rows:
-student from scratch, foundation (``foundation_cls``, unified head; the teacher of that seed's other rows), LoRKD
-experts (``lorkd_cls``; each fused expert exported as a standalone bundle and scored through that bundle's own
-``inference.json``), MTL, MTL-KD, STL, STL-KD, RD student (its deployed student also scored through an exported
-bundle), logit-KD student, direct reprogramming; ``finetune`` (full fine-tuning of the teacher) on request. Scores on
-the val splits (their test splits are not shipped): accuracy next to the majority-class accuracy, balanced accuracy,
-AUC, F1, mean ± std over seeds; train/deploy parameters, FLOPs, CPU latency (batch 1, median); Grad-CAM panels and a
-linear-CKA matrix of the experts' features (PNG, ``figures/`` next to the results file).
+on the two real tasks' train splits minus a validation split carved from them (``--val_fraction``, one fixed draw
+shared by every row and seed, :func:`benchmarks.common.carve_validation_datalist`), with one shared budget (epochs,
+batch, 28^3, no random augmentation so that the frozen teacher's features are computed once per teacher and shared
+through the bundles' feature cache), validated after every epoch on that carved split: the scored model is the
+bundles' best-on-val ``model.pt`` (the bundles have no early-stopping handler, so every run trains its full budget).
+Scores on the shipped val splits, which no choice uses (their test splits are not shipped). Rows: student from
+scratch, foundation (``foundation_cls``, unified head; the teacher of that seed's other rows), LoRKD experts
+(``lorkd_cls``; each fused expert exported as a standalone bundle and scored through that bundle's own
+``inference.json``), MTL, MTL-KD, STL, STL-KD, RD student (each run's own exported ``export/<task>`` bundle, scored
+through its ``inference.json``), RD with gamma 0 (the CKA ablation), logit-KD student, direct reprogramming; the
+leave-one-task-out rows (``*_loto``: RD, RD gamma 0, logit-KD, direct reprogramming with ``--leave_task_out true``,
+their teacher a foundation pre-trained WITHOUT the target task, ``foundation_cls --exclude_tasks``, trained once per
+target task and reused by every row and seed); ``finetune`` (full fine-tuning of the teacher) on request. Scores:
+AUC, balanced accuracy next to its majority level, F1, accuracy next to the majority-class accuracy and the verdict
+("not working" at the majority level), mean ± std over seeds; train/deploy parameters, FLOPs, CPU latency (batch 1,
+median); Grad-CAM panels and a linear-CKA matrix of the experts' features (PNG, ``figures/`` next to the results
+file).
 
 Runs are resumable: a run directory is reused when its settings (configs' contents, overrides) and starting weights
 (the teacher's ``model.pt``) are unchanged. CPU runs set ``GLIBC_TUNABLES`` (steadier, faster 3D steps).
@@ -28,9 +35,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from benchmarks.common import REPO, reexec_with_glibc_tunables
+from benchmarks.common import REPO, carve_validation_datalist, reexec_with_glibc_tunables, verdict_cell
 
 if __name__ == "__main__":
     reexec_with_glibc_tunables("bench_classification")
@@ -42,24 +49,49 @@ from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
 from medfm_ops.utils.hashing import file_sha256  # noqa: E402
 
 TASKS = {"adrenalmnist3d": "adrenalmnist3d/adrenalmnist3d.npz", "vesselmnist3d": "vesselmnist3d/vesselmnist3d.npz"}
-SCORES = ("accuracy", "balanced_accuracy", "auc", "f1")
+SCORES = ("auc", "balanced_accuracy", "f1", "accuracy")
 SCORING_VERSION = 1
 
-#: name -> (description, bundle, baseline override files, one run per task?, uses the teacher, deployed model)
-ROWS: dict[str, tuple[str, str, list[str], bool, bool, str]] = {
-    "scratch": ("student from scratch", "rd_cls", ["baselines/scratch.json"], True, False, "student"),
-    "foundation": ("foundation (unified head, both tasks)", "foundation_cls", [], False, False, "foundation"),
-    "lorkd": ("LoRKD experts (fused; exported bundles)", "lorkd_cls", [], False, True, "student"),
-    "mtl": ("MTL (shared network, task heads)", "lorkd_cls", ["baselines/mtl.json"], False, False, "student"),
-    "mtl_kd": ("MTL-KD", "lorkd_cls", ["baselines/mtl_kd.json"], False, True, "student"),
-    "stl": ("STL (one network per task)", "lorkd_cls", ["baselines/stl.json"], True, False, "student"),
-    "stl_kd": ("STL-KD", "lorkd_cls", ["baselines/stl_kd.json"], True, True, "student"),
-    "rd": ("RD student (deployed; exported bundle)", "rd_cls", [], True, True, "student"),
-    "logit_kd": ("logit-KD student", "rd_cls", ["baselines/logit_kd.json"], True, True, "student"),
-    "reprogram": ("direct reprogramming (teacher + phi + g)", "rd_cls", ["baselines/reprogram.json"], True, True, "reprogrammed"),
-    "finetune": ("teacher, fully fine-tuned per task", "rd_cls", ["baselines/finetune.json"], True, True, "foundation"),
+class Row(NamedTuple):
+    """One benchmark row: how it trains (bundle, override files and values) and what it deploys."""
+
+    description: str
+    bundle: str
+    files: list[str]  # override files of the bundle's configs/ (after train.json)
+    per_task: bool  # one run per task (else one run over both tasks)
+    teacher: bool  # distils from / reprograms the teacher (its features are cached)
+    deployed: str  # which model serves a task: "foundation", "student" or "reprogrammed"
+    overrides: dict[str, Any] = {}  # further command-line overrides of the row
+    leave_task_out: bool = False  # teacher: a foundation pre-trained WITHOUT the target task (--exclude_tasks)
+
+
+ROWS: dict[str, Row] = {
+    "scratch": Row("student from scratch", "rd_cls", ["baselines/scratch.json"], True, False, "student"),
+    "foundation": Row("foundation (unified head, both tasks)", "foundation_cls", [], False, False, "foundation"),
+    "lorkd": Row("LoRKD experts (fused; exported bundles)", "lorkd_cls", [], False, True, "student"),
+    "mtl": Row("MTL (shared network, task heads)", "lorkd_cls", ["baselines/mtl.json"], False, False, "student"),
+    "mtl_kd": Row("MTL-KD", "lorkd_cls", ["baselines/mtl_kd.json"], False, True, "student"),
+    "stl": Row("STL (one network per task)", "lorkd_cls", ["baselines/stl.json"], True, False, "student"),
+    "stl_kd": Row("STL-KD", "lorkd_cls", ["baselines/stl_kd.json"], True, True, "student"),
+    "rd": Row("RD student (deployed; exported bundle)", "rd_cls", [], True, True, "student"),
+    "rd_no_cka": Row("RD student, gamma 0 (CKA ablation; exported bundle)", "rd_cls", [], True, True, "student",
+                     {"gamma": 0.0}),
+    "logit_kd": Row("logit-KD student", "rd_cls", ["baselines/logit_kd.json"], True, True, "student"),
+    "reprogram": Row("direct reprogramming (teacher + phi + g)", "rd_cls", ["baselines/reprogram.json"], True, True,
+                     "reprogrammed"),
+    "rd_loto": Row("RD student, leave-one-task-out teacher (exported bundle)", "rd_cls", [], True, True, "student",
+                   {"leave_task_out": True}, True),
+    "rd_no_cka_loto": Row("RD student, gamma 0, leave-one-task-out teacher (exported bundle)", "rd_cls", [], True, True,
+                          "student", {"gamma": 0.0, "leave_task_out": True}, True),
+    "logit_kd_loto": Row("logit-KD student, leave-one-task-out teacher", "rd_cls", ["baselines/logit_kd.json"], True,
+                         True, "student", {"leave_task_out": True}, True),
+    "reprogram_loto": Row("direct reprogramming, leave-one-task-out teacher", "rd_cls", ["baselines/reprogram.json"],
+                          True, True, "reprogrammed", {"leave_task_out": True}, True),
+    "finetune": Row("teacher, fully fine-tuned per task", "rd_cls", ["baselines/finetune.json"], True, True, "foundation"),
 }  # fmt: skip
 DEFAULT_ROWS = [r for r in ROWS if r != "finetune"]
+#: rows whose score is that of the exported standalone bundle(s), through the bundle's own inference.json
+EXPORTED_ROWS = ("lorkd", "rd", "rd_no_cka", "rd_loto", "rd_no_cka_loto")
 PUBLISHED = "MedMNIST v2 (Yang et al., Sci. Data 2023), ResNet-18 (3D), test split, its own budget: AUC about 0.83 (adrenal), 0.87 (vessel)"
 
 
@@ -67,50 +99,93 @@ def _abs(path: str | Path) -> Path:
     return Path(path) if Path(path).is_absolute() else (REPO / path).resolve()
 
 
-def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], budget: dict[str, Any]) -> list[dict]:
-    """The training runs, seed by seed (foundation first: it is the teacher of its seed's rows)."""
-    out = []
-    for seed in seeds:
-        seed_dir = work / f"seed{seed}"
-        for row in ["foundation"] + [r for r in rows if r != "foundation"]:
-            _, bundle, extra, per_task, teacher, _ = ROWS[row]
-            for task in (list(data) if per_task else [None]):
-                run_dir = seed_dir / (row if task is None else f"{row}_{task}")
-                epochs = budget["foundation_epochs"] if row == "foundation" else budget["epochs"]
-                ov: dict[str, Any] = {
-                    "bundle_root": str(REPO / "bundles" / bundle), "ckpt_dir": str(run_dir / "models"),
-                    "output_dir": str(run_dir / "runs"), "data_cache": str(work / "cache"), "synthetic#tasks": [],
-                    "real_tasks": data, "real_limit": budget["limit"], "epochs": epochs, "val_interval": epochs,
-                    "seed": seed, "batch_size": budget["batch_size"], "train#random_transforms": [],
-                }  # fmt: skip
-                if task is not None:
-                    ov["task"] = task
-                if row != "foundation":  # every other config builds the seed's teacher (scratch: phi's width)
-                    ov["teacher_path"] = str(seed_dir / "foundation")
-                    if teacher and row != "finetune":
-                        ov.update(cache_teacher_features=True, teacher_feature_cache=str(seed_dir / "teacher_features.pt"))
-                if row == "lorkd":
-                    ov["warmup_epochs"] = budget["lorkd_warmup_epochs"]
-                configs = [str(REPO / "bundles" / bundle / "configs" / f) for f in ["train.json", *extra]]
-                out.append({"row": row, "seed": seed, "task": task, "dir": str(run_dir), "configs": configs,
-                            "overrides": ov, "teacher": teacher, "epochs": epochs})  # fmt: skip
+def _datalists(work: Path, data: dict[str, str], budget: dict[str, Any], loto_tasks: list[str]) -> dict[str, str]:
+    """The carved datalists (training minus a validation split carved from it, see :func:`carve_validation_datalist`):
+    ``"both"`` (the two real tasks, no synthetic task: every row but the leave-one-task-out foundations) and
+    ``"without_<task>"`` (foundation_cls's synthetic default tasks + the other real task) per left-out task."""
+    from monai.bundle import ConfigParser
+
+    from medfm_ops.data import ensure_cls_dataset
+
+    cache, out = work / "cache" / "synthetic_cls", {}
+    synthetic = ConfigParser.load_config_file(str(REPO / "bundles" / "foundation_cls" / "configs" / "train.json"))["synthetic"]
+    both = ensure_cls_dataset(cache, synthetic={**synthetic, "tasks": []}, real_tasks=data, real_limit=budget["limit"])
+    sources = {"both": both}
+    for t in loto_tasks:
+        sources[f"without_{t}"] = ensure_cls_dataset(cache, synthetic=synthetic, real_tasks=data,
+                                                     real_limit=budget["limit"], exclude_tasks=[t])  # fmt: skip
+    for name, src in sources.items():
+        out[name] = str(carve_validation_datalist(src, work / "datalists" / f"{name}.json", budget["val_fraction"]))
     return out
 
 
-def _parser(run: dict):
-    """The run's bundle config (its files + overrides) in this process, to rebuild its networks and data."""
+def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], budget: dict[str, Any]) -> list[dict]:
+    """The training runs: the leave-one-task-out foundations (one per target task, seed 0, shared by every seed) when
+    a row needs them, then seed by seed (foundation first: it is the teacher of its seed's rows). Every run selects
+    its model on its own validation split carved from train (``val_interval`` 1, the bundles' best-on-val
+    ``model.pt``); the shipped val split is only scored."""
+    loto_tasks = list(data) if any(ROWS[r].leave_task_out for r in rows) else []
+    lists = _datalists(work, data, budget, loto_tasks)
+    common = {"data_cache": str(work / "cache"), "real_tasks": data, "real_limit": budget["limit"], "val_interval": 1,
+              "batch_size": budget["batch_size"], "train#random_transforms": []}  # fmt: skip
+    out = []
+    for t in loto_tasks:  # the leave-one-task-out teacher of task t: cached once, reused by every row and seed
+        run_dir = work / f"foundation_without_{t}"
+        ov = {"bundle_root": str(REPO / "bundles" / "foundation_cls"), "ckpt_dir": str(run_dir / "models"),
+              "output_dir": str(run_dir / "runs"), **common, "exclude_tasks": [t], "datalist": lists[f"without_{t}"],
+              "epochs": budget["foundation_epochs"], "seed": 0}  # fmt: skip
+        out.append({"row": "foundation_loto", "seed": 0, "task": t, "dir": str(run_dir), "teacher": False, "after": None,
+                    "key": f"without_{t}", "configs": [str(REPO / "bundles" / "foundation_cls" / "configs" / "train.json")],
+                    "overrides": ov, "epochs": budget["foundation_epochs"]})  # fmt: skip
+    for seed in seeds:
+        seed_dir = work / f"seed{seed}"
+        for row in ["foundation"] + [r for r in rows if r != "foundation"]:
+            spec = ROWS[row]
+            for task in (list(data) if spec.per_task else [None]):
+                run_dir = seed_dir / (row if task is None else f"{row}_{task}")
+                epochs = budget["foundation_epochs"] if row == "foundation" else budget["epochs"]
+                ov: dict[str, Any] = {
+                    "bundle_root": str(REPO / "bundles" / spec.bundle), "ckpt_dir": str(run_dir / "models"),
+                    "output_dir": str(run_dir / "runs"), **common, "synthetic#tasks": [], "datalist": lists["both"],
+                    "epochs": epochs, "seed": seed,
+                }  # fmt: skip
+                if task is not None:
+                    ov["task"] = task
+                after = None if row == "foundation" else f"seed{seed}"
+                if row != "foundation":  # every other config builds the seed's teacher (scratch: phi's width)
+                    teacher_dir = work / f"foundation_without_{task}" if spec.leave_task_out else seed_dir / "foundation"
+                    after = f"without_{task}" if spec.leave_task_out else after
+                    ov["teacher_path"] = str(teacher_dir)
+                    if spec.teacher and row != "finetune":
+                        cache = teacher_dir if spec.leave_task_out else seed_dir
+                        ov.update(cache_teacher_features=True, teacher_feature_cache=str(cache / "teacher_features.pt"))
+                if spec.bundle == "rd_cls":
+                    ov["verify_export"] = False  # the exported bundle is scored through its inference.json below
+                if row == "lorkd":
+                    ov["warmup_epochs"] = budget["lorkd_warmup_epochs"]
+                ov.update(spec.overrides)
+                configs = [str(REPO / "bundles" / spec.bundle / "configs" / f) for f in ["train.json", *spec.files]]
+                out.append({"row": row, "seed": seed, "task": task, "dir": str(run_dir), "configs": configs,
+                            "overrides": ov, "teacher": spec.teacher or spec.leave_task_out, "epochs": epochs,
+                            "after": after, "key": f"seed{seed}" if row == "foundation" else None})  # fmt: skip
+    return out
+
+
+def _parser(run: dict, shipped_val: bool = False):
+    """The run's bundle config (its files + overrides) in this process, to rebuild its networks and data;
+    ``shipped_val``: with the bundle's own datalist (the shipped val split) instead of the run's carved one."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(run["configs"])
-    parser.update(run["overrides"])
+    parser.update({k: v for k, v in run["overrides"].items() if not (shipped_val and k == "datalist")})
     return parser
 
 
 def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
     """Train ``run`` unless an identical earlier run (same settings and starting weights) is complete."""
     run_dir = Path(run["dir"])
-    teacher = run["overrides"]["teacher_path"] if run["teacher"] else None
+    teacher = run["overrides"].get("teacher_path") if run["teacher"] else None
     settings = {"configs": {Path(c).name: file_sha256(Path(c)) for c in run["configs"]}, "overrides": run["overrides"],
                 "teacher": file_sha256(Path(teacher) / "models" / "model.pt") if teacher else None}  # fmt: skip
     stamp, model = run_dir / "bench_run.json", run_dir / "models" / "model.pt"
@@ -132,20 +207,21 @@ def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
 
 
 def _train_all(plan: list[dict], reuse: bool, jobs: int) -> list[tuple[dict, bool]]:
-    """Train ``plan`` with ``jobs`` child processes at a time; a seed's rows wait for its foundation (their teacher)."""
+    """Train ``plan`` with ``jobs`` child processes at a time; a row waits for its teacher (``after``: the seed's
+    foundation or the task's leave-one-task-out foundation)."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    foundations: dict[int, Future] = {}
+    teachers: dict[str, Future] = {}
 
     def after_teacher(run: dict) -> tuple[dict, bool]:
-        foundations[run["seed"]].result()  # re-raises the foundation's failure
+        teachers[run["after"]].result()  # re-raises the teacher's failure
         return _train(run, reuse)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each worker waits on its own child process
-        for r in plan:  # every foundation is queued before any row, so a waiting row never starves its teacher
-            if r["row"] == "foundation":
-                foundations[r["seed"]] = pool.submit(_train, r, reuse)
-        futures = [foundations[r["seed"]] if r["row"] == "foundation" else pool.submit(after_teacher, r) for r in plan]
+        for r in plan:  # every teacher is queued before any row, so a waiting row never starves its teacher
+            if r["key"]:
+                teachers[r["key"]] = pool.submit(_train, r, reuse)
+        futures = [teachers[r["key"]] if r["key"] else pool.submit(after_teacher, r) for r in plan]
         return [f.result() for f in futures]
 
 
@@ -153,12 +229,12 @@ def _score(run: dict) -> dict[str, Any]:
     """Per-task val scores of the run's deployed model(s), parameters and FLOPs; bundle-path scores where exported."""
     import torch
 
-    from medfm_ops.bundle import export_lorkd_cls_expert, score_cls_bundle, write_cls_expert_bundle
-    from medfm_ops.bundle_paths import literal_config
+    from medfm_ops.bundle import export_lorkd_cls_expert, score_cls_bundle
     from medfm_ops.engines import TaskPrepareBatch, count_flops, count_params, score_classifier
+    from medfm_ops.metrics import working_verdict
     from medfm_ops.networks import export_cls_expert, load_expert_state_dict
 
-    p = _parser(run)
+    p = _parser(run, shipped_val=True)  # scored on the shipped val split, never used for a choice
     table, val, pre = p.get_parsed_content("task_table"), p.get_parsed_content("val_files"), p.get_parsed_content("validate#preprocessing")
     net = p.get_parsed_content("network").cpu()
     model_path = Path(run["dir"]) / "models" / "model.pt"
@@ -174,10 +250,10 @@ def _score(run: dict) -> dict[str, Any]:
         tid = table.task_id_of(t)
         if row == "foundation":
             deployed, rows = net, score_classifier(net, own[t], pre, table, "cpu", unified=True)
-        elif ROWS[row][1] == "lorkd_cls":
+        elif ROWS[row].bundle == "lorkd_cls":
             deployed = export_cls_expert(net, tid).eval()
             rows = score_classifier(deployed, own[t], pre, table, "cpu")
-        elif row == "reprogram":
+        elif ROWS[row].deployed == "reprogrammed":
             deployed, teacher = net, p.get_parsed_content("teacher")
             pb = TaskPrepareBatch(teacher=teacher, route=False, pass_teacher_features=True)
             rows = score_classifier(net, own[t], pre, table, "cpu", prepare_batch=pb)
@@ -190,17 +266,19 @@ def _score(run: dict) -> dict[str, Any]:
             deployed = net.export_student().eval()
             rows = score_classifier(deployed, own[t], pre, table, "cpu")
         out["scores"][t] = {k: v for k, v in rows[0].items() if k != "task"}
+        out["scores"][t].setdefault("verdict", working_verdict(out["scores"][t]))
         if "deploy_params" not in out:  # the model serving one task (the same size for every task here)
             out.update(deploy_params=count_params(deployed), deploy_flops=count_flops(deployed, shape))
-        bundle = Path(run["dir"]) / f"bundle_{t}"
         if row == "lorkd":
+            bundle = Path(run["dir"]) / f"bundle_{t}"
             export_lorkd_cls_expert(run["overrides"]["bundle_root"], t, bundle, ckpt_dir=model_path.parent)
-        elif row == "rd":
-            net_def = literal_config(run["configs"][0], "network_def", **{"network_def#num_classes": table.num_classes_of(tid)})
-            write_cls_expert_bundle(bundle, net_def, deployed.state_dict(), t, table.class_names[tid], shape[2:],
-                                    modality=table.modalities[tid])  # fmt: skip
-        if row in ("lorkd", "rd"):
-            out["bundle_scores"][t] = score_cls_bundle(bundle, own[t])
+        else:  # rd_cls rows: the run's own standalone export (export/<task>, written by the bundle's finalize)
+            bundle = model_path.parent.parent / "export" / t
+        if row in EXPORTED_ROWS:
+            if not (bundle / "configs" / "inference.json").is_file():
+                raise FileNotFoundError(f"{run['dir']}: the run wrote no exported bundle {bundle} (configs/inference.json).")
+            b = score_cls_bundle(bundle, own[t])
+            out["bundle_scores"][t] = {**b, "verdict": working_verdict(b)}
     return out
 
 
@@ -259,7 +337,7 @@ def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str) -> dict
     by = {(r["row"], r["task"]): r for r in records if r["seed"] == seed}
 
     def load(run):
-        p = _parser(run)
+        p = _parser(run, shipped_val=True)  # the pictures use the shipped val volumes
         net = p.get_parsed_content("network").cpu()
         sd = torch.load(Path(run["dir"]) / "models" / "model.pt", map_location="cpu", weights_only=True)
         load_expert_state_dict(net, sd) if getattr(net, "routed", False) else net.load_state_dict(sd)
@@ -347,13 +425,17 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         return [(r[which] or r["scores"]).get(task, {}).get(key, float("nan")) for r in records if r["row"] == row and
                 task in (r[which] or r["scores"])]  # fmt: skip
 
-    maj = {t: next((r["scores"][t]["majority_accuracy"] for r in records if t in r["scores"]), float("nan")) for t in tasks}
-    head = " | ".join(f"{t}: accuracy (majority {maj[t]:.3f}) | balanced acc. | AUC | F1" for t in tasks)
+    def majority(t: str, key: str) -> float:
+        return next((r["scores"][t][key] for r in records if t in r["scores"] and key in r["scores"][t]), float("nan"))
+
+    head = " | ".join(f"{t}: AUC | bal. acc. (majority {majority(t, 'majority_balanced_accuracy'):.3f}) | F1 | "
+                      f"accuracy (majority {majority(t, 'majority_accuracy'):.3f}) | verdict" for t in tasks)  # fmt: skip
     lines = [
         "# Results: 3D classification (AdrenalMNIST3D, VesselMNIST3D)", "",
         f"Generated by `{meta['command']}` on {meta['date']} (sum of the training runs' wall times "
         f"{sum(r['seconds'] for r in records) / 60:.1f} min; this invocation {meta['seconds'] / 60:.1f} min, reused runs "
-        "included at their recorded time in the first figure). Scores on the val splits (the test splits are not shipped), mean ± standard deviation over "
+        "included at their recorded time in the first figure). Scores on the shipped val splits (the test splits are "
+        "not shipped; no choice uses them), mean ± standard deviation over "
         f"{len(meta['seeds'])} seed(s) ({', '.join(map(str, meta['seeds']))}); each seed retrains every row, the "
         "foundation included (it is the teacher of its seed's rows).", "",
         *([f"**One seed only: no spread over seeds, so no difference between rows here is established; the study is "
@@ -361,16 +443,24 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
            f"{meta['machine']['usable_cores']} cores, 1-min load average {meta['load_start']:.1f} at the start (other "
            "jobs on these cores inflate the wall times).", ""] if len(meta["seeds"]) < 2 else []),
         "## Scores (val)", "",
+        "Verdict: \"working\" when the balanced accuracy is above the majority level (what always predicting one "
+        "class gives) by the bundles' margin, else \"not working\", whatever the AUC; \"working k/n\" when only k of "
+        "the n seeds' models work.", "",
         f"| row | {head} | mean AUC |",
-        "| --- | " + " | ".join("---: | ---: | ---: | ---:" for _ in tasks) + " | ---: |",
+        "| --- | " + " | ".join("---: | ---: | ---: | ---: | ---" for _ in tasks) + " | ---: |",
     ]  # fmt: skip
     for row in rows:
-        which = "bundle_scores" if row in ("lorkd", "rd") else "scores"
-        cells = [_ms(scores(row, t, k, which)) for t in tasks for k in SCORES]
-        mean_auc = _ms([statistics.fmean(vals) for vals in zip(*[scores(row, t, "auc", which) for t in tasks])])
-        lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + f" | **{mean_auc}** |")
+        which = "bundle_scores" if row in EXPORTED_ROWS else "scores"
+        cells = []
+        for t in tasks:
+            cells += [_ms(scores(row, t, k, which)) for k in SCORES]
+            v = [x for x in scores(row, t, "verdict", which) if isinstance(x, str)]
+            cells.append(verdict_cell(v))
+        per_seed = [statistics.fmean(vals) for vals in zip(*[scores(row, t, "auc", which) for t in tasks])]
+        lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + f" | **{_ms(per_seed)}** |")
     if len(meta["seeds"]) > 1:
-        lines += ["", *_reading(rows, tasks, lambda row, t: scores(row, t, "auc", "bundle_scores" if row in ("lorkd", "rd") else "scores"))]
+        lines += ["", *_reading(rows, tasks, lambda row, t: scores(row, t, "auc", "bundle_scores" if row in EXPORTED_ROWS
+                                                                    else "scores"))]
     lines += ["", "## Size and cost", "",
               "| row | train params (M) | deploy params per task (M) | deploy MFLOPs per volume | latency, batch 1 "
               "(ms, median [IQR]) | train wall time per seed (min) |",
@@ -407,22 +497,34 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
     lines += [
         "", "## Setup", "",
         f"- Data: `{meta['data_dir']}` AdrenalMNIST3D and VesselMNIST3D at 28^3 (MedMNIST v2, CC BY 4.0), train split "
-        f"for training, val split for scoring{'; first ' + str(b['limit']) + ' cases of each split only' if b['limit'] else ''}.",
+        f"for training, val split for scoring{'; first ' + str(b['limit']) + ' cases of each split only' if b['limit'] else ''}. "
+        f"Every row selects its model on its OWN validation split carved from train ({100 * b.get('val_fraction', 0.2):.0f}% "
+        "of each task's training cases per label, one fixed draw shared by every row and seed, "
+        "`benchmarks.common.carve_validation_datalist`), validated after every epoch; the shipped val split is only "
+        "scored.",
         f"- Budget per run: {b['epochs']} epochs ({b['foundation_epochs']} for the foundation), batch {b['batch_size']}, "
         "input 28^3 z-scored, no random augmentation (all rows, so that the frozen teacher's features are computed "
-        "once per seed: `--cache_teacher_features true` with one shared cache file); the optimiser, learning rate and "
+        "once per teacher: `--cache_teacher_features true` with one shared cache file per teacher); the optimiser, learning rate and "
         "schedule are each bundle's own (foundation AdamW 1e-3; lorkd_cls SGD 0.05 cosine; rd_cls AdamW 5e-3 cosine; "
         f"fine-tuning AdamW 1e-3), LoRKD warm-up {b['lorkd_warmup_epochs']} epoch(s) with frozen experts, rank 8. "
-        "Validation runs once, after the last epoch: the scored model is the last one, not selected on val.",
+        "Model selection: the bundles keep the checkpoint of the best carved-split AUC (`model.pt`, the key metric); "
+        "they have no early-stopping handler, so every run trains its full budget (no patience: none is applied) and "
+        "the best epoch on its own split is the one scored. The learning rate is each bundle's own (no grid).",
+        *([f"- Leave-one-task-out rows (`*_loto`): the teacher is a foundation pre-trained WITHOUT the target task "
+           f"(`foundation_cls --exclude_tasks`, foundation_cls's synthetic tasks + the other real task, "
+           f"{b['foundation_epochs']} epochs, seed 0), trained once per target task and reused by every row and "
+           "seed (`foundation_without_<task>/`); those rows run with `--leave_task_out true`. Its own score on the "
+           "target task does not exist (it never saw it)."] if any(ROWS[r].leave_task_out for r in rows) else []),
         "- Networks: foundation MONAI ResNet (basic blocks 2-2-2-2, widths 32-256, one unified head over both tasks' "
         "classes); every student MONAI ResNet (1-1-1-1, 16-128) with a task head; LoRKD = that student with one rank-8 "
         "expert per task in every conv, fused into the stock network per task for deployment.",
-        "- Scoring: LoRKD experts and the RD student through their exported standalone bundles (`inference.json` on "
+        "- Scoring: LoRKD experts and the RD students (each run's own `export/<task>`, written by rd_cls) through their "
+        "exported standalone bundles (`inference.json` on "
         "NIfTI copies of the val volumes, written to a temporary folder and removed); every other row in-process "
         f"(`score_classifier`, the bundles' validation preprocessing). Largest |AUC| difference between the bundle "
         f"path and the in-process score of the same model: {max(diffs) if diffs else float('nan'):.2e}.",
         "- Accuracy is misleading on these tasks: the majority-class accuracy (always predicting the most frequent "
-        "val class) is in the column header.",
+        "val class) is in the column header, as is the balanced accuracy of always predicting one class.",
         f"- Latency: `torch.no_grad()`, batch 1, {meta['latency_repeats']} timed calls after 3 warm-up calls, "
         f"{m['torch_threads']} torch threads.",
         f"- Machine: {m['cpu_model']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable), torch "
@@ -458,6 +560,7 @@ def run(
     gradcam_layer: str = "layer3",
     jobs: int = 2,
     threads: int | None = 1,
+    val_fraction: float = 0.2,
 ) -> str:
     """
     Train and score the rows (each once per seed) and write ``results`` (+ ``.json``) and its figures.
@@ -479,9 +582,11 @@ def run(
             teacher, is trained). Defaults to 2 (one per core of a 2-core machine).
         threads: ``OMP_NUM_THREADS`` of every child process; None or 0 inherits it. Defaults to 1. Not part of the
             reuse stamps.
+        val_fraction: the share of each task's training cases carved out as every row's own validation split
+            (model selection); the shipped val split is only scored. Defaults to 0.2.
 
     Raises:
-        ValueError: for unknown rows or ``jobs < 1``.
+        ValueError: for unknown rows, ``jobs < 1`` or ``val_fraction`` outside (0, 1).
     """
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     work, out = _abs(work_dir), _abs(results)
@@ -490,21 +595,26 @@ def run(
     if unknown:
         raise ValueError(f"unknown rows {unknown}; known: {list(ROWS)}.")
     wanted = [r for r in ROWS if r in wanted or r == "foundation"]
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
     seed_list = [int(s) for s in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
     data = {t: str(_abs(data_dir) / f) for t, f in TASKS.items()}
     missing = [p for p in data.values() if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"MedMNIST files not found: {missing} (see ../shared/data/README.md); pass --data_dir.")
     budget = {"epochs": epochs, "foundation_epochs": foundation_epochs, "lorkd_warmup_epochs": lorkd_warmup_epochs,
-              "batch_size": batch_size, "limit": limit}  # fmt: skip
+              "batch_size": batch_size, "limit": limit, "val_fraction": float(val_fraction)}  # fmt: skip
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
     plan = _runs(wanted, seed_list, work, data, budget)
     trained = _train_all(plan, reuse_rows, int(jobs))
-    records = []
+    records, teachers = [], {}
     for r, (rec, reused) in zip(plan, trained):  # scoring in this process, one run at a time
+        if r["row"] == "foundation_loto":  # a teacher only: it never saw the task it is the teacher of
+            teachers[r["task"]] = {"dir": r["dir"], "seconds": rec["seconds"]}
+            continue
         if not reused or rec.get("scoring_version") != SCORING_VERSION:
             rec.update(_score(r), scoring_version=SCORING_VERSION)
             atomic_write_text(Path(r["dir"]) / "bench_run.json", json.dumps(rec, indent=2, default=float))
@@ -522,6 +632,8 @@ def run(
             f"--batch_size {batch_size} --jobs {jobs} --threads {threads}"]  # fmt: skip
     if limit:
         args.append(f"--limit {limit}")
+    if float(val_fraction) != 0.2:
+        args.append(f"--val_fraction {val_fraction}")
     if rows:
         args.append(f"--rows {','.join(wanted)}")
     if work_dir != "runs/cls_bench" or results != "docs/RESULTS_classification.md":
@@ -529,7 +641,8 @@ def run(
     meta = {"command": " ".join(args), "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - start,
             "seeds": seed_list, "tasks": list(TASKS), "budget": budget, "data_dir": data_dir, "load_start": load_start,
             "work_dir": os.path.relpath(work, REPO) if work.is_relative_to(REPO) else str(work), "machine": machine_info(torch.device("cpu")),
-            "latency_repeats": latency_repeats, "jobs": int(jobs), "threads": threads}  # fmt: skip
+            "latency_repeats": latency_repeats, "jobs": int(jobs), "threads": threads,
+            "loto_foundations": teachers}  # fmt: skip
     summary = {"meta": meta, "rows": [r for r in wanted], "records": records, "latency": latency, "figures": figures}
     atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2, default=float))
     return report(str(out))

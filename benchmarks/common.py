@@ -19,7 +19,7 @@ from typing import Any
 from medfm_ops.utils.machine import BENCH_REEXEC_FLAG, machine_info
 
 __all__ = ["REPO", "GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms",
-           "run_logged", "split_list"]  # fmt: skip
+           "run_logged", "split_list", "carve_validation_datalist", "verdict_cell"]  # fmt: skip
 
 #: the repository root (benchmarks run from it: ``python -m benchmarks.<name>``)
 REPO = Path(__file__).resolve().parents[1]
@@ -100,3 +100,66 @@ def run_logged(
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-tail_lines:])
         raise RuntimeError(f"command failed (exit {rc}) after {seconds:.0f} s: {shlex.join(cmd)}\n{tail}")
     return seconds
+
+
+def carve_validation_datalist(
+    source: str | os.PathLike, out: str | os.PathLike, fraction: float = 0.2, seed: int = 0
+) -> Path:
+    """
+    Write ``out``: the classification datalist ``source`` with its ``validation`` section replaced by a split carved
+    from its ``training`` section (per task and label, ``round(fraction * n)`` cases, at least one where a group has
+    two or more, drawn with ``seed``) and those cases removed from training. The shipped ``validation`` section is
+    kept as ``shipped_validation`` for reference; image paths are made absolute. Rows that select their model on
+    this file's ``validation`` never see the shipped val split they are scored on. Written atomically, only when
+    its content changes.
+
+    Raises:
+        ValueError: when ``fraction`` is not in (0, 1) or a task's training section has fewer than 2 cases.
+    """
+    import json
+    import random
+    from collections import defaultdict
+
+    from medfm_ops.utils.atomic_io import atomic_write_text
+
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"carve_validation_datalist: fraction must be in (0, 1), got {fraction}.")
+    source, out = Path(source), Path(out)
+    content = json.loads(source.read_text())
+
+    def absolute(item: dict[str, Any]) -> dict[str, Any]:
+        image = Path(item["image"])
+        return {**item, "image": str(image if image.is_absolute() else (source.parent / image).resolve())}
+
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
+    for item in content["training"]:
+        groups[(item["task"], item["label"])].append(absolute(item))
+    per_task: dict[str, int] = defaultdict(int)
+    for (task, _), items in groups.items():
+        per_task[task] += len(items)
+    small = sorted(t for t, n in per_task.items() if n < 2)
+    if small:
+        raise ValueError(f"carve_validation_datalist: {source}: tasks {small} have fewer than 2 training cases.")
+    rng = random.Random(int(seed))
+    training, validation = [], []
+    for key in sorted(groups, key=str):
+        items = list(groups[key])
+        rng.shuffle(items)
+        k = min(len(items) - 1, max(1 if len(items) > 1 else 0, round(float(fraction) * len(items))))
+        validation += items[:k]
+        training += items[k:]
+    carved = {**content, "training": training, "validation": validation,
+              "shipped_validation": [absolute(i) for i in content["validation"]]}  # fmt: skip
+    text = json.dumps(carved, indent=1) + "\n"
+    if not out.is_file() or out.read_text() != text:
+        atomic_write_text(out, text)
+    return out
+
+
+def verdict_cell(verdicts: list[str]) -> str:
+    """A table cell of per-seed verdicts (``"working"`` / ``"not working"``): the verdict when every seed agrees,
+    else ``"working k/n"`` (seeds whose model works); ``"-"`` for none."""
+    if not verdicts:
+        return "-"
+    k = sum(v == "working" for v in verdicts)
+    return "working" if k == len(verdicts) else "not working" if k == 0 else f"working {k}/{len(verdicts)}"

@@ -3,7 +3,7 @@
 """SH-PEFT benchmark: fine-tune one pretrained 3D classifier on the real MedMNIST 3D tasks with SH-PEFT, its
 baselines and its ablations; writes ``docs/RESULTS_shpeft.md`` (+ ``.json``).
 
-    python -m benchmarks.shpeft run                       # the default study (27.5 min measured on 2 CPU cores)
+    python -m benchmarks.shpeft run                       # the default study (27.5 min on 2 CPU cores, last version)
     python -m benchmarks.shpeft run --pretrained bundles/foundation_cls --epochs 10 --estimation_batches 0
         [--seeds 0,1,2] [--tasks adrenalmnist3d,vesselmnist3d] [--rows shpeft,full,...] [--limit 64]
 
@@ -15,20 +15,27 @@ classifier bundle or checkpoint instead (e.g. the 8.3 M-weight ``bundles/foundat
 
 Every run is ``bundles/shpeft_cls/configs/train.json`` (plus the row's override file of ``configs/baselines/`` and
 its command-line overrides) in a child process, with one shared harness: the same starting checkpoint, train split,
-epochs, batch, learning rate, augmentation and 28^3 input; validation only after the last epoch and the LAST weights
-kept (``--final_model last``: nothing is selected on the validation split that is scored). Scores on each task's
-``val`` split (its ``test`` split is kept aside): F1, accuracy next to the majority-class accuracy (the training
-split's most frequent class), balanced accuracy, AUC; mean ± std over seeds; trainable-parameter count; importance
-estimation and training wall time (validation excluded: it runs after training).
+epochs, batch, learning rate, augmentation and 28^3 input; validated after every epoch on the run's OWN validation
+split carved from train (``--val_fraction``, one fixed draw for every row and seed,
+:func:`benchmarks.common.carve_validation_datalist`) and its best epoch kept (``--final_model best``; the bundle has
+no early-stopping handler, so every run trains its full budget). Scores on each task's shipped ``val`` split, which no
+choice uses (its ``test`` split is kept aside): AUC, balanced accuracy next to its majority level, F1, accuracy next
+to the majority-class accuracy (the training split's most frequent class) and the verdict ("not working" at the
+majority level); mean ± std over seeds; trainable-parameter count; importance estimation and training wall time.
+
+``--leave_task_out true``: every row of a task starts from a foundation pre-trained WITHOUT that task (foundation_cls's
+synthetic tasks + the other real task, ``--exclude_tasks``), trained once per target task and reused by every row
+and seed (the setting issue 19 asks the SH-PEFT rows to be reported in).
 
 Rows (:data:`ROWS`): SH-PEFT (hybrid L2, lambda 1, 1% of the backbone weights + the task head), full fine-tuning,
-linear probe, BitFit, LoRA (r 8), a random mask, magnitude only, gradient only (L1, L2) at the same 1%, and the
+linear probe, BitFit, LoRA (r 8), LoRA (r 1, about 1% of the weights),
+a random mask, magnitude only, gradient only (L1, L2) at the same 1%, and the
 ablations lambda 0.5 / 1.5, budget 0.1% / 5%, hybrid L1.
 
 Cost: every row but the linear probe back-propagates through the whole network. The default budget is set for about
 an hour on 2 CPU cores (measured: 27.5 min on a 2-core Intel Xeon, 2026-12-03): the small pretrained network, 2
 epochs per run, importance estimated on 16 batches (``--estimation_batches``; 0 = one whole epoch, the paper's
-setting), 14 rows x 2 tasks x 3 seeds = 84 runs, two at a time (``--jobs 2``, one thread each). With the 8.3 M-weight foundation ResNet (28^3, batch 16: about 2.5 s per
+setting), 15 rows x 2 tasks x 3 seeds = 90 runs, two at a time (``--jobs 2``, one thread each). With the 8.3 M-weight foundation ResNet (28^3, batch 16: about 2.5 s per
 training step on 2 cores) 10 epochs of every row take roughly two days on CPU and far less on a GPU; ``--rows``,
 ``--seeds`` and ``--epochs`` trade it down, and finished runs are reused.
 
@@ -53,8 +60,17 @@ from typing import Any
 
 import fire
 
-from benchmarks.common import GLIBC_TUNABLES, REPO, machine_info, run_logged, split_list
+from benchmarks.common import (
+    GLIBC_TUNABLES,
+    REPO,
+    carve_validation_datalist,
+    machine_info,
+    run_logged,
+    split_list,
+    verdict_cell,
+)
 from benchmarks.learning_curve import compare_over_seeds
+from medfm_ops.metrics import working_verdict
 from medfm_ops.utils.atomic_io import atomic_write_text
 
 BUNDLE = REPO / "bundles" / "shpeft_cls"
@@ -68,6 +84,7 @@ ROWS: tuple[tuple[str, str, str | None, dict[str, Any]], ...] = (
     ("linear_probe", "linear probe (head only)", "linear_probe", {}),
     ("bitfit", "BitFit (biases + head)", "bitfit", {}),
     ("lora", "LoRA r 8 (convs / linears) + head, fused", "lora", {}),
+    ("lora_r1", "LoRA r 1 (about 1% of the weights) + head, fused", "lora_r1", {}),
     ("random_mask", "random mask, 1%", "random_mask", {}),
     ("magnitude", "magnitude only (I_ta), 1%", "magnitude", {}),
     ("gradient_l1", "gradient only (I_td, L1), 1%", "gradient_l1", {}),
@@ -80,8 +97,8 @@ ROWS: tuple[tuple[str, str, str | None, dict[str, Any]], ...] = (
 )
 #: version of the bundle scoring stored in each run's stamp (a new version rescores finished runs, no retraining)
 BUNDLE_SCORING_VERSION = 2
-SCORES = (("f1", "F1"), ("accuracy", "acc"), ("majority_accuracy", "majority acc"),
-          ("balanced_accuracy", "bal. acc"), ("auc", "AUC"))  # fmt: skip
+SCORES = (("auc", "AUC"), ("balanced_accuracy", "bal. acc"), ("majority_balanced_accuracy", "majority bal. acc"),
+          ("f1", "F1"), ("accuracy", "acc"), ("majority_accuracy", "majority acc"))  # fmt: skip
 
 
 def _configs_digest() -> str:
@@ -104,13 +121,6 @@ def _mean_std(values: list[float | None], scale: float = 1.0, digits: int = 2) -
     if len(vals) == 1:
         return f"{vals[0]:.{digits}f}"
     return f"{statistics.fmean(vals):.{digits}f} ± {statistics.pstdev(vals):.{digits}f}"
-
-
-def _max_gap(record: dict[str, Any]) -> float:
-    """Largest |AUC| difference between a run's bundle score and its in-process score (0 when none recorded)."""
-    gaps = [abs(x["scores"]["auc"] - x["in_process_scores"]["auc"]) for rows in record["tasks"].values() for r in rows
-            for x in r["runs"] if "in_process_scores" in x]  # fmt: skip
-    return max(gaps, default=0.0)
 
 
 def _reading(rows: list[dict[str, Any]], ref: str = "shpeft") -> list[str]:
@@ -145,27 +155,40 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
         f"{record['pretrained']['network']}, {record['pretrained']['num_weights']:,} weights"
         + (f"; trained by this command: `bundles/foundation_cls` on its synthetic four-task default, "
            f"{record['pretrained']['pretrain_epochs']} epochs, small ResNet 1-1-1-1 / 16-128 — it has never seen the "
-           "real tasks" if record["pretrained"].get("trained_here") else "")
+           "real tasks" if record["pretrained"].get("trained_here") and not record["pretrained"].get("leave_task_out") else "")
+        + (f"; LEAVE-ONE-TASK-OUT: one starting point per task, trained by this command: `bundles/foundation_cls` on "
+           "its synthetic tasks + the other real task (`--exclude_tasks [task]`, it never saw the task it is "
+           f"fine-tuned on), {record['pretrained']['pretrain_epochs']} epochs, small ResNet 1-1-1-1 / 16-128, cached "
+           "once per task and reused by every row and seed: "
+           + ", ".join(f"{t}: `{x['path']}`" for t, x in record["pretrained"]["per_task"].items())
+           if record["pretrained"].get("leave_task_out") else "")
         + "); the classifier layer is "
         "re-headed for each task (rows of the task when the checkpoint knows it, else a fresh head with the run's "
         "seed) and always trained; budgets are fractions of the other weights.",
         f"- Harness (every row): `bundles/shpeft_cls/configs/train.json` + the row's override; {s['epochs']} epoch(s), "
         f"batch {s['batch_size']}, AdamW lr {s['learning_rate']} (weight decay {s['weight_decay']}) with cosine decay, "
-        f"cross-entropy, flips + small affine augmentation, input {'x'.join(map(str, s['spatial_size']))}; the last "
-        "weights are scored (no selection on val). Importance estimation: "
+        f"cross-entropy, flips + small affine augmentation, input {'x'.join(map(str, s['spatial_size']))}; validated "
+        "after every epoch on the run's OWN validation split carved from train "
+        f"({100 * s.get('val_fraction', 0.2):.0f}% of the task's training cases per label, one fixed draw for every "
+        "row and seed, `benchmarks.common.carve_validation_datalist`) and the best epoch's weights kept "
+        "(`--final_model best`); the bundle has no early-stopping handler, so every run trains its full budget (no "
+        "patience applied); the learning rate is the shared one (no grid). Importance estimation: "
         + (f"{s['sparse_num_batches']} training batches" if s.get("sparse_num_batches") else "one epoch of the training split")
         + " (random mask and magnitude rows: one batch, for the shapes only). Runs: "
         + (f"{s['jobs']} at a time, {s['threads']} torch thread(s) each." if s.get("jobs") else "one at a time."),
-        "- Data: train split to train, val split to score (test splits kept aside)"
+        "- Data: train split (minus the carved validation split) to train, shipped val split to score only (test "
+        "splits kept aside)"
         + (f"; first {s['limit']} cases of each split only (--limit, a smoke test: the splits are not shuffled, "
            "VesselMNIST3D's train split starts with its positives)" if s.get("limit") else "") + ". Seeds: "
         f"{', '.join(map(str, s['seeds']))} (data order, augmentation, fresh head, random mask).",
         "- Scores: those of each run's written bundle (`<run>/export`, merged weights), through its own "
-        "`configs/inference.json` on NIfTI copies of the val volumes (`medfm_ops.bundle.score_cls_bundle`); largest "
-        f"|AUC| difference to the run's in-process validation of the same weights: {_max_gap(record):.1e}. F1 (macro, "
-        "main), accuracy next to the majority-class accuracy (always predicting the training "
-        "split's most frequent class), balanced accuracy, AUC; mean ± std over seeds, in %. Wall times: importance "
-        "estimation and training (validation and bundle writing excluded), seconds, mean over seeds.",
+        "`configs/inference.json` on NIfTI copies of the shipped val volumes (`medfm_ops.bundle.score_cls_bundle`). AUC "
+        "(main), balanced accuracy next to that of always predicting one class, F1 (macro), accuracy next to the "
+        "majority-class accuracy (always predicting the training split's most frequent class); mean ± std over "
+        "seeds, in %. Verdict: \"working\" when the balanced accuracy is above the majority level by the bundles' "
+        "margin (`medfm_ops.metrics.working_verdict`), else \"not working\" whatever the AUC; \"working k/n\" when "
+        "only k of the n seeds' models work. Wall times: importance estimation and training (validation on the carved split "
+        "included, bundle writing excluded), seconds, mean over seeds.",
         f"- Machine: {m['cpu_model']}, {m['usable_cores']} usable cores ({s.get('threads') or m['torch_threads']} torch "
         "thread(s) per run), torch "
         f"{m['torch']}, GPU: {m['gpu'] or 'none'}; GLIBC_TUNABLES={m['glibc_tunables'] or GLIBC_TUNABLES} (set for "
@@ -175,13 +198,14 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
     for task, rows in record["tasks"].items():
         lines += [f"## {task}", "",
                   "| row | method | trainable params | " + " | ".join(h for _, h in SCORES)
-                  + " | estimation (s) | training (s) |",
-                  "| --- | --- | ---: | " + " | ".join("---:" for _ in SCORES) + " | ---: | ---: |"]  # fmt: skip
+                  + " | verdict | estimation (s) | training (s) |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in SCORES) + " | --- | ---: | ---: |"]  # fmt: skip
         for r in rows:
             runs = r["runs"]
             est = [(x["importance_estimation"] or {}).get("seconds") for x in runs]
-            cells = [_mean_std([x["scores"][k] for x in runs], 100.0) for k, _ in SCORES]
+            cells = [_mean_std([x["scores"].get(k) for x in runs], 100.0) for k, _ in SCORES]
             cells[0] = f"**{cells[0]}**"
+            cells.append(verdict_cell([working_verdict(x["scores"]) for x in runs]))
             lines.append(
                 f"| {r['name']} | {r['description']} | {runs[0]['trainable']['count']:,} "
                 f"({100 * runs[0]['trainable']['fraction']:.3g}%) | " + " | ".join(cells)
@@ -199,39 +223,52 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
     return text
 
 
-#: the default starting point's network (stage 1): small enough for the default study to take about an hour on CPU
+#: the default starting point's network (stage 1), as foundation_cls's ``network_config``: small enough for the
+#: default study to take about an hour on CPU
 SMALL_NETWORK: dict[str, Any] = {
-    "_target_": "monai.networks.nets.ResNet", "block": "basic", "layers": [1, 1, 1, 1],
-    "block_inplanes": [16, 32, 64, 128], "spatial_dims": 3, "n_input_channels": 1, "conv1_t_size": 3,
-    "conv1_t_stride": 1, "num_classes": "@num_classes",
+    "_target_": "medfm_ops.networks.network_config", "target": "monai.networks.nets.ResNet", "block": "basic",
+    "layers": [1, 1, 1, 1], "block_inplanes": [16, 32, 64, 128], "spatial_dims": 3, "n_input_channels": 1,
+    "conv1_t_size": 3, "conv1_t_stride": 1, "num_classes": "@num_classes",
 }  # fmt: skip
 
 
-def ensure_pretrained(work: Path, epochs: int, reuse: bool = True) -> Path:
+def ensure_pretrained(
+    work: Path,
+    epochs: int,
+    reuse: bool = True,
+    without: str | None = None,
+    real_tasks: dict[str, str] | None = None,
+    limit: int | None = None,
+) -> Path:
     """
     Stage 1: train ``bundles/foundation_cls`` (its own ``train.json``, synthetic default data) with
-    :data:`SMALL_NETWORK` for ``epochs`` epochs into ``work/pretrained/models``; reused while the recipe and the
-    bundle's config are unchanged and its ``model.pt`` exists. The bundle's configs are copied to
-    ``work/pretrained/bundle`` with ``network_def`` replaced in the copy's ``train.json`` (the run records the
-    network it trains from that file). Returns the ``model.pt`` path (``network_def.json`` beside it).
+    :data:`SMALL_NETWORK` as its ``network_config`` for ``epochs`` epochs into ``work/pretrained/models``; reused
+    while the recipe and the bundle's config are unchanged and its ``model.pt`` exists. Returns the ``model.pt``
+    path (``network_def.json`` beside it, recorded by the run).
+
+    ``without``: the leave-one-task-out starting point of that target task instead, in
+    ``work/pretrained_without_<task>``: foundation_cls's synthetic tasks + the ``real_tasks`` (first ``limit`` cases)
+    with ``--exclude_tasks [without]`` (the target task never seen), cached once per target task and reused by every
+    row and seed.
     """
     source = REPO / "bundles" / "foundation_cls"
-    out = work / "pretrained"
-    train_cfg = json.loads((source / "configs" / "train.json").read_text())
-    recipe = {"network_def": SMALL_NETWORK, "epochs": int(epochs), "val_interval": int(epochs),
-              "train_json_sha256": hashlib.sha256((source / "configs" / "train.json").read_bytes()).hexdigest()}  # fmt: skip
+    out = work / ("pretrained" if without is None else f"pretrained_without_{without}")
+    overrides: dict[str, Any] = {"network_config": SMALL_NETWORK, "epochs": int(epochs), "val_interval": int(epochs)}
+    if without is not None:
+        overrides.update(real_tasks=dict(real_tasks or {}), real_limit=limit, exclude_tasks=[without])
+    recipe = {**overrides, "train_json_sha256": hashlib.sha256((source / "configs" / "train.json").read_bytes()).hexdigest()}
     stamp, model = out / "recipe.json", out / "models" / "model.pt"
     if reuse and model.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         print(f"[bench_shpeft] starting point: reusing {model}", flush=True)
         return model
-    bundle = out / "bundle"
-    shutil.rmtree(bundle, ignore_errors=True)
-    shutil.copytree(source, bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
-    atomic_write_text(bundle / "configs" / "train.json", json.dumps({**train_cfg, "network_def": SMALL_NETWORK}, indent=4))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.json"),
-           "--bundle_root", str(bundle), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "runs"),
-           "--epochs", str(int(epochs)), "--val_interval", str(int(epochs))]  # fmt: skip
-    print(f"[bench_shpeft] starting point: training foundation_cls (small ResNet, {epochs} epochs) -> {out}", flush=True)
+    stamp.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "overrides.json", json.dumps(overrides, indent=4) + "\n")
+    files = json.dumps([str(source / "configs" / "train.json"), str(out / "overrides.json")])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(source),
+           "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "runs")]  # fmt: skip
+    what = f"without {without}" if without else "synthetic tasks only"
+    print(f"[bench_shpeft] starting point: training foundation_cls (small ResNet, {what}, {epochs} epochs) -> {out}", flush=True)
     seconds = _run(cmd, out / "train.log")
     atomic_write_text(stamp, json.dumps(recipe, indent=2))
     print(f"[bench_shpeft] starting point trained in {seconds / 60:.1f} min", flush=True)
@@ -258,6 +295,8 @@ def run(
     work_dir: str = "runs/shpeft_bench",
     results: str = "docs/RESULTS_shpeft.md",
     reuse_rows: bool = True,
+    leave_task_out: bool = False,
+    val_fraction: float = 0.2,
 ) -> str:
     """
     Run the rows (each task x seed) and write ``results`` and its ``.json``.
@@ -282,15 +321,22 @@ def run(
         work_dir: per-run outputs and logs. Defaults to ``runs/shpeft_bench``.
         results: markdown to write (``.json`` beside it). Defaults to ``docs/RESULTS_shpeft.md``.
         reuse_rows: reuse a finished run with the same settings and starting checkpoint. Defaults to True.
+        leave_task_out: start every row of a task from the leave-one-task-out foundation of that task
+            (foundation_cls's synthetic tasks + the other real task(s) of ``tasks``, ``--exclude_tasks [task]``,
+            :func:`ensure_pretrained` with ``without``; trained once per task and reused by every row and seed).
+            Not with ``pretrained``. Defaults to False.
+        val_fraction: the share of the task's training cases carved out as every row's own validation split (the
+            best epoch on it is kept); the shipped val split is only scored. Defaults to 0.2.
 
     Raises:
         FileNotFoundError: when the starting checkpoint or a task's data is missing (the message says how to get it).
-        ValueError: for unknown rows or tasks, or ``jobs < 1``.
+        ValueError: for unknown rows or tasks, ``jobs < 1``, ``val_fraction`` outside (0, 1), or
+            ``leave_task_out`` with ``pretrained``.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from medfm_ops.bundle import score_cls_bundle
-    from medfm_ops.data import medmnist_items
+    from medfm_ops.data import ensure_cls_dataset, medmnist_items
     from medfm_ops.networks import instantiate, load_pretrained_classifier
 
     start = time.perf_counter()
@@ -301,6 +347,11 @@ def run(
         raise ValueError(f"unknown rows {unknown}; known: {[r[0] for r in ROWS]}.")
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    if leave_task_out and pretrained:
+        raise ValueError("leave_task_out builds its own starting point per task (foundation_cls --exclude_tasks): "
+                         "do not pass --pretrained with it.")
     task_list = split_list(tasks)
     data = root(data_dir).resolve()
     for t in task_list:
@@ -312,8 +363,22 @@ def run(
         os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
     work = root(work_dir)
     machine = machine_info("cpu")
-    start_path = root(pretrained) if pretrained else ensure_pretrained(work, pretrain_epochs, reuse_rows)
-    pre = load_pretrained_classifier(start_path, root(pretrained_network_def) if pretrained_network_def else None)
+    real = {t: str(data / TASK_FILES[t]) for t in task_list}
+    if leave_task_out:  # one starting point per target task, never trained on it
+        if len(task_list) < 2:
+            real = {t: str(data / f) for t, f in TASK_FILES.items() if (data / f).is_file()}
+        starts = {t: ensure_pretrained(work, pretrain_epochs, reuse_rows, without=t, real_tasks=real, limit=limit)
+                  for t in task_list}  # fmt: skip
+    else:
+        one = root(pretrained) if pretrained else ensure_pretrained(work, pretrain_epochs, reuse_rows)
+        starts = {t: one for t in task_list}
+    pres = {t: load_pretrained_classifier(p, root(pretrained_network_def) if pretrained_network_def else None)
+            for t, p in starts.items()}  # fmt: skip
+    pre = pres[task_list[0]]
+    lists = {t: carve_validation_datalist(
+        ensure_cls_dataset(work / "cache" / "synthetic_cls", synthetic={"tasks": []},
+                           real_tasks={t: str(data / TASK_FILES[t])}, real_limit=limit),
+        work / "datalists" / f"{t}.json", val_fraction) for t in task_list}  # fmt: skip
     seed_list = [int(s) for s in split_list(seeds)]
     shared = {"epochs": int(epochs), "batch_size": int(batch_size), "learning_rate": float(learning_rate),
               "weight_decay": float(weight_decay), "spatial_size": [int(s) for s in spatial_size],
@@ -325,12 +390,13 @@ def run(
         files = [str(BUNDLE / "configs" / "train.json")]
         if override:
             files.append(str(BUNDLE / "configs" / "baselines" / f"{override}.json"))
-        # val_interval > epochs: no validation inside the timed training; the last weights are scored after it
+        # validated every epoch on the carved split (the datalist's validation section), its best epoch kept; the
+        # shipped val split is scored after the run, through the written bundle
         args = {**shared, "task": task, "seed": seed, "real_tasks": {task: str(data / TASK_FILES[task])},
-                "real_limit": limit, "val_interval": int(epochs) + 1, "final_model": "last",
-                "verify_export": False, **extra}  # fmt: skip
+                "real_limit": limit, "data_cache": str(work / "cache"), "datalist": str(lists[task]),
+                "val_interval": 1, "final_model": "best", "verify_export": False, **extra}  # fmt: skip
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files),
-               "--bundle_root", str(BUNDLE), "--pretrained", str(start_path),
+               "--bundle_root", str(BUNDLE), "--pretrained", str(starts[task]),
                "--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "runs"),
                "--export_dir", str(run_dir / "export")]  # fmt: skip
         if pretrained_network_def:
@@ -338,7 +404,7 @@ def run(
         for k, v in args.items():
             if v is not None:  # Fire reads Python literals: True/False, not JSON's true/false/null
                 cmd += [f"--{k}", repr(v) if isinstance(v, bool) else json.dumps(v)]
-        settings = {"args": args, "override": override, "configs": digest, "pretrained_sha256": pre.sha256}
+        settings = {"args": args, "override": override, "configs": digest, "pretrained_sha256": pres[task].sha256}
         stamp, summary_file = run_dir / "bench_run.json", run_dir / "models" / "training_summary.json"
         old = json.loads(stamp.read_text()) if stamp.is_file() and summary_file.is_file() else {}
         reused = reuse_rows and old.get("settings") == settings
@@ -385,6 +451,10 @@ def run(
         cmd_line.append(f"--rows {','.join(wanted)}")
     if limit:
         cmd_line.append(f"--limit {limit}")
+    if leave_task_out:
+        cmd_line.append("--leave_task_out true")
+    if float(val_fraction) != 0.2:
+        cmd_line.append(f"--val_fraction {val_fraction}")
     if work_dir != "runs/shpeft_bench":
         cmd_line.append(f"--work_dir {work_dir}")
     if results != "docs/RESULTS_shpeft.md":
@@ -399,9 +469,12 @@ def run(
         "pretrained": {"path": os.path.relpath(pre.path, REPO), "sha256": pre.sha256,
                        "network": pre.network_def["_target_"], "trained_here": not pretrained,
                        "pretrain_epochs": None if pretrained else int(pretrain_epochs),
-                       "num_weights": sum(p.numel() for p in instantiate(pre.network_def).parameters())},  # fmt: skip
+                       "num_weights": sum(p.numel() for p in instantiate(pre.network_def).parameters()),
+                       "leave_task_out": bool(leave_task_out),
+                       "per_task": {t: {"path": os.path.relpath(x.path, REPO), "sha256": x.sha256} for t, x in pres.items()}},
         "settings": {**shared, "seeds": seed_list, "limit": limit, "tasks": task_list, "configs": digest,
-                     "jobs": int(jobs), "threads": threads},  # fmt: skip
+                     "jobs": int(jobs), "threads": threads, "val_fraction": float(val_fraction),
+                     "leave_task_out": bool(leave_task_out)},  # fmt: skip
         "work_dir": os.path.relpath(work, REPO),
         "tasks": out_tasks,
     }

@@ -1,0 +1,113 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""benchmarks/classification.py without training: argument checks, the run plan (rd rows' own exports, the CKA
+ablation, the leave-one-task-out teachers cached once per task, every row's carved validation split), the carved
+datalist, and the results page from a fake record set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import classification as bench
+from benchmarks.common import carve_validation_datalist
+
+TASKS = ["adrenalmnist3d", "vesselmnist3d"]
+
+
+def test_argument_checks(tmp_path):
+    with pytest.raises(ValueError, match="unknown rows"):
+        bench.run(rows="rd,nope", work_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="val_fraction"):
+        bench.run(rows="rd", val_fraction=1.0, work_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="MedMNIST files not found"):
+        bench.run(rows="rd", data_dir=str(tmp_path / "none"), work_dir=str(tmp_path))
+
+
+def test_plan(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto: {
+        "both": "both.json", **{f"without_{t}": f"without_{t}.json" for t in loto}})  # fmt: skip
+    data = {t: f"{t}.npz" for t in TASKS}
+    budget = {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
+              "val_fraction": 0.2}  # fmt: skip
+    plan = bench._runs(["rd", "rd_no_cka", "rd_loto", "reprogram_loto"], [0, 1], tmp_path, data, budget)
+    loto = [r for r in plan if r["row"] == "foundation_loto"]
+    assert sorted(r["task"] for r in loto) == TASKS  # once per target task, not per seed
+    for r in loto:
+        assert r["overrides"]["exclude_tasks"] == [r["task"]] and r["overrides"]["datalist"] == f"without_{r['task']}.json"
+    by = {(r["row"], r["seed"], r["task"]): r for r in plan}
+    for seed in (0, 1):
+        for t in TASKS:
+            ov = by[("rd_loto", seed, t)]["overrides"]
+            assert ov["leave_task_out"] is True and ov["teacher_path"] == str(tmp_path / f"foundation_without_{t}")
+            assert by[("rd_loto", seed, t)]["after"] == f"without_{t}"
+            cache = by[("reprogram_loto", seed, t)]["overrides"]["teacher_feature_cache"]
+            assert cache.startswith(str(tmp_path / f"foundation_without_{t}"))
+            assert by[("rd_no_cka", seed, t)]["overrides"]["gamma"] == 0.0
+            rd = by[("rd", seed, t)]
+            assert "gamma" not in rd["overrides"] and rd["overrides"]["teacher_path"] == str(tmp_path / f"seed{seed}" / "foundation")
+            assert rd["overrides"]["verify_export"] is False and rd["after"] == f"seed{seed}"
+    for r in plan:  # every run selects its model on its own carved split, validated after every epoch
+        assert r["overrides"]["val_interval"] == 1 and r["overrides"]["datalist"].endswith(".json")
+    # scoring reads the shipped val split: the carved datalist override is dropped
+    parser = bench._parser(by[("rd", 0, TASKS[0])], shipped_val=True)
+    assert parser["datalist"] != "both.json" and bench._parser(by[("rd", 0, TASKS[0])])["datalist"] == "both.json"
+
+
+def test_carve_validation_datalist(tmp_path):
+    items = [{"image": f"img{i}.npz", "task": t, "label": i % 2} for t in TASKS for i in range(20)]
+    shipped = [{"image": "val.npz", "task": TASKS[0], "label": 0}]
+    src = tmp_path / "src.json"
+    src.write_text(json.dumps({"tasks": [], "training": items, "validation": shipped}))
+    out = json.loads(carve_validation_datalist(src, tmp_path / "carved.json", 0.2).read_text())
+    train, val = out["training"], out["validation"]
+    assert len(train) + len(val) == len(items) and len(val) == 8  # 2 per (task, label) of 10
+    key = lambda i: (i["task"], i["image"])  # noqa: E731
+    assert not {key(i) for i in train} & {key(i) for i in val}
+    assert {(i["task"], i["label"]) for i in val} == {(t, c) for t in TASKS for c in (0, 1)}
+    assert all(Path(i["image"]).is_absolute() for i in train + val)
+    assert out["shipped_validation"][0]["image"] == str(tmp_path / "val.npz")
+    again = json.loads(carve_validation_datalist(src, tmp_path / "carved2.json", 0.2).read_text())
+    assert again["validation"] == val  # one fixed draw for every row and seed
+    with pytest.raises(ValueError, match="fraction"):
+        carve_validation_datalist(src, tmp_path / "x.json", 0.0)
+
+
+def _scores(auc: float, ba: float) -> dict:
+    return {"n": 10, "auc": auc, "balanced_accuracy": ba, "f1": 0.5, "accuracy": 0.7, "majority_accuracy": 0.75,
+            "majority_balanced_accuracy": 0.5, "verdict": "working" if ba > 0.55 else "not working"}  # fmt: skip
+
+
+def test_write_results(tmp_path):
+    machine = {"cpu_model": "cpu", "usable_cores": 2, "logical_cores": 2, "torch": "2", "torch_threads": 1, "gpu": None,
+               "glibc_tunables": "x", "load_average_1min": 1.0}  # fmt: skip
+    records = []
+    for seed, ba in ((0, 0.7), (1, 0.5)):
+        records.append({"row": "foundation", "seed": seed, "task": None, "seconds": 60, "bundle_scores": {},
+                        "scores": {t: _scores(0.8, 0.8) for t in TASKS}, "train_params": 1e6, "deploy_params": 1e6,
+                        "deploy_flops": 1e7})  # fmt: skip
+        for t in TASKS:  # rd: the exported bundle's scores are the ones reported
+            records.append({"row": "rd_loto", "seed": seed, "task": t, "seconds": 30, "scores": {t: _scores(0.123, 0.123)},
+                            "bundle_scores": {t: _scores(0.6 + seed / 10, ba)}, "train_params": 1e5,
+                            "deploy_params": 1e5, "deploy_flops": 1e6})  # fmt: skip
+    meta = {"command": "python -m benchmarks.classification run --rows rd_loto", "date": "now", "seconds": 90,
+            "seeds": [0, 1], "tasks": TASKS, "data_dir": "d", "load_start": 1.0, "machine": machine, "work_dir": "w",
+            "latency_repeats": 2, "jobs": 1, "budget": {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0,
+                                                         "batch_size": 2, "limit": 4, "val_fraction": 0.2}}  # fmt: skip
+    text = bench.write_results(tmp_path / "r.md", {"meta": meta, "records": records, "rows": ["foundation", "rd_loto"]})
+    assert (tmp_path / "r.md").read_text() == text
+    assert f"{TASKS[0]}: AUC | bal. acc. (majority 0.500) | F1 | accuracy (majority 0.750) | verdict" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {bench.ROWS['rd_loto'].description} |"))
+    assert "0.650 ± 0.050" in row and "0.123" not in row  # the bundle scores, mean ± std over seeds
+    assert row.count("working 1/2") == 2 and "**0.650 ± 0.050**" in row
+    assert "carved from train" in text and "foundation_without_<task>" in text and "--exclude_tasks" in text
+
+
+def test_verdict_cell():
+    from benchmarks.common import verdict_cell
+
+    assert verdict_cell(["working", "working"]) == "working"
+    assert verdict_cell(["not working", "not working"]) == "not working"
+    assert verdict_cell(["working", "not working", "working"]) == "working 2/3" and verdict_cell([]) == "-"

@@ -1,0 +1,98 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""benchmarks/shpeft.py without training: argument checks, the rows (rank-1 LoRA beside LoRA), the starting points
+(foundation_cls with the small network as its network_config; leave-one-task-out per target task, reused), and the
+results page from a fake record set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import shpeft as bench
+
+TASKS = ["adrenalmnist3d", "vesselmnist3d"]
+
+
+def test_argument_checks(tmp_path):
+    with pytest.raises(ValueError, match="unknown rows"):
+        bench.run(rows="shpeft,nope", work_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="val_fraction"):
+        bench.run(val_fraction=0.0, work_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="leave_task_out"):
+        bench.run(leave_task_out=True, pretrained="bundles/foundation_cls", work_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown task"):
+        bench.run(tasks="nope", work_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="data_dir"):
+        bench.run(data_dir=str(tmp_path / "none"), work_dir=str(tmp_path))
+
+
+def test_rows_name_existing_override_files():
+    names = [r[0] for r in bench.ROWS]
+    assert names.index("lora_r1") == names.index("lora") + 1
+    for _, _, override, _ in bench.ROWS:
+        if override:
+            assert (bench.BUNDLE / "configs" / "baselines" / f"{override}.json").is_file(), override
+
+
+def test_starting_points(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        out = log.parent
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        (out / "models" / "model.pt").write_bytes(b"x")
+        return 1.0
+
+    monkeypatch.setattr(bench, "_run", fake_run)
+    plain = bench.ensure_pretrained(tmp_path, 2)
+    ov = json.loads((plain.parent.parent / "overrides.json").read_text())
+    assert ov["network_config"] == bench.SMALL_NETWORK and "network_def" not in ov and "exclude_tasks" not in ov
+    assert ov["network_config"]["_target_"] == "medfm_ops.networks.network_config"
+    files = json.loads(calls[0][calls[0].index("--config_file") + 1])
+    assert files[0].endswith("foundation_cls/configs/train.json") and files[1].endswith("overrides.json")
+    real = {t: f"{t}.npz" for t in TASKS}
+    loto = bench.ensure_pretrained(tmp_path, 2, without=TASKS[0], real_tasks=real, limit=8)
+    assert loto.parent.parent.name == f"pretrained_without_{TASKS[0]}" and loto != plain
+    ov = json.loads((loto.parent.parent / "overrides.json").read_text())
+    assert ov["exclude_tasks"] == [TASKS[0]] and ov["real_tasks"] == real and ov["real_limit"] == 8
+    assert len(calls) == 2
+    bench.ensure_pretrained(tmp_path, 2, without=TASKS[0], real_tasks=real, limit=8)  # cached once per task
+    assert len(calls) == 2
+    bench.ensure_pretrained(tmp_path, 3, without=TASKS[0], real_tasks=real, limit=8)  # another recipe: retrained
+    assert len(calls) == 3
+
+
+def _run(seed: int, auc: float, ba: float) -> dict:
+    scores = {"n": 10, "auc": auc, "balanced_accuracy": ba, "majority_balanced_accuracy": 0.5, "f1": 0.4,
+              "accuracy": 0.7, "majority_accuracy": 0.8}  # fmt: skip
+    return {"seed": seed, "seconds": 10.0, "scores": scores, "in_process_scores": scores,
+            "trainable": {"count": 1000, "fraction": 0.01}, "importance_estimation": None, "train_seconds": 5.0,
+            "settings": {}}  # fmt: skip
+
+
+def test_write_results(tmp_path):
+    machine = {"cpu_model": "cpu", "usable_cores": 2, "logical_cores": 2, "torch": "2", "torch_threads": 1, "gpu": None,
+               "glibc_tunables": "x", "load_average_1min": 1.0}  # fmt: skip
+    rows = [{"name": "lora", "description": "LoRA r 8", "runs": [_run(0, 0.70, 0.70), _run(1, 0.72, 0.52)]},
+            {"name": "lora_r1", "description": "LoRA r 1", "runs": [_run(0, 0.61, 0.65), _run(1, 0.63, 0.66)]}]
+    record = {"command": "python -m benchmarks.shpeft run --leave_task_out true", "date": "now", "seconds": 60,
+              "total_run_seconds": 40, "machine": machine, "load_average_end": 1.0, "work_dir": "w",
+              "pretrained": {"path": "p", "sha256": "0" * 64, "network": "ResNet", "trained_here": True,
+                             "pretrain_epochs": 2, "num_weights": 10, "leave_task_out": True,
+                             "per_task": {TASKS[0]: {"path": "w/pretrained_without_adrenalmnist3d/models/model.pt",
+                                                     "sha256": "1" * 64}}},
+              "settings": {"epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "weight_decay": 1e-4,
+                           "spatial_size": [28, 28, 28], "sparse_num_batches": 1, "seeds": [0, 1], "limit": 8,
+                           "tasks": [TASKS[0]], "jobs": 1, "threads": 1, "val_fraction": 0.2, "leave_task_out": True},
+              "tasks": {TASKS[0]: rows}}  # fmt: skip
+    text = bench.write_results(tmp_path / "r.md", record)
+    assert (tmp_path / "r.md").read_text() == text
+    assert "| AUC | bal. acc | majority bal. acc | F1 | acc | majority acc | verdict |" in text
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| lora")}
+    assert "**71.00 ± 1.00**" in lines["| lora"] and "working 1/2" in lines["| lora"]
+    assert "**62.00 ± 1.00**" in lines["| lora_r1"] and "| working |" in lines["| lora_r1"]
+    assert "LEAVE-ONE-TASK-OUT" in text and "pretrained_without_adrenalmnist3d" in text
+    assert "carved from train" in text and "--final_model best" in text
