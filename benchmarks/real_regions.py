@@ -31,7 +31,7 @@ settings are unchanged; an interrupted command picks up where it stopped):
    (``nsd_tolerance_mm``): 1 mm on the 1 mm hippocampus grid; on ACDC 1.5 mm, in mm of the NOMINAL 1.5 x 1.5 x 10 mm
    spacing the files carry (the true spacing is unknown: approximate, as the data README says).
 5. The page: per region and class DSC/NSD mean +- std over seeds, train/deploy parameters and GFLOPs (one window),
-   wall time per part, machine; the reading under the 2x-spread rule (``medfm_ops.metrics.compare_over_seeds``).
+   wall time per part, machine; the reading under the 2x-spread rule (``benchmarks.learning_curve.compare_over_seeds``).
 
 Presets: ``smoke`` (2 training, 1 validation, 1 test case per region, 1 epoch, one seed, rows teacher/mtl/lorkd (add
 ``--rows teacher,mtl,lorkd,scratch`` for the scratch row): a few minutes on 2 CPU cores, for checking the harness); ``full`` (40 training cases per region, all validation and
@@ -60,11 +60,13 @@ from medfm_ops.data import ensure_mapped_datalist, load_datalist, write_datalist
 from medfm_ops.engines import count_flops, count_params
 from medfm_ops.finetune.bundle_run import predict_with_bundle
 from medfm_ops.finetune.scoring import score_label_maps
-from medfm_ops.metrics import compare_over_seeds, mean_std, plot_score_bars
 from medfm_ops.networks import expert_model_from_spec, export_expert, instantiate, load_expert_state_dict, load_network_spec
 from medfm_ops.utils.atomic_io import atomic_write_json, atomic_write_text
-from medfm_ops.utils.bench import machine_info, run_logged, split_list
 from medfm_ops.utils.hashing import file_sha256
+
+from benchmarks.common import machine_info, run_logged, split_list
+from benchmarks.learning_curve import compare_over_seeds, mean_std
+from benchmarks.score_bars import plot_score_bars
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPING = REPO / "bundles" / "lorkd_seg" / "data" / "real_regions.json"

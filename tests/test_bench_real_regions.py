@@ -36,7 +36,7 @@ def _record(lorkd: list[float], mtl: list[float], teacher: float) -> dict:
                 "seeds": [{"seed": i, "train_seconds": 10.0,
                            "regions": {r: _region(v, c) for r, c in classes.items()}} for i, v in enumerate(values)]}
 
-    return {"command": "python benchmarks/real_regions.py run", "date": "d", "wall_seconds": 60.0,
+    return {"command": "python -m benchmarks.real_regions run", "date": "d", "wall_seconds": 60.0,
             "part_seconds": {"data": 1.0, "teacher_train": 20.0},
             "machine": {"cpu_model": "cpu", "usable_cores": 2, "device": "cpu", "load_average_1min": 1.0},
             "settings": {"regions": list(classes), "n_cases": {"test": {"brain_mri": 2, "heart_mri": 2}},
