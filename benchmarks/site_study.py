@@ -45,6 +45,7 @@ from medfm_ops.data import (
 )
 from medfm_ops.finetune.split import write_split
 from medfm_ops.utils.atomic_io import atomic_write_json
+from medfm_ops.utils.json_file import read_saved_with_settings
 
 __all__ = ["ACDC_POPULATIONS", "STUDY_PARTS", "build_pretraining_datalist", "build_shift_pretraining_datalist",
            "draw_training_cases", "load_or_create_shift_split", "load_or_create_study_split", "write_draw_split",
@@ -111,18 +112,9 @@ def load_or_create_study_split(
         )
     settings = {"seed": int(seed), "num_public": n_public, "num_validation": n_val}
     path = Path(study_file)
-    reused = path.is_file()
+    saved = read_saved_with_settings(path, settings, "study split")
+    reused = saved is not None
     if reused:
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"study split {path}: invalid JSON ({e}).") from e
-        asked = {k: saved.get(k) for k in settings}
-        if asked != settings:
-            raise ValueError(
-                f"study split {path} was made with {asked} but {settings} were asked: pass the saved values, or "
-                "delete the file and every run made from it (a new split changes what the foundation saw)."
-            )
         listed = sorted(c["image"] for p in STUDY_PARTS for c in saved.get(p, []))
         now = sorted(_rel(c["image"], root) for c in cases)
         if listed != now:
@@ -294,16 +286,9 @@ def load_or_create_shift_split(
                 "populations": {k: list(v) for k, v in (populations or ACDC_POPULATIONS).items()},
                 "group_pattern": group_pattern}  # fmt: skip
     path = Path(split_file)
-    reused = path.is_file()
+    saved = read_saved_with_settings(path, settings, "population split")
+    reused = saved is not None
     if reused:
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"population split {path}: invalid JSON ({e}).") from e
-        asked = {k: saved.get(k) for k in settings}
-        if asked != settings:
-            raise ValueError(f"population split {path} was made with {asked} but {settings} were asked: pass the saved "
-                             "values, or delete the file and every run made from it.")  # fmt: skip
         listed = sorted(c["image"] for p in HOLDOUT_PARTS for c in saved.get(p, []))
         if listed != sorted(_rel(c["image"], root) for c in cases):
             raise ValueError(f"population split {path} lists other cases than {root} now has: the data set changed; "

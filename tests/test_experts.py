@@ -308,3 +308,12 @@ def test_lorkd_star_ranks():
 
 def test_expert_network_type():
     assert isinstance(to_experts(nn.Sequential(nn.Conv2d(1, 1, 3)), 2), ExpertNetwork)
+
+
+def test_lorkd_star_ranks_refuse_an_exploding_allocation():
+    """Drops that nearly cancel (one task's loss rose) give a mean near 0: ranks in the thousands are refused with a
+    message, unless a clip is asked for; the largest no-rise allocation (one task learns everything) is allowed."""
+    assert lorkd_star_ranks([3.0, 0.0, 0.0], 8) == [72, 0, 0]  # 8 * 3^2: the bound itself
+    with pytest.raises(ValueError, match="mean near 0"):
+        lorkd_star_ranks([0.5, -0.49], 8)
+    assert lorkd_star_ranks([0.5, -0.49], 8, max_rank=16) == [16, 0]

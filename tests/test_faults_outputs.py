@@ -157,6 +157,7 @@ def test_second_site_finetuning_into_the_same_folder_is_refused(site_files, tmp_
     assert res.returncode == 1, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
     assert f"{out} is being written by another run (pid {holder.pid} on" in last, last
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]  # one line, no traceback
     assert str(lock_path(out)) in last
     assert _snapshot(out) == before
 

@@ -21,6 +21,7 @@ import logging
 import sys
 
 from medfm_ops.finetune import SiteFinetuneSettings, finetune_expert
+from medfm_ops.utils import OutputLockedError, OutputWriteError
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -39,12 +40,14 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run :func:`~medfm_ops.finetune.finetune_expert`; 1 with a one-line error on bad input."""
+    """Parse ``argv`` and run :func:`~medfm_ops.finetune.finetune_expert`; 1 with a one-line error on bad input, a
+    locked output folder or a refused write."""
     args = argument_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     try:
         finetune_expert(args.expert_bundle, args.dataset_dir, args.output_dir, SiteFinetuneSettings.from_namespace(args))
-    except (ValueError, FileNotFoundError, NotImplementedError, TypeError, ArithmeticError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, TypeError, ArithmeticError, OutputLockedError,
+            OutputWriteError) as e:  # one line naming the file / the other writer, no traceback
         print(f"\nfinetune_site: error: {e}", file=sys.stderr)
         return 1
     return 0

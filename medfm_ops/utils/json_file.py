@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_json_object"]
+__all__ = ["read_json_object", "read_saved_with_settings"]
 
 
 def read_json_object(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
@@ -34,3 +34,30 @@ def read_json_object(path: str | os.PathLike, what: str = "file") -> dict[str, A
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path}: expected a JSON object at the top level, got {type(data).__name__}.")
     return data
+
+
+def read_saved_with_settings(path: str | os.PathLike, settings: dict[str, Any], what: str = "file") -> dict[str, Any] | None:
+    """
+    The JSON object saved at ``path`` by an earlier run (e.g. a split), when it was made with ``settings``.
+
+    Args:
+        path: the saved file.
+        settings: the values this run asks for; the saved object must hold the same value under each key.
+        what: what the file is, used in messages (e.g. ``"study split"``).
+
+    Returns:
+        the saved object, or None when there is no file yet.
+
+    Raises:
+        ValueError: on invalid JSON, or when the file was made with other settings (naming both).
+    """
+    if not Path(path).is_file():
+        return None
+    saved = read_json_object(path, what)
+    asked = {k: saved.get(k) for k in settings}
+    if asked != settings:
+        raise ValueError(
+            f"{what} {path} was made with {asked} but {settings} were asked: pass the saved values, or delete the "
+            "file and every run made from it (a new split changes what the models saw)."
+        )
+    return saved
