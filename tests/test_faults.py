@@ -205,9 +205,9 @@ def test_exported_bundle_refuses_bad_inputs_by_name(site_files, tmp_path):
     vol[2, 2, 2] = np.inf
     _nii(bad / "inf.nii.gz", vol)
     res = _infer(bundle, bad, tmp_path / "out")
-    assert res.returncode != 0 and f"image {bad / 'inf.nii.gz'} has NaN/inf voxels" in res.stderr
-    last = res.stderr.strip().splitlines()[-1]  # the stock bundle's own excepthook: the cause is the last line
-    assert last.startswith("ERROR (cause of the failure above): ValueError: image") and "NaN/inf voxels" in last
+    assert res.returncode != 0 and f"image {bad / 'inf.nii.gz'}: 'image' has 1 NaN/inf voxel(s)" in res.stderr
+    last = res.stderr.strip().splitlines()[-1]  # the bundle-local excepthook (scripts/errors.py): the cause is last
+    assert last.startswith("ERROR (cause of the failure above): ValueError: image") and "NaN/inf voxel(s)" in last
 
     (tmp_path / "blocker").write_text("x")
     res = _infer(bundle, bad, tmp_path / "blocker" / "out")

@@ -335,6 +335,46 @@ def test_truncated_and_nan_images_at_site_finetuning_exit_1_naming_the_file(site
         assert _snapshot(out) == before and _hidden(tmp_path) == []
 
 
+def test_exported_expert_trained_directly_on_a_truncated_or_nan_image_exits_1_naming_the_file(site_files, tmp_path):
+    """Row 5 (last part) and row 6 for the stock route: the exported segmentation expert's own train.json, run by
+    `monai.bundle run` with MONAI only (importing medfm_ops fails), stops on a truncated (gzip cut) or NaN image
+    with exit 1 (no abort) and a last line naming the file; its model.pt is untouched. Its configs carry no code
+    strings: the checks are the bundle-local scripts/, byte for byte the package's modules."""
+    bundle = site_files.write_expert(tmp_path / "expert")
+    for name, source in BUNDLE_SCRIPTS.items():
+        assert (bundle / "scripts" / name).read_bytes() == source.read_bytes(), name
+    for config in (bundle / "configs").glob("*.json"):
+        text = config.read_text()
+        assert "exec(" not in text and "excepthook" not in text, config.name
+    blocker = tmp_path / "no_medfm"
+    (blocker / "medfm_ops").mkdir(parents=True)
+    (blocker / "medfm_ops" / "__init__.py").write_text("raise ImportError('the exported bundle must not need medfm')")
+    model = _snapshot(bundle / "models")
+    for problem in ("truncated", "nan"):
+        data = site_files.write_msd(tmp_path / problem, n=4)
+        image = data / "imagesTr" / "case_002.nii.gz"
+        if problem == "truncated":
+            raw = image.read_bytes()
+            image.write_bytes(raw[: len(raw) * 2 // 3])
+        else:
+            arr = np.asarray(nib.load(image).dataobj).astype(np.float32)
+            arr[2:4, 2:4, 2:4] = np.nan
+            nib.save(nib.Nifti1Image(arr, nib.load(image).affine), image)
+        res = subprocess.run(
+            [PY, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--dataset_dir", str(data),
+             "--epochs", "1", "--batch_size", "1", "--val_split", "0.25", "--device", "$torch.device('cpu')"],
+            cwd=bundle, env=_env(PYTHONPATH=str(blocker)), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert res.returncode == 1, (problem, res.returncode, res.stderr[-3000:])
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("ERROR (cause of the failure above): "), (problem, last)
+        assert str(image) in last, (problem, last)
+        words = "cannot read image file" if problem == "truncated" else "NaN/inf voxel(s)"
+        assert words in last, (problem, last)
+        assert "terminate called" not in res.stderr, problem
+        assert _snapshot(bundle / "models") == model, problem
+
+
 def test_data_check_reads_each_file_once(site_files, tmp_path, monkeypatch):
     """The verdict of a file is cached by path, size and mtime: a second check decodes nothing; a changed file is
     decoded again."""

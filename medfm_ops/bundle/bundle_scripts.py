@@ -14,8 +14,9 @@ from medfm_ops.utils.atomic_io import atomic_write_text
 
 __all__ = ["BUNDLE_SCRIPTS", "write_bundle_scripts"]
 
-#: ``scripts/<name>`` of an exported bundle -> the medfm_ops module it copies (standard library, torch and MONAI
-#: imports only): the input guard, and the exception hook that prints the cause of a failure last
+#: ``scripts/<name>`` of an exported bundle -> the medfm_ops module it copies (standard library, numpy, torch and
+#: MONAI imports only): the input guard (loaders, value and shape checks, the finite-loss check), and the exception
+#: hook that prints the cause of a failure last
 BUNDLE_SCRIPTS = {"input_guard.py": Path(input_guard.__file__), "errors.py": Path(errors.__file__)}
 
 _INIT = '"""Bundle-local code: copies of medfm_ops modules (see each file), so that this bundle needs MONAI only."""\n'

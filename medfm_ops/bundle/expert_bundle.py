@@ -19,6 +19,7 @@ import torch
 from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_text
 from medfm_ops.utils.staging import staged_directory
 
+from .bundle_scripts import write_bundle_scripts
 from .template import TEMPLATE_DIR, render_configs
 from .expert_readme import expert_readme
 from .metadata_schema import SCHEMA_URL, write_metadata_schema
@@ -200,7 +201,9 @@ def write_expert_bundle(
     at ``out_dir`` as it was, and a second writer of the same folder is refused while the first runs.
 
     Layout: ``configs/{metadata,inference,train,evaluate,train_lora}.json`` (from the JSON template in
-    ``medfm_ops/bundle/templates/seg_expert``; ``train_lora.json`` needs medfm_ops), ``configs/logging.conf``, ``models/model.pt`` (plain
+    ``medfm_ops/bundle/templates/seg_expert``; ``train_lora.json`` needs medfm_ops), ``configs/logging.conf``,
+    ``scripts/`` (the bundle-local loaders, input guard, finite-loss check and exception hook the configs name:
+    :func:`~medfm_ops.bundle.write_bundle_scripts`), ``models/model.pt`` (plain
     state dict, tensors only, written atomically), ``LICENSE``, ``docs/README.md`` and ``docs/metadata_schema.json``
     (for an offline ``verify_metadata``). The network outputs one sigmoid logit per class of the label union; the
     bundle's label map is ``argmax([0, logits[output_channels]])``, so label ``i`` corresponds to
@@ -279,6 +282,7 @@ def write_expert_bundle(
             "num_labels": n,
             "spacing": [float(s) for s in spacing],
             "roi_size": [int(r) for r in roi_size],
+            "spatial_dims": dims,
             "axcodes": "RAS"[:dims],
             "label_dtype": dtype,
             "intensity_nonzero": bool(intensity_nonzero),
@@ -286,6 +290,7 @@ def write_expert_bundle(
         for name, cfg in render_configs(values, config_values).items():
             _write_json(root / "configs" / name, cfg)
         shutil.copyfile(TEMPLATE_DIR / "configs" / "logging.conf", root / "configs" / "logging.conf")
+        write_bundle_scripts(root)
         write_metadata(root, meta)
         write_metadata_schema(root / SCHEMA_RELPATH)
         atomic_write_text(root / "LICENSE", _license_text(authors))

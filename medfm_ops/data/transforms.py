@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from monai.config import DtypeLike, KeysCollection
+from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.data.image_reader import ImageReader
-from monai.transforms import LoadImage, LoadImaged, MapTransform
-from monai.utils import ensure_tuple
-from monai.utils.enums import PostFix
+from monai.transforms import MapTransform
 
-from medfm_ops.data.input_guard import check_finite, check_shape
+from medfm_ops.data.input_guard import ImageLoadError, SafeLoadImage, SafeLoadImaged, check_finite, check_shape
 from medfm_ops.data.region_table import RegionTable
 
 __all__ = [
@@ -46,72 +41,6 @@ def case_name(data: Mapping[Hashable, Any], keys: Sequence[Hashable] = ("image",
         if isinstance(data.get(key), (str, os.PathLike)):
             return str(data[key])
     return "<unnamed case>"
-
-
-class ImageLoadError(RuntimeError):
-    """An image file exists but cannot be read (corrupt, truncated or unsupported)."""
-
-
-class SafeLoadImage(LoadImage):
-    """
-    MONAI :py:class:`~monai.transforms.LoadImage` whose failures name the file: a missing file raises
-    ``FileNotFoundError``, any reader failure (corrupt or truncated NIfTI, unsupported format) an
-    :py:class:`ImageLoadError` with the reader's message; the original exception is chained. Same arguments as
-    ``LoadImage``.
-    """
-
-    def __call__(self, filename: Sequence[str | os.PathLike] | str | os.PathLike, reader: ImageReader | None = None):
-        names = [
-            str(Path(f).expanduser()) if self.expanduser else str(f)
-            for f in ensure_tuple(filename)
-            if isinstance(f, (str, os.PathLike))
-        ]
-        for name in names:
-            if not os.path.exists(name):
-                raise FileNotFoundError(f"image file not found: {name}")
-        try:
-            return super().__call__(filename, reader)
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            shown = names[0] if len(names) == 1 else names or filename
-            raise ImageLoadError(
-                f"cannot read image file {shown} (corrupt, truncated or unsupported?): {type(e).__name__}: {first}"
-            ) from e
-
-
-class SafeLoadImaged(LoadImaged):
-    """
-    MONAI :py:class:`~monai.transforms.LoadImaged` that loads through :py:class:`SafeLoadImage`, so a missing or
-    unreadable file raises one error naming the file (``FileNotFoundError`` / :py:class:`ImageLoadError`).
-    Takes exactly ``LoadImaged``'s arguments.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        reader: type[ImageReader] | str | None = None,
-        dtype: DtypeLike = np.float32,
-        meta_keys: KeysCollection | None = None,
-        meta_key_postfix: str = PostFix.meta(),
-        overwriting: bool = False,
-        image_only: bool = True,
-        ensure_channel_first: bool = False,
-        simple_keys: bool = False,
-        prune_meta_pattern: str | None = None,
-        prune_meta_sep: str = ".",
-        allow_missing_keys: bool = False,
-        expanduser: bool = True,
-        *args: Any,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            keys, reader, dtype, meta_keys, meta_key_postfix, overwriting, image_only, ensure_channel_first,
-            simple_keys, prune_meta_pattern, prune_meta_sep, allow_missing_keys, expanduser, *args, **kwargs,
-        )  # fmt: skip
-        self._loader = SafeLoadImage(
-            reader, image_only, dtype, ensure_channel_first, simple_keys, prune_meta_pattern, prune_meta_sep,
-            expanduser, *args, **kwargs,
-        )  # fmt: skip
 
 
 class CheckFinited(MapTransform):
