@@ -251,7 +251,7 @@ def _run_cls_bundle(bundle: Path, images: Path, out: Path, blocker: Path) -> sub
     )  # fmt: skip
 
 
-def test_exported_classification_bundle_refuses_nan_2d_and_two_channel_volumes(tmp_path):
+def test_exported_classification_bundle_refuses_nan_2d_two_channel_and_truncated_volumes(tmp_path):
     """Rows 2 and 3: the exported classification bundle (the writer of the lorkd_cls experts and of the SH-PEFT
     export) runs without medfm, refuses NaN/inf, 2D and 2-channel volumes naming the file (exit 1), and leaves the
     previous predictions byte-identical; its scripts/ is the package's input guard byte for byte."""
@@ -297,6 +297,15 @@ def test_exported_classification_bundle_refuses_nan_2d_and_two_channel_volumes(t
         assert last.startswith("ERROR (cause of the failure above): ValueError: image"), (name, last)
         assert str(folders[name] / f"{name}.nii.gz") in last and words in last, (name, last)
         assert _snapshot(out) == before, name
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    raw = (folders["good"] / "good.nii.gz").read_bytes()
+    (truncated / "cut.nii.gz").write_bytes(raw[: len(raw) * 2 // 3])
+    res = _run_cls_bundle(bundle, truncated, out, blocker)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and "terminate called" not in res.stderr, res.stderr[-3000:]
+    assert f"cannot read image file {truncated / 'cut.nii.gz'}" in last, last
+    assert _snapshot(out) == before
     empty = tmp_path / "empty"
     empty.mkdir()
     res = _run_cls_bundle(bundle, empty, out, blocker)
