@@ -30,9 +30,9 @@ def lorkd_star_ranks(loss_drops: Sequence[float], base_rank: int, min_rank: int 
 
     Raises:
         ValueError: when the mean loss drop is not positive (the warm-up did not reduce the loss: ranks undefined), or,
-            without ``max_rank``, when a rank exceeds ``base_rank * len(loss_drops)**2``, the largest the formula gives
-            when no loss rose: regions whose loss rose almost cancel the others' drops, so the mean is near 0 and the
-            ranks explode (warm up longer, or set ``max_rank``).
+            without ``max_rank``, when a rank exceeds ``4 * base_rank * len(loss_drops)**2``, four times the largest
+            the formula gives when no loss rose: regions whose loss rose cancel more than half of the others' drops,
+            so the mean is near 0 and the ranks explode (warm up longer, or set ``max_rank``).
     """
     drops = [float(d) for d in loss_drops]
     if not drops:
@@ -43,11 +43,11 @@ def lorkd_star_ranks(loss_drops: Sequence[float], base_rank: int, min_rank: int 
     ranks = [max(min_rank, round_to_even(base_rank * (max(d, 0.0) / mean) ** 2)) for d in drops]
     if max_rank is not None:
         return [min(r, max_rank) for r in ranks]
-    bound = base_rank * len(drops) ** 2
+    bound = 4 * base_rank * len(drops) ** 2
     if max(ranks) > bound:
         raise ValueError(
-            f"LoRKD* ranks {ranks} exceed {bound} (base rank x number of tasks^2, the most the formula gives when no "
-            f"task's loss rose): the warm-up loss drops {drops} have a mean near 0 ({mean:.3g}) because some rose. "
-            "Warm up longer, or set lorkd_star_max_rank."
+            f"LoRKD* ranks {ranks} exceed {bound} (4 x base rank x number of tasks^2; without a rise in any task's loss "
+            f"the formula gives at most a quarter of it): the warm-up loss drops {drops} have a mean near 0 "
+            f"({mean:.3g}) because some rose. Warm up longer, or set lorkd_star_max_rank."
         )
     return ranks

@@ -130,9 +130,12 @@ class ExpertWarmupHandler:
             if self.base_rank is None:
                 self.base_rank = _uniform_rank(self.network)
             try:
-                self.formula_ranks = lorkd_star_ranks(self.loss_drops, self.base_rank)
                 self.ranks = lorkd_star_ranks(self.loss_drops, self.base_rank, self.min_rank, self.max_rank)
-            except ValueError as e:  # the warm-up did not reduce the loss: the allocation rule is undefined
+                try:
+                    self.formula_ranks = lorkd_star_ranks(self.loss_drops, self.base_rank)
+                except ValueError:  # an exploding allocation, applied only through the asked-for clip
+                    self.formula_ranks = None
+            except ValueError as e:  # no loss drop, or an exploding allocation without a clip: the rule is undefined
                 self.formula_ranks, self.ranks = None, [self.base_rank] * self.num_regions
                 self.logger.warning(f"LoRKD*: {e} Keeping the uniform rank {self.base_rank} for every region.")
             set_expert_ranks(self.network, self.ranks)
