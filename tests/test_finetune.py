@@ -395,3 +395,37 @@ def test_sparse_site_bundle_trains_the_budget_and_keeps_frozen_bits(site_run, tm
     assert all(torch.equal(merged[k].view(torch.int32), model[k].view(torch.int32)) for k in model)
     train_sparse = json.loads((out / "configs" / "train_sparse.json").read_text())
     assert train_sparse["sparse_budget"] == 0.05 and train_sparse["sparse_lambda"] == 1.0
+
+
+def test_site_bundle_keeps_the_source_intensity_rule(site_files, tmp_path):
+    """A region trained with z-score over non-zero voxels stays so at the site: the source (an expert bundle, or a
+    training run's recorded ``region_preprocessing.json``) names the rule and the written site bundle applies it."""
+    from medfm_ops.bundle import write_expert_bundle
+    from medfm_ops.data import recorded_preprocessing
+
+    net = instantiate(copy.deepcopy(site_files.unet))
+    expert = write_expert_bundle(tmp_path / "expert", site_files.unet, net.state_dict(), "brain",
+                                 {1: "posterior", 2: "anterior"}, [2, 4], (1, 1, 1), (16, 16, 16), modality="MR",
+                                 intensity_nonzero=True)  # fmt: skip
+    assert load_source(expert).intensity == "zscore_nonzero"
+    assert load_source(site_files.write_expert(tmp_path / "plain")).intensity == "zscore"
+    out = tmp_path / "site"
+    finetune_expert(expert, site_files.write_msd(tmp_path / "msd", n=4), out, SiteFinetuneSettings(
+        mode="full", epochs=1, batch_size=2, val_split=0.25, device="cpu", progress=False, score_before=False,
+        verify=False))  # fmt: skip
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    assert meta["medfm"]["intensity"] == "zscore_nonzero"
+    for name in ("train.json", "inference.json"):
+        assert json.loads((out / "configs" / name).read_text())["intensity_nonzero"] is True, name
+    # a training run's recorded row: read as recorded, a missing region or an unknown rule is one clear error
+    models = tmp_path / "run" / "models"
+    models.mkdir(parents=True)
+    (models / "region_preprocessing.json").write_text(json.dumps(
+        {"heart_mri": {"spacing": None, "window_size": [96, 96, 8], "intensity": "zscore_nonzero"}}))
+    assert recorded_preprocessing(models, "heart_mri")["intensity"] == "zscore_nonzero"
+    assert recorded_preprocessing(tmp_path / "plain" / "models", "heart_mri") == {}
+    with pytest.raises(ValueError, match="no row for region 'brain_mri'"):
+        recorded_preprocessing(models, "brain_mri")
+    (models / "region_preprocessing.json").write_text(json.dumps({"heart_mri": {"intensity": "minmax"}}))
+    with pytest.raises(ValueError, match="intensity 'minmax'"):
+        recorded_preprocessing(models, "heart_mri")

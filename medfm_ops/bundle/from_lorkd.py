@@ -12,7 +12,7 @@ from typing import Any
 
 import nibabel as nib
 
-from medfm_ops.data import RegionTable, load_datalist
+from medfm_ops.data import RegionTable, load_datalist, recorded_preprocessing
 from medfm_ops.engines import model_fingerprint
 from medfm_ops.networks import expert_model_from_spec, export_expert, load_expert_state_dict, load_network_spec
 from medfm_ops.bundle.expert_bundle import write_expert_bundle
@@ -73,17 +73,6 @@ def _region_spacing(files: list[dict], task: int) -> tuple[float, ...]:
     return tuple(round(float(z), 4) for z in zooms)
 
 
-def _recorded_preprocessing(models_dir: Path, region: str) -> dict:
-    """The region's row of ``region_preprocessing.json`` written by the training run ({} for older runs)."""
-    path = models_dir / "region_preprocessing.json"
-    if not path.is_file():
-        return {}
-    table = json.loads(path.read_text())
-    if region not in table:
-        raise ValueError(f"{path} has no row for region '{region}' (rows: {sorted(table)}): retrain the bundle.")
-    return dict(table[region])
-
-
 def export_lorkd_expert(
     bundle_root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -133,7 +122,7 @@ def export_lorkd_expert(
     if datalist is None:
         datalist = parser.get_parsed_content("datalist")
     _, sections = load_datalist(datalist)
-    row = _recorded_preprocessing(root / "models", name)
+    row = recorded_preprocessing(root / "models", name)
     if spacing is None:
         spacing = row["spacing"] if row.get("spacing") else _region_spacing(sections["training"], task)
     if roi_size is None:

@@ -24,6 +24,7 @@ from .region_preprocessing import (
     RegionSpacingd,
     RegionToMetad,
     check_trained_preprocessing,
+    recorded_preprocessing,
     save_region_preprocessing,
 )
 from .region_table import RegionTable
@@ -75,6 +76,7 @@ __all__ = [
     "RegionToMetad",
     "save_region_preprocessing",
     "check_trained_preprocessing",
+    "recorded_preprocessing",
     "SafeLoadImage",
     "SafeLoadImaged",
     "StructureSpec",

@@ -59,6 +59,7 @@ __all__ = [
     "RegionRandCropd",
     "RegionToMetad",
     "RegionBatchSampler",
+    "recorded_preprocessing",
     "save_region_preprocessing",
     "check_trained_preprocessing",
 ]
@@ -200,6 +201,28 @@ def save_region_preprocessing(ckpt_dir: str | os.PathLike, table: RegionPreproce
     os.makedirs(ckpt_dir, exist_ok=True)
     atomic_write_json(path, table.to_json())
     return path
+
+
+def recorded_preprocessing(ckpt_dir: str | os.PathLike, region: str) -> dict[str, Any]:
+    """
+    The row of ``region`` in ``{ckpt_dir}/region_preprocessing.json`` as the training run recorded it (``spacing``,
+    ``window_size``, ``intensity``, ...); ``{}`` for runs that recorded none (the bundle's default preprocessing).
+
+    Raises:
+        ValueError: when the file exists but has no row for ``region``, or its ``intensity`` is not one of
+            :data:`INTENSITY_MODES`.
+    """
+    path = os.path.join(ckpt_dir, "region_preprocessing.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        table = json.load(f)
+    if region not in table:
+        raise ValueError(f"{path} has no row for region '{region}' (rows: {sorted(table)}): retrain the bundle.")
+    row = dict(table[region])
+    if row.get("intensity", INTENSITY_MODES[0]) not in INTENSITY_MODES:
+        raise ValueError(f"{path}: region '{region}' intensity {row['intensity']!r} is not one of {list(INTENSITY_MODES)}.")
+    return row
 
 
 def check_trained_preprocessing(ckpt_dir: str | os.PathLike, table: RegionPreprocessingTable) -> None:

@@ -149,6 +149,7 @@ def finetune_expert(
             extra_metadata={"name": f"{src_meta['name']} ({dataset_name})", "changelog": changelog},
             modality=modality,
             config_values=settings.config_values(),
+            intensity_nonzero=source.intensity == "zscore_nonzero",
         )  # fmt: skip
         atomic_write_json(stage / SUMMARY_RELPATH, {"status": "in_progress"})
         cases = split["validation"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from medfm_ops.data import RegionTable
+from medfm_ops.data import INTENSITY_MODES, RegionTable, recorded_preprocessing
 from medfm_ops.networks import expert_model_from_spec, instantiate, load_fused_expert, load_network_spec
 
 __all__ = ["SourceModel", "load_source", "INIT_MODES"]
@@ -35,6 +35,8 @@ class SourceModel:
         roi_size: the bundle's patch size (None when it does not record one).
         path: where it was loaded from.
         kind: ``"expert_bundle"`` or ``"training_bundle"``.
+        intensity: the region's intensity rule, ``"zscore"`` or ``"zscore_nonzero"`` (z-score over the non-zero
+            voxels), as the source was trained; the site bundle keeps it.
     """
 
     network_def: dict[str, Any]
@@ -46,6 +48,7 @@ class SourceModel:
     roi_size: list[int] | None
     path: str
     kind: str
+    intensity: str = "zscore"
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable summary (no weights)."""
@@ -56,6 +59,7 @@ class SourceModel:
             "class_names": self.class_names,
             "output_channels": self.output_channels,
             "network_def": self.network_def,
+            "intensity": self.intensity,
             "pretrained": self.state_dict is not None,
         }
 
@@ -99,6 +103,7 @@ def _expert_bundle(root: Path, init: str) -> SourceModel:
         roi_size=infer.get("roi_size"),
         path=str(root),
         kind="expert_bundle",
+        intensity=_intensity(meta.get("medfm", {}).get("intensity", "zscore"), root / "configs" / "metadata.json"),
     )
 
 
@@ -131,6 +136,8 @@ def _training_bundle(root: Path, region: str | None, init: str) -> SourceModel:
             state_dict = load_fused_expert(instantiate(network_def), experts, state_dict, task).state_dict()
     roi = _literal(root, "roi_size", None)
     spacing = _literal(root, "spacing", None)
+    row = recorded_preprocessing(root / "models", region)  # {} unless the run had region-wise preprocessing
+    spacing, roi = row.get("spacing", spacing), row.get("window_size", roi)
     return SourceModel(
         network_def=network_def,
         state_dict=state_dict,
@@ -141,7 +148,14 @@ def _training_bundle(root: Path, region: str | None, init: str) -> SourceModel:
         roi_size=roi,
         path=str(root),
         kind="training_bundle",
+        intensity=row.get("intensity", INTENSITY_MODES[0]),
     )
+
+
+def _intensity(rule: Any, where: Path) -> str:
+    if rule not in INTENSITY_MODES:
+        raise ValueError(f"{where}: intensity {rule!r} is not one of {list(INTENSITY_MODES)}.")
+    return str(rule)
 
 
 def load_source(path: str | os.PathLike, region: str | None = None, init: str = "pretrained") -> SourceModel:
