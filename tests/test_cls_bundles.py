@@ -44,7 +44,9 @@ def workspace(tmp_path_factory):
         shutil.copytree(REPO / "bundles" / name, root / name, ignore=shutil.ignore_patterns("models", "eval", "runs"))
     with pytest.MonkeyPatch.context() as mp:  # the module's data cache, restored afterwards
         mp.setenv("MEDFM_CACHE", str(root / "cache"))
-        _run(root / "foundation_cls", "train.json", epochs=2, val_interval=1)
+        # early_stop_patience 3 cannot stop a 2-epoch run: it checks that the handler reads the real validator's key
+        # metric (test_early_stop.py checks the stopping itself)
+        _run(root / "foundation_cls", "train.json", epochs=2, val_interval=1, early_stop_patience=3)
         # expert_alpha 8 (not the default 16): inference and export must rebuild the experts from what training
         # recorded; lorkd_star_max_rank: with 1 warm-up epoch on 8 cases the mean loss drop can be near 0 and the
         # unclipped formula gives ranks in the tens of thousands (tens of GB)

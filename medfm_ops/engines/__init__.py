@@ -2,7 +2,13 @@
 # Licensed under the Apache License, Version 2.0.
 """Engines: batch routing, inferers, loss adapters and handlers for MONAI / Ignite workflows."""
 
-from medfm_ops.engines.handlers import AtomicCheckpointSaver, EpochSummaryHandler, ExpertWarmupHandler, FinalValidationHandler
+from medfm_ops.engines.handlers import (
+    AtomicCheckpointSaver,
+    EpochSummaryHandler,
+    ExpertWarmupHandler,
+    FinalValidationHandler,
+    KeyMetricEarlyStop,
+)
 from medfm_ops.engines.loss_adapter import NonFiniteLossError, TaskLossAdapter
 from medfm_ops.engines.lorkd_loss_adapter import LoRKDLossAdapter
 from medfm_ops.engines.training_state import (
@@ -31,6 +37,7 @@ __all__ = [
     "EpochSummaryHandler",
     "ExpertWarmupHandler",
     "FinalValidationHandler",
+    "KeyMetricEarlyStop",
     "TerminalProgressBar",
     "LoRKDLossAdapter",
     "NonFiniteLossError",

@@ -3,6 +3,7 @@
 """Ignite handlers of the medfm workflows (thin adapters; the maths lives in plain modules)."""
 
 from medfm_ops.engines.handlers.checkpoint import AtomicCheckpointSaver
+from medfm_ops.engines.handlers.early_stop import KeyMetricEarlyStop
 from medfm_ops.engines.handlers.epoch_summary import EpochSummaryHandler
 from medfm_ops.engines.handlers.expert_warmup import ExpertWarmupHandler
 from medfm_ops.engines.handlers.final_validation import FinalValidationHandler
@@ -15,6 +16,7 @@ __all__ = [
     "EpochSummaryHandler",
     "ExpertWarmupHandler",
     "FinalValidationHandler",
+    "KeyMetricEarlyStop",
     "LinearDecayHandler",
     "TerminalProgressBar",
     "RandomStates",

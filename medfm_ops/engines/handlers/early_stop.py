@@ -1,0 +1,67 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""Early stopping on the validator's key metric, switched off by a patience of 0 (so a bundle config can always
+list it)."""
+
+from __future__ import annotations
+
+import logging
+
+from ignite.engine import Engine, Events
+from ignite.handlers import EarlyStopping
+
+__all__ = ["KeyMetricEarlyStop"]
+
+
+class KeyMetricEarlyStop:
+    """
+    Stop training when the validator's key metric (``validator.state.key_metric_name``, the one the best checkpoint
+    follows) has not risen more than ``min_delta`` above its best for ``patience`` validations in a row. Attach it
+    to the TRAINER (a ``train_handlers`` entry next to ``ValidationHandler``, so the config has no trainer <->
+    validator reference cycle); the model kept is the best checkpoint, as without it.
+
+    Ignite's :class:`~ignite.handlers.EarlyStopping` does the counting (``cumulative``: compared with the best, not
+    with the previous validation); this adapter reads the key metric by name, logs one line when it stops the run,
+    and does nothing when ``patience`` is 0 or None (the fixed-epoch budget). The counter restarts on a resumed run.
+
+    Args:
+        validator: the evaluator run by the trainer's ``ValidationHandler``.
+        patience: validations without improvement before stopping; 0 or None: never stop early. Defaults to 0.
+        min_delta: smallest increase that counts as an improvement. Defaults to 0.0.
+        name: logger name. Defaults to ``"medfm.train"``.
+
+    Raises:
+        ValueError: on a negative ``patience`` or ``min_delta``.
+    """
+
+    def __init__(self, validator: Engine, patience: int | None = 0, min_delta: float = 0.0,
+                 name: str = "medfm.train") -> None:  # fmt: skip
+        if patience is not None and int(patience) < 0:
+            raise ValueError(f"early-stopping patience must be >= 0 validations (0: off), got {patience}.")
+        if min_delta < 0:
+            raise ValueError(f"early-stopping min_delta must be >= 0, got {min_delta}.")
+        self.validator, self.patience, self.min_delta = validator, int(patience or 0), float(min_delta)
+        self.logger = logging.getLogger(name)
+
+    @staticmethod
+    def key_metric(engine: Engine) -> float:
+        """The validator's key metric after a validation run."""
+        name = getattr(engine.state, "key_metric_name", None)
+        if name is None or name not in engine.state.metrics:
+            raise KeyError(f"early stopping needs the validator's key metric; metrics are {sorted(engine.state.metrics)}.")
+        return float(engine.state.metrics[name])
+
+    def attach(self, engine: Engine) -> None:
+        """Attach to the trainer ``engine``: its validator's runs are counted, ``engine`` is the one stopped."""
+        if self.patience == 0:
+            return
+        stopper = EarlyStopping(self.patience, self.key_metric, engine, threshold=self.min_delta, cumulative=True)
+        self.validator.add_event_handler(Events.COMPLETED, stopper)
+        engine.add_event_handler(Events.COMPLETED, self._report)
+
+    def _report(self, trainer: Engine) -> None:
+        if trainer.state.epoch < trainer.state.max_epochs:
+            self.logger.info(
+                f"early stop at epoch {trainer.state.epoch}/{trainer.state.max_epochs}: no better validation "
+                f"metric in {self.patience} validations; the best checkpoint is the model."
+            )
