@@ -9,7 +9,9 @@ on the two real tasks' train splits minus a validation split carved from them (`
 shared by every row and seed, :func:`benchmarks.common.carve_validation_datalist`), with one shared budget (epochs,
 batch, 28^3, no random augmentation so that the frozen teacher's features are computed once per teacher and shared
 through the bundles' feature cache), validated after every epoch on that carved split: the scored model is the
-bundles' best-on-val ``model.pt`` (the bundles have no early-stopping handler, so every run trains its full budget).
+bundles' best-on-val ``model.pt``; with ``--patience N`` every run stops after N validations without a better AUC
+(``early_stop_patience``: ``--epochs`` is then a ceiling, so each row trains as long as it improves; the page lists
+the epochs trained and the best epochs), else every run trains its full budget.
 Scores on the shipped val splits, which no choice uses (their test splits are not shipped). Rows: student from
 scratch, foundation (``foundation_cls``, unified head; the teacher of that seed's other rows), LoRKD experts
 (``lorkd_cls``; each fused expert exported as a standalone bundle and scored through that bundle's own
@@ -128,6 +130,8 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
     lists = _datalists(work, data, budget, loto_tasks)
     common = {"data_cache": str(work / "cache"), "real_tasks": data, "real_limit": budget["limit"], "val_interval": 1,
               "batch_size": budget["batch_size"], "train#random_transforms": []}  # fmt: skip
+    if budget.get("patience"):  # early stopping on the carved split; `epochs` becomes a ceiling
+        common["early_stop_patience"] = int(budget["patience"])
     out = []
     for t in loto_tasks:  # the leave-one-task-out teacher of task t: cached once, reused by every row and seed
         run_dir = work / f"foundation_without_{t}"
@@ -201,7 +205,10 @@ def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
     files = "[" + ",".join(repr(c) for c in run["configs"] + [str(run_dir / "overrides.json")]) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files]
     seconds = run_logged(cmd, run_dir / "train.log", cwd=REPO)
-    record = {"settings": settings, "seconds": seconds}
+    summary_file = run_dir / "models" / "training_summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    record = {"settings": settings, "seconds": seconds, "epochs_trained": summary.get("epochs"),
+              "best_epoch": summary.get("best_metric_epoch")}  # fmt: skip
     atomic_write_text(stamp, json.dumps(record, indent=2))
     return record, False
 
@@ -508,8 +515,11 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         "schedule are each bundle's own (foundation AdamW 1e-3; lorkd_cls SGD 0.05 cosine; rd_cls AdamW 5e-3 cosine; "
         f"fine-tuning AdamW 1e-3), LoRKD warm-up {b['lorkd_warmup_epochs']} epoch(s) with frozen experts, rank 8. "
         "Model selection: the bundles keep the checkpoint of the best carved-split AUC (`model.pt`, the key metric); "
-        "they have no early-stopping handler, so every run trains its full budget (no patience: none is applied) and "
-        "the best epoch on its own split is the one scored. The learning rate is each bundle's own (no grid).",
+        + (f"early stopping with a patience of {b['patience']} validations (`early_stop_patience`): `epochs` is a "
+           "ceiling, each run stops when its carved-split AUC has not improved for that long "
+           f"({_stopping(records)})" if b.get("patience") else
+           "no early stopping (patience 0): every run trains its full budget")
+        + " and the best epoch on its own split is the one scored. The learning rate is each bundle's own (no grid).",
         *([f"- Leave-one-task-out rows (`*_loto`): the teacher is a foundation pre-trained WITHOUT the target task "
            f"(`foundation_cls --exclude_tasks`, foundation_cls's synthetic tasks + the other real task, "
            f"{b['foundation_epochs']} epochs, seed 0), trained once per target task and reused by every row and "
@@ -543,6 +553,16 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
     return text
 
 
+def _stopping(records: list[dict]) -> str:
+    """Epochs trained and best epochs over the runs (convergence: a best epoch at the ceiling may not have converged)."""
+    done = [(r.get("epochs_trained"), r.get("best_epoch")) for r in records if r.get("epochs_trained") is not None]
+    if not done:
+        return "epochs trained not recorded"
+    trained, best = [d[0] for d in done], [d[1] for d in done if d[1] is not None]
+    return (f"epochs trained {min(trained)}-{max(trained)}, best epochs {min(best, default='-')}-"
+            f"{max(best, default='-')} over {len(done)} runs")
+
+
 def run(
     data_dir: str = "../shared/data",
     work_dir: str = "runs/cls_bench",
@@ -561,6 +581,7 @@ def run(
     jobs: int = 2,
     threads: int | None = 1,
     val_fraction: float = 0.2,
+    patience: int = 0,
 ) -> str:
     """
     Train and score the rows (each once per seed) and write ``results`` (+ ``.json``) and its figures.
@@ -584,6 +605,8 @@ def run(
             reuse stamps.
         val_fraction: the share of each task's training cases carved out as every row's own validation split
             (model selection); the shipped val split is only scored. Defaults to 0.2.
+        patience: early stopping on that split (validations without a better AUC; ``epochs`` is then a ceiling so
+            every row trains as long as it improves); 0: every run trains ``epochs``. Defaults to 0.
 
     Raises:
         ValueError: for unknown rows, ``jobs < 1`` or ``val_fraction`` outside (0, 1).
@@ -603,7 +626,8 @@ def run(
     if missing:
         raise FileNotFoundError(f"MedMNIST files not found: {missing} (see ../shared/data/README.md); pass --data_dir.")
     budget = {"epochs": epochs, "foundation_epochs": foundation_epochs, "lorkd_warmup_epochs": lorkd_warmup_epochs,
-              "batch_size": batch_size, "limit": limit, "val_fraction": float(val_fraction)}  # fmt: skip
+              "batch_size": batch_size, "limit": limit, "val_fraction": float(val_fraction),
+              "patience": int(patience)}  # fmt: skip
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
     if threads:
@@ -634,6 +658,8 @@ def run(
         args.append(f"--limit {limit}")
     if float(val_fraction) != 0.2:
         args.append(f"--val_fraction {val_fraction}")
+    if int(patience):
+        args.append(f"--patience {int(patience)}")
     if rows:
         args.append(f"--rows {','.join(wanted)}")
     if work_dir != "runs/cls_bench" or results != "docs/RESULTS_classification.md":
