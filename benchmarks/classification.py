@@ -32,6 +32,7 @@ Runs are resumable: a run directory is reused when its settings (configs' conten
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -121,57 +122,103 @@ def _datalists(work: Path, data: dict[str, str], budget: dict[str, Any], loto_ta
     return out
 
 
-def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], budget: dict[str, Any]) -> list[dict]:
-    """The training runs: the leave-one-task-out foundations (one per target task, seed 0, shared by every seed) when
-    a row needs them, then seed by seed (foundation first: it is the teacher of its seed's rows). Every run selects
-    its model on its own validation split carved from train (``val_interval`` 1, the bundles' best-on-val
-    ``model.pt``); the shipped val split is only scored."""
+def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], budget: dict[str, Any],
+          lr_choice: dict[str, float] | None = None) -> list[dict]:
+    """The training runs. The teachers first: the foundation, trained ONCE (seed 0, ``foundation/``) and the teacher
+    of every seed's rows, and the leave-one-task-out foundations (one per target task, seed 0) when a row needs them.
+    Then every row for every seed. With an LR grid (``budget["lr_factors"]``: factors of each bundle's own learning
+    rate) and no ``lr_choice``, the first seed's rows run once per factor (``lr<factor>/``); with ``lr_choice`` (run
+    group -> chosen factor, :func:`_choose_lr`) every seed runs the chosen factor. Every run selects its model on its
+    own validation split carved from train (``val_interval`` 1, the bundles' best-on-val ``model.pt``, early stopping
+    with ``budget["patience"]``); the shipped val split is only scored."""
     loto_tasks = list(data) if any(ROWS[r].leave_task_out for r in rows) else []
     lists = _datalists(work, data, budget, loto_tasks)
     common = {"data_cache": str(work / "cache"), "real_tasks": data, "real_limit": budget["limit"], "val_interval": 1,
               "batch_size": budget["batch_size"], "train#random_transforms": []}  # fmt: skip
     if budget.get("patience"):  # early stopping on the carved split; `epochs` becomes a ceiling
         common["early_stop_patience"] = int(budget["patience"])
+    teachers = {"foundation": ("foundation", None, lists["both"], []),
+                **{f"without_{t}": (f"foundation_without_{t}", t, lists[f"without_{t}"], [t]) for t in loto_tasks}}
     out = []
-    for t in loto_tasks:  # the leave-one-task-out teacher of task t: cached once, reused by every row and seed
-        run_dir = work / f"foundation_without_{t}"
+    for key, (name, task, datalist, exclude) in teachers.items():  # cached once, reused by every row and seed
+        run_dir = work / name
         ov = {"bundle_root": str(REPO / "bundles" / "foundation_cls"), "ckpt_dir": str(run_dir / "models"),
-              "output_dir": str(run_dir / "runs"), **common, "exclude_tasks": [t], "datalist": lists[f"without_{t}"],
-              "epochs": budget["foundation_epochs"], "seed": 0}  # fmt: skip
-        out.append({"row": "foundation_loto", "seed": 0, "task": t, "dir": str(run_dir), "teacher": False, "after": None,
-                    "key": f"without_{t}", "configs": [str(REPO / "bundles" / "foundation_cls" / "configs" / "train.json")],
+              "output_dir": str(run_dir / "runs"), **common, "datalist": datalist,
+              "epochs": budget["foundation_epochs"], "seed": 0,
+              **({"exclude_tasks": exclude} if exclude else {"synthetic#tasks": []})}  # fmt: skip
+        out.append({"row": "foundation" if key == "foundation" else "foundation_loto", "seed": seeds[0], "task": task,
+                    "dir": str(run_dir), "teacher": False, "after": None, "key": key, "lr_factor": None,
+                    "configs": [str(REPO / "bundles" / "foundation_cls" / "configs" / "train.json")],
                     "overrides": ov, "epochs": budget["foundation_epochs"]})  # fmt: skip
+    factors = budget.get("lr_factors") or []
     for seed in seeds:
+        if lr_choice is None and factors and seed != seeds[0]:
+            continue  # the other seeds wait for the first seed's choice
         seed_dir = work / f"seed{seed}"
-        for row in ["foundation"] + [r for r in rows if r != "foundation"]:
+        for row in [r for r in rows if r != "foundation"]:
             spec = ROWS[row]
             for task in (list(data) if spec.per_task else [None]):
-                run_dir = seed_dir / (row if task is None else f"{row}_{task}")
-                epochs = budget["foundation_epochs"] if row == "foundation" else budget["epochs"]
-                ov: dict[str, Any] = {
-                    "bundle_root": str(REPO / "bundles" / spec.bundle), "ckpt_dir": str(run_dir / "models"),
-                    "output_dir": str(run_dir / "runs"), **common, "synthetic#tasks": [], "datalist": lists["both"],
-                    "epochs": epochs, "seed": seed,
-                }  # fmt: skip
-                if task is not None:
-                    ov["task"] = task
-                after = None if row == "foundation" else f"seed{seed}"
-                if row != "foundation":  # every other config builds the seed's teacher (scratch: phi's width)
-                    teacher_dir = work / f"foundation_without_{task}" if spec.leave_task_out else seed_dir / "foundation"
-                    after = f"without_{task}" if spec.leave_task_out else after
-                    ov["teacher_path"] = str(teacher_dir)
+                group = row if task is None else f"{row}_{task}"
+                grid = [lr_choice[group]] if lr_choice is not None and factors else (factors or [None])
+                for factor in grid:
+                    run_dir = seed_dir / group / (f"lr{factor:g}" if factor is not None else "")
+                    ov: dict[str, Any] = {
+                        "bundle_root": str(REPO / "bundles" / spec.bundle), "ckpt_dir": str(run_dir / "models"),
+                        "output_dir": str(run_dir / "runs"), **common, "synthetic#tasks": [],
+                        "datalist": lists["both"], "epochs": budget["epochs"], "seed": seed,
+                    }  # fmt: skip
+                    if task is not None:
+                        ov["task"] = task
+                    teacher = f"without_{task}" if spec.leave_task_out else "foundation"
+                    teacher_dir = work / teachers[teacher][0]
+                    ov["teacher_path"] = str(teacher_dir)  # every config builds the teacher (scratch: phi's width)
                     if spec.teacher and row != "finetune":
-                        cache = teacher_dir if spec.leave_task_out else seed_dir
-                        ov.update(cache_teacher_features=True, teacher_feature_cache=str(cache / "teacher_features.pt"))
-                if spec.bundle == "rd_cls":
-                    ov["verify_export"] = False  # the exported bundle is scored through its inference.json below
-                if row == "lorkd":
-                    ov["warmup_epochs"] = budget["lorkd_warmup_epochs"]
-                ov.update(spec.overrides)
-                configs = [str(REPO / "bundles" / spec.bundle / "configs" / f) for f in ["train.json", *spec.files]]
-                out.append({"row": row, "seed": seed, "task": task, "dir": str(run_dir), "configs": configs,
-                            "overrides": ov, "teacher": spec.teacher or spec.leave_task_out, "epochs": epochs,
-                            "after": after, "key": f"seed{seed}" if row == "foundation" else None})  # fmt: skip
+                        ov.update(cache_teacher_features=True,
+                                  teacher_feature_cache=str(teacher_dir / "teacher_features.pt"))
+                    if spec.bundle == "rd_cls":
+                        ov["verify_export"] = False  # the exported bundle is scored through its inference.json below
+                    if row == "lorkd":
+                        ov["warmup_epochs"] = budget["lorkd_warmup_epochs"]
+                    ov.update(spec.overrides)
+                    configs = [str(REPO / "bundles" / spec.bundle / "configs" / f) for f in ["train.json", *spec.files]]
+                    if factor is not None:
+                        ov["learning_rate"] = factor * _bundle_lr(configs)
+                    out.append({"row": row, "seed": seed, "task": task, "dir": str(run_dir), "configs": configs,
+                                "overrides": ov, "teacher": spec.teacher or spec.leave_task_out,
+                                "epochs": budget["epochs"], "after": teacher, "key": None, "group": group,
+                                "lr_factor": factor})  # fmt: skip
+    return out
+
+
+def _bundle_lr(configs: list[str]) -> float:
+    """The learning rate a bundle's config files (train.json + overrides) set."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(configs)
+    return float(parser.get_parsed_content("learning_rate"))
+
+
+def _best_val(run_dir: str) -> float:
+    """The run's best carved-split key metric (mean AUC over its tasks), from its ``training_summary.json``."""
+    summary = json.loads((Path(run_dir) / "models" / "training_summary.json").read_text())
+    best = summary.get("best_metric")
+    if best is None:
+        raise ValueError(f"{run_dir}: training_summary.json records no best_metric (the run never validated).")
+    return float(best)
+
+
+def _choose_lr(plan: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per run group (row, or row_task): the LR factor of the best first-seed carved-split key metric, and the grid."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in plan:
+        if r["key"] is None and r["lr_factor"] is not None:
+            g = out.setdefault(r["group"], {"grid": {}})
+            g["grid"][f"{r['lr_factor']:g}"] = _best_val(r["dir"])
+            g.setdefault("lr", {})[f"{r['lr_factor']:g}"] = r["overrides"]["learning_rate"]
+    for g in out.values():
+        best = max(g["grid"], key=lambda f: g["grid"][f] if math.isfinite(g["grid"][f]) else -math.inf)
+        g.update(factor=float(best), learning_rate=g["lr"][best])
     return out
 
 
@@ -403,13 +450,16 @@ def _reading(rows: list[str], tasks: list[str], auc: Any) -> list[str]:
         if ref not in rows:
             continue
         for t in tasks:
-            ref_v = auc(ref, t)
+            ref_v = [x for x in auc(ref, t) if math.isfinite(x)]  # the foundation, trained once: one value
             verdicts: dict[str, dict[str, float]] = {"above": {}, "tie": {}, "below": {}}  # verdict -> row -> diff
             for row in rows:
-                v = auc(row, t)
-                if row != ref and len(v) > 1 and len(ref_v) > 1:
+                v = [x for x in auc(row, t) if math.isfinite(x)]  # an undefined AUC (one class only) is left out
+                if row != ref and v and ref_v and max(len(v), len(ref_v)) > 1:  # a spread over seeds exists
                     d, _, verdict = compare_over_seeds(v, ref_v)
                     verdicts[verdict][row] = d
+            if not any(verdicts.values()):
+                out.append(f"- {t}, against {ROWS[ref][0]}: no comparison (AUC undefined or no spread over seeds).")
+                continue
             out.append(f"- {t}, against {ROWS[ref][0]}: " + "; ".join(
                 f"{k}: {', '.join(f'{ROWS[r][0]} ({d:+.3f})' for r, d in v.items())}" for k, v in verdicts.items() if v)
                 + ".")  # fmt: skip
@@ -443,8 +493,8 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         f"{sum(r['seconds'] for r in records) / 60:.1f} min; this invocation {meta['seconds'] / 60:.1f} min, reused runs "
         "included at their recorded time in the first figure). Scores on the shipped val splits (the test splits are "
         "not shipped; no choice uses them), mean ± standard deviation over "
-        f"{len(meta['seeds'])} seed(s) ({', '.join(map(str, meta['seeds']))}); each seed retrains every row, the "
-        "foundation included (it is the teacher of its seed's rows).", "",
+        f"{len(meta['seeds'])} seed(s) ({', '.join(map(str, meta['seeds']))}); each seed retrains every row; the "
+        "foundation is trained once (seed 0) and is the teacher of every seed's rows (its row has no spread).", "",
         *([f"**One seed only: no spread over seeds, so no difference between rows here is established; the study is "
            f"`--seeds 0,1,2` (finished runs are reused).** Machine: {meta['machine']['cpu_model']}, "
            f"{meta['machine']['usable_cores']} cores, 1-min load average {meta['load_start']:.1f} at the start (other "
@@ -479,11 +529,18 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         dep, flops = seed0[0]["deploy_params"] / 1e6, seed0[0]["deploy_flops"] / 1e6
         lt = lat.get(ROWS[row][5])
         lt_s = f"{lt['median_ms']:.1f} [{lt['q1_ms']:.1f}, {lt['q3_ms']:.1f}]" if lt else "-"
-        wall = sum(r["seconds"] for r in rs) / len(meta["seeds"]) / 60
+        wall = sum(r["seconds"] for r in rs) / max(1, len({r["seed"] for r in rs})) / 60
         lines.append(f"| {ROWS[row][0]} | {train:.3f} | {dep:.3f} | {flops:.1f} | {lt_s} | {wall:.1f} |")
     diffs = [abs(r["bundle_scores"][t]["auc"] - r["scores"][t]["auc"]) for r in records for t in r.get("bundle_scores", {})
              if r["bundle_scores"][t]["auc"] == r["bundle_scores"][t]["auc"]]  # fmt: skip
     figs = summary.get("figures", {})
+    if meta.get("lr_choice"):
+        lines += ["", "## Learning rates", "", "Chosen on the carved validation split of the first seed (its best "
+                  "mean AUC over the run's tasks); the shipped val split plays no part.", "",
+                  "| run group | carved-split AUC per LR factor | chosen learning rate (factor) |", "| --- | --- | ---: |"]
+        for group, c in meta["lr_choice"].items():
+            grid = ", ".join(f"{f}: {v:.3f}" for f, v in c["grid"].items())
+            lines.append(f"| {group} | {grid} | {c['learning_rate']:.3g} ({c['factor']:g}) |")
     lines += ["", "## Pictures", ""]
     for task, g in figs.get("gradcam", {}).items():
         lines += [f"![Grad-CAM {task}](figures/{g['png']})", "",
@@ -519,7 +576,10 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
            "ceiling, each run stops when its carved-split AUC has not improved for that long "
            f"({_stopping(records)})" if b.get("patience") else
            "no early stopping (patience 0): every run trains its full budget")
-        + " and the best epoch on its own split is the one scored. The learning rate is each bundle's own (no grid).",
+        + " and the best epoch on its own split is the one scored. "
+        + (f"Learning rate per row (and task) chosen on the first seed's carved split from factors "
+           f"{b['lr_factors']} of the bundle's own rate (section Learning rates)." if b.get("lr_factors") else
+           "The learning rate is each bundle's own (no grid)."),
         *([f"- Leave-one-task-out rows (`*_loto`): the teacher is a foundation pre-trained WITHOUT the target task "
            f"(`foundation_cls --exclude_tasks`, foundation_cls's synthetic tasks + the other real task, "
            f"{b['foundation_epochs']} epochs, seed 0), trained once per target task and reused by every row and "
@@ -582,6 +642,7 @@ def run(
     threads: int | None = 1,
     val_fraction: float = 0.2,
     patience: int = 0,
+    lr_factors: str | tuple[float, ...] | None = None,
 ) -> str:
     """
     Train and score the rows (each once per seed) and write ``results`` (+ ``.json``) and its figures.
@@ -607,6 +668,9 @@ def run(
             (model selection); the shipped val split is only scored. Defaults to 0.2.
         patience: early stopping on that split (validations without a better AUC; ``epochs`` is then a ceiling so
             every row trains as long as it improves); 0: every run trains ``epochs``. Defaults to 0.
+        lr_factors: learning-rate grid as factors of each bundle's own rate (comma-separated, e.g. ``0.3,1,3``): the
+            first seed trains every row at each, the factor with the best carved-split AUC is every seed's. Defaults
+            to None (each bundle's own rate, no grid).
 
     Raises:
         ValueError: for unknown rows, ``jobs < 1`` or ``val_fraction`` outside (0, 1).
@@ -627,13 +691,23 @@ def run(
         raise FileNotFoundError(f"MedMNIST files not found: {missing} (see ../shared/data/README.md); pass --data_dir.")
     budget = {"epochs": epochs, "foundation_epochs": foundation_epochs, "lorkd_warmup_epochs": lorkd_warmup_epochs,
               "batch_size": batch_size, "limit": limit, "val_fraction": float(val_fraction),
-              "patience": int(patience)}  # fmt: skip
+              "patience": int(patience),
+              "lr_factors": [float(f) for f in (str(lr_factors).split(",") if isinstance(lr_factors, (str, int, float))
+                                                else lr_factors or [])]}  # fmt: skip
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
     plan = _runs(wanted, seed_list, work, data, budget)
     trained = _train_all(plan, reuse_rows, int(jobs))
+    lr_choice: dict[str, dict[str, Any]] = {}
+    if budget["lr_factors"]:  # chosen on the first seed's carved split; then every seed trains the choice
+        lr_choice = _choose_lr(plan)
+        for group, c in lr_choice.items():
+            print(f"  {group}: lr {c['learning_rate']:.3g} (factor {c['factor']:g}; carved-split AUC per factor "
+                  f"{c['grid']})", flush=True)
+        plan = _runs(wanted, seed_list, work, data, budget, {g: c["factor"] for g, c in lr_choice.items()})
+        trained = _train_all(plan, reuse_rows, int(jobs))
     records, teachers = [], {}
     for r, (rec, reused) in zip(plan, trained):  # scoring in this process, one run at a time
         if r["row"] == "foundation_loto":  # a teacher only: it never saw the task it is the teacher of
@@ -642,7 +716,7 @@ def run(
         if not reused or rec.get("scoring_version") != SCORING_VERSION:
             rec.update(_score(r), scoring_version=SCORING_VERSION)
             atomic_write_text(Path(r["dir"]) / "bench_run.json", json.dumps(rec, indent=2, default=float))
-        records.append({**{k: r[k] for k in ("row", "seed", "task", "dir", "configs", "overrides")}, **rec})
+        records.append({**{k: r[k] for k in ("row", "seed", "task", "dir", "configs", "overrides", "lr_factor")}, **rec})
         s = {t: round(v["auc"], 3) for t, v in (rec["bundle_scores"] or rec["scores"]).items()}
         print(f"  {r['row']} seed {r['seed']}{' ' + r['task'] if r['task'] else ''}: AUC {s} ({rec['seconds'] / 60:.1f} min)", flush=True)
     import torch
@@ -660,6 +734,8 @@ def run(
         args.append(f"--val_fraction {val_fraction}")
     if int(patience):
         args.append(f"--patience {int(patience)}")
+    if budget["lr_factors"]:
+        args.append(f"--lr_factors {','.join(f'{f:g}' for f in budget['lr_factors'])}")
     if rows:
         args.append(f"--rows {','.join(wanted)}")
     if work_dir != "runs/cls_bench" or results != "docs/RESULTS_classification.md":
@@ -668,7 +744,7 @@ def run(
             "seeds": seed_list, "tasks": list(TASKS), "budget": budget, "data_dir": data_dir, "load_start": load_start,
             "work_dir": os.path.relpath(work, REPO) if work.is_relative_to(REPO) else str(work), "machine": machine_info(torch.device("cpu")),
             "latency_repeats": latency_repeats, "jobs": int(jobs), "threads": threads,
-            "loto_foundations": teachers}  # fmt: skip
+            "loto_foundations": teachers, "lr_choice": lr_choice}  # fmt: skip
     summary = {"meta": meta, "rows": [r for r in wanted], "records": records, "latency": latency, "figures": figures}
     atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2, default=float))
     return report(str(out))

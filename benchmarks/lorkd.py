@@ -33,6 +33,7 @@ import datetime  # noqa: E402
 import fire  # noqa: E402
 import torch  # noqa: E402
 
+from medfm_ops.bundle_paths import bundle_network_config  # noqa: E402
 from medfm_ops.engines import count_flops, count_params  # noqa: E402
 from medfm_ops.losses import LoRKDSegLoss  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
@@ -54,8 +55,8 @@ def _train_config(bundle: str) -> dict:
 
 
 def _network(bundle: str) -> torch.nn.Module:
-    """The bundle's ``network_def`` with the synthetic default's 12 classes."""
-    return instantiate({**_train_config(bundle)["network_def"], "out_channels": NUM_CLASSES})
+    """The bundle's network (its ``network_config``) with the synthetic default's 12 classes."""
+    return instantiate(bundle_network_config(BUNDLES / bundle / "configs" / "train.json", num_classes=NUM_CLASSES))
 
 
 def _student() -> torch.nn.Module:

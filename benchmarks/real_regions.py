@@ -363,10 +363,10 @@ def _scratch_row(work: Path, table: Any, sections: dict, prep: dict, p: dict, de
     model and the LR choice); scored on test through the same bundle's inference.json."""
     import torch
 
-    from medfm_ops.bundle_paths import literal_config
+    from medfm_ops.bundle_paths import bundle_network_config
 
-    net_def = literal_config(REPO / "bundles" / "lorkd_seg" / "configs" / "train.json", "network_def",
-                             num_classes=table.num_classes)
+    net_def = bundle_network_config(REPO / "bundles" / "lorkd_seg" / "configs" / "train.json",
+                                    num_classes=table.num_classes)
     cases = lambda section, task: [{"image": c["image"], "label": c["label"]} for c in sections.get(section, [])  # noqa
                                    if int(c["region"]) == task]
 

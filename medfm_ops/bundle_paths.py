@@ -16,6 +16,7 @@ __all__ = [
     "find_bundle_root",
     "default_cache_dir",
     "literal_config",
+    "bundle_network_config",
     "reject_renamed_keys",
     "check_trained_regions",
     "check_writable",
@@ -90,6 +91,23 @@ def literal_config(config_file: str | os.PathLike, id: str, built: Any = None, *
                 "overridden on the command line? Change it in the config file instead."
             )
     return content
+
+
+def bundle_network_config(config_file: str | os.PathLike, **values: Any) -> dict[str, Any]:
+    """
+    The literal network config (``{"_target_": ..., ...}``) that a bundle config's ``network_config`` item builds
+    (:func:`~medfm_ops.networks.network_config`), with ``values`` set first (e.g. ``num_classes=12``).
+
+    Example::
+
+        bundle_network_config("bundles/lorkd_seg/configs/train.json", num_classes=5)["out_channels"]  # 5
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser.update(values)
+    return dict(parser.get_parsed_content("network_config"))
 
 
 def reject_renamed_keys(renamed: Mapping[str, str], **given: Any) -> None:

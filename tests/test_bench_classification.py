@@ -47,13 +47,44 @@ def test_plan(tmp_path, monkeypatch):
             assert cache.startswith(str(tmp_path / f"foundation_without_{t}"))
             assert by[("rd_no_cka", seed, t)]["overrides"]["gamma"] == 0.0
             rd = by[("rd", seed, t)]
-            assert "gamma" not in rd["overrides"] and rd["overrides"]["teacher_path"] == str(tmp_path / f"seed{seed}" / "foundation")
-            assert rd["overrides"]["verify_export"] is False and rd["after"] == f"seed{seed}"
+            # one teacher, trained once, for every seed
+            assert "gamma" not in rd["overrides"] and rd["overrides"]["teacher_path"] == str(tmp_path / "foundation")
+            assert rd["overrides"]["verify_export"] is False and rd["after"] == "foundation"
+    assert [r["dir"] for r in plan if r["row"] == "foundation"] == [str(tmp_path / "foundation")]
     for r in plan:  # every run selects its model on its own carved split, validated after every epoch
         assert r["overrides"]["val_interval"] == 1 and r["overrides"]["datalist"].endswith(".json")
     # scoring reads the shipped val split: the carved datalist override is dropped
     parser = bench._parser(by[("rd", 0, TASKS[0])], shipped_val=True)
     assert parser["datalist"] != "both.json" and bench._parser(by[("rd", 0, TASKS[0])])["datalist"] == "both.json"
+
+
+def test_lr_grid_plan_and_choice(tmp_path, monkeypatch):
+    """The first seed trains every row at each LR factor of the bundle's own rate; the best carved-split key metric
+    picks the factor every seed trains; early stopping reaches every run."""
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto: {"both": "both.json"})
+    data = {t: f"{t}.npz" for t in TASKS}
+    budget = {"epochs": 9, "foundation_epochs": 9, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
+              "val_fraction": 0.2, "patience": 3, "lr_factors": [0.5, 2.0]}  # fmt: skip
+    grid = bench._runs(["rd", "lorkd"], [0, 1], tmp_path, data, budget)
+    rows = [r for r in grid if r["key"] is None]
+    assert {r["seed"] for r in rows} == {0}  # the other seeds wait for the choice
+    assert all(r["overrides"]["early_stop_patience"] == 3 for r in grid)
+    rd0 = {r["lr_factor"]: r for r in rows if r["group"] == f"rd_{TASKS[0]}"}
+    assert sorted(rd0) == [0.5, 2.0] and rd0[0.5]["dir"] != rd0[2.0]["dir"]
+    assert rd0[2.0]["overrides"]["learning_rate"] == pytest.approx(4 * rd0[0.5]["overrides"]["learning_rate"])
+    assert rd0[0.5]["overrides"]["learning_rate"] == pytest.approx(0.5 * bench._bundle_lr(rd0[0.5]["configs"]))
+    auc = {0.5: 0.61, 2.0: 0.72}  # the carved-split key metric each run's training summary records
+    for r in rows:
+        (Path(r["dir"]) / "models").mkdir(parents=True)
+        best = auc[r["lr_factor"]] if r["group"].startswith("rd") else 1 - auc[r["lr_factor"]]
+        (Path(r["dir"]) / "models" / "training_summary.json").write_text(json.dumps({"best_metric": best}))
+    choice = bench._choose_lr(grid)
+    assert choice[f"rd_{TASKS[0]}"]["factor"] == 2.0 and choice["lorkd"]["factor"] == 0.5
+    final = bench._runs(["rd", "lorkd"], [0, 1], tmp_path, data, budget, {g: c["factor"] for g, c in choice.items()})
+    by = {(r["group"], r["seed"]): r for r in final if r["key"] is None}
+    assert len(by) == 2 * (len(TASKS) + 1)  # one run per group and seed
+    assert by[("lorkd", 1)]["lr_factor"] == 0.5 and by[(f"rd_{TASKS[1]}", 1)]["lr_factor"] == 2.0
+    assert by[("lorkd", 0)]["dir"] == next(r["dir"] for r in rows if r["group"] == "lorkd" and r["lr_factor"] == 0.5)
 
 
 def test_carve_validation_datalist(tmp_path):

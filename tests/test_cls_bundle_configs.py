@@ -1,6 +1,6 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""The classification bundles' configs are data (issue 20): few ``$`` expressions in train.json, no ``exec(``, no
+"""Every bundle's configs are data (issue 20): few ``$`` expressions in train.json, no ``exec(``, no
 config reading its own file again; logic is named by ``_target_`` (``medfm_ops.bundle.cls_config_components``)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from medfm_ops.bundle.cls_config_components import datalist_section, sibling_path
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = ("foundation_cls", "lorkd_cls", "rd_cls", "shpeft_cls")
+BUNDLES = ("foundation_cls", "lorkd_cls", "rd_cls", "shpeft_cls", "foundation_seg", "lorkd_seg")
 
 
 @pytest.mark.parametrize("name", BUNDLES)

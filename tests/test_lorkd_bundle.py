@@ -101,11 +101,16 @@ def test_inference_json_is_one_definition_with_train_json(bundle):
     assert train["validate"]["preprocessing"]["transforms"] == "%deterministic_transforms"
     assert train["train"]["preprocessing"]["transforms"] == "$@deterministic_transforms + @train#random_transforms"
     assert infer["preprocessing"]["transforms"] == "%deterministic_transforms"
-    for key in ("network_def", "roi_size", "spacing", "region_preprocessing", "preprocessing_table"):
+    for key in ("roi_size", "spacing", "region_preprocessing", "preprocessing_table"):
         assert infer[key] == train[key], key
+    # train.json records its network as data (network_config -> models/network_def.json): the same stock network
+    config = {k: v for k, v in train["network_config"].items() if k not in ("_target_", "target")}
+    assert train["network_config"]["_target_"] == "medfm_ops.networks.network_config"
+    assert infer["network_def"] == {"_target_": train["network_config"]["target"], **config}
+    assert train["network_def"] == {"_target_": "medfm_ops.networks.instantiate", "network_def": "@network_config"}
     if bundle == "lorkd_seg":  # the expert layout is read from the trained model's spec, not repeated
         assert "expert_rank" not in infer and "expert_model_from_spec(@ckpt_dir)" in infer["expert_model"]
-        assert any("experts=@experts" in x for x in train["initialize"] if isinstance(x, str))
+        assert any(isinstance(x, dict) and x.get("experts") == "@experts" for x in train["initialize"])
     # one window per region, from the same per-region table as the training patches
     assert infer["inferer"]["preprocessing"] == train["validate"]["inferer"]["preprocessing"] == "@preprocessing_table"
     assert train["train"]["random_transforms"][0]["preprocessing"] == "@preprocessing_table"

@@ -16,6 +16,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from medfm_ops.networks.spec import save_trained_network_spec  # noqa: F401 (its former home)
+
 __all__ = [
     "path_in",
     "sibling_path",
@@ -106,28 +108,3 @@ class LossWithComponents:
         return {**loss_value(output), **dict(getattr(self.loss, "last_components", {}) or {})}
 
 
-def save_trained_network_spec(
-    ckpt_dir: str | os.PathLike,
-    network_config: Mapping[str, Any],
-    network: Any,
-    task_table: Any,
-    experts: Mapping[str, Any] | None = None,
-) -> str:
-    """
-    Record the run's network as data (``{ckpt_dir}/network_def.json``, :func:`~medfm_ops.networks.save_network_spec`)
-    from the config's literal ``network_config`` (:func:`~medfm_ops.networks.network_config`), after checking that
-    it builds the same parameter shapes as ``network``, the stock network the run trains (it would not if
-    ``network_def`` were replaced without ``network_config``).
-
-    Raises:
-        ValueError: when the shapes differ.
-    """
-    from medfm_ops.networks.spec import instantiate, save_network_spec
-
-    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
-    if shapes(instantiate(dict(network_config))) != shapes(network):
-        raise ValueError(
-            "network_config does not build the network this run trains: change 'network_config' (the recorded "
-            "network), not 'network_def' (built from it)."
-        )
-    return str(save_network_spec(ckpt_dir, dict(network_config), task_table, experts=experts))

@@ -28,6 +28,7 @@ from medfm_ops.networks.spec import (
     instantiate,
     load_network_spec,
     save_network_spec,
+    save_trained_network_spec,
 )
 from medfm_ops.networks.routing import TaskRouting
 from medfm_ops.networks.teacher import freeze, load_teacher
@@ -84,6 +85,7 @@ __all__ = [
     "freeze",
     "instantiate",
     "save_network_spec",
+    "save_trained_network_spec",
     "expert_model_from_spec",
     "trained_expert_settings",
     "LEGACY_EXPERT_SETTINGS",

@@ -17,6 +17,7 @@ from medfm_ops.utils.atomic_io import atomic_write_text
 from medfm_ops.utils.json_file import read_json_object
 
 __all__ = [
+    "save_trained_network_spec",
     "instantiate",
     "save_network_spec",
     "load_network_spec",
@@ -141,3 +142,28 @@ def trained_expert_settings(spec: str | os.PathLike | Mapping[str, Any]) -> dict
     source = "network_def.json experts" if isinstance(spec, Mapping) else f"{spec} experts"
     spec = spec if isinstance(spec, Mapping) else load_network_spec(spec)
     return ExpertSettings.from_record(spec.get("experts") or LEGACY_EXPERT_SETTINGS, source).to_experts_kwargs()
+
+
+def save_trained_network_spec(
+    ckpt_dir: str | os.PathLike,
+    network_config: Mapping[str, Any],
+    network: Any,
+    task_table: Any = None,
+    experts: Mapping[str, Any] | None = None,
+) -> str:
+    """
+    Record the run's network as data (``{ckpt_dir}/network_def.json``, :func:`save_network_spec`) from the config's
+    literal ``network_config`` (:func:`~medfm_ops.networks.network_config`), after checking that it builds the same
+    parameter shapes as ``network``, the stock network the run trains (it would not if ``network_def`` were replaced
+    without ``network_config``). A bundle config names it by ``_target_``: no config reads its own file again.
+
+    Raises:
+        ValueError: when the shapes differ.
+    """
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    if shapes(instantiate(dict(network_config))) != shapes(network):
+        raise ValueError(
+            "network_config does not build the network this run trains: change 'network_config' (the recorded "
+            "network), not 'network_def' (built from it)."
+        )
+    return str(save_network_spec(ckpt_dir, dict(network_config), task_table, experts=experts))
