@@ -13,7 +13,7 @@ bundles' best-on-val ``model.pt``; with ``--patience N`` every run stops after N
 (``early_stop_patience``: ``--epochs`` is then a ceiling, so each row trains as long as it improves; the page lists
 the epochs trained and the best epochs), else every run trains its full budget.
 Scores on the shipped val splits, which no choice uses (their test splits are not shipped). Rows: student from
-scratch, foundation (``foundation_cls``, unified head; the teacher of that seed's other rows), LoRKD experts
+scratch, foundation (``foundation_cls``, unified head; trained once, seed 0: the teacher of every seed's rows), LoRKD experts
 (``lorkd_cls``; each fused expert exported as a standalone bundle and scored through that bundle's own
 ``inference.json``), MTL, MTL-KD, STL, STL-KD, RD student (each run's own exported ``export/<task>`` bundle, scored
 through its ``inference.json``), RD with gamma 0 (the CKA ablation), logit-KD student, direct reprogramming; the
