@@ -80,6 +80,19 @@ def eks_oracle():
                                  assert_executions_agree=assert_executions_agree)  # fmt: skip
 
 
+# --- exported bundles run with MONAI only ---
+
+
+@pytest.fixture(scope="session")
+def without_medfm(tmp_path_factory) -> Path:
+    """A folder for ``PYTHONPATH`` under which ``import medfm_ops`` fails: a subprocess run with it proves that an
+    exported bundle needs no medfm code (its ``scripts/`` only)."""
+    blocker = tmp_path_factory.mktemp("no_medfm")
+    (blocker / "medfm_ops").mkdir()
+    (blocker / "medfm_ops" / "__init__.py").write_text("raise ImportError('the exported bundle must not need medfm')")
+    return blocker
+
+
 # --- the tiny stock expert network (test_expert_bundle.py, test_monailabel.py) ---
 
 
@@ -167,3 +180,27 @@ def site_files():
     """``write_msd(root, n=6, labels=..., spacing=...)`` (a tiny MSD-style data set), ``write_expert(root, names=...,
     channels=...)`` (a tiny expert bundle of ``unet``), ``unet`` (its network config)."""
     return types.SimpleNamespace(write_msd=write_msd, write_expert=write_expert, unet=copy.deepcopy(UNET))
+
+
+# --- made-up run records of the site-curve benchmark (test_site_study.py, test_site_shift.py) ---
+
+_MACHINE = {"cpu_model": "cpu", "logical_cores": 2, "torch_threads": 1, "torch": "2", "monai": "1", "gpu": None,
+            "load_average_1min": 1.0}  # fmt: skip
+
+
+def curve_record(row: str, n_label: str, n_all: int, seed: int, dsc: float, **fields) -> dict:
+    """One run record as ``benchmarks.site_curve`` saves it (every key its section writer reads), with made-up
+    numbers: ``n_label`` "all" stands for ``n_all`` cases; NSD equals ``dsc``; ``fields`` replace any value."""
+    record = {"row": row, "n": n_all if n_label == "all" else int(n_label), "n_label": n_label, "seed": seed,
+              "epochs": 6, "val_interval": 3, "steps": 150, "dsc": dsc, "nsd": dsc, "dsc_before": None,
+              "nsd_before": None, "per_class": {}, "best_epoch": 6, "trainable": 10, "total_params": 10,
+              "model_mb": 1.0, "delta_mb": None, "head": "keep", "train_seconds": 60.0, "seconds": 90.0,
+              "cpu_seconds": 80.0, "reused": False, "load_average_1min": 1.0, "machine": dict(_MACHINE),
+              "bundle": "x"}  # fmt: skip
+    return {**record, **fields}
+
+
+@pytest.fixture(scope="session")
+def fake_curve_record():
+    """:func:`curve_record`: ``fake_curve_record(row, n_label, n_all, seed, dsc, **fields)``."""
+    return curve_record
