@@ -175,6 +175,28 @@ def write_expert(root: Path, names=("ventricles", "posterior", "anterior"), chan
     )
 
 
+#: the settings of the session's site fine-tuning (:func:`site_run`)
+SITE_SETTINGS = {"mode": "full", "epochs": 12, "batch_size": 2, "learning_rate": 0.01, "val_split": 0.25,
+                 "device": "cpu", "progress": False}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def site_run(tmp_path_factory):
+    """A tiny expert bundle (:func:`write_expert`) fine-tuned by ``medfm_ops.finetune.finetune_expert`` on a tiny
+    two-blob site (:func:`write_msd`, 8 cases) with :data:`SITE_SETTINGS` (verified: ``models/model.ts`` too), once
+    per session (test_finetune.py checks it, test_monailabel.py serves a copy): ``{"root", "data", "expert", "out",
+    "summary", "settings"}``. Tests leave ``out`` as they found it."""
+    from medfm_ops.finetune import SiteFinetuneSettings, finetune_expert
+
+    root = tmp_path_factory.mktemp("site")
+    data = write_msd(root / "msd", n=8)
+    expert = write_expert(root / "expert")
+    out = root / "site_bundle"
+    summary = finetune_expert(expert, data, out, SiteFinetuneSettings(**SITE_SETTINGS))
+    return {"root": root, "data": data, "expert": expert, "out": out, "summary": summary,
+            "settings": dict(SITE_SETTINGS)}  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def site_files():
     """``write_msd(root, n=6, labels=..., spacing=...)`` (a tiny MSD-style data set), ``write_expert(root, names=...,
