@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -91,6 +94,55 @@ def without_medfm(tmp_path_factory) -> Path:
     (blocker / "medfm_ops").mkdir()
     (blocker / "medfm_ops" / "__init__.py").write_text("raise ImportError('the exported bundle must not need medfm')")
     return blocker
+
+
+#: runs a bundle's inference.json on several input folders in ONE process (one interpreter start instead of one per
+#: folder) with MONAI's own ``run``; prints, per folder, the line the bundle's exception hook (scripts/errors.py)
+#: prints last on failure, or null when the run succeeded
+_INFER_EACH = """
+import json, sys, traceback
+from pathlib import Path
+from monai.bundle import run
+bundle, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
+sys.path.insert(0, str(bundle))
+from scripts.errors import root_cause
+last = {}
+for name, (images, out) in runs.items():
+    try:
+        run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), dataset_dir=images,
+            output_dir=out)
+        last[name] = None
+    except Exception as e:
+        cause = root_cause(e)
+        last[name] = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+print(json.dumps(last))
+"""
+
+
+def infer_each(bundle: Path, runs: dict[str, tuple[Path, Path]], pythonpath: Path | None = None) -> dict:
+    """
+    The exported ``bundle``'s inference.json on each ``{name: (input folder, output folder)}`` of ``runs``, in one
+    subprocess (``pythonpath``, e.g. :func:`without_medfm`, replaces ``PYTHONPATH``). The exit code and the
+    exception hook of the command line are checked elsewhere; this checks what each input makes the bundle say.
+
+    Returns:
+        ``{name: None}`` for a run that succeeded, else the error under MONAI's wrappers as the bundle's exception hook
+        prints it (``"ValueError: image ...: ..."``).
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    res = subprocess.run([sys.executable, "-c", _INFER_EACH, str(bundle),
+                          json.dumps({k: (str(i), str(o)) for k, (i, o) in runs.items()})],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0 and "terminate called" not in res.stderr, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def bundle_infer_each():
+    """:func:`infer_each`: ``bundle_infer_each(bundle, {name: (images, out)}, pythonpath=None) -> {name: line}``."""
+    return infer_each
 
 
 # --- the tiny stock expert network (test_expert_bundle.py, test_monailabel.py) ---

@@ -298,30 +298,9 @@ def _run_cls_bundle(bundle: Path, images: Path, out: Path, blocker: Path) -> sub
     )  # fmt: skip
 
 
-#: runs a bundle's inference.json on several input folders in ONE process (one interpreter start instead of one per
-#: folder) with MONAI's own ``run``; prints, per folder, the line the bundle's exception hook (scripts/errors.py)
-#: would print last, or null when the run succeeded
-_INFER_EACH = """
-import json, sys, traceback
-from pathlib import Path
-from monai.bundle import run
-bundle, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
-sys.path.insert(0, str(bundle))
-from scripts.errors import root_cause
-last = {}
-for name, (images, out) in runs.items():
-    try:
-        run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), dataset_dir=images,
-            output_dir=out)
-        last[name] = None
-    except Exception as e:
-        cause = root_cause(e)
-        last[name] = "".join(traceback.format_exception_only(type(cause), cause)).strip()
-print(json.dumps(last))
-"""
-
-
-def test_exported_classification_bundle_refuses_nan_2d_two_channel_and_truncated_volumes(tmp_path, without_medfm):
+def test_exported_classification_bundle_refuses_nan_2d_two_channel_and_truncated_volumes(
+    tmp_path, without_medfm, bundle_infer_each
+):
     """Rows 2 and 3: the exported classification bundle (the writer of the lorkd_cls experts and of the SH-PEFT
     export) runs without medfm, refuses NaN/inf, 2D, 2-channel, truncated volumes and an empty folder naming the file
     or folder, and leaves the previous predictions byte-identical; its scripts/ is the package's input guard byte for
@@ -372,12 +351,8 @@ def test_exported_classification_bundle_refuses_nan_2d_two_channel_and_truncated
     empty.mkdir()
     raw = (folders["good"] / "good.nii.gz").read_bytes()
     (truncated / "cut.nii.gz").write_bytes(raw[: len(raw) * 2 // 3])
-    runs = {name: (str(folders[name]), str(out)) for name in ("inf", "flat", "two_channel")}
-    runs.update(truncated=(str(truncated), str(out)), empty=(str(empty), str(out)))
-    res = subprocess.run([PY, "-c", _INFER_EACH, str(bundle), json.dumps(runs)], env=_env(PYTHONPATH=str(without_medfm)),
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert res.returncode == 0 and "terminate called" not in res.stderr, res.stderr[-3000:]
-    last = json.loads(res.stdout.strip().splitlines()[-1])
+    runs = {name: (folders[name], out) for name in ("inf", "flat", "two_channel")}
+    last = bundle_infer_each(bundle, {**runs, "truncated": (truncated, out), "empty": (empty, out)}, without_medfm)
     for name in ("inf", "flat", "two_channel"):
         assert last[name].startswith("ValueError: image"), (name, last[name])
         assert str(folders[name] / f"{name}.nii.gz") in last[name] and expected[name] in last[name], (name, last[name])
