@@ -40,7 +40,14 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from benchmarks.common import REPO, carve_validation_datalist, reexec_with_glibc_tunables, verdict_cell
+from benchmarks.common import (
+    REPO,
+    carve_validation_datalist,
+    reexec_with_glibc_tunables,
+    run_record,
+    select_rows,
+    verdict_cell,
+)
 
 if __name__ == "__main__":
     reexec_with_glibc_tunables("bench_classification")
@@ -48,6 +55,7 @@ if __name__ == "__main__":
 import fire  # noqa: E402
 
 from benchmarks.learning_curve import compare_over_seeds  # noqa: E402
+from benchmarks.sections import regenerate_lines  # noqa: E402
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
 from medfm_ops.utils.hashing import file_sha256  # noqa: E402
 
@@ -604,7 +612,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         f"start {meta['load_start']:.2f}, at the end {m['load_average_1min']:.2f} (other jobs on the machine inflate "
         "the wall times).",
         f"- Published context (other split, far longer training): {PUBLISHED}.", "",
-        "## Regenerate", "", "```bash", meta["command"], "```", "",
+        *regenerate_lines(meta["command"]),
         f"Runs (logs, checkpoints, override files, exported bundles) are under `{meta['work_dir']}/seed<k>/<row>[_<task>]/`.",
         "",
     ]  # fmt: skip
@@ -677,10 +685,7 @@ def run(
     """
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     work, out = _abs(work_dir), _abs(results)
-    wanted = [r.strip() for r in rows.split(",")] if isinstance(rows, str) else list(rows or DEFAULT_ROWS)
-    unknown = sorted(set(wanted) - set(ROWS))
-    if unknown:
-        raise ValueError(f"unknown rows {unknown}; known: {list(ROWS)}.")
+    wanted = select_rows(rows, list(ROWS), DEFAULT_ROWS)
     wanted = [r for r in ROWS if r in wanted or r == "foundation"]
     if not 0.0 < float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
@@ -740,8 +745,8 @@ def run(
         args.append(f"--rows {','.join(wanted)}")
     if work_dir != "runs/cls_bench" or results != "docs/RESULTS_classification.md":
         args.append(f"--work_dir {work_dir} --results {results}")
-    meta = {"command": " ".join(args), "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - start,
-            "seeds": seed_list, "tasks": list(TASKS), "budget": budget, "data_dir": data_dir, "load_start": load_start,
+    meta = {**run_record(args, start), "seeds": seed_list, "tasks": list(TASKS), "budget": budget,
+            "data_dir": data_dir, "load_start": load_start,
             "work_dir": os.path.relpath(work, REPO) if work.is_relative_to(REPO) else str(work), "machine": machine_info(torch.device("cpu")),
             "latency_repeats": latency_repeats, "jobs": int(jobs), "threads": threads,
             "loto_foundations": teachers, "lr_choice": lr_choice}  # fmt: skip

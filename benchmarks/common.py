@@ -12,14 +12,15 @@ import subprocess
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from medfm_ops.utils.machine import BENCH_REEXEC_FLAG, machine_info
 
 __all__ = ["REPO", "GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms",
-           "run_logged", "split_list", "carve_validation_datalist", "verdict_cell"]  # fmt: skip
+           "run_logged", "split_list", "select_rows", "repo_path", "run_record", "carve_validation_datalist",
+           "verdict_cell"]  # fmt: skip
 
 #: the repository root (benchmarks run from it: ``python -m benchmarks.<name>``)
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +67,34 @@ def split_list(value: str | int | float | tuple | list) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [str(v).strip() for v in value]
     return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def select_rows(
+    rows: str | Sequence[str] | None, known: Sequence[str], default: Sequence[str] | None = None
+) -> list[str]:
+    """
+    The rows a benchmark run asks for: ``rows`` as a command-line list (:func:`split_list`), or ``default`` (every
+    ``known`` row when None) when ``rows`` is empty.
+
+    Raises:
+        ValueError: naming the unknown rows and the known ones.
+    """
+    wanted = split_list(rows) if rows else list(known if default is None else default)
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; known: {list(known)}.")
+    return wanted
+
+
+def repo_path(path: str | os.PathLike) -> Path:
+    """``path`` as given when absolute, else relative to the repository root (:data:`REPO`)."""
+    return Path(path) if Path(path).is_absolute() else REPO / path
+
+
+def run_record(command: Sequence[str], start: float) -> dict[str, Any]:
+    """The head of a benchmark's saved record: the command that regenerates it (``command`` joined by spaces), the
+    date and the seconds since ``start`` (a ``time.perf_counter()`` value)."""
+    return {"command": " ".join(command), "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - start}
 
 
 def run_logged(

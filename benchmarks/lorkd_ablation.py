@@ -53,7 +53,8 @@ from typing import Any
 
 import fire
 
-from benchmarks.common import GLIBC_TUNABLES, REPO, machine_info, run_logged, split_list
+from benchmarks.common import GLIBC_TUNABLES, REPO, machine_info, repo_path, run_logged, select_rows, split_list
+from benchmarks.sections import regenerate_lines
 from benchmarks.learning_curve import mean_std
 from benchmarks.score_bars import plot_score_bars
 from medfm_ops.utils.atomic_io import atomic_write_text
@@ -202,18 +203,14 @@ def run(
     from monai.bundle import ConfigParser
 
     start = time.perf_counter()
-    root = lambda p: Path(p) if Path(p).is_absolute() else REPO / p  # noqa: E731
-    wanted = split_list(rows) if rows else [r[0] for r in ROWS]
-    unknown = sorted(set(wanted) - {r[0] for r in ROWS})
-    if unknown:
-        raise ValueError(f"unknown rows {unknown}; known: {[r[0] for r in ROWS]}.")
+    wanted = select_rows(rows, [r[0] for r in ROWS])
     seed_list = [int(s) for s in split_list(seeds)][: 1 if single_seed else None]
     if not seed_list:
         raise ValueError("no seed given (--seeds 0,1,2).")
     warmup = max(1, int(epochs) // 10) if warmup_epochs is None else int(warmup_epochs)
     if int(epochs) <= warmup:
         raise ValueError(f"epochs ({epochs}) must exceed warmup_epochs ({warmup}): the experts would never train.")
-    teacher_dir = root(teacher).resolve()
+    teacher_dir = repo_path(teacher).resolve()
     if not (teacher_dir / "models" / "model.pt").is_file():
         raise FileNotFoundError(
             f"no trained teacher at {teacher_dir / 'models' / 'model.pt'}: train it first, e.g. "
@@ -221,9 +218,9 @@ def run(
             "(same data as the rows).")
     data_args: dict[str, Any] = {}
     if datalist:
-        if not root(datalist).is_file():
-            raise FileNotFoundError(f"datalist {root(datalist)} not found.")
-        data_args["datalist"] = str(root(datalist).resolve())
+        if not repo_path(datalist).is_file():
+            raise FileNotFoundError(f"datalist {repo_path(datalist)} not found.")
+        data_args["datalist"] = str(repo_path(datalist).resolve())
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
     parser.update({"bundle_root": str(BUNDLE), **data_args})
@@ -237,7 +234,7 @@ def run(
     teacher_sha = file_sha256(teacher_dir / "models" / "model.pt")
     data_sha = file_sha256(datalist_path)
     machine = machine_info("cpu")
-    work = root(work_dir)
+    work = repo_path(work_dir)
     results: list[dict[str, Any]] = []
     teacher_row: dict[str, Any] | None = None
     for name, description, override, extra, deployed in ROWS:
@@ -290,7 +287,7 @@ def run(
         "teacher_row": teacher_row,
         "rows": results,
     }
-    return _write(root(out), record)
+    return _write(repo_path(out), record)
 
 
 def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -358,7 +355,7 @@ def markdown(record: dict[str, Any], figure_name: str) -> str:
                      f"{x['deploy_params'] / 1e6:.3f} | {x['train_gflops']:.3f} | {x['deploy_gflops']:.3f} | "
                      f"{_mean_std(secs, 1.0, 0)} |")  # fmt: skip
     lines += ["", f"![mean and region-wise DSC per row, error bars: std over {n_seeds} seed(s)]({figure_name})", "",
-              "## Regenerate", "", "```bash", record["command"], "```", "",
+              *regenerate_lines(record["command"]),
               f"Per-run outputs (models, logs, `eval/regions.csv`) are under `{record['work_dir']}/<row>/seed<seed>/`; "
               "`python -m benchmarks.lorkd_ablation report` rewrites this page and the figure from the `.json`.", ""]
     return "\n".join(lines)
@@ -385,7 +382,7 @@ def _write(out: Path, record: dict[str, Any]) -> str:
 
 def report(out: str = _DEFAULT_CMD["out"]) -> str:
     """(Re)write the markdown and the figure from the ``.json`` beside ``out`` (an earlier ``run``)."""
-    path = Path(out) if Path(out).is_absolute() else REPO / out
+    path = repo_path(out)
     return _write(path, json.loads(path.with_suffix(".json").read_text()))
 
 

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from medfm_ops.utils.atomic_io import atomic_write_text
 
-__all__ = ["markdown_sections", "write_markdown_section"]
+__all__ = ["markdown_sections", "regenerate_lines", "write_markdown_section"]
+
+
+def regenerate_lines(command: str, heading: str = "## Regenerate") -> list[str]:
+    """The lines of a report's "Regenerate" block: ``heading``, then ``command`` in a bash code block, then a blank
+    line."""
+    return [heading, "", "```bash", command, "```", ""]
 
 
 def _markers(key: str) -> tuple[str, str]:

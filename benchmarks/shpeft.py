@@ -65,11 +65,15 @@ from benchmarks.common import (
     REPO,
     carve_validation_datalist,
     machine_info,
+    repo_path,
     run_logged,
+    run_record,
+    select_rows,
     split_list,
     verdict_cell,
 )
 from benchmarks.learning_curve import compare_over_seeds
+from benchmarks.sections import regenerate_lines
 from medfm_ops.metrics import working_verdict
 from medfm_ops.utils.atomic_io import atomic_write_text
 
@@ -214,7 +218,7 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
             )
         lines += ["", *_reading(rows)]
         lines.append("")
-    lines += ["## Regenerate", "", "```bash", record["command"], "```", "",
+    lines += [*regenerate_lines(record["command"]),
               f"Per-run bundles (merged `models/model.pt`, `sparse_delta.pt`, `training_summary.json`) and logs are under "
               f"`{record['work_dir']}/<task>/<row>/seed<seed>/`.", ""]  # fmt: skip
     text = "\n".join(lines)
@@ -340,11 +344,7 @@ def run(
     from medfm_ops.networks import instantiate, load_pretrained_classifier
 
     start = time.perf_counter()
-    root = lambda p: Path(p) if Path(p).is_absolute() else REPO / p  # noqa: E731
-    wanted = split_list(rows) if rows else [r[0] for r in ROWS]
-    unknown = sorted(set(wanted) - {r[0] for r in ROWS})
-    if unknown:
-        raise ValueError(f"unknown rows {unknown}; known: {[r[0] for r in ROWS]}.")
+    wanted = select_rows(rows, [r[0] for r in ROWS])
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
     if not 0.0 < float(val_fraction) < 1.0:
@@ -353,7 +353,7 @@ def run(
         raise ValueError("leave_task_out builds its own starting point per task (foundation_cls --exclude_tasks): "
                          "do not pass --pretrained with it.")
     task_list = split_list(tasks)
-    data = root(data_dir).resolve()
+    data = repo_path(data_dir).resolve()
     for t in task_list:
         if t not in TASK_FILES:
             raise ValueError(f"unknown task {t!r}; known: {sorted(TASK_FILES)}.")
@@ -361,7 +361,7 @@ def run(
             raise FileNotFoundError(f"{data / TASK_FILES[t]} not found: pass --data_dir (see ../shared/data/README.md).")
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
-    work = root(work_dir)
+    work = repo_path(work_dir)
     machine = machine_info("cpu")
     real = {t: str(data / TASK_FILES[t]) for t in task_list}
     if leave_task_out:  # one starting point per target task, never trained on it
@@ -370,9 +370,9 @@ def run(
         starts = {t: ensure_pretrained(work, pretrain_epochs, reuse_rows, without=t, real_tasks=real, limit=limit)
                   for t in task_list}  # fmt: skip
     else:
-        one = root(pretrained) if pretrained else ensure_pretrained(work, pretrain_epochs, reuse_rows)
+        one = repo_path(pretrained) if pretrained else ensure_pretrained(work, pretrain_epochs, reuse_rows)
         starts = {t: one for t in task_list}
-    pres = {t: load_pretrained_classifier(p, root(pretrained_network_def) if pretrained_network_def else None)
+    pres = {t: load_pretrained_classifier(p, repo_path(pretrained_network_def) if pretrained_network_def else None)
             for t, p in starts.items()}  # fmt: skip
     pre = pres[task_list[0]]
     lists = {t: carve_validation_datalist(
@@ -400,7 +400,7 @@ def run(
                "--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "runs"),
                "--export_dir", str(run_dir / "export")]  # fmt: skip
         if pretrained_network_def:
-            cmd += ["--pretrained_network_def", str(root(pretrained_network_def))]
+            cmd += ["--pretrained_network_def", str(repo_path(pretrained_network_def))]
         for k, v in args.items():
             if v is not None:  # Fire reads Python literals: True/False, not JSON's true/false/null
                 cmd += [f"--{k}", repr(v) if isinstance(v, bool) else json.dumps(v)]
@@ -460,9 +460,7 @@ def run(
     if results != "docs/RESULTS_shpeft.md":
         cmd_line.append(f"--results {results}")
     record = {
-        "command": " ".join(cmd_line),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "seconds": time.perf_counter() - start,
+        **run_record(cmd_line, start),
         "total_run_seconds": total,
         "machine": machine,
         "load_average_end": os.getloadavg()[0],
@@ -478,7 +476,7 @@ def run(
         "work_dir": os.path.relpath(work, REPO),
         "tasks": out_tasks,
     }
-    out = root(results)
+    out = repo_path(results)
     atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2, default=float))
     text = write_results(out, record)
     print(text)
@@ -487,7 +485,7 @@ def run(
 
 def report(results: str = "docs/RESULTS_shpeft.md") -> str:
     """(Re)write the markdown from the ``.json`` beside it (an earlier ``run``)."""
-    out = Path(results) if Path(results).is_absolute() else REPO / results
+    out = repo_path(results)
     text = write_results(out, json.loads(out.with_suffix(".json").read_text()))
     print(text)
     return str(out)

@@ -61,6 +61,7 @@ from typing import Any
 
 import fire
 
+from benchmarks.common import repo_path, select_rows
 from benchmarks.site_finetune import (
     GLIBC_TUNABLES,
     REGION,
@@ -74,7 +75,7 @@ from benchmarks.site_finetune import (
     run_or_reuse,
 )
 from benchmarks.learning_curve import compare_over_seeds, plot_learning_curve
-from benchmarks.sections import write_markdown_section
+from benchmarks.sections import regenerate_lines, write_markdown_section
 from benchmarks.site_shift import (
     HEART,
     MAPPING,
@@ -118,10 +119,6 @@ def dataset_defaults(dataset: str) -> dict[str, Any]:
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}.")
     return DATASETS[dataset]
-
-
-def _path(p: str | Path) -> Path:
-    return Path(p) if Path(p).is_absolute() else REPO / p
 
 
 def _rel(p: str | Path) -> str:
@@ -301,13 +298,10 @@ def run(
     patch_size = [int(x) for x in _list(patch_size)]
     spacing = None if spacing is None else [float(x) for x in _list(spacing)]
     pretrain_patch = None if pretrain_patch is None else [int(x) for x in _list(pretrain_patch)]
-    work, data = _path(work_dir), _path(dataset_dir)
+    work, data = repo_path(work_dir), repo_path(dataset_dir)
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
-    wanted = _list(rows) if rows else list(ROW_NAMES)
-    unknown = sorted(set(wanted) - set(ROW_NAMES))
-    if unknown:
-        raise ValueError(f"unknown rows {unknown}; known: {ROW_NAMES}.")
+    wanted = select_rows(rows, ROW_NAMES)
     if (steps is None) == (epochs is None):
         raise ValueError(f"give exactly one of steps ({steps}) and epochs ({epochs}).")
     if shift and (scratch_steps is None or int(scratch_steps) < 1 or int(scratch_validations) < 1):
@@ -672,12 +666,7 @@ def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
         ]
     lines += [
         "",
-        "### Regenerate",
-        "",
-        "```bash",
-        meta["command"],
-        "```",
-        "",
+        *regenerate_lines(meta["command"], "### Regenerate"),
         f"Site bundles (README with the before/after table, `docs/finetune_summary.json`, `docs/split.json`) and logs: "
         f"`{meta['work_dir']}/n<N>/<row>_seed<seed>/`; all numbers: `{meta['work_dir']}/curve_summary.json`.",
     ]
@@ -788,12 +777,7 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
         f"- Reading: one test set of {sp['num_site_test_patients']} patients; the spread is over patient draws and "
         "training seeds together. Differences smaller than about two standard deviations are ties.",
         "",
-        "### Regenerate",
-        "",
-        "```bash",
-        meta["command"],
-        "```",
-        "",
+        *regenerate_lines(meta["command"], "### Regenerate"),
         f"Site bundles and logs: `{meta['work_dir']}/n<N>/<row>_seed<seed>/` (test scores: "
         f"`<row>_seed<seed>.test_scores.json`); all numbers: `{meta['work_dir']}/curve_summary.json`.",
     ]
@@ -810,10 +794,10 @@ def report(
     of ``dataset``, :data:`DATASETS`)."""
     d = dataset_defaults(dataset)
     work_dir, plot = work_dir or d["work_dir"], plot or d["plot"]
-    summary = json.loads((_path(work_dir) / "curve_summary.json").read_text())
-    text = write_section(summary, _path(results), _path(plot))
+    summary = json.loads((repo_path(work_dir) / "curve_summary.json").read_text())
+    text = write_section(summary, repo_path(results), repo_path(plot))
     print(text)
-    return str(_path(results))
+    return str(repo_path(results))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from typing import Any
 
 import fire
 
-from benchmarks.common import GLIBC_TUNABLES, REPO
-from benchmarks.sections import markdown_sections
+from benchmarks.common import GLIBC_TUNABLES, REPO, repo_path, run_record, select_rows
+from benchmarks.sections import markdown_sections, regenerate_lines
 from medfm_ops.finetune.settings import SiteFinetuneSettings
 from medfm_ops.utils.atomic_io import atomic_write_text
 from medfm_ops.utils.hashing import file_sha256
@@ -388,12 +388,7 @@ def write_results(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) 
         "",
         "These come from other splits and far longer training; the rows above use a CPU budget of minutes per row.",
         "",
-        "## Regenerate",
-        "",
-        "```bash",
-        meta["command"],
-        "```",
-        "",
+        *regenerate_lines(meta["command"]),
         f"Each run's site bundle (configs, `models/model.pt` + `model.ts`, README with the before/after table, "
         f"`docs/finetune_summary.json`) and log are under `{meta['work_dir']}/<row>_seed<seed>/`.",
         "",
@@ -436,14 +431,10 @@ def run(
             interrupted benchmark continues where it stopped). Defaults to True.
     """
     start = time.perf_counter()
-    work = Path(work_dir) if Path(work_dir).is_absolute() else REPO / work_dir
-    data = Path(dataset_dir) if Path(dataset_dir).is_absolute() else (REPO / dataset_dir)
+    work, data = repo_path(work_dir), repo_path(dataset_dir)
     if not (data / "dataset.json").is_file():
         raise FileNotFoundError(f"{data}: no MSD data set (dataset.json) there; pass --dataset_dir.")
-    wanted = [r.strip() for r in rows.split(",")] if isinstance(rows, str) else list(rows or [r[0] for r in ROWS])
-    unknown = sorted(set(wanted) - {r[0] for r in ROWS})
-    if unknown:
-        raise ValueError(f"unknown rows {unknown}; known: {[r[0] for r in ROWS]}.")
+    wanted = select_rows(rows, [r[0] for r in ROWS])
     seed_list = [int(x) for x in (seeds.split(",") if isinstance(seeds, str) else seeds)]
 
     pretrained = ensure_pretrained(work, retrain=retrain_pretrained)
@@ -488,9 +479,7 @@ def run(
     if rows:
         args.append(f"--rows {','.join(wanted)}")
     meta = {
-        "command": " ".join(args),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "seconds": time.perf_counter() - start,
+        **run_record(args, start),
         "pretrained": pretrained,
         "split_file": os.path.relpath(split_file, REPO),
         "expert_bundle": os.path.relpath(expert_dir, REPO),
@@ -503,9 +492,9 @@ def run(
 
 def report(work_dir: str = "runs/site_finetune_bench", results: str = "docs/RESULTS.md") -> str:
     """(Re)write ``results`` from ``<work_dir>/bench_summary.json`` of an earlier ``run``."""
-    work = Path(work_dir) if Path(work_dir).is_absolute() else REPO / work_dir
+    work = repo_path(work_dir)
     saved = json.loads((work / "bench_summary.json").read_text())
-    out = Path(results) if Path(results).is_absolute() else REPO / results
+    out = repo_path(results)
     text = write_results(out, saved["rows"], saved["meta"])
     print(text)
     return str(out)

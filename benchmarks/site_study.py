@@ -183,9 +183,17 @@ def write_draw_split(
         :py:func:`~medfm_ops.finetune.write_split`'s dict; its ``info`` records the study file, N and the seed.
     """
     training = draw_training_cases(study["site_pool"], num_cases, seed)
-    info = {"study_split": Path(study["study_file"]).name, "num_cases": len(training),
-            "all_cases": len(training) == len(study["site_pool"]), "draw_seed": int(seed), "draw": "nested"}  # fmt: skip
-    return write_split(study["dataset_dir"], split_file, training, study["site_validation"], info=info)
+    return _save_draw(study, split_file, training, seed, study_split=Path(study["study_file"]).name,
+                      num_cases=len(training), all_cases=len(training) == len(study["site_pool"]))  # fmt: skip
+
+
+def _save_draw(
+    source: Mapping[str, Any], split_file: str | os.PathLike, training: list[dict], seed: int, **info: Any
+) -> dict[str, Any]:
+    """Save one seed's nested draw ``training``, validated on ``source["site_validation"]``, with
+    :py:func:`~medfm_ops.finetune.write_split`; its ``info`` is ``info`` plus the seed and the kind of draw."""
+    info = {**info, "draw_seed": int(seed), "draw": "nested"}
+    return write_split(source["dataset_dir"], split_file, training, source["site_validation"], info=info)
 
 
 def build_pretraining_datalist(
@@ -336,9 +344,8 @@ def write_patient_draw_split(
     pool = split["site_pool"]
     chosen = [p["group"] for p in draw_training_cases([{"group": g} for g in patients_of(pool)], num_patients, seed)]
     training = [c for g in chosen for c in pool if c["group"] == g]
-    info = {"population_split": Path(split["split_file"]).name, "num_patients": len(chosen), "patients": chosen,
-            "all_patients": len(chosen) == len(patients_of(pool)), "draw_seed": int(seed), "draw": "nested"}  # fmt: skip
-    return write_split(split["dataset_dir"], split_file, training, split["site_validation"], info=info)
+    return _save_draw(split, split_file, training, seed, population_split=Path(split["split_file"]).name,
+                      num_patients=len(chosen), patients=chosen, all_patients=len(chosen) == len(patients_of(pool)))
 
 
 def build_shift_pretraining_datalist(

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +81,68 @@ def eks_oracle():
     return types.SimpleNamespace(with_random_experts=with_random_experts, reference_kernel=reference_kernel,
                                  assert_equals_loops=assert_equals_loops,
                                  assert_executions_agree=assert_executions_agree)  # fmt: skip
+
+
+# --- exported bundles run with MONAI only ---
+
+
+@pytest.fixture(scope="session")
+def without_medfm(tmp_path_factory) -> Path:
+    """A folder for ``PYTHONPATH`` under which ``import medfm_ops`` fails: a subprocess run with it proves that an
+    exported bundle needs no medfm code (its ``scripts/`` only)."""
+    blocker = tmp_path_factory.mktemp("no_medfm")
+    (blocker / "medfm_ops").mkdir()
+    (blocker / "medfm_ops" / "__init__.py").write_text("raise ImportError('the exported bundle must not need medfm')")
+    return blocker
+
+
+#: runs a bundle's inference.json on several input folders in ONE process (one interpreter start instead of one per
+#: folder) with MONAI's own ``run``; prints, per folder, the line the bundle's exception hook (scripts/errors.py)
+#: prints last on failure, or null when the run succeeded
+_INFER_EACH = """
+import json, sys, traceback
+from pathlib import Path
+from monai.bundle import run
+bundle, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
+sys.path.insert(0, str(bundle))
+from scripts.errors import root_cause
+last = {}
+for name, (images, out) in runs.items():
+    try:
+        run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), dataset_dir=images,
+            output_dir=out)
+        last[name] = None
+    except Exception as e:
+        cause = root_cause(e)
+        last[name] = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+print(json.dumps(last))
+"""
+
+
+def infer_each(bundle: Path, runs: dict[str, tuple[Path, Path]], pythonpath: Path | None = None) -> dict:
+    """
+    The exported ``bundle``'s inference.json on each ``{name: (input folder, output folder)}`` of ``runs``, in one
+    subprocess (``pythonpath``, e.g. :func:`without_medfm`, replaces ``PYTHONPATH``). The exit code and the
+    exception hook of the command line are checked elsewhere; this checks what each input makes the bundle say.
+
+    Returns:
+        ``{name: None}`` for a run that succeeded, else the error under MONAI's wrappers as the bundle's exception hook
+        prints it (``"ValueError: image ...: ..."``).
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    res = subprocess.run([sys.executable, "-c", _INFER_EACH, str(bundle),
+                          json.dumps({k: (str(i), str(o)) for k, (i, o) in runs.items()})],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0 and "terminate called" not in res.stderr, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def bundle_infer_each():
+    """:func:`infer_each`: ``bundle_infer_each(bundle, {name: (images, out)}, pythonpath=None) -> {name: line}``."""
+    return infer_each
 
 
 # --- the tiny stock expert network (test_expert_bundle.py, test_monailabel.py) ---
@@ -162,8 +227,54 @@ def write_expert(root: Path, names=("ventricles", "posterior", "anterior"), chan
     )
 
 
+#: the settings of the session's site fine-tuning (:func:`site_run`)
+SITE_SETTINGS = {"mode": "full", "epochs": 12, "batch_size": 2, "learning_rate": 0.01, "val_split": 0.25,
+                 "device": "cpu", "progress": False}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def site_run(tmp_path_factory):
+    """A tiny expert bundle (:func:`write_expert`) fine-tuned by ``medfm_ops.finetune.finetune_expert`` on a tiny
+    two-blob site (:func:`write_msd`, 8 cases) with :data:`SITE_SETTINGS` (verified: ``models/model.ts`` too), once
+    per session (test_finetune.py checks it, test_monailabel.py serves a copy): ``{"root", "data", "expert", "out",
+    "summary", "settings"}``. Tests leave ``out`` as they found it."""
+    from medfm_ops.finetune import SiteFinetuneSettings, finetune_expert
+
+    root = tmp_path_factory.mktemp("site")
+    data = write_msd(root / "msd", n=8)
+    expert = write_expert(root / "expert")
+    out = root / "site_bundle"
+    summary = finetune_expert(expert, data, out, SiteFinetuneSettings(**SITE_SETTINGS))
+    return {"root": root, "data": data, "expert": expert, "out": out, "summary": summary,
+            "settings": dict(SITE_SETTINGS)}  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def site_files():
     """``write_msd(root, n=6, labels=..., spacing=...)`` (a tiny MSD-style data set), ``write_expert(root, names=...,
     channels=...)`` (a tiny expert bundle of ``unet``), ``unet`` (its network config)."""
     return types.SimpleNamespace(write_msd=write_msd, write_expert=write_expert, unet=copy.deepcopy(UNET))
+
+
+# --- made-up run records of the site-curve benchmark (test_site_study.py, test_site_shift.py) ---
+
+_MACHINE = {"cpu_model": "cpu", "logical_cores": 2, "torch_threads": 1, "torch": "2", "monai": "1", "gpu": None,
+            "load_average_1min": 1.0}  # fmt: skip
+
+
+def curve_record(row: str, n_label: str, n_all: int, seed: int, dsc: float, **fields) -> dict:
+    """One run record as ``benchmarks.site_curve`` saves it (every key its section writer reads), with made-up
+    numbers: ``n_label`` "all" stands for ``n_all`` cases; NSD equals ``dsc``; ``fields`` replace any value."""
+    record = {"row": row, "n": n_all if n_label == "all" else int(n_label), "n_label": n_label, "seed": seed,
+              "epochs": 6, "val_interval": 3, "steps": 150, "dsc": dsc, "nsd": dsc, "dsc_before": None,
+              "nsd_before": None, "per_class": {}, "best_epoch": 6, "trainable": 10, "total_params": 10,
+              "model_mb": 1.0, "delta_mb": None, "head": "keep", "train_seconds": 60.0, "seconds": 90.0,
+              "cpu_seconds": 80.0, "reused": False, "load_average_1min": 1.0, "machine": dict(_MACHINE),
+              "bundle": "x"}  # fmt: skip
+    return {**record, **fields}
+
+
+@pytest.fixture(scope="session")
+def fake_curve_record():
+    """:func:`curve_record`: ``fake_curve_record(row, n_label, n_all, seed, dsc, **fields)``."""
+    return curve_record

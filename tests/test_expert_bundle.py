@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-
-from medfm_ops.bundle import BundleCheckError, verify_bundle, write_expert_bundle
+from medfm_ops.bundle import BUNDLE_SCRIPTS, BundleCheckError, verify_bundle, write_expert_bundle
 
 LABELS = {1: "liver", 2: "spleen", 3: "left kidney"}
 
@@ -81,6 +82,18 @@ def test_verify_metadata_uses_schema(tiny_expert, tmp_path):
     with pytest.raises(BundleCheckError) as err:
         verify_bundle(bad)
     assert err.value.check == "verify_metadata" and "dtype" in err.value.output
+
+
+def test_failing_later_check_is_named(tiny_expert, tmp_path):
+    """The checks run one after the other in one process: a failure of the last one (weights that do not fit the
+    network) is reported as that check, with its own output, and no TorchScript file is left."""
+    bad = _write(tiny_expert, tmp_path / "b")
+    torch.save({"model.0.conv.weight": torch.zeros(1)}, bad / "models" / "model.pt")
+    with pytest.raises(BundleCheckError) as err:
+        verify_bundle(bad)
+    assert err.value.check == "ckpt_export", err.value.output[-2000:]
+    assert "model.0.conv.weight" in err.value.output and "verify_metadata" not in err.value.output
+    assert not (bad / "models" / "model.ts").exists()
 
 
 def test_state_dict_round_trip(tiny_expert, bundle):
@@ -167,6 +180,41 @@ def test_train_config_fine_tunes(tiny_expert, tmp_path):
     res = _run_bundle(work, "--config_file", "['configs/train.json','configs/evaluate.json']", "--dataset_dir",
                       str(data), "--output_dir", str(tmp_path / "eval"))  # fmt: skip
     assert (tmp_path / "eval" / "val_mean_dice_raw.csv").is_file(), res.stdout[-2000:]
+
+
+def test_train_config_on_a_full_disk_keeps_the_previous_model(tiny_expert, tmp_path, without_medfm):
+    """Issue 22, disk full while the exported bundle trains directly (`monai.bundle run --config_file
+    .../train.json --bundle_root <bundle>`, stock MONAI, medfm unimportable; MONAI Label's /train runs the same
+    config): the bundle-local saver (scripts/atomic_checkpoint.py, the package's module byte for byte) fails the
+    write of models/model.pt with exit 1 and a last line naming the file, the previous model.pt byte-identical and no
+    temporary file left. The disk fills up through a file size limit (``ulimit -f``; Python ignores SIGXFSZ, so the
+    write fails with EFBIG as it would with ENOSPC): one iteration, then the first validation saves."""
+    data = _msd(tmp_path / "data", n=2)
+    work = _write(tiny_expert, tmp_path / "bundle")
+    for name, source in BUNDLE_SCRIPTS.items():
+        assert (work / "scripts" / name).read_bytes() == source.read_bytes(), name
+    model = work / "models" / "model.pt"
+    before = model.read_bytes()
+    limit = len(before) // 2  # the model does not fit; the run writes nothing else
+
+    def full_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(work / "configs" / "train.json"),
+         "--bundle_root", str(work), "--dataset_dir", str(data), "--epochs", "1", "--val_split", "0.5",
+         "--batch_size", "1", "--device", "$torch.device('cpu')"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(without_medfm), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+        capture_output=True, text=True, timeout=300, preexec_fn=full_disk,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ERROR (cause of the failure above): "), last
+    assert last.endswith(f"OutputWriteError: file size limit exceeded (ulimit -f) while writing {model}; the previous "
+                         "model.pt is intact"), last  # fmt: skip
+    assert "val_mean_dice" in res.stdout + res.stderr  # it got as far as the first validation
+    assert model.read_bytes() == before
+    assert sorted(p.name for p in model.parent.iterdir()) == ["model.pt"]
 
 
 def test_lora_override_writes_a_stock_model(tiny_expert, tmp_path):

@@ -31,15 +31,19 @@ from medfm_ops.networks import (
     to_experts,
 )
 
-# name, builder, input spatial size
+# name, builder, input spatial size. The classifiers keep their stock block structure (ResNet basic and bottleneck
+# blocks with their shortcut convolutions, DenseNet121's 6-12-24-16 dense blocks and transitions) at a quarter of
+# the widths: the export is checked layer by layer, the width changes nothing in it (the full widths took ~40 s
+# each in float64)
 NETWORKS = [
     ("UNet", lambda: UNet(3, 1, 3, (4, 8, 16), (2, 2), num_res_units=1, norm="INSTANCE"), 16),
     ("BasicUNet", lambda: BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4)), 32),
     ("DynUNet", lambda: DynUNet(3, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], filters=[4, 8, 16]), 16),
     ("SegResNet", lambda: SegResNet(3, init_filters=8, norm=("GROUP", {"num_groups": 4}), in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)), 16),
-    ("resnet18", lambda: resnet18(spatial_dims=3, n_input_channels=1, num_classes=3), 16),
-    ("resnet50", lambda: resnet50(spatial_dims=3, n_input_channels=1, num_classes=3), 16),
-    ("DenseNet121", lambda: DenseNet121(spatial_dims=3, in_channels=1, out_channels=3), 32),
+    ("resnet18", lambda: resnet18(spatial_dims=3, n_input_channels=1, num_classes=3, widen_factor=0.25), 16),
+    ("resnet50", lambda: resnet50(spatial_dims=3, n_input_channels=1, num_classes=3, widen_factor=0.25), 16),
+    ("DenseNet121", lambda: DenseNet121(spatial_dims=3, in_channels=1, out_channels=3, init_features=16,
+                                        growth_rate=8), 32),
 ]
 TASKS = torch.tensor([0, 2, 1, 2])
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -191,14 +191,11 @@ def _infer(bundle: Path, images: Path, out: Path) -> subprocess.CompletedProcess
     )  # fmt: skip
 
 
-def test_exported_bundle_refuses_bad_inputs_by_name(site_files, tmp_path):
+def test_exported_bundle_refuses_bad_inputs_by_name(site_files, tmp_path, bundle_infer_each):
+    """The exported segmentation bundle's inference.json: an image with an inf voxel (the command line: exit code
+    and the last line), an empty input folder and an output path under a file (one further process) are refused by
+    name; nothing is written."""
     bundle = site_files.write_expert(tmp_path / "expert")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    res = _infer(bundle, empty, tmp_path / "out")
-    assert res.returncode != 0 and f"no NIfTI image (*.nii, *.nii.gz) in dataset_dir '{empty}'" in res.stderr
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-
     bad = tmp_path / "bad"
     bad.mkdir()
     vol = np.zeros((12, 12, 12), np.float32)
@@ -209,9 +206,14 @@ def test_exported_bundle_refuses_bad_inputs_by_name(site_files, tmp_path):
     last = res.stderr.strip().splitlines()[-1]  # the bundle-local excepthook (scripts/errors.py): the cause is last
     assert last.startswith("ERROR (cause of the failure above): ValueError: image") and "NaN/inf voxel(s)" in last
 
+    empty = tmp_path / "empty"
+    empty.mkdir()
     (tmp_path / "blocker").write_text("x")
-    res = _infer(bundle, bad, tmp_path / "blocker" / "out")
-    assert res.returncode != 0 and "blocker/out" in res.stderr and "Not a directory" in res.stderr
+    runs = {"empty": (empty, tmp_path / "out_empty"), "blocker": (bad, tmp_path / "blocker" / "out")}
+    last = bundle_infer_each(bundle, runs)
+    assert f"no NIfTI image (*.nii, *.nii.gz) in dataset_dir '{empty}'" in last["empty"], last["empty"]
+    assert not (tmp_path / "out_empty").exists() or not any((tmp_path / "out_empty").iterdir())
+    assert "blocker/out" in last["blocker"] and "Not a directory" in last["blocker"], last["blocker"]
     assert json.loads((bundle / "configs" / "metadata.json").read_text())["version"]  # the bundle is untouched
 
 

@@ -30,6 +30,7 @@ import torch
 from medfm_ops.bundle import BUNDLE_SCRIPTS, write_cls_expert_bundle
 from medfm_ops.data import input_guard
 from medfm_ops.utils import OutputLockedError, OutputWriteError, atomic_torch_save, lock_path, output_lock
+from medfm_ops.utils.atomic_io import torch_write_failure
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -64,6 +65,60 @@ def _limited(size_bytes: int):
 def _nii(path: Path, array: np.ndarray) -> Path:
     nib.save(nib.Nifti1Image(array, np.eye(4)), path)
     return path
+
+
+def _break_image(image: Path, problem: str) -> Path:
+    """``image`` cut to two thirds of its bytes (``"truncated"``, a gzip cut) or with 8 NaN voxels (``"nan"``)."""
+    if problem == "truncated":
+        raw = image.read_bytes()
+        image.write_bytes(raw[: len(raw) * 2 // 3])
+    else:
+        arr = np.asarray(nib.load(image).dataobj).astype(np.float32)
+        arr[2:4, 2:4, 2:4] = np.nan
+        nib.save(nib.Nifti1Image(arr, nib.load(image).affine), image)
+    return image
+
+
+def _finetune_site(expert: Path, data: Path, out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``tools/finetune_site.py`` for one epoch (batch 1, CPU, no verification, no progress bar)."""
+    return subprocess.run(
+        [PY, str(REPO / "tools" / "finetune_site.py"), "--expert_bundle", str(expert), "--dataset_dir", str(data),
+         "--output_dir", str(out), "--epochs", "1", "--batch_size", "1", "--val_split", "0.25", "--device", "cpu",
+         "--verify", "false", "--progress", "false"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+class _FullDisk:
+    """A file whose disk is full: the first write stores a few bytes, then fails with ENOSPC."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        self.f.write(bytes(data)[:10])
+        raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.f.close()
+
+
+def _fill_disk(monkeypatch, name_part: str = "") -> None:
+    """Files opened by ``os.fdopen`` (how atomic_io writes its temporary files) whose path contains ``name_part``
+    are on a full disk (ENOSPC itself: no tmpfs can be mounted here)."""
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        return _FullDisk(f) if name_part in os.readlink(f"/proc/self/fd/{fd}") else f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
 
 
 # ------------------------------------------------------------------------------- a bundle is written as a whole
@@ -145,12 +200,7 @@ def test_second_site_finetuning_into_the_same_folder_is_refused(site_files, tmp_
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "locked"
-        res = subprocess.run(
-            [PY, str(REPO / "tools" / "finetune_site.py"), "--expert_bundle", str(expert), "--dataset_dir", str(data),
-             "--output_dir", str(out), "--epochs", "1", "--batch_size", "1", "--val_split", "0.25", "--device", "cpu",
-             "--verify", "false", "--progress", "false"],
-            env=_env(), capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        res = _finetune_site(expert, data, out, _env())
     finally:
         holder.kill()
         holder.wait(timeout=30)
@@ -215,31 +265,28 @@ def test_no_space_left_message(tmp_path, monkeypatch):
     target = tmp_path / "model.pt"
     atomic_torch_save({"w": torch.ones(2)}, target)
     before = target.read_bytes()
-    real_fdopen = os.fdopen
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            self.f.write(bytes(data)[:10])
-            raise OSError(28, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    _fill_disk(monkeypatch)
     with pytest.raises(OutputWriteError) as info:
         atomic_torch_save({"w": torch.zeros(2)}, target)
     assert str(info.value) == f"no space left on device while writing {target}; the previous model.pt is intact"
     assert info.value.errno == 28 and target.read_bytes() == before and _hidden(tmp_path) == []
 
+
+
+def test_stock_checkpoint_saver_failure_names_the_file(tmp_path):
+    """A bundle whose train.json still saves with MONAI's stock CheckpointSaver (exported before the bundle-local
+    atomic saver): torch's "unexpected pos" becomes one line naming the file being written (the newest one)."""
+    older = tmp_path / "configs.json"
+    older.write_text("{}")
+    os.utime(older, ns=(0, 0))
+    partial = tmp_path / "models" / "model.pt"
+    partial.parent.mkdir()
+    partial.write_bytes(b"PK partial")
+    error = torch_write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0"),
+                                tmp_path)  # fmt: skip
+    assert isinstance(error, OutputWriteError) and error.filename == str(partial)
+    assert str(error).endswith(f"while writing {partial}; that file is incomplete"), str(error)
+    assert torch_write_failure(RuntimeError("Failed to evaluate"), tmp_path) is None
 
 # ----------------------------------------------------------------- exported classification bundles guard their input
 def _run_cls_bundle(bundle: Path, images: Path, out: Path, blocker: Path) -> subprocess.CompletedProcess:
@@ -251,10 +298,15 @@ def _run_cls_bundle(bundle: Path, images: Path, out: Path, blocker: Path) -> sub
     )  # fmt: skip
 
 
-def test_exported_classification_bundle_refuses_nan_2d_two_channel_and_truncated_volumes(tmp_path):
+def test_exported_classification_bundle_refuses_nan_2d_two_channel_and_truncated_volumes(
+    tmp_path, without_medfm, bundle_infer_each
+):
     """Rows 2 and 3: the exported classification bundle (the writer of the lorkd_cls experts and of the SH-PEFT
-    export) runs without medfm, refuses NaN/inf, 2D and 2-channel volumes naming the file (exit 1), and leaves the
-    previous predictions byte-identical; its scripts/ is the package's input guard byte for byte."""
+    export) runs without medfm, refuses NaN/inf, 2D, 2-channel, truncated volumes and an empty folder naming the file
+    or folder, and leaves the previous predictions byte-identical; its scripts/ is the package's input guard byte for
+    byte. The command line (`monai.bundle run`: exit code, last line) is checked on the good and the NaN volume; the
+    other inputs run in one further process (MONAI's `run`, the error under MONAI's wrappers as the bundle's
+    exception hook finds it)."""
     torch.manual_seed(0)
     from medfm_ops.networks import instantiate
 
@@ -266,9 +318,6 @@ def test_exported_classification_bundle_refuses_nan_2d_two_channel_and_truncated
     assert BUNDLE_SCRIPTS["input_guard.py"] == Path(input_guard.__file__)
     config = (bundle / "configs" / "inference.json").read_text()
     assert "exec(" not in config and "sys.excepthook" not in config  # configs are data; the logic is in scripts/
-    blocker = tmp_path / "no_medfm"
-    (blocker / "medfm_ops").mkdir(parents=True)
-    (blocker / "medfm_ops" / "__init__.py").write_text("raise ImportError('the exported bundle must not need medfm')")
     rng = np.random.default_rng(0)
     cases = {"good": rng.normal(size=(10, 10, 10)).astype(np.float32)}
     cases["nan"] = cases["good"].copy()
@@ -283,33 +332,32 @@ def test_exported_classification_bundle_refuses_nan_2d_two_channel_and_truncated
         folders[name] = tmp_path / name
         folders[name].mkdir()
         _nii(folders[name] / f"{name}.nii.gz", arr)
-    res = _run_cls_bundle(bundle, folders["good"], out, blocker)
+    res = _run_cls_bundle(bundle, folders["good"], out, without_medfm)
     assert res.returncode == 0, res.stderr[-3000:]
     csv = (out / "predictions.csv").read_text()
     assert "good.nii.gz" in csv and "nan" not in csv.lower()
     before = _snapshot(out)
     expected = {"nan": "NaN/inf voxel(s)", "inf": "NaN/inf voxel(s)", "flat": "has shape (1, 10, 10)",
                 "two_channel": "has shape (2, 10, 10, 10)"}  # fmt: skip
-    for name, words in expected.items():
-        res = _run_cls_bundle(bundle, folders[name], out, blocker)
-        assert res.returncode == 1, (name, res.stderr[-3000:])
-        last = res.stderr.strip().splitlines()[-1]
-        assert last.startswith("ERROR (cause of the failure above): ValueError: image"), (name, last)
-        assert str(folders[name] / f"{name}.nii.gz") in last and words in last, (name, last)
-        assert _snapshot(out) == before, name
-    truncated = tmp_path / "truncated"
+    res = _run_cls_bundle(bundle, folders["nan"], out, without_medfm)
+    assert res.returncode == 1, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ERROR (cause of the failure above): ValueError: image"), last
+    assert str(folders["nan"] / "nan.nii.gz") in last and expected["nan"] in last, last
+    assert _snapshot(out) == before
+
+    truncated, empty = tmp_path / "truncated", tmp_path / "empty"
     truncated.mkdir()
+    empty.mkdir()
     raw = (folders["good"] / "good.nii.gz").read_bytes()
     (truncated / "cut.nii.gz").write_bytes(raw[: len(raw) * 2 // 3])
-    res = _run_cls_bundle(bundle, truncated, out, blocker)
-    last = res.stderr.strip().splitlines()[-1]
-    assert res.returncode == 1 and "terminate called" not in res.stderr, res.stderr[-3000:]
-    assert f"cannot read image file {truncated / 'cut.nii.gz'}" in last, last
-    assert _snapshot(out) == before
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    res = _run_cls_bundle(bundle, empty, out, blocker)
-    assert res.returncode == 1 and f"no NIfTI image (*.nii, *.nii.gz) in dataset_dir '{empty}'" in res.stderr
+    runs = {name: (folders[name], out) for name in ("inf", "flat", "two_channel")}
+    last = bundle_infer_each(bundle, {**runs, "truncated": (truncated, out), "empty": (empty, out)}, without_medfm)
+    for name in ("inf", "flat", "two_channel"):
+        assert last[name].startswith("ValueError: image"), (name, last[name])
+        assert str(folders[name] / f"{name}.nii.gz") in last[name] and expected[name] in last[name], (name, last[name])
+    assert f"cannot read image file {truncated / 'cut.nii.gz'}" in last["truncated"], last["truncated"]
+    assert f"no NIfTI image (*.nii, *.nii.gz) in dataset_dir '{empty}'" in last["empty"], last["empty"]
     assert _snapshot(out) == before
 
 
@@ -322,20 +370,8 @@ def test_truncated_and_nan_images_at_site_finetuning_exit_1_naming_the_file(site
     before = _snapshot(out)
     for problem in ("truncated", "nan"):
         data = site_files.write_msd(tmp_path / problem, n=4)
-        image = data / "imagesTr" / "case_002.nii.gz"
-        if problem == "truncated":
-            raw = image.read_bytes()
-            image.write_bytes(raw[: len(raw) * 2 // 3])
-        else:
-            arr = np.asarray(nib.load(image).dataobj).astype(np.float32)
-            arr[2:4, 2:4, 2:4] = np.nan
-            nib.save(nib.Nifti1Image(arr, nib.load(image).affine), image)
-        res = subprocess.run(
-            [PY, str(REPO / "tools" / "finetune_site.py"), "--expert_bundle", str(expert), "--dataset_dir", str(data),
-             "--output_dir", str(out), "--epochs", "1", "--batch_size", "1", "--val_split", "0.25", "--device", "cpu",
-             "--verify", "false", "--progress", "false"],
-            env=_env(MEDFM_CACHE=str(tmp_path / "cache")), capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        image = _break_image(data / "imagesTr" / "case_002.nii.gz", problem)
+        res = _finetune_site(expert, data, out, _env(MEDFM_CACHE=str(tmp_path / "cache")))
         assert res.returncode == 1, (problem, res.returncode, res.stderr[-3000:])
         text = res.stderr
         assert f"{image}: " in text, (problem, text[-2000:])
@@ -344,7 +380,9 @@ def test_truncated_and_nan_images_at_site_finetuning_exit_1_naming_the_file(site
         assert _snapshot(out) == before and _hidden(tmp_path) == []
 
 
-def test_exported_expert_trained_directly_on_a_truncated_or_nan_image_exits_1_naming_the_file(site_files, tmp_path):
+def test_exported_expert_trained_directly_on_a_truncated_or_nan_image_exits_1_naming_the_file(
+    site_files, tmp_path, without_medfm
+):
     """Row 5 (last part) and row 6 for the stock route: the exported segmentation expert's own train.json, run by
     `monai.bundle run` with MONAI only (importing medfm_ops fails), stops on a truncated (gzip cut) or NaN image
     with exit 1 (no abort) and a last line naming the file; its model.pt is untouched. Its configs carry no code
@@ -355,24 +393,14 @@ def test_exported_expert_trained_directly_on_a_truncated_or_nan_image_exits_1_na
     for config in (bundle / "configs").glob("*.json"):
         text = config.read_text()
         assert "exec(" not in text and "excepthook" not in text, config.name
-    blocker = tmp_path / "no_medfm"
-    (blocker / "medfm_ops").mkdir(parents=True)
-    (blocker / "medfm_ops" / "__init__.py").write_text("raise ImportError('the exported bundle must not need medfm')")
     model = _snapshot(bundle / "models")
     for problem in ("truncated", "nan"):
         data = site_files.write_msd(tmp_path / problem, n=4)
-        image = data / "imagesTr" / "case_002.nii.gz"
-        if problem == "truncated":
-            raw = image.read_bytes()
-            image.write_bytes(raw[: len(raw) * 2 // 3])
-        else:
-            arr = np.asarray(nib.load(image).dataobj).astype(np.float32)
-            arr[2:4, 2:4, 2:4] = np.nan
-            nib.save(nib.Nifti1Image(arr, nib.load(image).affine), image)
+        image = _break_image(data / "imagesTr" / "case_002.nii.gz", problem)
         res = subprocess.run(
             [PY, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--dataset_dir", str(data),
              "--epochs", "1", "--batch_size", "1", "--val_split", "0.25", "--device", "$torch.device('cpu')"],
-            cwd=bundle, env=_env(PYTHONPATH=str(blocker)), capture_output=True, text=True, timeout=300,
+            cwd=bundle, env=_env(PYTHONPATH=str(without_medfm)), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert res.returncode == 1, (problem, res.returncode, res.stderr[-3000:])
         last = res.stderr.strip().splitlines()[-1]
@@ -408,32 +436,23 @@ def test_data_check_reads_each_file_once(site_files, tmp_path, monkeypatch):
     assert len(loads) == 5
 
 
-def test_full_disk_in_a_stock_bundle_training_during_site_finetuning(site_files, tmp_path, monkeypatch):
-    """Row 8 for the fine-tuning path: the site bundle's own train.json saves with MONAI's CheckpointSaver (stock
-    MONAI), where torch only says "unexpected pos"; the run ends with one line naming the file, the previous output
+def test_full_disk_in_a_bundle_training_during_site_finetuning(site_files, tmp_path, monkeypatch):
+    """Row 8 for the fine-tuning path: the site bundle's own train.json saves with its bundle-local saver
+    (scripts/atomic_checkpoint.py, which raises its own copy of OutputWriteError); a disk that fills up while it
+    writes ends the run with the package's OutputWriteError naming the file in the output folder, the previous output
     bundle byte-identical and nothing staged left."""
-    from ignite.handlers import checkpoint as ignite_checkpoint
-
     from medfm_ops.finetune import SiteFinetuneSettings, finetune_expert
 
     expert = site_files.write_expert(tmp_path / "expert")
     data = site_files.write_msd(tmp_path / "site", n=4)
     out = site_files.write_expert(tmp_path / "site_bundle")
     before = _snapshot(out)
-    real_save = torch.save
-
-    def full_disk(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)):  # Ignite's DiskSaver writing the file itself
-            Path(f).write_bytes(b"PK partial")
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(ignite_checkpoint.torch, "save", full_disk)
+    _fill_disk(monkeypatch, ".finetune_best.pt.")  # the temporary file of the best checkpoint
     monkeypatch.setenv("MEDFM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(OutputWriteError) as info:
         finetune_expert(expert, data, out, SiteFinetuneSettings(
             epochs=1, batch_size=1, val_split=0.25, device="cpu", verify=False, progress=False, score_before=False))
     text = str(info.value)
-    assert f"while writing {out}/models/finetune_best.pt" in text and f"the previous {out} is intact" in text, text
-    assert "unexpected pos" not in text
+    assert text.startswith(f"no space left on device while writing {out}/models/finetune_best.pt"), text
+    assert f"the previous {out} is intact" in text, text
     assert _snapshot(out) == before and _hidden(tmp_path) == []

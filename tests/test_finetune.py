@@ -172,21 +172,6 @@ def test_modes_and_start(site_files, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- site bundle run
-EPOCHS = 12
-
-
-@pytest.fixture(scope="module")
-def site_run(site_files, tmp_path_factory):
-    root = tmp_path_factory.mktemp("site")
-    data = site_files.write_msd(root / "msd", n=8)
-    expert = site_files.write_expert(root / "expert")
-    out = root / "site_bundle"
-    summary = finetune_expert(expert, data, out, SiteFinetuneSettings(
-        mode="full", epochs=EPOCHS, batch_size=2, learning_rate=0.01, val_split=0.25, device="cpu",
-        progress=False))  # fmt: skip
-    return {"root": root, "data": data, "expert": expert, "out": out, "summary": summary}
-
-
 def test_site_bundle_is_complete_and_versioned(site_run):
     out, summary = site_run["out"], site_run["summary"]
     for rel in ("configs/inference.json", "configs/train.json", "configs/evaluate.json", "configs/train_lora.json",
@@ -213,7 +198,7 @@ def test_site_bundle_is_complete_and_versioned(site_run):
     for key in ("roi_size", "spacing", "axcodes", "output_channels", "network_def"):
         assert infer[key] == train[key], key
     assert infer["preprocessing"]["transforms"] == train["deterministic_transforms"]  # one preprocessing definition
-    assert train["epochs"] == EPOCHS and train["learning_rate"] == 0.01
+    assert train["epochs"] == site_run["settings"]["epochs"] and train["learning_rate"] == 0.01
     # the deployed network is the stock class and loads strictly
     net = instantiate(infer["network_def"])
     net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True), strict=True)

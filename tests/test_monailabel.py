@@ -41,7 +41,6 @@ from monai.networks.nets import UNet
 
 
 from medfm_ops.bundle import write_expert_bundle
-from medfm_ops.finetune import SiteFinetuneSettings, finetune_expert
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +130,7 @@ def _offline(bundle: Path, images_dir: Path, out_dir: Path, name: str) -> np.nda
 
 
 @pytest.fixture(scope="module")
-def setup(site_files, tiny_expert, tmp_path_factory, label_python):
+def setup(site_run, tiny_expert, tmp_path_factory, label_python):
     root = tmp_path_factory.mktemp("monailabel")
     rng = np.random.default_rng(0)
     image = rng.normal(size=SHAPE).astype(np.float32)
@@ -148,10 +147,9 @@ def setup(site_files, tiny_expert, tmp_path_factory, label_python):
     shutil.copy(case, root / "in" / case.name)
     oracle = _offline(bundle, root / "in", root / "oracle", case.name)
 
-    # a site bundle: a tiny expert fine-tuned on two-blob volumes by medfm's site fine-tuning
-    site_data = site_files.write_msd(root / "site_msd", n=8)
-    site = finetune_expert(site_files.write_expert(root / "site_source"), site_data, root / "bundle" / SITE_NAME, SiteFinetuneSettings(
-        epochs=12, batch_size=2, learning_rate=0.01, val_split=0.25, verify=False, progress=False))  # fmt: skip
+    # a site bundle: a tiny expert fine-tuned on two-blob volumes by medfm's site fine-tuning (the session's run)
+    shutil.copytree(site_run["out"], root / "bundle" / SITE_NAME)
+    site = site_run["summary"]
     site_case = Path(site["after"]["cases"][0]["label"].replace("labelsTr", "imagesTr"))
     (root / "site_in").mkdir()
     shutil.copy(site_case, root / "site_in" / site_case.name)

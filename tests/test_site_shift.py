@@ -134,18 +134,14 @@ def test_curve_tool_options_are_checked_before_any_work(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_shift_section_and_plot_from_a_fake_record_set(tmp_path):
-    machine = {"cpu_model": "cpu", "logical_cores": 2, "torch_threads": 1, "torch": "2", "monai": "1", "gpu": None}
+def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_record):
     classes = ("right_ventricle", "myocardium", "left_ventricle")
 
     def rec(row, n, seed, base):
         dsc = base + 0.01 * seed
-        return {"row": row, "n": 8 if n == "all" else int(n), "n_label": n, "seed": seed, "epochs": 20,
-                "val_interval": 10, "steps": 40, "dsc": dsc, "nsd": dsc, "dsc_before": None, "nsd_before": None,
-                "per_class": {c: {"dsc": dsc - 0.1 * i, "nsd": dsc} for i, c in enumerate(classes)},
-                "best_epoch": 20 if row == "scratch" else 10, "trainable": 10, "total_params": 10, "model_mb": 1.0,
-                "delta_mb": None, "head": "keep (4 out)", "train_seconds": 60.0, "seconds": 90.0, "cpu_seconds": 80.0,
-                "reused": False, "load_average_1min": 1.0, "machine": machine, "bundle": "x", "val_dsc": 0.5}  # fmt: skip
+        return fake_curve_record(row, n, 8, seed, dsc, epochs=20, val_interval=10, steps=40,
+                                 per_class={c: {"dsc": dsc - 0.1 * i, "nsd": dsc} for i, c in enumerate(classes)},
+                                 best_epoch=20 if row == "scratch" else 10, head="keep (4 out)", val_dsc=0.5)
 
     records = [rec(row, n, s, base) for n in ("2", "all") for s in (0, 1)
                for row, base in (("scratch", 0.30), ("expert_full", 0.70), ("expert_lora", 0.31))]  # fmt: skip

@@ -263,16 +263,12 @@ def test_runs_are_reused_only_with_the_same_settings(tmp_path):
         bench.run_or_reuse([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad", {})
 
 
-def test_curve_section_and_plot_from_a_summary(tmp_path):
+def test_curve_section_and_plot_from_a_summary(tmp_path, fake_curve_record):
     tool = site_curve
-    machine = {"cpu_model": "cpu", "logical_cores": 2, "torch_threads": 1, "torch": "2", "monai": "1", "gpu": None,
-               "load_average_1min": 1.0}  # fmt: skip
     records = [
-        {"row": row, "n": 50 if n == "all" else int(n), "n_label": n, "seed": seed, "epochs": 6, "val_interval": 3,
-         "steps": 150, "dsc": base + 0.01 * seed + (0.1 if n == "all" else 0), "nsd": base, "dsc_before": 0.1 if seed == 0 else None,
-         "nsd_before": 0.1 if seed == 0 else None, "per_class": {}, "best_epoch": 6, "trainable": 10, "total_params": 10,
-         "model_mb": 1.0, "delta_mb": None, "head": "keep (14 out)", "train_seconds": 60.0, "seconds": 90.0,
-         "cpu_seconds": 80.0, "reused": False, "load_average_1min": 1.0, "machine": machine, "bundle": "x"}
+        fake_curve_record(row, n, 50, seed, base + 0.01 * seed + (0.1 if n == "all" else 0), nsd=base,
+                          dsc_before=0.1 if seed == 0 else None, nsd_before=0.1 if seed == 0 else None,
+                          head="keep (14 out)")
         for n in ("5", "all") for seed in (0, 1) for row, base in (("scratch", 0.4), ("expert_full", 0.8))
     ]  # fmt: skip
     meta = {"command": "python -m benchmarks.site_curve run", "date": "today", "stage_seconds": {"curve": 60.0},

@@ -23,7 +23,8 @@
 #   - monai 1.6.1: the version the medfm bundles are written and verified with.
 #
 # Idempotent: an existing environment that passes the health check is reused as is (~10 s); an unhealthy one is
-# repaired in place. Measured here (2 cores): 269 s with an empty pip cache, 160 s with a warm one.
+# repaired in place. Measured here (2 cores): 269 s with an empty pip cache, 160 s with a warm one. Concurrent calls
+# for one folder run one after the other (a lock), so .ci/run can start it in the background.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -57,6 +58,14 @@ assert make_grid(torch.zeros(2, 3, 4, 4)).ndim == 3
 print(f"monailabel {monailabel.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}")
 EOF
 }
+
+# One creator at a time: a second call (the MONAI Label tests while .ci/run creates the environment in the
+# background) waits here for the first, then finds the environment healthy and reuses it. The lock file lies in the
+# temporary folder, named after the environment's absolute path (nothing is written into an existing environment).
+mkdir -p "$(dirname "${VENV_DIR}")"
+LOCK="${TMPDIR:-/tmp}/medfm-monailabel-env-$(realpath -m "${VENV_DIR}" | sha256sum | cut -c1-16).lock"
+exec 9>"${LOCK}"
+flock 9
 
 if [[ -x "${VENV_DIR}/bin/python" ]] && report=$(health_check 2>/dev/null); then
     echo "monailabel_env: reusing healthy environment ${VENV_DIR}: ${report}"

@@ -202,7 +202,8 @@ def write_expert_bundle(
 
     Layout: ``configs/{metadata,inference,train,evaluate,train_lora}.json`` (from the JSON template in
     ``medfm_ops/bundle/templates/seg_expert``; ``train_lora.json`` needs medfm_ops), ``configs/logging.conf``,
-    ``scripts/`` (the bundle-local loaders, input guard, finite-loss check and exception hook the configs name:
+    ``scripts/`` (the bundle-local loaders, input guard, finite-loss check, exception hook and atomic checkpoint saver
+    the configs name:
     :func:`~medfm_ops.bundle.write_bundle_scripts`), ``models/model.pt`` (plain
     state dict, tensors only, written atomically), ``LICENSE``, ``docs/README.md`` and ``docs/metadata_schema.json``
     (for an offline ``verify_metadata``). The network outputs one sigmoid logit per class of the label union; the

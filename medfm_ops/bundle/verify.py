@@ -45,11 +45,27 @@ def bundle_check_commands(bundle_dir: str | os.PathLike, python: str | None = No
     }  # fmt: skip
 
 
+#: prefix of the line the check runner prints (to stdout and stderr) before each check
+_MARK = "@@medfm-bundle-check "
+
+#: runs the ``python -m monai.bundle ...`` commands given as ``{check: argv}`` (JSON, argv without the interpreter)
+#: one after the other in this one interpreter, as ``python -m monai.bundle`` runs each; stops at the first failure
+_RUN_CHECKS = f"""
+import json, runpy, sys
+for check, argv in json.loads(sys.argv[1]).items():
+    print({_MARK!r} + check, flush=True)
+    print({_MARK!r} + check, file=sys.stderr, flush=True)
+    sys.argv = ["monai.bundle", *argv[2:]]
+    runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+"""
+
+
 def verify_bundle(bundle_dir: str | os.PathLike, timeout: float = 600.0) -> None:
     """
     Run ``verify_metadata`` (offline, shipped schema), ``verify_net_in_out`` and ``ckpt_export`` (TorchScript
-    ``models/model.ts``) on ``bundle_dir``, each as ``python -m monai.bundle ...`` in a subprocess, plus the model-zoo
-    rule that ``version`` is listed in ``changelog``.
+    ``models/model.ts``) on ``bundle_dir``, the ``python -m monai.bundle ...`` commands of
+    :func:`bundle_check_commands` one after the other in one subprocess (one interpreter start instead of three),
+    plus the model-zoo rule that ``version`` is listed in ``changelog``.
 
     Args:
         bundle_dir: bundle root (holding ``configs/``, ``models/``, ``docs/``).
@@ -66,14 +82,32 @@ def verify_bundle(bundle_dir: str | os.PathLike, timeout: float = 600.0) -> None
     if meta.get("version") not in meta.get("changelog", {}):
         raise BundleCheckError("changelog", f"version {meta.get('version')!r} is not a key of changelog.")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    for check, cmd in bundle_check_commands(root).items():
-        try:
-            res = subprocess.run(
-                cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-            )
-        except subprocess.TimeoutExpired as e:
-            raise BundleCheckError(check, f"timed out after {timeout} s\n{e.stdout or ''}{e.stderr or ''}") from e
-        if res.returncode != 0:
-            raise BundleCheckError(check, f"exit code {res.returncode}\n{res.stdout}\n{res.stderr}")
+    commands = bundle_check_commands(root)
+    argv = {check: cmd[1:] for check, cmd in commands.items()}  # ["-m", "monai.bundle", <command>, ...]
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", _RUN_CHECKS, json.dumps(argv)], cwd=root, env=env, capture_output=True, text=True,
+            timeout=timeout * len(commands), stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        out = f"{e.stdout or ''}{e.stderr or ''}"
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        raise BundleCheckError(_last_check(out, "verify_metadata"), f"timed out\n{out}") from e
+    if res.returncode != 0:
+        check = _last_check(res.stdout, "verify_metadata")
+        raise BundleCheckError(check, f"exit code {res.returncode}\n{_since(res.stdout, check)}\n"
+                                      f"{_since(res.stderr, check)}")  # fmt: skip
     if not (root / "models" / "model.ts").is_file():
         raise BundleCheckError("ckpt_export", "exited 0 but models/model.ts was not written.")
+
+
+def _last_check(output: str, default: str) -> str:
+    """The check the runner started last, by its marker line in ``output``."""
+    started = [line[len(_MARK) :].strip() for line in output.splitlines() if line.startswith(_MARK)]
+    return started[-1] if started else default
+
+
+def _since(output: str, check: str) -> str:
+    """What ``output`` holds from the marker of ``check`` on (the failing check's own output)."""
+    marker = f"{_MARK}{check}\n"
+    return output.split(marker, 1)[1] if marker in output else output

@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigWorkflow
 
-from medfm_ops.utils.atomic_io import torch_write_failure
+from medfm_ops.utils.atomic_io import OutputWriteError, torch_write_failure
 from medfm_ops.utils.errors import root_cause
 
 __all__ = ["run_bundle_configs", "predict_with_bundle"]
@@ -39,11 +40,14 @@ def run_bundle_configs(
 
     Raises:
         the error that stopped the run, unwrapped from MONAI's "Failed to evaluate/instantiate" wrappers so that
-        its own message (naming the file or batch) is what the user reads last; torch's "unexpected pos" of a full
-        disk becomes an :class:`~medfm_ops.utils.OutputWriteError` naming the file.
+        its own message (naming the file or batch) is what the user reads last; a full disk is an
+        :class:`~medfm_ops.utils.OutputWriteError` naming the file (also when the bundle-local saver,
+        ``scripts/atomic_checkpoint.py``, raised its copy of that class, or MONAI's stock ``CheckpointSaver`` left
+        torch's "unexpected pos").
     """
     root = Path(bundle_dir)
     files = [str(root / "configs" / f) for f in config_files]
+    _forget_other_bundle_scripts(root)
     workflow = ConfigWorkflow(
         config_file=files,
         meta_file=str(root / "configs" / "metadata.json"),
@@ -58,15 +62,43 @@ def run_bundle_configs(
         workflow.initialize()
         workflow.run()
         workflow.finalize()
-    except RuntimeError as e:  # surface the real error (a bad file, a NaN loss), not the config wrapper
+    except (RuntimeError, OSError) as e:  # surface the real error (a bad file, a NaN loss), not the config wrapper
         cause = root_cause(e)
-        disk = torch_write_failure(cause, root)  # MONAI's CheckpointSaver on a full disk: say so, name the file
+        disk = _package_write_error(cause) or torch_write_failure(cause, root)  # a full disk: say so, name the file
         if disk is not None:
             raise disk from cause
         if cause is e:
             raise
         raise cause.with_traceback(cause.__traceback__) from None
     return workflow
+
+
+def _forget_other_bundle_scripts(root: Path) -> None:
+    """
+    Unload a bundle-local ``scripts`` package imported from another bundle folder. MONAI puts each bundle root on
+    ``sys.path``, but Python keeps the first ``scripts`` package it imported, whose folder may be gone (a staged
+    bundle renamed into place): a module of it not imported yet would not be found. MONAI Label unloads ``scripts``
+    before each bundle run in the same way.
+    """
+    cached = sys.modules.get("scripts")
+    folders = [Path(p).resolve() for p in getattr(cached, "__path__", [])]
+    if cached is None or folders == [(root / "scripts").resolve()]:
+        return
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+
+
+def _package_write_error(error: BaseException) -> OutputWriteError | None:
+    """The package's :class:`~medfm_ops.utils.OutputWriteError` for the same error raised by a bundle's verbatim copy
+    of :mod:`medfm_ops.utils.atomic_io` (``scripts/atomic_io.py`` defines its own class of that name), so callers
+    catch one class; None for any other error."""
+    if isinstance(error, OutputWriteError) or not isinstance(error, OSError):
+        return None
+    if type(error).__name__ != OutputWriteError.__name__:
+        return None
+    out = OutputWriteError(error.errno, str(error))
+    out.filename, out.reason = error.filename, getattr(error, "reason", None)
+    return out
 
 
 def predict_with_bundle(

@@ -3,7 +3,10 @@
 """Atomic writes: a file (text, JSON, torch object) or a whole directory appears complete or not at all.
 
 Every file the suite writes (checkpoints, datalists, tables, bundles) goes through here, so a failed or killed run
-never leaves a half-written file in place of a good one."""
+never leaves a half-written file in place of a good one.
+
+Standard library (and torch, imported where used) only: exported bundles ship this module verbatim as
+``scripts/atomic_io.py`` for their checkpoint saver (see :py:data:`medfm_ops.bundle.BUNDLE_SCRIPTS`)."""
 
 from __future__ import annotations
 

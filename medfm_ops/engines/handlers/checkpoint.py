@@ -1,104 +1,35 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""Checkpointing that never leaves a half-written file and never writes non-finite weights."""
+"""Checkpointing of the medfm trainings: atomic, finite files (the bundle-shippable
+:class:`medfm_ops.utils.atomic_checkpoint.AtomicCheckpointSaver`) plus the training state a bit-exact resume needs."""
 
 from __future__ import annotations
 
-import logging
 import os
-from pathlib import Path
 from typing import Any
 
-import ignite.distributed as idist
 from ignite.engine import Engine
-from ignite.handlers.checkpoint import BaseSaveHandler, DiskSaver
-from monai.handlers import CheckpointSaver
 
 from medfm_ops.engines.handlers.random_states import RandomStates
-from medfm_ops.utils.atomic_io import NonFiniteWeightsError, atomic_torch_save, non_finite_entries
+from medfm_ops.utils import atomic_checkpoint
 
 __all__ = ["AtomicCheckpointSaver"]
 
 
-class _FiniteSaver(BaseSaveHandler):
-    """Wraps Ignite's ``DiskSaver``: refuses a checkpoint holding NaN/inf tensors before anything is written, and
-    removes superseded files only AFTER the new one is safely on disk.
-
-    Ignite's ``Checkpoint`` asks to remove the oldest file before it saves the new one, so a save that fails (a full
-    disk, non-finite weights) or is killed would leave no checkpoint at all; removals are deferred to the next
-    successful save here. A ``BaseSaveHandler`` itself: Ignite removes files only through handlers of that type.
+class AtomicCheckpointSaver(atomic_checkpoint.AtomicCheckpointSaver):
     """
-
-    def __init__(self, saver: Any) -> None:
-        self.saver = saver
-        self.pending_removals: list[str] = []
-        self.saved: list[str] = []  # names written since the owner last cleared it
-
-    def remove(self, filename: str) -> None:
-        self.pending_removals.append(filename)
-
-    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
-        bad = non_finite_entries(checkpoint)
-        if bad:
-            raise NonFiniteWeightsError(
-                f"refusing to write checkpoint {filename}: {len(bad)} tensor(s) hold NaN/inf values (first: "
-                f"{bad[:3]}); the previous checkpoints are kept. The run diverged (learning rate, NaN/inf input?)."
-            )
-        if isinstance(self.saver, DiskSaver) and not idist.has_xla_support:
-            if self.saver.save_on_rank == idist.get_rank():  # a full disk: one line naming the file
-                name = getattr(self.saver, "filename", None) or filename  # MONAI's fixed-name saver (model.pt)
-                atomic_torch_save(checkpoint, Path(self.saver.dirname) / name, check_finite=False)
-        else:
-            self.saver(checkpoint, filename, metadata)
-        self.saved.append(getattr(self.saver, "filename", None) or filename)  # MONAI: a fixed name (model.pt)
-        pending, self.pending_removals = self.pending_removals, []
-        if getattr(self.saver, "filename", None) is not None:
-            return  # MONAI's fixed-name saver (model.pt): the new file replaced the old one atomically, keep it
-        for old in pending:
-            if old != filename:
-                self.saver.remove(old)
-
-    def __getattr__(self, name: str) -> Any:  # remove(), dirname, ... of the wrapped DiskSaver
-        return getattr(self.saver, name)
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """
-    MONAI's :class:`~monai.handlers.CheckpointSaver` whose files are written atomically: serialised to a temporary
-    file in the same directory, then renamed over the target (Ignite's ``DiskSaver(atomic=True)``), so a run that
-    fails or is killed while saving never corrupts an existing checkpoint; superseded files are removed only after
-    the new one is written (Ignite removes first), and a checkpoint with NaN/inf tensors is refused
-    (:class:`~medfm_ops.utils.NonFiniteWeightsError`) with the previous files kept. A full disk stops the run with
-    one line naming the file (:class:`~medfm_ops.utils.OutputWriteError`). Takes the same arguments.
+    MONAI's :class:`~monai.handlers.CheckpointSaver` whose files are written atomically, never with NaN/inf tensors,
+    superseded files removed only after the new one is written, a full disk one line naming the file
+    (:class:`medfm_ops.utils.atomic_checkpoint.AtomicCheckpointSaver`, which exported bundles ship as
+    ``scripts/``), and one log line (logger ``medfm.checkpoint``) each time the best model changes. Takes the same
+    arguments.
 
     A full training state (a ``save_dict`` with an Ignite ``Engine``, e.g. ``"trainer"``) also gets an ``"rng"``
     entry, the run's :class:`~medfm_ops.engines.handlers.random_states.RandomStates`, so that
     :func:`~medfm_ops.engines.resume_training` continues the same random sequence (bit-exact resume). The
-    best-model file (one entry) stays a plain state dict.
-
-    It logs one line (logger ``medfm.checkpoint``) each time the best model changes, i.e. when its key-metric file is
-    written: ``best val_mean_dice 0.8123 at epoch 4: saved models/model.pt``; nothing on other validations.
+    best-model file (one entry) stays a plain state dict. The saver's record of its files is a state dict too
+    (``state_dict``/``load_state_dict``), so a resumed run continues it.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for ckpt in self._checkpoints().values():
-            ckpt.save_handler._atomic = True  # MONAI builds its DiskSavers with atomic=False
-            ckpt.save_handler = _FiniteSaver(ckpt.save_handler)
-        self.best_logger = logging.getLogger("medfm.checkpoint")
-        self._key_name = kwargs.get("key_metric_name")  # else the engine's key metric
-
-    def metrics_completed(self, engine: Any) -> None:
-        """Save the key-metric checkpoint when the metric improved, and say so in one line."""
-        saver = self._key_metric_checkpoint.save_handler
-        saver.saved.clear()
-        super().metrics_completed(engine)
-        if saver.saved:
-            name = self._key_name or getattr(engine.state, "key_metric_name", None)
-            value = getattr(engine.state, "metrics", {}).get(name) if name else None
-            score = f" {name} {float(value):.4f}" if value is not None else ""
-            path = os.path.join(saver.dirname, saver.saved[-1])
-            self.best_logger.info(f"best{score} at epoch {engine.state.epoch}: saved {path}")
 
     def attach(self, engine: Engine) -> None:
         if any(isinstance(v, Engine) for v in self.save_dict.values()) and "rng" not in self.save_dict:
@@ -107,11 +38,6 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 if ckpt is not None:
                     ckpt.to_save = {**ckpt.to_save, "rng": RandomStates(engine)}
         super().attach(engine)
-
-    def _checkpoints(self) -> dict[str, Any]:
-        named = {"final": self._final_checkpoint, "key_metric": self._key_metric_checkpoint,
-                 "interval": self._interval_checkpoint}  # fmt: skip
-        return {k: v for k, v in named.items() if v is not None}
 
     def state_dict(self) -> dict[str, Any]:
         """The files each internal checkpoint keeps (with their scores), so a resumed run continues the record."""
