@@ -14,7 +14,7 @@ import torch
 from medfm_ops.data import (
     CheckClsItemd,
     ClsItemError,
-    ClsTaskTable,
+    TaskTable,
     LoadClsImaged,
     NpzReadError,
     VolumeShapeError,
@@ -38,7 +38,7 @@ from medfm_ops.networks import (
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TABLE = ClsTaskTable.from_tasks([
+TABLE = TaskTable.from_tasks([
     {"name": "a", "task_id": 0, "labels": {"0": "n", "1": "p"}},
     {"name": "b", "task_id": 1, "labels": {"0": "x", "1": "y", "2": "z"}},
 ])  # fmt: skip

@@ -16,7 +16,7 @@ from monai.engines import SupervisedEvaluator
 from monai.inferers import SimpleInferer
 from torch import nn
 
-from medfm_ops.engines.cls_batch import TaskPrepareBatch
+from medfm_ops.engines.task_batch import TaskPrepareBatch
 from medfm_ops.engines.lorkd_evaluation import count_flops, count_params
 from medfm_ops.metrics import MultiTaskClsMetric, mean_score_row, write_table
 from medfm_ops.networks.cls_heads import export_cls_expert
@@ -47,7 +47,7 @@ def score_classifier(
             single-task stock classifier (task-local logits).
         files: checked datalist items.
         preprocessing: the bundle's deterministic preprocessing (``validate#preprocessing``).
-        task_table: the :class:`~medfm_ops.data.ClsTaskTable`.
+        task_table: the :class:`~medfm_ops.data.TaskTable`.
         device: where to run.
         route: pass task ids to the network. Defaults to False.
         unified: logits are the unified head over all tasks. Defaults to False.

@@ -41,14 +41,7 @@ def rd_student_network_def(network_config: Mapping[str, Any], num_classes: int) 
 
 def student_task_table(task_table: Any, task: str) -> Any:
     """The one-task table of a student trained on ``task`` (task id 0, the task's class names and modality)."""
-    from medfm_ops.data.cls_tasks import ClsTaskTable
-
-    tid = task_table.task_id_of(task)
-    return ClsTaskTable.from_tasks(
-        [{"name": task_table.task_names[tid], "task_id": 0, "modality": task_table.modalities[tid],
-          "labels": {str(i): c for i, c in enumerate(task_table.class_names[tid])}}],
-        source=f"task {task_table.task_names[tid]} of the training data",
-    )  # fmt: skip
+    return task_table.one_task_table(task)
 
 
 def export_rd_student(

@@ -17,7 +17,7 @@ from monai.utils import ensure_tuple
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from medfm_ops.engines.routing import RegionPrepareBatch
+from medfm_ops.engines.task_batch import TaskPrepareBatch
 from medfm_ops.metrics import RegionSegMetrics, write_table
 from medfm_ops.networks import eks_layers, export_expert
 
@@ -72,14 +72,14 @@ def evaluate_segmentation(
     """
     loader = DataLoader(Dataset(files, preprocessing), batch_size=1, shuffle=False, num_workers=0)
     metric = RegionSegMetrics(
-        region_table.region_channels, region_table.region_names, region_table.class_names, tolerance_mm=tolerance_mm
+        region_table.task_channels, region_table.task_names, region_table.class_names, tolerance_mm=tolerance_mm
     )
     evaluator = SupervisedEvaluator(
         device=torch.device(device),
         val_data_loader=loader,
         network=network.to(device),
         inferer=inferer,
-        prepare_batch=RegionPrepareBatch(route=route),
+        prepare_batch=TaskPrepareBatch("segmentation", route=route),
         decollate=False,
     )
     metric.attach(evaluator, "mean_dsc")  # not a key metric: no "best metric" bookkeeping or log line
@@ -145,7 +145,7 @@ def evaluate_decomposition(
         the region-table rows.
     """
     os.makedirs(out_dir, exist_ok=True)
-    names = [region_table.region_names[t] for t in sorted(region_table.region_names)]
+    names = [region_table.task_names[t] for t in sorted(region_table.task_names)]
     in_shape = (1, 1, *ensure_tuple(inferer.roi_size))
     rows: list[dict] = []
     class_rows: list[dict] = []
@@ -199,12 +199,12 @@ def evaluate_decomposition(
     _row("LoRKD (unfused, routed)", scores, count_params(model), count_params(model), train_flops, train_flops)
 
     fused_scores: dict[str, tuple[float, float]] = {}
-    for task in sorted(region_table.region_names):
+    for task in sorted(region_table.task_names):
         own = [f for f in files if int(f["region"]) == task]
         if not own:
             continue
         expert = export_expert(model, task).to(device)
-        scores = _score(f"expert {region_table.region_names[task]} (fused)", expert, own, False)
+        scores = _score(f"expert {region_table.task_names[task]} (fused)", expert, own, False)
         fused_scores.update(scores)
     _row(
         "LoRKD experts (fused, one per region)",

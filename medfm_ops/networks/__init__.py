@@ -22,12 +22,14 @@ from medfm_ops.networks.rank_allocation import lorkd_star_ranks, round_to_even
 from medfm_ops.networks.spec import (
     LEGACY_EXPERT_SETTINGS,
     SPEC_FILENAME,
-    check_same_regions,
+    check_same_tasks,
+    check_trained_tasks,
     expert_model_from_spec,
     trained_expert_settings,
     instantiate,
     load_network_spec,
     save_network_spec,
+    saved_task_entries,
 )
 from medfm_ops.networks.routing import TaskRouting
 from medfm_ops.networks.teacher import freeze, load_teacher
@@ -88,7 +90,9 @@ __all__ = [
     "trained_expert_settings",
     "LEGACY_EXPERT_SETTINGS",
     "load_network_spec",
-    "check_same_regions",
+    "check_same_tasks",
+    "check_trained_tasks",
+    "saved_task_entries",
     "SPEC_FILENAME",
     "ShuffleNetV2",
     "MobileNetV2",

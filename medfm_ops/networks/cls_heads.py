@@ -207,7 +207,7 @@ def load_teacher_features(
 
     Args:
         teacher_path: the teacher bundle directory (``models/model.pt`` + ``models/network_def.json``).
-        task_table: the data set's :class:`~medfm_ops.data.ClsTaskTable`.
+        task_table: the data set's :class:`~medfm_ops.data.TaskTable`.
         device: where to put the teacher. Defaults to ``"cpu"``.
         target_task: the task the student learns (with ``leave_task_out``).
         leave_task_out: see above. Defaults to False.
@@ -224,7 +224,7 @@ def load_teacher_features(
     if not target_task:
         raise ValueError("load_teacher_features(leave_task_out=True) needs the target_task the student learns.")
     spec = load_network_spec(os.path.join(teacher_path, "models"))
-    seen = [r["name"] for r in spec.get("regions") or []]
+    seen = [r["name"] for r in spec.get("tasks") or []]
     if not seen:
         raise ValueError(f"teacher {teacher_path}: its models/network_def.json records no task table, so it cannot be "
                          "shown to have been trained without the target task.")  # fmt: skip
