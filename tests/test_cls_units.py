@@ -22,7 +22,7 @@ from medfm_ops.data import (
     generate_cls_task,
     read_medmnist_split,
 )
-from medfm_ops.engines import ClsLossAdapter, LinearDecayHandler, TaskPrepareBatch
+from medfm_ops.engines import LinearDecayHandler, TaskLossAdapter, TaskPrepareBatch
 from medfm_ops.losses import CKALoss, LoRKDClsLoss, RDLoss, linear_cka, linear_decay, task_cross_entropy
 from medfm_ops.metrics import binary_auc, classification_scores, task_score_rows, working_verdict
 from medfm_ops.networks import (
@@ -99,7 +99,7 @@ def test_teacher_gets_no_gradient_and_never_changes():
     student = ReprogrammedStudent(build_cls_network("resnet_tiny", 2), tf.feature_dim)
     opt = torch.optim.AdamW(student.parameters(), lr=0.1)
     prep = TaskPrepareBatch(teacher=tf, route=False, targets_as_dict=True, return_features=True, pass_teacher_features=True)
-    loss = ClsLossAdapter(RDLoss())
+    loss = TaskLossAdapter(RDLoss())
     batch = {"image": torch.randn(4, 1, 16, 16, 16), "label": torch.tensor([0, 1, 0, 1]), "task_id": torch.zeros(4, dtype=torch.long)}
     for _ in range(2):
         tf.train()

@@ -77,7 +77,7 @@ def test_former_names_are_the_same_table():
         (lambda: TaskTable.from_tasks([CLS[0], {**CLS[1], "task_id": "1"}], source="d.json"),
          r"tasks\[1\] \('vessel'\) in d\.json: task_id must be an integer"),
         (lambda: TaskTable.from_tasks([CLS[0], {**CLS[1], "task_id": 3}], source="d.json"),
-         r"task task ids in d\.json must be 0\.\.1 without gaps, got \[0, 3\]"),
+         r"task ids of the tasks in d\.json must be 0\.\.1 without gaps, got \[0, 3\]"),
         (lambda: TaskTable.from_tasks(CLS, source="d.json").task_id_of("knee"),
          r"unknown task 'knee' in d\.json; known tasks: \['adrenal', 'vessel'\]"),
         (lambda: TaskTable({0: "a"}, {0: ["x"]}, kind="detection"), "kind must be one of"),

@@ -105,7 +105,7 @@ __all__ = [
 ]
 
 from .cls_datalist import ClsItemError, check_cls_item, cls_item_name, ensure_cls_dataset, load_cls_datalist
-from .cls_medmnist import MEDMNIST_TASKS, NpzReadError, medmnist_items, read_medmnist_split, read_npz_array
+from .medmnist import MEDMNIST_TASKS, NpzReadError, medmnist_items, read_medmnist_split, read_npz_array
 from .cls_synthetic import CLS_GENERATOR_VERSION, SYNTHETIC_CLS_TASKS, generate_cls_task, write_synthetic_cls_tasks
 from .cls_transforms import CheckClsItemd, LoadClsImaged, VolumeShapeError
 

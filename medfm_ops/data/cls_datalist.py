@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medfm_ops.data.cls_medmnist import MEDMNIST_TASKS, medmnist_items
+from medfm_ops.data.medmnist import MEDMNIST_TASKS, medmnist_items
 from medfm_ops.data.cls_synthetic import SYNTHETIC_CLS_TASKS, write_synthetic_cls_tasks
 from medfm_ops.data.task_table import TaskTable
 from medfm_ops.utils.atomic_io import atomic_write_json

@@ -13,7 +13,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, Transform
 
 from medfm_ops.data.cls_datalist import ClsItemError, check_cls_item, cls_item_name
-from medfm_ops.data.cls_medmnist import NpzReadError, read_npz_array
+from medfm_ops.data.medmnist import NpzReadError, read_npz_array
 from medfm_ops.data.task_table import TaskTable
 from medfm_ops.data.input_guard import check_shape
 

@@ -99,7 +99,7 @@ class TaskTable:
         if not ids:
             raise ValueError(f"a task table needs at least one {word}{where}.")
         if ids != list(range(len(ids))):
-            raise ValueError(f"{word} task ids{where} must be 0..{len(ids) - 1} without gaps, got {ids}.")
+            raise ValueError(f"the task ids of the {word}s{where} must be 0..{len(ids) - 1} without gaps, got {ids}.")
         if sorted(classes) != ids:
             raise ValueError(f"class_names{where} has task ids {sorted(classes)}, the {word} names have {ids}.")
         self.task_names = {t: names[t] for t in ids}

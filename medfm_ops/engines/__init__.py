@@ -14,8 +14,8 @@ from medfm_ops.engines.training_state import (
 )
 from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evaluate_decomposition, evaluate_segmentation
 from medfm_ops.engines.task_batch import RegionPrepareBatch, TaskPrepareBatch, batch_filenames
-from medfm_ops.engines.cls_teacher_cache import TeacherFeatureCache
-from medfm_ops.engines.cls_rd_export import export_rd_student, rd_student_network_def, student_task_table
+from medfm_ops.engines.teacher_cache import TeacherFeatureCache
+from medfm_ops.engines.rd_export import export_rd_student, rd_student_network_def, student_task_table
 from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier
 from medfm_ops.engines.handlers import LinearDecayHandler, TerminalProgressBar, RandomStates
 from medfm_ops.engines.routing import RoutedSimpleInferer, RoutedSlidingWindowInferer

@@ -15,7 +15,7 @@ from torch import nn
 from medfm_ops.data.task_table import TASK_KINDS
 
 if TYPE_CHECKING:
-    from medfm_ops.engines.cls_teacher_cache import TeacherFeatureCache
+    from medfm_ops.engines.teacher_cache import TeacherFeatureCache
 
 __all__ = ["TaskPrepareBatch", "RegionPrepareBatch", "batch_filenames"]
 

@@ -33,8 +33,8 @@ from medfm_ops.networks.spec import (
 )
 from medfm_ops.networks.routing import TaskRouting
 from medfm_ops.networks.teacher import freeze, load_teacher
-from medfm_ops.networks.cls_shufflenet import ShuffleNetV2, channel_shuffle
-from medfm_ops.networks.cls_mobilenet import MobileNetV2
+from medfm_ops.networks.shufflenet3d import ShuffleNetV2, channel_shuffle
+from medfm_ops.networks.mobilenet3d import MobileNetV2
 from medfm_ops.networks.cls_heads import (
     PAD_LOGIT,
     TaskHeadNetwork,
@@ -46,7 +46,7 @@ from medfm_ops.networks.cls_heads import (
     mask_task_logits,
 )
 from medfm_ops.networks.cls_zoo import CLS_NETWORKS, ViTClassifier, build_cls_network, cls_network_def, network_config
-from medfm_ops.networks.cls_reprogram import (
+from medfm_ops.networks.reprogramming import (
     ReprogrammedStudent,
     ReprogrammingModule,
     init_from_checkpoint,

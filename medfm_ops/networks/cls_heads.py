@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from medfm_ops.networks.experts import ExpertNetwork, export_expert, load_expert_state_dict
+from medfm_ops.networks.routing import checked_task_ids
 
 __all__ = [
     "PAD_LOGIT",
@@ -108,11 +109,7 @@ class TaskHeadNetwork(nn.Module):
         return self.backbone.ranks
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor, return_features: bool = False) -> Any:
-        task_ids = torch.as_tensor(task_ids, device=x.device).long().view(-1)
-        if task_ids.numel() != x.shape[0]:
-            raise ValueError(f"task_ids has {task_ids.numel()} entries for a batch of {x.shape[0]} samples.")
-        if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= self.num_tasks):
-            raise IndexError(f"task ids {task_ids.tolist()} out of range for {self.num_tasks} task heads.")
+        task_ids = checked_task_ids(task_ids, x, self.num_tasks, "task heads")
         feats = self.backbone(x, task_ids) if self.routed else self.backbone(x)
         logits = feats.new_full((x.shape[0], max(self.num_classes)), PAD_LOGIT)
         for t in task_ids.unique().tolist():

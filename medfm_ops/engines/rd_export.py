@@ -91,7 +91,7 @@ def export_rd_student(
         BundleCheckError: when ``verify`` fails (``out_dir`` is then left as it was).
     """
     from medfm_ops.bundle import write_cls_expert_bundle
-    from medfm_ops.networks.cls_reprogram import load_rd_student
+    from medfm_ops.networks.reprogramming import load_rd_student
     from medfm_ops.networks.spec import instantiate, save_network_spec
 
     table = student_task_table(task_table, task)
