@@ -44,9 +44,10 @@ def test_one_layout_for_both_kinds():
     assert cls.annotated_channel_mask(1, ["vessel"]).nonzero().flatten().tolist() == [2]
     assert cls.channel_mask(torch.tensor([1, 0])).tolist() == [[False, False, True, True, True],
                                                                [True, True, False, False, False]]  # fmt: skip
-    assert cls.modalities == {0: "CT", 1: "unknown"} and cls.to_tasks() == [dict(CLS[0]), {**CLS[1], "modality": "unknown"}]
-    assert TaskTable.from_tasks(cls.to_entries()) == TaskTable.from_tasks([{k: v for k, v in e.items() if k != "modality"}
-                                                                             for e in CLS])  # fmt: skip
+    assert cls.modalities == {0: "CT", 1: "unknown"}
+    assert cls.to_tasks() == [dict(CLS[0]), {**CLS[1], "modality": "unknown"}]
+    without_modality = [{k: v for k, v in e.items() if k != "modality"} for e in CLS]
+    assert TaskTable.from_tasks(cls.to_entries()) == TaskTable.from_tasks(without_modality)
     assert TaskTable.from_regions(seg.to_entries()) == seg
     # the items' task-id key follows the kind (seg datalists: "region", cls: "task_id")
     assert seg.cases_of([{"region": 0}, {"region": 1}], "thorax") == [{"region": 1}]
@@ -117,4 +118,5 @@ def test_specs_saved_under_the_old_regions_key_still_load(tmp_path):
     (tmp_path / "network_def.json").write_text(json.dumps(cls_old))
     with pytest.raises(ValueError, match=r"Pass --tasks \".*network_def\.json#regions\""):
         check_trained_tasks(tmp_path, TaskTable.from_tasks([CLS[0], {**CLS[1], "labels": {"0": "a", "1": "b"}}]))
-    assert TaskTable.from_tasks(load_network_spec(tmp_path)["tasks"]).class_names == TaskTable.from_tasks(CLS).class_names
+    loaded = TaskTable.from_tasks(load_network_spec(tmp_path)["tasks"])
+    assert loaded.class_names == TaskTable.from_tasks(CLS).class_names

@@ -77,7 +77,8 @@ class TaskTable:
         ])
         table.channels_of(1)  # [2, 3, 4]
         table.channel_mask(torch.tensor([0, 1]))  # (2, 5) bool
-        TaskTable.from_tasks([{"name": "adrenal", "task_id": 0, "labels": {"0": "normal", "1": "mass"}}]).num_classes  # 2
+        cls = TaskTable.from_tasks([{"name": "adrenal", "task_id": 0, "labels": {"0": "normal", "1": "mass"}}])
+        cls.num_classes, cls.offset_of(0)  # 2, 0
     """
 
     task_names: dict[int, str]

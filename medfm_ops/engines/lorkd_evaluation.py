@@ -70,26 +70,42 @@ def evaluate_segmentation(
     Returns:
         the computed metric (``.table()`` gives the per-class rows).
     """
-    loader = DataLoader(Dataset(files, preprocessing), batch_size=1, shuffle=False, num_workers=0)
     metric = RegionSegMetrics(
         region_table.task_channels, region_table.task_names, region_table.class_names, tolerance_mm=tolerance_mm
     )
+    prepare_batch = TaskPrepareBatch("segmentation", route=route)
+    run_metric(metric, "mean_dsc", network, files, preprocessing, inferer, prepare_batch, device)
+    return metric
+
+
+def run_metric(
+    metric: Any,
+    name: str,
+    network: nn.Module,
+    files: list[dict],
+    preprocessing: Callable,
+    inferer: Inferer,
+    prepare_batch: Callable,
+    device: torch.device | str,
+    batch_size: int = 1,
+) -> None:
+    """
+    Run ``network`` over ``files`` in a MONAI :class:`~monai.engines.SupervisedEvaluator` that feeds the Ignite
+    ``metric`` (attached as ``name``, not a key metric: no "best metric" bookkeeping or log line), with Ignite's
+    run log lines silenced (the callers log their own line per task). Segmentation and classification scoring.
+    """
+    loader = DataLoader(Dataset(files, preprocessing), batch_size=batch_size, shuffle=False, num_workers=0)
     evaluator = SupervisedEvaluator(
-        device=torch.device(device),
-        val_data_loader=loader,
-        network=network.to(device),
-        inferer=inferer,
-        prepare_batch=TaskPrepareBatch("segmentation", route=route),
-        decollate=False,
-    )
-    metric.attach(evaluator, "mean_dsc")  # not a key metric: no "best metric" bookkeeping or log line
+        device=torch.device(device), val_data_loader=loader, network=network.to(device), inferer=inferer,
+        prepare_batch=prepare_batch, decollate=False,
+    )  # fmt: skip
+    metric.attach(evaluator, name)
     level = evaluator.logger.level
-    evaluator.logger.setLevel(logging.WARNING)  # the caller logs one line per region instead of Ignite's run lines
+    evaluator.logger.setLevel(logging.WARNING)
     try:
         evaluator.run()
     finally:
         evaluator.logger.setLevel(level)
-    return metric
 
 
 def _region_scores(metric: RegionSegMetrics) -> dict[str, tuple[float, float]]:

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 
 __all__ = ["rd_student_network_def", "student_task_table", "export_rd_student"]
 

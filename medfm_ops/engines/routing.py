@@ -9,8 +9,6 @@ from typing import Any
 
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
-from monai.utils import CommonKeys
-from torch import nn
 
 __all__ = ["RoutedSlidingWindowInferer", "RoutedSimpleInferer"]
 
@@ -19,8 +17,9 @@ class RoutedSlidingWindowInferer(SlidingWindowInferer):
     """
     Sliding-window inference for ``network(windows, task_ids)``: each sample's task id is repeated for its windows.
 
-    Called with the region ids as the extra positional argument (as produced by :class:`~medfm_ops.engines.TaskPrepareBatch`); called
-    without it, it is MONAI's :class:`~monai.inferers.SlidingWindowInferer`. Takes the same arguments.
+    Called with the task ids as the extra positional argument (as produced by
+    :class:`~medfm_ops.engines.TaskPrepareBatch`); called without it, it is MONAI's
+    :class:`~monai.inferers.SlidingWindowInferer`. Takes the same arguments.
     """
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -184,7 +184,8 @@ class TaskPrepareBatch:
             names, kind = batch_filenames(batchdata, self.image_key), TASK_KINDS[self.kind]
             raise ValueError(
                 f"batch '{self.mask_key}' selects channels outside the {kind.word} of case(s) "
-                f"{[names[i] if i < len(names) else i for i in outside]} ({kind.entries_key} {tasks[outside].tolist()})."
+                f"{[names[i] if i < len(names) else i for i in outside]} "
+                f"({kind.entries_key} {tasks[outside].tolist()})."
             )
         return mask
 

@@ -153,8 +153,8 @@ def check_trained_tasks(ckpt_dir: str | os.PathLike, task_table: Any) -> None:
     raw = read_json_object(path, "network description")
     saved_key = TASKS_KEY if TASKS_KEY in raw else LEGACY_TASKS_KEY
     key = task_table.conventions.entries_key
-    check_same_tasks(raw, task_table, f"the model in {ckpt_dir}",
-                     hint=f'Pass --{key} "%{path}#{saved_key}" (or edit \'{key}\' in configs/inference.json).')  # fmt: skip
+    hint = f'Pass --{key} "%{path}#{saved_key}" (or edit \'{key}\' in configs/inference.json).'
+    check_same_tasks(raw, task_table, f"the model in {ckpt_dir}", hint=hint)
 
 
 def expert_model_from_spec(spec: str | os.PathLike | Mapping[str, Any], num_tasks: int | None = None) -> nn.Module:
