@@ -175,8 +175,14 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
         "after every epoch on the run's OWN validation split carved from train "
         f"({100 * s.get('val_fraction', 0.2):.0f}% of the task's training cases per label, one fixed draw for every "
         "row and seed, `benchmarks.common.carve_validation_datalist`) and the best epoch's weights kept "
-        "(`--final_model best`); the bundle has no early-stopping handler, so every run trains its full budget (no "
-        "patience applied); the learning rate is the shared one (no grid). Importance estimation: "
+        "(`--final_model best`); "
+        + (f"early stopping with a patience of {s['patience']} validations (`early_stop_patience`: {s['epochs']} "
+           "epochs are a ceiling; epochs trained and best epochs per row in the tables)" if s.get("patience") else
+           "no early stopping: every run trains its full budget")
+        + "; "
+        + (f"learning rate per task and row chosen with the first seed on the carved split from {s['lr_grid']} "
+           "(section Learning rates)" if s.get("lr_grid") else "the learning rate is the shared one (no grid)")
+        + ". Importance estimation: "
         + (f"{s['sparse_num_batches']} training batches" if s.get("sparse_num_batches") else "one epoch of the training split")
         + " (random mask and magnitude rows: one batch, for the shapes only). Runs: "
         + (f"{s['jobs']} at a time, {s['threads']} torch thread(s) each." if s.get("jobs") else "one at a time."),
@@ -202,8 +208,8 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
     for task, rows in record["tasks"].items():
         lines += [f"## {task}", "",
                   "| row | method | trainable params | " + " | ".join(h for _, h in SCORES)
-                  + " | verdict | estimation (s) | training (s) |",
-                  "| --- | --- | ---: | " + " | ".join("---:" for _ in SCORES) + " | --- | ---: | ---: |"]  # fmt: skip
+                  + " | verdict | estimation (s) | training (s) | epochs (best) |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in SCORES) + " | --- | ---: | ---: | --- |"]  # fmt: skip
         for r in rows:
             runs = r["runs"]
             est = [(x["importance_estimation"] or {}).get("seconds") for x in runs]
@@ -214,9 +220,19 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
                 f"| {r['name']} | {r['description']} | {runs[0]['trainable']['count']:,} "
                 f"({100 * runs[0]['trainable']['fraction']:.3g}%) | " + " | ".join(cells)
                 + f" | {_mean_std(est, digits=1) if any(e is not None for e in est) else '-'} | "
-                f"{_mean_std([x['train_seconds'] for x in runs], digits=1)} |"
+                f"{_mean_std([x['train_seconds'] for x in runs], digits=1)} | "
+                + (", ".join(f"{x['epochs_trained']} ({x['best_epoch']})" for x in runs) if "epochs_trained" in runs[0]
+                   else "-") + " |"
             )
         lines += ["", *_reading(rows)]
+        lines.append("")
+    if s.get("lr_choice"):
+        lines += ["## Learning rates", "", "Chosen with the first seed on the carved validation split (best key "
+                  "metric); the shipped val split plays no part.", "",
+                  "| task / row | carved-split metric per learning rate | chosen |", "| --- | --- | ---: |"]
+        for key, c in s["lr_choice"].items():
+            lines.append(f"| {key} | " + ", ".join(f"{lr}: {v:.3f}" for lr, v in c["grid"].items())
+                         + f" | {c['lr']:g} |")
         lines.append("")
     lines += [*regenerate_lines(record["command"]),
               f"Per-run bundles (merged `models/model.pt`, `sparse_delta.pt`, `training_summary.json`) and logs are under "
@@ -301,6 +317,8 @@ def run(
     reuse_rows: bool = True,
     leave_task_out: bool = False,
     val_fraction: float = 0.2,
+    patience: int = 0,
+    lr_grid: str | tuple | None = None,
 ) -> str:
     """
     Run the rows (each task x seed) and write ``results`` and its ``.json``.
@@ -331,6 +349,11 @@ def run(
             Not with ``pretrained``. Defaults to False.
         val_fraction: the share of the task's training cases carved out as every row's own validation split (the
             best epoch on it is kept); the shipped val split is only scored. Defaults to 0.2.
+        patience: early stopping on that split (validations without a better key metric, ``early_stop_patience``;
+            ``epochs`` is then a ceiling, so every row trains as long as it improves); 0: every run trains ``epochs``.
+            Defaults to 0.
+        lr_grid: learning rates (comma-separated) tried per task and row with the first seed; the one with the best
+            carved-split key metric is every seed's (reported). Defaults to None (``learning_rate`` for every row).
 
     Raises:
         FileNotFoundError: when the starting checkpoint or a task's data is missing (the message says how to get it).
@@ -385,8 +408,14 @@ def run(
               "sparse_num_batches": int(estimation_batches) or None}  # fmt: skip
     digest = _configs_digest()
 
-    def one_run(task: str, name: str, override: str | None, extra: dict[str, Any], seed: int) -> dict[str, Any]:
-        run_dir = work / task / name / f"seed{seed}"
+    grid = [float(x) for x in split_list(lr_grid)] if lr_grid is not None else []
+    if patience:  # early stopping on the carved split; `epochs` becomes a ceiling
+        shared["early_stop_patience"] = int(patience)
+
+    def one_run(task: str, name: str, override: str | None, extra: dict[str, Any], seed: int,
+                lr: float | None = None) -> dict[str, Any]:
+        run_dir = work / task / name / (f"lr{lr:g}" if lr is not None else "") / f"seed{seed}"
+        extra = {**extra, **({"learning_rate": lr} if lr is not None else {})}
         files = [str(BUNDLE / "configs" / "train.json")]
         if override:
             files.append(str(BUNDLE / "configs" / "baselines" / f"{override}.json"))
@@ -422,13 +451,26 @@ def run(
               f"{sc['majority_accuracy']:.4f}) AUC {sc['auc']:.4f}; {record['seconds']:.0f} s{', reused' if reused else ''}",
               flush=True)  # fmt: skip
         return {"seed": seed, "seconds": record["seconds"], "scores": record["bundle_scores"],
-                "in_process_scores": summary["scores"],
+                "in_process_scores": summary["scores"], "learning_rate": lr if lr is not None else float(learning_rate),
+                "val_best": summary.get("best_metric"), "best_epoch": summary.get("best_metric_epoch"),
+                "epochs_trained": summary.get("epochs"),
                 **{k: summary[k] for k in ("trainable", "importance_estimation", "train_seconds", "settings")}}
 
     scoring_lock = threading.Lock()
+    chosen: dict[str, dict[str, Any]] = {}  # "task/row" -> {"grid": {lr: carved-split metric}, "lr": chosen}
+    if grid:  # the first seed tries every learning rate; the best on the carved split is every seed's
+        trials = [(task, row, seed_list[0], lr) for task in task_list for row in ROWS if row[0] in wanted for lr in grid]
+        with ThreadPoolExecutor(max_workers=int(jobs)) as pool:
+            tried = list(pool.map(lambda p: one_run(p[0], p[1][0], p[1][2], p[1][3], p[2], p[3]), trials))
+        for (task, row, _, lr), result in zip(trials, tried):
+            val = result["val_best"] if result["val_best"] is not None else float("-inf")
+            chosen.setdefault(f"{task}/{row[0]}", {"grid": {}})["grid"][f"{lr:g}"] = val
+        for c in chosen.values():
+            c["lr"] = float(max(c["grid"], key=c["grid"].get))
     plan = [(task, row, seed) for task in task_list for row in ROWS if row[0] in wanted for seed in seed_list]
     with ThreadPoolExecutor(max_workers=int(jobs)) as pool:  # each worker waits on its own child process
-        done = list(pool.map(lambda p: one_run(p[0], p[1][0], p[1][2], p[1][3], p[2]), plan))
+        done = list(pool.map(lambda p: one_run(p[0], p[1][0], p[1][2], p[1][3], p[2],
+                                               chosen[f"{p[0]}/{p[1][0]}"]["lr"] if grid else None), plan))
     out_tasks: dict[str, list[dict[str, Any]]] = {}
     for (task, (name, description, _, _), _), result in zip(plan, done):
         rows_of_task = out_tasks.setdefault(task, [])
@@ -455,6 +497,10 @@ def run(
         cmd_line.append("--leave_task_out true")
     if float(val_fraction) != 0.2:
         cmd_line.append(f"--val_fraction {val_fraction}")
+    if patience:
+        cmd_line.append(f"--patience {int(patience)}")
+    if grid:
+        cmd_line.append(f"--lr_grid {','.join(f'{x:g}' for x in grid)}")
     if work_dir != "runs/shpeft_bench":
         cmd_line.append(f"--work_dir {work_dir}")
     if results != "docs/RESULTS_shpeft.md":
@@ -472,7 +518,8 @@ def run(
                        "per_task": {t: {"path": os.path.relpath(x.path, REPO), "sha256": x.sha256} for t, x in pres.items()}},
         "settings": {**shared, "seeds": seed_list, "limit": limit, "tasks": task_list, "configs": digest,
                      "jobs": int(jobs), "threads": threads, "val_fraction": float(val_fraction),
-                     "leave_task_out": bool(leave_task_out)},  # fmt: skip
+                     "leave_task_out": bool(leave_task_out), "patience": int(patience), "lr_grid": grid,
+                     "lr_choice": chosen},  # fmt: skip
         "work_dir": os.path.relpath(work, REPO),
         "tasks": out_tasks,
     }

@@ -18,7 +18,6 @@ __all__ = [
     "literal_config",
     "bundle_network_config",
     "reject_renamed_keys",
-    "check_trained_regions",
     "check_writable",
 ]
 
@@ -127,32 +126,6 @@ def reject_renamed_keys(renamed: Mapping[str, str], **given: Any) -> None:
             f"'{k}' is now '{renamed.get(k, k)}' (--{renamed.get(k, k)} {json.dumps(v)})" for k, v in used.items()
         )
         raise ValueError(f"renamed config key(s): {hints}. Use the new key(s) instead of {sorted(used)}.")
-
-
-def check_trained_regions(ckpt_dir: str | os.PathLike, region_table: Any) -> None:
-    """
-    Check that an inference config's class layout (its ``regions``) is the one the weights in ``ckpt_dir`` were
-    trained with (``network_def.json`` written by the training run). Nothing to check before training.
-
-    Raises:
-        ValueError: when they differ; the message gives both layouts and the ``--regions`` option that reads the
-            trained layout.
-    """
-    spec = Path(ckpt_dir) / "network_def.json"
-    if not spec.is_file():
-        return
-    trained = json.loads(spec.read_text()).get("regions")
-    if trained is None:
-        return
-    def norm(regions: list[dict]) -> list[tuple]:
-        return [(r["name"], int(r["task_id"]), {str(k): v for k, v in r["labels"].items()}) for r in regions]
-
-    if norm(trained) != norm(region_table.to_regions()):
-        raise ValueError(
-            f"the model in {ckpt_dir} was trained on regions {[(r['name'], r['labels']) for r in trained]} but the "
-            f"config's 'regions' are {[(r['name'], r['labels']) for r in region_table.to_regions()]}: pass "
-            f'--regions "%{spec}#regions" (or edit \'regions\' in configs/inference.json).'
-        )
 
 
 def check_writable(folder: str | os.PathLike) -> str:

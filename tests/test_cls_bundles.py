@@ -165,7 +165,7 @@ def test_rd_train_evaluate_and_deploy_student(workspace):
     assert all(r["verdict"] in ("working", "not working on 1 of 1 tasks") for r in rows.values())
     # the run's product: the trained task and stock student recorded, and a standalone bundle of its own
     spec = json.loads((bundle / "models" / "network_def.json").read_text())
-    assert [r["name"] for r in spec["regions"]] == ["shape_ct"] and spec["network_def"]["num_classes"] == 3
+    assert [r["name"] for r in spec["tasks"]] == ["shape_ct"] and spec["network_def"]["num_classes"] == 3
     export = bundle / "export" / "shape_ct"
     meta = json.loads((export / "configs" / "metadata.json").read_text())
     assert meta["medfm_rd"]["task"] == "shape_ct" and "Reprogramming Distillation" in meta["description"]
@@ -207,7 +207,7 @@ def test_leave_one_task_out_teacher_and_rd_on_a_real_task(workspace, tmp_path):
     teacher = tmp_path / "foundation_loto"
     shutil.copytree(REPO / "bundles" / "foundation_cls", teacher, ignore=shutil.ignore_patterns("models", "eval", "runs"))
     _run(teacher, "train.json", real_tasks=real, exclude_tasks=["adrenalmnist3d"], **small)
-    seen = [r["name"] for r in json.loads((teacher / "models" / "network_def.json").read_text())["regions"]]
+    seen = [r["name"] for r in json.loads((teacher / "models" / "network_def.json").read_text())["tasks"]]
     assert seen == ["lesion_ct", "vesselmnist3d"]
     rd = tmp_path / "rd_cls"
     shutil.copytree(REPO / "bundles" / "rd_cls", rd, ignore=shutil.ignore_patterns("models", "eval", "runs", "export"))
@@ -215,7 +215,7 @@ def test_leave_one_task_out_teacher_and_rd_on_a_real_task(workspace, tmp_path):
               leave_task_out=True, **small)  # fmt: skip
     _run(rd, "train.json", **kw, verify_export=True)
     spec = json.loads((rd / "models" / "network_def.json").read_text())
-    assert spec["regions"] == [{"name": "adrenalmnist3d", "task_id": 0, "labels": {"0": "normal", "1": "adrenal_mass"}}]
+    assert spec["tasks"] == [{"name": "adrenalmnist3d", "task_id": 0, "labels": {"0": "normal", "1": "adrenal_mass"}}]
     meta = json.loads((rd / "export" / "adrenalmnist3d" / "configs" / "metadata.json").read_text())
     assert meta["medfm_rd"]["settings"]["leave_task_out"] is True and meta["medfm_rd"]["task"] == "adrenalmnist3d"
     _run(rd, "train.json", "evaluate.json", **kw)

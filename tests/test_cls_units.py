@@ -14,7 +14,7 @@ import torch
 from medfm_ops.data import (
     CheckClsItemd,
     ClsItemError,
-    ClsTaskTable,
+    TaskTable,
     LoadClsImaged,
     NpzReadError,
     VolumeShapeError,
@@ -22,7 +22,7 @@ from medfm_ops.data import (
     generate_cls_task,
     read_medmnist_split,
 )
-from medfm_ops.engines import ClsLossAdapter, LinearDecayHandler, TaskPrepareBatch
+from medfm_ops.engines import LinearDecayHandler, TaskLossAdapter, TaskPrepareBatch
 from medfm_ops.losses import CKALoss, LoRKDClsLoss, RDLoss, linear_cka, linear_decay, task_cross_entropy
 from medfm_ops.metrics import binary_auc, classification_scores, task_score_rows, working_verdict
 from medfm_ops.networks import (
@@ -38,7 +38,7 @@ from medfm_ops.networks import (
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TABLE = ClsTaskTable.from_tasks([
+TABLE = TaskTable.from_tasks([
     {"name": "a", "task_id": 0, "labels": {"0": "n", "1": "p"}},
     {"name": "b", "task_id": 1, "labels": {"0": "x", "1": "y", "2": "z"}},
 ])  # fmt: skip
@@ -99,7 +99,7 @@ def test_teacher_gets_no_gradient_and_never_changes():
     student = ReprogrammedStudent(build_cls_network("resnet_tiny", 2), tf.feature_dim)
     opt = torch.optim.AdamW(student.parameters(), lr=0.1)
     prep = TaskPrepareBatch(teacher=tf, route=False, targets_as_dict=True, return_features=True, pass_teacher_features=True)
-    loss = ClsLossAdapter(RDLoss())
+    loss = TaskLossAdapter(RDLoss())
     batch = {"image": torch.randn(4, 1, 16, 16, 16), "label": torch.tensor([0, 1, 0, 1]), "task_id": torch.zeros(4, dtype=torch.long)}
     for _ in range(2):
         tf.train()

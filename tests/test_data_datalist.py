@@ -1,6 +1,6 @@
 # Copyright (c) medfm contributors
 # Licensed under the Apache License, Version 2.0.
-"""RegionTable union channel layout and datalist loading/validation errors."""
+"""TaskTable union channel layout and datalist loading/validation errors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from medfm_ops.data import (
     DatasetIntegrityError,
-    RegionTable,
+    TaskTable,
     check_datalist_cases,
     ensure_synthetic_dataset,
     load_datalist,
@@ -36,7 +36,7 @@ def synthetic_datalist(tmp_path_factory) -> Path:
 
 
 def test_union_channel_layout():
-    table = RegionTable.from_regions(list(reversed(REGIONS)))  # order in the JSON does not matter
+    table = TaskTable.from_regions(list(reversed(REGIONS)))  # order in the JSON does not matter
     assert table.num_regions == 3 and table.num_classes == 9
     assert table.region_channels == {0: [0, 1], 1: [2, 3, 4], 2: [5, 6, 7, 8]}
     assert table.region_names == {0: "brain_mri", 1: "thorax_ct", 2: "abdomen_ct"}
@@ -63,7 +63,7 @@ def test_synthetic_table(synthetic_datalist):
 
 
 def test_unknown_region_and_task_id():
-    table = RegionTable.from_regions(REGIONS, source="my.json")
+    table = TaskTable.from_regions(REGIONS, source="my.json")
     with pytest.raises(ValueError, match=r"unknown region 'pelvis'.*my\.json.*brain_mri.*thorax_ct.*abdomen_ct"):
         table.task_id_of("pelvis")
     with pytest.raises(ValueError, match=r"unknown task id\(s\) \[3\]"):
@@ -94,7 +94,7 @@ def _regions(**change):
 )
 def test_invalid_regions(regions, message):
     with pytest.raises(ValueError, match=message):
-        RegionTable.from_regions(regions, source="data.json")
+        TaskTable.from_regions(regions, source="data.json")
 
 
 def test_load_resolves_paths_and_accepts_absolute(synthetic_datalist, tmp_path):

@@ -20,7 +20,7 @@ from medfm_ops.data import (
     CheckImageLabelShaped,
     ImageLoadError,
     RegionLabelToChannelsd,
-    RegionTable,
+    TaskTable,
     SafeLoadImaged,
     ensure_synthetic_dataset,
     load_datalist,
@@ -29,7 +29,7 @@ from medfm_ops.data import (
 BUNDLE_TRAIN = Path(__file__).resolve().parents[1] / "bundles" / "lorkd_seg" / "configs" / "train.json"
 
 
-def bundle_transforms(table: RegionTable, roi_size=None, train: bool = False, spacing=None):
+def bundle_transforms(table: TaskTable, roi_size=None, train: bool = False, spacing=None):
     """The lorkd_seg bundle's own preprocessing (its JSON lists, the one definition) for ``table``."""
     from monai.bundle import ConfigParser
 
@@ -41,7 +41,7 @@ def bundle_transforms(table: RegionTable, roi_size=None, train: bool = False, sp
         parser["roi_size"] = [int(roi_size)] * 3 if isinstance(roi_size, int) else list(roi_size)
     return parser.get_parsed_content("train#preprocessing" if train else "validate#preprocessing", lazy=False)
 
-TABLE = RegionTable.from_regions(
+TABLE = TaskTable.from_regions(
     [
         {"name": "brain", "task_id": 0, "labels": {"1": "a", "2": "b"}},
         {"name": "thorax", "task_id": 1, "labels": {"1": "c", "2": "d", "3": "e"}},

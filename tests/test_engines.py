@@ -23,6 +23,7 @@ from medfm_ops.engines import (
     LoRKDLossAdapter,
     NonFiniteLossError,
     RegionPrepareBatch,
+    TaskPrepareBatch,
     RoutedSlidingWindowInferer,
     TerminalProgressBar,
     resume_training,
@@ -70,11 +71,42 @@ def test_prepare_batch_routes_and_builds_targets():
         prep({"image": batch["image"], "label": batch["label"]}, "cpu")
 
 
+def test_one_prepare_batch_for_both_kinds():
+    """The kind sets the label form and the task-id key; the former seg name is the same preparation."""
+    torch.manual_seed(0)
+    teacher = nn.Conv3d(1, 2, 1)
+    mask_fn = lambda r: torch.nn.functional.one_hot(r, 2).bool()  # noqa: E731
+    batch = {"image": torch.randn(2, 1, 4, 4, 4), "label": torch.rand(2, 2, 4, 4, 4), "region": torch.tensor([1, 0])}
+    old = RegionPrepareBatch(channel_mask_fn=mask_fn, teacher=teacher, targets_as_dict=True)(batch, "cpu")
+    new = TaskPrepareBatch("segmentation", channel_mask_fn=mask_fn, teacher=teacher, targets_as_dict=True)(batch, "cpu")
+    assert old[1].keys() == new[1].keys() == {"label", "region", "channel_mask", "filenames", "teacher_logits"}
+    for k in ("label", "region", "channel_mask", "teacher_logits"):
+        assert torch.equal(old[1][k], new[1][k])
+    assert torch.equal(new[1]["label"], batch["label"]) and torch.equal(new[2][0], torch.tensor([1, 0]))
+    assert torch.allclose(new[1]["teacher_logits"], teacher(batch["image"]))
+    with pytest.raises(ValueError, match="of segmentation needs channel_mask_fn"):
+        TaskPrepareBatch("segmentation", targets_as_dict=True)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        TaskPrepareBatch("detection")
+    # classification: (B,) class indices, task ids under "task_id", a (logits, features) teacher, head offsets
+    feats = lambda x: (x.mean(dim=(2, 3, 4)).repeat(1, 5), x.flatten(1)[:, :3])  # noqa: E731
+    cls = {"image": batch["image"], "label": torch.tensor([[1], [0]]), "task_id": torch.tensor([1, 0]),
+           "global_label": torch.tensor([3, 0])}  # fmt: skip
+    image, targets, args, kw = TaskPrepareBatch(teacher=feats, targets_as_dict=True, task_offsets=[0, 2],
+                                                task_num_classes=[2, 3])(cls, "cpu")  # fmt: skip
+    assert targets["label"].tolist() == [1, 0] and targets["task_id"].tolist() == [1, 0] and kw == {}
+    assert targets["global_label"].tolist() == [3, 0] and torch.equal(targets["teacher_features"], feats(image)[1])
+    logits = feats(image)[0]
+    assert torch.equal(targets["teacher_task_logits"][0], logits[0, 2:5])
+    assert targets["teacher_task_logits"][1, :2].tolist() == logits[1, :2].tolist()
+    assert targets["teacher_task_logits"][1, 2] == float("-inf")
+
+
 def test_prepare_batch_takes_the_per_case_mask_of_partial_labels():
     """The batch's channel_mask (the channels each case's data set annotates) replaces the region mask; it must stay
     inside the case's region."""
     table_mask = lambda r: torch.tensor([[1, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)[r]  # noqa: E731
-    prep = RegionPrepareBatch(channel_mask_fn=table_mask, targets_as_dict=True)
+    prep = TaskPrepareBatch("segmentation", channel_mask_fn=table_mask, targets_as_dict=True)
     batch = {"image": torch.randn(2, 1, 4, 4, 4), "label": torch.zeros(2, 4, 4, 4, 4), "region": torch.tensor([0, 1]),
              "channel_mask": torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)}
     _, targets, _, _ = prep(batch, "cpu")
@@ -259,10 +291,10 @@ def test_evaluate_segmentation_uses_the_given_inferer_and_logs_nothing(caplog):
     """The inferer comes from the caller (a bundle's validate#inferer), and no 'best metric' line per call."""
     from monai.data import MetaTensor
 
-    from medfm_ops.data import RegionTable
+    from medfm_ops.data import TaskTable
     from medfm_ops.engines import evaluate_segmentation
 
-    table = RegionTable({0: "a", 1: "b"}, {0: ["x"], 1: ["y", "z"]})
+    table = TaskTable({0: "a", 1: "b"}, {0: ["x"], 1: ["y", "z"]})
     image = MetaTensor(torch.randn(1, 12, 10, 8), meta={"pixdim": [1.0, 1.0, 1.0, 1.0]})
     label = torch.zeros(3, 12, 10, 8)
     label[0, 2:6, 2:6, 2:6] = 1

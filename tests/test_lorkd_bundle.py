@@ -165,7 +165,7 @@ def test_training_outputs_and_lorkd_star_ranks(workspace):
     a_keys = sorted(k for k in state if k.endswith("lora_A.0"))
     assert a_keys, "the best checkpoint holds the expert factors"
     spec = json.loads((models / "network_def.json").read_text())
-    assert [r["name"] for r in spec["regions"]] == ["brain_mri", "thorax_ct", "abdomen_ct", "pelvis_mr"]
+    assert [r["name"] for r in spec["tasks"]] == ["brain_mri", "thorax_ct", "abdomen_ct", "pelvis_mr"]
     assert not list(models.glob(".tmp*")) and not list(models.glob("tmp*")), "no temporary checkpoint files left"
 
 

@@ -20,7 +20,7 @@ from monai.bundle import ConfigParser
 from monai.bundle import run as bundle_run
 from monai.utils import set_determinism
 
-from medfm_ops.data import RegionTable
+from medfm_ops.data import TaskTable
 from medfm_ops.networks import (
     eks_layers,
     export_expert,
@@ -167,7 +167,7 @@ def test_distillation_changes_the_student_gradient_and_never_the_teacher(seg_bun
 
 
 def test_cases_of_selects_regions_and_names_unknown_ones():
-    table = RegionTable({0: "brain", 1: "thorax"}, {0: ["a"], 1: ["b", "c"]}, source="dl.json")
+    table = TaskTable({0: "brain", 1: "thorax"}, {0: ["a"], 1: ["b", "c"]}, source="dl.json")
     files = [{"region": 0, "i": 0}, {"region": 1, "i": 1}, {"region": 0, "i": 2}]
     assert table.cases_of(files, None) == files
     assert [f["i"] for f in table.cases_of(files, ["brain"])] == [0, 2]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from medfm_ops.data import RegionTable
+from medfm_ops.data import TaskTable
 from medfm_ops.engines.handlers.expert_warmup import _uniform_rank
 from medfm_ops.layers import EKSConv, EKSConvTranspose, ExpertSettings
 from medfm_ops.networks import (
@@ -40,7 +40,7 @@ def _layout(model) -> dict[str, tuple]:
 
 
 def test_recorded_settings_rebuild_the_trained_model(tmp_path):
-    table = RegionTable.from_regions(REGIONS)
+    table = TaskTable.from_regions(REGIONS)
     save_network_spec(tmp_path, NETWORK_DEF, table, experts=EXPERTS)
     assert json.loads((tmp_path / "network_def.json").read_text())["experts"]["scaling"] == "constant"
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def test_recorded_settings_rebuild_the_trained_model(tmp_path):
 
 
 def test_spec_without_experts_is_read_with_the_old_layout(tmp_path):
-    save_network_spec(tmp_path, NETWORK_DEF, RegionTable.from_regions(REGIONS))
+    save_network_spec(tmp_path, NETWORK_DEF, TaskTable.from_regions(REGIONS))
     assert "experts" not in load_network_spec(tmp_path)
     model = expert_model_from_spec(tmp_path)
     layers = [m for _, m in eks_layers(model)]
@@ -78,7 +78,7 @@ def test_expert_settings_own_the_defaults_and_are_recorded_complete(tmp_path):
         assert params["ranks"].default == defaults.ranks and params["alpha"].default == defaults.alpha, fn
     assert inspect.signature(to_experts).parameters["scaling"].default == defaults.scaling
     assert inspect.signature(to_experts).parameters["convert_transposed"].default == defaults.convert_transposed
-    save_network_spec(tmp_path, NETWORK_DEF, RegionTable.from_regions(REGIONS), experts={"ranks": 4})
+    save_network_spec(tmp_path, NETWORK_DEF, TaskTable.from_regions(REGIONS), experts={"ranks": 4})
     recorded = load_network_spec(tmp_path)["experts"]
     assert recorded == {"ranks": 4, "alpha": defaults.alpha, "scaling": defaults.scaling,
                         "convert_transposed": defaults.convert_transposed}  # fmt: skip

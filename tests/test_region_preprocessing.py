@@ -17,12 +17,12 @@ from medfm_ops.data import (
     RegionPreprocessingTable,
     RegionRandCropd,
     RegionSpacingd,
-    RegionTable,
+    TaskTable,
     RegionToMetad,
 )
 from medfm_ops.engines import RegionSlidingWindowInferer
 
-REGIONS = RegionTable.from_regions([
+REGIONS = TaskTable.from_regions([
     {"name": "brain_mri", "task_id": 0, "labels": {"1": "a", "2": "b"}},
     {"name": "heart_mri", "task_id": 1, "labels": {"1": "rv", "2": "myo", "3": "lv"}},
 ])

@@ -36,7 +36,8 @@ VIT = {"_target_": "medfm_ops.networks.ViTClassifier", "in_channels": 1, "img_si
 
 
 def _pretrained(folder: Path, network_def: dict) -> Path:
-    """A foundation-like checkpoint: models/model.pt + models/network_def.json over the four synthetic tasks."""
+    """A foundation-like checkpoint: models/model.pt + models/network_def.json over the four synthetic tasks, in
+    the format written before the class layout was saved under "tasks" (its old key "regions" must still load)."""
     torch.manual_seed(0)
     (folder / "models").mkdir(parents=True)
     torch.save(instantiate(network_def).state_dict(), folder / "models" / "model.pt")

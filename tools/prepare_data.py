@@ -54,7 +54,7 @@ def _summary(datalist: Path) -> str:
     for t in table.task_ids:
         counts = ", ".join(f"{s} {sum(1 for i in items if i['region'] == t)}" for s, items in sections.items())
         lines.append(
-            f"  task {t} {table.region_names[t]}: classes {table.class_names[t]} -> channels "
+            f"  task {t} {table.task_names[t]}: classes {table.class_names[t]} -> channels "
             f"{table.channels_of(t)}; {counts}"
         )
         sources: dict[str, list[str]] = {}

@@ -98,7 +98,7 @@ class LossWithComponents:
     (e.g. ``ce``, ``kd``; RD's ``ce_s``, ``ce_t``, ``kl``, ``cka`` and their weights).
 
     Args:
-        loss: the training loss (an object with ``last_components``, e.g. :class:`~medfm_ops.engines.ClsLossAdapter`).
+        loss: the training loss (an object with ``last_components``, e.g. :class:`~medfm_ops.engines.TaskLossAdapter`).
     """
 
     def __init__(self, loss: Any) -> None:

@@ -158,7 +158,7 @@ def export_lorkd_cls_expert(
         FileNotFoundError: when the bundle has not been trained.
         ValueError: for a task the model was not trained on (the message lists the tasks).
     """
-    from medfm_ops.data import ClsTaskTable
+    from medfm_ops.data import TaskTable
     from medfm_ops.networks import (
         TaskHeadNetwork,
         export_cls_expert,
@@ -175,7 +175,7 @@ def export_lorkd_cls_expert(
     model_path = models / "model.pt"
     if not model_path.is_file():
         raise FileNotFoundError(f"no trained model at {model_path}: run {root}/configs/train.json first.")
-    table = ClsTaskTable.from_tasks(spec["regions"], source=str(models / "network_def.json"))
+    table = TaskTable.from_tasks(spec["tasks"], source=str(models / "network_def.json"))
     tid = table.task_id_of(task)
     train_cfg = json.loads((root / "configs" / "train.json").read_text())
     net_def = dict(spec["network_def"])

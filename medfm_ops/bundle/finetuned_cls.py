@@ -17,7 +17,7 @@ import torch
 from ignite.engine import Engine
 from torch import nn
 
-from medfm_ops.data import ClsTaskTable
+from medfm_ops.data import TaskTable
 from medfm_ops.engines.cls_evaluation import score_classifier
 from medfm_ops.networks import StartingClassifier, save_network_spec
 from medfm_ops.peft import ImportanceEstimate, apply_sparse_delta, fuse_linear_lora, sparse_delta
@@ -73,7 +73,7 @@ def save_finetuned_classifier(
     network: nn.Module,
     start: StartingClassifier,
     trainable: Any,
-    task_table: ClsTaskTable,
+    task_table: TaskTable,
     task: str,
     ckpt_dir: str | os.PathLike,
     export_dir: str | os.PathLike | None,
@@ -145,8 +145,7 @@ def save_finetuned_classifier(
     tuned = {k: v.detach().cpu().clone() for k, v in stock.state_dict().items()}
     delta = _checked_delta(start, tuned, trainable)
     tid = task_table.task_id_of(task)
-    one_task = ClsTaskTable({0: task_table.task_names[tid]}, {0: task_table.class_names[tid]},
-                            {0: task_table.modalities[tid]})  # fmt: skip
+    one_task = task_table.one_task_table(tid)
     atomic_torch_save(tuned, ckpt / "model.pt")
     if save_delta:
         atomic_torch_save(delta, ckpt / "sparse_delta.pt")
@@ -229,7 +228,7 @@ def _checked_delta(start: StartingClassifier, tuned: dict[str, torch.Tensor], tr
 
 
 def _export(
-    out_dir: str | os.PathLike, start: StartingClassifier, tuned: dict[str, torch.Tensor], task_table: ClsTaskTable,
+    out_dir: str | os.PathLike, start: StartingClassifier, tuned: dict[str, torch.Tensor], task_table: TaskTable,
     tid: int, spatial_size: Sequence[int], summary: Mapping[str, Any],
 ) -> Path:
     """The complete standalone bundle of the fine-tuned model (see :py:func:`write_cls_expert_bundle`)."""

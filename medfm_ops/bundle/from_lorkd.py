@@ -12,7 +12,7 @@ from typing import Any
 
 import nibabel as nib
 
-from medfm_ops.data import RegionTable, load_datalist, recorded_preprocessing
+from medfm_ops.data import TaskTable, load_datalist, recorded_preprocessing
 from medfm_ops.engines import model_fingerprint
 from medfm_ops.networks import expert_model_from_spec, export_expert, load_expert_state_dict, load_network_spec
 from medfm_ops.bundle.expert_bundle import write_expert_bundle
@@ -113,11 +113,11 @@ def export_lorkd_expert(
             raise
         logger.warning(f"exporting anyway (force=True): {e}")
     spec = load_network_spec(root / "models")
-    if "regions" not in spec:
-        raise ValueError(f"{root / 'models'}: network_def.json has no 'regions' (class layout); retrain the bundle.")
-    table = RegionTable.from_regions(spec["regions"], source=str(root / "models" / "network_def.json"))
+    if not spec.get("tasks"):
+        raise ValueError(f"{root / 'models'}: network_def.json has no 'tasks' (class layout); retrain the bundle.")
+    table = TaskTable.from_regions(spec["tasks"], source=str(root / "models" / "network_def.json"))
     task = table.task_ids[0] if region is None else table.task_id_of(region)
-    name = table.region_names[task]
+    name = table.task_names[task]
     parser = _bundle_config(root)
     if datalist is None:
         datalist = parser.get_parsed_content("datalist")

@@ -27,7 +27,7 @@ from .region_preprocessing import (
     recorded_preprocessing,
     save_region_preprocessing,
 )
-from .region_table import RegionTable
+from .task_table import TASK_KINDS, ClsTaskTable, RegionTable, TaskKind, TaskTable
 from .synthetic import (
     GENERATOR_VERSION,
     ensure_synthetic_dataset,
@@ -66,6 +66,9 @@ __all__ = [
     "RegionLabelToChannelsd",
     "RegionSpec",
     "RegionTable",
+    "TASK_KINDS",
+    "TaskKind",
+    "TaskTable",
     "INTENSITY_MODES",
     "RegionBatchSampler",
     "RegionNormalizeIntensityd",
@@ -104,9 +107,8 @@ __all__ = [
 ]
 
 from .cls_datalist import ClsItemError, check_cls_item, cls_item_name, ensure_cls_dataset, load_cls_datalist
-from .cls_medmnist import MEDMNIST_TASKS, NpzReadError, medmnist_items, read_medmnist_split, read_npz_array
+from .medmnist import MEDMNIST_TASKS, NpzReadError, medmnist_items, read_medmnist_split, read_npz_array
 from .cls_synthetic import CLS_GENERATOR_VERSION, SYNTHETIC_CLS_TASKS, generate_cls_task, write_synthetic_cls_tasks
-from .cls_tasks import ClsTaskTable
 from .cls_transforms import CheckClsItemd, LoadClsImaged, VolumeShapeError
 
 __all__ += [

@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medfm_ops.data.cls_medmnist import MEDMNIST_TASKS, medmnist_items
+from medfm_ops.data.medmnist import MEDMNIST_TASKS, medmnist_items
 from medfm_ops.data.cls_synthetic import SYNTHETIC_CLS_TASKS, write_synthetic_cls_tasks
-from medfm_ops.data.cls_tasks import ClsTaskTable
+from medfm_ops.data.task_table import TaskTable
 from medfm_ops.utils.atomic_io import atomic_write_json
 from medfm_ops.utils.json_file import read_json_object
 
@@ -46,7 +46,7 @@ def cls_item_name(item: Mapping[str, Any]) -> str:
     return img
 
 
-def check_cls_item(item: Mapping[str, Any], table: ClsTaskTable, where: str = "item") -> dict[str, Any]:
+def check_cls_item(item: Mapping[str, Any], table: TaskTable, where: str = "item") -> dict[str, Any]:
     """
     A checked copy of ``item`` with ``task`` as the task NAME, ``task_id`` and ``label`` as ints, and
     ``global_label`` (the unified-head class).
@@ -85,7 +85,7 @@ def check_cls_item(item: Mapping[str, Any], table: ClsTaskTable, where: str = "i
 
 def load_cls_datalist(
     path: str | os.PathLike, check_files: bool = True
-) -> tuple[ClsTaskTable, dict[str, list[dict[str, Any]]]]:
+) -> tuple[TaskTable, dict[str, list[dict[str, Any]]]]:
     """
     Read, validate and resolve a classification datalist.
 
@@ -104,7 +104,7 @@ def load_cls_datalist(
     for key in ("tasks", "training", "validation"):
         if key not in content:
             raise ValueError(f"{path}: missing '{key}' (expected 'tasks', 'training', 'validation').")
-    table = ClsTaskTable.from_tasks(content["tasks"], source=str(path))
+    table = TaskTable.from_tasks(content["tasks"], source=str(path))
     base = path.parent
     sections: dict[str, list[dict[str, Any]]] = {}
     problems: list[str] = []

@@ -13,8 +13,8 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, Transform
 
 from medfm_ops.data.cls_datalist import ClsItemError, check_cls_item, cls_item_name
-from medfm_ops.data.cls_medmnist import NpzReadError, read_npz_array
-from medfm_ops.data.cls_tasks import ClsTaskTable
+from medfm_ops.data.medmnist import NpzReadError, read_npz_array
+from medfm_ops.data.task_table import TaskTable
 from medfm_ops.data.input_guard import check_shape
 
 __all__ = ["CheckClsItemd", "LoadClsImaged", "VolumeShapeError"]
@@ -32,13 +32,13 @@ class CheckClsItemd(Transform):
     gets ``task_id`` only.
 
     Args:
-        task_table: the :class:`~medfm_ops.data.ClsTaskTable` of the data set (or of the trained model).
+        task_table: the :class:`~medfm_ops.data.TaskTable` of the data set (or of the trained model).
 
     Raises:
         ClsItemError: naming the item's image for an unknown task or a label outside the task's classes.
     """
 
-    def __init__(self, task_table: ClsTaskTable) -> None:
+    def __init__(self, task_table: TaskTable) -> None:
         self.table = task_table
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medfm_ops.data.region_table import RegionTable
+from medfm_ops.data.task_table import TaskTable
 from medfm_ops.utils.json_file import read_json_object
 
 __all__ = ["load_datalist", "require_files", "SECTIONS"]
@@ -27,7 +27,7 @@ def _resolve(path: Any, base: Path) -> str:
 
 def load_datalist(
     path: str | os.PathLike, check_files: bool = True
-) -> tuple[RegionTable, dict[str, list[dict[str, Any]]]]:
+) -> tuple[TaskTable, dict[str, list[dict[str, Any]]]]:
     """
     Read a datalist JSON, validate it and resolve its paths.
 
@@ -36,7 +36,7 @@ def load_datalist(
         check_files: check that every image and label file exists. Defaults to True.
 
     Returns:
-        ``(region_table, sections)``: the :py:class:`RegionTable` of the ``regions`` entry and
+        ``(region_table, sections)``: the :py:class:`TaskTable` of the ``regions`` entry and
         ``{"training": [...], "validation": [...], "test": [...]}`` (``test`` only when present) with copies of the
         items whose ``image``/``label`` are absolute paths (relative ones are taken relative to the datalist's
         directory), whose ``region`` is an int, ``region_name``/``label_names`` those of the region, ``dataset`` the
@@ -60,7 +60,7 @@ def load_datalist(
             f"datalist {src}: missing top-level key(s) {missing}; expected 'name', 'regions', 'training', "
             f"'validation' and optionally 'test'."
         )
-    table = RegionTable.from_regions(data["regions"], source=f"datalist {src}")
+    table = TaskTable.from_regions(data["regions"], source=f"datalist {src}")
     base = src.parent
     out: dict[str, list[dict[str, Any]]] = {}
     for section in SECTIONS:
@@ -77,7 +77,7 @@ def load_datalist(
     return table, out
 
 
-def _check_item(item: Any, where: str, src: Path, base: Path, table: RegionTable, check_files: bool) -> dict[str, Any]:
+def _check_item(item: Any, where: str, src: Path, base: Path, table: TaskTable, check_files: bool) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise ValueError(f"datalist {src}: item {where} must be an object with {list(_REQUIRED_ITEM)}, got {item!r}.")
     case = f"item {where} (image {item.get('image', '<none>')!r})"
@@ -85,16 +85,16 @@ def _check_item(item: Any, where: str, src: Path, base: Path, table: RegionTable
     if missing:
         raise ValueError(f"datalist {src}: {case} misses {missing}; each item needs {list(_REQUIRED_ITEM)}.")
     region = item["region"]
-    if isinstance(region, bool) or not isinstance(region, int) or region not in table.region_names:
+    if isinstance(region, bool) or not isinstance(region, int) or region not in table.task_names:
         raise ValueError(
             f"datalist {src}: {case} has region {region!r}; expected one of the task ids {table.task_ids} "
-            f"({table.region_names})."
+            f"({table.task_names})."
         )
     name = item.get("region_name")
-    if name is not None and name != table.region_names[region]:
+    if name is not None and name != table.task_names[region]:
         raise ValueError(
             f"datalist {src}: {case} has region_name '{name}' but task id {region} is "
-            f"'{table.region_names[region]}' in 'regions'."
+            f"'{table.task_names[region]}' in 'regions'."
         )
     resolved = dict(item)
     resolved["dataset"], resolved["annotated"] = _check_partial_labels(item, case, src, table, region)
@@ -102,16 +102,16 @@ def _check_item(item: Any, where: str, src: Path, base: Path, table: RegionTable
         resolved[key] = _resolve(item[key], base)
         if check_files and not os.path.isfile(resolved[key]):
             raise FileNotFoundError(f"datalist {src}: {case}: {key} file not found: {resolved[key]}.")
-    resolved["region_name"] = table.region_names[region]
+    resolved["region_name"] = table.task_names[region]
     resolved["label_names"] = table.labels_of(region)
     return resolved
 
 
 def _check_partial_labels(
-    item: dict[str, Any], case: str, src: Path, table: RegionTable, region: int
+    item: dict[str, Any], case: str, src: Path, table: TaskTable, region: int
 ) -> tuple[str, list[str]]:
     """The item's ``dataset`` (default: the region name) and ``annotated`` classes (default: all, region order)."""
-    dataset = item.get("dataset", table.region_names[region])
+    dataset = item.get("dataset", table.task_names[region])
     if not isinstance(dataset, str) or not dataset.strip():
         raise ValueError(f"datalist {src}: {case} has dataset {dataset!r}; expected a non-empty string (the name of "
                          "the data set the case comes from) or no 'dataset' key.")
@@ -119,7 +119,7 @@ def _check_partial_labels(
     if annotated is not None:
         if not isinstance(annotated, list) or not all(isinstance(a, str) for a in annotated):
             raise ValueError(f"datalist {src}: {case} has annotated {annotated!r}; expected a list of class names of "
-                             f"region '{table.region_names[region]}' {table.class_names[region]}.")
+                             f"region '{table.task_names[region]}' {table.class_names[region]}.")
         if len(set(annotated)) != len(annotated):
             raise ValueError(f"datalist {src}: {case} lists a class twice in annotated {annotated}.")
     try:

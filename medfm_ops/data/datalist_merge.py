@@ -86,7 +86,7 @@ def merge_datalists(
     by_name = {r["name"]: r for r in regions}
     task_of: list[dict[int, int]] = [{t: t for t in base_table.task_ids}, {}]
     for t in extra_table.task_ids:
-        region, classes = extra_table.region_names[t], extra_table.class_names[t]
+        region, classes = extra_table.task_names[t], extra_table.class_names[t]
         if region not in by_name:
             raw = next(r for r in raws[1]["regions"] if int(r["task_id"]) == t)
             entry = {**raw, "task_id": len(regions)}

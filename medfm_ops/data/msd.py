@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from medfm_ops.utils.atomic_io import atomic_write_json
-from medfm_ops.data.region_table import RegionTable
+from medfm_ops.data.task_table import TaskTable
 from medfm_ops.utils.json_file import read_json_object
 
 __all__ = ["case_groups", "convert_msd", "read_msd_dataset", "split_cases"]
@@ -252,13 +252,13 @@ def convert_msd(
             raise ValueError(f"cannot append region '{region_name}': {out} is not valid JSON ({e}).") from e
         if not isinstance(datalist, dict) or not isinstance(datalist.get("regions"), list):
             raise ValueError(f"cannot append region '{region_name}': {out} has no 'regions' list.")
-        table = RegionTable.from_regions(datalist["regions"], source=str(out))
-        if region_name in table.region_names.values():
+        table = TaskTable.from_regions(datalist["regions"], source=str(out))
+        if region_name in table.task_names.values():
             raise ValueError(
-                f"{out} already has a region named '{region_name}' (regions: {list(table.region_names.values())}); "
+                f"{out} already has a region named '{region_name}' (regions: {list(table.task_names.values())}); "
                 "choose another --region_name."
             )
-        task_id = table.num_regions
+        task_id = table.num_tasks
     else:
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists: pass append=True to add a region or overwrite=True to replace it.")

@@ -18,7 +18,7 @@ difference as data, one row per region name (``"default"`` covers the regions no
 - ``intensity``: ``"zscore"`` (per image, all voxels) or ``"zscore_nonzero"`` (per image, non-zero voxels).
   Defaults to ``"zscore"``.
 
-:class:`RegionPreprocessingTable` resolves the rows against a :class:`~medfm_ops.data.RegionTable`; the transforms
+:class:`RegionPreprocessingTable` resolves the rows against a :class:`~medfm_ops.data.TaskTable`; the transforms
 below read a case's row by its ``region`` (task id); :class:`RegionBatchSampler` keeps regions with different patch
 shapes out of one batch. A region's row is recorded next to the trained model (``models/region_preprocessing.json``)
 and copied into every exported expert bundle (its ``spacing``, ``roi_size`` and ``intensity_nonzero``).
@@ -47,7 +47,7 @@ from monai.transforms import (
 from monai.utils import TraceKeys
 from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
-from medfm_ops.data.region_table import RegionTable
+from medfm_ops.data.task_table import TaskTable
 from medfm_ops.utils.atomic_io import atomic_write_json
 
 __all__ = [
@@ -145,26 +145,26 @@ class RegionPreprocessingTable:
     """
 
     def __init__(
-        self, table: Mapping[str, Any], region_table: RegionTable, source: str | None = None
+        self, table: Mapping[str, Any], region_table: TaskTable, source: str | None = None
     ) -> None:
         where = f" in {source}" if source else ""
         if not isinstance(table, Mapping) or not table:
             raise ValueError(f"region_preprocessing{where} must be an object {{region name: row}}, got {table!r}.")
-        names = set(region_table.region_names.values())
+        names = set(region_table.task_names.values())
         unknown = sorted(set(table) - names - {DEFAULT_ROW})
         if unknown:
             raise ValueError(f"region_preprocessing{where} names region(s) {unknown} that the data set does not have; "
                              f"its regions: {sorted(names)} (use 'default' for a shared row).")
         parsed = {k: _row(v, f"region_preprocessing['{k}']{where}") for k, v in table.items()}
         self.rows: dict[int, RegionPreprocessing] = {}
-        for t, name in region_table.region_names.items():
+        for t, name in region_table.task_names.items():
             row = parsed.get(name, parsed.get(DEFAULT_ROW))
             if row is None:
                 raise ValueError(f"region_preprocessing{where} has no row for region '{name}' and no 'default' row.")
             self.rows[int(t)] = row
         if len({len(r.patch_size) for r in self.rows.values()}) != 1:
             raise ValueError(f"region_preprocessing{where}: all regions need the same number of spatial dimensions.")
-        self.region_names = dict(region_table.region_names)
+        self.region_names = dict(region_table.task_names)
 
     def of(self, task_id: int | torch.Tensor) -> RegionPreprocessing:
         """The row of task ``task_id``. Raises ValueError on an unknown id."""

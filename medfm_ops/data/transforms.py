@@ -14,7 +14,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from medfm_ops.data.input_guard import ImageLoadError, SafeLoadImage, SafeLoadImaged, check_finite, check_shape
-from medfm_ops.data.region_table import RegionTable
+from medfm_ops.data.task_table import TaskTable
 
 __all__ = [
     "CheckFinited",
@@ -141,7 +141,7 @@ class RegionLabelToChannelsd(MapTransform):
 
     Args:
         keys: label key(s).
-        region_table: the data set's :py:class:`RegionTable`.
+        region_table: the data set's :py:class:`TaskTable`.
         region_key: key of the item's task id (int or scalar tensor). Defaults to ``"region"``.
         image_key: key whose ``filename_or_obj`` names the case in errors. Defaults to ``"image"``.
         annotated_key: key of the class names the case annotates. Defaults to ``"annotated"``.
@@ -164,7 +164,7 @@ class RegionLabelToChannelsd(MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        region_table: RegionTable,
+        region_table: TaskTable,
         region_key: str = "region",
         image_key: str = "image",
         annotated_key: str = "annotated",
@@ -220,7 +220,7 @@ class RegionLabelToChannelsd(MapTransform):
             allowed = ", ".join(["0=background"] + [f"{k}={classes[k - 1]}" for k in labels])
             partial = "" if len(labels) == n else f" (the case annotates {len(labels)} of its {n} classes)"
             raise ValueError(
-                f"case {name}: '{key}' has label value(s) {bad} but region '{self.region_table.region_names[task]}' "
+                f"case {name}: '{key}' has label value(s) {bad} but region '{self.region_table.task_names[task]}' "
                 f"(task {task}) allows {allowed}{partial}."
             )
         out = torch.zeros((self.region_table.num_classes, *values.shape), dtype=torch.float32, device=values.device)

@@ -9,7 +9,7 @@ from medfm_ops.engines.handlers import (
     FinalValidationHandler,
     KeyMetricEarlyStop,
 )
-from medfm_ops.engines.loss_adapter import NonFiniteLossError, TaskLossAdapter
+from medfm_ops.engines.loss_adapter import ClsLossAdapter, NonFiniteLossError, TaskLossAdapter
 from medfm_ops.engines.lorkd_loss_adapter import LoRKDLossAdapter
 from medfm_ops.engines.training_state import (
     ValidationState,
@@ -19,12 +19,12 @@ from medfm_ops.engines.training_state import (
     write_training_summary,
 )
 from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evaluate_decomposition, evaluate_segmentation
-from medfm_ops.engines.cls_batch import ClsLossAdapter, TaskPrepareBatch
-from medfm_ops.engines.cls_teacher_cache import TeacherFeatureCache
-from medfm_ops.engines.cls_rd_export import export_rd_student, rd_student_network_def, student_task_table
+from medfm_ops.engines.task_batch import RegionPrepareBatch, TaskPrepareBatch, batch_filenames
+from medfm_ops.engines.teacher_cache import TeacherFeatureCache
+from medfm_ops.engines.rd_export import export_rd_student, rd_student_network_def, student_task_table
 from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier
 from medfm_ops.engines.handlers import LinearDecayHandler, TerminalProgressBar, RandomStates
-from medfm_ops.engines.routing import RegionPrepareBatch, RoutedSimpleInferer, RoutedSlidingWindowInferer, batch_filenames
+from medfm_ops.engines.routing import RoutedSimpleInferer, RoutedSlidingWindowInferer
 from medfm_ops.engines.region_window import RegionSlidingWindowInferer
 from medfm_ops.engines.loss_log import loss_values
 

@@ -11,13 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.data import DataLoader, Dataset
-from monai.engines import SupervisedEvaluator
 from monai.inferers import SimpleInferer
 from torch import nn
 
-from medfm_ops.engines.cls_batch import TaskPrepareBatch
-from medfm_ops.engines.lorkd_evaluation import count_flops, count_params
+from medfm_ops.engines.task_batch import TaskPrepareBatch
+from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, run_metric
 from medfm_ops.metrics import MultiTaskClsMetric, mean_score_row, write_table
 from medfm_ops.networks.cls_heads import export_cls_expert
 
@@ -47,7 +45,7 @@ def score_classifier(
             single-task stock classifier (task-local logits).
         files: checked datalist items.
         preprocessing: the bundle's deterministic preprocessing (``validate#preprocessing``).
-        task_table: the :class:`~medfm_ops.data.ClsTaskTable`.
+        task_table: the :class:`~medfm_ops.data.TaskTable`.
         device: where to run.
         route: pass task ids to the network. Defaults to False.
         unified: logits are the unified head over all tasks. Defaults to False.
@@ -56,22 +54,12 @@ def score_classifier(
         majority: task id -> class of the trivial classifier (e.g. :func:`~medfm_ops.metrics.majority_classes` of the
             training items). Defaults to None (each task's most frequent class in ``files``).
     """
-    loader = DataLoader(Dataset(files, preprocessing), batch_size=batch_size, shuffle=False, num_workers=0)
     metric = MultiTaskClsMetric(
         task_table.task_num_classes, task_table.task_names,
         offsets=[task_table.offset_of(t) for t in task_table.task_ids] if unified else None, majority=majority,
     )  # fmt: skip
-    evaluator = SupervisedEvaluator(
-        device=torch.device(device), val_data_loader=loader, network=network.to(device), inferer=SimpleInferer(),
-        prepare_batch=prepare_batch or TaskPrepareBatch(route=route), decollate=False,
-    )  # fmt: skip
-    metric.attach(evaluator, "mean_auc")
-    level = evaluator.logger.level
-    evaluator.logger.setLevel(logging.WARNING)
-    try:
-        evaluator.run()
-    finally:
-        evaluator.logger.setLevel(level)
+    run_metric(metric, "mean_auc", network, files, preprocessing, SimpleInferer(),
+               prepare_batch or TaskPrepareBatch(route=route), device, batch_size)  # fmt: skip
     return metric.rows()
 
 

@@ -17,7 +17,7 @@ from monai.utils import ensure_tuple
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from medfm_ops.engines.routing import RegionPrepareBatch
+from medfm_ops.engines.task_batch import TaskPrepareBatch
 from medfm_ops.metrics import RegionSegMetrics, write_table
 from medfm_ops.networks import eks_layers, export_expert
 
@@ -70,26 +70,42 @@ def evaluate_segmentation(
     Returns:
         the computed metric (``.table()`` gives the per-class rows).
     """
-    loader = DataLoader(Dataset(files, preprocessing), batch_size=1, shuffle=False, num_workers=0)
     metric = RegionSegMetrics(
-        region_table.region_channels, region_table.region_names, region_table.class_names, tolerance_mm=tolerance_mm
+        region_table.task_channels, region_table.task_names, region_table.class_names, tolerance_mm=tolerance_mm
     )
+    prepare_batch = TaskPrepareBatch("segmentation", route=route)
+    run_metric(metric, "mean_dsc", network, files, preprocessing, inferer, prepare_batch, device)
+    return metric
+
+
+def run_metric(
+    metric: Any,
+    name: str,
+    network: nn.Module,
+    files: list[dict],
+    preprocessing: Callable,
+    inferer: Inferer,
+    prepare_batch: Callable,
+    device: torch.device | str,
+    batch_size: int = 1,
+) -> None:
+    """
+    Run ``network`` over ``files`` in a MONAI :class:`~monai.engines.SupervisedEvaluator` that feeds the Ignite
+    ``metric`` (attached as ``name``, not a key metric: no "best metric" bookkeeping or log line), with Ignite's
+    run log lines silenced (the callers log their own line per task). Segmentation and classification scoring.
+    """
+    loader = DataLoader(Dataset(files, preprocessing), batch_size=batch_size, shuffle=False, num_workers=0)
     evaluator = SupervisedEvaluator(
-        device=torch.device(device),
-        val_data_loader=loader,
-        network=network.to(device),
-        inferer=inferer,
-        prepare_batch=RegionPrepareBatch(route=route),
-        decollate=False,
-    )
-    metric.attach(evaluator, "mean_dsc")  # not a key metric: no "best metric" bookkeeping or log line
+        device=torch.device(device), val_data_loader=loader, network=network.to(device), inferer=inferer,
+        prepare_batch=prepare_batch, decollate=False,
+    )  # fmt: skip
+    metric.attach(evaluator, name)
     level = evaluator.logger.level
-    evaluator.logger.setLevel(logging.WARNING)  # the caller logs one line per region instead of Ignite's run lines
+    evaluator.logger.setLevel(logging.WARNING)
     try:
         evaluator.run()
     finally:
         evaluator.logger.setLevel(level)
-    return metric
 
 
 def _region_scores(metric: RegionSegMetrics) -> dict[str, tuple[float, float]]:
@@ -145,7 +161,7 @@ def evaluate_decomposition(
         the region-table rows.
     """
     os.makedirs(out_dir, exist_ok=True)
-    names = [region_table.region_names[t] for t in sorted(region_table.region_names)]
+    names = [region_table.task_names[t] for t in sorted(region_table.task_names)]
     in_shape = (1, 1, *ensure_tuple(inferer.roi_size))
     rows: list[dict] = []
     class_rows: list[dict] = []
@@ -199,12 +215,12 @@ def evaluate_decomposition(
     _row("LoRKD (unfused, routed)", scores, count_params(model), count_params(model), train_flops, train_flops)
 
     fused_scores: dict[str, tuple[float, float]] = {}
-    for task in sorted(region_table.region_names):
+    for task in sorted(region_table.task_names):
         own = [f for f in files if int(f["region"]) == task]
         if not own:
             continue
         expert = export_expert(model, task).to(device)
-        scores = _score(f"expert {region_table.region_names[task]} (fused)", expert, own, False)
+        scores = _score(f"expert {region_table.task_names[task]} (fused)", expert, own, False)
         fused_scores.update(scores)
     _row(
         "LoRKD experts (fused, one per region)",

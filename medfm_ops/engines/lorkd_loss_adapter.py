@@ -16,8 +16,8 @@ SEG_LOSS_KEYS = ("pred", "label", "channel_mask", "teacher_logits")
 class LoRKDLossAdapter(TaskLossAdapter):
     """
     :class:`~medfm_ops.engines.TaskLossAdapter` over :class:`~medfm_ops.losses.LoRKDSegLoss` with the targets of
-    :class:`~medfm_ops.engines.RegionPrepareBatch` (``targets_as_dict=True``: ``label`` (B, C, *spatial),
-    ``channel_mask`` (B, C), ``region`` (B,), optional ``teacher_logits`` and ``filenames``): the task loss on the
+    :class:`~medfm_ops.engines.TaskPrepareBatch` (``kind="segmentation"``, ``targets_as_dict=True``: ``label``
+    (B, C, *spatial), ``channel_mask`` (B, C), ``region`` (B,), optional ``teacher_logits`` and ``filenames``): the task loss on the
     sample's region channels + beta * KL to the teacher logits when present.
 
     Args:

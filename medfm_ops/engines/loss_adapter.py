@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TaskLossAdapter", "NonFiniteLossError"]
+__all__ = ["TaskLossAdapter", "ClsLossAdapter", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -76,3 +76,7 @@ class TaskLossAdapter(nn.Module):
                 "the learning rate, or disable AMP."
             )
         return value
+
+
+#: the former classification-only name of the one task loss adapter (kept while bundle configs switch)
+ClsLossAdapter = TaskLossAdapter

@@ -18,7 +18,7 @@ __all__ = ["RegionSlidingWindowInferer"]
 class RegionSlidingWindowInferer(RoutedSlidingWindowInferer):
     """
     :class:`RoutedSlidingWindowInferer` whose window is the sample's region ``window_size``. The region comes from
-    the routing argument (``network(x, region)``, as :class:`RegionPrepareBatch` passes it with ``route=True``) or,
+    the routing argument (``network(x, region)``, as :class:`~medfm_ops.engines.TaskPrepareBatch` passes it with ``route=True``) or,
     for an unrouted network (teacher, fused expert), from the image meta data ``meta["region"]`` written by
     :class:`~medfm_ops.data.RegionToMetad`. ``roi_size`` is the largest window (what a FLOP count of one window uses).
 
@@ -41,7 +41,7 @@ class RegionSlidingWindowInferer(RoutedSlidingWindowInferer):
         meta = getattr(inputs, "meta", {}) or {}
         if "region" not in meta:
             raise ValueError("RegionSlidingWindowInferer needs each sample's region: route the network "
-                             "(RegionPrepareBatch(route=True)) or add RegionToMetad to the preprocessing.")
+                             "(TaskPrepareBatch(route=True)) or add RegionToMetad to the preprocessing.")
         return [int(t) for t in torch.as_tensor(meta["region"]).view(-1)]
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

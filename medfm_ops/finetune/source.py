@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from medfm_ops.data import INTENSITY_MODES, RegionTable, recorded_preprocessing
+from medfm_ops.data import INTENSITY_MODES, TaskTable, recorded_preprocessing
 from medfm_ops.networks import expert_model_from_spec, instantiate, load_fused_expert, load_network_spec
 
 __all__ = ["SourceModel", "load_source", "INIT_MODES"]
@@ -118,10 +118,10 @@ def _literal(root: Path, key: str, default: Any) -> Any:
 
 def _training_bundle(root: Path, region: str | None, init: str) -> SourceModel:
     spec = load_network_spec(root / "models")
-    if not spec.get("regions"):
-        raise ValueError(f"{root}/models/network_def.json lists no regions: cannot pick a region's classes.")
-    table = RegionTable.from_regions(spec["regions"], source=str(root))
-    names = list(table.region_names.values())
+    if not spec.get("tasks"):
+        raise ValueError(f"{root}/models/network_def.json lists no tasks: cannot pick a region's classes.")
+    table = TaskTable.from_regions(spec["tasks"], source=str(root))
+    names = list(table.task_names.values())
     if region is None:
         if len(names) != 1:
             raise ValueError(f"{root} holds regions {names}: pass region=<one of them>.")

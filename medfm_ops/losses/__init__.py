@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 from .cka import CKALoss, linear_cka
-from .cls_losses import (
+from .classification import (
     LogitKDLoss,
     LoRKDClsLoss,
     RDLoss,

@@ -97,7 +97,7 @@ class MultiTaskClsMetric(Metric):
         cls, task_table: Any, unified: bool = False, task_num_classes: Sequence[int] | None = None, **kwargs: Any
     ) -> MultiTaskClsMetric:
         """
-        The metric of a :class:`~medfm_ops.data.ClsTaskTable`'s tasks (class counts and names from the table).
+        The metric of a :class:`~medfm_ops.data.TaskTable`'s tasks (class counts and names from the table).
 
         Args:
             task_table: the task table.

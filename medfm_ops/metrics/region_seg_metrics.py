@@ -306,9 +306,9 @@ def task_seg_metrics(task_table: Any, **kwargs: Any) -> RegionSegMetrics:
     "medfm_ops.metrics.task_seg_metrics", "task_table": "@region_table", "tolerance_mm": 1.0}``.
 
     Args:
-        task_table: a :class:`~medfm_ops.data.RegionTable`.
+        task_table: a :class:`~medfm_ops.data.TaskTable`.
         kwargs: the other arguments of :class:`RegionSegMetrics`.
     """
     return RegionSegMetrics(
-        task_table.region_channels, task_table.region_names, task_table.class_names, **kwargs
+        task_table.task_channels, task_table.task_names, task_table.class_names, **kwargs
     )

@@ -22,18 +22,20 @@ from medfm_ops.networks.rank_allocation import lorkd_star_ranks, round_to_even
 from medfm_ops.networks.spec import (
     LEGACY_EXPERT_SETTINGS,
     SPEC_FILENAME,
-    check_same_regions,
+    check_same_tasks,
+    check_trained_tasks,
     expert_model_from_spec,
     trained_expert_settings,
     instantiate,
     load_network_spec,
     save_network_spec,
     save_trained_network_spec,
+    saved_task_entries,
 )
 from medfm_ops.networks.routing import TaskRouting
 from medfm_ops.networks.teacher import freeze, load_teacher
-from medfm_ops.networks.cls_shufflenet import ShuffleNetV2, channel_shuffle
-from medfm_ops.networks.cls_mobilenet import MobileNetV2
+from medfm_ops.networks.shufflenet3d import ShuffleNetV2, channel_shuffle
+from medfm_ops.networks.mobilenet3d import MobileNetV2
 from medfm_ops.networks.cls_heads import (
     PAD_LOGIT,
     TaskHeadNetwork,
@@ -45,7 +47,7 @@ from medfm_ops.networks.cls_heads import (
     mask_task_logits,
 )
 from medfm_ops.networks.cls_zoo import CLS_NETWORKS, ViTClassifier, build_cls_network, cls_network_def, network_config
-from medfm_ops.networks.cls_reprogram import (
+from medfm_ops.networks.reprogramming import (
     ReprogrammedStudent,
     ReprogrammingModule,
     init_from_checkpoint,
@@ -90,7 +92,9 @@ __all__ = [
     "trained_expert_settings",
     "LEGACY_EXPERT_SETTINGS",
     "load_network_spec",
-    "check_same_regions",
+    "check_same_tasks",
+    "check_trained_tasks",
+    "saved_task_entries",
     "SPEC_FILENAME",
     "ShuffleNetV2",
     "MobileNetV2",

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from medfm_ops.networks.experts import ExpertNetwork, export_expert, load_expert_state_dict
+from medfm_ops.networks.routing import checked_task_ids
 
 __all__ = [
     "PAD_LOGIT",
@@ -108,11 +109,7 @@ class TaskHeadNetwork(nn.Module):
         return self.backbone.ranks
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor, return_features: bool = False) -> Any:
-        task_ids = torch.as_tensor(task_ids, device=x.device).long().view(-1)
-        if task_ids.numel() != x.shape[0]:
-            raise ValueError(f"task_ids has {task_ids.numel()} entries for a batch of {x.shape[0]} samples.")
-        if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= self.num_tasks):
-            raise IndexError(f"task ids {task_ids.tolist()} out of range for {self.num_tasks} task heads.")
+        task_ids = checked_task_ids(task_ids, x, self.num_tasks, "task heads")
         feats = self.backbone(x, task_ids) if self.routed else self.backbone(x)
         logits = feats.new_full((x.shape[0], max(self.num_classes)), PAD_LOGIT)
         for t in task_ids.unique().tolist():
@@ -207,7 +204,7 @@ def load_teacher_features(
 
     Args:
         teacher_path: the teacher bundle directory (``models/model.pt`` + ``models/network_def.json``).
-        task_table: the data set's :class:`~medfm_ops.data.ClsTaskTable`.
+        task_table: the data set's :class:`~medfm_ops.data.TaskTable`.
         device: where to put the teacher. Defaults to ``"cpu"``.
         target_task: the task the student learns (with ``leave_task_out``).
         leave_task_out: see above. Defaults to False.
@@ -224,7 +221,7 @@ def load_teacher_features(
     if not target_task:
         raise ValueError("load_teacher_features(leave_task_out=True) needs the target_task the student learns.")
     spec = load_network_spec(os.path.join(teacher_path, "models"))
-    seen = [r["name"] for r in spec.get("regions") or []]
+    seen = [r["name"] for r in spec.get("tasks") or []]
     if not seen:
         raise ValueError(f"teacher {teacher_path}: its models/network_def.json records no task table, so it cannot be "
                          "shown to have been trained without the target task.")  # fmt: skip

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from medfm_ops.networks.cls_heads import head_layer_name
-from medfm_ops.networks.spec import SPEC_FILENAME, instantiate
+from medfm_ops.networks.spec import SPEC_FILENAME, instantiate, saved_task_entries
 from medfm_ops.networks.teacher import _bundle_network_def
 from medfm_ops.utils.hashing import file_sha256
 from medfm_ops.utils.json_file import read_json_object
@@ -97,18 +97,18 @@ def _network_def_from(value: Any) -> tuple[dict[str, Any], list[dict] | None]:
     else:
         raise TypeError(f"pretrained_network_def must be a dict or a JSON file path, got {type(value).__name__}.")
     if isinstance(content.get("network_def"), Mapping):
-        return dict(content["network_def"]), content.get("regions")
+        return dict(content["network_def"]), saved_task_entries(content)
     if "_target_" not in content:
         raise ValueError(f"pretrained_network_def {value!r:.120}: no '_target_' and no 'network_def' entry.")
     return content, None
 
 
 def _bundle_layout(root: Path) -> list[dict[str, Any]] | None:
-    """A bundle's class layout: the ``regions`` of ``models/network_def.json``, else the task of
+    """A bundle's class layout: the tasks of ``models/network_def.json``, else the task of
     ``configs/metadata.json`` (``medfm.task`` / ``medfm.class_names`` of an exported classifier bundle)."""
     spec = root / "models" / SPEC_FILENAME
     if spec.is_file():
-        return read_json_object(spec, "network description").get("regions")
+        return saved_task_entries(read_json_object(spec, "network description"))
     meta = root / "configs" / "metadata.json"
     info = read_json_object(meta, "bundle metadata").get("medfm", {}) if meta.is_file() else {}
     if isinstance(info, Mapping) and info.get("task") and info.get("class_names"):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medfm_ops.layers import DEFAULT_EXPERTS, EKSConv, EKSConvTranspose, EKSLayer
-from medfm_ops.networks.routing import TaskRouting
+from medfm_ops.networks.routing import TaskRouting, checked_task_ids
 
 __all__ = [
     "ExpertNetwork",
@@ -97,11 +97,7 @@ class ExpertNetwork(nn.Module):
             IndexError: when a task id is outside ``[0, num_tasks)``.
         """
         if task_ids is not None:
-            task_ids = torch.as_tensor(task_ids, device=x.device).long().view(-1)
-            if task_ids.numel() != x.shape[0]:
-                raise ValueError(f"task_ids has {task_ids.numel()} entries for a batch of {x.shape[0]} samples.")
-            if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= self.num_tasks):
-                raise IndexError(f"task ids {task_ids.tolist()} out of range for {self.num_tasks} experts.")
+            task_ids = checked_task_ids(task_ids, x, self.num_tasks, "experts")
         # layers looked up per call: a DataParallel replica routes its own replicated layers
         with TaskRouting((m for _, m in eks_layers(self.net)), task_ids):
             return self.net(x)

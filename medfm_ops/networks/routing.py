@@ -12,12 +12,29 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["TaskRouting"]
+__all__ = ["TaskRouting", "checked_task_ids"]
 
 # Serialises hook registration and removal across threads: nn.DataParallel replicas share their modules' hook
 # dictionaries (``Module._replicate_for_data_parallel`` copies ``__dict__`` shallowly), and torch numbers hook
 # handles with an unlocked class counter, so two replicas registering at once could otherwise get the same id.
 _HOOK_LOCK = threading.Lock()
+
+
+def checked_task_ids(task_ids: Any, x: torch.Tensor, num_tasks: int, what: str = "experts") -> torch.Tensor:
+    """
+    ``task_ids`` as a ``(B,)`` long tensor on ``x``'s device, checked against the batch of ``x`` ``(B, ...)``.
+
+    Raises:
+        ValueError: when there is not one task id per sample.
+        IndexError: when a task id is outside ``0..num_tasks-1`` (the message names ``what`` is routed, e.g.
+            ``"experts"``, ``"task heads"``).
+    """
+    task_ids = torch.as_tensor(task_ids, device=x.device).long().view(-1)
+    if task_ids.numel() != x.shape[0]:
+        raise ValueError(f"task_ids has {task_ids.numel()} entries for a batch of {x.shape[0]} samples.")
+    if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= num_tasks):
+        raise IndexError(f"task ids {task_ids.tolist()} out of range for {num_tasks} {what}.")
+    return task_ids
 
 
 class TaskRouting:

@@ -21,7 +21,9 @@ __all__ = [
     "instantiate",
     "save_network_spec",
     "load_network_spec",
-    "check_same_regions",
+    "check_same_tasks",
+    "check_trained_tasks",
+    "saved_task_entries",
     "expert_model_from_spec",
     "trained_expert_settings",
     "SPEC_FILENAME",
@@ -30,6 +32,10 @@ __all__ = [
 
 #: written into a bundle's ``models/`` folder by its training config
 SPEC_FILENAME = "network_def.json"
+
+#: the key of the class layout (the task table's entries) in a spec, and its name before segmentation regions and
+#: classification tasks were both saved as tasks (still read)
+TASKS_KEY, LEGACY_TASKS_KEY = "tasks", "regions"
 
 #: :func:`~medfm_ops.networks.to_experts` settings of models trained before specs recorded them (lorkd_seg < 0.3.0)
 LEGACY_EXPERT_SETTINGS: dict[str, Any] = ExpertSettings(ranks=8, alpha=16.0, convert_transposed=False,
@@ -48,18 +54,19 @@ def instantiate(network_def: dict[str, Any]) -> nn.Module:
 def save_network_spec(
     ckpt_dir: str | os.PathLike,
     network_def: dict[str, Any],
-    region_table: Any = None,
+    task_table: Any = None,
     experts: ExpertSettings | Mapping[str, Any] | None = None,
 ) -> Path:
     """
-    Write ``{ckpt_dir}/network_def.json`` = ``{"network_def": ..., "regions": [...], "experts": {...}}`` atomically,
+    Write ``{ckpt_dir}/network_def.json`` = ``{"network_def": ..., "tasks": [...], "experts": {...}}`` atomically,
     so the weights in ``ckpt_dir`` can be rebuilt without the training data or config (teacher loading, expert
     export, inference, site fine-tuning).
 
     Args:
         ckpt_dir: the folder of the weights.
         network_def: literal config of the stock backbone (``_target_`` and values).
-        region_table: the class layout (:class:`~medfm_ops.data.RegionTable`). Defaults to None.
+        task_table: the class layout (:class:`~medfm_ops.data.TaskTable`, segmentation or classification), saved
+            as its entries ``[{"name", "task_id", "labels"}]``. Defaults to None.
         experts: the :class:`~medfm_ops.layers.ExpertSettings` that built the trained model, or the keyword
             arguments of :func:`~medfm_ops.networks.to_experts` holding them (base ``ranks``, ``alpha``,
             ``convert_transposed``, ``rank_multipliers``, ``scaling``); recorded complete, the defaults written
@@ -68,8 +75,8 @@ def save_network_spec(
     """
     instantiate(network_def)  # fail now, not at load time, on a config that cannot be built
     content: dict[str, Any] = {"network_def": network_def}
-    if region_table is not None:
-        content["regions"] = region_table.to_regions()
+    if task_table is not None:
+        content[TASKS_KEY] = task_table.to_entries()
     if experts is not None:
         settings = experts if isinstance(experts, ExpertSettings) else ExpertSettings.from_record(experts, "experts")
         content["experts"] = settings.to_record()
@@ -79,7 +86,10 @@ def save_network_spec(
 
 
 def load_network_spec(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a spec written by :func:`save_network_spec` (a file, or a directory holding ``network_def.json``)."""
+    """
+    Read a spec written by :func:`save_network_spec` (a file, or a directory holding ``network_def.json``); the
+    class layout of a spec written before it was saved under ``"tasks"`` (``"regions"``) is returned as ``"tasks"``.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / SPEC_FILENAME
@@ -88,22 +98,64 @@ def load_network_spec(path: str | os.PathLike) -> dict[str, Any]:
     content = read_json_object(path, "network description")
     if "network_def" not in content:
         raise ValueError(f"{path}: missing the 'network_def' entry.")
+    if TASKS_KEY not in content and LEGACY_TASKS_KEY in content:
+        content[TASKS_KEY] = content.pop(LEGACY_TASKS_KEY)
     return content
 
 
-def check_same_regions(spec: dict[str, Any], region_table: Any, what: str) -> None:
-    """Raise when a saved class layout differs from ``region_table`` (same regions, task ids and label names)."""
-    saved = spec.get("regions")
-    if saved is None or region_table is None:
+def saved_task_entries(spec: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """
+    The class layout saved in a spec (its task entries ``[{"name", "task_id", "labels"}]``): ``"tasks"``, or the
+    ``"regions"`` of specs written before both kinds were saved as tasks; None when it records none.
+    """
+    entries = spec.get(TASKS_KEY)
+    return spec.get(LEGACY_TASKS_KEY) if entries is None else entries
+
+
+def check_same_tasks(spec: Mapping[str, Any], task_table: Any, what: str, hint: str | None = None) -> None:
+    """
+    Raise when the class layout saved in ``spec`` differs from ``task_table`` (same tasks, task ids and label
+    names); nothing to check when either is missing.
+
+    Args:
+        spec: a spec dict (:func:`load_network_spec`).
+        task_table: a :class:`~medfm_ops.data.TaskTable`, or None.
+        what: what was trained on the saved layout, named in the message (e.g. ``"teacher bundles/x"``).
+        hint: what to do about a difference. Defaults to training on the same datalist.
+
+    Raises:
+        ValueError: naming ``what``, both layouts and ``hint``.
+    """
+    saved = saved_task_entries(spec)
+    if saved is None or task_table is None:
         return
-    current = region_table.to_regions()
+    current = task_table.to_entries()
     norm = lambda rs: [(r["name"], int(r["task_id"]), {str(k): v for k, v in r["labels"].items()}) for r in rs]  # noqa: E731
     if norm(saved) != norm(current):
         raise ValueError(
-            f"{what} was trained on another class layout: regions {[r['name'] for r in saved]} with labels "
-            f"{[r['labels'] for r in saved]} vs the data set's {[r['name'] for r in current]} with "
-            f"{[r['labels'] for r in current]}. Train it on the same datalist (or the same region table)."
+            f"{what} was trained on another class layout: tasks {[r['name'] for r in saved]} with labels "
+            f"{[r['labels'] for r in saved]} vs {[r['name'] for r in current]} with {[r['labels'] for r in current]}"
+            f" here. {hint or 'Train it on the same datalist (or the same task table).'}"
         )
+
+
+def check_trained_tasks(ckpt_dir: str | os.PathLike, task_table: Any) -> None:
+    """
+    Check that an inference config's class layout (its ``regions`` or ``tasks``) is the one the weights in
+    ``ckpt_dir`` were trained with (``network_def.json`` written by the training run). Nothing to check before
+    training.
+
+    Raises:
+        ValueError: when they differ; the message gives both layouts and the option that reads the trained layout.
+    """
+    path = Path(ckpt_dir) / SPEC_FILENAME
+    if not path.is_file():
+        return
+    raw = read_json_object(path, "network description")
+    saved_key = TASKS_KEY if TASKS_KEY in raw else LEGACY_TASKS_KEY
+    key = task_table.conventions.entries_key
+    hint = f'Pass --{key} "%{path}#{saved_key}" (or edit \'{key}\' in configs/inference.json).'
+    check_same_tasks(raw, task_table, f"the model in {ckpt_dir}", hint=hint)
 
 
 def expert_model_from_spec(spec: str | os.PathLike | Mapping[str, Any], num_tasks: int | None = None) -> nn.Module:
@@ -115,15 +167,15 @@ def expert_model_from_spec(spec: str | os.PathLike | Mapping[str, Any], num_task
 
     Args:
         spec: a spec dict, or a file/folder holding ``network_def.json``.
-        num_tasks: number of experts. Defaults to the number of regions in the spec.
+        num_tasks: number of experts. Defaults to the number of tasks in the spec.
     """
     from medfm_ops.networks.experts import to_experts
 
     spec = spec if isinstance(spec, Mapping) else load_network_spec(spec)
     if num_tasks is None:
-        if not spec.get("regions"):
-            raise ValueError("the network description lists no regions: pass num_tasks.")
-        num_tasks = len(spec["regions"])
+        if not saved_task_entries(spec):
+            raise ValueError("the network description lists no tasks: pass num_tasks.")
+        num_tasks = len(saved_task_entries(spec))
     return to_experts(instantiate(spec["network_def"]), num_tasks, copy_net=False, **trained_expert_settings(spec))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medfm_ops.networks.spec import SPEC_FILENAME, check_same_regions, instantiate, load_network_spec
+from medfm_ops.networks.spec import SPEC_FILENAME, check_same_tasks, instantiate, load_network_spec
 
 __all__ = ["load_teacher", "freeze"]
 
@@ -60,7 +60,7 @@ def _bundle_network_def(bundle_dir: Path, region_table: Any = None) -> dict:
     spec_file = bundle_dir / "models" / SPEC_FILENAME
     if spec_file.is_file():
         spec = load_network_spec(spec_file)
-        check_same_regions(spec, region_table, f"teacher {bundle_dir}")
+        check_same_tasks(spec, region_table, f"teacher {bundle_dir}")
         return spec["network_def"]
     for name in ("inference.json", "train.json", "inference.yaml", "train.yaml"):
         cfg = bundle_dir / "configs" / name

@@ -7,7 +7,7 @@ from medfm_ops.engines.handlers.early_stop import KeyMetricEarlyStop
 from medfm_ops.engines.handlers.epoch_summary import EpochSummaryHandler
 from medfm_ops.engines.handlers.expert_warmup import ExpertWarmupHandler
 from medfm_ops.engines.handlers.final_validation import FinalValidationHandler
-from medfm_ops.engines.handlers.cls_schedule import LinearDecayHandler
+from medfm_ops.engines.handlers.linear_decay import LinearDecayHandler
 from medfm_ops.engines.handlers.progress import TerminalProgressBar
 from medfm_ops.engines.handlers.random_states import RandomStates
 

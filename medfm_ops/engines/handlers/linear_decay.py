@@ -9,7 +9,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from medfm_ops.losses.cls_losses import linear_decay
+from medfm_ops.losses.classification import linear_decay
 
 __all__ = ["LinearDecayHandler"]
 

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 
 __all__ = ["rd_student_network_def", "student_task_table", "export_rd_student"]
 
@@ -41,14 +40,7 @@ def rd_student_network_def(network_config: Mapping[str, Any], num_classes: int) 
 
 def student_task_table(task_table: Any, task: str) -> Any:
     """The one-task table of a student trained on ``task`` (task id 0, the task's class names and modality)."""
-    from medfm_ops.data.cls_tasks import ClsTaskTable
-
-    tid = task_table.task_id_of(task)
-    return ClsTaskTable.from_tasks(
-        [{"name": task_table.task_names[tid], "task_id": 0, "modality": task_table.modalities[tid],
-          "labels": {str(i): c for i, c in enumerate(task_table.class_names[tid])}}],
-        source=f"task {task_table.task_names[tid]} of the training data",
-    )  # fmt: skip
+    return task_table.one_task_table(task)
 
 
 def export_rd_student(
@@ -98,7 +90,7 @@ def export_rd_student(
         BundleCheckError: when ``verify`` fails (``out_dir`` is then left as it was).
     """
     from medfm_ops.bundle import write_cls_expert_bundle
-    from medfm_ops.networks.cls_reprogram import load_rd_student
+    from medfm_ops.networks.reprogramming import load_rd_student
     from medfm_ops.networks.spec import instantiate, save_network_spec
 
     table = student_task_table(task_table, task)

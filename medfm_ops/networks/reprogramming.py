@@ -200,7 +200,7 @@ def _trained_student_spec(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
     ckpt = Path(ckpt_dir)
     if (ckpt / SPEC_FILENAME).is_file():
         spec = load_network_spec(ckpt)
-        if not spec.get("regions"):
+        if not spec.get("tasks"):
             raise ValueError(f"{ckpt / SPEC_FILENAME} records no task: it was not written by rd_cls's training.")
         return spec
     if (ckpt / "model.pt").is_file():
@@ -217,12 +217,12 @@ def trained_student_task_table(ckpt_dir: str | os.PathLike, untrained_tasks: lis
     class names), so inference serves it under its own task's name whatever the task (synthetic or real). Before
     any training, the default recipe's ``untrained_tasks`` (for ``verify_net_in_out``).
     """
-    from medfm_ops.data.cls_tasks import ClsTaskTable
+    from medfm_ops.data.task_table import TaskTable
 
     spec = _trained_student_spec(ckpt_dir)
     if spec is None:
-        return ClsTaskTable.from_tasks(untrained_tasks, source="untrained_tasks of configs/inference.json")
-    return ClsTaskTable.from_tasks(spec["regions"], source=str(Path(ckpt_dir) / "network_def.json"))
+        return TaskTable.from_tasks(untrained_tasks, source="untrained_tasks of configs/inference.json")
+    return TaskTable.from_tasks(spec["tasks"], source=str(Path(ckpt_dir) / "network_def.json"))
 
 
 def trained_student_network(ckpt_dir: str | os.PathLike, untrained_network: nn.Module) -> nn.Module:

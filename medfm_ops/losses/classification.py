@@ -3,7 +3,7 @@
 """Classification losses: per-task cross-entropy (multi-head), LoRKD's classification loss, RD's loss, logit KD.
 
 Each loss names the batch entries it reads in ``input_keys`` (network outputs and prepared targets), so one engine
-adapter (:class:`~medfm_ops.engines.ClsLossAdapter`) serves all of them. After each call ``last_components`` holds
+adapter (:class:`~medfm_ops.engines.TaskLossAdapter`) serves all of them. After each call ``last_components`` holds
 the float value of every term and ``last_per_sample_task`` the ``(B,)`` task loss (LoRKD* warm-up).
 """
 
