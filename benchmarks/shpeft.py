@@ -17,8 +17,9 @@ Every run is ``bundles/shpeft_cls/configs/train.json`` (plus the row's override 
 its command-line overrides) in a child process, with one shared harness: the same starting checkpoint, train split,
 epochs, batch, learning rate, augmentation and 28^3 input; validated after every epoch on the run's OWN validation
 split carved from train (``--val_fraction``, one fixed draw for every row and seed,
-:func:`benchmarks.common.carve_validation_datalist`) and its best epoch kept (``--final_model best``; the bundle has
-no early-stopping handler, so every run trains its full budget). Scores on each task's shipped ``val`` split, which no
+:func:`benchmarks.common.carve_validation_datalist`) and its best epoch kept (``--final_model best``); with
+``--patience N`` each run stops after N validations without a better key metric (``--epochs`` a ceiling) and with
+``--lr_grid`` every task and row gets the learning rate its first seed found best on the carved split. Scores on each task's shipped ``val`` split, which no
 choice uses (its ``test`` split is kept aside): AUC, balanced accuracy next to its majority level, F1, accuracy next
 to the majority-class accuracy (the training split's most frequent class) and the verdict ("not working" at the
 majority level); mean ± std over seeds; trainable-parameter count; importance estimation and training wall time.
