@@ -222,7 +222,7 @@ def test_baselines_train_and_evaluate_as_stock_networks(seg_bundles, tmp_path, n
     parser = _parser(seg_bundles, tmp_path, override, **extra)
     _run(seg_bundles, tmp_path, "train.json", override, epochs=1, val_interval=1, **extra)
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
-    stock = instantiate({**parser["network_def"], "out_channels": parser.get_parsed_content("num_classes")})
+    stock = instantiate(parser.get_parsed_content("network_config"))  # out_channels: the run's num_classes
     stock.load_state_dict(state, strict=True)  # the stock network_def itself: no expert factors, nothing else
     spec = load_network_spec(tmp_path / "models" / "network_def.json")
     assert "experts" not in spec, "a baseline's spec must not describe experts it does not have"

@@ -43,7 +43,7 @@ from medfm_ops.bundle import export_lorkd_expert
 REPO = Path(__file__).resolve().parents[1]
 MAPPING = REPO / "bundles" / "lorkd_seg" / "data" / "real_regions.json"
 #: small networks for the short run (the shipped configs' architecture, fewer channels), written into the copies'
-#: train.json (a run records its network_def as the file says it)
+#: train.json (a run records its network_config as the file says it)
 TINY_NET = {"channels": [4, 8, 16, 32], "strides": [2, 2, 2], "num_res_units": 1}
 
 
@@ -122,7 +122,7 @@ def trained(real_datalist, tmp_path_factory):
         shutil.copytree(REPO / "bundles" / name, root / name, ignore=shutil.ignore_patterns("models", "eval", "runs"))
         train = root / name / "configs" / "train.json"
         cfg = json.loads(train.read_text())
-        cfg["network_def"].update(TINY_NET)
+        cfg["network_config"].update(TINY_NET)
         train.write_text(json.dumps(cfg, indent=4))
     tiny = write_datalist_subset(real_datalist, root / "tiny.json", {"training": 3, "validation": 1, "test": 2})
     common = {"datalist": tiny, "epochs": 1, "val_interval": 1, "batch_size": 2, "num_workers": 0,
