@@ -482,7 +482,8 @@ def markdown(record: dict[str, Any], figure: str) -> str:
         f"{record['machine']['load_average_1min']}).",
         "",
         "Data: " + "; ".join(f"{r}: " + ", ".join(f"{s} {n[r]}" for s, n in st["n_cases"].items()) for r in st["regions"])
-        + f" (split seed {st['split_seed']}, ACDC by patient). Preprocessing per region: "
+        + f" (split seed {st['split_seed']}, ACDC by patient; the two real regions only, no synthetic region mixed "
+        "in). Preprocessing per region: "
         + "; ".join(f"{r} {v['spacing']} mm, patch/window {v['window_size']}, {v['intensity']}"
                     for r, v in st["preprocessing"].items()) + ".",
         f"NSD tolerance: {st['nsd_tolerance_mm']} mm; on heart_mri in mm of the NOMINAL 1.5 x 1.5 x 10 mm spacing "
