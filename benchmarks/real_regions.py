@@ -35,7 +35,7 @@ settings are unchanged; an interrupted command picks up where it stopped):
 
 Presets: ``smoke`` (2 training, 1 validation, 1 test case per region, 1 epoch, one seed, rows teacher/mtl/lorkd (add
 ``--rows teacher,mtl,lorkd,scratch`` for the scratch row): a few minutes on 2 CPU cores, for checking the harness); ``full`` (40 training cases per region, all validation and
-test cases, teacher 30 epochs, students 20, LR grid 1e-3 / 3e-3, seeds 0, 1, 2). The ``full`` budget is a plan,
+test cases, teacher 60 epochs, students 40 (validation every 5, the best kept), LR grid 1e-3 / 3e-3, seeds 0, 1, 2). The ``full`` budget is a plan,
 not a measurement: time ``--preset full --single_seed --rows teacher,lorkd`` first and scale ``--train_cases`` /
 ``--epochs`` to the 2.5-hour target; the page records what ran and how long each part took.
 """
@@ -84,7 +84,7 @@ ROWS: dict[str, tuple[str, str | None, bool, str]] = {
 SCRATCH = ("scratch", "stock MONAI UNet of the expert's size, from scratch per region, the expert bundle's own "
            "train.json", "one stock network per region")
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"train_cases": 40, "val_cases": None, "test_cases": None, "teacher_epochs": 60, "epochs": 20, "val_every": 5,
+    "full": {"train_cases": 40, "val_cases": None, "test_cases": None, "teacher_epochs": 60, "epochs": 40, "val_every": 5,
              "warmup_epochs": 2, "lr_grid": [1e-3, 3e-3], "seeds": [0, 1, 2], "batch_size": 4,
              "rows": ["teacher", *ROWS, "scratch"]},
     "smoke": {"train_cases": 2, "val_cases": 1, "test_cases": 1, "teacher_epochs": 1, "epochs": 1, "val_every": 1,
