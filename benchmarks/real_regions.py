@@ -35,7 +35,7 @@ settings are unchanged; an interrupted command picks up where it stopped):
 
 Presets: ``smoke`` (2 training, 1 validation, 1 test case per region, 1 epoch, one seed, rows teacher/mtl/lorkd (add
 ``--rows teacher,mtl,lorkd,scratch`` for the scratch row): a few minutes on 2 CPU cores, for checking the harness); ``full`` (40 training cases per region, all validation and
-test cases, teacher 30 epochs, students 20, LR grid 1e-3 / 3e-3, seeds 0, 1, 2). The ``full`` budget is a plan,
+test cases, teacher 60 epochs, students 40 (validation every 5, the best kept), LR grid 1e-3 / 3e-3, seeds 0, 1, 2). The ``full`` budget is a plan,
 not a measurement: time ``--preset full --single_seed --rows teacher,lorkd`` first and scale ``--train_cases`` /
 ``--epochs`` to the 2.5-hour target; the page records what ran and how long each part took.
 """
@@ -84,10 +84,10 @@ ROWS: dict[str, tuple[str, str | None, bool, str]] = {
 SCRATCH = ("scratch", "stock MONAI UNet of the expert's size, from scratch per region, the expert bundle's own "
            "train.json", "one stock network per region")
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"train_cases": 40, "val_cases": None, "test_cases": None, "teacher_epochs": 30, "epochs": 20,
+    "full": {"train_cases": 40, "val_cases": None, "test_cases": None, "teacher_epochs": 60, "epochs": 40, "val_every": 5,
              "warmup_epochs": 2, "lr_grid": [1e-3, 3e-3], "seeds": [0, 1, 2], "batch_size": 4,
              "rows": ["teacher", *ROWS, "scratch"]},
-    "smoke": {"train_cases": 2, "val_cases": 1, "test_cases": 1, "teacher_epochs": 1, "epochs": 1,
+    "smoke": {"train_cases": 2, "val_cases": 1, "test_cases": 1, "teacher_epochs": 1, "epochs": 1, "val_every": 1,
               "warmup_epochs": 0, "lr_grid": [1e-3], "seeds": [0], "batch_size": 2, "rows": ["teacher", "mtl", "lorkd"]},
 }  # fmt: skip
 NSD_TOLERANCE_MM = {"brain_mri": 1.0, "heart_mri": 1.5}
@@ -135,6 +135,7 @@ def train_run(bundle_name: str, run_dir: Path, files: list[str], args: dict[str,
     seconds = run_logged(_bundle_cmd(bundle, files, args), run_dir / "train.log", cwd=REPO, glibc_tunables=True)
     summary = json.loads((bundle / "models" / "training_summary.json").read_text())
     record = {"settings": settings, "train_seconds": seconds, "val_mean_dsc": summary.get("best_metric"),
+              "best_epoch": summary.get("best_metric_epoch"), "epochs": summary.get("epochs"),
               "val_metrics": summary.get("last_metrics", {})}  # fmt: skip
     atomic_write_json(stamp, record)
     return {**record, "reused": False}
@@ -274,7 +275,7 @@ def run(
     # 2. teacher, once
     t0 = time.perf_counter()
     teacher_dir = work / "teacher"
-    t_args = {**common, "epochs": p["teacher_epochs"], "val_interval": p["teacher_epochs"]}
+    t_args = {**common, "epochs": p["teacher_epochs"], "val_interval": p["val_every"]}
     teacher = train_run("foundation_seg", teacher_dir, ["train.json", "real_regions.json"], t_args,
                         {"args": t_args, "data": data_sha, "configs": _digest("foundation_seg", [])})
     teacher_sha = file_sha256(teacher_dir / "models" / "model.pt")
@@ -288,7 +289,8 @@ def run(
         s = _teacher_scores(teacher_dir, table, prep, test, regions, {"model": teacher_sha, "data": data_sha}, device)
         results["teacher"] = {"description": "foundation_seg (teacher), trained once", "deployed_as":
                               "the foundation network per region", "lr": None, "lr_grid": {},
-                              "seeds": [{"seed": None, **s, "train_seconds": teacher["train_seconds"]}]}
+                              "seeds": [{"seed": None, **s, "train_seconds": teacher["train_seconds"],
+                                         "best_epochs": [teacher.get("best_epoch")]}]}
         times["teacher_score"] = time.perf_counter() - t0
 
     # 3-4. rows: LR chosen on validation with the first seed, then every seed; each exported and scored on test
@@ -296,7 +298,7 @@ def run(
         t0 = time.perf_counter()
         description, override, experts, deployed = ROWS[row]
         files = ["train.json", "real_regions.json", *([f"baselines/{override}.json"] if override else [])]
-        base = {**common, "epochs": p["epochs"], "val_interval": p["epochs"], "teacher_path": str(teacher_dir),
+        base = {**common, "epochs": p["epochs"], "val_interval": p["val_every"], "teacher_path": str(teacher_dir),
                 **({"warmup_epochs": p["warmup_epochs"]} if experts else {})}  # fmt: skip
 
         def _train(lr: float, seed: int) -> list[tuple[Path, dict]]:
@@ -315,7 +317,8 @@ def run(
         per_seed = []
         for seed in p["seeds"]:
             runs = grid[best_lr] if seed == p["seeds"][0] else _train(best_lr, seed)
-            scored: dict[str, Any] = {"regions": {}, "train_seconds": 0.0, "score_seconds": 0.0, "train_params": 0}
+            scored: dict[str, Any] = {"regions": {}, "train_seconds": 0.0, "score_seconds": 0.0, "train_params": 0,
+                                      "best_epochs": [rec.get("best_epoch") for _, rec in runs]}
             for run_dir, rec in runs:
                 region = run_dir.name if override == "stl" else None
                 mine = [region] if region else regions
@@ -374,7 +377,7 @@ def _scratch_row(work: Path, table: Any, sections: dict, prep: dict, p: dict, de
         task, row = table.task_id_of(name), prep[name]
         run_dir = work / "scratch" / f"lr{lr:g}" / f"seed{seed}" / name
         args = {"train_datalist": cases("training", task), "val_datalist": cases("validation", task),
-                "pretrained": False, "epochs": p["epochs"], "val_interval": p["epochs"], "learning_rate": lr,
+                "pretrained": False, "epochs": p["epochs"], "val_interval": p["val_every"], "learning_rate": lr,
                 "seed": seed, "batch_size": p["batch_size"], "num_workers": 0,
                 "device": "$torch.device('cuda:0')" if device.startswith("cuda") else "$torch.device('cpu')"}
         settings = {"args": args, "data": data_sha, "net": net_def, "row": row}
@@ -479,19 +482,21 @@ def markdown(record: dict[str, Any], figure: str) -> str:
         f"{record['machine']['load_average_1min']}).",
         "",
         "Data: " + "; ".join(f"{r}: " + ", ".join(f"{s} {n[r]}" for s, n in st["n_cases"].items()) for r in st["regions"])
-        + f" (split seed {st['split_seed']}, ACDC by patient). Preprocessing per region: "
+        + f" (split seed {st['split_seed']}, ACDC by patient; the two real regions only, no synthetic region mixed "
+        "in). Preprocessing per region: "
         + "; ".join(f"{r} {v['spacing']} mm, patch/window {v['window_size']}, {v['intensity']}"
                     for r, v in st["preprocessing"].items()) + ".",
         f"NSD tolerance: {st['nsd_tolerance_mm']} mm; on heart_mri in mm of the NOMINAL 1.5 x 1.5 x 10 mm spacing "
         "of the files (approximate).",
         f"Teacher {st['teacher_epochs']} epochs (trained once, reused by every row and seed); students {st['epochs']} "
-        f"epochs, batch {st['batch_size']}, seeds {st['seeds']}; learning rate per row chosen on validation from "
+        f"epochs, batch {st['batch_size']}, seeds {st['seeds']}; validation every {st.get('val_every', '?')} epochs, "
+        "the best validation model kept (model selection on val); learning rate per row chosen on validation from "
         f"{st['lr_grid']}. Scores: each model exported per region as a standalone bundle and run through its own "
         "inference.json on the region's TEST cases.",
         "",
         "| row | lr (val DSC per lr) | " + " | ".join(f"{r} DSC | {r} NSD" for r in st["regions"])
-        + " | deploy params (M) | deploy GFLOPs | train s |",
-        "| --- | --- | " + " | ".join("--- | ---" for _ in st["regions"]) + " | --- | --- | --- |",
+        + " | deploy params (M) | deploy GFLOPs | train s | best val epoch |",
+        "| --- | --- | " + " | ".join("--- | ---" for _ in st["regions"]) + " | --- | --- | --- | --- |",
     ]
     for name, e in res.items():
         first = e["seeds"][0]["regions"]
@@ -502,7 +507,7 @@ def markdown(record: dict[str, Any], figure: str) -> str:
         lines.append(f"| {name} | {e['lr'] if e['lr'] is not None else '-'} ({grid}) | "
                      + " | ".join(f"{_fmt(_values(e, r, 'mean_dsc'))} | {_fmt(_values(e, r, 'mean_nsd'))}"
                                   for r in st["regions"])
-                     + f" | {params:.3f} | {flops:.2f} | {train_s:.0f} |")
+                     + f" | {params:.3f} | {flops:.2f} | {train_s:.0f} | {_best_epochs(e)} |")
     lines += ["", "Per class (DSC / NSD, % mean ± std over seeds):", ""]
     for region in st["regions"]:
         classes = [c["class"] for c in next(iter(res.values()))["seeds"][0]["regions"].get(region, {"classes": []})
@@ -518,6 +523,13 @@ def markdown(record: dict[str, Any], figure: str) -> str:
     lines += ["", f"![DSC per region]({figure})", "", "Wall time per part (s): "
               + ", ".join(f"{k} {v:.0f}" for k, v in record["part_seconds"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _best_epochs(entry: dict) -> str:
+    """The validation epochs whose model was kept (one per trained network and seed): a best epoch at the end of the
+    budget says the row may not have converged."""
+    best = [b for s in entry["seeds"] for b in s.get("best_epochs", []) if b is not None]
+    return ", ".join(str(b) for b in best) if best else "-"
 
 
 def _reading(res: dict, regions: list[str]) -> list[str]:
