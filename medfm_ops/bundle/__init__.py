@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """Standalone MONAI bundles for region experts: writer, configs, metadata schema and checks."""
 
-from .expert_bundle import SCHEMA_RELPATH, write_expert_bundle, write_metadata, write_readme
+from .expert_bundle import SCHEMA_RELPATH, write_bundle_folder, write_expert_bundle, write_metadata, write_readme
 from .metadata_schema import METADATA_SCHEMA, write_metadata_schema
 from .from_lorkd import export_lorkd_expert
 from .template import CONFIG_FILES, TEMPLATE_DIR, render_configs
@@ -13,6 +13,7 @@ from .bundle_scripts import BUNDLE_SCRIPTS, write_bundle_scripts
 from .finetuned_cls import FINAL_MODELS, check_result_settings, save_finetuned_classifier
 
 __all__ = [
+    "write_bundle_folder",
     "write_expert_bundle",
     "write_metadata",
     "write_readme",

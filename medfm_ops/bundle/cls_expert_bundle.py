@@ -8,19 +8,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medfm_ops.utils.atomic_io import atomic_torch_save, atomic_write_text
-from medfm_ops.utils.staging import staged_directory
-
-from .bundle_scripts import write_bundle_scripts
-from .expert_bundle import SCHEMA_RELPATH, _license_text, _plain_state_dict, _version, bundle_metadata, write_metadata
-from .metadata_schema import write_metadata_schema
+from .expert_bundle import SCHEMA_RELPATH, _plain_state_dict, _version, bundle_metadata, write_bundle_folder
 
 __all__ = ["CLS_TEMPLATE_DIR", "write_cls_expert_bundle", "export_lorkd_cls_expert"]
 
@@ -122,22 +116,7 @@ def write_cls_expert_bundle(
         "--config_file configs/inference.json --device cpu\n```\n\n## Intended use\nResearch only; not for clinical "
         "use.\n\n## Licence\nApache-2.0 (see LICENSE).\n"
     )
-    with staged_directory(out_dir) as root:  # written as a whole: staged, checked, swapped in
-        for sub in ("configs", "models", "docs"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        write_bundle_scripts(root)
-        atomic_write_text(root / "configs" / "inference.json", json.dumps(cfg, indent=4) + "\n")
-        shutil.copyfile(CLS_TEMPLATE_DIR / "configs" / "logging.conf", root / "configs" / "logging.conf")
-        write_metadata(root, meta)
-        write_metadata_schema(root / SCHEMA_RELPATH)
-        atomic_write_text(root / "LICENSE", _license_text(authors))
-        atomic_write_text(root / "docs" / "README.md", readme)
-        atomic_torch_save(plain, root / "models" / "model.pt")
-        if verify:
-            from .verify import verify_bundle
-
-            verify_bundle(root)
-    return Path(out_dir)
+    return write_bundle_folder(out_dir, {"inference.json": cfg}, CLS_TEMPLATE_DIR, meta, readme, plain, authors, verify)
 
 
 def export_lorkd_cls_expert(

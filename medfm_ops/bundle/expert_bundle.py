@@ -266,37 +266,66 @@ def write_expert_bundle(
             f"channels {list(output_channels)} and writes a label map (0 background, 1..{n} as in channel_def)."
         )
 
+    net_cfg = json.loads(json.dumps(dict(network_def)))  # plain JSON types
+    meta = _metadata(
+        version, description, authors, region_name, label_names, output_channels, spacing, roi_size, modality,
+        out_ch, dtype, intensity_nonzero,
+    )
+    meta.update(dict(extra_metadata or {}))
+    if meta["version"] not in meta["changelog"]:
+        raise ValueError(f"extra_metadata changelog must list the bundle version {meta['version']!r}.")
+    values = {
+        "network_def": net_cfg,
+        "output_channels": [int(c) for c in output_channels],
+        "num_labels": n,
+        "spacing": [float(s) for s in spacing],
+        "roi_size": [int(r) for r in roi_size],
+        "spatial_dims": dims,
+        "axcodes": "RAS"[:dims],
+        "label_dtype": dtype,
+        "intensity_nonzero": bool(intensity_nonzero),
+    }
+    readme = expert_readme(dict(meta), net_cfg) + (f"\n{readme_extra.strip()}\n" if readme_extra.strip() else "")
+    return write_bundle_folder(out_dir, render_configs(values, config_values), TEMPLATE_DIR, meta, readme, plain,
+                               authors, verify)  # fmt: skip
+
+
+def write_bundle_folder(
+    out_dir: str | os.PathLike,
+    configs: Mapping[str, Mapping[str, Any]],
+    template_dir: Path,
+    meta: Mapping[str, Any],
+    readme: str,
+    state_dict: Mapping[str, torch.Tensor],
+    authors: str,
+    verify: bool = False,
+) -> Path:
+    """
+    Write a standalone bundle of any task kind as a whole (the one writer behind the segmentation expert, the
+    classification and the fine-tuned bundles): staged beside ``out_dir``
+    (:func:`~medfm_ops.utils.staged_directory`), ``configs/<name>`` for each rendered config plus the template's
+    ``logging.conf``, ``scripts/`` (input guard, error report, atomic saver), ``configs/metadata.json``, the metadata
+    schema (offline ``verify_metadata``), ``LICENSE``, ``docs/README.md`` and ``models/model.pt`` (plain state dict,
+    atomically); checked (``verify``: MONAI's checks), then swapped in. A failed or killed writer leaves an earlier
+    bundle there as it was.
+
+    Raises:
+        ValueError: when the metadata's changelog does not list its version.
+        OutputWriteError: when the disk is full (one line naming the file); ``out_dir`` is untouched.
+        OutputLockedError: when another running process writes ``out_dir``.
+    """
     with staged_directory(out_dir) as root:
         for sub in ("configs", "models", "docs"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        net_cfg = json.loads(json.dumps(dict(network_def)))  # plain JSON types
-        meta = _metadata(
-            version, description, authors, region_name, label_names, output_channels, spacing, roi_size, modality,
-            out_ch, dtype, intensity_nonzero,
-        )
-        meta.update(dict(extra_metadata or {}))
-        if meta["version"] not in meta["changelog"]:
-            raise ValueError(f"extra_metadata changelog must list the bundle version {meta['version']!r}.")
-        values = {
-            "network_def": net_cfg,
-            "output_channels": [int(c) for c in output_channels],
-            "num_labels": n,
-            "spacing": [float(s) for s in spacing],
-            "roi_size": [int(r) for r in roi_size],
-            "spatial_dims": dims,
-            "axcodes": "RAS"[:dims],
-            "label_dtype": dtype,
-            "intensity_nonzero": bool(intensity_nonzero),
-        }
-        for name, cfg in render_configs(values, config_values).items():
+        for name, cfg in configs.items():
             _write_json(root / "configs" / name, cfg)
-        shutil.copyfile(TEMPLATE_DIR / "configs" / "logging.conf", root / "configs" / "logging.conf")
+        shutil.copyfile(template_dir / "configs" / "logging.conf", root / "configs" / "logging.conf")
         write_bundle_scripts(root)
         write_metadata(root, meta)
         write_metadata_schema(root / SCHEMA_RELPATH)
         atomic_write_text(root / "LICENSE", _license_text(authors))
-        write_readme(root, meta, net_cfg, readme_extra)
-        atomic_torch_save(plain, root / "models" / "model.pt")
+        atomic_write_text(root / "docs" / "README.md", readme)
+        atomic_torch_save(dict(state_dict), root / "models" / "model.pt")
         if verify:
             from .verify import verify_bundle
 
