@@ -340,7 +340,7 @@ def run(
 
     record = {
         "command": "python -m benchmarks.real_regions run" + (f" --preset {preset}" if preset != "full" else "")
-        + "".join(f" --{k} {v}" for k, v in (("seeds", seeds), ("rows", rows), ("lr_grid", lr_grid),
+        + "".join(f" --{k} {_arg(v)}" for k, v in (("seeds", seeds), ("rows", rows), ("lr_grid", lr_grid),
                                               ("train_cases", train_cases), ("epochs", epochs),
                                               ("teacher_epochs", teacher_epochs), ("device", device if device != "cpu"
                                                                                    else None)) if v is not None)
@@ -358,6 +358,11 @@ def run(
     out_path = (REPO / out) if not Path(out).is_absolute() else Path(out)
     atomic_write_json(out_path.with_suffix(".json"), record)
     return _write(out_path, record)
+
+
+def _arg(value: Any) -> str:
+    """A command-line value as typed (Fire turns ``a,b`` into a tuple)."""
+    return ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
 
 
 def _scratch_row(work: Path, table: Any, sections: dict, prep: dict, p: dict, device: str, data_sha: str) -> dict:
@@ -467,7 +472,7 @@ def _fmt(vals: list[float]) -> str:
     if not finite:
         return "-"
     m, s = mean_std(finite)
-    return f"{100 * m:.1f} ± {100 * s:.1f}"
+    return f"{100 * m:.1f}" if len(finite) == 1 else f"{100 * m:.1f} ± {100 * s:.1f}"  # one seed: no spread
 
 
 def markdown(record: dict[str, Any], figure: str) -> str:
@@ -478,8 +483,8 @@ def markdown(record: dict[str, Any], figure: str) -> str:
         "",
         f"Regenerate: `{record['command']}` (this page from its JSON: `python -m benchmarks.real_regions report`).",
         f"Run {record['date']}, {record['wall_seconds'] / 60:.1f} min on {record['machine']['cpu_model']} "
-        f"({record['machine']['usable_cores']} cores usable, device {record['machine']['device']}, load "
-        f"{record['machine']['load_average_1min']}).",
+        f"({record['machine']['usable_cores']} cores usable, device {record['machine']['device']}, 1-min load "
+        f"{record['machine']['load_average_1min']:.1f} at the end: other jobs on the cores inflate wall times).",
         "",
         "Data: " + "; ".join(f"{r}: " + ", ".join(f"{s} {n[r]}" for s, n in st["n_cases"].items()) for r in st["regions"])
         + f" (split seed {st['split_seed']}, ACDC by patient; the two real regions only, no synthetic region mixed "
@@ -520,7 +525,8 @@ def markdown(record: dict[str, Any], figure: str) -> str:
         lines.append("")
     lines += ["Reading (2x-spread rule: a difference counts when it exceeds twice the larger std over seeds):", ""]
     lines += _reading(res, st["regions"])
-    lines += ["", f"![DSC per region]({figure})", "", "Wall time per part (s): "
+    lines += ["", f"![DSC per region]({figure})", "", "Wall time of this invocation per part (s; reused runs count ~0, "
+              "each run's own training time is in the table): "
               + ", ".join(f"{k} {v:.0f}" for k, v in record["part_seconds"].items()) + "."]
     return "\n".join(lines) + "\n"
 
