@@ -15,7 +15,6 @@ from typing import Any
 __all__ = [
     "find_bundle_root",
     "default_cache_dir",
-    "literal_config",
     "bundle_network_config",
     "reject_renamed_keys",
     "check_writable",
@@ -50,46 +49,6 @@ def default_cache_dir() -> str:
     """Where generated default data is cached: ``$MEDFM_CACHE`` or, when it is unset or empty, ``~/.cache/medfm``
     (an empty value would otherwise put the cache into the current directory)."""
     return os.environ.get("MEDFM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medfm")
-
-
-def literal_config(config_file: str | os.PathLike, id: str, built: Any = None, **values: Any) -> Any:
-    """
-    Item ``id`` of a bundle config file as literal JSON: references resolved, nothing instantiated. A bundle config
-    instantiates every ``_target_`` dict it references, so this is how a run records e.g. its ``network_def`` as
-    data (``models/network_def.json``) without writing the dict a second time.
-
-    Args:
-        config_file: the JSON/YAML config holding ``id``.
-        id: the item, e.g. ``"network_def"`` (nested ids with ``#``).
-        built: the object the running config built from ``id`` (a ``torch.nn.Module``), to check that the file's
-            item builds the same parameter shapes (it would not if ``id`` was overridden on the command line).
-            Defaults to None (no check).
-        values: values of the ids the item references (e.g. ``num_classes=12``), set before resolving.
-
-    Raises:
-        ValueError: when the item, built again, has other parameter shapes than ``built``.
-
-    Example::
-
-        literal_config("bundles/lorkd_seg/configs/train.json", "network_def", num_classes=12)
-        # {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, ..., "out_channels": 12}
-    """
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser.update(values)
-    item = parser.get_parsed_content(id, instantiate=False)
-    content = item.get_config() if hasattr(item, "get_config") else item
-    if built is not None:
-        rebuilt = ConfigParser({"item": content}).get_parsed_content("item")
-        shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
-        if shapes(rebuilt) != shapes(built):
-            raise ValueError(
-                f"'{id}' of {config_file} (with {values}) does not build the network this run uses: was '{id}' "
-                "overridden on the command line? Change it in the config file instead."
-            )
-    return content
 
 
 def bundle_network_config(config_file: str | os.PathLike, **values: Any) -> dict[str, Any]:

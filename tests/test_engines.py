@@ -314,19 +314,18 @@ def test_evaluate_segmentation_uses_the_given_inferer_and_logs_nothing(caplog):
     assert not [r for r in caplog.records if "best metric" in r.getMessage() or r.name.startswith("ignite")]
 
 
-def test_renamed_config_keys_and_literal_config(tmp_path):
-    from medfm_ops.bundle_paths import literal_config, reject_renamed_keys
+def test_renamed_config_keys_and_bundle_network_config(tmp_path):
+    from medfm_ops.bundle_paths import bundle_network_config, reject_renamed_keys
 
     reject_renamed_keys({"rank": "expert_rank"}, rank=None)  # not set: fine
     with pytest.raises(ValueError, match=r"'rank' is now 'expert_rank' \(--expert_rank 4\)"):
         reject_renamed_keys({"rank": "expert_rank"}, rank=4)
     cfg = tmp_path / "c.json"
-    net_def = {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": "@n"}
-    cfg.write_text(json.dumps({"n": "$len(missing_data)", "network_def": net_def}))
-    literal = literal_config(cfg, "network_def", built=nn.Linear(2, 5), n=5)
+    net_config = {"_target_": "medfm_ops.networks.network_config", "target": "torch.nn.Linear", "in_features": 2,
+                  "out_features": "@n"}  # fmt: skip
+    cfg.write_text(json.dumps({"n": "$len(missing_data)", "network_config": net_config}))
+    literal = bundle_network_config(cfg, n=5)  # the value set first: the config's own expression is never run
     assert literal == {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 5}
-    with pytest.raises(ValueError, match="overridden on the command line"):
-        literal_config(cfg, "network_def", built=nn.Linear(2, 6), n=5)
 
 
 def test_cache_dir_ignores_an_empty_environment_variable(monkeypatch, tmp_path):
