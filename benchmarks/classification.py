@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 from benchmarks.common import (
     REPO,
+    best_on_validation,
     carve_validation_datalist,
     reexec_with_glibc_tunables,
     run_record,
@@ -225,7 +226,7 @@ def _choose_lr(plan: list[dict]) -> dict[str, dict[str, Any]]:
             g["grid"][f"{r['lr_factor']:g}"] = _best_val(r["dir"])
             g.setdefault("lr", {})[f"{r['lr_factor']:g}"] = r["overrides"]["learning_rate"]
     for g in out.values():
-        best = max(g["grid"], key=lambda f: g["grid"][f] if math.isfinite(g["grid"][f]) else -math.inf)
+        best = best_on_validation(g["grid"])
         g.update(factor=float(best), learning_rate=g["lr"][best])
     return out
 

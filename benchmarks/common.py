@@ -6,13 +6,14 @@ timing, logged child runs, command-line lists; the machine record is :py:func:`m
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import subprocess
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +193,16 @@ def verdict_cell(verdicts: list[str]) -> str:
         return "-"
     k = sum(v == "working" for v in verdicts)
     return "working" if k == len(verdicts) else "not working" if k == 0 else f"working {k}/{len(verdicts)}"
+
+
+def best_on_validation(scores: Mapping[Any, float | None]) -> Any:
+    """The key (e.g. a learning rate) of the highest validation score, the one rule of every benchmark's grid;
+    a None or NaN score (a run that never validated, a NaN AUC) counts as the lowest. Ties: the first key."""
+    if not scores:
+        raise ValueError("best_on_validation: no scores to choose from.")
+
+    def value(key: Any) -> float:
+        v = scores[key]
+        return -math.inf if v is None or not math.isfinite(float(v)) else float(v)
+
+    return max(scores, key=value)

@@ -64,7 +64,7 @@ from medfm_ops.networks import expert_model_from_spec, export_expert, instantiat
 from medfm_ops.utils.atomic_io import atomic_write_json, atomic_write_text
 from medfm_ops.utils.hashing import file_sha256
 
-from benchmarks.common import machine_info, run_logged, split_list
+from benchmarks.common import best_on_validation, machine_info, run_logged, split_list
 from benchmarks.learning_curve import compare_over_seeds, mean_std
 from benchmarks.score_bars import plot_score_bars
 
@@ -313,7 +313,7 @@ def run(
 
         grid = {lr: _train(lr, p["seeds"][0]) for lr in p["lr_grid"]}
         val = {lr: statistics.fmean(r["val_mean_dsc"] or 0.0 for _, r in runs) for lr, runs in grid.items()}
-        best_lr = max(val, key=val.get)
+        best_lr = best_on_validation(val)
         per_seed = []
         for seed in p["seeds"]:
             runs = grid[best_lr] if seed == p["seeds"][0] else _train(best_lr, seed)
@@ -411,7 +411,7 @@ def _scratch_row(work: Path, table: Any, sections: dict, prep: dict, p: dict, de
     regions = [table.region_names[t] for t in table.task_ids]
     grid = {lr: [train(r, lr, p["seeds"][0]) for r in regions] for lr in p["lr_grid"]}
     val = {lr: statistics.fmean(rec["val_mean_dsc"] for _, rec in runs) for lr, runs in grid.items()}
-    best_lr = max(val, key=val.get)
+    best_lr = best_on_validation(val)
     test = sections.get("test", [])
     per_seed = []
     for seed in p["seeds"]:

@@ -64,6 +64,7 @@ import fire
 from benchmarks.common import (
     GLIBC_TUNABLES,
     REPO,
+    best_on_validation,
     carve_validation_datalist,
     machine_info,
     repo_path,
@@ -464,10 +465,9 @@ def run(
         with ThreadPoolExecutor(max_workers=int(jobs)) as pool:
             tried = list(pool.map(lambda p: one_run(p[0], p[1][0], p[1][2], p[1][3], p[2], p[3]), trials))
         for (task, row, _, lr), result in zip(trials, tried):
-            val = result["val_best"] if result["val_best"] is not None else float("-inf")
-            chosen.setdefault(f"{task}/{row[0]}", {"grid": {}})["grid"][f"{lr:g}"] = val
+            chosen.setdefault(f"{task}/{row[0]}", {"grid": {}})["grid"][f"{lr:g}"] = result["val_best"]
         for c in chosen.values():
-            c["lr"] = float(max(c["grid"], key=c["grid"].get))
+            c["lr"] = float(best_on_validation(c["grid"]))
     plan = [(task, row, seed) for task in task_list for row in ROWS if row[0] in wanted for seed in seed_list]
     with ThreadPoolExecutor(max_workers=int(jobs)) as pool:  # each worker waits on its own child process
         done = list(pool.map(lambda p: one_run(p[0], p[1][0], p[1][2], p[1][3], p[2],

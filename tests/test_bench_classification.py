@@ -142,3 +142,13 @@ def test_verdict_cell():
     assert verdict_cell(["working", "working"]) == "working"
     assert verdict_cell(["not working", "not working"]) == "not working"
     assert verdict_cell(["working", "not working", "working"]) == "working 2/3" and verdict_cell([]) == "-"
+
+
+def test_best_on_validation_skips_runs_without_a_score():
+    from benchmarks.common import best_on_validation
+
+    assert best_on_validation({"0.001": 0.61, "0.003": 0.64, "0.01": float("nan")}) == "0.003"
+    assert best_on_validation({1e-3: None, 3e-3: 0.2}) == 3e-3  # never validated: the lowest
+    assert best_on_validation({"a": 0.5, "b": 0.5}) == "a"  # ties: the first key
+    with pytest.raises(ValueError, match="no scores"):
+        best_on_validation({})

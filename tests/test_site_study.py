@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from medfm_ops.finetune import (
     finetune_expert,
     load_or_create_split,
     write_split,
+    write_unseen_split,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +77,33 @@ def test_explicit_split_is_saved_reused_and_never_replaced(msd, tmp_path):
     with pytest.raises(ValueError, match="'validation' names no cases"):
         write_split(msd, tmp_path / "d.json", cases[3:5], [])
     assert not (tmp_path / "b.json").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_unseen_split_leaves_out_the_pretraining_cases(msd, tmp_path):
+    _, cases, _ = read_msd_dataset(msd)
+    datalist = tmp_path / "pretraining.json"
+    seen = cases[:4]  # trained or validated on; a test-part case stays available to the site
+    datalist.write_text(json.dumps({"training": [{**c, "region": 0} for c in seen[:3]],
+                                    "validation": [{**c, "region": 0} for c in seen[3:]],
+                                    "test": [{**cases[4], "region": 0}]}))  # fmt: skip
+    split = write_unseen_split(msd, datalist, tmp_path / "site.json", num_validation=2, num_training=5, seed=1)
+    images = [c["image"] for part in ("training", "validation") for c in split[part]]
+    assert len(split["training"]) == 5 and len(split["validation"]) == 2 and len(set(images)) == 7
+    assert not {str(Path(c["image"]).resolve()) for c in seen} & {str(Path(i).resolve()) for i in images}
+    assert split["info"]["excluded_cases"] == 4 and split["origin"] == "explicit"
+    again = write_unseen_split(msd, datalist, tmp_path / "site.json", num_validation=2, num_training=5, seed=1)
+    assert again["reused"] and again["training"] == split["training"]
+    default = write_unseen_split(msd, datalist, tmp_path / "all.json")  # 20% validation, the rest training
+    assert (len(default["validation"]), len(default["training"])) == (2, 6)
+    with pytest.raises(ValueError, match="8 of its 12 cases are not in"):
+        write_unseen_split(msd, datalist, tmp_path / "big.json", num_validation=4, num_training=5)
+    # the CLI of the same function
+    out = tmp_path / "cli.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), "site_split", "--dataset_dir",
+                           str(msd), "--datalist", str(datalist), "--out", str(out), "--num_validation", "2"],
+                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "6 training / 2 validation" in proc.stdout and json.loads(out.read_text())["num_training"] == 6
 
 
 def test_site_run_trains_on_exactly_the_explicit_split_without_before_scores(site_files, msd, tmp_path):

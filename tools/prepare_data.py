@@ -19,6 +19,12 @@
     python tools/prepare_data.py real_regions [--out_dir ~/.cache/medfm/real_regions] [--data_root ../shared/data] \
         [--seed 0] [--mapping bundles/lorkd_seg/data/real_regions.json]
 
+    # a site split of an MSD-style data set with only the cases a pre-training datalist neither trains nor
+    # validates on (so that data set can stand in for a site's own folder without a leak)
+    python tools/prepare_data.py site_split --dataset_dir ../shared/data/msd_hippocampus \
+        --datalist ~/.cache/medfm/real_regions/datalist.json --out ~/.cache/medfm/real_regions/site_split_brain_mri.json \
+        [--num_validation N] [--num_training N] [--seed 0]
+
     # two datalists region by region (e.g. the synthetic set + real data sets converted by a mapping file whose
     # region lists the base's classes first; rules in medfm_ops/data/datalist_merge.py)
     python tools/prepare_data.py merge --base synthetic/datalist.json --extra data/multi_region.json \
@@ -148,6 +154,32 @@ def real_regions(
     print(_summary(Path(ensure_mapped_datalist(mapping, out, seed=seed, data_root=data_root))))
 
 
+def site_split(
+    dataset_dir: str,
+    datalist: str,
+    out: str,
+    num_validation: int | None = None,
+    num_training: int | None = None,
+    seed: int = 0,
+) -> None:
+    """Write an explicit site split (``tools/finetune_site.py --split_file``) of the cases of ``dataset_dir`` that
+    ``datalist`` neither trains nor validates on (``medfm_ops.finetune.write_unseen_split``).
+
+    Args:
+        dataset_dir: the MSD-style data set.
+        datalist: the pre-training datalist whose training/validation cases are left out.
+        out: the split file to write.
+        num_validation: validation cases. Defaults to 20% of the unseen cases.
+        num_training: training cases. Defaults to all the others.
+        seed: permutation seed. Defaults to 0.
+    """
+    from medfm_ops.finetune import write_unseen_split
+
+    split = write_unseen_split(dataset_dir, datalist, out, num_validation, num_training, seed)
+    print(f"site split: {out}: {len(split['training'])} training / {len(split['validation'])} validation case(s) of "
+          f"{split['dataset_dir']} ({split['info']['excluded_cases']} case(s) left out: in {datalist})")
+
+
 def merge(base: str, extra: str, out_datalist: str, name: str | None = None, overwrite: bool = False) -> None:
     """Merge the regions and items of ``extra`` into ``base`` (base task ids kept) and write ``out_datalist``."""
     merge_datalists(base, extra, out_datalist, name=name, overwrite=overwrite)
@@ -158,7 +190,7 @@ def main() -> None:
     """Run the CLI; data errors are printed as one line (no traceback) with exit status 2."""
     try:
         fire.Fire({"synthetic": synthetic, "msd": msd, "msd_map": msd_map, "real_regions": real_regions,
-                   "merge": merge})
+                   "site_split": site_split, "merge": merge})
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -29,7 +29,7 @@ from .pipeline import MODE_CONFIGS, SUMMARY_RELPATH, finetune_expert
 from .scoring import score_label_maps
 from .settings import SiteFinetuneSettings
 from .source import INIT_MODES, SourceModel, load_source
-from .split import SPLIT_FILENAME, SPLIT_ORIGINS, load_or_create_split, write_split
+from .split import SPLIT_FILENAME, SPLIT_ORIGINS, load_or_create_split, write_split, write_unseen_split
 from .start import StartingPoint, prepare_start, site_class_names
 
 __all__ = [
@@ -63,4 +63,5 @@ __all__ = [
     "site_class_names",
     "trainable_parameters",
     "write_split",
+    "write_unseen_split",
 ]

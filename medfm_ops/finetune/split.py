@@ -14,7 +14,7 @@ from typing import Any
 from medfm_ops.data import read_msd_dataset, split_cases
 from medfm_ops.utils.atomic_io import atomic_write_text
 
-__all__ = ["load_or_create_split", "write_split", "SPLIT_FILENAME", "SPLIT_ORIGINS"]
+__all__ = ["load_or_create_split", "write_split", "write_unseen_split", "SPLIT_FILENAME", "SPLIT_ORIGINS"]
 
 #: default name of the split file, written next to the fine-tuning outputs
 SPLIT_FILENAME = "split.json"
@@ -231,3 +231,58 @@ def write_split(
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(content, indent=2) + "\n")
     return {**load_or_create_split(root, path), "reused": existed}
+
+
+def write_unseen_split(
+    dataset_dir: str | os.PathLike,
+    datalist: str | os.PathLike,
+    split_file: str | os.PathLike,
+    num_validation: int | None = None,
+    num_training: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """
+    An explicit site split of the cases of ``dataset_dir`` that a pre-training ``datalist`` neither trains nor
+    validates on: the cases an expert trained with that datalist never saw (its ``test`` part may be among them).
+    It lets a data set that also fed the pre-training stand in for a site's own folder without a leak.
+
+    Args:
+        dataset_dir: the MSD-style data set to split (``dataset.json``, ``imagesTr/``, ``labelsTr/``).
+        datalist: the pre-training datalist (``training`` / ``validation`` items with ``image`` paths).
+        split_file: JSON file to write (:py:func:`write_split`; reused when identical, an error when different).
+        num_validation: validation cases; None: 20% of the unseen cases (at least one).
+        num_training: training cases after those; None: all the remaining ones.
+        seed: seed of the permutation of the unseen cases (validation first, then training).
+
+    Returns:
+        :py:func:`write_split`'s dict; its ``info`` records the datalist, the number of excluded cases and the seed.
+
+    Raises:
+        ValueError: when the datalist cannot be read, or fewer unseen cases remain than asked for.
+    """
+    import numpy as np
+
+    path = Path(datalist).expanduser()
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"datalist {path}: cannot be read as JSON ({e}).") from e
+    seen = {
+        str(Path(item["image"]).expanduser().resolve())
+        for part in ("training", "validation")
+        for item in content.get(part) or []
+    }
+    root = Path(dataset_dir).expanduser().resolve()
+    _, cases, _ = read_msd_dataset(root)
+    unseen = [c for c in cases if str(Path(c["image"]).resolve()) not in seen]
+    n_val = max(1, round(0.2 * len(unseen))) if num_validation is None else int(num_validation)
+    n_train = len(unseen) - n_val if num_training is None else int(num_training)
+    if n_val < 1 or n_train < 1 or n_val + n_train > len(unseen):
+        raise ValueError(
+            f"{root}: {len(unseen)} of its {len(cases)} cases are not in the training/validation parts of {path}; "
+            f"cannot take {n_val} validation + {n_train} training case(s) from them."
+        )
+    order = np.random.default_rng(int(seed)).permutation(len(unseen)).tolist()
+    picked = [{k: unseen[i][k] for k in ("image", "label")} for i in order[: n_val + n_train]]
+    info = {"unseen_by": str(path.resolve()), "excluded_cases": len(cases) - len(unseen), "seed": int(seed)}
+    return write_split(root, split_file, picked[n_val:], picked[:n_val], info=info)
