@@ -337,6 +337,10 @@ def run(
         export_heart_expert(pretrained["lorkd_seg"]["path"], expert_dir)
         before_scores["expert"] = score_bundle_on_cases(expert_dir, study["site_test"], nsd_tolerance_mm,
                                                         work / "expert_bundle.test_scores.json")  # fmt: skip
+        teacher_dir = work / "teacher_bundle"  # the teacher's heart channels as a bundle: its BEFORE score too
+        export_heart_expert(pretrained["foundation_seg"]["path"], teacher_dir)
+        before_scores["teacher"] = score_bundle_on_cases(teacher_dir, study["site_test"], nsd_tolerance_mm,
+                                                         work / "teacher_bundle.test_scores.json")  # fmt: skip
         stages.done("export")
         region = HEART
     else:
@@ -694,8 +698,14 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
              any(r["n_label"] == n and r["row"] != "scratch" for r in records)}  # fmt: skip
     scratch = {n: next(r for r in records if r["n_label"] == n and r["row"] == "scratch") for n in sizes if
                any(r["n_label"] == n and r["row"] == "scratch" for r in records)}  # fmt: skip
-    before = meta["before"].get("expert")
     tol = meta["nsd_tolerance_mm"]
+
+    def before_line(who: str, what: str) -> str:
+        b = meta["before"].get(who)
+        if not b:
+            return f"- {what}: not scored."
+        return (f"- {what}: DSC {100 * b['mean_dsc']:.2f}, NSD {100 * b['mean_nsd']:.2f}; per class "
+                + ", ".join(f"{c} DSC {100 * v['dsc']:.2f} / NSD {100 * v['nsd']:.2f}" for c, v in b["per_class"].items()))
     lines = [
         "## Site curve under a population shift: a cardiac expert at a site whose pathology group it never saw",
         "",
@@ -712,10 +722,10 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
         "",
         f"![DSC against N]({os.path.relpath(plot, results.parent)})",
         "",
-        "**BEFORE** (the heart expert as exported, never trained on the site's group) on the fixed site test set: "
-        + (f"DSC {100 * before['mean_dsc']:.2f}, NSD {100 * before['mean_nsd']:.2f}; per class "
-           + ", ".join(f"{c} DSC {100 * v['dsc']:.2f} / NSD {100 * v['nsd']:.2f}" for c, v in before["per_class"].items())
-           if before else "not scored") + ".",
+        "**BEFORE** (as exported, never trained on the site's group) on the fixed site test set:",
+        "",
+        before_line("expert", "heart expert (the starting point of the expert rows)"),
+        before_line("teacher", "foundation teacher, heart channels (the starting point of teacher_full)"),
         "",
         f"**AFTER**: mean ± standard deviation (population, over seeds {', '.join(map(str, meta['seeds']))}) of the "
         f"site test DSC (%, mean over right ventricle, myocardium and left ventricle of the per-case Dice; "
@@ -731,6 +741,9 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
         "Per class, DSC (%):",
         "",
         *_class_grids(records, rows, sizes, "dsc"),
+        "Per class, NSD (%):",
+        "",
+        *_class_grids(records, rows, sizes, "nsd"),
         "Budget of each run and mean time per run, min (training wall / whole run wall / whole run CPU):",
         "",
         "| N (patients) | epochs | validation every | optimisation steps | scratch: epochs / steps / kept epochs | "

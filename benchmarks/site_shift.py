@@ -39,9 +39,10 @@ REAL_CONFIGS = ("train.json", "real_regions.json")
 
 def export_heart_expert(lorkd_dir: str | Path, expert_dir: Path) -> str:
     """
-    The heart expert fused out of a LoRKD checkpoint directory (``models/`` of a training run) and written as a
-    standalone bundle with its region's preprocessing as the run recorded it (``models/region_preprocessing.json``:
-    spacing, window, intensity); re-exported only when the LoRKD weights changed (stamp ``<expert_dir>.source.json``).
+    The heart region of a training run (``models/`` of a ``lorkd_seg`` run: its fused expert; of a ``foundation_seg``
+    run: the teacher's heart channels) written as a standalone bundle with its region's preprocessing as the run
+    recorded it (``models/region_preprocessing.json``: spacing, window, intensity); re-exported only when the run's
+    weights changed (stamp ``<expert_dir>.source.json``).
 
     Raises:
         ValueError: when the run recorded no preprocessing row for :data:`HEART` (a run without

@@ -158,7 +158,9 @@ def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_reco
                        "learning_rate": 0.002, "spacing": [1.5, 1.5, 10.0], "scratch_steps": 600,
                        "scratch_validations": 6}, "nsd_tolerance_mm": 1.5,
             "before": {"expert": {"mean_dsc": 0.55, "mean_nsd": 0.5, "per_class": {c: {"dsc": 0.4, "nsd": 0.4}
-                                                                                    for c in classes}}}}  # fmt: skip
+                                                                                    for c in classes}},
+                       "teacher": {"mean_dsc": 0.6, "mean_nsd": 0.52, "per_class": {c: {"dsc": 0.45, "nsd": 0.3}
+                                                                                     for c in classes}}}}  # fmt: skip
     results = tmp_path / "docs" / "RESULTS.md"
     results.parent.mkdir()
     results.write_text("# Results\n\nthe hippocampus section\n")
@@ -166,7 +168,11 @@ def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_reco
     text = site_curve.write_section({"meta": meta, "records": records, "budget_records": []}, results, plot)
     assert "- N=2: expert_full beats scratch: DSC 70.50 ± 0.50 vs 30.50 ± 0.50 (+40.00 points" in text
     assert "- N=2: expert_lora ties with scratch" in text
-    assert "**BEFORE** (the heart expert as exported" in text and "right_ventricle DSC 40.00 / NSD 40.00" in text
+    assert "- heart expert (the starting point of the expert rows): DSC 55.00, NSD 50.00" in text
+    assert "right_ventricle DSC 40.00 / NSD 40.00" in text
+    assert "- foundation teacher, heart channels (the starting point of teacher_full): DSC 60.00" in text
+    assert "right_ventricle DSC 45.00 / NSD 30.00" in text
+    assert "Per class, NSD (%):" in text  # per-class NSD tables next to the DSC ones
     assert "| expert_full | 10 | 1.00 | 70.50 ± 0.50 | 70.50 ± 0.50 |" in text
     assert "left_ventricle:" in text and "| expert_full | 10 | 1.00 | 50.50 ± 0.50 | 50.50 ± 0.50 |" in text
     assert "| 2 | 20 | 10 | 40 | 20 / 40 / 20, 20 |" in text  # scratch's own budget and its kept epochs
