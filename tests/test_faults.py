@@ -12,7 +12,7 @@ test per case in ``tests/test_faults_outputs.py`` (whole-bundle writes on a full
 folder, one-line disk-full errors in training, the exported classification bundle's input guard, truncated and NaN
 images at site fine-tuning, the cached data check), ``tests/test_faults_training.py`` (bit-exact resume, the export
 refusal after a resumed run, every bad classification item at once, a budget that selects no weight) and
-``tests/test_faults_shpeft.py`` (an SH-PEFT re-run leaves no stale delta or TorchScript).
+``tests/test_shpeft_cls.py`` (an SH-PEFT re-run leaves no stale delta or TorchScript).
 """
 
 from __future__ import annotations
