@@ -527,7 +527,9 @@ def markdown(record: dict[str, Any], figure: str) -> str:
     lines += _reading(res, st["regions"])
     lines += ["", f"![DSC per region]({figure})", "", "Wall time of this invocation per part (s; reused runs count ~0, "
               "each run's own training time is in the table): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in record["part_seconds"].items()) + "."]
+              + ", ".join(f"{k} {v:.0f}" for k, v in record["part_seconds"].items()) + ". Sum of the recorded "
+              f"training wall times: {_training_minutes(res):.0f} min (the teacher once, every other row at its chosen "
+              "learning rate for every seed; the learning-rate grid's other runs come on top)."]
     return "\n".join(lines) + "\n"
 
 
@@ -538,25 +540,38 @@ def _best_epochs(entry: dict) -> str:
     return ", ".join(str(b) for b in best) if best else "-"
 
 
+#: the comparisons of the reading, (row, reference row, label), each made where both rows ran
+COMPARISONS = (("lorkd", "mtl", "LoRKD vs MTL"), ("lorkd", "mtl_kd", "LoRKD vs MTL-KD"), ("lorkd", "stl", "LoRKD vs STL"),
+               ("lorkd", "scratch", "LoRKD vs scratch UNet"), ("lorkd_star", "lorkd", "LoRKD* vs LoRKD"))  # fmt: skip
+
+
 def _reading(res: dict, regions: list[str]) -> list[str]:
     out = []
     for region in regions:
-        if "lorkd" in res and "mtl" in res:
-            a, b = _values(res["lorkd"], region, "mean_dsc"), _values(res["mtl"], region, "mean_dsc")
+        for row, ref, label in COMPARISONS:
+            if row not in res or ref not in res:
+                continue
+            a, b = _values(res[row], region, "mean_dsc"), _values(res[ref], region, "mean_dsc")
             if len(a) > 1 and len(b) > 1:
                 diff, spread, verdict = compare_over_seeds(a, b)
-                out.append(f"- {region}: LoRKD vs MTL {100 * diff:+.1f} DSC points (spread {100 * spread:.1f}): "
-                           f"{verdict}.")
+                out.append(f"- {region}: {label} {100 * diff:+.1f} DSC points (spread {100 * spread:.1f}): {verdict}.")
             elif a and b:
-                out.append(f"- {region}: LoRKD vs MTL {100 * (a[0] - b[0]):+.1f} DSC points (one seed: no spread, "
+                out.append(f"- {region}: {label} {100 * (a[0] - b[0]):+.1f} DSC points (one seed: no spread, "
                            "no verdict).")
-        if "lorkd" in res and "teacher" in res:
-            a, t = _values(res["lorkd"], region, "mean_dsc"), _values(res["teacher"], region, "mean_dsc")
-            if a and t:
-                gap = 100 * (statistics.fmean(a) - t[0])
-                out.append(f"- {region}: fused LoRKD expert vs teacher {gap:+.1f} DSC points "
-                           f"({'within 1 point or above' if gap >= -1 else 'MORE than 1 point below'}).")
+        for row, label in (("lorkd", "fused LoRKD expert"), ("lorkd_star", "fused LoRKD* expert")):
+            if row in res and "teacher" in res:
+                a, t = _values(res[row], region, "mean_dsc"), _values(res["teacher"], region, "mean_dsc")
+                if a and t:
+                    gap = 100 * (statistics.fmean(a) - t[0])
+                    out.append(f"- {region}: {label} vs teacher {gap:+.1f} DSC points "
+                               f"({'within 1 point or above' if gap >= -1 else 'MORE than 1 point below'}).")
     return out or ["- (no LoRKD / MTL / teacher rows to compare)"]
+
+
+def _training_minutes(res: dict) -> float:
+    """Sum of the recorded training wall times (the teacher once; every other row at its chosen learning rate, every
+    seed): the grid's other learning rates are not in the record."""
+    return sum(s["train_seconds"] for e in res.values() for s in e["seeds"]) / 60
 
 
 def _write(out: Path, record: dict[str, Any]) -> str:

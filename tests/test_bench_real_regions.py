@@ -55,6 +55,8 @@ def test_page_reads_by_the_spread_rule(bench, tmp_path):
     assert "| lorkd | 0.001" in text and "81.0 ± 0.8" in text
     assert "brain_mri: LoRKD vs MTL +10.0 DSC points (spread 0.8): above." in text
     assert "fused LoRKD expert vs teacher -0.5 DSC points (within 1 point or above)" in text
+    assert "LoRKD vs STL" not in text  # a comparison only where both rows ran
+    assert "Sum of the recorded training wall times: 1 min" in text  # 7 runs x 10 s
     assert (tmp_path / "page.png").stat().st_size > 0
     # a tie when the difference is inside twice the spread; more than 1 point below the teacher is said
     (tmp_path / "page.json").write_text(json.dumps(_record([0.70, 0.75, 0.80], [0.69, 0.74, 0.79], 0.9)))
