@@ -52,6 +52,7 @@ from medfm_ops.utils.atomic_io import atomic_write_json
 
 __all__ = [
     "INTENSITY_MODES",
+    "check_intensity",
     "RegionPreprocessing",
     "RegionPreprocessingTable",
     "RegionSpacingd",
@@ -105,6 +106,13 @@ def _sizes(value: Any, what: str, kind: type) -> tuple:
     return out
 
 
+def check_intensity(rule: Any, what: str) -> str:
+    """``rule`` when it is one of :data:`INTENSITY_MODES`, else a ValueError naming ``what`` (the file or field)."""
+    if rule not in INTENSITY_MODES:
+        raise ValueError(f"{what}: intensity {rule!r} is not one of {list(INTENSITY_MODES)}.")
+    return str(rule)
+
+
 def _row(raw: Any, what: str) -> RegionPreprocessing:
     if not isinstance(raw, Mapping):
         raise ValueError(f"{what} must be an object with keys among {sorted(_ROW_KEYS)}, got {raw!r}.")
@@ -115,9 +123,7 @@ def _row(raw: Any, what: str) -> RegionPreprocessing:
     patch = _sizes(raw["patch_size"], f"{what}.patch_size", int)
     window = _sizes(raw.get("window_size") or raw["patch_size"], f"{what}.window_size", int)
     spacing = None if raw.get("spacing") is None else _sizes(raw["spacing"], f"{what}.spacing", float)
-    intensity = raw.get("intensity", "zscore")
-    if intensity not in INTENSITY_MODES:
-        raise ValueError(f"{what}.intensity must be one of {list(INTENSITY_MODES)}, got {intensity!r}.")
+    intensity = check_intensity(raw.get("intensity", INTENSITY_MODES[0]), what)
     dims = {len(patch), len(window), len(spacing or patch)}
     if len(dims) != 1:
         raise ValueError(f"{what}: spacing, patch_size and window_size need the same number of spatial dimensions.")
@@ -220,8 +226,7 @@ def recorded_preprocessing(ckpt_dir: str | os.PathLike, region: str) -> dict[str
     if region not in table:
         raise ValueError(f"{path} has no row for region '{region}' (rows: {sorted(table)}): retrain the bundle.")
     row = dict(table[region])
-    if row.get("intensity", INTENSITY_MODES[0]) not in INTENSITY_MODES:
-        raise ValueError(f"{path}: region '{region}' intensity {row['intensity']!r} is not one of {list(INTENSITY_MODES)}.")
+    row["intensity"] = check_intensity(row.get("intensity", INTENSITY_MODES[0]), f"{path}: region '{region}'")
     return row
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from medfm_ops.data import INTENSITY_MODES, TaskTable, recorded_preprocessing
+from medfm_ops.data import INTENSITY_MODES, TaskTable, check_intensity, recorded_preprocessing
 from medfm_ops.networks import expert_model_from_spec, instantiate, load_fused_expert, load_network_spec
 
 __all__ = ["SourceModel", "load_source", "INIT_MODES"]
@@ -103,7 +103,8 @@ def _expert_bundle(root: Path, init: str) -> SourceModel:
         roi_size=infer.get("roi_size"),
         path=str(root),
         kind="expert_bundle",
-        intensity=_intensity(meta.get("medfm", {}).get("intensity", "zscore"), root / "configs" / "metadata.json"),
+        intensity=check_intensity(meta.get("medfm", {}).get("intensity", INTENSITY_MODES[0]),
+                                  str(root / "configs" / "metadata.json")),
     )
 
 
@@ -150,12 +151,6 @@ def _training_bundle(root: Path, region: str | None, init: str) -> SourceModel:
         kind="training_bundle",
         intensity=row.get("intensity", INTENSITY_MODES[0]),
     )
-
-
-def _intensity(rule: Any, where: Path) -> str:
-    if rule not in INTENSITY_MODES:
-        raise ValueError(f"{where}: intensity {rule!r} is not one of {list(INTENSITY_MODES)}.")
-    return str(rule)
 
 
 def load_source(path: str | os.PathLike, region: str | None = None, init: str = "pretrained") -> SourceModel:
