@@ -46,6 +46,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -416,7 +417,8 @@ def _scratch_row(work: Path, table: Any, sections: dict, prep: dict, p: dict, de
     per_seed = []
     for seed in p["seeds"]:
         runs = grid[best_lr] if seed == p["seeds"][0] else [train(r, best_lr, seed) for r in regions]
-        scored: dict[str, Any] = {"regions": {}, "train_seconds": 0.0, "score_seconds": 0.0}
+        scored: dict[str, Any] = {"regions": {}, "train_seconds": 0.0, "score_seconds": 0.0,
+                                  "best_epochs": [kept_epoch(run_dir / "train.log") for run_dir, _ in runs]}
         for run_dir, rec in runs:
             name = run_dir.name
             task = table.task_id_of(name)
@@ -445,6 +447,14 @@ def _scratch_row(work: Path, table: Any, sections: dict, prep: dict, p: dict, de
     print(f"  scratch: lr {best_lr:g} (val {val[best_lr]:.4f})", flush=True)
     return {"description": SCRATCH[1], "deployed_as": SCRATCH[2], "lr": best_lr,
             "lr_grid": {f"{lr:g}": v for lr, v in val.items()}, "seeds": per_seed}
+
+
+def kept_epoch(log: Path) -> int | None:
+    """The epoch whose model a stock bundle's training kept (its ``val_mean_dice`` key metric), from the last
+    "Key metric: val_mean_dice best value: ... at epoch: N" line MONAI logs; None when it never validated."""
+    found = re.findall(r"Key metric: val_mean_dice best value: \S+ at epoch: (\d+)", log.read_text(errors="replace")) \
+        if log.is_file() else []
+    return int(found[-1]) if found else None
 
 
 def _digest(bundle: str, files: list[str]) -> str:

@@ -72,3 +72,12 @@ def test_bad_arguments_fail_before_any_work(bench, tmp_path):
     with pytest.raises(ValueError, match="warm-up"):
         bench.run(preset="smoke", rows="lorkd_star", work_dir=str(tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+def test_kept_epoch_of_a_stock_bundle_log(bench, tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("INFO - Key metric: val_mean_dice best value: 0.61 at epoch: 5\n"
+                   "INFO - Key metric: train_loss best value: 0.3 at epoch: 10\n"
+                   "INFO - Key metric: val_mean_dice best value: 0.7 at epoch: 35\n")  # fmt: skip
+    assert bench.kept_epoch(log) == 35
+    assert bench.kept_epoch(tmp_path / "missing.log") is None
