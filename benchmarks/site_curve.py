@@ -135,18 +135,15 @@ def pretraining_recipe(teacher_epochs: int, student_epochs: int, patch_size: Any
     """
     Command-line overrides of ``bundles/foundation_seg`` and ``bundles/lorkd_seg`` ``configs/train.json`` for the
     real-data starting points: epochs, patch (``roi_size``), validation interval, LoRKD warm-up (10% of the student's
-    epochs, at least 1: the config's 4 of 40), and the random flips of ``train#random_transforms`` switched off (their
-    indices read from the config): a flip along y or z moves the anterior hippocampus behind the posterior one.
+    epochs, at least 1: the config's 4 of 40), and the random flips switched off (``flip_prob`` 0, as in the configs'
+    ``real_regions.json``): a flip along y or z moves the anterior hippocampus behind the posterior one.
     """
     recipe = {}
     for name, epochs in (("foundation_seg", teacher_epochs), ("lorkd_seg", student_epochs)):
         epochs = int(epochs)
         interval = math.gcd(epochs, int(val_interval))  # must divide epochs: the last epoch is validated
-        cfg = json.loads((REPO / "bundles" / name / "configs" / "train.json").read_text())
-        flips = {f"train#random_transforms#{i}#prob": 0.0 for i, t in enumerate(cfg["train"]["random_transforms"])
-                 if t.get("_target_") == "RandFlipd"}  # fmt: skip
         roi = {} if patch_size is None else {"roi_size": [int(x) for x in patch_size]}  # None: the configs' own
-        recipe[name] = {"epochs": epochs, **roi, "val_interval": interval, **flips}
+        recipe[name] = {"epochs": epochs, **roi, "val_interval": interval, "flip_prob": 0.0}
         if name == "lorkd_seg":
             recipe[name]["warmup_epochs"] = max(1, round(0.1 * epochs))
     return recipe

@@ -269,10 +269,13 @@ def test_curve_tool_budget_and_recipe():
     assert tool.plan_epochs(50, 2, 150, None, 2) == {"epochs": 6, "val_interval": 3, "steps": 150}
     assert tool.plan_epochs(50, 2, None, 10, 2) == {"epochs": 10, "val_interval": 5, "steps": 250}
     recipe = tool.pretraining_recipe(40, 20, (32, 32, 32), 10)
-    cfg = json.loads((REPO / "bundles" / "foundation_seg" / "configs" / "train.json").read_text())
-    flips = [k for k in recipe["foundation_seg"] if k.startswith("train#random_transforms#")]
-    assert flips and all(cfg["train"]["random_transforms"][int(k.split("#")[2])]["_target_"] == "RandFlipd"
-                         for k in flips)  # fmt: skip
+    assert recipe["foundation_seg"]["flip_prob"] == 0.0 and recipe["lorkd_seg"]["flip_prob"] == 0.0
+    for name in ("foundation_seg", "lorkd_seg"):  # flip_prob is what every RandFlipd of the bundle reads
+        cfg = json.loads((REPO / "bundles" / name / "configs" / "train.json").read_text())
+        flips = [t for t in cfg["train"]["random_transforms"] if t["_target_"] == "RandFlipd"]
+        assert flips and all(t["prob"] == "@flip_prob" for t in flips) and cfg["flip_prob"] == 0.2
+        real = json.loads((REPO / "bundles" / name / "configs" / "real_regions.json").read_text())
+        assert real["flip_prob"] == 0.0  # the real regions' labels depend on orientation
     assert recipe["lorkd_seg"]["warmup_epochs"] == 2 and recipe["lorkd_seg"]["val_interval"] == 10
 
 
