@@ -16,6 +16,7 @@ that bundle's own ``configs/inference.json``):
 - ``synthetic_expert``: the brain expert fused out of ``bundles/lorkd_seg`` trained on the synthetic default data
   (the README's earlier starting point; trained here when missing, ``benchmarks.site_finetune.ensure_pretrained``),
   fine-tuned with the same default settings.
+- ``real_expert_long``: the same expert fine-tuned at the from-scratch row's budget (the best validation epoch kept).
 - ``scratch``: the expert's stock UNet with random weights, trained at its own budget (``scratch_epochs``, validation
   every ``scratch_val_interval``, the best kept): what a site gets by training its own model.
 
@@ -53,6 +54,7 @@ REAL_RUNS = "runs/real_regions"
 #: (row, description)
 ROWS = (
     ("real_expert", "LoRKD brain expert of the real brain + heart MRI student, fine-tuned (default site settings)"),
+    ("real_expert_long", "the same expert, fine-tuned at the from-scratch row's budget (best validation epoch kept)"),
     ("synthetic_expert", "LoRKD brain expert of the synthetic-data student, fine-tuned (default site settings)"),
     ("scratch", "stock UNet of the expert's size from scratch (its own budget, best validation epoch kept)"),
 )
@@ -102,7 +104,7 @@ def run(
         split_seed: seed of the draw of the site cases.
         seeds: training seeds (comma-separated).
         rows: a subset of the rows. Defaults to all.
-        scratch_epochs, scratch_val_interval: the from-scratch row's budget.
+        scratch_epochs, scratch_val_interval: the budget of the from-scratch row and of ``real_expert_long``.
     """
     start = time.perf_counter()
     work, data = repo_path(work_dir), repo_path(dataset_dir)
@@ -124,8 +126,9 @@ def run(
         synthetic = work / "synthetic" / "expert_bundle"
         export_brain_expert(pretrained["lorkd_seg"]["path"], synthetic)
         sources["synthetic_expert"] = (synthetic, [])
-    sources["scratch"] = (real_expert, ["--init", "scratch", "--epochs", str(scratch_epochs), "--val_interval",
-                                        str(scratch_val_interval)])  # fmt: skip
+    long_budget = ["--epochs", str(scratch_epochs), "--val_interval", str(scratch_val_interval)]
+    sources["real_expert_long"] = (real_expert, long_budget)
+    sources["scratch"] = (real_expert, ["--init", "scratch", *long_budget])
     class_names = split["label_names"]
     names = [class_names[k] for k in sorted(class_names, key=int) if int(k) > 0] if isinstance(class_names, dict) else list(class_names)
     out_rows = []
