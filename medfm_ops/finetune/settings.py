@@ -43,10 +43,11 @@ class SiteFinetuneSettings:
                      "sparse_budget most important weights train)", "full")  # fmt: skip
     init: str = _doc("pretrained or scratch (same architecture, seeded random weights)", "pretrained")
     head: str = _doc("auto, keep or resize (see docs/site_finetuning.md)", "auto")
-    epochs: int = _doc("training epochs, written into the new bundle's train.json", 10)
+    epochs: int = _doc("training epochs (a ceiling with early_stop_patience), written into the new bundle's train.json",
+                       100)
     val_interval: int = _doc("validate every N epochs; must divide epochs", 1)
     early_stop_patience: int = _doc("stop after N validations without a better validation Dice (epochs is then a "
-                                    "ceiling); 0: train every epoch", 0)
+                                    "ceiling); 0: train every epoch", 20)
     batch_size: int = _doc("training batch size", 4)
     learning_rate: float = _doc("learning rate", 1e-3)
     weight_decay: float = _doc("weight decay", 1e-5)
