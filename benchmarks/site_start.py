@@ -43,7 +43,7 @@ from benchmarks.learning_curve import compare_over_seeds, mean_std
 from benchmarks.sections import regenerate_lines
 from benchmarks.site_finetune import FINETUNE, ensure_pretrained, export_brain_expert, run_or_reuse
 from medfm_ops.data import read_msd_dataset
-from medfm_ops.finetune import write_unseen_split
+from medfm_ops.finetune import SiteFinetuneSettings, write_unseen_split
 from medfm_ops.finetune.bundle_run import predict_with_bundle
 from medfm_ops.finetune.scoring import score_label_maps
 from medfm_ops.utils.atomic_io import atomic_write_json, atomic_write_text
@@ -89,8 +89,8 @@ def run(
     split_seed: int = 0,
     seeds: str | tuple = "0,1,2",
     rows: str | tuple | None = None,
-    scratch_epochs: int = 60,
-    scratch_val_interval: int = 5,
+    scratch_epochs: int = 240,
+    scratch_val_interval: int = 10,
 ) -> str:
     """
     Run every row once per seed (finished runs are reused) and write ``results``.
@@ -143,7 +143,8 @@ def run(
                    "--output_dir", str(out), "--split_file", str(work / "split.json"), "--seed", str(seed), *extra,
                    "--verify", "false", "--progress", "false"]  # fmt: skip
             settings = {"extra": extra, "seed": seed, "split": file_sha256(work / "split.json"),
-                        "source": file_sha256(source / "models" / "model.pt")}  # fmt: skip
+                        "source": file_sha256(source / "models" / "model.pt"),
+                        "defaults": SiteFinetuneSettings().train_settings()}  # a changed default is a new run  # fmt: skip
             result = run_or_reuse(cmd, out, settings)
             scores = _test_scores(out, test, names, settings)
             summary = result["summary"]
@@ -152,6 +153,7 @@ def run(
                   flush=True)  # fmt: skip
             runs.append({"seed": seed, "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
                          "train_seconds": summary["train_seconds"], "epochs": summary["epochs"],
+                         "epochs_trained": summary.get("epochs_trained", summary["epochs"]),
                          "kept_epoch": (summary.get("best_validation") or {}).get("epoch"),
                          "trainable": summary["parameters"]["trainable"], "head": summary["head"]["mode"],
                          "val_before": summary["before"]["mean_dsc"], "val_after": summary["after"]["mean_dsc"],
@@ -166,9 +168,10 @@ def run(
     command = ["python -m benchmarks.site_start run"] + [
         f"--{k} {v}" for k, v in (("num_training", num_training), ("num_validation", num_validation),
                                   ("num_test", num_test), ("seeds", ",".join(map(str, seed_list))),
-                                  ("scratch_epochs", scratch_epochs))
+                                  ("scratch_epochs", scratch_epochs), ("scratch_val_interval", scratch_val_interval))
     ] + ([f"--real_runs {real_runs}"] if real_runs != REAL_RUNS else [])  # fmt: skip
     record = {**run_record(command, start), "machine": machine_info(), "rows": out_rows, "before": before,
+              "defaults": SiteFinetuneSettings().train_settings(),
               "split": {"file": os.path.relpath(work / "split.json", REPO), "training": len(split["training"]),
                         "validation": len(split["validation"]), "test": len(test), "info": split["info"]},
               "real_datalist": f"{real_runs}/data/{real_datalist.name}", "classes": names}  # fmt: skip
@@ -199,6 +202,11 @@ def _test_scores(bundle: Path, test: list[dict], names: list[str], settings: dic
     return scores
 
 
+def _epochs(run: dict) -> str:
+    """``trained / kept`` epochs of one run (trained < ceiling: early stopping ended it)."""
+    return f"{run.get('epochs_trained', run['epochs'])} / {run['kept_epoch']}"
+
+
 def report(record: str = "docs/RESULTS_site_start.json", results: str = "docs/RESULTS_site_start.md") -> str:
     """(Re)write the page from the saved record of a ``run``."""
     r = json.loads(repo_path(record).read_text())
@@ -214,7 +222,7 @@ def report(record: str = "docs/RESULTS_site_start.json", results: str = "docs/RE
         "keep their first wall time). Every score: the written site bundle's own `configs/inference.json` on the "
         f"{sp['test']} site TEST cases (never used for a choice), DSC / NSD % (tolerance 1 mm), mean ± std over seeds "
         f"{', '.join(str(x['seed']) for x in r['rows'][0]['runs'])}.", "",
-        "| row | trainable params | epochs (kept epoch per seed) | train time (min) | DSC | NSD | "
+        "| row | trainable params | epochs: ceiling (trained / kept per seed) | train time (min) | DSC | NSD | "
         + " | ".join(f"DSC {c}" for c in r["classes"]) + " |",
         "| --- | ---: | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in r["classes"]) + " |",
     ]
@@ -222,7 +230,7 @@ def report(record: str = "docs/RESULTS_site_start.json", results: str = "docs/RE
         runs = row["runs"]
         lines.append(
             f"| {row['name']}: {row['description']} | {runs[0]['trainable']:,} | {runs[0]['epochs']} "
-            f"({', '.join(str(x['kept_epoch']) for x in runs)}) | "
+            f"({', '.join(_epochs(x) for x in runs)}) | "
             f"{statistics.fmean(x['train_seconds'] for x in runs) / 60:.1f} | {cell([x['test']['mean_dsc'] for x in runs])} | "
             f"{cell([x['test']['mean_nsd'] for x in runs])} | "
             + " | ".join(cell([next(t['dsc_mean'] for t in x['test']['classes'] if t['class'] == c) for x in runs])
@@ -244,8 +252,9 @@ def report(record: str = "docs/RESULTS_site_start.json", results: str = "docs/RE
         f"(`{r['real_datalist']}`) neither trains nor validates on ({sp['info'].get('excluded_cases')} cases left out); "
         f"the {sp['test']} test cases are further unseen cases, disjoint from both parts.",
         "- Expert rows: `tools/finetune_site.py --expert_bundle <expert> --dataset_dir <site> --split_file <split>` with "
-        "every other setting at its default (`medfm_ops.finetune.SiteFinetuneSettings`: full fine-tuning, 10 epochs, "
-        "validation every epoch, the best kept, batch 4, AdamW lr 1e-3, the expert's window and spacing).",
+        f"every other setting at its default (`medfm_ops.finetune.SiteFinetuneSettings`: {r.get('defaults', '?')}; "
+        "full fine-tuning, the best validation epoch kept, the expert's window and spacing); `real_expert_long` and "
+        "`scratch` with `--epochs` / `--val_interval` of the command above.",
         "- The real-data expert comes from the study's 40 training cases per region (seed 0, 40 epochs, see "
         "`docs/RESULTS_real_regions.md`); the README's real-data commands train on the whole datalist, so a user "
         "following them starts from an expert trained on more cases than this one.",

@@ -199,6 +199,7 @@ def test_site_bundle_is_complete_and_versioned(site_run):
         assert infer[key] == train[key], key
     assert infer["preprocessing"]["transforms"] == train["deterministic_transforms"]  # one preprocessing definition
     assert train["epochs"] == site_run["settings"]["epochs"] and train["learning_rate"] == 0.01
+    assert train["early_stop_patience"] == 0 and summary["epochs_trained"] == summary["epochs"]  # no early stop
     # the deployed network is the stock class and loads strictly
     net = instantiate(infer["network_def"])
     net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True), strict=True)
@@ -331,6 +332,21 @@ def test_diverging_run_names_the_batch_and_keeps_the_previous_bundle(site_run, t
             epochs=1, batch_size=1, val_split=0.25, progress=False, verify=False))  # fmt: skip
     assert str(bad) in str(info.value)
     assert not (tmp_path / "nan_bundle").exists() and not list(tmp_path.glob(".nan_bundle.partial-*"))
+
+
+def test_early_stopping_ends_the_run_after_patience_validations(site_run, tmp_path):
+    """With a zero learning rate the validation Dice cannot improve after the first validation: patience 2 stops the
+    run at epoch 3 of 12, the first epoch's model is the one kept, and the written bundle's train.json carries the
+    patience (the bundle's own training, e.g. MONAI Label's /train, stops the same way)."""
+    out = tmp_path / "early_stop"
+    shutil.copytree(site_run["out"] / "docs", out / "docs")  # the same split
+    summary = finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+        epochs=12, early_stop_patience=2, learning_rate=0.0, batch_size=2, val_split=0.25, score_before=False,
+        verify=False, progress=False))  # fmt: skip
+    assert summary["epochs"] == 12 and summary["epochs_trained"] == 3 and summary["best_validation"]["epoch"] == 1
+    assert json.loads((out / "configs" / "train.json").read_text())["early_stop_patience"] == 2
+    with pytest.raises(ValueError, match="early_stop_patience must be >= 0"):
+        SiteFinetuneSettings(early_stop_patience=-1).check()
 
 
 @pytest.mark.parametrize("head", ["resize"])

@@ -58,7 +58,7 @@ def test_help_lists_every_setting_with_its_default():
     text = " ".join(res.stdout.split())
     for f in dataclasses.fields(SiteFinetuneSettings):
         assert f"--{f.name}" in text
-    assert "training epochs, written into the new bundle's train.json (default: 10)" in text
+    assert "training epochs (a ceiling with early_stop_patience), written into the new bundle's train.json (default: 100)" in text
 
 
 def test_bad_input_exits_with_one_line(tmp_path):

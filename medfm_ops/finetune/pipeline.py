@@ -170,6 +170,7 @@ def finetune_expert(
         train_seconds = time.perf_counter() - t0
         val_state = workflow.parser.get_parsed_content("validate#evaluator").state
         kept = {"epoch": int(val_state.best_metric_epoch), "val_mean_dice": float(val_state.best_metric)}
+        epochs_trained = int(workflow.parser.get_parsed_content("train#trainer").state.epoch)
         network = workflow.parser.get_parsed_content("network")
         parameters = {"total": sum(p.numel() for p in network.parameters()),
                       "trainable": sum(p.numel() for p in network.parameters() if p.requires_grad)}  # fmt: skip
@@ -199,6 +200,7 @@ def finetune_expert(
             "head": {"mode": start.plan.mode, "out_channels": start.plan.out_channels,
                      "classes": start.plan.describe(source.class_names)},
             "epochs": int(epochs),
+            "epochs_trained": epochs_trained,  # below epochs when early stopping ended the run
             "train_settings": settings.train_settings(),
             "settings": settings.to_dict(),
             "lora": {"rank": int(settings.lora_rank), "alpha": float(settings.lora_alpha)} if mode == "lora" else None,

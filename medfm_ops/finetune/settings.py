@@ -43,8 +43,11 @@ class SiteFinetuneSettings:
                      "sparse_budget most important weights train)", "full")  # fmt: skip
     init: str = _doc("pretrained or scratch (same architecture, seeded random weights)", "pretrained")
     head: str = _doc("auto, keep or resize (see docs/site_finetuning.md)", "auto")
-    epochs: int = _doc("training epochs, written into the new bundle's train.json", 10)
+    epochs: int = _doc("training epochs (a ceiling with early_stop_patience), written into the new bundle's train.json",
+                       100)
     val_interval: int = _doc("validate every N epochs; must divide epochs", 1)
+    early_stop_patience: int = _doc("stop after N validations without a better validation Dice (epochs is then a "
+                                    "ceiling); 0: train every epoch", 20)
     batch_size: int = _doc("training batch size", 4)
     learning_rate: float = _doc("learning rate", 1e-3)
     weight_decay: float = _doc("weight decay", 1e-5)
@@ -87,6 +90,8 @@ class SiteFinetuneSettings:
                 f"val_interval={self.val_interval} must divide epochs={self.epochs}: the last epoch must be validated "
                 "so that the written model is the best one of THIS run."
             )
+        if int(self.early_stop_patience) < 0:
+            raise ValueError(f"early_stop_patience must be >= 0 (0: no early stopping), got {self.early_stop_patience}.")
         check_sparse_settings(self.sparse_budget, self.sparse_variant, self.sparse_lambda)
         return self
 
@@ -97,7 +102,8 @@ class SiteFinetuneSettings:
 
     def train_settings(self) -> dict[str, Any]:
         """The values written into the new bundle's ``configs/train.json`` (and recorded in the summary)."""
-        return {"epochs": int(self.epochs), "val_interval": int(self.val_interval), "batch_size": int(self.batch_size),
+        return {"epochs": int(self.epochs), "val_interval": int(self.val_interval),
+                "early_stop_patience": int(self.early_stop_patience), "batch_size": int(self.batch_size),
                 "learning_rate": float(self.learning_rate), "weight_decay": float(self.weight_decay),
                 "seed": int(self.seed), "val_split": self.val_split}  # fmt: skip
 
