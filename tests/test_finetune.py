@@ -199,7 +199,7 @@ def test_site_bundle_is_complete_and_versioned(site_run):
         assert infer[key] == train[key], key
     assert infer["preprocessing"]["transforms"] == train["deterministic_transforms"]  # one preprocessing definition
     assert train["epochs"] == site_run["settings"]["epochs"] and train["learning_rate"] == 0.01
-    assert train["early_stop_patience"] == 0 and summary["epochs_trained"] == summary["epochs"]  # no early stop
+    assert train["early_stop_patience"] == 20 and summary["epochs_trained"] == summary["epochs"]  # 12 < patience
     # the deployed network is the stock class and loads strictly
     net = instantiate(infer["network_def"])
     net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True), strict=True)
