@@ -16,7 +16,6 @@ that bundle's own ``configs/inference.json``):
 - ``synthetic_expert``: the brain expert fused out of ``bundles/lorkd_seg`` trained on the synthetic default data
   (the README's earlier starting point; trained here when missing, ``benchmarks.site_finetune.ensure_pretrained``),
   fine-tuned with the same default settings.
-- ``real_expert_long``: the same expert fine-tuned at the from-scratch row's budget (the best validation epoch kept).
 - ``scratch``: the expert's stock UNet with random weights, trained at its own budget (``scratch_epochs``, validation
   every ``scratch_val_interval``, the best kept): what a site gets by training its own model.
 
@@ -54,7 +53,6 @@ REAL_RUNS = "runs/real_regions"
 #: (row, description)
 ROWS = (
     ("real_expert", "LoRKD brain expert of the real brain + heart MRI student, fine-tuned (default site settings)"),
-    ("real_expert_long", "the same expert, fine-tuned at the from-scratch row's budget (best validation epoch kept)"),
     ("synthetic_expert", "LoRKD brain expert of the synthetic-data student, fine-tuned (default site settings)"),
     ("scratch", "stock UNet of the expert's size from scratch (its own budget, best validation epoch kept)"),
 )
@@ -104,7 +102,7 @@ def run(
         split_seed: seed of the draw of the site cases.
         seeds: training seeds (comma-separated).
         rows: a subset of the rows. Defaults to all.
-        scratch_epochs, scratch_val_interval: the budget of the from-scratch row and of ``real_expert_long``.
+        scratch_epochs, scratch_val_interval: the from-scratch row's budget (no early stopping: every epoch trains).
     """
     start = time.perf_counter()
     work, data = repo_path(work_dir), repo_path(dataset_dir)
@@ -126,9 +124,8 @@ def run(
         synthetic = work / "synthetic" / "expert_bundle"
         export_brain_expert(pretrained["lorkd_seg"]["path"], synthetic)
         sources["synthetic_expert"] = (synthetic, [])
-    long_budget = ["--epochs", str(scratch_epochs), "--val_interval", str(scratch_val_interval)]
-    sources["real_expert_long"] = (real_expert, long_budget)
-    sources["scratch"] = (real_expert, ["--init", "scratch", *long_budget])
+    sources["scratch"] = (real_expert, ["--init", "scratch", "--epochs", str(scratch_epochs), "--val_interval",
+                                        str(scratch_val_interval), "--early_stop_patience", "0"])  # fmt: skip
     class_names = split["label_names"]
     names = [class_names[k] for k in sorted(class_names, key=int) if int(k) > 0] if isinstance(class_names, dict) else list(class_names)
     out_rows = []
@@ -142,9 +139,10 @@ def run(
             cmd = [sys.executable, str(FINETUNE), "--expert_bundle", str(source), "--dataset_dir", str(data),
                    "--output_dir", str(out), "--split_file", str(work / "split.json"), "--seed", str(seed), *extra,
                    "--verify", "false", "--progress", "false"]  # fmt: skip
-            settings = {"extra": extra, "seed": seed, "split": file_sha256(work / "split.json"),
-                        "source": file_sha256(source / "models" / "model.pt"),
-                        "defaults": SiteFinetuneSettings().train_settings()}  # a changed default is a new run  # fmt: skip
+            settings = {"train": _effective(extra, seed), "init": "scratch" if "scratch" in extra else "pretrained",
+                        "split": file_sha256(work / "split.json"),
+                        "source": file_sha256(source / "models" / "model.pt")}  # fmt: skip
+            _adopt(out, settings)
             result = run_or_reuse(cmd, out, settings)
             scores = _test_scores(out, test, names, settings)
             summary = result["summary"]
@@ -178,6 +176,33 @@ def run(
     out = repo_path(results)
     atomic_write_json(out.with_suffix(".json"), record)
     return report(str(out.with_suffix(".json")), results)
+
+
+def _effective(extra: list[str], seed: int) -> dict[str, Any]:
+    """The training settings a run with the flags ``extra`` gets (the defaults of ``SiteFinetuneSettings`` with the
+    budget flags applied): a changed default makes a new run."""
+    flags = dict(zip(extra[::2], extra[1::2]))
+    values = {k: int(flags[f"--{k}"]) for k in ("epochs", "val_interval", "early_stop_patience") if f"--{k}" in flags}
+    return SiteFinetuneSettings(seed=seed, **values).train_settings()
+
+
+def _adopt(out: Path, settings: dict[str, Any]) -> None:
+    """Stamp a finished site bundle for reuse when the settings it RECORDED (``docs/finetune_summary.json``: training
+    settings, init, split file, source weights) are ``settings`` (a bundle written before early stopping existed
+    recorded no ``early_stop_patience``: it trained every epoch, i.e. 0)."""
+    summary_file, stamp = out / "docs" / "finetune_summary.json", out.parent / f"{out.name}.bench_row.json"
+    if not summary_file.is_file() or not stamp.is_file():
+        return
+    old = json.loads(stamp.read_text())
+    if old.get("settings") == settings:
+        return
+    summary = json.loads(summary_file.read_text())
+    recorded = {"early_stop_patience": 0, **summary["train_settings"]}
+    same = (recorded == settings["train"] and summary["init"] == settings["init"]
+            and old.get("settings", {}).get("split") == settings["split"]
+            and old.get("settings", {}).get("source") == settings["source"])  # fmt: skip
+    if same:
+        atomic_write_json(stamp, {**old, "settings": settings})
 
 
 def _datalist_items(datalist: Path) -> list[dict]:
@@ -253,8 +278,8 @@ def report(record: str = "docs/RESULTS_site_start.json", results: str = "docs/RE
         f"the {sp['test']} test cases are further unseen cases, disjoint from both parts.",
         "- Expert rows: `tools/finetune_site.py --expert_bundle <expert> --dataset_dir <site> --split_file <split>` with "
         f"every other setting at its default (`medfm_ops.finetune.SiteFinetuneSettings`: {r.get('defaults', '?')}; "
-        "full fine-tuning, the best validation epoch kept, the expert's window and spacing); `real_expert_long` and "
-        "`scratch` with `--epochs` / `--val_interval` of the command above.",
+        "full fine-tuning, the best validation epoch kept, the expert's window and spacing); `scratch` with `--epochs` / "
+        "`--val_interval` of the command above and every epoch trained (`--early_stop_patience 0`).",
         "- The real-data expert comes from the study's 40 training cases per region (seed 0, 40 epochs, see "
         "`docs/RESULTS_real_regions.md`); the README's real-data commands train on the whole datalist, so a user "
         "following them starts from an expert trained on more cases than this one.",
