@@ -3,7 +3,7 @@
 """Fine-tune one region expert on a site's own data and write the result as a complete, versioned MONAI bundle.
 
     python tools/finetune_site.py --expert_bundle /path/to/brain_expert --dataset_dir /data/Task04_Hippocampus \
-        --output_dir /bundles/brain_expert_site [--mode lora|sparse] [--epochs 10] [--num_train_cases 20]
+        --output_dir /bundles/brain_expert_site [--mode lora|sparse] [--epochs 100] [--early_stop_patience 20] [--num_train_cases 20]
         [--sparse_budget 0.01 --sparse_variant l2 --sparse_lambda 1.0]
 
 A thin entry point: it runs the expert bundle's own ``configs/train.json`` (with ``configs/train_lora.json`` for

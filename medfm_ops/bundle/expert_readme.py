@@ -49,7 +49,8 @@ MSD-style folder under `dataset_dir` (`dataset.json` + `imagesTr/` + `labelsTr/`
 by `val_split` with `seed`. It uses the same deterministic preprocessing as `configs/inference.json` (the list
 `deterministic_transforms`), then pads and crops random patches of `roi_size`. Loss: `DiceCELoss(sigmoid=True)` on
 the region's channels only; AdamW with a cosine schedule; validation Dice after every `val_interval` epochs, the
-best weights saved to `models/model.pt`. MONAI Label runs the same config (it overrides the data lists, epochs,
+best weights saved to `models/model.pt`; with `early_stop_patience` N > 0 training stops after N validations without
+a better Dice (`epochs` is then a ceiling). MONAI Label runs the same config (it overrides the data lists, epochs,
 device and handlers). Modes are difference-only overrides (they need the `medfm_ops` package):
 `configs/train_lora.json` trains one low-rank adapter per convolution and fuses it into a stock `model.pt`;
 `configs/train_sparse.json` (SH-PEFT) trains only the top 1% weights by hybrid importance and writes the stock
