@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import fire
+from monai import __version__ as _monai_version
 
 from benchmarks.common import REPO, machine_info, repo_path, run_record, select_rows, split_list
 from benchmarks.learning_curve import compare_over_seeds, mean_std
@@ -168,7 +169,8 @@ def run(
                                   ("num_test", num_test), ("seeds", ",".join(map(str, seed_list))),
                                   ("scratch_epochs", scratch_epochs), ("scratch_val_interval", scratch_val_interval))
     ] + ([f"--real_runs {real_runs}"] if real_runs != REAL_RUNS else [])  # fmt: skip
-    record = {**run_record(command, start), "machine": machine_info(), "rows": out_rows, "before": before,
+    record = {**run_record(command, start), "machine": {**machine_info("cpu"), "monai": _monai_version}, "rows": out_rows,
+              "before": before,
               "defaults": SiteFinetuneSettings().train_settings(),
               "split": {"file": os.path.relpath(work / "split.json", REPO), "training": len(split["training"]),
                         "validation": len(split["validation"]), "test": len(test), "info": split["info"]},
@@ -269,7 +271,8 @@ def report(record: str = "docs/RESULTS_site_start.json", results: str = "docs/RE
     for a, b in (("real_expert", "scratch"), ("real_expert", "synthetic_expert"), ("synthetic_expert", "scratch")):
         if a in by and b in by:
             diff, spread, verdict = compare_over_seeds([100 * v for v in by[a]], [100 * v for v in by[b]])
-            lines.append(f"- {a} vs {b}: {diff:+.1f} DSC points (2x spread {spread:.1f}): {verdict}.")
+            lines.append(f"- {a} vs {b}: {diff:+.2f} DSC points (larger std over seeds {spread:.2f}, so a difference "
+                         f"counts beyond {2 * spread:.2f}): {verdict}.")
     lines += [
         "", "## Setup", "",
         f"- Site cases: `{sp['file']}`, {sp['training']} training / {sp['validation']} validation cases drawn (seed "
@@ -277,14 +280,16 @@ def report(record: str = "docs/RESULTS_site_start.json", results: str = "docs/RE
         f"(`{r['real_datalist']}`) neither trains nor validates on ({sp['info'].get('excluded_cases')} cases left out); "
         f"the {sp['test']} test cases are further unseen cases, disjoint from both parts.",
         "- Expert rows: `tools/finetune_site.py --expert_bundle <expert> --dataset_dir <site> --split_file <split>` with "
-        f"every other setting at its default (`medfm_ops.finetune.SiteFinetuneSettings`: {r.get('defaults', '?')}; "
+        "every other setting at its default (`medfm_ops.finetune.SiteFinetuneSettings`: "
+        + ", ".join(f"{k} {v}" for k, v in r.get("defaults", {}).items() if k not in ("seed", "val_split")) + "; "
         "full fine-tuning, the best validation epoch kept, the expert's window and spacing); `scratch` with `--epochs` / "
         "`--val_interval` of the command above and every epoch trained (`--early_stop_patience 0`).",
         "- The real-data expert comes from the study's 40 training cases per region (seed 0, 40 epochs, see "
         "`docs/RESULTS_real_regions.md`); the README's real-data commands train on the whole datalist, so a user "
         "following them starts from an expert trained on more cases than this one.",
         f"- Machine: {m.get('cpu_model', '?')}, {m.get('logical_cores', '?')} logical cores, torch {m.get('torch', '?')}, "
-        f"MONAI {m.get('monai', '?')}, GPU: {m.get('gpu') or 'none'}; one run at a time at one thread.",
+        f"MONAI {m.get('monai', '?')}, GPU: {m.get('gpu') or 'none'}; one run at a time at one thread, other jobs "
+        "sharing the cores (train times are inflated).",
         "", *regenerate_lines(r["command"]),
     ]
     text = "\n".join(lines)
