@@ -35,9 +35,10 @@ settings are unchanged; an interrupted command picks up where it stopped):
 
 Presets: ``smoke`` (2 training, 1 validation, 1 test case per region, 1 epoch, one seed, rows teacher/mtl/lorkd (add
 ``--rows teacher,mtl,lorkd,scratch`` for the scratch row): a few minutes on 2 CPU cores, for checking the harness); ``full`` (40 training cases per region, all validation and
-test cases, teacher 60 epochs, students 40 (validation every 5, the best kept), LR grid 1e-3 / 3e-3, seeds 0, 1, 2). The ``full`` budget is a plan,
-not a measurement: time ``--preset full --single_seed --rows teacher,lorkd`` first and scale ``--train_cases`` /
-``--epochs`` to the 2.5-hour target; the page records what ran and how long each part took.
+test cases, teacher at most 150 epochs, students and scratch at most 100, validation every 5, each run stopped after 4
+validations without a better validation Dice and its best validated model kept, LR grid 1e-3 / 3e-3, seeds 0, 1, 2).
+The 3-seed study with 60 / 40 fixed epochs (``--teacher_epochs 60 --epochs 40 --patience 0``) kept its last validated
+epochs (not converged): hence the ceilings with early stopping. The page records what ran and how long each part took.
 """
 
 from __future__ import annotations
@@ -85,11 +86,12 @@ ROWS: dict[str, tuple[str, str | None, bool, str]] = {
 SCRATCH = ("scratch", "stock MONAI UNet of the expert's size, from scratch per region, the expert bundle's own "
            "train.json", "one stock network per region")
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"train_cases": 40, "val_cases": None, "test_cases": None, "teacher_epochs": 60, "epochs": 40, "val_every": 5,
-             "warmup_epochs": 2, "lr_grid": [1e-3, 3e-3], "seeds": [0, 1, 2], "batch_size": 4,
-             "rows": ["teacher", *ROWS, "scratch"]},
+    "full": {"train_cases": 40, "val_cases": None, "test_cases": None, "teacher_epochs": 150, "epochs": 100,
+             "val_every": 5, "patience": 4, "warmup_epochs": 2, "lr_grid": [1e-3, 3e-3], "seeds": [0, 1, 2],
+             "batch_size": 4, "rows": ["teacher", *ROWS, "scratch"]},
     "smoke": {"train_cases": 2, "val_cases": 1, "test_cases": 1, "teacher_epochs": 1, "epochs": 1, "val_every": 1,
-              "warmup_epochs": 0, "lr_grid": [1e-3], "seeds": [0], "batch_size": 2, "rows": ["teacher", "mtl", "lorkd"]},
+              "patience": 0, "warmup_epochs": 0, "lr_grid": [1e-3], "seeds": [0], "batch_size": 2,
+              "rows": ["teacher", "mtl", "lorkd"]},
 }  # fmt: skip
 NSD_TOLERANCE_MM = {"brain_mri": 1.0, "heart_mri": 1.5}
 
@@ -212,6 +214,7 @@ def run(
     train_cases: int | None = None,
     epochs: int | None = None,
     teacher_epochs: int | None = None,
+    patience: int | None = None,
     device: str = "cpu",
     data_root: str | None = None,
     split_seed: int = 0,
@@ -231,6 +234,8 @@ def run(
         train_cases: training cases per region (the first N of the split). Defaults to the preset's.
         epochs: student epochs. Defaults to the preset's.
         teacher_epochs: teacher epochs. Defaults to the preset's.
+        patience: every run (teacher, rows, scratch) stops after this many validations without a better validation
+            Dice (``early_stop_patience``; the epochs are then ceilings); 0 trains every epoch. Defaults to the preset's.
         device: ``cpu`` or ``cuda`` (``cuda:0``). Defaults to ``cpu``.
         data_root: folder holding ``msd_hippocampus/`` and ``acdc/``. Defaults to the mapping's (``../shared/data``).
         split_seed: seed of the train / val / test split. Defaults to 0.
@@ -244,7 +249,8 @@ def run(
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {list(PRESETS)}.")
     p = dict(PRESETS[preset])
-    for key, value in (("train_cases", train_cases), ("epochs", epochs), ("teacher_epochs", teacher_epochs)):
+    for key, value in (("train_cases", train_cases), ("epochs", epochs), ("teacher_epochs", teacher_epochs),
+                       ("patience", patience)):
         if value is not None:
             p[key] = int(value)
     p["seeds"] = [int(s) for s in split_list(seeds)] if seeds is not None else p["seeds"]
@@ -276,7 +282,8 @@ def run(
     # 2. teacher, once
     t0 = time.perf_counter()
     teacher_dir = work / "teacher"
-    t_args = {**common, "epochs": p["teacher_epochs"], "val_interval": p["val_every"]}
+    stop = {"early_stop_patience": p["patience"]} if p["patience"] else {}  # absent: the runs of earlier presets
+    t_args = {**common, "epochs": p["teacher_epochs"], "val_interval": p["val_every"], **stop}
     teacher = train_run("foundation_seg", teacher_dir, ["train.json", "real_regions.json"], t_args,
                         {"args": t_args, "data": data_sha, "configs": _digest("foundation_seg", [])})
     teacher_sha = file_sha256(teacher_dir / "models" / "model.pt")
@@ -299,7 +306,7 @@ def run(
         t0 = time.perf_counter()
         description, override, experts, deployed = ROWS[row]
         files = ["train.json", "real_regions.json", *([f"baselines/{override}.json"] if override else [])]
-        base = {**common, "epochs": p["epochs"], "val_interval": p["val_every"], "teacher_path": str(teacher_dir),
+        base = {**common, "epochs": p["epochs"], "val_interval": p["val_every"], **stop, "teacher_path": str(teacher_dir),
                 **({"warmup_epochs": p["warmup_epochs"]} if experts else {})}  # fmt: skip
 
         def _train(lr: float, seed: int) -> list[tuple[Path, dict]]:
@@ -343,7 +350,8 @@ def run(
         "command": "python -m benchmarks.real_regions run" + (f" --preset {preset}" if preset != "full" else "")
         + "".join(f" --{k} {_arg(v)}" for k, v in (("seeds", seeds), ("rows", rows), ("lr_grid", lr_grid),
                                               ("train_cases", train_cases), ("epochs", epochs),
-                                              ("teacher_epochs", teacher_epochs), ("device", device if device != "cpu"
+                                              ("teacher_epochs", teacher_epochs), ("patience", patience),
+                                              ("device", device if device != "cpu"
                                                                                    else None)) if v is not None)
         + (" --single_seed" if single_seed else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -384,6 +392,7 @@ def _scratch_row(work: Path, table: Any, sections: dict, prep: dict, p: dict, de
         run_dir = work / "scratch" / f"lr{lr:g}" / f"seed{seed}" / name
         args = {"train_datalist": cases("training", task), "val_datalist": cases("validation", task),
                 "pretrained": False, "epochs": p["epochs"], "val_interval": p["val_every"], "learning_rate": lr,
+                **({"early_stop_patience": p["patience"]} if p["patience"] else {}),
                 "seed": seed, "batch_size": p["batch_size"], "num_workers": 0,
                 "device": "$torch.device('cuda:0')" if device.startswith("cuda") else "$torch.device('cpu')"}
         settings = {"args": args, "data": data_sha, "net": net_def, "row": row}
@@ -504,7 +513,7 @@ def markdown(record: dict[str, Any], figure: str) -> str:
         f"NSD tolerance: {st['nsd_tolerance_mm']} mm; on heart_mri in mm of the NOMINAL 1.5 x 1.5 x 10 mm spacing "
         "of the files (approximate).",
         f"Teacher {st['teacher_epochs']} epochs (trained once, reused by every row and seed); students {st['epochs']} "
-        f"epochs, batch {st['batch_size']}, seeds {st['seeds']}; validation every {st.get('val_every', '?')} epochs, "
+        f"epochs{_ceiling(st)}, batch {st['batch_size']}, seeds {st['seeds']}; validation every {st.get('val_every', '?')} epochs, "
         "the best validation model kept (model selection on val); learning rate per row chosen on validation from "
         f"{st['lr_grid']}. Scores: each model exported per region as a standalone bundle and run through its own "
         "inference.json on the region's TEST cases.",
@@ -541,6 +550,13 @@ def markdown(record: dict[str, Any], figure: str) -> str:
               f"training wall times: {_training_minutes(res):.0f} min (the teacher once, every other row at its chosen "
               "learning rate for every seed; the learning-rate grid's other runs come on top)."]
     return "\n".join(lines) + "\n"
+
+
+def _ceiling(settings: dict) -> str:
+    """How the epochs were used: ceilings with early stopping, or every epoch trained (records before ``patience``)."""
+    n = settings.get("patience") or 0
+    return (f" (both ceilings: every run stopped after {n} validations without a better validation Dice)" if n
+            else "")
 
 
 def _best_epochs(entry: dict) -> str:

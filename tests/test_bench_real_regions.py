@@ -43,7 +43,7 @@ def _record(lorkd: list[float], mtl: list[float], teacher: float) -> dict:
                          "split_seed": 0, "preprocessing": {"brain_mri": {"spacing": [1, 1, 1], "window_size": [8] * 3,
                                                                           "intensity": "zscore"}},
                          "nsd_tolerance_mm": {"brain_mri": 1.0}, "teacher_epochs": 1, "epochs": 1, "batch_size": 2,
-                         "seeds": [0, 1, 2], "lr_grid": [0.001]},
+                         "seeds": [0, 1, 2], "lr_grid": [0.001], "patience": 4},
             "results": {"teacher": row([teacher], None), "mtl": row(mtl, 0.001), "lorkd": row(lorkd, 0.001)}}
 
 
@@ -56,6 +56,7 @@ def test_page_reads_by_the_spread_rule(bench, tmp_path):
     assert "brain_mri: LoRKD vs MTL +10.0 DSC points (spread 0.8): above." in text
     assert "fused LoRKD expert vs teacher -0.5 DSC points (within 1 point or above)" in text
     assert "LoRKD vs STL" not in text  # a comparison only where both rows ran
+    assert "every run stopped after 4 validations without a better validation Dice" in text
     assert "Sum of the recorded training wall times: 1 min" in text  # 7 runs x 10 s
     assert (tmp_path / "page.png").stat().st_size > 0
     # a tie when the difference is inside twice the spread; more than 1 point below the teacher is said
