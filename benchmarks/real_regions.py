@@ -500,6 +500,7 @@ def markdown(record: dict[str, Any], figure: str) -> str:
     lines = [
         "# LoRKD segmentation on real data: brain MRI + cardiac MRI",
         "",
+        *_notes(record),
         f"Regenerate: `{record['command']}` (this page from its JSON: `python -m benchmarks.real_regions report`).",
         f"Run {record['date']}, {record['wall_seconds'] / 60:.1f} min on {record['machine']['cpu_model']} "
         f"({record['machine']['usable_cores']} cores usable, device {record['machine']['device']}, 1-min load "
@@ -550,6 +551,12 @@ def markdown(record: dict[str, Any], figure: str) -> str:
               f"training wall times: {_training_minutes(res):.0f} min (the teacher once, every other row at its chosen "
               "learning rate for every seed; the learning-rate grid's other runs come on top)."]
     return "\n".join(lines) + "\n"
+
+
+def _notes(record: dict[str, Any]) -> list[str]:
+    """The reader's notes stored in the record (``report --notes``), as a block quote above the measured tables."""
+    text = record.get("notes", "").strip()
+    return [("> " + line).rstrip() for line in text.splitlines()] + [""] if text else []
 
 
 def _ceiling(settings: dict) -> str:
@@ -612,10 +619,20 @@ def _write(out: Path, record: dict[str, Any]) -> str:
     return str(out)
 
 
-def report(out: str = "docs/RESULTS_real_regions.md") -> str:
-    """Rewrite the page (and its PNG) from its stored JSON."""
+def report(out: str = "docs/RESULTS_real_regions.md", notes: str | None = None) -> str:
+    """Rewrite the page (and its PNG) from its stored JSON.
+
+    Args:
+        out: the page; its JSON is the same path with ``.json``.
+        notes: a Markdown file of what the numbers say, written after reading them: stored in the JSON (key
+            ``notes``, kept by later ``report`` calls) and shown above the tables.
+    """
     path = (REPO / out) if not Path(out).is_absolute() else Path(out)
-    return _write(path, json.loads(path.with_suffix(".json").read_text()))
+    record = json.loads(path.with_suffix(".json").read_text())
+    if notes is not None:
+        record["notes"] = Path(notes).read_text()
+        atomic_write_json(path.with_suffix(".json"), record)
+    return _write(path, record)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,18 @@ def test_page_reads_by_the_spread_rule(bench, tmp_path):
     assert ": tie." in text and "MORE than 1 point below" in text
 
 
+def test_notes_are_stored_and_kept_by_later_reports(bench, tmp_path):
+    out = tmp_path / "page.md"
+    (tmp_path / "page.json").write_text(json.dumps(_record([0.80, 0.81, 0.82], [0.70, 0.71, 0.72], 0.815)))
+    (tmp_path / "notes.md").write_text("What the numbers say:\n\n- LoRKD above MTL.\n")
+    bench.report(str(out), notes=str(tmp_path / "notes.md"))
+    assert json.loads((tmp_path / "page.json").read_text())["notes"].startswith("What the numbers say")
+    (tmp_path / "notes.md").unlink()
+    text = Path(bench.report(str(out))).read_text()  # a later report without --notes keeps them
+    assert "> What the numbers say:\n>\n> - LoRKD above MTL.\n" in text
+    assert text.index("> - LoRKD above MTL.") < text.index("| row | lr")
+
+
 def test_bad_arguments_fail_before_any_work(bench, tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         bench.run(preset="huge", work_dir=str(tmp_path))
