@@ -106,11 +106,13 @@ DATASETS = {
     "hippocampus": {"dataset_dir": "../shared/data/msd_hippocampus", "work_dir": "runs/site_curve",
                     "plot": "docs/site_curve.png", "section": SECTION, "sizes": "5,10,20,all", "num_validation": 30,
                     "patch_size": (32, 48, 32), "spacing": None, "pretrain_patch": (32, 32, 32),
-                    "nsd_tolerance_mm": 1.0, "teacher_epochs": 40, "student_epochs": 40, "brain_cases": None},
+                    "nsd_tolerance_mm": 1.0, "teacher_epochs": 40, "student_epochs": 40, "pretrain_val_interval": 10,
+                    "pretrain_patience": 0, "brain_cases": None},
     "acdc_shift": {"dataset_dir": "../shared/data/acdc", "work_dir": "runs/site_curve_acdc_shift",
                    "plot": "docs/site_curve_acdc_shift.png", "section": "site-curve-acdc-shift", "sizes": "2,5,all",
                    "num_validation": 2, "patch_size": (96, 96, 8), "spacing": (1.5, 1.5, 10.0), "pretrain_patch": None,
-                   "nsd_tolerance_mm": 1.5, "teacher_epochs": 20, "student_epochs": 20, "brain_cases": 40},
+                   "nsd_tolerance_mm": 1.5, "teacher_epochs": 150, "student_epochs": 100, "pretrain_val_interval": 5,
+                   "pretrain_patience": 4, "brain_cases": 40},
 }  # fmt: skip
 
 
@@ -131,12 +133,15 @@ def _list(value: Any) -> list[str]:
     return [str(v).strip() for v in items if str(v).strip()]
 
 
-def pretraining_recipe(teacher_epochs: int, student_epochs: int, patch_size: Any, val_interval: int) -> dict:
+def pretraining_recipe(teacher_epochs: int, student_epochs: int, patch_size: Any, val_interval: int,
+                       patience: int = 0) -> dict:
     """
     Command-line overrides of ``bundles/foundation_seg`` and ``bundles/lorkd_seg`` ``configs/train.json`` for the
     real-data starting points: epochs, patch (``roi_size``), validation interval, LoRKD warm-up (10% of the student's
     epochs, at least 1: the config's 4 of 40), and the random flips switched off (``flip_prob`` 0, as in the configs'
     ``real_regions.json``): a flip along y or z moves the anterior hippocampus behind the posterior one.
+    ``patience`` > 0: the epochs are ceilings, each run stops after ``patience`` validations without a better
+    validation Dice (``early_stop_patience``; the best validated model is kept either way).
     """
     recipe = {}
     for name, epochs in (("foundation_seg", teacher_epochs), ("lorkd_seg", student_epochs)):
@@ -146,6 +151,8 @@ def pretraining_recipe(teacher_epochs: int, student_epochs: int, patch_size: Any
         recipe[name] = {"epochs": epochs, **roi, "val_interval": interval, "flip_prob": 0.0}
         if name == "lorkd_seg":
             recipe[name]["warmup_epochs"] = max(1, round(0.1 * epochs))
+        if int(patience) > 0:
+            recipe[name]["early_stop_patience"] = int(patience)
     return recipe
 
 
@@ -223,7 +230,8 @@ def run(
     teacher_epochs: int | None = None,
     student_epochs: int | None = None,
     pretrain_patch: Any = None,
-    pretrain_val_interval: int = 10,
+    pretrain_val_interval: int | None = None,
+    pretrain_patience: int | None = None,
     budget_epochs: Any = None,
     budget_val_interval: int = 5,
     held_out: Any = "arv",
@@ -258,9 +266,12 @@ def run(
         epochs: a fixed number of epochs per run instead of ``steps``. Defaults to None.
         validations: validations per run (the best is kept); epochs are rounded up to a multiple. Defaults to 2.
         batch_size, patch_size, spacing, learning_rate: the site budget and grid (patch and spacing: the data set's).
-        teacher_epochs, student_epochs, pretrain_patch, pretrain_val_interval: the pre-training recipe
-            (:func:`pretraining_recipe`; acdc_shift: no patch override, the regions' patches of
-            ``configs/real_regions.json``). Default to the data set's epochs (40, 40; acdc_shift 20, 20), patch, and 10.
+        teacher_epochs, student_epochs, pretrain_patch, pretrain_val_interval, pretrain_patience: the pre-training
+            recipe (:func:`pretraining_recipe`; acdc_shift: no patch override, the regions' patches of
+            ``configs/real_regions.json``). Default to the data set's: hippocampus 40 and 40 epochs, validation every
+            10, no early stopping; acdc_shift ceilings of 150 and 100 epochs, validation every 5, stop after 4
+            validations without a better Dice (as ``benchmarks.real_regions``' full preset: a converged teacher, so
+            that BEFORE measures the shift, not an undertrained expert).
         budget_epochs: epochs of the budget study (comma-separated, e.g. ``10,60``); None skips it.
         budget_val_interval: validation interval of the budget study (must divide each of its epochs). Defaults to 5.
         held_out: acdc_shift: the site's pathology groups (comma-separated among dcm, hcm, minf, nor, arv).
@@ -288,9 +299,11 @@ def run(
     given_args = {"dataset_dir": dataset_dir, "work_dir": work_dir, "plot": plot, "sizes": sizes,
                   "num_validation": num_validation, "patch_size": patch_size, "spacing": spacing,
                   "pretrain_patch": pretrain_patch, "nsd_tolerance_mm": nsd_tolerance_mm,
-                  "teacher_epochs": teacher_epochs, "student_epochs": student_epochs, "brain_cases": brain_cases}
+                  "teacher_epochs": teacher_epochs, "student_epochs": student_epochs, "brain_cases": brain_cases,
+                  "pretrain_val_interval": pretrain_val_interval, "pretrain_patience": pretrain_patience}
     (dataset_dir, work_dir, plot, sizes, num_validation, patch_size, spacing, pretrain_patch, nsd_tolerance_mm,
-     teacher_epochs, student_epochs, brain_cases) = (d[k] if v is None else v for k, v in given_args.items())  # fmt: skip
+     teacher_epochs, student_epochs, brain_cases, pretrain_val_interval, pretrain_patience) = (
+        d[k] if v is None else v for k, v in given_args.items())  # fmt: skip
     brain_cases = None if brain_cases in (0, None) else int(brain_cases)
     patch_size = [int(x) for x in _list(patch_size)]
     spacing = None if spacing is None else [float(x) for x in _list(spacing)]
@@ -316,7 +329,8 @@ def run(
 
         torch.set_num_threads(int(threads))  # this process's own work (acdc_shift: the test-set scoring)
 
-    recipe = pretraining_recipe(teacher_epochs, student_epochs, pretrain_patch, pretrain_val_interval)
+    recipe = pretraining_recipe(teacher_epochs, student_epochs, pretrain_patch, pretrain_val_interval,
+                                pretrain_patience)
     before_scores: dict[str, Any] = {}
     if shift:
         study = load_or_create_shift_split(data, work / "population_split.json", held, num_test, num_validation,
@@ -429,7 +443,8 @@ def run(
                 "validations": 2, "batch_size": 2, "patch_size": ",".join(map(str, d["patch_size"])),
                 "learning_rate": 2e-3, "teacher_epochs": d["teacher_epochs"], "student_epochs": d["student_epochs"],
                 "pretrain_patch": None if d["pretrain_patch"] is None else ",".join(map(str, d["pretrain_patch"])),
-                "pretrain_val_interval": 10, "budget_epochs": None, "budget_val_interval": 5, "threads": 1, "jobs": 2,
+                "pretrain_val_interval": d["pretrain_val_interval"], "pretrain_patience": d["pretrain_patience"],
+                "budget_epochs": None, "budget_val_interval": 5, "threads": 1, "jobs": 2,
                 "nsd_tolerance_mm": d["nsd_tolerance_mm"]}  # fmt: skip
     given = {"results": results, "plot": plot, "num_public": num_public, "num_validation": num_validation,
              "split_seed": split_seed, "sizes": ",".join(size_list), "seeds": ",".join(map(str, seed_list)),
@@ -437,7 +452,7 @@ def run(
              "patch_size": ",".join(map(str, patch_size)), "learning_rate": learning_rate,
              "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
              "pretrain_patch": None if pretrain_patch is None else ",".join(map(str, pretrain_patch)),
-             "pretrain_val_interval": pretrain_val_interval,
+             "pretrain_val_interval": pretrain_val_interval, "pretrain_patience": pretrain_patience,
              "budget_epochs": ",".join(map(str, budget_list)) or None, "budget_val_interval": budget_val_interval,
              "threads": threads, "jobs": jobs, "nsd_tolerance_mm": nsd_tolerance_mm}  # fmt: skip
     if shift:

@@ -98,14 +98,14 @@ def _config_epochs(name: str) -> int | None:
 
 
 def _complete(bundle: Path, name: str, epochs: int | None = None) -> dict[str, Any] | None:
-    """The training summary of ``bundle`` when its checkpoint is complete (``epochs``, default the config's), else
-    None."""
+    """The training summary of ``bundle`` when its checkpoint is complete (``epochs``, default the config's, trained,
+    or an early stop before them), else None."""
     summary = bundle / "models" / "training_summary.json"
     if not (bundle / "models" / "model.pt").is_file() or not (bundle / "models" / "network_def.json").is_file():
         return None
     info = json.loads(summary.read_text()) if summary.is_file() else {}
     wanted = _config_epochs(name) if epochs is None else int(epochs)
-    if wanted is not None and int(info.get("epochs", 0)) < wanted:
+    if wanted is not None and int(info.get("epochs", 0)) < wanted and not info.get("early_stopped"):
         return None
     return info
 

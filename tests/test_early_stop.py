@@ -38,14 +38,28 @@ def test_stops_after_patience_validations_without_improvement(caplog):
     with caplog.at_level(logging.INFO, logger="medfm.train"):
         trainer = _run(patience=2)
     assert trainer.state.epoch == 4  # 0.60 at epoch 2 is the best; epochs 3 (0.60) and 4 (0.55) are not better
-    assert "early stop at epoch 4/10" in caplog.text
+    assert "early stop at epoch 4/10" in caplog.text and trainer.state.early_stopped
     assert _run(patience=3).state.epoch == 10  # epoch 5 improves before the third miss
     assert _run(patience=3, min_delta=0.1).state.epoch == 4  # 0.60 is not more than 0.10 above the best 0.50
 
 
 def test_patience_zero_keeps_the_fixed_budget(caplog):
     with caplog.at_level(logging.INFO, logger="medfm.train"):
-        assert _run(patience=0).state.epoch == len(SCORES)
+        trainer = _run(patience=0)
+    assert trainer.state.epoch == len(SCORES) and not getattr(trainer.state, "early_stopped", False)
     assert "early stop" not in caplog.text
+    assert not getattr(_run(patience=3).state, "early_stopped", False)  # ran to the last epoch: not an early stop
     with pytest.raises(ValueError, match="patience must be >= 0"):
         KeyMetricEarlyStop(Engine(lambda e, b: None), patience=-1)
+
+
+def test_training_summary_says_whether_the_run_stopped_early(tmp_path):
+    """A run stopped by patience is complete (``early_stopped``): a benchmark reusing it must not retrain it."""
+    import json
+
+    from medfm_ops.engines import write_training_summary
+
+    for patience, stopped, epochs in ((2, True, 4), (0, False, 10)):
+        write_training_summary(tmp_path / "summary.json", _run(patience))
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert (summary["early_stopped"], summary["epochs"], summary["max_epochs"]) == (stopped, epochs, 10)

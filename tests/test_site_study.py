@@ -277,6 +277,24 @@ def test_curve_tool_budget_and_recipe():
         real = json.loads((REPO / "bundles" / name / "configs" / "real_regions.json").read_text())
         assert real["flip_prob"] == 0.0  # the real regions' labels depend on orientation
     assert recipe["lorkd_seg"]["warmup_epochs"] == 2 and recipe["lorkd_seg"]["val_interval"] == 10
+    assert "early_stop_patience" not in recipe["foundation_seg"]  # fixed epochs unless a patience is given
+    stop = tool.pretraining_recipe(150, 100, None, 5, patience=4)
+    assert stop["foundation_seg"]["early_stop_patience"] == 4 and stop["lorkd_seg"]["epochs"] == 100
+    assert tool.dataset_defaults("acdc_shift")["pretrain_patience"] == 4
+
+
+def test_an_early_stopped_pretraining_is_complete(tmp_path):
+    """A starting point stopped by patience before its epoch ceiling is complete (reused, not retrained); one that
+    stopped before its ceiling for another reason (killed, summary of an older shorter run) is not."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.pt").write_bytes(b"x")
+    (models / "network_def.json").write_text("{}")
+    (models / "training_summary.json").write_text(json.dumps({"epochs": 70, "early_stopped": True}))
+    assert site_finetune._complete(tmp_path, "foundation_seg", 150)["epochs"] == 70
+    (models / "training_summary.json").write_text(json.dumps({"epochs": 70, "early_stopped": False}))
+    assert site_finetune._complete(tmp_path, "foundation_seg", 150) is None
+    assert site_finetune._complete(tmp_path, "foundation_seg", 70) is not None
 
 
 def test_runs_are_reused_only_with_the_same_settings(tmp_path):

@@ -112,7 +112,7 @@ def write_training_summary(
     model_path: str | os.PathLike | None = None,
 ) -> None:
     """
-    Write ``{epochs, iterations, best validation metric, last metrics, ranks (applied, and LoRKD*'s formula ranks
+    Write ``{epochs, iterations, max_epochs, early_stopped, best validation metric, last metrics, ranks (applied, and LoRKD*'s formula ranks
     before any clip), loss drops}`` as JSON (atomically): the one training summary of every bundle, segmentation
     and classification (``write_cls_summary`` is its former name).
 
@@ -123,6 +123,8 @@ def write_training_summary(
     a refused export can say why (never validated, or resumed without beating the best score before the resume).
     """
     summary: dict[str, Any] = {"epochs": trainer.state.epoch, "iterations": trainer.state.iteration,
+                               "max_epochs": trainer.state.max_epochs,
+                               "early_stopped": bool(getattr(trainer.state, "early_stopped", False)),
                                "resumed_from": getattr(trainer.state, "resumed_from", None),
                                "resumed_epoch": getattr(trainer.state, "resumed_epoch", None)}  # fmt: skip
     if model_path is not None:

@@ -60,7 +60,9 @@ class KeyMetricEarlyStop:
         engine.add_event_handler(Events.COMPLETED, self._report)
 
     def _report(self, trainer: Engine) -> None:
+        """Log the stop and mark it on the trainer's state (``early_stopped``, read by the training summary)."""
         if trainer.state.epoch < trainer.state.max_epochs:
+            trainer.state.early_stopped = True
             self.logger.info(
                 f"early stop at epoch {trainer.state.epoch}/{trainer.state.max_epochs}: no better validation "
                 f"metric in {self.patience} validations; the best checkpoint is the model."
