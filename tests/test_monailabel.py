@@ -13,23 +13,17 @@ so that each channel is positive on about 30 % of the voxels of the test volume,
 The oracle is the same bundle run offline with ``python -m monai.bundle run`` (stock MONAI, main environment): the
 server's label volume must have the input's shape and affine, values in {0..n}, every label present, and agree with
 the offline result voxel for voxel (>= 99.9 %; the two environments run the same MONAI/torch versions).
-The site bundle is fine-tuned here on tiny two-blob volumes until its own inference finds both structures; the
-server's answer on one of its validation images must match that bundle's offline ``monai.bundle run`` the same way.
+The site bundle is fine-tuned here on tiny two-blob volumes until its own inference finds both structures; the check
+of ``tools/monailabel_check.py`` (``medfm_ops.bundle.label_server``, its own server) must pass on one of its
+validation images: the site label names, the input grid, the offline ``monai.bundle run`` result.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import nibabel as nib
@@ -41,6 +35,13 @@ from monai.networks.nets import UNet
 
 
 from medfm_ops.bundle import write_expert_bundle
+from medfm_ops.bundle.label_server import (
+    LabelServer,
+    bundle_label_names,
+    check_bundle_serves,
+    offline_bundle_inference,
+    stock_label_app,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -53,46 +54,10 @@ AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, 0, 1.2, -5.0], [0, -2.5, 0, 3.0], [0,
 SHAPE = (40, 33, 27)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _request(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30) -> bytes:
-    assert url.startswith("http://127.0.0.1:"), url
-    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback only)
-        return resp.read()
-
-
-def _multipart(fields: dict[str, str], files: dict[str, Path]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = []
-    for k, v in fields.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
-    for k, p in files.items():
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{p.name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        )
-        parts.append(head.encode() + p.read_bytes() + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
 @pytest.fixture(scope="module")
 def label_python() -> Path:
     """The MONAI Label environment's python, created with tools/monailabel_env.sh when missing or unhealthy."""
-    res = subprocess.run(
-        ["bash", str(REPO / "tools" / "monailabel_env.sh"), str(LABEL_VENV)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        stdin=subprocess.DEVNULL,
-    )
-    assert res.returncode == 0, f"monailabel_env.sh failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return LABEL_VENV / "bin" / "python"
+    return runpy.run_path(str(REPO / "tools" / "monailabel_check.py"))["label_environment"](LABEL_VENV)
 
 
 def _calibrated_state_dict(tiny_expert, image: np.ndarray) -> dict[str, torch.Tensor]:
@@ -118,15 +83,9 @@ def _calibrated_state_dict(tiny_expert, image: np.ndarray) -> dict[str, torch.Te
     return sd
 
 
-def _offline(bundle: Path, images_dir: Path, out_dir: Path, name: str) -> np.ndarray:
+def _offline(bundle: Path, image: Path, out_dir: Path) -> np.ndarray:
     """The bundle's inference.json under stock ``python -m monai.bundle run`` in this (main) environment."""
-    res = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
-         "--dataset_dir", str(images_dir), "--output_dir", str(out_dir)],
-        cwd=bundle, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    return np.asarray(nib.load(out_dir / name.replace(".nii.gz", "_seg.nii.gz")).dataobj)
+    return np.asarray(nib.load(offline_bundle_inference(bundle, image, out_dir)).dataobj)
 
 
 @pytest.fixture(scope="module")
@@ -143,28 +102,16 @@ def setup(site_run, tiny_expert, tmp_path_factory, label_python):
         tiny_expert.channels, tiny_expert.spacing, tiny_expert.roi,
     )
     # oracle: the same bundle offline, stock monai.bundle run in this (main) environment
-    (root / "in").mkdir()
-    shutil.copy(case, root / "in" / case.name)
-    oracle = _offline(bundle, root / "in", root / "oracle", case.name)
+    oracle = _offline(bundle, case, root / "oracle")
 
     # a site bundle: a tiny expert fine-tuned on two-blob volumes by medfm's site fine-tuning (the session's run)
     shutil.copytree(site_run["out"], root / "bundle" / SITE_NAME)
     site = site_run["summary"]
     site_case = Path(site["after"]["cases"][0]["label"].replace("labelsTr", "imagesTr"))
-    (root / "site_in").mkdir()
-    shutil.copy(site_case, root / "site_in" / site_case.name)
-    site_oracle = _offline(root / "bundle" / SITE_NAME, root / "site_in", root / "site_oracle", site_case.name)
+    site_oracle = _offline(root / "bundle" / SITE_NAME, site_case, root / "site_oracle")
 
-    # the stock sample app ships inside the monailabel package: copy it out (offline)
-    res = subprocess.run(
-        [str(label_python), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output",
-         str(root / "apps")],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    app = root / "apps" / "monaibundle"
-    assert (app / "main.py").is_file(), res.stdout[-2000:] + res.stderr[-2000:]
+    app = stock_label_app(label_python, root / "apps")  # shipped inside the monailabel package: offline
     shutil.copytree(bundle, app / "model" / NAME)  # training writes into the bundle: serve a copy
-    shutil.copytree(root / "bundle" / SITE_NAME, app / "model" / SITE_NAME)  # as written, unchanged
 
     # studies with annotations, for fine-tuning through the server
     studies = root / "studies"
@@ -182,56 +129,20 @@ def setup(site_run, tiny_expert, tmp_path_factory, label_python):
 
 @pytest.fixture(scope="module")
 def server(setup, label_python):
-    port = _free_port()
-    log_path = setup["root"] / "server.log"
-    cmd = [str(label_python), "-m", "monailabel.main", "start_server", "--app", str(setup["app"]),
-           "--studies", str(setup["studies"]), "--conf", "models", f"{NAME},{SITE_NAME}", "--conf", "zoo_source", "local",
-           "--conf", "sam2", "false", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    env = dict(os.environ, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false", PYTHONUNBUFFERED="1")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        info = None
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                info = json.loads(_request(f"{base}/info/", timeout=5))
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(1.0)
-        if info is None:
-            pytest.fail(f"server not ready in 240 s:\n{log_path.read_text()[-4000:]}")
-        yield {"base": base, "info": info, "log": log_path}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group this fixture started (start_new_session)
-            proc.wait(timeout=30)
+    with LabelServer(label_python, setup["app"], [NAME], setup["studies"], setup["root"] / "server.log") as srv:
+        yield srv
 
 
 def test_server_lists_expert(server):
-    model = server["info"]["models"][NAME]
+    model = server.info["models"][NAME]
     assert model["type"] == "segmentation"
     assert model["labels"] == {v.lower(): k for k, v in LABELS.items()}
-    assert NAME in server["info"]["trainers"]
+    assert NAME in server.info["trainers"]
 
 
-def _infer(server: dict, model: str, image: Path, out: Path) -> nib.Nifti1Image:
+def _infer(server: LabelServer, model: str, image: Path, out: Path) -> nib.Nifti1Image:
     """POST ``image`` to the server's ``/infer/<model>`` and return the label volume it sends back."""
-    body, ctype = _multipart({"params": json.dumps({"device": "cpu"})}, {"file": image})
-    try:
-        data = _request(f"{server['base']}/infer/{model}?output=image", body, {"Content-Type": ctype}, timeout=300)
-    except urllib.error.HTTPError as e:
-        pytest.fail(f"infer failed ({e.code}):\n{server['log'].read_text()[-4000:]}")
-    out.write_bytes(data)
-    return nib.load(out)
+    return nib.load(server.infer(model, image, out))
 
 
 def test_infer_returns_label_volume(server, setup, tmp_path):
@@ -251,22 +162,23 @@ def test_finetune_through_server(server, setup):
     weights = setup["app"] / "model" / NAME / "models" / "model.pt"
     before = torch.load(weights, weights_only=True)
     req = {"max_epochs": 1, "device": "cpu", "val_split": 0.34, "multi_gpu": False}
-    _request(f"{server['base']}/train/{NAME}?run_sync=true", json.dumps(req).encode(),
+    server.request(f"/train/{NAME}?run_sync=true", json.dumps(req).encode(),
              {"Content-Type": "application/json"}, timeout=600)  # fmt: skip
     after = torch.load(weights, weights_only=True)  # still a plain, tensors-only state dict
     assert after.keys() == before.keys()
-    assert any(not torch.equal(after[k], before[k]) for k in after), server["log"].read_text()[-3000:]
+    assert any(not torch.equal(after[k], before[k]) for k in after), server.log_tail(3000)
 
 
-def test_serves_site_finetuned_bundle(server, setup, tmp_path):
-    """The bundle written by site fine-tuning is served unchanged: site label names, same result as offline."""
-    model = server["info"]["models"][SITE_NAME]
-    assert model["labels"] == {"anterior": 1, "posterior": 2}
+def test_serves_site_finetuned_bundle(setup, label_python, tmp_path):
+    """The bundle written by site fine-tuning is served unchanged (``tools/monailabel_check.py``'s check, its own
+    server): the site's label names, on the input grid, the same result as offline."""
     oracle = setup["site_oracle"]
     assert set(np.unique(oracle)) == {0, 1, 2}  # the fine-tuned bundle finds both structures offline
-    pred = _infer(server, SITE_NAME, setup["site_case"], tmp_path / "site_pred.nii.gz")
-    seg = np.asarray(pred.dataobj)
-    assert seg.shape == oracle.shape
-    np.testing.assert_allclose(pred.affine, nib.load(setup["site_case"]).affine, atol=1e-5)
-    agreement = float((seg == oracle).mean())
-    assert agreement >= 0.999, f"server vs offline site bundle agreement {agreement:.4f}"
+    bundle = setup["root"] / "bundle" / SITE_NAME
+    assert bundle_label_names(bundle) == {"anterior": 1, "posterior": 2}
+    report = check_bundle_serves(bundle, setup["site_case"], tmp_path / "check", label_python, name=SITE_NAME)
+    assert report["server_labels"] == {"anterior": 1, "posterior": 2} and report["labels_match"]
+    assert report["shape"] == list(oracle.shape) and report["affine_match"]
+    assert report["labels_present"] == [0, 1, 2] and report["agreement"] >= 0.999 and report["passed"], report
+    served = np.asarray(nib.load(tmp_path / "check" / "served_seg.nii.gz").dataobj)
+    assert float((served == oracle).mean()) >= 0.999  # the check's own offline run agrees with this module's oracle
