@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """Check that a segmentation bundle serves in MONAI Label as it is written.
 
-    python tools/monailabel_check.py --bundle runs/site/heart_site --image case.nii.gz --work_dir /tmp/serve_check
+    python tools/monailabel_check.py check --bundle runs/site/heart_site --image case.nii.gz --work_dir /tmp/serve_check
 
 Creates (or reuses) the MONAI Label environment (``tools/monailabel_env.sh``; minutes the first time), serves a copy
 of the bundle with MONAI Label's stock ``monaibundle`` app on 127.0.0.1, sends ``--image`` to ``/infer`` and checks:
@@ -65,4 +65,4 @@ def check(bundle: str, image: str, work_dir: str = "runs/monailabel_check", name
 
 
 if __name__ == "__main__":
-    fire.Fire(check)
+    fire.Fire({"check": check})
