@@ -179,3 +179,15 @@ def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_reco
     written = results.read_text()
     assert written.startswith("# Results\n\nthe hippocampus section\n") and "medfm:site-curve-acdc-shift:begin" in written
     assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "- MONAI Label: not checked in this run" in text  # a record made without the check says so
+    meta["monailabel"] = {"bundle": "runs/x/nall/expert_full_seed0", "image": "/d/acdc/imagesTr/patient090_frame01.nii.gz",
+                          "server_labels": {"right_ventricle": 1, "myocardium": 2, "left_ventricle": 3},
+                          "labels_match": True, "shape": [154, 224, 10], "input_shape": [154, 224, 10],
+                          "affine_match": True, "labels_present": [0, 1, 2, 3], "agreement": 1.0, "passed": True}
+    text = site_curve.write_section({"meta": meta, "records": records, "budget_records": []}, results, plot)
+    assert ("on the site test image `patient090_frame01.nii.gz`: labels {'right_ventricle': 1, 'myocardium': 2, "
+            "'left_ventricle': 3} (the site bundle's classes), label map 154x224x10 on the input grid") in text
+    assert "offline inference.json 1.0000: passed." in text
+    meta["monailabel"] |= {"labels_match": False, "passed": False}
+    text = site_curve.write_section({"meta": meta, "records": records, "budget_records": []}, results, plot)
+    assert "(NOT the site bundle's classes)" in text and ": FAILED." in text
