@@ -49,6 +49,7 @@ the fixed site test set, per class; BEFORE = the exported expert on the same tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,6 +61,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import fire
@@ -168,6 +170,22 @@ def plan_epochs(num_cases: int, batch_size: int, steps: int | None, epochs: int 
     epochs = max(int(validations), int(epochs))
     epochs = math.ceil(epochs / int(validations)) * int(validations)
     return {"epochs": epochs, "val_interval": epochs // int(validations), "steps": epochs * per_epoch}
+
+
+@contextlib.contextmanager
+def _pretraining_threads(threads: int | None, jobs: int) -> Iterator[None]:
+    """Pre-training runs alone (the student needs the teacher): its child processes get the cores that ``jobs``
+    parallel site runs share, ``threads * jobs`` OpenMP threads; ``OMP_NUM_THREADS`` is restored after."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(int(threads) * int(jobs))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 def _check_sizes(sizes: list[str], pool_size: int, unit: str) -> None:
@@ -293,7 +311,8 @@ def run(
             descheduled sibling, which made two-thread runs 3-7x slower on a machine shared with other jobs. Not part
             of the reuse stamps (results change by float rounding only).
         jobs: site runs (and budget-study runs) run at the same time, each its own process. Defaults to 2 (one per
-            core of a 2-core machine). Pre-training runs alone (the student needs the teacher).
+            core of a 2-core machine). Pre-training runs alone (the student needs the teacher), with ``threads * jobs``
+            threads.
         retrain_pretrained: retrain the starting points even when complete ones of the same recipe exist.
         reuse_rows: keep runs with unchanged settings, split and starting weights. Defaults to True.
         serve_check: acdc_shift: serve one written site bundle (the largest N, the first adapted row, the first seed)
@@ -348,8 +367,9 @@ def run(
                                                     val_patients=pretrain_val_patients, other_cases=brain_cases,
                                                     seed=split_seed)  # fmt: skip
         stages.done("data")
-        pretrained = ensure_pretrained(work, retrain=retrain_pretrained, datalist=datalist, recipe=recipe,
-                                       config_files=REAL_CONFIGS)  # fmt: skip
+        with _pretraining_threads(threads, jobs):
+            pretrained = ensure_pretrained(work, retrain=retrain_pretrained, datalist=datalist, recipe=recipe,
+                                           config_files=REAL_CONFIGS)  # fmt: skip
         stages.done("pretraining")
         expert_dir = work / "expert_bundle"
         export_heart_expert(pretrained["lorkd_seg"]["path"], expert_dir)
@@ -369,7 +389,8 @@ def run(
         base = ensure_synthetic_dataset(Path(default_cache_dir()) / "synthetic", **cfg["synthetic"])
         datalist = build_pretraining_datalist(study, work / "pretraining_data", base, region=REGION)
         stages.done("data")
-        pretrained = ensure_pretrained(work, retrain=retrain_pretrained, datalist=datalist, recipe=recipe)
+        with _pretraining_threads(threads, jobs):
+            pretrained = ensure_pretrained(work, retrain=retrain_pretrained, datalist=datalist, recipe=recipe)
         stages.done("pretraining")
         expert_dir = work / "expert_bundle"
         export_brain_expert(pretrained["lorkd_seg"]["path"], expert_dir)
