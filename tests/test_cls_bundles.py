@@ -277,3 +277,32 @@ def test_bad_datalist_item_stops_the_run_naming_it(workspace, tmp_path):
         chain.append(str(e))
         e = e.__cause__
     assert any("dl.json training[0] (" in m and "label 3 is outside task 'a'" in m for m in chain), chain
+
+
+def test_resumed_classification_run_keeps_its_validation_record(workspace, tmp_path):
+    """foundation_cls interrupted after epoch 1 and resumed ends as the uninterrupted run: the checkpoint holds the
+    validation record (best score, best-model files, early-stopping count), so epoch 2 replaces model.pt only when
+    it beats epoch 1, and the summaries and models agree."""
+    runs = {}
+    for name in ("straight", "interrupted"):
+        runs[name] = tmp_path / name / "foundation_cls"
+        shutil.copytree(workspace / "foundation_cls", runs[name], ignore=shutil.ignore_patterns("models", "eval", "runs"))
+    settings = {"epochs": 2, "val_interval": 1, "early_stop_patience": 3, "ckpt_dir": None}
+    for name, b in runs.items():
+        settings["ckpt_dir"] = str(b / "models")
+        if name == "straight":
+            _run(b, "train.json", **settings)
+            continue
+        _run(b, "train.json", run=["$@train#checkpointer.attach(@train#trainer)",
+                                   "$@train#trainer.add_event_handler(monai.engines.workflow.Events.EPOCH_COMPLETED(once=1), "
+                                   "lambda e: e.terminate())", "$@train#trainer.run()"], **settings)  # fmt: skip
+        ckpt1 = b / "models" / "train_state_checkpoint_epoch=1.pt"
+        saved = torch.load(ckpt1, weights_only=True)["validation"]
+        assert saved["best_metric_epoch"] == 1 and saved["early_stop"]["best_score"] == pytest.approx(saved["best_metric"])
+        _run(b, "train.json", resume_from=str(ckpt1), **settings)
+    summaries = [json.loads((b / "models" / "training_summary.json").read_text()) for b in runs.values()]
+    for key in ("best_metric", "best_metric_epoch", "epochs"):
+        assert summaries[0][key] == pytest.approx(summaries[1][key]), key
+    models = [torch.load(b / "models" / "model.pt", weights_only=True) for b in runs.values()]
+    for k, v in models[0].items():
+        assert torch.allclose(v, models[1][k], atol=1e-6, rtol=0), k

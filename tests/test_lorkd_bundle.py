@@ -314,6 +314,7 @@ def test_resumed_run_continues_from_the_same_state(workspace, tmp_path):
         "warmup_epochs": 1,
         "lorkd_star": True,
         "val_interval": 1,
+        "early_stop_patience": 5,  # counted across the resume
     }
     runs = {}
     for name in ("straight", "interrupted"):
@@ -330,6 +331,7 @@ def test_resumed_run_continues_from_the_same_state(workspace, tmp_path):
     _run(runs["interrupted"], "train.json", run=stop_after_epoch_1, **det)
     ckpt1 = runs["interrupted"] / "models" / "train_state_checkpoint_epoch=1.pt"
     assert ckpt1.is_file()
+    assert torch.load(ckpt1, weights_only=True)["validation"]["early_stop"]["best_score"] is not None
     _run(runs["interrupted"], "train.json", resume_from=str(ckpt1), **det)
     a, b = _final_weights(runs["straight"] / "models"), _final_weights(runs["interrupted"] / "models")
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"] > 0
@@ -340,6 +342,8 @@ def test_resumed_run_continues_from_the_same_state(workspace, tmp_path):
     for key in ("best_metric", "best_metric_epoch", "model_written_by_this_run"):
         assert summaries[0][key] == summaries[1][key], key
     assert abs(a["validation"]["best_metric"] - b["validation"]["best_metric"]) < 1e-6
+    assert a["validation"]["early_stop"]["counter"] == b["validation"]["early_stop"]["counter"]
+    assert abs(a["validation"]["early_stop"]["best_score"] - b["validation"]["early_stop"]["best_score"]) < 1e-6
     best = [torch.load(runs[n] / "models" / "model.pt", weights_only=True) for n in runs]
     for k, v in best[0].items():
         assert torch.allclose(v, best[1][k], atol=1e-6, rtol=0), k

@@ -30,17 +30,20 @@ def model_fingerprint(path: str | os.PathLike) -> str:
 class ValidationState:
     """
     The validation record a resumed run must continue: the evaluator's best key metric (and its epoch) and the
-    files its best-model saver keeps with their scores. Put it in the training state (``train#state``) so that the
-    first validation after a resume replaces ``model.pt`` only when it beats the best score before the interruption.
+    files its best-model saver keeps with their scores, and the early stopper's count. Put it in the training state
+    (``train#state``) so that the first validation after a resume replaces ``model.pt`` only when it beats the best
+    score before the interruption, and early stopping counts the validations before the interruption too.
 
     Args:
         evaluator: the MONAI evaluator run by the trainer's ``ValidationHandler``.
         saver: its :class:`~medfm_ops.engines.AtomicCheckpointSaver` of the best model. Defaults to None.
+        early_stop: the trainer's :class:`~medfm_ops.engines.KeyMetricEarlyStop`. Defaults to None.
     """
 
-    def __init__(self, evaluator: Engine, saver: Any = None) -> None:
+    def __init__(self, evaluator: Engine, saver: Any = None, early_stop: Any = None) -> None:
         self.evaluator = evaluator
         self.saver = saver
+        self.early_stop = early_stop
 
     def state_dict(self) -> dict[str, Any]:
         state = self.evaluator.state
@@ -48,6 +51,8 @@ class ValidationState:
                                "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1))}  # fmt: skip
         if self.saver is not None:
             out["saver"] = self.saver.state_dict()
+        if self.early_stop is not None:
+            out["early_stop"] = self.early_stop.state_dict()
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -55,6 +60,14 @@ class ValidationState:
         self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
         if self.saver is not None and "saver" in state_dict:
             self.saver.load_state_dict(state_dict["saver"])
+        if self.early_stop is not None:
+            if "early_stop" in state_dict:
+                self.early_stop.load_state_dict(state_dict["early_stop"])
+            else:
+                logging.getLogger("medfm.resume").warning(
+                    "the checkpoint holds no early-stopping count (written by an older medfm): early stopping counts "
+                    "again from the first validation after the resume."
+                )
 
 
 def resume_training(
@@ -81,10 +94,15 @@ def resume_training(
     if not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"resume_from: no checkpoint at {checkpoint_path}.")
     ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    missing = [k for k in state if k not in ckpt]
+    missing = [k for k in state if k not in ckpt and k != "validation"]
     if missing:
         raise ValueError(f"resume_from {checkpoint_path}: entries {missing} missing (has {sorted(ckpt)}).")
-    to_load = {k: (getattr(v, "module", v) if k == "network" else v) for k, v in state.items()}
+    if "validation" in state and "validation" not in ckpt:  # a classification checkpoint of an older medfm
+        logging.getLogger("medfm.resume").warning(
+            f"{checkpoint_path} holds no validation record (written by an older medfm): the best score and the "
+            "early-stopping count start again, so the first validation after the resume replaces model.pt."
+        )
+    to_load = {k: (getattr(v, "module", v) if k == "network" else v) for k, v in state.items() if k in ckpt}
     Checkpoint.load_objects(to_load=to_load, checkpoint=ckpt)
     trainer = state.get("trainer")
     epoch = trainer.state.epoch if isinstance(trainer, Engine) else "?"

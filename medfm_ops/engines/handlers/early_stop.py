@@ -6,6 +6,7 @@ list it)."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
@@ -22,7 +23,9 @@ class KeyMetricEarlyStop:
 
     Ignite's :class:`~ignite.handlers.EarlyStopping` does the counting (``cumulative``: compared with the best, not
     with the previous validation); this adapter reads the key metric by name, logs one line when it stops the run,
-    and does nothing when ``patience`` is 0 or None (the fixed-epoch budget). The counter restarts on a resumed run.
+    and does nothing when ``patience`` is 0 or None (the fixed-epoch budget). Its count and best score are part of
+    the training state (:meth:`state_dict`, saved through :class:`~medfm_ops.engines.ValidationState`), so a resumed
+    run stops at the same epoch as an uninterrupted one.
 
     Args:
         validator: the evaluator run by the trainer's ``ValidationHandler``.
@@ -42,6 +45,8 @@ class KeyMetricEarlyStop:
             raise ValueError(f"early-stopping min_delta must be >= 0, got {min_delta}.")
         self.validator, self.patience, self.min_delta = validator, int(patience or 0), float(min_delta)
         self.logger = logging.getLogger(name)
+        self.stopper: EarlyStopping | None = None
+        self._pending: dict[str, Any] | None = None  # a state loaded before attach()
 
     @staticmethod
     def key_metric(engine: Engine) -> float:
@@ -56,8 +61,26 @@ class KeyMetricEarlyStop:
         if self.patience == 0:
             return
         stopper = EarlyStopping(self.patience, self.key_metric, engine, threshold=self.min_delta, cumulative=True)
+        self.stopper = stopper
+        if self._pending is not None:
+            self.load_state_dict(self._pending)
         self.validator.add_event_handler(Events.COMPLETED, stopper)
         engine.add_event_handler(Events.COMPLETED, self._report)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"counter": validations without improvement, "best_score": best key metric or None}``."""
+        if self.stopper is None:
+            return dict(self._pending or {"counter": 0, "best_score": None})
+        return {"counter": int(self.stopper.counter), "best_score": self.stopper.best_score}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue counting from a saved :meth:`state_dict` (kept until :meth:`attach` when not attached yet)."""
+        if self.stopper is None:
+            self._pending = dict(state_dict)
+            return
+        self.stopper.counter = int(state_dict.get("counter", 0))
+        best = state_dict.get("best_score")
+        self.stopper.best_score = None if best is None else float(best)
 
     def _report(self, trainer: Engine) -> None:
         """Log the stop and mark it on the trainer's state (``early_stopped``, read by the training summary)."""
