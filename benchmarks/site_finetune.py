@@ -70,13 +70,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run_timed(cmd: list[str], log: Path) -> dict[str, float]:
-    """Run ``cmd`` from the repository root, output to ``log``; raise with the log's tail on failure. Returns
-    ``{"wall": seconds, "cpu": user + system seconds of the child}`` (CPU time depends less on other jobs)."""
+def _run_timed(cmd: list[str], log: Path, append: bool = False) -> dict[str, float]:
+    """Run ``cmd`` from the repository root, output to ``log`` (``append``: after what it holds, e.g. a resumed
+    run's log); raise with the log's tail on failure. Returns ``{"wall": seconds, "cpu": user + system seconds of
+    the child}`` (CPU time depends less on other jobs)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"$ {shlex.join(cmd)}\n  (log: {log})", flush=True)
     start = time.perf_counter()
-    with open(log, "w") as f:
+    with open(log, "a" if append else "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=_env())
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, also when several run at once
         proc.returncode = rc = os.waitstatus_to_exitcode(status)
@@ -172,12 +173,13 @@ def ensure_pretrained(
             if name == "lorkd_seg":
                 cmd += ["--teacher_path", str(teacher_dir)]
             states = sorted((local_dir / "models").glob("train_state_checkpoint_epoch=*.pt"), key=os.path.getmtime)
-            if states and not retrain:  # an interrupted earlier run (of the same recipe): continue it
+            resuming = bool(states) and not retrain
+            if resuming:  # an interrupted earlier run (of the same recipe): continue it, and its log
                 cmd += ["--resume_from", str(states[-1])]
             if stamp is not None:
                 local_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(stamp_file, json.dumps(stamp, indent=2))
-            timed = _run_timed(cmd, local_dir / "train.log")
+            timed = _run_timed(cmd, local_dir / "train.log", append=resuming)
             found = {"path": str(local_dir), "summary": _complete(local_dir, name, epochs) or {}, "trained_now": True,
                      "seconds": timed["wall"], "cpu_seconds": timed["cpu"]}  # fmt: skip
         found["recipe"] = overrides
