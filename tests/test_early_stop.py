@@ -16,22 +16,7 @@ SCORES = [0.50, 0.60, 0.60, 0.55, 0.90, 0.95, 0.97, 0.99, 0.99, 0.99]
 
 
 def _run(patience: int, min_delta: float = 0.0) -> Engine:
-    scores = iter(SCORES)
-    validator = Engine(lambda engine, batch: None)
-
-    @validator.on(Events.STARTED)
-    def _name(engine: Engine) -> None:
-        engine.state.key_metric_name = "val_mean_dice"
-
-    @validator.on(Events.EPOCH_COMPLETED)
-    def _score(engine: Engine) -> None:  # registered before the stopper's handler: the metric is ready for it
-        engine.state.metrics["val_mean_dice"] = next(scores)
-
-    trainer = Engine(lambda engine, batch: None)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: validator.run([0]))  # as ValidationHandler
-    KeyMetricEarlyStop(validator, patience=patience, min_delta=min_delta).attach(trainer)
-    trainer.run([0], max_epochs=len(SCORES))
-    return trainer
+    return _validated_run(SCORES, patience, len(SCORES), min_delta=min_delta)[0]
 
 
 def test_stops_after_patience_validations_without_improvement(caplog):
@@ -65,7 +50,8 @@ def test_training_summary_says_whether_the_run_stopped_early(tmp_path):
         assert (summary["early_stopped"], summary["epochs"], summary["max_epochs"]) == (stopped, epochs, 10)
 
 
-def _validated_run(scores: list[float], patience: int, max_epochs: int, state: dict | None = None):
+def _validated_run(scores: list[float], patience: int, max_epochs: int, state: dict | None = None,
+                   min_delta: float = 0.0):
     """A trainer validated once per epoch on ``scores``; ``state``: a saved early-stopping state, loaded before
     the trainer runs (as ``resume_training`` does). Returns the trainer and its stopper."""
     values = iter(scores)
@@ -76,12 +62,12 @@ def _validated_run(scores: list[float], patience: int, max_epochs: int, state: d
         engine.state.key_metric_name = "val_mean_dice"
 
     @validator.on(Events.EPOCH_COMPLETED)
-    def _score(engine: Engine) -> None:
+    def _score(engine: Engine) -> None:  # registered before the stopper's handler: the metric is ready for it
         engine.state.metrics["val_mean_dice"] = next(values)
 
     trainer = Engine(lambda engine, batch: None)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: validator.run([0]))
-    stopper = KeyMetricEarlyStop(validator, patience=patience)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: validator.run([0]))  # as ValidationHandler
+    stopper = KeyMetricEarlyStop(validator, patience=patience, min_delta=min_delta)
     if state is not None:
         stopper.load_state_dict(state)  # before attach: kept until the ignite stopper exists
     stopper.attach(trainer)
