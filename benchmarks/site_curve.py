@@ -713,6 +713,7 @@ def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
             f" ({pre[name]['summary'].get('epochs', '?')} epoch(s), "
             + (f"{pre[name]['seconds'] / 60:.1f} min wall / {pre[name].get('cpu_seconds', 0) / 60:.1f} min CPU"
                if pre[name]["seconds"] else "reused: timed in an earlier run")
+            + _resumed_note(pre[name]["summary"])
             + f", best validation mean DSC {pre[name]['summary'].get('best_metric', float('nan')):.3f})."
             for name in ("foundation_seg", "lorkd_seg")
         )
@@ -755,6 +756,12 @@ def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
     text = "\n".join(lines)
     write_markdown_section(results, SECTION, text)
     return text
+
+
+def _resumed_note(summary: dict[str, Any]) -> str:
+    """``" after a resume at epoch 108 (the time counts only the epochs after it)"`` for a resumed run, else ``""``."""
+    epoch = summary.get("resumed_epoch")
+    return f" after a resume at epoch {epoch} (the time counts only the epochs after it)" if epoch else ""
 
 
 def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
@@ -860,6 +867,7 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
             f"`bundles/{name}` with `{' '.join(f'--{k} {json.dumps(v)}' for k, v in pre[name]['recipe'].items())}`"
             f" ({pre[name]['summary'].get('epochs', '?')} epoch(s), "
             + (f"{pre[name]['seconds'] / 60:.1f} min wall" if pre[name]["seconds"] else "reused")
+            + _resumed_note(pre[name]["summary"])
             + f", best validation mean DSC {pre[name]['summary'].get('best_metric', float('nan')):.3f})."
             for name in ("foundation_seg", "lorkd_seg")
         )

@@ -152,8 +152,9 @@ def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_reco
             "num_site_validation_patients": 2, "num_site_pool_patients": 8, "num_site_test_cases": 10,
             "dataset_dir": "../shared/data/acdc"}, "pretraining_datalist": "d.json", "expert_bundle": "e",
             "work_dir": "w", "sizes": ["2", "all"], "seeds": [0, 1], "rows": ["scratch", "expert_full", "expert_lora"],
-            "pretrained": {n: {"recipe": {"epochs": 40}, "summary": {"epochs": 40, "best_metric": 0.7}, "seconds": 60.0}
-                           for n in ("foundation_seg", "lorkd_seg")},
+            "pretrained": {n: {"recipe": {"epochs": 40}, "summary": {"epochs": 40, "best_metric": 0.7,
+                                                                     "resumed_epoch": 30 if n == "foundation_seg" else None},
+                               "seconds": 60.0} for n in ("foundation_seg", "lorkd_seg")},
             "budget": {"steps": 40, "epochs": None, "validations": 2, "batch_size": 2, "patch_size": [96, 96, 8],
                        "learning_rate": 0.002, "spacing": [1.5, 1.5, 10.0], "scratch_steps": 600,
                        "scratch_validations": 6}, "nsd_tolerance_mm": 1.5,
@@ -173,6 +174,8 @@ def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_reco
     assert "- foundation teacher, heart channels (the starting point of teacher_full): DSC 60.00" in text
     assert "right_ventricle DSC 45.00 / NSD 30.00" in text
     assert "Per class, NSD (%):" in text  # per-class NSD tables next to the DSC ones
+    # a resumed pre-training says that its wall time counts only the epochs after the resume; the other says nothing
+    assert text.count("after a resume at epoch 30 (the time counts only the epochs after it)") == 1
     assert "| expert_full | 10 | 1.00 | 70.50 ± 0.50 | 70.50 ± 0.50 |" in text
     assert "left_ventricle:" in text and "| expert_full | 10 | 1.00 | 50.50 ± 0.50 | 50.50 ± 0.50 |" in text
     assert "| 2 | 20 | 10 | 40 | 20 / 40 / 20, 20 |" in text  # scratch's own budget and its kept epochs
