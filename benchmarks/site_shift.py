@@ -12,6 +12,8 @@ cardiac expert fine-tuned at a site whose pathology group its pre-training never
   recorded preprocessing (spacing, window, intensity).
 - :func:`score_bundle_on_cases`: a written bundle's own ``configs/inference.json`` on the fixed site test set, per
   class, saved beside the bundle and reused while its ``models/model.pt`` is unchanged.
+- :func:`held_in_cases`: the heart cases the pre-training validated on (patients of the pre-training groups), the
+  in-distribution reference that shows how much the BEFORE score drops at the shifted site.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from benchmarks.site_study import patients_of
 from medfm_ops.utils.atomic_io import atomic_write_json
 from medfm_ops.utils.hashing import file_sha256
 
-__all__ = ["HEART", "MAPPING", "REAL_CONFIGS", "describe_split", "export_heart_expert", "score_bundle_on_cases"]  # fmt: skip
+__all__ = ["HEART", "MAPPING", "REAL_CONFIGS", "describe_split", "export_heart_expert", "held_in_cases",
+           "score_bundle_on_cases"]  # fmt: skip
 
 #: the region of the site's classes (right ventricle, myocardium, left ventricle)
 HEART = "heart_mri"
@@ -69,6 +72,24 @@ def export_heart_expert(lorkd_dir: str | Path, expert_dir: Path) -> str:
     )  # fmt: skip
     atomic_write_json(stamp, source)
     return str(expert_dir)
+
+
+def held_in_cases(datalist: str | Path, region: str = HEART) -> list[dict[str, str]]:
+    """
+    The ``validation`` cases of ``region`` in a pre-training ``datalist`` (paths resolved against its folder): cases
+    of the populations the pre-training saw, never trained on (they chose its kept epoch, so a score on them is
+    slightly favourable). Returns ``[{"image", "label"}]`` in the datalist's order.
+
+    Raises:
+        ValueError: when the datalist has no validation case of ``region``.
+    """
+    path = Path(datalist)
+    content = json.loads(path.read_text())
+    cases = [{k: str((path.parent / c[k]).resolve()) for k in ("image", "label")}
+             for c in content.get("validation", []) if c.get("region_name") == region]  # fmt: skip
+    if not cases:
+        raise ValueError(f"{path}: no 'validation' case of region '{region}'.")
+    return cases
 
 
 def score_bundle_on_cases(bundle: Path, cases: list[dict], tolerance_mm: float, scores_file: Path) -> dict[str, Any]:

@@ -161,7 +161,9 @@ def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_reco
             "before": {"expert": {"mean_dsc": 0.55, "mean_nsd": 0.5, "per_class": {c: {"dsc": 0.4, "nsd": 0.4}
                                                                                     for c in classes}},
                        "teacher": {"mean_dsc": 0.6, "mean_nsd": 0.52, "per_class": {c: {"dsc": 0.45, "nsd": 0.3}
-                                                                                     for c in classes}}}}  # fmt: skip
+                                                                                     for c in classes}},
+                       "expert_held_in": {"mean_dsc": 0.75, "mean_nsd": 0.7,
+                                          "per_class": {c: {"dsc": 0.5 + 0.1 * i, "nsd": 0.6} for i, c in enumerate(classes)}}}}  # fmt: skip
     results = tmp_path / "docs" / "RESULTS.md"
     results.parent.mkdir()
     results.write_text("# Results\n\nthe hippocampus section\n")
@@ -176,6 +178,11 @@ def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_reco
     assert "Per class, NSD (%):" in text  # per-class NSD tables next to the DSC ones
     # a resumed pre-training says that its wall time counts only the epochs after the resume; the other says nothing
     assert text.count("after a resume at epoch 30 (the time counts only the epochs after it)") == 1
+    # the shift as the expert sees it: held-in minus site test, overall and per class; no teacher line without its
+    # held-in scores
+    assert ("- heart expert on the pre-training populations' held-in cases: DSC 75.00, NSD 70.00; held-in minus site "
+            "test: +20.0 DSC points (per class: right_ventricle +10.0, myocardium +20.0, left_ventricle +30.0).") in text
+    assert "- teacher on the pre-training" not in text
     assert "| expert_full | 10 | 1.00 | 70.50 ± 0.50 | 70.50 ± 0.50 |" in text
     assert "left_ventricle:" in text and "| expert_full | 10 | 1.00 | 50.50 ± 0.50 | 50.50 ± 0.50 |" in text
     assert "| 2 | 20 | 10 | 40 | 20 / 40 / 20, 20 |" in text  # scratch's own budget and its kept epochs
@@ -194,3 +201,20 @@ def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_reco
     meta["monailabel"] |= {"labels_match": False, "passed": False}
     text = site_curve.write_section({"meta": meta, "records": records, "budget_records": []}, results, plot)
     assert "(NOT the site bundle's classes)" in text and ": FAILED." in text
+
+
+def test_held_in_cases_are_the_regions_validation_cases(tmp_path):
+    from benchmarks.site_shift import held_in_cases
+
+    (tmp_path / "d").mkdir()
+    datalist = tmp_path / "d" / "datalist.json"
+    case = lambda name, region: {"image": f"../img/{name}.nii.gz", "label": f"../lab/{name}.nii.gz",  # noqa: E731
+                                 "region_name": region}  # fmt: skip
+    datalist.write_text(json.dumps({"training": [case("t", "heart_mri")],
+                                    "validation": [case("b", "brain_mri"), case("h1", "heart_mri"),
+                                                   case("h2", "heart_mri")]}))  # fmt: skip
+    got = held_in_cases(datalist)
+    assert [Path(c["image"]).name for c in got] == ["h1.nii.gz", "h2.nii.gz"]  # validation only, this region only
+    assert got[0]["label"] == str((tmp_path / "lab" / "h1.nii.gz").resolve())  # resolved against the datalist
+    with pytest.raises(ValueError, match="no 'validation' case of region 'liver'"):
+        held_in_cases(datalist, region="liver")
