@@ -219,6 +219,7 @@ def _record(row: str, n_label: str, seed: int, plan: dict, result: dict, out: Pa
         "dsc_before": (s["before"] or {}).get("mean_dsc"), "nsd_before": (s["before"] or {}).get("mean_nsd"),
         "per_class": {t["class"]: {"dsc": t["dsc_mean"], "nsd": t["nsd_mean"]} for t in s["after"]["table"]},
         "best_epoch": (s.get("best_validation") or {}).get("epoch"),
+        "epochs_trained": s.get("epochs_trained", s["epochs"]), "patience": int(plan.get("patience", 0)),
         "trainable": s["parameters"]["trainable"], "total_params": s["parameters"]["total"],
         "model_mb": (out / "models" / "model.pt").stat().st_size / 2**20,
         "delta_mb": delta.stat().st_size / 2**20 if delta.is_file() else None,
@@ -258,8 +259,9 @@ def run(
     budget_val_interval: int = 5,
     held_out: Any = "arv",
     num_test: int = 5,
-    scratch_steps: int | None = 600,
-    scratch_validations: int = 6,
+    scratch_steps: int | None = 3000,
+    scratch_validations: int = 30,
+    scratch_patience: int = 5,
     brain_cases: int | None = None,
     pretrain_val_patients: int = 6,
     nsd_tolerance_mm: float | None = None,
@@ -300,8 +302,11 @@ def run(
         held_out: acdc_shift: the site's pathology groups (comma-separated among dcm, hcm, minf, nor, arv).
             Defaults to ``arv`` (abnormal right ventricle: see docs/site_curve.md).
         num_test: acdc_shift: patients of the fixed site test set. Defaults to 5.
-        scratch_steps, scratch_validations: acdc_shift: the scratch row's own budget (steps, validations; the best
-            validation is kept: early stopping on the validation patients). Default to 600, 6.
+        scratch_steps, scratch_validations, scratch_patience: acdc_shift: the scratch row's own budget: a ceiling of
+            steps, validations spread over it, and early stopping on the validation patients after ``scratch_patience``
+            validations without a better Dice (0: the whole ceiling; the best validation is kept either way).
+            Default to 3000, 30, 5 (at 600 steps and 6 validations, the earlier default, scratch kept its LAST
+            validation at N = 5 and 8: it had not converged).
         brain_cases: acdc_shift: hippocampus cases in the pre-training (the brain region, the other task; 0: all
             200). Defaults to 40.
         pretrain_val_patients: acdc_shift: pre-training patients kept for the foundation's validation. Defaults to 6.
@@ -343,6 +348,8 @@ def run(
         raise ValueError(f"give exactly one of steps ({steps}) and epochs ({epochs}).")
     if shift and (scratch_steps is None or int(scratch_steps) < 1 or int(scratch_validations) < 1):
         raise ValueError(f"scratch_steps ({scratch_steps}) and scratch_validations ({scratch_validations}) must be >= 1.")
+    if int(scratch_patience) < 0:
+        raise ValueError(f"scratch_patience must be >= 0 validations (0: the whole ceiling), got {scratch_patience}.")
     seed_list = [int(s) for s in _list(seeds)]
     size_list = _list(sizes)
     budget_list = [int(e) for e in _list(budget_epochs)] if budget_epochs not in (None, "", False) else []
@@ -420,6 +427,7 @@ def run(
                     "seed": seed, "split_sha256": file_sha256(split_file), "source": None if init == "scratch" else sha[source],
                     "score_before": before and not shift, **({"spacing": spacing} if spacing else {}),
                     **({"nsd_tolerance_mm": float(nsd_tolerance_mm)} if float(nsd_tolerance_mm) != 1.0 else {}),
+                    **({"patience": int(plan["patience"])} if plan.get("patience") else {}),
                     **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
         result = run_or_reuse(cmd, out, settings, reuse_rows)
         rec = _record(name, n_label, seed, plan, result, out)
@@ -450,7 +458,8 @@ def run(
         n_units = pool_size if n_label == "all" else int(n)
         n_cases = 2 * n_units if shift else n_units  # acdc: both frames of every patient
         plan = plan_epochs(n_cases, batch_size, steps, epochs, validations)
-        scratch_plan = plan_epochs(n_cases, batch_size, scratch_steps, None, scratch_validations) if shift else plan
+        scratch_plan = ({**plan_epochs(n_cases, batch_size, scratch_steps, None, scratch_validations),
+                         "patience": int(scratch_patience)} if shift else plan)  # fmt: skip
         for seed in seed_list:
             for row in ROWS:
                 if row[0] in wanted:  # the starting point is scored once per row: first N, first seed
@@ -498,10 +507,11 @@ def run(
     if shift:
         defaults.pop("num_public")
         given.pop("num_public")
-        defaults |= {"held_out": "arv", "num_test": 5, "scratch_steps": 600, "scratch_validations": 6,
-                     "brain_cases": d["brain_cases"], "pretrain_val_patients": 6}  # fmt: skip
+        defaults |= {"held_out": "arv", "num_test": 5, "scratch_steps": 3000, "scratch_validations": 30,
+                     "scratch_patience": 5, "brain_cases": d["brain_cases"], "pretrain_val_patients": 6}  # fmt: skip
         given |= {"held_out": ",".join(held), "num_test": num_test, "scratch_steps": scratch_steps,
-                  "scratch_validations": scratch_validations, "brain_cases": brain_cases,
+                  "scratch_validations": scratch_validations, "scratch_patience": scratch_patience,
+                  "brain_cases": brain_cases,
                   "pretrain_val_patients": pretrain_val_patients}  # fmt: skip
     args += [f"--{k} {v}" for k, v in given.items() if v != defaults[k]]
     if rows:
@@ -532,7 +542,8 @@ def run(
         "rows": [r[0] for r in ROWS if r[0] in wanted],
         "budget": {"steps": steps, "epochs": epochs, "validations": validations, "batch_size": batch_size,
                    "patch_size": list(patch_size), "learning_rate": learning_rate, "spacing": spacing,
-                   **({"scratch_steps": scratch_steps, "scratch_validations": scratch_validations} if shift else {})},
+                   **({"scratch_steps": scratch_steps, "scratch_validations": scratch_validations,
+                       "scratch_patience": scratch_patience} if shift else {})},
         "budget_study": {"epochs": budget_list, "val_interval": budget_val_interval},
         "nsd_tolerance_mm": nsd_tolerance_mm,
         "before": {k: {"mean_dsc": v["mean_dsc"], "mean_nsd": v["mean_nsd"],
@@ -858,13 +869,15 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
         *_class_grids(records, rows, sizes, "nsd"),
         "Budget of each run and mean time per run, min (training wall / whole run wall / whole run CPU):",
         "",
-        "| N (patients) | epochs | validation every | optimisation steps | scratch: epochs / steps / kept epochs | "
+        "| N (patients) | epochs | validation every | optimisation steps | scratch: ceiling epochs / steps; epochs "
+        "trained (kept) per seed | "
         + " | ".join(rows) + " |",
         "| ---: | ---: | ---: | ---: | --- | " + " | ".join("---:" for _ in rows) + " |",
         *[f"| {labels[n_of[n]]} | {plans[n]['epochs'] if n in plans else '-'} | "
           f"{plans[n]['val_interval'] if n in plans else '-'} | {plans[n]['steps'] if n in plans else '-'} | "
-          + (f"{scratch[n]['epochs']} / {scratch[n]['steps']} / "
-             + ", ".join(str(r["best_epoch"]) for r in _by(records, "scratch", n)) if n in scratch else "-")
+          + (f"{scratch[n]['epochs']} / {scratch[n]['steps']}; "
+             + ", ".join(f"{r.get('epochs_trained', r['epochs'])} ({r['best_epoch']})" for r in _by(records, "scratch", n))
+             if n in scratch else "-")
           + " | " + " | ".join(_times(_by(records, row, n)) for row in rows) + " |" for n in sizes],
         "",
         "### Setup",
@@ -878,9 +891,12 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
         "`medfm_ops.data.split_held_out_population`; N patients are drawn from the pool per seed, nested within a "
         "seed (`benchmarks.site_study.write_patient_draw_split`); the seed is also the training seed.",
         f"- Site budget: {'a fixed ' + str(b['epochs']) + ' epochs' if b['epochs'] else str(b['steps']) + ' optimisation steps'} "
-        f"per pre-trained row, {b['validations']} validation(s); scratch its own budget of {b.get('scratch_steps')} "
-        f"steps with {b.get('scratch_validations')} validations (the best is kept: early stopping on the validation "
-        f"patients; the kept epochs are in the table: a kept last epoch means scratch had not converged). Batch "
+        f"per pre-trained row, {b['validations']} validation(s); scratch its own budget: a ceiling of "
+        f"{b.get('scratch_steps')} steps with {b.get('scratch_validations')} validations"
+        + (f", stopped after {b['scratch_patience']} validations without a better validation Dice"
+           if b.get("scratch_patience") else "")
+        + " (the best validation is kept: early stopping on the validation patients; epochs trained and kept are in "
+        f"the table: a kept last epoch at the ceiling means scratch had not converged). Batch "
         f"{b['batch_size']}, {'x'.join(map(str, b['patch_size']))} patches at {'x'.join(map(str, b['spacing'] or []))} mm "
         f"(the heart region's preprocessing, carried by the exported expert), AdamW lr {b['learning_rate']} with "
         "cosine decay, DiceCE (sigmoid). LoRA rank 8, alpha 16, fused back. SH-PEFT: "

@@ -209,15 +209,16 @@ def finetune_command(
 ) -> list[str]:
     """The ``tools/finetune_site.py`` command of one run: a row's start (``source``, ``region``, ``init``, ``mode``)
     with the shared ``budget`` (``epochs``, ``val_interval``, ``batch_size``, ``patch_size``, ``learning_rate``; every
-    epoch trained, no early stopping),
-    the :data:`SPARSE_SETTINGS` for ``sparse``, then ``extra`` flags (e.g. ``--split_file PATH``)."""
+    epoch trained unless ``budget["patience"]`` > 0: then the epochs are a ceiling and the run stops after that many
+    validations without a better validation Dice), the :data:`SPARSE_SETTINGS` for ``sparse``, then ``extra`` flags
+    (e.g. ``--split_file PATH``)."""
     cmd = [
         sys.executable, str(FINETUNE), "--expert_bundle", source, "--dataset_dir", str(dataset),
         "--output_dir", str(out), "--mode", mode, "--init", init, "--epochs", str(budget["epochs"]),
         "--val_interval", str(budget["val_interval"]), "--batch_size", str(budget["batch_size"]),
         "--roi_size", json.dumps(list(budget["patch_size"])), "--learning_rate", str(budget["learning_rate"]),
         "--seed", str(seed), *extra, "--verify", "false", "--progress", "false",
-        "--early_stop_patience", "0",  # a fixed budget: every epoch trains, the best validation epoch is kept
+        "--early_stop_patience", str(int(budget.get("patience", 0))),  # 0: every epoch trains; the best is kept
     ]  # fmt: skip
     if region:
         cmd += ["--region", region]

@@ -185,7 +185,7 @@ def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_reco
     assert "- teacher on the pre-training" not in text
     assert "| expert_full | 10 | 1.00 | 70.50 ± 0.50 | 70.50 ± 0.50 |" in text
     assert "left_ventricle:" in text and "| expert_full | 10 | 1.00 | 50.50 ± 0.50 | 50.50 ± 0.50 |" in text
-    assert "| 2 | 20 | 10 | 40 | 20 / 40 / 20, 20 |" in text  # scratch's own budget and its kept epochs
+    assert "| 2 | 20 | 10 | 40 | 20 / 40; 20 (20), 20 (20) |" in text  # scratch: its own ceiling, epochs trained (kept)
     written = results.read_text()
     assert written.startswith("# Results\n\nthe hippocampus section\n") and "medfm:site-curve-acdc-shift:begin" in written
     assert plot.read_bytes()[:4] == b"\x89PNG"
@@ -218,3 +218,16 @@ def test_held_in_cases_are_the_regions_validation_cases(tmp_path):
     assert got[0]["label"] == str((tmp_path / "lab" / "h1.nii.gz").resolve())  # resolved against the datalist
     with pytest.raises(ValueError, match="no 'validation' case of region 'liver'"):
         held_in_cases(datalist, region="liver")
+
+
+def test_scratch_budget_stops_early_the_others_train_their_budget():
+    """The scratch row's budget carries a patience (a ceiling + early stopping on the validation patients); the
+    pre-trained rows' budgets have none, so every epoch of theirs trains."""
+    from benchmarks.site_finetune import finetune_command
+
+    budget = {"epochs": 10, "val_interval": 1, "batch_size": 2, "patch_size": [8, 8, 8], "learning_rate": 1e-3}
+    for extra, want in (({"patience": 5}, "5"), ({}, "0")):
+        cmd = finetune_command("src", None, "scratch", "full", Path("d"), Path("o"), {**budget, **extra}, 0)
+        assert cmd[cmd.index("--early_stop_patience") + 1] == want
+    with pytest.raises(ValueError, match="scratch_patience must be >= 0"):
+        site_curve.run(dataset="acdc_shift", work_dir="/nonexistent", scratch_patience=-1)
