@@ -321,8 +321,8 @@ def run(
             threads.
         retrain_pretrained: retrain the starting points even when complete ones of the same recipe exist.
         reuse_rows: keep runs with unchanged settings, split and starting weights. Defaults to True.
-        serve_check: acdc_shift: serve one written site bundle (the largest N, the first adapted row, the first seed)
-            in a real MONAI Label server on the first site test image (:func:`monailabel_check`) and report it.
+        serve_check: acdc_shift: serve one written site bundle (the largest N, ``expert_full`` or else the first
+            adapted row, the first seed) in a real MONAI Label server on the first site test image (:func:`monailabel_check`) and report it.
             Defaults to True.
     """
     stages = _Stages()
@@ -479,7 +479,7 @@ def run(
     stages.done("budget")
     serving = None
     if shift and serve_check and records:
-        served = next((r for r in ROW_NAMES if r in wanted and r != "scratch"), ROW_NAMES[0])
+        served = next((r for r in ("expert_full", *ROW_NAMES) if r in wanted and r != "scratch"), ROW_NAMES[0])
         n_label = next(r["n_label"] for r in reversed(records))
         serving = monailabel_check(work / f"n{n_label}" / f"{served}_seed{seed_list[0]}", study["site_test"][0]["image"],
                                    work / "monailabel_check")  # fmt: skip
