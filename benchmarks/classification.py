@@ -243,7 +243,9 @@ def _parser(run: dict, shipped_val: bool = False):
 
 
 def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
-    """Train ``run`` unless an identical earlier run (same settings and starting weights) is complete."""
+    """Train ``run`` unless an identical earlier run (same settings and starting weights) is complete; an
+    interrupted identical run (``bench_started.json`` holds the same settings, a training-state checkpoint exists)
+    continues from its last checkpoint (``--resume_from``), its log appended, its wall time that of the resumed part."""
     run_dir = Path(run["dir"])
     teacher = run["overrides"].get("teacher_path") if run["teacher"] else None
     settings = {"configs": {Path(c).name: file_sha256(Path(c)) for c in run["configs"]}, "overrides": run["overrides"],
@@ -257,10 +259,19 @@ def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
 
     stamp.unlink(missing_ok=True)  # a failed retraining must not leave the old record next to new files
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
+    started = run_dir / "bench_started.json"
+    states = sorted((run_dir / "models").glob("train_state_checkpoint_epoch=*.pt"), key=os.path.getmtime)
+    resume = bool(reuse and states and started.is_file() and json.loads(started.read_text()) == settings)
+    if not resume:  # another recipe's (or a forced retraining's) checkpoints: never continue them
+        for state in states:
+            state.unlink()
+    atomic_write_text(started, json.dumps(settings, indent=2))
     atomic_write_text(run_dir / "overrides.json", json.dumps(run["overrides"], indent=4) + "\n")
     files = "[" + ",".join(repr(c) for c in run["configs"] + [str(run_dir / "overrides.json")]) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files]
-    seconds = run_logged(cmd, run_dir / "train.log", cwd=REPO)
+    if resume:
+        cmd += ["--resume_from", str(states[-1])]
+    seconds = run_logged(cmd, run_dir / "train.log", cwd=REPO, append=resume)
     summary_file = run_dir / "models" / "training_summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     record = {"settings": settings, "seconds": seconds, "epochs_trained": summary.get("epochs"),

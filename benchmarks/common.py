@@ -104,6 +104,7 @@ def run_logged(
     cwd: str | os.PathLike | None = None,
     tail_lines: int = 40,
     glibc_tunables: bool = False,
+    append: bool = False,
 ) -> float:
     """
     Run ``cmd`` (environment inherited, ``PYTHONUNBUFFERED=1``) with stdout and stderr to the file ``log``; returns the
@@ -112,6 +113,7 @@ def run_logged(
     Args:
         glibc_tunables: set :data:`GLIBC_TUNABLES` in the child unless the environment already sets it (steadier,
             faster 3D steps on CPU). Defaults to False.
+        append: add to ``log`` (e.g. a resumed run's) instead of replacing it. Defaults to False.
 
     Raises:
         RuntimeError: on a non-zero exit, with the command and the last ``tail_lines`` lines of the log.
@@ -123,7 +125,7 @@ def run_logged(
     if glibc_tunables:
         env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
     start = time.perf_counter()
-    with open(log, "w") as f:
+    with open(log, "a" if append else "w") as f:
         rc = subprocess.call(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - start
     if rc != 0:

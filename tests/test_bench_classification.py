@@ -152,3 +152,39 @@ def test_best_on_validation_skips_runs_without_a_score():
     assert best_on_validation({"a": 0.5, "b": 0.5}) == "a"  # ties: the first key
     with pytest.raises(ValueError, match="no scores"):
         best_on_validation({})
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """A run killed after a training-state checkpoint continues from it (same settings), its log appended; other
+    settings never continue it (the stale checkpoint is removed), and a complete run is reused."""
+    import benchmarks.common as common
+
+    config = tmp_path / "train.json"
+    config.write_text("{}")
+    calls = []
+
+    def fake_run(cmd, log, cwd=None, append=False, **_):
+        calls.append((cmd, append))
+        models = tmp_path / "run" / "models"
+        if len(calls) == 1:  # killed after epoch 3
+            (models / "train_state_checkpoint_epoch=3.pt").write_bytes(b"state")
+            raise RuntimeError("killed")
+        (models / "model.pt").write_bytes(b"model")
+        (models / "training_summary.json").write_text(json.dumps({"epochs": 9, "best_metric_epoch": 7}))
+        return 1.0
+
+    monkeypatch.setattr(common, "run_logged", fake_run)
+    run = {"dir": str(tmp_path / "run"), "overrides": {"epochs": 9}, "teacher": False, "configs": [str(config)],
+           "seed": 0}  # fmt: skip
+    with pytest.raises(RuntimeError, match="killed"):
+        bench._train(run, reuse=True)
+    assert "--resume_from" not in calls[0][0] and not calls[0][1]
+    record, reused = bench._train(run, reuse=True)
+    cmd, append = calls[1]
+    assert cmd[cmd.index("--resume_from") + 1].endswith("train_state_checkpoint_epoch=3.pt") and append
+    assert not reused and record["epochs_trained"] == 9
+    assert bench._train(run, reuse=True)[1] and len(calls) == 2  # complete: reused, not trained again
+    (tmp_path / "run" / "models" / "train_state_checkpoint_epoch=3.pt").write_bytes(b"state")
+    bench._train({**run, "overrides": {"epochs": 12}}, reuse=True)  # other settings: from the start
+    assert "--resume_from" not in calls[2][0] and not calls[2][1]
+    assert not list((tmp_path / "run" / "models").glob("train_state_checkpoint_epoch=*.pt"))
