@@ -69,6 +69,7 @@ from medfm_ops.utils.hashing import file_sha256
 from benchmarks.common import best_on_validation, machine_info, run_logged, split_list
 from benchmarks.learning_curve import compare_over_seeds, mean_std
 from benchmarks.score_bars import plot_score_bars
+from benchmarks.sections import notes_lines
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPING = REPO / "bundles" / "lorkd_seg" / "data" / "real_regions.json"
@@ -500,7 +501,7 @@ def markdown(record: dict[str, Any], figure: str) -> str:
     lines = [
         "# LoRKD segmentation on real data: brain MRI + cardiac MRI",
         "",
-        *_notes(record),
+        *notes_lines(record.get("notes")),
         f"Regenerate: `{record['command']}` (this page from its JSON: `python -m benchmarks.real_regions report`).",
         f"Run {record['date']}, {record['wall_seconds'] / 60:.1f} min on {record['machine']['cpu_model']} "
         f"({record['machine']['usable_cores']} cores usable, device {record['machine']['device']}, 1-min load "
@@ -551,12 +552,6 @@ def markdown(record: dict[str, Any], figure: str) -> str:
               f"training wall times: {_training_minutes(res):.0f} min (the teacher once, every other row at its chosen "
               "learning rate for every seed; the learning-rate grid's other runs come on top)."]
     return "\n".join(lines) + "\n"
-
-
-def _notes(record: dict[str, Any]) -> list[str]:
-    """The reader's notes stored in the record (``report --notes``), as a block quote above the measured tables."""
-    text = record.get("notes", "").strip()
-    return [("> " + line).rstrip() for line in text.splitlines()] + [""] if text else []
 
 
 def _ceiling(settings: dict) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medfm_ops.utils.atomic_io import atomic_write_text
 
-__all__ = ["markdown_sections", "regenerate_lines", "write_markdown_section"]
+__all__ = ["markdown_sections", "notes_lines", "regenerate_lines", "write_markdown_section"]
 
 
 def regenerate_lines(command: str, heading: str = "## Regenerate") -> list[str]:
@@ -67,3 +67,10 @@ def write_markdown_section(path: str | os.PathLike, key: str, text: str) -> Path
     else:
         new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block + "\n"
     return atomic_write_text(target, new)
+
+
+def notes_lines(text: str | None) -> list[str]:
+    """A results page's reader notes (what the numbers say, written after reading them; ``report --notes FILE``) as
+    a Markdown block quote followed by a blank line; nothing for empty notes."""
+    text = (text or "").strip()
+    return [("> " + line).rstrip() for line in text.splitlines()] + [""] if text else []

@@ -80,7 +80,7 @@ from benchmarks.site_finetune import (
     run_or_reuse,
 )
 from benchmarks.learning_curve import compare_over_seeds, plot_learning_curve
-from benchmarks.sections import regenerate_lines, write_markdown_section
+from benchmarks.sections import notes_lines, regenerate_lines, write_markdown_section
 from benchmarks.site_shift import (
     HEART,
     MAPPING,
@@ -729,7 +729,7 @@ def write_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
             f" ({pre[name]['summary'].get('epochs', '?')} epoch(s), "
             + (f"{pre[name]['seconds'] / 60:.1f} min wall / {pre[name].get('cpu_seconds', 0) / 60:.1f} min CPU"
                if pre[name]["seconds"] else "reused: timed in an earlier run")
-            + _resumed_note(pre[name]["summary"])
+            + _resumed_note(pre[name]["summary"], bool(pre[name]["seconds"]))
             + f", best validation mean DSC {pre[name]['summary'].get('best_metric', float('nan')):.3f})."
             for name in ("foundation_seg", "lorkd_seg")
         )
@@ -794,10 +794,14 @@ def _shift_lines(before: dict[str, Any]) -> list[str]:
     return out
 
 
-def _resumed_note(summary: dict[str, Any]) -> str:
-    """``" after a resume at epoch 108 (the time counts only the epochs after it)"`` for a resumed run, else ``""``."""
+def _resumed_note(summary: dict[str, Any], timed: bool = True) -> str:
+    """For a resumed run, ``" after a resume at epoch 108 (the time counts only the epochs after it)"`` (``timed``:
+    its time is shown) or ``"; its training resumed at epoch 108"``; else ``""``."""
     epoch = summary.get("resumed_epoch")
-    return f" after a resume at epoch {epoch} (the time counts only the epochs after it)" if epoch else ""
+    if not epoch:
+        return ""
+    return f" after a resume at epoch {epoch} (the time counts only the epochs after it)" if timed else (
+        f"; its training resumed at epoch {epoch}")
 
 
 def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> str:
@@ -837,6 +841,7 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
         f"{st.get('monailabel', 0) / 60:.1f}; reused parts count ~0). Sum of "
         f"the site runs' own wall times {sum(r['seconds'] or 0 for r in records) / 60:.1f} min ({len(records)} runs).",
         "",
+        *notes_lines(summary.get("notes")),
         "**Does adapting the expert beat training from scratch with few patients of an unseen population?** "
         "(\"beats\": mean DSC difference above twice the larger standard deviation over seeds)",
         "",
@@ -909,7 +914,7 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
             f"`bundles/{name}` with `{' '.join(f'--{k} {json.dumps(v)}' for k, v in pre[name]['recipe'].items())}`"
             f" ({pre[name]['summary'].get('epochs', '?')} epoch(s), "
             + (f"{pre[name]['seconds'] / 60:.1f} min wall" if pre[name]["seconds"] else "reused")
-            + _resumed_note(pre[name]["summary"])
+            + _resumed_note(pre[name]["summary"], bool(pre[name]["seconds"]))
             + f", best validation mean DSC {pre[name]['summary'].get('best_metric', float('nan')):.3f})."
             for name in ("foundation_seg", "lorkd_seg")
         )
@@ -931,13 +936,18 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
 
 def report(
     work_dir: str | None = None, results: str = "docs/RESULTS.md", plot: str | None = None,
-    dataset: str = "hippocampus",
+    dataset: str = "hippocampus", notes: str | None = None,
 ) -> str:
     """(Re)write the data set's section of ``results`` and ``plot`` from ``<work_dir>/curve_summary.json`` (defaults
-    of ``dataset``, :data:`DATASETS`)."""
+    of ``dataset``, :data:`DATASETS`). ``notes``: a Markdown file of what the numbers say (acdc_shift), stored in the
+    summary (key ``notes``, kept by later ``report`` calls; a new ``run`` drops them) and shown above the verdicts."""
     d = dataset_defaults(dataset)
     work_dir, plot = work_dir or d["work_dir"], plot or d["plot"]
-    summary = json.loads((repo_path(work_dir) / "curve_summary.json").read_text())
+    summary_file = repo_path(work_dir) / "curve_summary.json"
+    summary = json.loads(summary_file.read_text())
+    if notes is not None:
+        summary["notes"] = Path(notes).read_text()
+        atomic_write_json(summary_file, summary)
     text = write_section(summary, repo_path(results), repo_path(plot))
     print(text)
     return str(repo_path(results))

@@ -183,6 +183,9 @@ def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_reco
     assert ("- heart expert on the pre-training populations' held-in cases: DSC 75.00, NSD 70.00; held-in minus site "
             "test: +20.0 DSC points (per class: right_ventricle +10.0, myocardium +20.0, left_ventricle +30.0).") in text
     assert "- teacher on the pre-training" not in text
+    noted = site_curve.write_section({"meta": meta, "records": records, "budget_records": [],
+                                      "notes": "What it says.\n\nSecond paragraph."}, results, plot)  # fmt: skip
+    assert "> What it says.\n>\n> Second paragraph.\n\n**Does adapting" in noted  # report --notes, above the verdicts
     assert "| expert_full | 10 | 1.00 | 70.50 ± 0.50 | 70.50 ± 0.50 |" in text
     assert "left_ventricle:" in text and "| expert_full | 10 | 1.00 | 50.50 ± 0.50 | 50.50 ± 0.50 |" in text
     assert "| 2 | 20 | 10 | 40 | 20 / 40; 20 (20), 20 (20) |" in text  # scratch: its own ceiling, epochs trained (kept)
