@@ -151,8 +151,10 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
     out = []
     for key, (name, task, datalist, exclude) in teachers.items():  # cached once, reused by every row and seed
         run_dir = work / name
+        teacher_common = {k: v for k, v in common.items()  # the teacher's augmentation changes no cached feature
+                          if k != "train#random_transforms" or not budget.get("teacher_augmentation")}
         ov = {"bundle_root": str(REPO / "bundles" / "foundation_cls"), "ckpt_dir": str(run_dir / "models"),
-              "output_dir": str(run_dir / "runs"), **common, "datalist": datalist,
+              "output_dir": str(run_dir / "runs"), **teacher_common, "datalist": datalist,
               "epochs": budget["foundation_epochs"], "seed": 0,
               **({"exclude_tasks": exclude} if exclude else {"synthetic#tasks": []})}  # fmt: skip
         out.append({"row": "foundation" if key == "foundation" else "foundation_loto", "seed": seeds[0], "task": task,
@@ -587,7 +589,10 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         "`benchmarks.common.carve_validation_datalist`), validated after every epoch; the shipped val split is only "
         "scored.",
         f"- Budget per run: {b['epochs']} epochs ({b['foundation_epochs']} for the foundation), batch {b['batch_size']}, "
-        "input 28^3 z-scored, no random augmentation (all rows, so that the frozen teacher's features are computed "
+        "input 28^3 z-scored, no random augmentation ("
+        + ("every row but the foundations, which train with foundation_cls's own random flips and affine transforms "
+           "(`--teacher_augmentation true`); " if b.get("teacher_augmentation") else "all rows; ")
+        + "so that the frozen teacher's features are computed "
         "once per teacher: `--cache_teacher_features true` with one shared cache file per teacher); the optimiser, learning rate and "
         "schedule are each bundle's own (foundation AdamW 1e-3; lorkd_cls SGD 0.05 cosine; rd_cls AdamW 5e-3 cosine; "
         f"fine-tuning AdamW 1e-3), LoRKD warm-up {b['lorkd_warmup_epochs']} epoch(s) with frozen experts, rank 8. "
@@ -663,6 +668,7 @@ def run(
     val_fraction: float = 0.2,
     patience: int = 0,
     lr_factors: str | tuple[float, ...] | None = None,
+    teacher_augmentation: bool = False,
 ) -> str:
     """
     Train and score the rows (each once per seed) and write ``results`` (+ ``.json``) and its figures.
@@ -691,6 +697,10 @@ def run(
         lr_factors: learning-rate grid as factors of each bundle's own rate (comma-separated, e.g. ``0.3,1,3``): the
             first seed trains every row at each, the factor with the best carved-split AUC is every seed's. Defaults
             to None (each bundle's own rate, no grid).
+        teacher_augmentation: train the foundations (the teachers) with foundation_cls's own random flips and affine
+            transforms; every other row trains without augmentation either way (the frozen teacher's features of
+            un-augmented inputs are what the cache holds, so the teacher's own augmentation changes nothing there).
+            Defaults to False.
 
     Raises:
         ValueError: for unknown rows, ``jobs < 1`` or ``val_fraction`` outside (0, 1).
@@ -708,7 +718,7 @@ def run(
         raise FileNotFoundError(f"MedMNIST files not found: {missing} (see ../shared/data/README.md); pass --data_dir.")
     budget = {"epochs": epochs, "foundation_epochs": foundation_epochs, "lorkd_warmup_epochs": lorkd_warmup_epochs,
               "batch_size": batch_size, "limit": limit, "val_fraction": float(val_fraction),
-              "patience": int(patience),
+              "patience": int(patience), "teacher_augmentation": bool(teacher_augmentation),
               "lr_factors": [float(f) for f in (str(lr_factors).split(",") if isinstance(lr_factors, (str, int, float))
                                                 else lr_factors or [])]}  # fmt: skip
     if int(jobs) < 1:
@@ -751,6 +761,8 @@ def run(
         args.append(f"--val_fraction {val_fraction}")
     if int(patience):
         args.append(f"--patience {int(patience)}")
+    if teacher_augmentation:
+        args.append("--teacher_augmentation true")
     if budget["lr_factors"]:
         args.append(f"--lr_factors {','.join(f'{f:g}' for f in budget['lr_factors'])}")
     if rows:

@@ -51,6 +51,12 @@ def test_plan(tmp_path, monkeypatch):
             assert "gamma" not in rd["overrides"] and rd["overrides"]["teacher_path"] == str(tmp_path / "foundation")
             assert rd["overrides"]["verify_export"] is False and rd["after"] == "foundation"
     assert [r["dir"] for r in plan if r["row"] == "foundation"] == [str(tmp_path / "foundation")]
+    teachers = ("foundation", "foundation_loto")
+    for r in plan:  # no augmentation anywhere by default
+        assert r["overrides"]["train#random_transforms"] == []
+    augmented = bench._runs(["rd", "rd_loto"], [0], tmp_path, data, {**budget, "teacher_augmentation": True})
+    for r in augmented:  # --teacher_augmentation: the teachers keep their bundle's own transforms, no student does
+        assert ("train#random_transforms" in r["overrides"]) == (r["row"] not in teachers), r["row"]
     for r in plan:  # every run selects its model on its own carved split, validated after every epoch
         assert r["overrides"]["val_interval"] == 1 and r["overrides"]["datalist"].endswith(".json")
     # scoring reads the shipped val split: the carved datalist override is dropped
