@@ -9,9 +9,10 @@ on the two real tasks' train splits minus a validation split carved from them (`
 shared by every row and seed, :func:`benchmarks.common.carve_validation_datalist`), with one shared budget (epochs,
 batch, 28^3, no random augmentation so that the frozen teacher's features are computed once per teacher and shared
 through the bundles' feature cache; ``--teacher_augmentation true`` lets the teachers themselves train augmented),
-validated after every epoch on that carved split: the scored model is the bundles' best-on-val ``model.pt``; with ``--patience N`` every run stops after N validations without a better AUC
-(``early_stop_patience``: ``--epochs`` is then a ceiling, so each row trains as long as it improves; the page lists
-the epochs trained and the best epochs), else every run trains its full budget.
+validated after every epoch on that carved split: the scored model is the bundles' best-on-val ``model.pt``; with
+``--patience N`` every run stops after N validations without a better AUC (``early_stop_patience``: ``--epochs`` is
+then a ceiling, so each row trains as long as it improves; the page lists the epochs trained and the best epochs),
+else every run trains its full budget.
 Scores on the shipped val splits, which no choice uses (their test splits are not shipped). Rows: student from
 scratch, foundation (``foundation_cls``, unified head; trained once, seed 0: the teacher of every seed's rows), LoRKD experts
 (``lorkd_cls``; each fused expert exported as a standalone bundle and scored through that bundle's own
