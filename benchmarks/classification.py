@@ -8,7 +8,7 @@ Every row trains with the bundles' own ``configs/train.json`` (plus its baseline
 on the two real tasks' train splits minus a validation split carved from them (``--val_fraction``, one fixed draw
 shared by every row and seed, :func:`benchmarks.common.carve_validation_datalist`), with one shared budget (epochs,
 batch, 28^3, no random augmentation so that the frozen teacher's features are computed once per teacher and shared
-through the bundles' feature cache; ``--teacher_augmentation true`` lets the teachers themselves train augmented),
+through the bundles' feature cache; the teachers themselves train augmented unless ``--teacher_augmentation false``),
 validated after every epoch on that carved split: the scored model is the bundles' best-on-val ``model.pt``; with
 ``--patience N`` every run stops after N validations without a better AUC (``early_stop_patience``: ``--epochs`` is
 then a ceiling, so each row trains as long as it improves; the page lists the epochs trained and the best epochs),
@@ -592,7 +592,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         f"- Budget per run: {b['epochs']} epochs ({b['foundation_epochs']} for the foundation), batch {b['batch_size']}, "
         "input 28^3 z-scored, no random augmentation ("
         + ("every row but the foundations, which train with foundation_cls's own random flips and affine transforms "
-           "(`--teacher_augmentation true`); " if b.get("teacher_augmentation") else "all rows; ")
+           "(`--teacher_augmentation`, chosen on the carved split); " if b.get("teacher_augmentation") else "all rows; ")
         + "so that the frozen teacher's features are computed "
         "once per teacher: `--cache_teacher_features true` with one shared cache file per teacher); the optimiser, learning rate and "
         "schedule are each bundle's own (foundation AdamW 1e-3; lorkd_cls SGD 0.05 cosine; rd_cls AdamW 5e-3 cosine; "
@@ -669,7 +669,7 @@ def run(
     val_fraction: float = 0.2,
     patience: int = 0,
     lr_factors: str | tuple[float, ...] | None = None,
-    teacher_augmentation: bool = False,
+    teacher_augmentation: bool = True,
 ) -> str:
     """
     Train and score the rows (each once per seed) and write ``results`` (+ ``.json``) and its figures.
@@ -701,7 +701,8 @@ def run(
         teacher_augmentation: train the foundations (the teachers) with foundation_cls's own random flips and affine
             transforms; every other row trains without augmentation either way (the frozen teacher's features of
             un-augmented inputs are what the cache holds, so the teacher's own augmentation changes nothing there).
-            Defaults to False.
+            Defaults to True: chosen on the carved
+            validation split (seed 0: the foundation's mean AUC 0.894 with it, 0.861 without).
 
     Raises:
         ValueError: for unknown rows, ``jobs < 1`` or ``val_fraction`` outside (0, 1).
@@ -762,8 +763,8 @@ def run(
         args.append(f"--val_fraction {val_fraction}")
     if int(patience):
         args.append(f"--patience {int(patience)}")
-    if teacher_augmentation:
-        args.append("--teacher_augmentation true")
+    if not teacher_augmentation:
+        args.append("--teacher_augmentation false")
     if budget["lr_factors"]:
         args.append(f"--lr_factors {','.join(f'{f:g}' for f in budget['lr_factors'])}")
     if rows:
