@@ -701,8 +701,8 @@ def run(
         teacher_augmentation: train the foundations (the teachers) with foundation_cls's own random flips and affine
             transforms; every other row trains without augmentation either way (the frozen teacher's features of
             un-augmented inputs are what the cache holds, so the teacher's own augmentation changes nothing there).
-            Defaults to True: chosen on the carved
-            validation split (seed 0: the foundation's mean AUC 0.894 with it, 0.861 without).
+            Defaults to True: chosen on the carved validation split (seed 0: the foundation's mean AUC 0.894 with
+            it, 0.861 without).
 
     Raises:
         ValueError: for unknown rows, ``jobs < 1`` or ``val_fraction`` outside (0, 1).
