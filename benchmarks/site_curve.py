@@ -322,7 +322,8 @@ def run(
         retrain_pretrained: retrain the starting points even when complete ones of the same recipe exist.
         reuse_rows: keep runs with unchanged settings, split and starting weights. Defaults to True.
         serve_check: acdc_shift: serve one written site bundle (the largest N, ``expert_full`` or else the first
-            adapted row, the first seed) in a real MONAI Label server on the first site test image (:func:`monailabel_check`) and report it.
+            adapted row, the first seed) in a real MONAI Label server on the first site test image
+            (:func:`monailabel_check`) and report it.
             Defaults to True.
     """
     stages = _Stages()

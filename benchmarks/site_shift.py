@@ -83,12 +83,12 @@ def held_in_cases(datalist: str | Path, region: str = HEART) -> list[dict[str, s
     Raises:
         ValueError: when the datalist has no validation case of ``region``.
     """
-    path = Path(datalist)
-    content = json.loads(path.read_text())
-    cases = [{k: str((path.parent / c[k]).resolve()) for k in ("image", "label")}
-             for c in content.get("validation", []) if c.get("region_name") == region]  # fmt: skip
+    from medfm_ops.data import load_datalist
+
+    _, sections = load_datalist(datalist, check_files=False)  # validated, paths resolved
+    cases = [{k: c[k] for k in ("image", "label")} for c in sections["validation"] if c["region_name"] == region]
     if not cases:
-        raise ValueError(f"{path}: no 'validation' case of region '{region}'.")
+        raise ValueError(f"{datalist}: no 'validation' case of region '{region}'.")
     return cases
 
 

@@ -211,9 +211,12 @@ def test_held_in_cases_are_the_regions_validation_cases(tmp_path):
 
     (tmp_path / "d").mkdir()
     datalist = tmp_path / "d" / "datalist.json"
+    ids = {"brain_mri": 0, "heart_mri": 1}
     case = lambda name, region: {"image": f"../img/{name}.nii.gz", "label": f"../lab/{name}.nii.gz",  # noqa: E731
-                                 "region_name": region}  # fmt: skip
-    datalist.write_text(json.dumps({"training": [case("t", "heart_mri")],
+                                 "region": ids[region]}  # fmt: skip
+    regions = [{"name": "brain_mri", "task_id": 0, "labels": {"1": "anterior"}},
+               {"name": "heart_mri", "task_id": 1, "labels": {"1": "right_ventricle"}}]  # fmt: skip
+    datalist.write_text(json.dumps({"regions": regions, "training": [case("t", "heart_mri")],
                                     "validation": [case("b", "brain_mri"), case("h1", "heart_mri"),
                                                    case("h2", "heart_mri")]}))  # fmt: skip
     got = held_in_cases(datalist)
