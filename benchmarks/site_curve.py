@@ -115,8 +115,8 @@ DATASETS = {
                     "nsd_tolerance_mm": 1.0, "teacher_epochs": 40, "student_epochs": 40, "pretrain_val_interval": 10,
                     "pretrain_patience": 0, "brain_cases": None},
     "acdc_shift": {"dataset_dir": "../shared/data/acdc", "work_dir": "runs/site_curve_acdc_shift",
-                   "plot": "docs/site_curve_acdc_shift.png", "section": "site-curve-acdc-shift", "sizes": "2,5,all",
-                   "num_validation": 2, "patch_size": (96, 96, 8), "spacing": (1.5, 1.5, 10.0), "pretrain_patch": None,
+                   "plot": "docs/site_curve_acdc_shift.png", "section": "site-curve-acdc-shift", "sizes": "2,5,10,all",
+                   "num_validation": 4, "patch_size": (96, 96, 8), "spacing": (1.5, 1.5, 10.0), "pretrain_patch": None,
                    "nsd_tolerance_mm": 1.5, "teacher_epochs": 150, "student_epochs": 100, "pretrain_val_interval": 5,
                    "pretrain_patience": 4, "brain_cases": 40},
 }  # fmt: skip
@@ -257,8 +257,8 @@ def run(
     pretrain_patience: int | None = None,
     budget_epochs: Any = None,
     budget_val_interval: int = 5,
-    held_out: Any = "arv",
-    num_test: int = 5,
+    held_out: Any = "arv,minf",
+    num_test: int = 10,
     scratch_steps: int | None = 3000,
     scratch_validations: int = 30,
     scratch_patience: int = 5,
@@ -300,8 +300,9 @@ def run(
         budget_epochs: epochs of the budget study (comma-separated, e.g. ``10,60``); None skips it.
         budget_val_interval: validation interval of the budget study (must divide each of its epochs). Defaults to 5.
         held_out: acdc_shift: the site's pathology groups (comma-separated among dcm, hcm, minf, nor, arv).
-            Defaults to ``arv`` (abnormal right ventricle: see docs/site_curve.md).
-        num_test: acdc_shift: patients of the fixed site test set. Defaults to 5.
+            Defaults to ``arv,minf`` (abnormal right ventricle and previous myocardial infarction, 32 patients in the
+            shared set: two groups give a pool of 18 site patients, so that N = 10 exists; see docs/site_curve.md).
+        num_test: acdc_shift: patients of the fixed site test set. Defaults to 10.
         scratch_steps, scratch_validations, scratch_patience: acdc_shift: the scratch row's own budget: a ceiling of
             steps, validations spread over it, and early stopping on the validation patients after ``scratch_patience``
             validations without a better Dice (0: the whole ceiling; the best validation is kept either way).
@@ -508,7 +509,7 @@ def run(
     if shift:
         defaults.pop("num_public")
         given.pop("num_public")
-        defaults |= {"held_out": "arv", "num_test": 5, "scratch_steps": 3000, "scratch_validations": 30,
+        defaults |= {"held_out": "arv,minf", "num_test": 10, "scratch_steps": 3000, "scratch_validations": 30,
                      "scratch_patience": 5, "brain_cases": d["brain_cases"], "pretrain_val_patients": 6}  # fmt: skip
         given |= {"held_out": ",".join(held), "num_test": num_test, "scratch_steps": scratch_steps,
                   "scratch_validations": scratch_validations, "scratch_patience": scratch_patience,
