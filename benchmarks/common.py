@@ -20,7 +20,7 @@ from typing import Any
 from medfm_ops.utils.machine import BENCH_REEXEC_FLAG, machine_info
 
 __all__ = ["REPO", "GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms",
-           "run_logged", "split_list", "select_rows", "repo_path", "run_record", "carve_validation_datalist",
+           "run_logged", "run_timed", "split_list", "select_rows", "repo_path", "run_record", "carve_validation_datalist",
            "verdict_cell"]  # fmt: skip
 
 #: the repository root (benchmarks run from it: ``python -m benchmarks.<name>``)
@@ -98,22 +98,25 @@ def run_record(command: Sequence[str], start: float) -> dict[str, Any]:
     return {"command": " ".join(command), "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - start}
 
 
-def run_logged(
+def run_timed(
     cmd: list[str],
     log: str | os.PathLike,
     cwd: str | os.PathLike | None = None,
     tail_lines: int = 40,
     glibc_tunables: bool = False,
     append: bool = False,
-) -> float:
+) -> dict[str, float]:
     """
-    Run ``cmd`` (environment inherited, ``PYTHONUNBUFFERED=1``) with stdout and stderr to the file ``log``; returns the
-    wall time in seconds.
+    Run ``cmd`` (environment inherited, ``PYTHONUNBUFFERED=1``) with stdout and stderr to the file ``log``.
 
     Args:
         glibc_tunables: set :data:`GLIBC_TUNABLES` in the child unless the environment already sets it (steadier,
             faster 3D steps on CPU). Defaults to False.
         append: add to ``log`` (e.g. a resumed run's) instead of replacing it. Defaults to False.
+
+    Returns:
+        ``{"wall": seconds, "cpu": user + system seconds of the child}`` (the child's own CPU time, also when
+        several run at once; it depends less on other jobs than the wall time).
 
     Raises:
         RuntimeError: on a non-zero exit, with the command and the last ``tail_lines`` lines of the log.
@@ -126,12 +129,19 @@ def run_logged(
         env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
     start = time.perf_counter()
     with open(log, "a" if append else "w") as f:
-        rc = subprocess.call(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-tail_lines:])
         raise RuntimeError(f"command failed (exit {rc}) after {seconds:.0f} s: {shlex.join(cmd)}\n{tail}")
-    return seconds
+    return {"wall": seconds, "cpu": usage.ru_utime + usage.ru_stime}
+
+
+def run_logged(cmd: list[str], log: str | os.PathLike, cwd: str | os.PathLike | None = None, **kwargs: Any) -> float:
+    """:func:`run_timed`'s wall time in seconds (same arguments)."""
+    return run_timed(cmd, log, cwd=cwd, **kwargs)["wall"]
 
 
 def carve_validation_datalist(

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from typing import Any
 
 import fire
 
-from benchmarks.common import GLIBC_TUNABLES, REPO, repo_path, run_record, select_rows
+from benchmarks.common import GLIBC_TUNABLES, REPO, repo_path, run_record, run_timed, select_rows
 from benchmarks.sections import markdown_sections, regenerate_lines
 from medfm_ops.finetune.settings import SiteFinetuneSettings
 from medfm_ops.utils.atomic_io import atomic_write_text
@@ -63,29 +61,9 @@ REFERENCES = (
 )
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _run_timed(cmd: list[str], log: Path, append: bool = False) -> dict[str, float]:
-    """Run ``cmd`` from the repository root, output to ``log`` (``append``: after what it holds, e.g. a resumed
-    run's log); raise with the log's tail on failure. Returns ``{"wall": seconds, "cpu": user + system seconds of
-    the child}`` (CPU time depends less on other jobs)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"$ {shlex.join(cmd)}\n  (log: {log})", flush=True)
-    start = time.perf_counter()
-    with open(log, "a" if append else "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=_env())
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, also when several run at once
-        proc.returncode = rc = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
-    if rc != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"command failed (exit {rc}) after {seconds:.0f} s: {shlex.join(cmd)}\n{tail}")
-    return {"wall": seconds, "cpu": usage.ru_utime + usage.ru_stime}
+    """:func:`benchmarks.common.run_timed` from the repository root with :data:`GLIBC_TUNABLES`."""
+    return run_timed(cmd, log, cwd=REPO, glibc_tunables=True, append=append)
 
 
 def _run(cmd: list[str], log: Path) -> float:
