@@ -88,6 +88,7 @@ from benchmarks.site_shift import (
     describe_split,
     export_heart_expert,
     held_in_cases,
+    population_scores,
     score_bundle_on_cases,
 )
 from benchmarks.site_study import (
@@ -441,6 +442,7 @@ def run(
             rec.update({"n": info["num_patients"], "num_volumes": result["summary"]["split"]["num_training_used"],
                         "val_dsc": rec["dsc"], "val_nsd": rec["nsd"], "dsc": test["mean_dsc"], "nsd": test["mean_nsd"],
                         "per_class": {t["class"]: {"dsc": t["dsc_mean"], "nsd": t["nsd_mean"]} for t in test["table"]},
+                        "per_population": population_scores(test, study["site_test"]),
                         "score_set": "site_test"})  # fmt: skip
         print(f"  N={n_label} {name} seed {seed}: DSC {rec['dsc']:.4f}, NSD {rec['nsd']:.4f} "
               f"({(rec['seconds'] or 0) / 60:.1f} min wall, {(rec['cpu_seconds'] or 0) / 60:.1f} min CPU"
@@ -549,7 +551,9 @@ def run(
         "budget_study": {"epochs": budget_list, "val_interval": budget_val_interval},
         "nsd_tolerance_mm": nsd_tolerance_mm,
         "before": {k: {"mean_dsc": v["mean_dsc"], "mean_nsd": v["mean_nsd"],
-                       "per_class": {t["class"]: {"dsc": t["dsc_mean"], "nsd": t["nsd_mean"]} for t in v["table"]}}
+                       "per_class": {t["class"]: {"dsc": t["dsc_mean"], "nsd": t["nsd_mean"]} for t in v["table"]},
+                       **({"per_population": population_scores(v, study["site_test"])} if k in ("expert", "teacher")
+                          else {})}
                    for k, v in before_scores.items()},
         "results": results,
         "plot": plot,
@@ -796,6 +800,30 @@ def _shift_lines(before: dict[str, Any]) -> list[str]:
     return out
 
 
+def _population_lines(meta: dict[str, Any], records: list[dict], rows: list[str], sizes: list[str]) -> list[str]:
+    """BEFORE and AFTER (smallest and largest N) per population of the site test set: how each held-out group shifts
+    and is repaired. Empty for a one-group site or records made before per-population scores."""
+    expert = meta["before"].get("expert") or {}
+    pops = list(expert.get("per_population", {}))
+    if len(pops) < 2 or not all("per_population" in r for r in records):
+        return []
+    ends = list(dict.fromkeys([sizes[0], sizes[-1]]))
+    head = "| row | " + " | ".join(f"{p}: N={n}" for p in pops for n in ends) + " |"
+    lines = ["**By population of the site test set** (DSC %; mean over the population's test volumes, each the mean "
+             "over the three classes; BEFORE = as exported):", "", head,
+             "| --- | " + " | ".join("---:" for _ in pops for _ in ends) + " |"]  # fmt: skip
+    for who in ("expert", "teacher"):
+        b = (meta["before"].get(who) or {}).get("per_population", {})
+        if b:
+            lines.append(f"| BEFORE {who} | " + " | ".join(f"{100 * b[p]['dsc']:.2f}" for p in pops for _ in ends) + " |")
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(
+            _mean_std([r["per_population"][p]["dsc"] for r in _by(records, row, n)]) for p in pops for n in ends)
+            + " |")  # fmt: skip
+    counts = ", ".join(f"{p} {expert['per_population'][p]['num_cases']}" for p in pops)
+    return [*lines, "", f"Test volumes per population: {counts}.", ""]
+
+
 def _resumed_note(summary: dict[str, Any], timed: bool = True) -> str:
     """For a resumed run, ``" after a resume at epoch 108 (the time counts only the epochs after it)"`` (``timed``:
     its time is shown) or ``"; its training resumed at epoch 108"``; else ``""``."""
@@ -868,6 +896,7 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
         "",
         *_grid(records, rows, sizes, "nsd"),
         "",
+        *_population_lines(meta, records, rows, sizes),
         "Per class, DSC (%):",
         "",
         *_class_grids(records, rows, sizes, "dsc"),

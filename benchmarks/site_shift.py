@@ -12,6 +12,8 @@ cardiac expert fine-tuned at a site whose pathology group its pre-training never
   recorded preprocessing (spacing, window, intensity).
 - :func:`score_bundle_on_cases`: a written bundle's own ``configs/inference.json`` on the fixed site test set, per
   class, saved beside the bundle and reused while its ``models/model.pt`` is unchanged.
+- :func:`population_scores`: those scores per population of the site (a two-group site: how each group shifts
+  and is repaired).
 - :func:`held_in_cases`: the heart cases the pre-training validated on (patients of the pre-training groups), the
   in-distribution reference that shows how much the BEFORE score drops at the shifted site.
 """
@@ -28,7 +30,7 @@ from medfm_ops.utils.atomic_io import atomic_write_json
 from medfm_ops.utils.hashing import file_sha256
 
 __all__ = ["HEART", "MAPPING", "REAL_CONFIGS", "describe_split", "export_heart_expert", "held_in_cases",
-           "score_bundle_on_cases"]  # fmt: skip
+           "population_scores", "score_bundle_on_cases"]  # fmt: skip
 
 #: the region of the site's classes (right ventricle, myocardium, left ventricle)
 HEART = "heart_mri"
@@ -121,6 +123,33 @@ def score_bundle_on_cases(bundle: Path, cases: list[dict], tolerance_mm: float, 
     result = {**result, "model_sha256": sha, "images": images, "tolerance_mm": float(tolerance_mm)}
     atomic_write_json(scores_file, result)
     return {**result, "reused": False}
+
+
+def population_scores(scores: dict[str, Any], cases: list[dict]) -> dict[str, dict[str, float]]:
+    """
+    Mean DSC / NSD per population of ``cases`` from :func:`score_bundle_on_cases`'s per-case scores (each case's mean
+    over classes, then the mean over the population's cases).
+
+    Args:
+        scores: ``{"cases": [{"label", "dsc": [per class], "nsd": [per class]}, ...]}``.
+        cases: the scored cases, each with ``label`` and ``population`` (a site split's part).
+
+    Returns:
+        ``{population: {"dsc", "nsd", "num_cases"}}`` in the order the populations first appear in ``cases``.
+
+    Raises:
+        ValueError: when a scored case is not among ``cases`` (the scores belong to another set).
+    """
+    population = {str(c["label"]): str(c["population"]) for c in cases}
+    sums: dict[str, list[float]] = {p: [0.0, 0.0, 0] for p in dict.fromkeys(population.values())}
+    for case in scores["cases"]:
+        if case["label"] not in population:
+            raise ValueError(f"scored case {case['label']} is not one of the {len(cases)} cases given.")
+        acc = sums[population[case["label"]]]
+        acc[0] += sum(case["dsc"]) / len(case["dsc"])
+        acc[1] += sum(case["nsd"]) / len(case["nsd"])
+        acc[2] += 1
+    return {p: {"dsc": d / n, "nsd": s / n, "num_cases": n} for p, (d, s, n) in sums.items() if n}
 
 
 def describe_split(study: dict[str, Any]) -> dict[str, Any]:

@@ -204,6 +204,35 @@ def test_shift_section_and_plot_from_a_fake_record_set(tmp_path, fake_curve_reco
     meta["monailabel"] |= {"labels_match": False, "passed": False}
     text = site_curve.write_section({"meta": meta, "records": records, "budget_records": []}, results, plot)
     assert "(NOT the site bundle's classes)" in text and ": FAILED." in text
+    assert "By population" not in text  # a one-group site (or records without per-population scores): no table
+    pops = ("arv", "minf")
+    meta["before"]["expert"]["per_population"] = {p: {"dsc": 0.4 + 0.2 * i, "nsd": 0.5, "num_cases": 4 + 2 * i}
+                                                  for i, p in enumerate(pops)}  # fmt: skip
+    for r in records:
+        r["per_population"] = {p: {"dsc": r["dsc"] + 0.1 * i, "nsd": r["dsc"], "num_cases": 4 + 2 * i}
+                               for i, p in enumerate(pops)}  # fmt: skip
+    text = site_curve.write_section({"meta": meta, "records": records, "budget_records": []}, results, plot)
+    assert "| row | arv: N=2 | arv: N=all | minf: N=2 | minf: N=all |" in text
+    assert "| BEFORE expert | 40.00 | 40.00 | 60.00 | 60.00 |" in text and "BEFORE teacher" not in text
+    assert "| expert_full | 70.50 ± 0.50 | 70.50 ± 0.50 | 80.50 ± 0.50 | 80.50 ± 0.50 |" in text
+    assert "Test volumes per population: arv 4, minf 6." in text
+
+
+def test_population_scores_average_each_groups_cases():
+    from benchmarks.site_shift import population_scores
+
+    cases = [{"label": "a1", "population": "arv"}, {"label": "m1", "population": "minf"},
+             {"label": "a2", "population": "arv"}]  # fmt: skip
+    scores = {"cases": [{"label": "a1", "dsc": [0.2, 0.4], "nsd": [1.0, 1.0]},
+                        {"label": "m1", "dsc": [0.9, 0.7], "nsd": [0.5, 0.7]},
+                        {"label": "a2", "dsc": [0.6, 0.6], "nsd": [0.0, 1.0]}]}  # fmt: skip
+    got = population_scores(scores, cases)
+    assert list(got) == ["arv", "minf"]
+    assert got["arv"]["dsc"] == pytest.approx(0.45) and got["arv"]["nsd"] == pytest.approx(0.75)
+    assert got["arv"]["num_cases"] == 2 and got["minf"] == {"dsc": pytest.approx(0.8), "nsd": pytest.approx(0.6),
+                                                             "num_cases": 1}  # fmt: skip
+    with pytest.raises(ValueError, match="scored case x is not one of the 3 cases"):
+        population_scores({"cases": [{"label": "x", "dsc": [1.0], "nsd": [1.0]}]}, cases)
 
 
 def test_held_in_cases_are_the_regions_validation_cases(tmp_path):
