@@ -6,6 +6,7 @@ timing, logged child runs, command-line lists; the machine record is :py:func:`m
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
@@ -13,15 +14,16 @@ import subprocess
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from medfm_ops.utils.machine import BENCH_REEXEC_FLAG, machine_info
 
 __all__ = ["REPO", "GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms",
            "run_logged", "run_timed", "split_list", "select_rows", "repo_path", "run_record", "carve_validation_datalist",
-           "verdict_cell"]  # fmt: skip
+           "verdict_cell", "best_on_validation", "child_threads", "grid_then_seeds"]  # fmt: skip
 
 #: the repository root (benchmarks run from it: ``python -m benchmarks.<name>``)
 REPO = Path(__file__).resolve().parents[1]
@@ -218,3 +220,72 @@ def best_on_validation(scores: Mapping[Any, float | None]) -> Any:
         return -math.inf if v is None or not math.isfinite(float(v)) else float(v)
 
     return max(scores, key=value)
+
+
+@contextlib.contextmanager
+def child_threads(threads: int | None) -> Iterator[None]:
+    """``OMP_NUM_THREADS`` of the child processes started inside the block (None or 0: left as it is); the previous
+    value is restored after. Several single-threaded runs side by side use a small CPU better than one run with
+    several threads whose threads wait for a descheduled sibling."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(int(threads))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+
+
+_Run = TypeVar("_Run")
+
+
+def grid_then_seeds(
+    rows: Sequence[str],
+    units: Mapping[str, Sequence[Any]],
+    lr_grid: Sequence[float],
+    seeds: Sequence[int],
+    train: Callable[[str, float, int, Any], _Run],
+    validation_score: Callable[[_Run], float | None],
+    jobs: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """
+    Train every row: its units (e.g. one run per region, or one run) with the first seed for every learning rate of
+    ``lr_grid``, the rate chosen on validation (:func:`best_on_validation` of the mean ``validation_score`` over the
+    units; None counts as 0), then the other seeds at the chosen rate. ``jobs`` runs at a time (threads that wait on
+    child processes); a row's other seeds start once its own grid is done, without waiting for the other rows.
+
+    Args:
+        train: ``train(row, lr, seed, unit)`` -> one finished run.
+
+    Returns:
+        ``{row: {"lr": chosen, "val": {lr: mean validation score}, "runs": {seed: [run per unit]}}}``.
+
+    Raises:
+        ValueError: on ``jobs < 1`` or an empty ``lr_grid`` / ``seeds``; whatever ``train`` raises (queued runs are
+            cancelled).
+    """
+    if int(jobs) < 1 or not lr_grid or not seeds:
+        raise ValueError(f"need jobs >= 1 ({jobs}), a learning rate ({list(lr_grid)}) and a seed ({list(seeds)}).")
+    first, others = seeds[0], list(seeds[1:])
+    pool = ThreadPoolExecutor(max_workers=int(jobs))
+    try:
+        grid: dict[str, dict[float, list[Future]]] = {
+            row: {lr: [pool.submit(train, row, lr, first, u) for u in units[row]] for lr in lr_grid} for row in rows}
+        out: dict[str, dict[str, Any]] = {}
+        later: dict[str, dict[int, list[Future]]] = {}
+        for row in rows:
+            runs = {lr: [f.result() for f in futures] for lr, futures in grid[row].items()}
+            val = {lr: statistics.fmean(validation_score(r) or 0.0 for r in rs) for lr, rs in runs.items()}
+            lr = best_on_validation(val)
+            out[row] = {"lr": lr, "val": val, "runs": {first: runs[lr]}}
+            later[row] = {seed: [pool.submit(train, row, lr, seed, u) for u in units[row]] for seed in others}
+        for row in rows:
+            out[row]["runs"].update({seed: [f.result() for f in futures] for seed, futures in later[row].items()})
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return out

@@ -6,7 +6,7 @@ decomposed into real region experts, against the baselines in one harness; write
 
     python -m benchmarks.real_regions run [--preset full|smoke] [--seeds 0,1,2] [--rows teacher,stl,mtl,...]
         [--lr_grid 0.001,0.003] [--device cpu|cuda] [--data_root ../shared/data] [--work_dir runs/real_regions]
-        [--out docs/RESULTS_real_regions.md]
+        [--out docs/RESULTS_real_regions.md] [--jobs 2] [--threads 1]
     python -m benchmarks.real_regions report [--work_dir runs/real_regions] [--out docs/RESULTS_real_regions.md]
 
 What one ``run`` does (every step resumes: a finished run is stored as JSON in its folder and reused while its
@@ -23,7 +23,8 @@ settings are unchanged; an interrupted command picks up where it stopped):
    the stock MONAI UNet of the expert's size from scratch per region, trained by an expert bundle's own
    ``train.json`` (the recipe a site gets; same epochs, the region's cases, no teacher). The learning rate
    of every row is chosen on the VALIDATION split (best ``val_mean_dsc`` of the first seed over ``lr_grid``); the
-   other seeds train with it. Nothing is chosen on test.
+   other seeds train with it. Nothing is chosen on test. ``--jobs`` runs train at a time, each single-threaded
+   (``--threads``; :func:`benchmarks.common.grid_then_seeds`); the teacher trains alone with all the threads.
 4. Every model is exported per region as a standalone expert bundle (LoRKD: the fused expert; baselines: the
    stock network with the region's output channels; the teacher: the foundation network the same way) carrying
    the region's preprocessing (spacing, window, intensity), and scored on the region's TEST cases through the
@@ -66,7 +67,7 @@ from medfm_ops.networks import expert_model_from_spec, export_expert, instantiat
 from medfm_ops.utils.atomic_io import atomic_write_json, atomic_write_text
 from medfm_ops.utils.hashing import file_sha256
 
-from benchmarks.common import best_on_validation, machine_info, run_logged, split_list
+from benchmarks.common import child_threads, grid_then_seeds, machine_info, run_logged, split_list
 from benchmarks.learning_curve import compare_over_seeds, mean_std
 from benchmarks.score_bars import plot_score_bars
 from benchmarks.sections import notes_lines
@@ -221,6 +222,8 @@ def run(
     split_seed: int = 0,
     work_dir: str = "runs/real_regions",
     out: str = "docs/RESULTS_real_regions.md",
+    jobs: int = 2,
+    threads: int | None = 1,
 ) -> str:
     """
     Build the data, train the teacher (once) and the rows, export and score every model on test; write ``out``
@@ -242,10 +245,16 @@ def run(
         split_seed: seed of the train / val / test split. Defaults to 0.
         work_dir: runs, exports, logs. Defaults to ``runs/real_regions``.
         out: the results page. Defaults to ``docs/RESULTS_real_regions.md``.
+        jobs: training runs at a time after the teacher (each its own process). Defaults to 2 (one per core of a
+            2-core machine); the teacher trains alone with ``threads * jobs`` threads.
+        threads: ``OMP_NUM_THREADS`` of every training process; None or 0 leaves it as it is (torch then uses every
+            core in each process). Defaults to 1. Not part of the reuse stamps (results change by float rounding).
 
     Raises:
-        ValueError: on an unknown preset or row; FileNotFoundError when the data are missing.
+        ValueError: on an unknown preset or row or ``jobs < 1``; FileNotFoundError when the data are missing.
     """
+    if int(jobs) < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}.")
     start = time.perf_counter()
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {list(PRESETS)}.")
@@ -285,8 +294,9 @@ def run(
     teacher_dir = work / "teacher"
     stop = {"early_stop_patience": p["patience"]} if p["patience"] else {}  # absent: the runs of earlier presets
     t_args = {**common, "epochs": p["teacher_epochs"], "val_interval": p["val_every"], **stop}
-    teacher = train_run("foundation_seg", teacher_dir, ["train.json", "real_regions.json"], t_args,
-                        {"args": t_args, "data": data_sha, "configs": _digest("foundation_seg", [])})
+    with child_threads(int(threads) * int(jobs) if threads else None):  # alone: every core
+        teacher = train_run("foundation_seg", teacher_dir, ["train.json", "real_regions.json"], t_args,
+                            {"args": t_args, "data": data_sha, "configs": _digest("foundation_seg", [])})
     teacher_sha = file_sha256(teacher_dir / "models" / "model.pt")
     prep = json.loads((teacher_dir / "models" / "region_preprocessing.json").read_text())
     times["teacher_train"] = time.perf_counter() - t0
@@ -302,56 +312,63 @@ def run(
                                          "best_epochs": [teacher.get("best_epoch")]}]}
         times["teacher_score"] = time.perf_counter() - t0
 
-    # 3-4. rows: LR chosen on validation with the first seed, then every seed; each exported and scored on test
-    for row in [r for r in ROWS if r in p["rows"]]:
-        t0 = time.perf_counter()
-        description, override, experts, deployed = ROWS[row]
+    # 3. training, ``jobs`` runs at a time: every row's first seed over the LR grid (chosen on VALIDATION), then its
+    # other seeds at the chosen rate
+    t0 = time.perf_counter()
+    row_names = [r for r in ROWS if r in p["rows"]] + (["scratch"] if "scratch" in p["rows"] else [])
+    units = {row: regions if row == "scratch" or ROWS[row][1] == "stl" else [None] for row in row_names}
+    scratch_net = _scratch_network(table) if "scratch" in row_names else None
+
+    def train_unit(row: str, lr: float, seed: int, region: str | None) -> tuple[Path, dict]:
+        if row == "scratch":
+            return _scratch_train(work, table, sections, prep, p, device, data_sha, scratch_net, region, lr, seed)
+        _, override, experts, _ = ROWS[row]
         files = ["train.json", "real_regions.json", *([f"baselines/{override}.json"] if override else [])]
-        base = {**common, "epochs": p["epochs"], "val_interval": p["val_every"], **stop, "teacher_path": str(teacher_dir),
-                **({"warmup_epochs": p["warmup_epochs"]} if experts else {})}  # fmt: skip
+        args = {**common, "epochs": p["epochs"], "val_interval": p["val_every"], **stop,
+                "teacher_path": str(teacher_dir), **({"warmup_epochs": p["warmup_epochs"]} if experts else {}),
+                "learning_rate": lr, "seed": seed, **({"region": region} if region else {})}  # fmt: skip
+        run_dir = work / row / f"lr{lr:g}" / f"seed{seed}" / (region or "all")
+        settings = {"args": args, "teacher": teacher_sha, "data": data_sha, "configs": _digest("lorkd_seg", files)}
+        return run_dir, train_run("lorkd_seg", run_dir, files, args, settings)
 
-        def _train(lr: float, seed: int) -> list[tuple[Path, dict]]:
-            runs = []
-            for region in regions if override == "stl" else [None]:
-                args = {**base, "learning_rate": lr, "seed": seed, **({"region": region} if region else {})}
-                run_dir = work / row / f"lr{lr:g}" / f"seed{seed}" / (region or "all")
-                settings = {"args": args, "teacher": teacher_sha, "data": data_sha,
-                            "configs": _digest("lorkd_seg", files)}  # fmt: skip
-                runs.append((run_dir, train_run("lorkd_seg", run_dir, files, args, settings)))
-            return runs
+    with child_threads(threads):
+        trained = grid_then_seeds(row_names, units, p["lr_grid"], p["seeds"], train_unit,
+                                  lambda run: run[1]["val_mean_dsc"], jobs=jobs)  # fmt: skip
+    times["rows_train"] = time.perf_counter() - t0
 
-        grid = {lr: _train(lr, p["seeds"][0]) for lr in p["lr_grid"]}
-        val = {lr: statistics.fmean(r["val_mean_dsc"] or 0.0 for _, r in runs) for lr, runs in grid.items()}
-        best_lr = best_on_validation(val)
+    # 4. every model exported per region and scored on test through its own inference.json (this process)
+    t0 = time.perf_counter()
+    for row in row_names:
+        got = trained[row]
         per_seed = []
         for seed in p["seeds"]:
-            runs = grid[best_lr] if seed == p["seeds"][0] else _train(best_lr, seed)
-            scored: dict[str, Any] = {"regions": {}, "train_seconds": 0.0, "score_seconds": 0.0, "train_params": 0,
-                                      "best_epochs": [rec.get("best_epoch") for _, rec in runs]}
+            runs = got["runs"][seed]
+            scored: dict[str, Any] = {"regions": {}, "train_seconds": 0.0, "score_seconds": 0.0,
+                                      "best_epochs": [rec.get("best_epoch") for _, rec in runs]}  # fmt: skip
             for run_dir, rec in runs:
-                region = run_dir.name if override == "stl" else None
-                mine = [region] if region else regions
-                s = score_run(run_dir, experts, table, prep, test, mine,
-                              {"model": file_sha256(run_dir / "models" / "model.pt"), "data": data_sha}, device)
+                if row == "scratch":
+                    s = _scratch_scores(run_dir, table, prep, test, scratch_net, data_sha, device)
+                else:
+                    mine = [run_dir.name] if ROWS[row][1] == "stl" else regions
+                    s = score_run(run_dir, ROWS[row][2], table, prep, test, mine,
+                                  {"model": file_sha256(run_dir / "models" / "model.pt"), "data": data_sha}, device)
                 scored["regions"].update(s["regions"])
                 scored["train_seconds"] += rec["train_seconds"]
                 scored["score_seconds"] += s["score_seconds"]
             per_seed.append({"seed": seed, **scored})
-        results[row] = {"description": description, "deployed_as": deployed, "lr": best_lr,
-                        "lr_grid": {f"{lr:g}": v for lr, v in val.items()}, "seeds": per_seed}  # fmt: skip
-        times[row] = time.perf_counter() - t0
-        print(f"  {row}: lr {best_lr:g} (val {val[best_lr]:.4f}); {times[row]:.0f} s", flush=True)
-
-    if "scratch" in p["rows"]:
-        t0 = time.perf_counter()
-        results["scratch"] = _scratch_row(work, table, sections, prep, p, device, data_sha)
-        times["scratch"] = time.perf_counter() - t0
+        description, deployed = (SCRATCH[1], SCRATCH[2]) if row == "scratch" else (ROWS[row][0], ROWS[row][3])
+        results[row] = {"description": description, "deployed_as": deployed, "lr": got["lr"],
+                        "lr_grid": {f"{lr:g}": v for lr, v in got["val"].items()}, "seeds": per_seed}  # fmt: skip
+        print(f"  {row}: lr {got['lr']:g} (val {got['val'][got['lr']]:.4f})", flush=True)
+    times["rows_score"] = time.perf_counter() - t0
 
     record = {
         "command": "python -m benchmarks.real_regions run" + (f" --preset {preset}" if preset != "full" else "")
         + "".join(f" --{k} {_arg(v)}" for k, v in (("seeds", seeds), ("rows", rows), ("lr_grid", lr_grid),
                                               ("train_cases", train_cases), ("epochs", epochs),
                                               ("teacher_epochs", teacher_epochs), ("patience", patience),
+                                              ("jobs", jobs if int(jobs) != 2 else None),
+                                              ("threads", threads if threads != 1 else None),
                                               ("device", device if device != "cpu"
                                                                                    else None)) if v is not None)
         + (" --single_seed" if single_seed else ""),
@@ -359,7 +376,7 @@ def run(
         "wall_seconds": time.perf_counter() - start,
         "part_seconds": times,
         "machine": machine_info(device if device.startswith("cuda") else "cpu"),
-        "settings": {**p, "split_seed": split_seed, "datalist": os.path.relpath(subset, REPO),
+        "settings": {**p, "split_seed": split_seed, "jobs": int(jobs), "threads": threads, "datalist": os.path.relpath(subset, REPO),
                      "regions": regions, "preprocessing": prep, "nsd_tolerance_mm": NSD_TOLERANCE_MM,
                      "n_cases": {s: {r: sum(1 for i in items if table.region_names[int(i["region"])] == r)
                                      for r in regions} for s, items in sections.items()}},  # fmt: skip
@@ -375,88 +392,81 @@ def _arg(value: Any) -> str:
     return ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
 
 
-def _scratch_row(work: Path, table: Any, sections: dict, prep: dict, p: dict, device: str, data_sha: str) -> dict:
-    """The scratch row: per region, a freshly initialised stock UNet of the expert's size written as an expert
-    bundle and trained by that bundle's own train.json on the region's training cases (validation for the best
-    model and the LR choice); scored on test through the same bundle's inference.json."""
-    import torch
-
+def _scratch_network(table: Any) -> dict[str, Any]:
+    """The scratch row's network: the stock MONAI UNet of the expert's size (lorkd_seg's network config)."""
     from medfm_ops.bundle_paths import bundle_network_config
 
-    net_def = bundle_network_config(REPO / "bundles" / "lorkd_seg" / "configs" / "train.json",
-                                    num_classes=table.num_classes)
-    cases = lambda section, task: [{"image": c["image"], "label": c["label"]} for c in sections.get(section, [])  # noqa
-                                   if int(c["region"]) == task]
+    return bundle_network_config(REPO / "bundles" / "lorkd_seg" / "configs" / "train.json",
+                                 num_classes=table.num_classes)  # fmt: skip
 
-    def train(name: str, lr: float, seed: int) -> tuple[Path, dict]:
-        task, row = table.task_id_of(name), prep[name]
-        run_dir = work / "scratch" / f"lr{lr:g}" / f"seed{seed}" / name
-        args = {"train_datalist": cases("training", task), "val_datalist": cases("validation", task),
-                "pretrained": False, "epochs": p["epochs"], "val_interval": p["val_every"], "learning_rate": lr,
-                **({"early_stop_patience": p["patience"]} if p["patience"] else {}),
-                "seed": seed, "batch_size": p["batch_size"], "num_workers": 0,
-                "device": "$torch.device('cuda:0')" if device.startswith("cuda") else "$torch.device('cpu')"}
-        settings = {"args": args, "data": data_sha, "net": net_def, "row": row}
-        stamp = run_dir / "run.json"
-        old = _stored(stamp, settings)
-        if old is not None:
-            return run_dir, {**old, "reused": True}
-        shutil.rmtree(run_dir, ignore_errors=True)
-        torch.manual_seed(seed)
-        bundle = write_expert_bundle(
-            run_dir / "bundle", net_def, instantiate(dict(net_def)).state_dict(), region_name=name,
-            label_names={i: c for i, c in enumerate(table.class_names[task], start=1)},
-            output_channels=table.channels_of(task), spacing=row["spacing"], roi_size=row["window_size"],
-            modality="MR", intensity_nonzero=row.get("intensity") == "zscore_nonzero",
-        )  # fmt: skip
-        seconds = run_logged(_bundle_cmd(bundle, ["train.json"], args), run_dir / "train.log", cwd=REPO,
-                             glibc_tunables=True)
-        val = args["val_datalist"]
-        preds = predict_with_bundle(bundle, [c["image"] for c in val], run_dir / "val_predictions", device=device)
-        val_dsc = score_label_maps(preds, [c["label"] for c in val], table.class_names[task],
-                                   NSD_TOLERANCE_MM.get(name, 1.0))["mean_dsc"]
-        record = {"settings": settings, "train_seconds": seconds, "val_mean_dsc": val_dsc}
-        atomic_write_json(stamp, record)
-        return run_dir, {**record, "reused": False}
 
-    regions = [table.region_names[t] for t in table.task_ids]
-    grid = {lr: [train(r, lr, p["seeds"][0]) for r in regions] for lr in p["lr_grid"]}
-    val = {lr: statistics.fmean(rec["val_mean_dsc"] for _, rec in runs) for lr, runs in grid.items()}
-    best_lr = best_on_validation(val)
-    test = sections.get("test", [])
-    per_seed = []
-    for seed in p["seeds"]:
-        runs = grid[best_lr] if seed == p["seeds"][0] else [train(r, best_lr, seed) for r in regions]
-        scored: dict[str, Any] = {"regions": {}, "train_seconds": 0.0, "score_seconds": 0.0,
-                                  "best_epochs": [kept_epoch(run_dir / "train.log") for run_dir, _ in runs]}
-        for run_dir, rec in runs:
-            name = run_dir.name
-            task = table.task_id_of(name)
-            stamp = run_dir / "scores.json"
-            settings = {"model": file_sha256(run_dir / "bundle" / "models" / "model.pt"), "data": data_sha}
-            s = _stored(stamp, settings)
-            if s is None:
-                t0 = time.perf_counter()
-                mine = [c for c in test if int(c["region"]) == task]
-                preds = predict_with_bundle(run_dir / "bundle", [c["image"] for c in mine], run_dir / "predictions",
-                                            device=device)
-                sc = score_label_maps(preds, [c["label"] for c in mine], table.class_names[task],
-                                      NSD_TOLERANCE_MM.get(name, 1.0))
-                net = instantiate(dict(net_def))
-                window = (1, 1, *prep[name]["window_size"])
-                s = {"settings": settings, "score_seconds": time.perf_counter() - t0, "regions": {name: {
-                    "classes": sc["table"], "mean_dsc": sc["mean_dsc"], "mean_nsd": sc["mean_nsd"],
-                    "n_test": len(mine), "nsd_tolerance_mm": NSD_TOLERANCE_MM.get(name, 1.0),
-                    "deploy_params": count_params(net), "deploy_gflops": count_flops(net, window) / 1e9,
-                    "train_params": count_params(net)}}}  # fmt: skip
-                atomic_write_json(stamp, s)
-            scored["regions"].update(s["regions"])
-            scored["train_seconds"] += rec["train_seconds"]
-            scored["score_seconds"] += s["score_seconds"]
-        per_seed.append({"seed": seed, **scored})
-    print(f"  scratch: lr {best_lr:g} (val {val[best_lr]:.4f})", flush=True)
-    return {"description": SCRATCH[1], "deployed_as": SCRATCH[2], "lr": best_lr,
-            "lr_grid": {f"{lr:g}": v for lr, v in val.items()}, "seeds": per_seed}
+def _region_cases(sections: dict, section: str, task: int) -> list[dict[str, str]]:
+    return [{"image": c["image"], "label": c["label"]} for c in sections.get(section, []) if int(c["region"]) == task]
+
+
+def _scratch_train(work: Path, table: Any, sections: dict, prep: dict, p: dict, device: str, data_sha: str,
+                   net_def: dict, name: str, lr: float, seed: int) -> tuple[Path, dict]:
+    """One scratch run of region ``name``: a freshly initialised stock UNet of the expert's size written as an expert
+    bundle and trained by that bundle's own train.json on the region's training cases; its validation Dice (the LR
+    choice) from the same bundle's inference.json. Reused while its settings hold."""
+    import torch
+
+    task, row = table.task_id_of(name), prep[name]
+    run_dir = work / "scratch" / f"lr{lr:g}" / f"seed{seed}" / name
+    args = {"train_datalist": _region_cases(sections, "training", task),
+            "val_datalist": _region_cases(sections, "validation", task),
+            "pretrained": False, "epochs": p["epochs"], "val_interval": p["val_every"], "learning_rate": lr,
+            **({"early_stop_patience": p["patience"]} if p["patience"] else {}),
+            "seed": seed, "batch_size": p["batch_size"], "num_workers": 0,
+            "device": "$torch.device('cuda:0')" if device.startswith("cuda") else "$torch.device('cpu')"}  # fmt: skip
+    settings = {"args": args, "data": data_sha, "net": net_def, "row": row}
+    stamp = run_dir / "run.json"
+    old = _stored(stamp, settings)
+    if old is not None:
+        return run_dir, {**old, "best_epoch": kept_epoch(run_dir / "train.log"), "reused": True}
+    shutil.rmtree(run_dir, ignore_errors=True)
+    torch.manual_seed(seed)
+    bundle = write_expert_bundle(
+        run_dir / "bundle", net_def, instantiate(dict(net_def)).state_dict(), region_name=name,
+        label_names={i: c for i, c in enumerate(table.class_names[task], start=1)},
+        output_channels=table.channels_of(task), spacing=row["spacing"], roi_size=row["window_size"],
+        modality="MR", intensity_nonzero=row.get("intensity") == "zscore_nonzero",
+    )  # fmt: skip
+    seconds = run_logged(_bundle_cmd(bundle, ["train.json"], args), run_dir / "train.log", cwd=REPO,
+                         glibc_tunables=True)  # fmt: skip
+    val = args["val_datalist"]
+    preds = predict_with_bundle(bundle, [c["image"] for c in val], run_dir / "val_predictions", device=device)
+    val_dsc = score_label_maps(preds, [c["label"] for c in val], table.class_names[task],
+                               NSD_TOLERANCE_MM.get(name, 1.0))["mean_dsc"]  # fmt: skip
+    record = {"settings": settings, "train_seconds": seconds, "val_mean_dsc": val_dsc}
+    atomic_write_json(stamp, record)
+    return run_dir, {**record, "best_epoch": kept_epoch(run_dir / "train.log"), "reused": False}
+
+
+def _scratch_scores(run_dir: Path, table: Any, prep: dict, test: list[dict], net_def: dict, data_sha: str,
+                    device: str) -> dict[str, Any]:
+    """A scratch run's bundle on its region's test cases through its own inference.json (stored in
+    ``run_dir/scores.json``; reused while the model and data are unchanged)."""
+    name = run_dir.name
+    task = table.task_id_of(name)
+    stamp = run_dir / "scores.json"
+    settings = {"model": file_sha256(run_dir / "bundle" / "models" / "model.pt"), "data": data_sha}
+    stored = _stored(stamp, settings)
+    if stored is not None:
+        return stored
+    t0 = time.perf_counter()
+    mine = [c for c in test if int(c["region"]) == task]
+    preds = predict_with_bundle(run_dir / "bundle", [c["image"] for c in mine], run_dir / "predictions", device=device)
+    sc = score_label_maps(preds, [c["label"] for c in mine], table.class_names[task], NSD_TOLERANCE_MM.get(name, 1.0))
+    net = instantiate(dict(net_def))
+    window = (1, 1, *prep[name]["window_size"])
+    s = {"settings": settings, "score_seconds": time.perf_counter() - t0, "regions": {name: {
+        "classes": sc["table"], "mean_dsc": sc["mean_dsc"], "mean_nsd": sc["mean_nsd"],
+        "n_test": len(mine), "nsd_tolerance_mm": NSD_TOLERANCE_MM.get(name, 1.0),
+        "deploy_params": count_params(net), "deploy_gflops": count_flops(net, window) / 1e9,
+        "train_params": count_params(net)}}}  # fmt: skip
+    atomic_write_json(stamp, s)
+    return s
 
 
 def kept_epoch(log: Path) -> int | None:
@@ -505,7 +515,9 @@ def markdown(record: dict[str, Any], figure: str) -> str:
         f"Regenerate: `{record['command']}` (this page from its JSON: `python -m benchmarks.real_regions report`).",
         f"Run {record['date']}, {record['wall_seconds'] / 60:.1f} min on {record['machine']['cpu_model']} "
         f"({record['machine']['usable_cores']} cores usable, device {record['machine']['device']}, 1-min load "
-        f"{record['machine']['load_average_1min']:.1f} at the end: other jobs on the cores inflate wall times).",
+        f"{record['machine']['load_average_1min']:.1f} at the end: other jobs on the cores inflate wall times)"
+        + (f"; after the teacher, {st['jobs']} training run(s) at a time with OMP_NUM_THREADS={st['threads']} each "
+           "(a run's own wall time counts the time it shared the cores)." if "jobs" in st else "."),
         "",
         "Data: " + "; ".join(f"{r}: " + ", ".join(f"{s} {n[r]}" for s, n in st["n_cases"].items()) for r in st["regions"])
         + f" (split seed {st['split_seed']}, ACDC by patient; the two real regions only, no synthetic region mixed "

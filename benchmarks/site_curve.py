@@ -61,12 +61,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import fire
 
-from benchmarks.common import repo_path, select_rows
+from benchmarks.common import child_threads, repo_path, select_rows
 from benchmarks.site_finetune import (
     GLIBC_TUNABLES,
     REGION,
@@ -174,20 +173,10 @@ def plan_epochs(num_cases: int, batch_size: int, steps: int | None, epochs: int 
     return {"epochs": epochs, "val_interval": epochs // int(validations), "steps": epochs * per_epoch}
 
 
-@contextlib.contextmanager
-def _pretraining_threads(threads: int | None, jobs: int) -> Iterator[None]:
+def _pretraining_threads(threads: int | None, jobs: int) -> contextlib.AbstractContextManager[None]:
     """Pre-training runs alone (the student needs the teacher): its child processes get the cores that ``jobs``
-    parallel site runs share, ``threads * jobs`` OpenMP threads; ``OMP_NUM_THREADS`` is restored after."""
-    before = os.environ.get("OMP_NUM_THREADS")
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(int(threads) * int(jobs))
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
+    parallel site runs share, ``threads * jobs`` OpenMP threads (:func:`benchmarks.common.child_threads`)."""
+    return child_threads(int(threads) * int(jobs) if threads else None)
 
 
 def _check_sizes(sizes: list[str], pool_size: int, unit: str) -> None:

@@ -27,3 +27,50 @@ def test_run_timed_raises_with_the_log_tail(tmp_path):
     cmd = [sys.executable, "-c", "import sys; print('line 1'); print('the reason'); sys.exit(3)"]
     with pytest.raises(RuntimeError, match=r"(?s)exit 3.*line 1\nthe reason"):
         run_timed(cmd, log, tail_lines=2)
+
+
+def test_grid_then_seeds_chooses_each_rows_rate_on_the_first_seed():
+    import threading
+
+    from benchmarks.common import grid_then_seeds
+
+    calls, lock = [], threading.Lock()
+    best = {"a": 0.003, "b": 0.001}
+
+    def train(row, lr, seed, unit):
+        with lock:
+            calls.append((row, lr, seed, unit))
+        return {"row": row, "lr": lr, "seed": seed, "unit": unit, "val": 1.0 - abs(lr - best[row])}
+
+    got = grid_then_seeds(["a", "b"], {"a": ["brain", "heart"], "b": [None]}, [0.001, 0.003], [0, 1, 2], train,
+                          lambda run: run["val"], jobs=2)  # fmt: skip
+    assert got["a"]["lr"] == 0.003 and got["b"]["lr"] == 0.001  # per row, on the first seed's validation
+    assert got["a"]["val"] == {0.001: pytest.approx(0.998), 0.003: 1.0}
+    assert [r["unit"] for r in got["a"]["runs"][1]] == ["brain", "heart"]  # every unit of the row, in order
+    assert {(r["lr"], r["seed"]) for s in (0, 1, 2) for r in got["a"]["runs"][s]} == {(0.003, 0), (0.003, 1), (0.003, 2)}
+    # the grid only with the first seed; the other seeds only at the chosen rate: 2 rates x (2 + 1 units) + 2 x 3
+    assert len(calls) == 12 and not [c for c in calls if c[2] > 0 and c[1] != best[c[0]]]
+
+    def broken(row, lr, seed, unit):
+        raise RuntimeError(f"run {row} {lr} failed")
+
+    with pytest.raises(RuntimeError, match="run a 0.001 failed"):
+        grid_then_seeds(["a"], {"a": [None]}, [0.001], [0, 1], broken, lambda run: 0.0, jobs=1)
+    with pytest.raises(ValueError, match="need jobs >= 1"):
+        grid_then_seeds(["a"], {"a": [None]}, [0.001], [0], train, lambda run: 0.0, jobs=0)
+
+
+def test_child_threads_sets_and_restores(monkeypatch):
+    import os
+
+    from benchmarks.common import child_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with child_threads(2):
+        assert os.environ["OMP_NUM_THREADS"] == "2"
+        with child_threads(None):  # None: left as it is
+            assert os.environ["OMP_NUM_THREADS"] == "2"
+        with child_threads(1):
+            assert os.environ["OMP_NUM_THREADS"] == "1"
+        assert os.environ["OMP_NUM_THREADS"] == "2"
+    assert "OMP_NUM_THREADS" not in os.environ
