@@ -8,6 +8,8 @@
     python -m benchmarks.site_curve report                          # section + plot again from saved summaries
     python -m benchmarks.site_curve run --dataset acdc_shift        # the population-shift study on ACDC (~2 h)
     python -m benchmarks.site_curve report --dataset acdc_shift
+    python -m benchmarks.site_curve run --dataset acdc_shift --held_out arv --num_test 5 --num_validation 2 \
+        --sizes 2,5,all                                             # the one-group site (its own section)
 
 One tool, two data sets (``--dataset``, table :data:`DATASETS`): ``hippocampus`` (below) and ``acdc_shift``
 (a cardiac expert fine-tuned at a site whose pathology group its pre-training never saw; the differences are listed
@@ -120,6 +122,23 @@ DATASETS = {
                    "nsd_tolerance_mm": 1.5, "teacher_epochs": 150, "student_epochs": 100, "pretrain_val_interval": 5,
                    "pretrain_patience": 4, "brain_cases": 40},
 }  # fmt: skip
+
+
+#: the acdc_shift site of the defaults (pathology groups); a study of another site gets names of its own
+#: (:func:`site_names`), so that it never overwrites the default study's section, plot or runs
+DEFAULT_SITE = ("arv", "minf")
+
+
+def site_names(defaults: dict[str, Any], held_out: list[str]) -> dict[str, Any]:
+    """``defaults`` (acdc_shift's) with the work folder, plot and section of the site ``held_out``: the defaults' own
+    for :data:`DEFAULT_SITE`, else suffixed with the groups (``--held_out arv``: ``runs/site_curve_acdc_shift_arv``,
+    ``docs/site_curve_acdc_shift_arv.png``, section ``site-curve-acdc-shift-arv``)."""
+    groups = sorted(dict.fromkeys(str(h) for h in held_out))
+    if groups == sorted(DEFAULT_SITE):
+        return defaults
+    tag = "_".join(groups)
+    return {**defaults, "work_dir": f"{defaults['work_dir']}_{tag}", "section": f"{defaults['section']}-{tag}".replace("_", "-"),
+            "plot": str(Path(defaults["plot"]).with_name(f"{Path(defaults['plot']).stem}_{tag}.png"))}  # fmt: skip
 
 
 def dataset_defaults(dataset: str) -> dict[str, Any]:
@@ -247,7 +266,7 @@ def run(
     pretrain_patience: int | None = None,
     budget_epochs: Any = None,
     budget_val_interval: int = 5,
-    held_out: Any = "arv,minf",
+    held_out: Any = ",".join(DEFAULT_SITE),
     num_test: int = 10,
     scratch_steps: int | None = 3000,
     scratch_validations: int = 30,
@@ -292,6 +311,7 @@ def run(
         held_out: acdc_shift: the site's pathology groups (comma-separated among dcm, hcm, minf, nor, arv).
             Defaults to ``arv,minf`` (abnormal right ventricle and previous myocardial infarction, 32 patients in the
             shared set: two groups give a pool of 18 site patients, so that N = 10 exists; see docs/site_curve.md).
+            Another site writes its own work folder, plot and section (:func:`site_names`).
         num_test: acdc_shift: patients of the fixed site test set. Defaults to 10.
         scratch_steps, scratch_validations, scratch_patience: acdc_shift: the scratch row's own budget: a ceiling of
             steps, validations spread over it, and early stopping on the validation patients after ``scratch_patience``
@@ -320,6 +340,8 @@ def run(
     stages = _Stages()
     d = dataset_defaults(dataset)
     shift = dataset == "acdc_shift"
+    if shift:
+        d = site_names(d, _list(held_out))
     given_args = {"dataset_dir": dataset_dir, "work_dir": work_dir, "plot": plot, "sizes": sizes,
                   "num_validation": num_validation, "patch_size": patch_size, "spacing": spacing,
                   "pretrain_patch": pretrain_patch, "nsd_tolerance_mm": nsd_tolerance_mm,
@@ -500,7 +522,7 @@ def run(
     if shift:
         defaults.pop("num_public")
         given.pop("num_public")
-        defaults |= {"held_out": "arv,minf", "num_test": 10, "scratch_steps": 3000, "scratch_validations": 30,
+        defaults |= {"held_out": ",".join(DEFAULT_SITE), "num_test": 10, "scratch_steps": 3000, "scratch_validations": 30,
                      "scratch_patience": 5, "brain_cases": d["brain_cases"], "pretrain_val_patients": 6}  # fmt: skip
         given |= {"held_out": ",".join(held), "num_test": num_test, "scratch_steps": scratch_steps,
                   "scratch_validations": scratch_validations, "scratch_patience": scratch_patience,
@@ -962,9 +984,10 @@ def report(
     of ``dataset``, :data:`DATASETS`). ``notes``: a Markdown file of what the numbers say (acdc_shift), stored in the
     summary (key ``notes``, kept by later ``report`` calls; a new ``run`` drops them) and shown above the verdicts."""
     d = dataset_defaults(dataset)
-    work_dir, plot = work_dir or d["work_dir"], plot or d["plot"]
+    work_dir = work_dir or d["work_dir"]
     summary_file = repo_path(work_dir) / "curve_summary.json"
     summary = json.loads(summary_file.read_text())
+    plot = plot or summary["meta"].get("plot") or d["plot"]  # the run's own (another site's has its own name)
     if notes is not None:
         summary["notes"] = Path(notes).read_text()
         atomic_write_json(summary_file, summary)

@@ -129,6 +129,11 @@ def test_curve_tool_options_are_checked_before_any_work(tmp_path):
         site_curve._check_sizes(["2", "500"], 50, "cases")
     site_curve._check_sizes(["2", "all"], 8, "patients")
     assert site_curve.dataset_defaults("acdc_shift")["patch_size"] == (96, 96, 8)
+    d = site_curve.dataset_defaults("acdc_shift")
+    assert site_curve.site_names(d, ["minf", "arv"]) == d  # the default site, in any order: the default names
+    one = site_curve.site_names(d, ["arv"])  # another site never overwrites the default study's page or runs
+    assert (one["work_dir"], one["plot"], one["section"]) == (
+        "runs/site_curve_acdc_shift_arv", "docs/site_curve_acdc_shift_arv.png", "site-curve-acdc-shift-arv")
     recipe = site_curve.pretraining_recipe(4, 4, None, 2)  # acdc_shift: the configs' own region patches
     assert "roi_size" not in recipe["foundation_seg"] and recipe["lorkd_seg"]["epochs"] == 4
     assert not list(tmp_path.iterdir())  # nothing written
