@@ -67,7 +67,7 @@ from typing import Any
 
 import fire
 
-from benchmarks.common import child_threads, repo_path, select_rows
+from benchmarks.common import best_on_validation, child_threads, repo_path, select_rows
 from benchmarks.site_finetune import (
     GLIBC_TUNABLES,
     REGION,
@@ -115,12 +115,12 @@ DATASETS = {
                     "plot": "docs/site_curve.png", "section": SECTION, "sizes": "5,10,20,all", "num_validation": 30,
                     "patch_size": (32, 48, 32), "spacing": None, "pretrain_patch": (32, 32, 32),
                     "nsd_tolerance_mm": 1.0, "teacher_epochs": 40, "student_epochs": 40, "pretrain_val_interval": 10,
-                    "pretrain_patience": 0, "brain_cases": None},
+                    "pretrain_patience": 0, "brain_cases": None, "lr_grid": None},
     "acdc_shift": {"dataset_dir": "../shared/data/acdc", "work_dir": "runs/site_curve_acdc_shift",
                    "plot": "docs/site_curve_acdc_shift.png", "section": "site-curve-acdc-shift", "sizes": "2,5,10,all",
                    "num_validation": 4, "patch_size": (96, 96, 8), "spacing": (1.5, 1.5, 10.0), "pretrain_patch": None,
                    "nsd_tolerance_mm": 1.5, "teacher_epochs": 150, "student_epochs": 100, "pretrain_val_interval": 5,
-                   "pretrain_patience": 4, "brain_cases": 40},
+                   "pretrain_patience": 4, "brain_cases": 40, "lr_grid": "0.0002,0.002"},
 }  # fmt: skip
 
 
@@ -259,6 +259,7 @@ def run(
     patch_size: Any = None,
     spacing: Any = None,
     learning_rate: float = 2e-3,
+    lr_grid: Any = None,
     teacher_epochs: int | None = None,
     student_epochs: int | None = None,
     pretrain_patch: Any = None,
@@ -300,6 +301,11 @@ def run(
         epochs: a fixed number of epochs per run instead of ``steps``. Defaults to None.
         validations: validations per run (the best is kept); epochs are rounded up to a multiple. Defaults to 2.
         batch_size, patch_size, spacing, learning_rate: the site budget and grid (patch and spacing: the data set's).
+        lr_grid: acdc_shift: learning rates of the pre-trained rows (comma-separated), each run's chosen per row, N and
+            seed on the validation patients (the test set stays for reporting). Defaults to the data set's: acdc_shift
+            0.0002,0.002 (at 0.002 alone, fine-tuning left every pre-trained row BELOW the exported expert at N <= 10
+            on the two-group site); hippocampus ``learning_rate`` only (its scores are on the validation cases).
+            Scratch trains at ``learning_rate`` either way. Runs at ``learning_rate`` keep their folder names.
         teacher_epochs, student_epochs, pretrain_patch, pretrain_val_interval, pretrain_patience: the pre-training
             recipe (:func:`pretraining_recipe`; acdc_shift: no patch override, the regions' patches of
             ``configs/real_regions.json``). Default to the data set's: hippocampus 40 and 40 epochs, validation every
@@ -346,9 +352,10 @@ def run(
                   "num_validation": num_validation, "patch_size": patch_size, "spacing": spacing,
                   "pretrain_patch": pretrain_patch, "nsd_tolerance_mm": nsd_tolerance_mm,
                   "teacher_epochs": teacher_epochs, "student_epochs": student_epochs, "brain_cases": brain_cases,
-                  "pretrain_val_interval": pretrain_val_interval, "pretrain_patience": pretrain_patience}
+                  "pretrain_val_interval": pretrain_val_interval, "pretrain_patience": pretrain_patience,
+                  "lr_grid": lr_grid}
     (dataset_dir, work_dir, plot, sizes, num_validation, patch_size, spacing, pretrain_patch, nsd_tolerance_mm,
-     teacher_epochs, student_epochs, brain_cases, pretrain_val_interval, pretrain_patience) = (
+     teacher_epochs, student_epochs, brain_cases, pretrain_val_interval, pretrain_patience, lr_grid) = (
         d[k] if v is None else v for k, v in given_args.items())  # fmt: skip
     brain_cases = None if brain_cases in (0, None) else int(brain_cases)
     patch_size = [int(x) for x in _list(patch_size)]
@@ -371,6 +378,9 @@ def run(
     if bad:
         raise ValueError(f"budget_val_interval={budget_val_interval} must divide every budget epoch count, not {bad}.")
     held = _list(held_out)
+    rates = [float(x) for x in _list(lr_grid)] if lr_grid not in (None, "", False) else [float(learning_rate)]
+    if len(rates) > 1 and not shift:
+        raise ValueError("lr_grid needs a test set apart from the validation cases that choose the rate: acdc_shift only.")
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
         import torch
@@ -426,10 +436,11 @@ def run(
     sha = {k: file_sha256(Path(p) / "models" / "model.pt") for k, (p, _) in sources.items()}
     scoring_lock = threading.Lock()
 
-    def one_run(row: tuple, n: Any, n_label: str, seed: int, plan: dict, out: Path, before: bool) -> dict[str, Any]:
+    def one_run(row: tuple, n: Any, n_label: str, seed: int, plan: dict, out: Path, before: bool,
+                lr: float) -> dict[str, Any]:
         name, _, source, init, mode = row
         split_file = work / "splits" / f"n{n_label}_seed{seed}.json"
-        budget = {**plan, "batch_size": batch_size, "patch_size": list(patch_size), "learning_rate": learning_rate}
+        budget = {**plan, "batch_size": batch_size, "patch_size": list(patch_size), "learning_rate": lr}
         path, region = sources[source]
         extra = ["--split_file", str(split_file), "--score_before", str(before and not shift).lower(),
                  "--nsd_tolerance_mm", str(float(nsd_tolerance_mm))]
@@ -437,14 +448,14 @@ def run(
             extra += ["--spacing", json.dumps(spacing)]
         cmd = finetune_command(path, region, init, mode, data, out, budget, seed, *extra)
         settings = {"epochs": plan["epochs"], "val_interval": plan["val_interval"], "batch_size": batch_size,
-                    "learning_rate": learning_rate, "patch_size": list(patch_size), "mode": mode, "init": init,
+                    "learning_rate": lr, "patch_size": list(patch_size), "mode": mode, "init": init,
                     "seed": seed, "split_sha256": file_sha256(split_file), "source": None if init == "scratch" else sha[source],
                     "score_before": before and not shift, **({"spacing": spacing} if spacing else {}),
                     **({"nsd_tolerance_mm": float(nsd_tolerance_mm)} if float(nsd_tolerance_mm) != 1.0 else {}),
                     **({"patience": int(plan["patience"])} if plan.get("patience") else {}),
                     **(SPARSE_SETTINGS if mode == "sparse" else {})}  # fmt: skip
         result = run_or_reuse(cmd, out, settings, reuse_rows)
-        rec = _record(name, n_label, seed, plan, result, out)
+        rec = {**_record(name, n_label, seed, plan, result, out), "lr": lr}
         if shift:  # the fixed site test set, through the written bundle's own inference.json (in this process: one
             with scoring_lock:  # at a time, beside the site runs' child processes)
                 test = score_bundle_on_cases(out, study["site_test"], nsd_tolerance_mm,
@@ -455,7 +466,7 @@ def run(
                         "per_class": {t["class"]: {"dsc": t["dsc_mean"], "nsd": t["nsd_mean"]} for t in test["table"]},
                         "per_population": population_scores(test, study["site_test"]),
                         "score_set": "site_test"})  # fmt: skip
-        print(f"  N={n_label} {name} seed {seed}: DSC {rec['dsc']:.4f}, NSD {rec['nsd']:.4f} "
+        print(f"  N={n_label} {name} lr {lr:g} seed {seed}: DSC {rec['dsc']:.4f}, NSD {rec['nsd']:.4f} "
               f"({(rec['seconds'] or 0) / 60:.1f} min wall, {(rec['cpu_seconds'] or 0) / 60:.1f} min CPU"
               f"{', reused' if rec['reused'] else ''})", flush=True)  # fmt: skip
         return rec
@@ -477,11 +488,13 @@ def run(
                          "patience": int(scratch_patience)} if shift else plan)  # fmt: skip
         for seed in seed_list:
             for row in ROWS:
-                if row[0] in wanted:  # the starting point is scored once per row: first N, first seed
-                    first = n == size_list[0] and seed == seed_list[0]
-                    tasks.append((row, n, n_label, seed, scratch_plan if row[0] == "scratch" else plan,
-                                  work / f"n{n_label}" / f"{row[0]}_seed{seed}", first))  # fmt: skip
-    records = run_all(tasks)
+                for lr in [float(learning_rate)] if row[0] == "scratch" else rates:
+                    if row[0] in wanted:  # the starting point is scored once per row: first N, first seed
+                        first = n == size_list[0] and seed == seed_list[0] and lr == float(learning_rate)
+                        tag = "" if lr == float(learning_rate) else f"_lr{lr:g}"
+                        tasks.append((row, n, n_label, seed, scratch_plan if row[0] == "scratch" else plan,
+                                      work / f"n{n_label}" / f"{row[0]}{tag}_seed{seed}", first, lr))  # fmt: skip
+    records, grid_records = choose_rate_runs(run_all(tasks))
     stages.done("curve")
     expert_full = next(r for r in ROWS if r[0] == "expert_full")
     tasks = []
@@ -489,14 +502,16 @@ def run(
         plan = {"epochs": e, "val_interval": int(budget_val_interval),
                 "steps": e * math.ceil((2 if shift else 1) * pool_size / batch_size)}  # fmt: skip
         for seed in seed_list:
-            tasks.append((expert_full, "all", "all", seed, plan, work / "budget" / f"expert_full_e{e}_seed{seed}", False))
+            tasks.append((expert_full, "all", "all", seed, plan, work / "budget" / f"expert_full_e{e}_seed{seed}", False,
+                          float(learning_rate)))
     budget_records = run_all(tasks)
     stages.done("budget")
     serving = None
     if shift and serve_check and records:
         served = next((r for r in ("expert_full", *ROW_NAMES) if r in wanted and r != "scratch"), ROW_NAMES[0])
         n_label = next(r["n_label"] for r in reversed(records))
-        serving = monailabel_check(work / f"n{n_label}" / f"{served}_seed{seed_list[0]}", study["site_test"][0]["image"],
+        chosen = next(r for r in records if r["row"] == served and r["n_label"] == n_label and r["seed"] == seed_list[0])
+        serving = monailabel_check(repo_path(chosen["bundle"]), study["site_test"][0]["image"],
                                    work / "monailabel_check")  # fmt: skip
         stages.done("monailabel")
 
@@ -505,7 +520,7 @@ def run(
     defaults = {"results": "docs/RESULTS.md", "plot": d["plot"], "num_public": 120, "num_validation": d["num_validation"],
                 "split_seed": 0, "sizes": d["sizes"], "seeds": "0,1,2", "steps": 150, "epochs": None,
                 "validations": 2, "batch_size": 2, "patch_size": ",".join(map(str, d["patch_size"])),
-                "learning_rate": 2e-3, "teacher_epochs": d["teacher_epochs"], "student_epochs": d["student_epochs"],
+                "learning_rate": 2e-3, "lr_grid": d["lr_grid"], "teacher_epochs": d["teacher_epochs"], "student_epochs": d["student_epochs"],
                 "pretrain_patch": None if d["pretrain_patch"] is None else ",".join(map(str, d["pretrain_patch"])),
                 "pretrain_val_interval": d["pretrain_val_interval"], "pretrain_patience": d["pretrain_patience"],
                 "budget_epochs": None, "budget_val_interval": 5, "threads": 1, "jobs": 2,
@@ -514,7 +529,7 @@ def run(
              "split_seed": split_seed, "sizes": ",".join(size_list), "seeds": ",".join(map(str, seed_list)),
              "steps": steps, "epochs": epochs, "validations": validations, "batch_size": batch_size,
              "patch_size": ",".join(map(str, patch_size)), "learning_rate": learning_rate,
-             "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
+             "lr_grid": ",".join(f"{r:g}" for r in rates) if len(rates) > 1 else None, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
              "pretrain_patch": None if pretrain_patch is None else ",".join(map(str, pretrain_patch)),
              "pretrain_val_interval": pretrain_val_interval, "pretrain_patience": pretrain_patience,
              "budget_epochs": ",".join(map(str, budget_list)) or None, "budget_val_interval": budget_val_interval,
@@ -556,7 +571,7 @@ def run(
         "seeds": seed_list,
         "rows": [r[0] for r in ROWS if r[0] in wanted],
         "budget": {"steps": steps, "epochs": epochs, "validations": validations, "batch_size": batch_size,
-                   "patch_size": list(patch_size), "learning_rate": learning_rate, "spacing": spacing,
+                   "patch_size": list(patch_size), "learning_rate": learning_rate, "lr_grid": rates, "spacing": spacing,
                    **({"scratch_steps": scratch_steps, "scratch_validations": scratch_validations,
                        "scratch_patience": scratch_patience} if shift else {})},
         "budget_study": {"epochs": budget_list, "val_interval": budget_val_interval},
@@ -570,8 +585,31 @@ def run(
         "plot": plot,
         **({"monailabel": serving} if serving else {}),
     }  # fmt: skip
-    atomic_write_json(work / "curve_summary.json", {"meta": meta, "records": records, "budget_records": budget_records})
+    atomic_write_json(work / "curve_summary.json", {"meta": meta, "records": records, "budget_records": budget_records,
+                                                    "grid_records": grid_records})  # fmt: skip
     return report(work_dir, results, plot, dataset=dataset)
+
+
+def choose_rate_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """
+    One run per row, N and seed: of the runs that differ only in learning rate (``lr``), the one with the best
+    validation DSC (``val_dsc``; else ``dsc``, the hippocampus curve's only score, which then has one rate), by
+    :func:`benchmarks.common.best_on_validation` (ties: the first rate given).
+
+    Returns:
+        ``(chosen, the others)``; each chosen run gains ``lr_val`` (``{rate: validation DSC}``), in the order of
+        ``runs``.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["row"], r["n_label"], r["seed"]), []).append(r)
+    chosen, others = [], []
+    for group in groups.values():
+        val = {i: r.get("val_dsc", r["dsc"]) for i, r in enumerate(group)}
+        best = best_on_validation(val)
+        chosen.append({**group[best], "lr_val": {f"{r['lr']:g}": val[i] for i, r in enumerate(group)}})
+        others += [r for i, r in enumerate(group) if i != best]
+    return chosen, others
 
 
 def monailabel_check(bundle: Path, image: str, work: Path) -> dict[str, Any]:
@@ -835,6 +873,22 @@ def _population_lines(meta: dict[str, Any], records: list[dict], rows: list[str]
     return [*lines, "", f"Test volumes per population: {counts}.", ""]
 
 
+def _rate_text(records: list[dict], budget: dict[str, Any]) -> str:
+    """The learning rates of the section: one rate, or the grid of the pre-trained rows and what was chosen."""
+    grid = budget.get("lr_grid") or [budget["learning_rate"]]
+    if len(grid) < 2:
+        return f"lr {budget['learning_rate']}"
+    counts: dict[str, dict[str, int]] = {}
+    for r in records:
+        if r["row"] != "scratch":
+            counts.setdefault(r["row"], {}).setdefault(f"{r['lr']:g}", 0)
+            counts[r["row"]][f"{r['lr']:g}"] += 1
+    chosen = "; ".join(f"{row} " + ", ".join(f"{lr} x{k}" for lr, k in sorted(c.items())) for row, c in counts.items())
+    return (f"learning rate of every pre-trained run chosen per row, N and seed on the validation patients from "
+            f"{', '.join(f'{g:g}' for g in grid)} (chosen: {chosen}; every run of the grid: `grid_records` in the "
+            f"summary), scratch at lr {budget['learning_rate']}")
+
+
 def _resumed_note(summary: dict[str, Any], timed: bool = True) -> str:
     """For a resumed run, ``" after a resume at epoch 108 (the time counts only the epochs after it)"`` (``timed``:
     its time is shown) or ``"; its training resumed at epoch 108"``; else ``""``."""
@@ -945,8 +999,8 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
         + " (the best validation is kept: early stopping on the validation patients; epochs trained and kept are in "
         f"the table: a kept last epoch at the ceiling means scratch had not converged). Batch "
         f"{b['batch_size']}, {'x'.join(map(str, b['patch_size']))} patches at {'x'.join(map(str, b['spacing'] or []))} mm "
-        f"(the heart region's preprocessing, carried by the exported expert), AdamW lr {b['learning_rate']} with "
-        "cosine decay, DiceCE (sigmoid). LoRA rank 8, alpha 16, fused back. SH-PEFT: "
+        f"(the heart region's preprocessing, carried by the exported expert), AdamW with cosine decay, "
+        + _rate_text(records, b) + ", DiceCE (sigmoid). LoRA rank 8, alpha 16, fused back. SH-PEFT: "
         f"{100 * SPARSE_SETTINGS['sparse_budget']:g}% of the weights, importance {SPARSE_SETTINGS['sparse_variant']}, "
         f"lambda {SPARSE_SETTINGS['sparse_lambda']}.",
         f"- Starting points, trained on `{meta['pretraining_datalist']}` (the repository's mapping file "

@@ -271,3 +271,23 @@ def test_scratch_budget_stops_early_the_others_train_their_budget():
         assert cmd[cmd.index("--early_stop_patience") + 1] == want
     with pytest.raises(ValueError, match="scratch_patience must be >= 0"):
         site_curve.run(dataset="acdc_shift", work_dir="/nonexistent", scratch_patience=-1)
+
+
+def test_the_rate_of_each_run_is_chosen_on_the_validation_patients():
+    def run(row, n, seed, lr, val, test):
+        return {"row": row, "n_label": n, "seed": seed, "lr": lr, "val_dsc": val, "dsc": test}
+
+    runs = [run("expert_full", "2", 0, 0.002, 0.60, 0.90), run("expert_full", "2", 0, 0.0002, 0.70, 0.50),
+            run("expert_full", "2", 1, 0.002, 0.65, 0.60), run("expert_full", "2", 1, 0.0002, 0.65, 0.70),
+            run("scratch", "2", 0, 0.002, 0.40, 0.40)]  # fmt: skip
+    chosen, others = site_curve.choose_rate_runs(runs)
+    # by validation, never by the test score; a tie keeps the first rate given
+    assert [(r["seed"], r["lr"], r["row"]) for r in chosen] == [(0, 0.0002, "expert_full"), (1, 0.002, "expert_full"),
+                                                                (0, 0.002, "scratch")]  # fmt: skip
+    assert chosen[0]["lr_val"] == {"0.002": 0.60, "0.0002": 0.70} and len(others) == 2
+    assert site_curve._rate_text(chosen, {"learning_rate": 0.002, "lr_grid": [0.0002, 0.002]}).startswith(
+        "learning rate of every pre-trained run chosen per row, N and seed on the validation patients from 0.0002, "
+        "0.002 (chosen: expert_full 0.0002 x1, 0.002 x1;")
+    assert site_curve._rate_text(chosen, {"learning_rate": 0.002}) == "lr 0.002"
+    with pytest.raises(ValueError, match="lr_grid needs a test set"):
+        site_curve.run(dataset="hippocampus", work_dir="/nonexistent", lr_grid="0.001,0.002")
