@@ -52,6 +52,7 @@ def plot_learning_curve(
     title: str | None = None,
     x_labels: Mapping[int, str] | None = None,
     dpi: int = 120,
+    references: Mapping[str, float] | None = None,
 ) -> Path:
     """
     Plot one line per curve (mean over seeds at every N, error bars = standard deviation over seeds) and write it
@@ -66,6 +67,8 @@ def plot_learning_curve(
         title: figure title. Defaults to None (none).
         x_labels: tick label per N (e.g. ``{50: "all (50)"}``). Defaults to the numbers.
         dpi: resolution. Defaults to 120.
+        references: ``{name: value}`` drawn as dashed horizontal lines in the legend (e.g. a score before any
+            training). Defaults to None (none).
 
     Returns:
         ``path``.
@@ -105,6 +108,8 @@ def plot_learning_curve(
         shift = 1.0 + 0.025 * (i - (k - 1) / 2)  # multiplicative: the axis is logarithmic
         ax.errorbar([n * shift for n, _, _ in rows], [m for _, m, _ in rows], yerr=[s for _, _, s in rows],
                     marker="o", markersize=4, capsize=3, linewidth=1.5, label=name)  # fmt: skip
+    for j, (name, value) in enumerate((references or {}).items()):
+        ax.axhline(float(value), linestyle="--", linewidth=1.0, color=f"C{(k + j) % 10}", label=name)
     ax.set_xscale("log")
     ax.set_xlim(min(all_n) / 1.4, max(all_n) * 1.4)  # the sideways shifts stay small, also for a single N
     ax.set_xticks(all_n)

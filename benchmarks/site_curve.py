@@ -412,6 +412,9 @@ def run(
         export_heart_expert(pretrained["foundation_seg"]["path"], teacher_dir)
         before_scores["teacher"] = score_bundle_on_cases(teacher_dir, study["site_test"], nsd_tolerance_mm,
                                                          work / "teacher_bundle.test_scores.json")  # fmt: skip
+        for who, bundle in (("expert", expert_dir), ("teacher", teacher_dir)):  # what the site sees before training
+            before_scores[f"{who}_validation"] = score_bundle_on_cases(bundle, study["site_validation"], nsd_tolerance_mm,
+                                                                       work / f"{who}_bundle.validation_scores.json")
         held_in = held_in_cases(datalist)  # the pre-training populations: how much BEFORE drops at the site
         for who, bundle in (("expert", expert_dir), ("teacher", teacher_dir)):
             before_scores[f"{who}_held_in"] = score_bundle_on_cases(bundle, held_in, nsd_tolerance_mm,
@@ -912,7 +915,9 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
     held = ", ".join(sp["held_out"])
     plot_learning_curve(plot, curves, xlabel="labelled site patients (N, both frames each)",
                         ylabel="site test DSC (%)", title=f"ACDC site = held-out group(s) {held}: "
-                        f"{sp['num_site_test_patients']} fixed test patients", x_labels=labels)  # fmt: skip
+                        f"{sp['num_site_test_patients']} fixed test patients", x_labels=labels,
+                        references={f"BEFORE {who} (as exported)": 100 * meta["before"][who]["mean_dsc"]
+                                    for who in ("expert", "teacher") if meta["before"].get(who)})  # fmt: skip
     m = records[0]["machine"]
     loads = [r["load_average_1min"] for r in records + budget_records if r["load_average_1min"] is not None]
     plans = {n: next(r for r in records if r["n_label"] == n and r["row"] != "scratch") for n in sizes if
@@ -949,6 +954,9 @@ def write_shift_section(summary: dict[str, Any], results: Path, plot: Path) -> s
         "",
         before_line("expert", "heart expert (the starting point of the expert rows)"),
         before_line("teacher", "foundation teacher, heart channels (the starting point of teacher_full)"),
+        *[before_line(f"{who}_validation", f"{what} on the {sp['num_site_validation_patients']} site VALIDATION patients "
+                      "(what the site sees before fine-tuning; compare the runs' validation DSC in `curve_summary.json`)")
+          for who, what in (("expert", "heart expert"), ("teacher", "teacher")) if meta["before"].get(f"{who}_validation")],
         "",
         *_shift_lines(meta["before"]),
         f"**AFTER**: mean ± standard deviation (population, over seeds {', '.join(map(str, meta['seeds']))}) of the "

@@ -246,6 +246,10 @@ def test_learning_curve_plot_and_mean_std(tmp_path):
                                10: [75, 77]}}, x_labels={10: "all (10)"}, title="t")  # fmt: skip
     head = path.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24])[0] > 200
+    plain = path.read_bytes()
+    marked = plot_learning_curve(tmp_path / "ref.png", {"scratch": {5: [40, 50], 10: [60, 62]}, "expert": {5: [70, 71],
+                                 10: [75, 77]}}, x_labels={10: "all (10)"}, title="t", references={"before": 66.0})  # fmt: skip
+    assert marked.read_bytes() != plain  # the reference line is drawn
     with pytest.raises(ValueError, match="curve 'a', N=5"):
         plot_learning_curve(tmp_path / "bad.png", {"a": {5: []}})
     assert not (tmp_path / "bad.png").exists()
