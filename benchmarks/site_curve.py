@@ -6,7 +6,7 @@
     python -m benchmarks.site_curve run                             # the whole study (~60-90 min on 2 CPU cores)
     python -m benchmarks.site_curve run --budget_epochs 10,60       # plus the budget study (expert_full, N=all)
     python -m benchmarks.site_curve report                          # section + plot again from saved summaries
-    python -m benchmarks.site_curve run --dataset acdc_shift        # the population-shift study on ACDC (~2 h)
+    python -m benchmarks.site_curve run --dataset acdc_shift        # the population-shift study on ACDC (~1.8 h)
     python -m benchmarks.site_curve report --dataset acdc_shift
     python -m benchmarks.site_curve run --dataset acdc_shift --held_out arv --num_test 5 --num_validation 2 \
         --sizes 2,5,all                                             # the one-group site (its own section)
