@@ -376,7 +376,8 @@ def run(
         "wall_seconds": time.perf_counter() - start,
         "part_seconds": times,
         "machine": machine_info(device if device.startswith("cuda") else "cpu"),
-        "settings": {**p, "split_seed": split_seed, "jobs": int(jobs), "threads": threads, "datalist": os.path.relpath(subset, REPO),
+        "settings": {**p, "split_seed": split_seed, "jobs": int(jobs), "threads": threads,
+                     "datalist": os.path.relpath(subset, REPO),
                      "regions": regions, "preprocessing": prep, "nsd_tolerance_mm": NSD_TOLERANCE_MM,
                      "n_cases": {s: {r: sum(1 for i in items if table.region_names[int(i["region"])] == r)
                                      for r in regions} for s, items in sections.items()}},  # fmt: skip

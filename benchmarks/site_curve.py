@@ -137,8 +137,9 @@ def site_names(defaults: dict[str, Any], held_out: list[str]) -> dict[str, Any]:
     if groups == sorted(DEFAULT_SITE):
         return defaults
     tag = "_".join(groups)
-    return {**defaults, "work_dir": f"{defaults['work_dir']}_{tag}", "section": f"{defaults['section']}-{tag}".replace("_", "-"),
-            "plot": str(Path(defaults["plot"]).with_name(f"{Path(defaults['plot']).stem}_{tag}.png"))}  # fmt: skip
+    plot = Path(defaults["plot"])
+    return {**defaults, "work_dir": f"{defaults['work_dir']}_{tag}",
+            "section": f"{defaults['section']}-{tag}".replace("_", "-"), "plot": str(plot.with_name(f"{plot.stem}_{tag}.png"))}
 
 
 def dataset_defaults(dataset: str) -> dict[str, Any]:
@@ -524,7 +525,8 @@ def run(
     defaults = {"results": "docs/RESULTS.md", "plot": d["plot"], "num_public": 120, "num_validation": d["num_validation"],
                 "split_seed": 0, "sizes": d["sizes"], "seeds": "0,1,2", "steps": 150, "epochs": None,
                 "validations": 2, "batch_size": 2, "patch_size": ",".join(map(str, d["patch_size"])),
-                "learning_rate": 2e-3, "lr_grid": d["lr_grid"], "teacher_epochs": d["teacher_epochs"], "student_epochs": d["student_epochs"],
+                "learning_rate": 2e-3, "lr_grid": d["lr_grid"], "teacher_epochs": d["teacher_epochs"],
+                "student_epochs": d["student_epochs"],
                 "pretrain_patch": None if d["pretrain_patch"] is None else ",".join(map(str, d["pretrain_patch"])),
                 "pretrain_val_interval": d["pretrain_val_interval"], "pretrain_patience": d["pretrain_patience"],
                 "budget_epochs": None, "budget_val_interval": 5, "threads": 1, "jobs": 2,
@@ -533,7 +535,8 @@ def run(
              "split_seed": split_seed, "sizes": ",".join(size_list), "seeds": ",".join(map(str, seed_list)),
              "steps": steps, "epochs": epochs, "validations": validations, "batch_size": batch_size,
              "patch_size": ",".join(map(str, patch_size)), "learning_rate": learning_rate,
-             "lr_grid": ",".join(f"{r:g}" for r in rates) if len(rates) > 1 else None, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
+             "lr_grid": ",".join(f"{r:g}" for r in rates) if len(rates) > 1 else None,
+             "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
              "pretrain_patch": None if pretrain_patch is None else ",".join(map(str, pretrain_patch)),
              "pretrain_val_interval": pretrain_val_interval, "pretrain_patience": pretrain_patience,
              "budget_epochs": ",".join(map(str, budget_list)) or None, "budget_val_interval": budget_val_interval,
