@@ -186,25 +186,28 @@ def score_run(run_dir: Path, experts: bool, table: Any, prep: dict[str, Any], te
             output_channels=table.channels_of(task), spacing=row["spacing"], roi_size=row["window_size"],
             modality="MR", intensity_nonzero=row.get("intensity") == "zscore_nonzero",
         )  # fmt: skip
-        cases = [c for c in test if int(c["region"]) == task]
-        preds = predict_with_bundle(bundle, [c["image"] for c in cases], run_dir / "predictions" / name, device=device)
-        scores = score_label_maps(preds, [c["label"] for c in cases], table.class_names[task],
-                                  NSD_TOLERANCE_MM.get(name, 1.0))
-        window = (1, 1, *row["window_size"])
-        out["regions"][name] = {
-            "classes": scores["table"], "mean_dsc": scores["mean_dsc"], "mean_nsd": scores["mean_nsd"],
-            "n_test": len(cases), "nsd_tolerance_mm": NSD_TOLERANCE_MM.get(name, 1.0),
-            "deploy_params": count_params(deployed), "deploy_gflops": count_flops(deployed, window) / 1e9,
-            "train_params": count_params(trained),
-        }  # fmt: skip
+        out["regions"][name] = _bundle_scores(bundle, name, table, prep, test, run_dir / "predictions" / name,
+                                              deployed, trained, device)  # fmt: skip
     out["score_seconds"] = time.perf_counter() - start
     atomic_write_json(stamp, out)
     return out
 
 
-def _teacher_scores(teacher_dir: Path, table: Any, prep: dict, test: list[dict], regions: list[str], settings: dict,
-                    device: str) -> dict:
-    return score_run(teacher_dir, False, table, prep, test, regions, settings, device)
+def _bundle_scores(bundle: Path, name: str, table: Any, prep: dict[str, Any], test: list[dict], pred_dir: Path,
+                   deployed: Any, trained: Any, device: str) -> dict[str, Any]:
+    """Region ``name``'s scores of an expert bundle on the region's test cases through its own ``inference.json``
+    (DSC / NSD per class), with the deployed network's parameters and GFLOPs (one window) and the trained one's
+    parameters."""
+    task = table.task_id_of(name)
+    cases = [c for c in test if int(c["region"]) == task]
+    preds = predict_with_bundle(bundle, [c["image"] for c in cases], pred_dir, device=device)
+    scores = score_label_maps(preds, [c["label"] for c in cases], table.class_names[task],
+                              NSD_TOLERANCE_MM.get(name, 1.0))  # fmt: skip
+    window = (1, 1, *prep[name]["window_size"])
+    return {"classes": scores["table"], "mean_dsc": scores["mean_dsc"], "mean_nsd": scores["mean_nsd"],
+            "n_test": len(cases), "nsd_tolerance_mm": NSD_TOLERANCE_MM.get(name, 1.0),
+            "deploy_params": count_params(deployed), "deploy_gflops": count_flops(deployed, window) / 1e9,
+            "train_params": count_params(trained)}  # fmt: skip
 
 
 def run(
@@ -305,7 +308,7 @@ def run(
     results: dict[str, Any] = {}
     if "teacher" in p["rows"]:
         t0 = time.perf_counter()
-        s = _teacher_scores(teacher_dir, table, prep, test, regions, {"model": teacher_sha, "data": data_sha}, device)
+        s = score_run(teacher_dir, False, table, prep, test, regions, {"model": teacher_sha, "data": data_sha}, device)
         results["teacher"] = {"description": "foundation_seg (teacher), trained once", "deployed_as":
                               "the foundation network per region", "lr": None, "lr_grid": {},
                               "seeds": [{"seed": None, **s, "train_seconds": teacher["train_seconds"],
@@ -449,23 +452,15 @@ def _scratch_scores(run_dir: Path, table: Any, prep: dict, test: list[dict], net
     """A scratch run's bundle on its region's test cases through its own inference.json (stored in
     ``run_dir/scores.json``; reused while the model and data are unchanged)."""
     name = run_dir.name
-    task = table.task_id_of(name)
     stamp = run_dir / "scores.json"
     settings = {"model": file_sha256(run_dir / "bundle" / "models" / "model.pt"), "data": data_sha}
     stored = _stored(stamp, settings)
     if stored is not None:
         return stored
     t0 = time.perf_counter()
-    mine = [c for c in test if int(c["region"]) == task]
-    preds = predict_with_bundle(run_dir / "bundle", [c["image"] for c in mine], run_dir / "predictions", device=device)
-    sc = score_label_maps(preds, [c["label"] for c in mine], table.class_names[task], NSD_TOLERANCE_MM.get(name, 1.0))
     net = instantiate(dict(net_def))
-    window = (1, 1, *prep[name]["window_size"])
-    s = {"settings": settings, "score_seconds": time.perf_counter() - t0, "regions": {name: {
-        "classes": sc["table"], "mean_dsc": sc["mean_dsc"], "mean_nsd": sc["mean_nsd"],
-        "n_test": len(mine), "nsd_tolerance_mm": NSD_TOLERANCE_MM.get(name, 1.0),
-        "deploy_params": count_params(net), "deploy_gflops": count_flops(net, window) / 1e9,
-        "train_params": count_params(net)}}}  # fmt: skip
+    entry = _bundle_scores(run_dir / "bundle", name, table, prep, test, run_dir / "predictions", net, net, device)
+    s = {"settings": settings, "score_seconds": time.perf_counter() - t0, "regions": {name: entry}}
     atomic_write_json(stamp, s)
     return s
 
