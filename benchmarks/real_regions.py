@@ -53,6 +53,7 @@ import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -339,8 +340,20 @@ def run(
                                   lambda run: run[1]["val_mean_dsc"], jobs=jobs)  # fmt: skip
     times["rows_train"] = time.perf_counter() - t0
 
-    # 4. every model exported per region and scored on test through its own inference.json (this process)
+    # 4. every model exported per region and scored on test through its own inference.json, ``jobs`` at a time
     t0 = time.perf_counter()
+
+    def score_unit(row: str, run_dir: Path) -> dict[str, Any]:
+        if row == "scratch":
+            return _scratch_scores(run_dir, table, prep, test, scratch_net, data_sha, device)
+        mine = [run_dir.name] if ROWS[row][1] == "stl" else regions
+        return score_run(run_dir, ROWS[row][2], table, prep, test, mine,
+                         {"model": file_sha256(run_dir / "models" / "model.pt"), "data": data_sha}, device)
+
+    units_to_score = [(row, run_dir) for row in row_names for seed in p["seeds"]
+                      for run_dir, _ in trained[row]["runs"][seed]]  # fmt: skip
+    with child_threads(threads), ThreadPoolExecutor(max_workers=int(jobs)) as pool:
+        scores = dict(zip(units_to_score, pool.map(lambda unit: score_unit(*unit), units_to_score)))
     for row in row_names:
         got = trained[row]
         per_seed = []
@@ -349,12 +362,7 @@ def run(
             scored: dict[str, Any] = {"regions": {}, "train_seconds": 0.0, "score_seconds": 0.0,
                                       "best_epochs": [rec.get("best_epoch") for _, rec in runs]}  # fmt: skip
             for run_dir, rec in runs:
-                if row == "scratch":
-                    s = _scratch_scores(run_dir, table, prep, test, scratch_net, data_sha, device)
-                else:
-                    mine = [run_dir.name] if ROWS[row][1] == "stl" else regions
-                    s = score_run(run_dir, ROWS[row][2], table, prep, test, mine,
-                                  {"model": file_sha256(run_dir / "models" / "model.pt"), "data": data_sha}, device)
+                s = scores[(row, run_dir)]
                 scored["regions"].update(s["regions"])
                 scored["train_seconds"] += rec["train_seconds"]
                 scored["score_seconds"] += s["score_seconds"]

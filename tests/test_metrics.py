@@ -158,6 +158,15 @@ def _run_engine(metric: RegionSegMetrics, name: str = "val_mean_dice") -> Engine
     return engine
 
 
+def test_region_metric_dsc_only():
+    """nsd=False (a training validation that selects on DSC): the same DSC values, no NSD anywhere."""
+    full = _run_engine(RegionSegMetrics(REGION_CHANNELS, REGION_NAMES, CLASS_NAMES)).state.metrics
+    metric = RegionSegMetrics(REGION_CHANNELS, REGION_NAMES, CLASS_NAMES, nsd=False)
+    m = _run_engine(metric).state.metrics
+    assert m == {k: v for k, v in full.items() if not k.startswith("nsd/") and k != "mean_nsd"}
+    assert len(m) == 6 and all("nsd" not in key for row in metric.table() for key in row)
+
+
 def test_region_metric_on_engine():
     metric = RegionSegMetrics(REGION_CHANNELS, REGION_NAMES, CLASS_NAMES, tolerance_mm=1.0)
     m = _run_engine(metric).state.metrics

@@ -64,6 +64,7 @@ class RegionSegMetrics(Metric):
         threshold: float = 0.5,
         sigmoid: bool = True,
         nsd_name: str = "mean_nsd",
+        nsd: bool = True,
         output_transform: Callable = region_metric_output_transform,
         merge_batch: bool = True,
         device: str | torch.device = torch.device("cpu"),
@@ -81,6 +82,9 @@ class RegionSegMetrics(Metric):
             sigmoid: whether ``y_pred`` holds logits (``True``) or probabilities/binary masks already. Defaults to
                 ``True``.
             nsd_name: ``engine.state.metrics`` key of the overall mean NSD. Defaults to ``"mean_nsd"``.
+            nsd: compute the NSD. False scores DSC only (no NSD keys in ``engine.state.metrics`` or the table): a
+                training validation that selects on DSC then skips the surface distances, which take most of its
+                time on CPU. Defaults to True.
             output_transform: maps ``engine.state.output`` (batch-merged, see ``merge_batch``) to a dict with
                 ``y_pred``, ``y``, ``region``, ``spacing``. Defaults to :py:func:`region_metric_output_transform`.
             merge_batch: add ``engine.state.batch`` keys missing from ``engine.state.output`` (MONAI evaluators keep
@@ -116,6 +120,7 @@ class RegionSegMetrics(Metric):
         self.threshold = float(threshold)
         self.sigmoid = sigmoid
         self.nsd_name = nsd_name
+        self.nsd = bool(nsd)
         self.merge_batch = merge_batch
         self._logit_threshold = math.log(threshold / (1.0 - threshold))
         self._table: list[dict[str, Any]] | None = None
@@ -212,7 +217,7 @@ class RegionSegMetrics(Metric):
             pred_mask = (selected >= cut).cpu()
             gt_mask = (label.index_select(0, index.to(label.device)) >= 0.5).cpu()
             tolerances = [self.tolerances[r][k] for k in scored]
-            dsc, nsd = binary_dice_nsd(pred_mask, gt_mask, sp.tolist(), tolerances)
+            dsc, nsd = binary_dice_nsd(pred_mask, gt_mask, sp.tolist(), tolerances, surface=self.nsd)
             rows = torch.stack(
                 [
                     torch.full_like(dsc, r, dtype=torch.float64),
@@ -246,23 +251,21 @@ class RegionSegMetrics(Metric):
                 sel = rows[(rows[:, 0] == r) & (rows[:, 1] == k)]
                 if sel.shape[0] == 0:
                     continue
-                table.append(
-                    {
-                        "region": self.region_names[r],
-                        "class": cls,
-                        "n": int(sel.shape[0]),
-                        "dsc_mean": float(sel[:, 2].mean()),
-                        "dsc_std": float(sel[:, 2].std(unbiased=False)),
-                        "nsd_mean": float(sel[:, 3].mean()),
-                        "nsd_std": float(sel[:, 3].std(unbiased=False)),
-                    }
-                )
-        regions = region_summary(table, overall=None)
-        summary = {
-            "regions": regions,
-            "mean_dsc": sum(e["dsc_mean"] for e in regions) / len(regions),
-            "mean_nsd": sum(e["nsd_mean"] for e in regions) / len(regions),
-        }
+                row = {
+                    "region": self.region_names[r],
+                    "class": cls,
+                    "n": int(sel.shape[0]),
+                    "dsc_mean": float(sel[:, 2].mean()),
+                    "dsc_std": float(sel[:, 2].std(unbiased=False)),
+                }
+                if self.nsd:
+                    row.update(nsd_mean=float(sel[:, 3].mean()), nsd_std=float(sel[:, 3].std(unbiased=False)))
+                table.append(row)
+        keys = ("dsc_mean", "nsd_mean") if self.nsd else ("dsc_mean",)
+        regions = region_summary(table, keys, overall=None)
+        summary = {"regions": regions, "mean_dsc": sum(e["dsc_mean"] for e in regions) / len(regions)}
+        if self.nsd:
+            summary["mean_nsd"] = sum(e["nsd_mean"] for e in regions) / len(regions)
         self._table, self._summary = table, summary
         return table, summary
 
@@ -281,13 +284,13 @@ class RegionSegMetrics(Metric):
         table, summary = self._aggregate()
         metrics = engine.state.metrics
         metrics[name] = float(summary["mean_dsc"])
-        metrics[self.nsd_name] = float(summary["mean_nsd"])
-        for entry in summary["regions"]:
-            metrics[f"dsc/{entry['region']}"] = entry["dsc_mean"]
-            metrics[f"nsd/{entry['region']}"] = entry["nsd_mean"]
-        for row in table:
-            metrics[f"dsc/{row['region']}/{row['class']}"] = row["dsc_mean"]
-            metrics[f"nsd/{row['region']}/{row['class']}"] = row["nsd_mean"]
+        if self.nsd:
+            metrics[self.nsd_name] = float(summary["mean_nsd"])
+        for entry in (*summary["regions"], *table):
+            key = entry["region"] + (f"/{entry['class']}" if "class" in entry else "")
+            metrics[f"dsc/{key}"] = entry["dsc_mean"]
+            if self.nsd:
+                metrics[f"nsd/{key}"] = entry["nsd_mean"]
 
     def table(self) -> list[dict[str, Any]]:
         """
