@@ -223,13 +223,15 @@ def best_on_validation(scores: Mapping[Any, float | None]) -> Any:
 
 
 @contextlib.contextmanager
-def child_threads(threads: int | None) -> Iterator[None]:
+def child_threads(threads: int | None, alone_for: int = 1) -> Iterator[None]:
     """``OMP_NUM_THREADS`` of the child processes started inside the block (None or 0: left as it is); the previous
     value is restored after. Several single-threaded runs side by side use a small CPU better than one run with
-    several threads whose threads wait for a descheduled sibling."""
+    several threads whose threads wait for a descheduled sibling. ``alone_for``: a run that trains alone where
+    ``alone_for`` runs of ``threads`` would share the cores (e.g. the teacher the students wait for) gets all their
+    threads."""
     before = os.environ.get("OMP_NUM_THREADS")
     if threads:
-        os.environ["OMP_NUM_THREADS"] = str(int(threads))
+        os.environ["OMP_NUM_THREADS"] = str(int(threads) * int(alone_for))
     try:
         yield
     finally:

@@ -298,7 +298,7 @@ def run(
     teacher_dir = work / "teacher"
     stop = {"early_stop_patience": p["patience"]} if p["patience"] else {}  # absent: the runs of earlier presets
     t_args = {**common, "epochs": p["teacher_epochs"], "val_interval": p["val_every"], **stop}
-    with child_threads(int(threads) * int(jobs) if threads else None):  # alone: every core
+    with child_threads(threads, alone_for=jobs):  # alone: every core
         teacher = train_run("foundation_seg", teacher_dir, ["train.json", "real_regions.json"], t_args,
                             {"args": t_args, "data": data_sha, "configs": _digest("foundation_seg", [])})
     teacher_sha = file_sha256(teacher_dir / "models" / "model.pt")

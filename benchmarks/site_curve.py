@@ -51,7 +51,6 @@ the fixed site test set, per class; BEFORE = the exported expert on the same tes
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -191,12 +190,6 @@ def plan_epochs(num_cases: int, batch_size: int, steps: int | None, epochs: int 
     epochs = max(int(validations), int(epochs))
     epochs = math.ceil(epochs / int(validations)) * int(validations)
     return {"epochs": epochs, "val_interval": epochs // int(validations), "steps": epochs * per_epoch}
-
-
-def _pretraining_threads(threads: int | None, jobs: int) -> contextlib.AbstractContextManager[None]:
-    """Pre-training runs alone (the student needs the teacher): its child processes get the cores that ``jobs``
-    parallel site runs share, ``threads * jobs`` OpenMP threads (:func:`benchmarks.common.child_threads`)."""
-    return child_threads(int(threads) * int(jobs) if threads else None)
 
 
 def _check_sizes(sizes: list[str], pool_size: int, unit: str) -> None:
@@ -401,7 +394,7 @@ def run(
                                                     val_patients=pretrain_val_patients, other_cases=brain_cases,
                                                     seed=split_seed)  # fmt: skip
         stages.done("data")
-        with _pretraining_threads(threads, jobs):
+        with child_threads(threads, alone_for=jobs):  # pre-training runs alone
             pretrained = ensure_pretrained(work, retrain=retrain_pretrained, datalist=datalist, recipe=recipe,
                                            config_files=REAL_CONFIGS)  # fmt: skip
         stages.done("pretraining")
@@ -430,7 +423,7 @@ def run(
         base = ensure_synthetic_dataset(Path(default_cache_dir()) / "synthetic", **cfg["synthetic"])
         datalist = build_pretraining_datalist(study, work / "pretraining_data", base, region=REGION)
         stages.done("data")
-        with _pretraining_threads(threads, jobs):
+        with child_threads(threads, alone_for=jobs):  # pre-training runs alone
             pretrained = ensure_pretrained(work, retrain=retrain_pretrained, datalist=datalist, recipe=recipe)
         stages.done("pretraining")
         expert_dir = work / "expert_bundle"

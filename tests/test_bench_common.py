@@ -74,3 +74,7 @@ def test_child_threads_sets_and_restores(monkeypatch):
             assert os.environ["OMP_NUM_THREADS"] == "1"
         assert os.environ["OMP_NUM_THREADS"] == "2"
     assert "OMP_NUM_THREADS" not in os.environ
+    with child_threads(1, alone_for=2):  # a run alone gets the threads of the 2 runs that would share the cores
+        assert os.environ["OMP_NUM_THREADS"] == "2"
+    with child_threads(None, alone_for=2):  # threads not set: inherited as it is
+        assert "OMP_NUM_THREADS" not in os.environ

@@ -349,6 +349,25 @@ def test_early_stopping_ends_the_run_after_patience_validations(site_run, tmp_pa
         SiteFinetuneSettings(early_stop_patience=-1).check()
 
 
+def test_learning_rate_grid_keeps_the_best_rate_on_validation(site_run, tmp_path):
+    """``lr_grid``: every rate trains from the same start; the bundle written is the one whose own inference.json
+    scores the best validation DSC (here the rate that learns, listed second), with that rate in its train.json."""
+    out = tmp_path / "grid"
+    shutil.copytree(site_run["out"] / "docs", out / "docs")  # the same split
+    summary = finetune_expert(site_run["expert"], site_run["data"], out, SiteFinetuneSettings(
+        epochs=6, lr_grid=[1e-9, 0.01], batch_size=2, val_split=0.25, verify=False, progress=False))  # fmt: skip
+    grid = summary["learning_rate_grid"]
+    assert list(grid) == ["1e-09", "0.01"] and grid["0.01"]["mean_dsc"] > grid["1e-09"]["mean_dsc"] + 0.05, grid
+    assert grid["1e-09"]["mean_dsc"] == pytest.approx(summary["before"]["mean_dsc"], abs=0.02)  # did not learn
+    assert summary["after"]["mean_dsc"] == grid["0.01"]["mean_dsc"]
+    assert summary["train_settings"]["learning_rate"] == 0.01 == summary["settings"]["learning_rate"]
+    assert json.loads((out / "configs" / "train.json").read_text())["learning_rate"] == 0.01
+    assert not (out / "grid").exists() and "chosen on the validation cases from 2 rates" in (out / "docs" / "README.md").read_text()
+    for bad in ([], [0.01, 0.01], [0.0]):
+        with pytest.raises(ValueError, match="lr_grid must list distinct learning rates"):
+            SiteFinetuneSettings(lr_grid=bad).check()
+
+
 @pytest.mark.parametrize("head", ["resize"])
 def test_lora_site_bundle_is_stock_and_reuses_split(site_run, tmp_path, head):
     out = tmp_path / "lora_bundle"

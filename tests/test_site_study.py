@@ -7,7 +7,6 @@ the learning-curve plot, marked report sections, and the tools' budget helpers, 
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 
 from benchmarks import site_curve, site_finetune
 from benchmarks.site_study import (
@@ -286,17 +284,6 @@ def test_curve_tool_budget_and_recipe():
     stop = tool.pretraining_recipe(150, 100, None, 5, patience=4)
     assert stop["foundation_seg"]["early_stop_patience"] == 4 and stop["lorkd_seg"]["epochs"] == 100
     assert tool.dataset_defaults("acdc_shift")["pretrain_patience"] == 4
-
-
-def test_pretraining_gets_the_cores_of_the_parallel_site_runs(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    with site_curve._pretraining_threads(1, 2):
-        assert os.environ["OMP_NUM_THREADS"] == "2"
-    assert os.environ["OMP_NUM_THREADS"] == "1"
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    with site_curve._pretraining_threads(None, 2):  # threads not set: inherited as it is
-        assert "OMP_NUM_THREADS" not in os.environ
-    assert "OMP_NUM_THREADS" not in os.environ
 
 
 def test_an_early_stopped_pretraining_is_complete(tmp_path):

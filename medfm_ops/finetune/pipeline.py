@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -140,51 +141,44 @@ def finetune_expert(
         dataset_name = str(json.loads(dataset_json.read_text()).get("name") or Path(split["dataset_dir"]).name)
         changelog = {**src_meta["changelog"], version: "site fine-tuning in progress"}
         modality = src_meta["modality"] or ("MR" if "mr" in source.region.lower() else "CT")
-        write_expert_bundle(
-            stage, start.network_def, start.state_dict, region_name=source.region,
-            label_names={i: n for i, n in enumerate(names, start=1)}, output_channels=start.output_channels,
-            spacing=spacing, roi_size=roi_size, version=version,
-            description=(f"{src_meta['name']} {src_meta['version']} fine-tuned at a site on '{dataset_name}' "
-                         f"({mode}); classes {', '.join(names)}."),
-            extra_metadata={"name": f"{src_meta['name']} ({dataset_name})", "changelog": changelog},
-            modality=modality,
-            config_values=settings.config_values(),
-            intensity_nonzero=source.intensity == "zscore_nonzero",
-        )  # fmt: skip
+
+        def write_start(dest: Path, values: SiteFinetuneSettings) -> None:  # the new bundle before training
+            write_expert_bundle(
+                dest, start.network_def, start.state_dict, region_name=source.region,
+                label_names={i: n for i, n in enumerate(names, start=1)}, output_channels=start.output_channels,
+                spacing=spacing, roi_size=roi_size, version=version,
+                description=(f"{src_meta['name']} {src_meta['version']} fine-tuned at a site on '{dataset_name}' "
+                             f"({mode}); classes {', '.join(names)}."),
+                extra_metadata={"name": f"{src_meta['name']} ({dataset_name})", "changelog": changelog},
+                modality=modality,
+                config_values=values.config_values(),
+                intensity_nonzero=source.intensity == "zscore_nonzero",
+            )  # fmt: skip
+
+        write_start(stage, settings)
         atomic_write_json(stage / SUMMARY_RELPATH, {"status": "in_progress"})
         cases = split["validation"]
         before = _score(stage, cases, names, settings.nsd_tolerance_mm, "before", device) if settings.score_before else None
-
-        overrides: dict[str, Any] = {
-            "train#dataset#data": [{"image": c["image"], "label": c["label"]} for c in split["training"]],
-            "validate#dataset#data": [{"image": c["image"], "label": c["label"]} for c in cases],
-            "best_model_filename": _BEST[mode],
-        }
-        if device is not None:
-            overrides["device"] = torch.device(device)
-        # the bundle's own train.json stops at the first non-finite loss (its `finite_loss` key), naming the batch
-        handlers = [{"_target_": "medfm_ops.engines.TerminalProgressBar"}] if settings.progress else []
-        logger.info(f"training ({mode}) for {epochs} epochs on {len(split['training'])} cases")
-        t0 = time.perf_counter()
-        workflow = run_bundle_configs(stage, MODE_CONFIGS[mode], overrides, extra_train_handlers=handlers)
-        train_seconds = time.perf_counter() - t0
-        val_state = workflow.parser.get_parsed_content("validate#evaluator").state
-        kept = {"epoch": int(val_state.best_metric_epoch), "val_mean_dice": float(val_state.best_metric)}
-        epochs_trained = int(workflow.parser.get_parsed_content("train#trainer").state.epoch)
-        network = workflow.parser.get_parsed_content("network")
-        parameters = {"total": sum(p.numel() for p in network.parameters()),
-                      "trainable": sum(p.numel() for p in network.parameters() if p.requires_grad)}  # fmt: skip
-        if mode == "sparse":  # the selected entries train, not whole tensors
-            sparse = workflow.parser.get_parsed_content("sparse#parameters")
-            estimate = workflow.parser.get_parsed_content("sparse#estimate")
-            parameters["trainable"] = sparse.num_selected
-        best = stage / "models" / _BEST[mode]
-        if not best.is_file():
-            raise RuntimeError(f"training wrote no checkpoint ({best}): it never validated.")
-        if mode == "full":  # lora, sparse: the mode's finalize already wrote the stock models/model.pt
-            atomic_torch_save(torch.load(best, map_location="cpu", weights_only=True), stage / "models" / "model.pt")
-        best.unlink()
-        after = _score(stage, cases, names, settings.nsd_tolerance_mm, "after", device)
+        rates = [float(r) for r in settings.lr_grid] if settings.lr_grid else [float(settings.learning_rate)]
+        grid: dict[float, dict[str, Any]] = {}
+        for rate in rates:  # one rate: the bundle itself trains; a grid: one candidate bundle per rate
+            candidate = stage if len(rates) == 1 else stage / "grid" / f"lr{rate:g}"
+            if candidate != stage:
+                write_start(candidate, dataclasses.replace(settings, learning_rate=rate))
+                logger.info(f"learning rate {rate:g} ({len(grid) + 1} of {len(rates)})")
+            grid[rate] = _train_and_score(candidate, split, settings, names, device)
+        chosen = max(rates, key=lambda r: grid[r]["after"]["mean_dsc"])  # the first of equals
+        if len(rates) > 1:  # the chosen candidate's rate and weights become the bundle's
+            settings = dataclasses.replace(settings, learning_rate=chosen)
+            chosen_dir = stage / "grid" / f"lr{chosen:g}"  # differs from the stage only in train.json's learning_rate
+            shutil.copyfile(chosen_dir / "configs" / "train.json", stage / "configs" / "train.json")
+            shutil.rmtree(stage / "models")
+            shutil.copytree(chosen_dir / "models", stage / "models")
+            shutil.rmtree(stage / "grid")
+            logger.info(f"learning rate {chosen:g} kept: the best validation DSC of "
+                        + ", ".join(f"{r:g}: {grid[r]['after']['mean_dsc']:.4f}" for r in rates))
+        run = grid[chosen]
+        after, train_seconds, parameters = run["after"], run["train_seconds"], run["parameters"]
         shutil.rmtree(stage / "eval", ignore_errors=True)
 
         rows = comparison_rows({"before": before, "after": after} if before else {"after": after})
@@ -200,13 +194,12 @@ def finetune_expert(
             "head": {"mode": start.plan.mode, "out_channels": start.plan.out_channels,
                      "classes": start.plan.describe(source.class_names)},
             "epochs": int(epochs),
-            "epochs_trained": epochs_trained,  # below epochs when early stopping ended the run
+            "epochs_trained": run["epochs_trained"],  # below epochs when early stopping ended the run
             "train_settings": settings.train_settings(),
             "settings": settings.to_dict(),
             "lora": {"rank": int(settings.lora_rank), "alpha": float(settings.lora_alpha)} if mode == "lora" else None,
             "sparse": {"budget": float(settings.sparse_budget), "variant": settings.sparse_variant, "lambda": float(settings.sparse_lambda),
-                       "selected": parameters["trainable"], "estimation_batches": estimate.num_batches,
-                       "estimation_seconds": estimate.seconds} if mode == "sparse" else None,
+                       "selected": parameters["trainable"], **run["estimation"]} if mode == "sparse" else None,
             "split": {"file": SPLIT_FILENAME, "origin": split["origin"], "seed": split["seed"],
                       "val_split": split["val_split"], "info": split["info"], "reused": split["reused"],
                       "num_training_total": split["num_training_total"],
@@ -216,12 +209,16 @@ def finetune_expert(
             "roi_size": [int(r) for r in roi_size],
             "nsd_tolerance_mm": float(settings.nsd_tolerance_mm),
             "parameters": parameters,
-            "device": str(workflow.parser.get_parsed_content("device")),
-            "train_seconds": train_seconds,
-            "best_validation": kept,  # the kept epoch, by the training-time validation (MONAI MeanDice)
+            "device": run["device"],
+            "train_seconds": train_seconds,  # of the kept learning rate's run
+            "best_validation": run["kept"],  # the kept epoch, by the training-time validation (MONAI MeanDice)
+            "learning_rate_grid": {f"{r:g}": {"mean_dsc": grid[r]["after"]["mean_dsc"],
+                                              "epochs_trained": grid[r]["epochs_trained"],
+                                              "train_seconds": grid[r]["train_seconds"]} for r in rates}
+            if len(rates) > 1 else None,
             "before": before,
             "after": after,
-            "machine": {**machine_info(workflow.parser.get_parsed_content("device")), "monai": monai.__version__},
+            "machine": {**machine_info(run["device"]), "monai": monai.__version__},
         }  # fmt: skip
         summary["lowered_score"] = regression_note(summary)  # None unless the DSC went down
         if summary["lowered_score"]:
@@ -243,6 +240,52 @@ def finetune_expert(
     print("\n[site fine-tuning] validation scores of the written bundle's inference.json, before vs after\n"
           + format_markdown(rows, COLUMNS) + f"\n[site fine-tuning] bundle written to {out}", flush=True)  # fmt: skip
     return summary
+
+
+def _train_and_score(bundle: Path, split: dict[str, Any], settings: SiteFinetuneSettings, names: list[str],
+                     device: Any) -> dict[str, Any]:
+    """Train the written ``bundle`` with its own ``configs/train*.json`` on the split's training cases (validating on
+    its validation cases), keep the best validated weights as ``models/model.pt``, and score that bundle's own
+    ``inference.json`` on the validation cases. Returns ``{"after", "train_seconds", "kept", "epochs_trained",
+    "parameters", "estimation", "device"}``."""
+    mode, cases = settings.mode, split["validation"]
+    overrides: dict[str, Any] = {
+        "train#dataset#data": [{"image": c["image"], "label": c["label"]} for c in split["training"]],
+        "validate#dataset#data": [{"image": c["image"], "label": c["label"]} for c in cases],
+        "best_model_filename": _BEST[mode],
+    }
+    if device is not None:
+        overrides["device"] = torch.device(device)
+    # the bundle's own train.json stops at the first non-finite loss (its `finite_loss` key), naming the batch
+    handlers = [{"_target_": "medfm_ops.engines.TerminalProgressBar"}] if settings.progress else []
+    logger.info(f"training ({mode}) for {settings.epochs} epochs on {len(split['training'])} cases")
+    t0 = time.perf_counter()
+    workflow = run_bundle_configs(bundle, MODE_CONFIGS[mode], overrides, extra_train_handlers=handlers)
+    train_seconds = time.perf_counter() - t0
+    val_state = workflow.parser.get_parsed_content("validate#evaluator").state
+    network = workflow.parser.get_parsed_content("network")
+    parameters = {"total": sum(p.numel() for p in network.parameters()),
+                  "trainable": sum(p.numel() for p in network.parameters() if p.requires_grad)}  # fmt: skip
+    estimation = {}
+    if mode == "sparse":  # the selected entries train, not whole tensors
+        parameters["trainable"] = workflow.parser.get_parsed_content("sparse#parameters").num_selected
+        estimate = workflow.parser.get_parsed_content("sparse#estimate")
+        estimation = {"estimation_batches": estimate.num_batches, "estimation_seconds": estimate.seconds}
+    best = bundle / "models" / _BEST[mode]
+    if not best.is_file():
+        raise RuntimeError(f"training wrote no checkpoint ({best}): it never validated.")
+    if mode == "full":  # lora, sparse: the mode's finalize already wrote the stock models/model.pt
+        atomic_torch_save(torch.load(best, map_location="cpu", weights_only=True), bundle / "models" / "model.pt")
+    best.unlink()
+    return {
+        "after": _score(bundle, cases, names, settings.nsd_tolerance_mm, "after", device),
+        "train_seconds": train_seconds,
+        "kept": {"epoch": int(val_state.best_metric_epoch), "val_mean_dice": float(val_state.best_metric)},
+        "epochs_trained": int(workflow.parser.get_parsed_content("train#trainer").state.epoch),
+        "parameters": parameters,
+        "estimation": estimation,
+        "device": str(workflow.parser.get_parsed_content("device")),
+    }
 
 
 def _export_torchscript(bundle: Path) -> None:

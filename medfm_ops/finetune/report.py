@@ -83,6 +83,15 @@ def _stages(summary: Mapping[str, Any]) -> str:
     return "after fine-tuning (the starting point was not scored here: `score_before` false)"
 
 
+def _rate_choice(summary: Mapping[str, Any]) -> str:
+    grid = summary.get("learning_rate_grid")
+    if not grid:
+        return ""
+    scores = ", ".join(f"{rate}: {entry['mean_dsc']:.4f}" for rate, entry in grid.items())
+    return (f"\nThe learning rate was chosen on the validation cases from {len(grid)} rates, each trained from the same "
+            f"start (validation mean DSC of each run's bundle: {scores}).\n")
+
+
 def readme_section(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
     """The ``## Site fine-tuning`` section of the written bundle's README."""
     src, split = summary["source"], summary["split"]
@@ -98,7 +107,7 @@ This bundle is `{src['name']}` version {src['version']} ({src['path']}) fine-tun
 (`tools/finetune_site.py`), mode `{summary['mode']}`, init `{summary['init']}`, {summary['epochs']} epochs
 (batch {summary['train_settings']['batch_size']}, learning rate {summary['train_settings']['learning_rate']}, AdamW,
 cosine schedule), on {summary['device']} in {summary['train_seconds']:.0f} s of training.
-
+{_rate_choice(summary)}
 Data: `{summary['dataset']['dir']}`; split saved in `docs/split.json` ({_split_origin(split)}):
 {split['num_training_used']} of {split['num_training_total']} training and
 {split['num_validation_used']} of {split['num_validation_total']} validation cases used.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -50,6 +51,9 @@ class SiteFinetuneSettings:
                                     "ceiling); 0: train every epoch", 20)
     batch_size: int = _doc("training batch size", 4)
     learning_rate: float = _doc("learning rate", 1e-3)
+    lr_grid: list[float] | None = _doc("learning rates to try, e.g. 2e-4,2e-3: each trains from the same start and "
+                                       "the one whose bundle scores the best validation DSC is kept (its rate "
+                                       "replaces learning_rate); None: learning_rate only", None)  # fmt: skip
     weight_decay: float = _doc("weight decay", 1e-5)
     seed: int = _doc("seed of the fresh weights and of training (data order, augmentation)", 0)
     split_seed: int | None = _doc("seed of the train/validation split; None: seed", None)
@@ -80,7 +84,7 @@ class SiteFinetuneSettings:
         Raises:
             ValueError: naming the setting: unknown ``mode``, ``epochs`` < 1, a ``val_interval`` that does not
                 divide ``epochs`` (the last epoch must be validated so that the written model is the best one of
-                this run), bad SH-PEFT settings.
+                this run), an empty ``lr_grid`` or one with a rate <= 0 or repeated, bad SH-PEFT settings.
         """
         check_mode(self.mode)
         if int(self.epochs) < 1:
@@ -92,6 +96,10 @@ class SiteFinetuneSettings:
             )
         if int(self.early_stop_patience) < 0:
             raise ValueError(f"early_stop_patience must be >= 0 (0: no early stopping), got {self.early_stop_patience}.")
+        if self.lr_grid is not None:
+            rates = [float(r) for r in self.lr_grid]
+            if not rates or any(not math.isfinite(r) or r <= 0 for r in rates) or len(set(rates)) != len(rates):
+                raise ValueError(f"lr_grid must list distinct learning rates > 0 (or be None), got {self.lr_grid}.")
         check_sparse_settings(self.sparse_budget, self.sparse_variant, self.sparse_lambda)
         return self
 
