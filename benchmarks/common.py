@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -247,9 +247,9 @@ _Run = TypeVar("_Run")
 def grid_then_seeds(
     rows: Sequence[str],
     units: Mapping[str, Sequence[Any]],
-    lr_grid: Sequence[float],
+    lr_grid: Sequence[float | None],
     seeds: Sequence[int],
-    train: Callable[[str, float, int, Any], _Run],
+    train: Callable[[str, float | None, int, Any], _Run],
     validation_score: Callable[[_Run], float | None],
     jobs: int = 1,
 ) -> dict[str, dict[str, Any]]:
@@ -260,34 +260,46 @@ def grid_then_seeds(
     child processes); a row's other seeds start once its own grid is done, without waiting for the other rows.
 
     Args:
+        lr_grid: the learning rates tried with the first seed; ``[None]``: no grid (``train`` uses its own rate).
         train: ``train(row, lr, seed, unit)`` -> one finished run.
 
     Returns:
         ``{row: {"lr": chosen, "val": {lr: mean validation score}, "runs": {seed: [run per unit]}}}``.
 
     Raises:
-        ValueError: on ``jobs < 1`` or an empty ``lr_grid`` / ``seeds``; whatever ``train`` raises (queued runs are
+        ValueError: on ``jobs < 1``, an empty ``lr_grid`` / ``seeds`` or a row without units; whatever ``train`` raises (queued runs are
             cancelled).
     """
     if int(jobs) < 1 or not lr_grid or not seeds:
         raise ValueError(f"need jobs >= 1 ({jobs}), a learning rate ({list(lr_grid)}) and a seed ({list(seeds)}).")
+    if any(not units[row] for row in rows):
+        raise ValueError(f"every row needs a unit to train: {[row for row in rows if not units[row]]} have none.")
     first, others = seeds[0], list(seeds[1:])
     pool = ThreadPoolExecutor(max_workers=int(jobs))
     try:
-        grid: dict[str, dict[float, list[Future]]] = {
-            row: {lr: [pool.submit(train, row, lr, first, u) for u in units[row]] for lr in lr_grid} for row in rows}
+        grid = {row: {lr: [pool.submit(train, row, lr, first, u) for u in units[row]] for lr in lr_grid} for row in rows}
+        row_of = {f: row for row in rows for futures in grid[row].values() for f in futures}
+        left = {row: sum(len(futures) for futures in grid[row].values()) for row in rows}
         out: dict[str, dict[str, Any]] = {}
         later: dict[str, dict[int, list[Future]]] = {}
-        for row in rows:
-            runs = {lr: [f.result() for f in futures] for lr, futures in grid[row].items()}
-            val = {lr: statistics.fmean(validation_score(r) or 0.0 for r in rs) for lr, rs in runs.items()}
-            lr = best_on_validation(val)
-            out[row] = {"lr": lr, "val": val, "runs": {first: runs[lr]}}
-            later[row] = {seed: [pool.submit(train, row, lr, seed, u) for u in units[row]] for seed in others}
+        waiting = set(row_of)
+        while waiting:  # a row's other seeds are queued as soon as its own grid is done
+            finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+            for future in finished:
+                future.result()  # a failed run stops everything
+                row = row_of[future]
+                left[row] -= 1
+                if left[row]:
+                    continue
+                runs = {lr: [f.result() for f in futures] for lr, futures in grid[row].items()}
+                val = {lr: statistics.fmean(validation_score(r) or 0.0 for r in rs) for lr, rs in runs.items()}
+                lr = best_on_validation(val)
+                out[row] = {"lr": lr, "val": val, "runs": {first: runs[lr]}}
+                later[row] = {seed: [pool.submit(train, row, lr, seed, u) for u in units[row]] for seed in others}
         for row in rows:
             out[row]["runs"].update({seed: [f.result() for f in futures] for seed, futures in later[row].items()})
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
-    return out
+    return {row: out[row] for row in rows}

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -64,8 +65,8 @@ import fire
 from benchmarks.common import (
     GLIBC_TUNABLES,
     REPO,
-    best_on_validation,
     carve_validation_datalist,
+    grid_then_seeds,
     machine_info,
     repo_path,
     run_logged,
@@ -139,10 +140,13 @@ def _reading(rows: list[dict[str, Any]], ref: str = "shpeft") -> list[str]:
            "deviation over seeds, else a tie; points of %):", ""]  # fmt: skip
     for key, label in (("f1", "F1"), ("auc", "AUC")):
         ref_v = [100 * x["scores"][key] for x in base["runs"]]
-        verdicts: dict[str, list[str]] = {"above": [], "tie": [], "below": []}
+        verdicts: dict[str, list[str]] = {"above": [], "tie": [], "below": [], "undefined": []}
         for r in rows:
             v = [100 * x["scores"][key] for x in r["runs"]]
             if r["name"] == ref or len(v) < 2:
+                continue
+            if not any(math.isfinite(x) for x in v) or not any(math.isfinite(x) for x in ref_v):
+                verdicts["undefined"].append(r["name"])  # e.g. AUC of a split with one class
                 continue
             d, _, verdict = compare_over_seeds(v, ref_v)
             verdicts[verdict].append(f"{r['name']} ({d:+.1f})")
@@ -362,8 +366,6 @@ def run(
         ValueError: for unknown rows or tasks, ``jobs < 1``, ``val_fraction`` outside (0, 1), or
             ``leave_task_out`` with ``pretrained``.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from medfm_ops.bundle import score_cls_bundle
     from medfm_ops.data import ensure_cls_dataset, medmnist_items
     from medfm_ops.networks import instantiate, load_pretrained_classifier
@@ -459,25 +461,25 @@ def run(
                 **{k: summary[k] for k in ("trainable", "importance_estimation", "train_seconds", "settings")}}
 
     scoring_lock = threading.Lock()
-    chosen: dict[str, dict[str, Any]] = {}  # "task/row" -> {"grid": {lr: carved-split metric}, "lr": chosen}
-    if grid:  # the first seed tries every learning rate; the best on the carved split is every seed's
-        trials = [(task, row, seed_list[0], lr) for task in task_list for row in ROWS if row[0] in wanted for lr in grid]
-        with ThreadPoolExecutor(max_workers=int(jobs)) as pool:
-            tried = list(pool.map(lambda p: one_run(p[0], p[1][0], p[1][2], p[1][3], p[2], p[3]), trials))
-        for (task, row, _, lr), result in zip(trials, tried):
-            chosen.setdefault(f"{task}/{row[0]}", {"grid": {}})["grid"][f"{lr:g}"] = result["val_best"]
-        for c in chosen.values():
-            c["lr"] = float(best_on_validation(c["grid"]))
-    plan = [(task, row, seed) for task in task_list for row in ROWS if row[0] in wanted for seed in seed_list]
-    with ThreadPoolExecutor(max_workers=int(jobs)) as pool:  # each worker waits on its own child process
-        done = list(pool.map(lambda p: one_run(p[0], p[1][0], p[1][2], p[1][3], p[2],
-                                               chosen[f"{p[0]}/{p[1][0]}"]["lr"] if grid else None), plan))
+    # every task and row ("task/row") is a row of the schedule: its first seed over the grid (chosen on the carved
+    # split), then its other seeds at the chosen rate, `jobs` runs at a time
+    spec = {f"{task}/{row[0]}": (task, row) for task in task_list for row in ROWS if row[0] in wanted}
+
+    def train(key: str, lr: float | None, seed: int, _unit: Any) -> dict[str, Any]:
+        task, (name, _, override, extra) = spec[key]
+        return one_run(task, name, override, extra, seed, lr)
+
+    trained = grid_then_seeds(list(spec), {k: [None] for k in spec}, grid or [None], seed_list, train,
+                              lambda result: result["val_best"], jobs=int(jobs))  # fmt: skip
+    chosen: dict[str, dict[str, Any]] = {  # "task/row" -> {"grid": {lr: carved-split metric}, "lr": chosen}
+        key: {"grid": {f"{lr:g}": v for lr, v in t["val"].items()}, "lr": t["lr"]} for key, t in trained.items()
+    } if grid else {}  # fmt: skip
     out_tasks: dict[str, list[dict[str, Any]]] = {}
-    for (task, (name, description, _, _), _), result in zip(plan, done):
-        rows_of_task = out_tasks.setdefault(task, [])
-        if not rows_of_task or rows_of_task[-1]["name"] != name:
-            rows_of_task.append({"name": name, "description": description, "runs": []})
-        rows_of_task[-1]["runs"].append(result)
+    done = []
+    for key, (task, (name, description, _, _)) in spec.items():
+        runs = [trained[key]["runs"][seed][0] for seed in seed_list]
+        out_tasks.setdefault(task, []).append({"name": name, "description": description, "runs": runs})
+        done += runs
     total = sum(r["seconds"] for r in done)
 
     cmd_line = ["python -m benchmarks.shpeft run"]

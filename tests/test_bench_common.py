@@ -60,6 +60,29 @@ def test_grid_then_seeds_chooses_each_rows_rate_on_the_first_seed():
         grid_then_seeds(["a"], {"a": [None]}, [0.001], [0], train, lambda run: 0.0, jobs=0)
 
 
+def test_grid_then_seeds_starts_a_rows_seeds_when_its_own_grid_is_done():
+    """The first row's grid run waits until the second row's seed-1 run has started: that happens only if the
+    second row's later seeds are queued when ITS grid is done, not after the rows before it."""
+    import threading
+
+    from benchmarks.common import grid_then_seeds
+
+    started = threading.Event()
+
+    def train(row, lr, seed, unit):
+        if row == "fast" and seed == 1:
+            started.set()
+        if row == "slow" and seed == 0 and not started.wait(timeout=20):
+            raise RuntimeError("the fast row's seed 1 never started while the slow row's grid ran")
+        return {"val": 0.5}
+
+    got = grid_then_seeds(["slow", "fast"], {"slow": [None], "fast": [None]}, [None], [0, 1], train,
+                          lambda run: run["val"], jobs=2)  # fmt: skip
+    assert list(got) == ["slow", "fast"] and got["fast"]["lr"] is None and len(got["slow"]["runs"]) == 2
+    with pytest.raises(ValueError, match="every row needs a unit"):
+        grid_then_seeds(["a"], {"a": []}, [None], [0], train, lambda run: 0.0)
+
+
 def test_child_threads_sets_and_restores(monkeypatch):
     import os
 

@@ -96,3 +96,13 @@ def test_write_results(tmp_path):
     assert "**62.00 ± 1.00**" in lines["| lora_r1"] and "| working |" in lines["| lora_r1"]
     assert "LEAVE-ONE-TASK-OUT" in text and "pretrained_without_adrenalmnist3d" in text
     assert "carved from train" in text and "--final_model best" in text
+
+
+def test_reading_says_when_a_score_is_undefined():
+    """A split with one class has no AUC (NaN): the reading says so instead of failing (tiny --limit runs)."""
+    nan = float("nan")
+    rows = [{"name": "shpeft", "runs": [_run(0, nan, 0.5), _run(1, nan, 0.5)]},
+            {"name": "full", "runs": [_run(0, nan, 0.5), _run(1, nan, 0.5)]},
+            {"name": "bitfit", "runs": [_run(0, 0.7, 0.5), _run(1, 0.72, 0.5)]}]  # fmt: skip
+    lines = bench._reading(rows)
+    assert "- F1: tie: full (+0.0), bitfit (+0.0)." in lines and "- AUC: undefined: full, bitfit." in lines
