@@ -455,6 +455,31 @@ def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str) -> dict
     return out
 
 
+#: rows whose carved-split validation curves the page draws (first seed, chosen learning rate)
+CURVE_ROWS = ("foundation", "scratch", "stl", "lorkd", "mtl_kd", "rd", "logit_kd", "reprogram", "rd_loto")
+
+
+def _curves(records: list[dict], tasks: list[str], png: Path) -> dict[str, Any]:
+    """Per task, the carved-split AUC after every epoch of the :data:`CURVE_ROWS` runs of the first seed (read from
+    each run's TensorBoard events, ``auc/<task>``), drawn into ``png``: what the teacher-student gap and the stopping
+    epochs look like. Returns ``{"png": name, "curves": {task: {row: [[epoch, auc], ...]}}}``."""
+    from benchmarks.training_curves import plot_training_curves, read_scalar
+
+    seed = records[0]["seed"]
+    curves: dict[str, dict[str, list[list[float]]]] = {}
+    for t in tasks:
+        for r in records:
+            if r["seed"] != seed or r["row"] not in CURVE_ROWS or r["task"] not in (None, t):
+                continue
+            pts = read_scalar(Path(r["dir"]) / "runs", f"auc/{t}")
+            if pts:
+                curves.setdefault(t, {})[r["row"]] = [[e, v] for e, v in pts]
+    if curves:
+        plot_training_curves(png, {t: {ROWS[row][0]: pts for row, pts in c.items()} for t, c in curves.items()},
+                             ylabel="carved-split AUC")  # fmt: skip
+    return {"png": png.name, "seed": seed, "curves": curves}
+
+
 def _ms(values: list[float], digits: int = 3) -> str:
     vals = [v for v in values if v == v]  # drop NaN
     if not vals:
@@ -564,6 +589,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         for group, c in meta["lr_choice"].items():
             grid = ", ".join(f"{f}: {v:.3f}" for f, v in c["grid"].items())
             lines.append(f"| {group} | {grid} | {c['learning_rate']:.3g} ({c['factor']:g}) |")
+    lines += _curve_lines(figs.get("training_curves"), rows)
     lines += ["", "## Pictures", ""]
     for task, g in figs.get("gradcam", {}).items():
         lines += [f"![Grad-CAM {task}](figures/{g['png']})", "",
@@ -637,6 +663,26 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
     text = "\n".join(lines)
     atomic_write_text(path, text)
     return text
+
+
+def _curve_lines(curves: dict[str, Any] | None, rows: list[str]) -> list[str]:
+    """The training-curves section: the PNG and, per task, each drawn run's best carved-split AUC and its epoch."""
+    if not curves or not curves.get("curves"):
+        return []
+    out = ["", "## Training curves (carved validation split)", "", f"![training curves](figures/{curves['png']})", "",
+           f"AUC on each run's own carved validation split after every epoch (seed {curves['seed']}, the chosen "
+           "learning rate; a dot marks the best epoch, the model that is kept). The gap between the foundation (the "
+           "teacher) and the student from scratch is what the distillation rows can gain at most from the teacher.", "",
+           "| task | " + " | ".join(ROWS[r][0] for r in CURVE_ROWS if r in rows) + " |",
+           "| --- | " + " | ".join("---:" for r in CURVE_ROWS if r in rows) + " |"]  # fmt: skip
+    for t, c in curves["curves"].items():
+        cells = []
+        for r in (r for r in CURVE_ROWS if r in rows):
+            pts = [p for p in c.get(r, []) if p[1] == p[1]]
+            best = max(pts, key=lambda p: p[1]) if pts else None
+            cells.append(f"{best[1]:.3f} (epoch {int(best[0])} of {int(pts[-1][0])})" if best else "-")
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _stopping(records: list[dict]) -> str:
@@ -754,6 +800,7 @@ def run(
 
     latency = _latencies(records, latency_repeats)
     figures = _figures(records, out.parent / "figures", gradcam_cases, gradcam_layer)
+    figures["training_curves"] = _curves(records, list(TASKS), out.parent / "figures" / "cls_curves.png")
     args = [f"python -m benchmarks.classification run --data_dir {data_dir} --seeds {','.join(map(str, seed_list))}",
             f"--epochs {epochs} --foundation_epochs {foundation_epochs} --lorkd_warmup_epochs {lorkd_warmup_epochs}",
             f"--batch_size {batch_size} --jobs {jobs} --threads {threads}"]  # fmt: skip

@@ -194,3 +194,25 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     bench._train({**run, "overrides": {"epochs": 12}}, reuse=True)  # other settings: from the start
     assert "--resume_from" not in calls[2][0] and not calls[2][1]
     assert not list((tmp_path / "run" / "models").glob("train_state_checkpoint_epoch=*.pt"))
+
+
+def test_training_curves_from_the_runs_event_files(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def run(name, task, aucs):
+        w = SummaryWriter(log_dir=str(tmp_path / name / "runs"))
+        for t in ([task] if task else TASKS):
+            for epoch, v in enumerate(aucs, start=1):
+                w.add_scalar(f"auc/{t}", v, epoch)
+        w.close()
+        return {"row": name.split("_")[0], "seed": 0, "task": task, "dir": str(tmp_path / name)}
+
+    records = [run("foundation", None, [0.7, 0.9, 0.85]), *[run(f"scratch_{t}", t, [0.6, 0.8]) for t in TASKS],
+               {"row": "scratch", "seed": 1, "task": TASKS[0], "dir": str(tmp_path / "absent")}]  # other seeds: not drawn
+    curves = bench._curves(records, TASKS, tmp_path / "figures" / "c.png")
+    assert (tmp_path / "figures" / "c.png").is_file()
+    assert set(curves["curves"]) == set(TASKS) and set(curves["curves"][TASKS[1]]) == {"foundation", "scratch"}
+    assert [p[0] for p in curves["curves"][TASKS[0]]["foundation"]] == [1, 2, 3]
+    lines = bench._curve_lines(curves, ["foundation", "scratch", "rd"])
+    row = next(line for line in lines if line.startswith(f"| {TASKS[0]} |"))
+    assert "0.900 (epoch 2 of 3)" in row and "0.800 (epoch 2 of 2)" in row and row.endswith("| - |")  # rd: no run
