@@ -57,7 +57,7 @@ if __name__ == "__main__":
 import fire  # noqa: E402
 
 from benchmarks.learning_curve import compare_over_seeds  # noqa: E402
-from benchmarks.sections import regenerate_lines  # noqa: E402
+from benchmarks.sections import notes_lines, record_with_notes, regenerate_lines  # noqa: E402
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
 from medfm_ops.utils.hashing import file_sha256  # noqa: E402
 
@@ -543,6 +543,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         "not shipped; no choice uses them), mean ± standard deviation over "
         f"{len(meta['seeds'])} seed(s) ({', '.join(map(str, meta['seeds']))}); each seed retrains every row; the "
         "foundation is trained once (seed 0) and is the teacher of every seed's rows (its row has no spread).", "",
+        *notes_lines(summary.get("notes")),
         *([f"**One seed only: no spread over seeds, so no difference between rows here is established; the study is "
            f"`--seeds 0,1,2` (finished runs are reused).** Machine: {meta['machine']['cpu_model']}, "
            f"{meta['machine']['usable_cores']} cores, 1-min load average {meta['load_start']:.1f} at the start (other "
@@ -828,10 +829,11 @@ def run(
     return report(str(out))
 
 
-def report(results: str = "docs/RESULTS_classification.md") -> str:
-    """(Re)write ``results`` from the ``.json`` summary beside it (written by ``run``)."""
+def report(results: str = "docs/RESULTS_classification.md", notes: str | None = None) -> str:
+    """(Re)write ``results`` from the ``.json`` summary beside it (written by ``run``); ``notes``: a Markdown file of
+    what the numbers say (written after reading them), stored in the JSON and shown above the tables."""
     out = _abs(results)
-    text = write_results(out, json.loads(out.with_suffix(".json").read_text()))
+    text = write_results(out, record_with_notes(out.with_suffix(".json"), notes))
     print(text)
     return str(out)
 

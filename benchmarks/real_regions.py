@@ -71,7 +71,7 @@ from medfm_ops.utils.hashing import file_sha256
 from benchmarks.common import child_threads, grid_then_seeds, machine_info, run_logged, split_list
 from benchmarks.learning_curve import compare_over_seeds, mean_std
 from benchmarks.score_bars import plot_score_bars
-from benchmarks.sections import notes_lines
+from benchmarks.sections import notes_lines, record_with_notes
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPING = REPO / "bundles" / "lorkd_seg" / "data" / "real_regions.json"
@@ -639,11 +639,7 @@ def report(out: str = "docs/RESULTS_real_regions.md", notes: str | None = None) 
             ``notes``, kept by later ``report`` calls) and shown above the tables.
     """
     path = (REPO / out) if not Path(out).is_absolute() else Path(out)
-    record = json.loads(path.with_suffix(".json").read_text())
-    if notes is not None:
-        record["notes"] = Path(notes).read_text()
-        atomic_write_json(path.with_suffix(".json"), record)
-    return _write(path, record)
+    return _write(path, record_with_notes(path.with_suffix(".json"), notes))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ overwriting each other's results."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
-from medfm_ops.utils.atomic_io import atomic_write_text
+from medfm_ops.utils.atomic_io import atomic_write_json, atomic_write_text
 
-__all__ = ["markdown_sections", "notes_lines", "regenerate_lines", "write_markdown_section"]
+__all__ = ["markdown_sections", "notes_lines", "record_with_notes", "regenerate_lines", "write_markdown_section"]
 
 
 def regenerate_lines(command: str, heading: str = "## Regenerate") -> list[str]:
@@ -74,3 +76,14 @@ def notes_lines(text: str | None) -> list[str]:
     a Markdown block quote followed by a blank line; nothing for empty notes."""
     text = (text or "").strip()
     return [("> " + line).rstrip() for line in text.splitlines()] + [""] if text else []
+
+
+def record_with_notes(json_path: str | os.PathLike, notes: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A results page's stored record (its ``.json``); with ``notes`` (a Markdown file of what the numbers say,
+    written after reading them) its text is stored under the key ``notes`` first (the JSON rewritten atomically), so
+    that later ``report`` calls keep it."""
+    record = json.loads(Path(json_path).read_text())
+    if notes is not None:
+        record["notes"] = Path(notes).read_text()
+        atomic_write_json(json_path, record)
+    return record

@@ -140,6 +140,12 @@ def test_write_results(tmp_path):
     assert "0.650 ± 0.050" in row and "0.123" not in row  # the bundle scores, mean ± std over seeds
     assert row.count("working 1/2") == 2 and "**0.650 ± 0.050**" in row
     assert "carved from train" in text and "foundation_without_<task>" in text and "--exclude_tasks" in text
+    (tmp_path / "r.json").write_text(json.dumps({"meta": meta, "records": records, "rows": ["foundation", "rd_loto"]}))
+    (tmp_path / "notes.md").write_text("What the numbers say:\n\n- the teacher is no better.\n")
+    bench.report(str(tmp_path / "r.md"), notes=str(tmp_path / "notes.md"))
+    (tmp_path / "notes.md").unlink()  # stored in the JSON: a later report keeps them
+    bench.report(str(tmp_path / "r.md"))
+    assert "> - the teacher is no better." in (tmp_path / "r.md").read_text()
 
 
 def test_verdict_cell():
