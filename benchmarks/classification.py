@@ -283,23 +283,42 @@ def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
     return record, False
 
 
-def _train_all(plan: list[dict], reuse: bool, jobs: int) -> list[tuple[dict, bool]]:
-    """Train ``plan`` with ``jobs`` child processes at a time; a row waits for its teacher (``after``: the seed's
-    foundation or the task's leave-one-task-out foundation)."""
+def _train_all(plan: list[dict], reuse: bool, jobs: int, train: Any = None) -> list[tuple[dict, bool]]:
+    """Train ``plan`` with ``jobs`` child processes at a time (``train``: :func:`_train` by default). The teachers
+    (``key``) are queued first; a row is queued only once its teacher (``after``: the foundation or the task's
+    leave-one-task-out foundation) has finished, so no worker waits on a teacher while another teacher's rows could
+    run. A teacher's failure is every one of its rows' failure."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    teachers: dict[str, Future] = {}
+    train = train or _train
+    rows: dict[str, list[tuple[dict, Future]]] = {}
+    results: dict[int, Future] = {}
+    for i, r in enumerate(plan):
+        if not r["key"]:
+            results[i] = Future()  # completed when the row, queued after its teacher, has trained
+            rows.setdefault(r["after"], []).append((r, results[i]))
 
-    def after_teacher(run: dict) -> tuple[dict, bool]:
-        teachers[run["after"]].result()  # re-raises the teacher's failure
-        return _train(run, reuse)
+    def chain(source: Future, target: Future) -> None:
+        error = source.exception()
+        target.set_exception(error) if error is not None else target.set_result(source.result())
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each worker waits on its own child process
-        for r in plan:  # every teacher is queued before any row, so a waiting row never starves its teacher
+
+        def queue_rows(teacher: Future, key: str) -> None:
+            for r, target in rows.get(key, []):
+                if teacher.exception() is not None:
+                    target.set_exception(teacher.exception())
+                else:
+                    pool.submit(train, r, reuse).add_done_callback(lambda f, t=target: chain(f, t))
+
+        for i, r in enumerate(plan):
             if r["key"]:
-                teachers[r["key"]] = pool.submit(_train, r, reuse)
-        futures = [teachers[r["key"]] if r["key"] else pool.submit(after_teacher, r) for r in plan]
-        return [f.result() for f in futures]
+                results[i] = pool.submit(train, r, reuse)
+                results[i].add_done_callback(lambda f, k=r["key"]: queue_rows(f, k))
+        unknown = set(rows) - {r["key"] for r in plan if r["key"]}
+        if unknown:
+            raise ValueError(f"rows wait for teachers that are not in the plan: {sorted(unknown)}")
+        return [results[i].result() for i in range(len(plan))]  # before the pool shuts down: every row is queued
 
 
 def _score(run: dict) -> dict[str, Any]:

@@ -222,3 +222,31 @@ def test_training_curves_from_the_runs_event_files(tmp_path):
     lines = bench._curve_lines(curves, ["foundation", "scratch", "rd"])
     row = next(line for line in lines if line.startswith(f"| {TASKS[0]} |"))
     assert "0.900 (epoch 2 of 3)" in row and "0.800 (epoch 2 of 2)" in row and row.endswith("| - |")  # rd: no run
+
+
+def test_rows_are_queued_as_soon_as_their_own_teacher_is_done():
+    import threading
+
+    slow_release, order = threading.Event(), []
+
+    def fake_train(run, reuse):
+        if run.get("key") == "slow":
+            assert slow_release.wait(10), "a row of the fast teacher never ran while the slow teacher trained"
+        if run["dir"] == "fast_row":
+            slow_release.set()  # with 2 workers this runs only if no worker blocks on the slow teacher
+        order.append(run["dir"])
+        return {"dir": run["dir"]}, False
+
+    plan = [{"key": "slow", "dir": "slow", "after": None}, {"key": "fast", "dir": "fast", "after": None},
+            {"key": None, "dir": "slow_row", "after": "slow"}, {"key": None, "dir": "fast_row", "after": "fast"}]
+    out = bench._train_all(plan, True, jobs=2, train=fake_train)
+    assert [o[0]["dir"] for o in out] == ["slow", "fast", "slow_row", "fast_row"]  # results in plan order
+    assert order.index("fast_row") < order.index("slow") < order.index("slow_row")
+
+    def failing(run, reuse):
+        if run["key"] == "fast":
+            raise RuntimeError("teacher failed")
+        return {"dir": run["dir"]}, False
+
+    with pytest.raises(RuntimeError, match="teacher failed"):
+        bench._train_all(plan, True, jobs=2, train=failing)
