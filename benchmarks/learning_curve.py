@@ -9,10 +9,11 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from medfm_ops.utils.atomic_io import atomic_write
 
-__all__ = ["mean_std", "compare_over_seeds", "plot_learning_curve"]
+__all__ = ["mean_std", "compare_over_seeds", "plot_learning_curve", "save_png"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -121,6 +122,11 @@ def plot_learning_curve(
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
+    return save_png(fig, path)
+
+
+def save_png(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out a matplotlib ``fig`` and write it to ``path`` as a PNG, atomically (parents created)."""
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")

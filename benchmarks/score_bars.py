@@ -9,8 +9,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from benchmarks.learning_curve import mean_std
-from medfm_ops.utils.atomic_io import atomic_write
+from benchmarks.learning_curve import mean_std, save_png
 
 __all__ = ["plot_score_bars"]
 
@@ -86,7 +85,4 @@ def plot_score_bars(
         ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
-    return Path(path)
+    return save_png(fig, path)

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from medfm_ops.utils.atomic_io import atomic_write
+from benchmarks.learning_curve import save_png
 
 __all__ = ["read_scalar", "plot_training_curves"]
 
@@ -77,7 +77,4 @@ def plot_training_curves(
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize="x-small")
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
-    return Path(path)
+    return save_png(fig, path)
