@@ -18,9 +18,10 @@ scratch, foundation (``foundation_cls``, unified head; trained once, seed 0: the
 (``lorkd_cls``; each fused expert exported as a standalone bundle and scored through that bundle's own
 ``inference.json``), MTL, MTL-KD, STL, STL-KD, RD student (each run's own exported ``export/<task>`` bundle, scored
 through its ``inference.json``), RD with gamma 0 (the CKA ablation), logit-KD student, direct reprogramming; the
-leave-one-task-out rows (``*_loto``: RD, RD gamma 0, logit-KD, direct reprogramming with ``--leave_task_out true``,
+leave-one-task-out rows (``*_loto``: RD, RD gamma 0, direct reprogramming with ``--leave_task_out true``,
 their teacher a foundation pre-trained WITHOUT the target task, ``foundation_cls --exclude_tasks``, trained once per
-target task and reused by every row and seed); ``finetune`` (full fine-tuning of the teacher) on request. Scores:
+target task and reused by every row and seed; no logit-KD row there: such a teacher has no logits of the target task,
+and rd_cls refuses the combination); ``finetune`` (full fine-tuning of the teacher) on request. Scores:
 AUC, balanced accuracy next to its majority level, F1, accuracy next to the majority-class accuracy and the verdict
 ("not working" at the majority level), mean ± std over seeds; train/deploy parameters, FLOPs, CPU latency (batch 1,
 median); Grad-CAM panels and a linear-CKA matrix of the experts' features (PNG, ``figures/`` next to the results
@@ -96,8 +97,6 @@ ROWS: dict[str, Row] = {
                    {"leave_task_out": True}, True),
     "rd_no_cka_loto": Row("RD student, gamma 0, leave-one-task-out teacher (exported bundle)", "rd_cls", [], True, True,
                           "student", {"gamma": 0.0, "leave_task_out": True}, True),
-    "logit_kd_loto": Row("logit-KD student, leave-one-task-out teacher", "rd_cls", ["baselines/logit_kd.json"], True,
-                         True, "student", {"leave_task_out": True}, True),
     "reprogram_loto": Row("direct reprogramming, leave-one-task-out teacher", "rd_cls", ["baselines/reprogram.json"],
                           True, True, "reprogrammed", {"leave_task_out": True}, True),
     "finetune": Row("teacher, fully fine-tuned per task", "rd_cls", ["baselines/finetune.json"], True, True, "foundation"),

@@ -233,6 +233,13 @@ def test_leave_one_task_out_teacher_and_rd_on_a_real_task(workspace, tmp_path):
         chain.append(str(e))
         e = e.__cause__
     assert any("trained on the target task 'lesion_ct'" in m for m in chain), chain
+    with pytest.raises(Exception) as info:  # logit KD: the leave-one-task-out teacher has no logits of adrenal
+        _run(rd, "train.json", "baselines/logit_kd.json", **kw, ckpt_dir=str(tmp_path / "m3"), output_dir=str(tmp_path / "r3"))
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__
+    assert any("never trained on 'adrenalmnist3d'" in m for m in chain), chain
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,8 @@ class TaskPrepareBatch:
 
     Raises:
         ValueError: on an unknown kind, segmentation ``targets_as_dict`` without ``channel_mask_fn``,
-            ``pass_teacher_features`` without a teacher, ``task_offsets`` without ``task_num_classes``; (on call)
+            ``pass_teacher_features`` without a teacher, ``task_offsets`` without ``task_num_classes`` or with a
+            leave-one-task-out teacher (``unseen_task``: no logits of the task); (on call)
             when a batch mask has the wrong shape or selects a channel outside the case's task.
         KeyError: (on call) when the batch misses the image, label or task ids.
     """
@@ -104,6 +105,11 @@ class TaskPrepareBatch:
             raise ValueError(f"{name}(pass_teacher_features=True) needs a teacher.")
         if task_offsets is not None and task_num_classes is None:
             raise ValueError(f"{name}(task_offsets=...) also needs task_num_classes.")
+        unseen = getattr(teacher, "unseen_task", None)
+        if task_offsets is not None and unseen:
+            raise ValueError(f"{name}(task_offsets=...): logit KD needs the teacher's logits of the task, but the "
+                             f"leave-one-task-out teacher was never trained on '{unseen}' (its logits have no class of "
+                             "it); distil from its features instead (RD: reprogramming + co-trained student).")
         self.kind, self.channel_mask_fn = kind, channel_mask_fn
         self.teacher, self.route, self.targets_as_dict = teacher, route, targets_as_dict
         self.return_features, self.pass_teacher_features = return_features, pass_teacher_features

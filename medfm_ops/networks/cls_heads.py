@@ -163,12 +163,14 @@ class TeacherFeatures(nn.Module):
     Args:
         teacher: the teacher network (e.g. from :func:`~medfm_ops.networks.load_teacher`).
         head: qualified name of its classifier layer. Defaults to its last ``nn.Linear``.
+        unseen_task: the task the teacher was NOT trained on (a leave-one-task-out teacher): its features serve
+            that task, its logits have no class of it. Defaults to None.
     """
 
-    def __init__(self, teacher: nn.Module, head: str | None = None) -> None:
+    def __init__(self, teacher: nn.Module, head: str | None = None, unseen_task: str | None = None) -> None:
         super().__init__()
         inner = getattr(teacher, "net", teacher)
-        self.teacher = teacher
+        self.teacher, self.unseen_task = teacher, unseen_task
         layer = inner.get_submodule(head or head_layer_name(inner))
         self.feature_dim = layer.in_features
         self._captured: list[torch.Tensor] = []
@@ -230,4 +232,4 @@ def load_teacher_features(
             f"teacher {teacher_path} was trained on the target task '{target_task}' (its tasks: {seen}): not a "
             f"leave-one-task-out teacher. Train foundation_cls with --exclude_tasks \"['{target_task}']\" first."
         )
-    return TeacherFeatures(load_teacher(teacher_path, device=device, region_table=None))
+    return TeacherFeatures(load_teacher(teacher_path, device=device, region_table=None), unseen_task=target_task)
