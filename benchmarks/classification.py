@@ -533,8 +533,9 @@ def _reading(rows: list[str], tasks: list[str], auc: Any) -> list[str]:
                 weak.append(t)
     if weak:
         out += ["", f"The foundation (the teacher of every distillation row) is not above the student from scratch on "
-                f"{', '.join(weak)} at this budget, so a distilled row cannot be expected to gain from it there: these "
-                "numbers show working pipelines on real data at a CPU budget, not the methods' published gains."]
+                f"{', '.join(weak)}, so a distilled row cannot be expected to gain from it there (section Training "
+                "curves: the teacher's and the students' validation curves): these numbers test the pipelines on "
+                "real data, not the methods' published gains, which need a teacher clearly above its students."]
     return out
 
 
@@ -690,8 +691,9 @@ def _curve_lines(curves: dict[str, Any] | None, rows: list[str]) -> list[str]:
         return []
     out = ["", "## Training curves (carved validation split)", "", f"![training curves](figures/{curves['png']})", "",
            f"AUC on each run's own carved validation split after every epoch (seed {curves['seed']}, the chosen "
-           "learning rate; a dot marks the best epoch, the model that is kept). The gap between the foundation (the "
-           "teacher) and the student from scratch is what the distillation rows can gain at most from the teacher.", "",
+           "learning rate; a dot marks the best epoch, the model that is kept). Distillation transfers what the "
+           "foundation (the teacher) knows beyond the student: compare its curve with the student's from scratch. "
+           "Per task, each run's best value and epoch (of the epochs it trained):", "",
            "| task | " + " | ".join(ROWS[r][0] for r in CURVE_ROWS if r in rows) + " |",
            "| --- | " + " | ".join("---:" for r in CURVE_ROWS if r in rows) + " |"]  # fmt: skip
     for t, c in curves["curves"].items():
