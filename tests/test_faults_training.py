@@ -140,6 +140,7 @@ def test_all_bad_classification_items_are_reported_at_once(tmp_path):
 def test_budget_that_selects_no_weight_warns(caplog):
     """Row 12: an SH-PEFT budget that rounds to no weight says that only the head trains."""
     from medfm_ops.peft import budget_count
+    from medfm_ops.peft.selection import check_sparse_settings
 
     with caplog.at_level("WARNING", logger="medfm.peft"):
         assert budget_count(1e-9, 100_000) == 1
@@ -147,4 +148,5 @@ def test_budget_that_selects_no_weight_warns(caplog):
     caplog.clear()
     with caplog.at_level("WARNING", logger="medfm.peft"):
         budget_count(0.01, 100_000)
+        check_sparse_settings(0.01)  # validating the settings before any work: no weight count yet, no warning
     assert caplog.text == ""

@@ -74,13 +74,18 @@ def check_sparse_settings(budget: float, variant: str = "l2", lambda_: float = 1
         ValueError: naming the offending argument: ``budget`` outside (0, 1], an unknown ``variant`` or ``method``,
             a negative ``lambda_``.
     """
-    budget_count(budget, 1)
+    _check_budget(budget)
     if variant not in IMPORTANCE_VARIANTS:
         raise ValueError(f"variant must be one of {IMPORTANCE_VARIANTS}, got {variant!r}.")
     if method not in SELECTION_METHODS:
         raise ValueError(f"method must be one of {SELECTION_METHODS}, got {method!r}.")
     if not float(lambda_) >= 0:
         raise ValueError(f"lambda_ must be >= 0, got {lambda_}.")
+
+
+def _check_budget(budget: float) -> None:
+    if not 0.0 < float(budget) <= 1.0:
+        raise ValueError(f"budget is a fraction of the weights in (0, 1], got {budget} (e.g. 0.01 for 1%).")
 
 
 def budget_count(budget: float, num_weights: int) -> int:
@@ -91,8 +96,7 @@ def budget_count(budget: float, num_weights: int) -> int:
     Raises:
         ValueError: when ``budget`` is not in (0, 1].
     """
-    if not 0.0 < float(budget) <= 1.0:
-        raise ValueError(f"budget is a fraction of the weights in (0, 1], got {budget} (e.g. 0.01 for 1%).")
+    _check_budget(budget)
     k = int(round(float(budget) * int(num_weights)))
     if k < 1:
         logging.getLogger("medfm.peft").warning(
