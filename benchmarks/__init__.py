@@ -5,7 +5,8 @@
 Modules: ``eks`` (EKS conv speed), ``lorkd`` (LoRKD step speed), ``lorkd_ablation`` (LoRKD baselines and
 ablations), ``site_finetune`` and ``site_curve`` (site fine-tuning on MSD hippocampus, data-efficiency curve),
 ``shpeft`` and ``classification`` (3D classification). Shared helpers: ``common`` (repository root, allocator
-settings, timing, logged child runs), ``learning_curve`` (mean ± std, the 2x-spread rule, curve plot),
-``score_bars`` (score bar chart), ``sections`` (marked sections of a shared markdown report), ``site_study``
+settings, timing, logged child runs), ``learning_curve`` (mean ± std, the 2x-spread rule, curve plot, PNG writer),
+``score_bars`` (score bar chart), ``training_curves`` (per-epoch validation scalars of a run's TensorBoard events,
+curve plot), ``sections`` (marked sections of a shared markdown report, a page's reader notes), ``site_study``
 (the data-efficiency study's public/site split and N-case draws).
 """

@@ -24,8 +24,9 @@ target task and reused by every row and seed; no logit-KD row there: such a teac
 and rd_cls refuses the combination); ``finetune`` (full fine-tuning of the teacher) on request. Scores:
 AUC, balanced accuracy next to its majority level, F1, accuracy next to the majority-class accuracy and the verdict
 ("not working" at the majority level), mean ± std over seeds; train/deploy parameters, FLOPs, CPU latency (batch 1,
-median); Grad-CAM panels and a linear-CKA matrix of the experts' features (PNG, ``figures/`` next to the results
-file).
+median); the carved-split AUC curves of the teacher, the student from scratch and the distillation rows (first
+seed), Grad-CAM panels and a linear-CKA matrix of the experts' features (PNG, ``figures/`` next to the results file);
+reader notes with ``report --notes FILE``.
 
 Runs are resumable: a run directory is reused when its settings (configs' contents, overrides) and starting weights
 (the teacher's ``model.pt``) are unchanged. CPU runs set ``GLIBC_TUNABLES`` (steadier, faster 3D steps).
