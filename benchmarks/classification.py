@@ -298,6 +298,10 @@ def _train_all(plan: list[dict], reuse: bool, jobs: int, train: Any = None) -> l
             results[i] = Future()  # completed when the row, queued after its teacher, has trained
             rows.setdefault(r["after"], []).append((r, results[i]))
 
+    unknown = set(rows) - {r["key"] for r in plan if r["key"]}
+    if unknown:  # checked before anything trains
+        raise ValueError(f"rows wait for teachers that are not in the plan: {sorted(unknown)}")
+
     def chain(source: Future, target: Future) -> None:
         error = source.exception()
         target.set_exception(error) if error is not None else target.set_result(source.result())
@@ -315,9 +319,6 @@ def _train_all(plan: list[dict], reuse: bool, jobs: int, train: Any = None) -> l
             if r["key"]:
                 results[i] = pool.submit(train, r, reuse)
                 results[i].add_done_callback(lambda f, k=r["key"]: queue_rows(f, k))
-        unknown = set(rows) - {r["key"] for r in plan if r["key"]}
-        if unknown:
-            raise ValueError(f"rows wait for teachers that are not in the plan: {sorted(unknown)}")
         return [results[i].result() for i in range(len(plan))]  # before the pool shuts down: every row is queued
 
 

@@ -51,7 +51,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import threading
