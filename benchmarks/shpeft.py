@@ -150,7 +150,22 @@ def _reading(rows: list[dict[str, Any]], ref: str = "shpeft") -> list[str]:
             d, _, verdict = compare_over_seeds(v, ref_v)
             verdicts[verdict].append(f"{r['name']} ({d:+.1f})")
         out.append(f"- {label}: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in verdicts.items() if v) + ".")
-    return out
+    return out + _target_line(rows, ref)
+
+
+def _target_line(rows: list[dict[str, Any]], ref: str = "shpeft", other: str = "full", points: float = 1.0) -> list[str]:
+    """The issue's target for SH-PEFT: ``ref``'s mean AUC within ``points`` AUC points of ``other``'s (full
+    fine-tuning); one line, empty when either row is missing or has no finite AUC."""
+    by_name = {r["name"]: r for r in rows}
+    if ref not in by_name or other not in by_name:
+        return []
+    aucs = [[100 * x["scores"]["auc"] for x in by_name[n]["runs"]] for n in (ref, other)]
+    if not all(a and all(math.isfinite(v) for v in a) for a in aucs):
+        return []
+    m_ref, m_other = (statistics.fmean(a) for a in aucs)
+    d = m_ref - m_other
+    return [f"- Target (`{ref}` within {points:g} AUC point of `{other}`): {m_ref:.1f} vs {m_other:.1f}, {d:+.1f} "
+            f"points: {'met' if d >= -points else 'NOT met'}."]
 
 
 def write_results(path: Path, record: dict[str, Any]) -> str:

@@ -106,3 +106,14 @@ def test_reading_says_when_a_score_is_undefined():
             {"name": "bitfit", "runs": [_run(0, 0.7, 0.5), _run(1, 0.72, 0.5)]}]  # fmt: skip
     lines = bench._reading(rows)
     assert "- F1: tie: full (+0.0), bitfit (+0.0)." in lines and "- AUC: undefined: full, bitfit." in lines
+
+
+def test_reading_states_the_full_fine_tuning_target():
+    """The page says whether SH-PEFT's mean AUC is within 1 point of full fine-tuning's, and by how much."""
+    rows = [{"name": "shpeft", "runs": [_run(0, 0.80, 0.6), _run(1, 0.82, 0.6)]},
+            {"name": "full", "runs": [_run(0, 0.83, 0.6), _run(1, 0.83, 0.6)]}]  # fmt: skip
+    target = "- Target (`shpeft` within 1 AUC point of `full`): 81.0 vs 83.0, -2.0 points: NOT met."
+    assert bench._reading(rows)[-1] == target
+    rows[1]["runs"] = [_run(0, 0.815, 0.6), _run(1, 0.815, 0.6)]
+    assert bench._reading(rows)[-1].endswith("81.0 vs 81.5, -0.5 points: met.")
+    assert bench._target_line(rows[:1]) == []
