@@ -196,7 +196,7 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
         "after every epoch on the run's OWN validation split carved from train "
         f"({100 * s.get('val_fraction', 0.2):.0f}% of the task's training cases per label, one fixed draw for every "
         "row and seed, `benchmarks.common.carve_validation_datalist`) and the best epoch's weights kept "
-        "(`--final_model best`); "
+        f"(`--final_model best`; key metric: {s.get('key_metric', 'f1').upper()}); "
         + (f"early stopping with a patience of {s['patience']} validations (`early_stop_patience`: {s['epochs']} "
            "epochs are a ceiling; epochs trained and best epochs per row in the tables)" if s.get("patience") else
            "no early stopping: every run trains its full budget")
@@ -249,7 +249,7 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
         lines.append("")
     if s.get("lr_choice"):
         lines += ["## Learning rates", "", "Chosen with the first seed on the carved validation split (best key "
-                  "metric); the shipped val split plays no part.", "",
+                  f"metric, {s.get('key_metric', 'f1').upper()}); the shipped val split plays no part.", "",
                   "| task / row | carved-split metric per learning rate | chosen |", "| --- | --- | ---: |"]
         for key, c in s["lr_choice"].items():
             lines.append(f"| {key} | " + ", ".join(f"{lr}: {v:.3f}" for lr, v in c["grid"].items())
@@ -426,6 +426,7 @@ def run(
               "weight_decay": float(weight_decay), "spatial_size": [int(s) for s in spatial_size],
               "sparse_num_batches": int(estimation_batches) or None}  # fmt: skip
     digest = _configs_digest()
+    key_metric = json.loads((BUNDLE / "configs" / "train.json").read_text())["validate"]["metric"]["key"]
 
     grid = [float(x) for x in split_list(lr_grid)] if lr_grid is not None else []
     if patience:  # early stopping on the carved split; `epochs` becomes a ceiling
@@ -537,7 +538,7 @@ def run(
         "settings": {**shared, "seeds": seed_list, "limit": limit, "tasks": task_list, "configs": digest,
                      "jobs": int(jobs), "threads": threads, "val_fraction": float(val_fraction),
                      "leave_task_out": bool(leave_task_out), "patience": int(patience), "lr_grid": grid,
-                     "lr_choice": chosen},  # fmt: skip
+                     "key_metric": key_metric, "lr_choice": chosen},  # fmt: skip
         "work_dir": os.path.relpath(work, REPO),
         "tasks": out_tasks,
     }

@@ -155,6 +155,8 @@ def test_train_frozen_bits_delta_and_exported_bundle(workspace, tmp_path):
     assert summary["importance_estimation"]["batches"] == 1 and summary["epochs"] == 2
     assert summary["start"]["head_init"] == "fresh (seed 0)"
     assert {"f1", "accuracy", "majority_accuracy", "balanced_accuracy", "auc"} <= set(summary["scores"])
+    # the kept epoch is the best validation AUC (threshold-free: it moves before a sparse update moves the argmax)
+    assert summary["final_model"] == "best" and summary["best_metric"] == pytest.approx(summary["scores"]["auc"], abs=1e-6)
     export = bundle / "export" / TASK
     assert (export / "models" / "sparse_delta.pt").is_file()
     meta = json.loads((export / "configs" / "metadata.json").read_text())
