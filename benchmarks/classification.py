@@ -8,7 +8,8 @@ Every row trains with the bundles' own ``configs/train.json`` (plus its baseline
 on the two real tasks' train splits minus a validation split carved from them (``--val_fraction``, one fixed draw
 shared by every row and seed, :func:`benchmarks.common.carve_validation_datalist`), with one shared budget (epochs,
 batch, 28^3, no random augmentation so that the frozen teacher's features are computed once per teacher and shared
-through the bundles' feature cache; the teachers themselves train augmented unless ``--teacher_augmentation false``),
+through the bundles' feature cache; the teachers themselves train augmented unless ``--teacher_augmentation false``,
+and the ``*_aug`` rows train with their bundle's own random transforms, the teacher run online on the augmented input),
 validated after every epoch on that carved split: the scored model is the bundles' best-on-val ``model.pt``; with
 ``--patience N`` every run stops after N validations without a better AUC (``early_stop_patience``: ``--epochs`` is
 then a ceiling, so each row trains as long as it improves; the page lists the epochs trained and the best epochs),
@@ -21,7 +22,9 @@ through its ``inference.json``), RD with gamma 0 (the CKA ablation), logit-KD st
 leave-one-task-out rows (``*_loto``: RD, RD gamma 0, direct reprogramming with ``--leave_task_out true``,
 their teacher a foundation pre-trained WITHOUT the target task, ``foundation_cls --exclude_tasks``, trained once per
 target task and reused by every row and seed; no logit-KD row there: such a teacher has no logits of the target task,
-and rd_cls refuses the combination); ``finetune`` (full fine-tuning of the teacher) on request. Scores:
+and rd_cls refuses the combination); the augmented rows (``*_aug``: student from scratch, STL-KD, RD, logit KD with
+their bundle's own random transforms and the teacher run online on the augmented input, ~2.5x the step time of a
+cached row; each compared with the augmented student from scratch); ``finetune`` (full fine-tuning of the teacher) on request. Scores:
 AUC, balanced accuracy next to its majority level, F1, accuracy next to the majority-class accuracy and the verdict
 ("not working" at the majority level), mean ± std over seeds; train/deploy parameters, FLOPs, CPU latency (batch 1,
 median); the carved-split AUC curves of the teacher, the student from scratch and the distillation rows (first
@@ -78,6 +81,7 @@ class Row(NamedTuple):
     deployed: str  # which model serves a task: "foundation", "student" or "reprogrammed"
     overrides: dict[str, Any] = {}  # further command-line overrides of the row
     leave_task_out: bool = False  # teacher: a foundation pre-trained WITHOUT the target task (--exclude_tasks)
+    augment: bool = False  # trains with its bundle's own random transforms, the teacher run online (no feature cache)
 
 
 ROWS: dict[str, Row] = {
@@ -100,11 +104,19 @@ ROWS: dict[str, Row] = {
                           "student", {"gamma": 0.0, "leave_task_out": True}, True),
     "reprogram_loto": Row("direct reprogramming, leave-one-task-out teacher", "rd_cls", ["baselines/reprogram.json"],
                           True, True, "reprogrammed", {"leave_task_out": True}, True),
+    "scratch_aug": Row("student from scratch, augmented", "rd_cls", ["baselines/scratch.json"], True, False, "student",
+                       augment=True),
+    "stl_kd_aug": Row("STL-KD, augmented (online teacher)", "lorkd_cls", ["baselines/stl_kd.json"], True, True, "student",
+                      augment=True),
+    "rd_aug": Row("RD student, augmented (online teacher; exported bundle)", "rd_cls", [], True, True, "student",
+                  augment=True),
+    "logit_kd_aug": Row("logit-KD student, augmented (online teacher)", "rd_cls", ["baselines/logit_kd.json"], True, True,
+                        "student", augment=True),
     "finetune": Row("teacher, fully fine-tuned per task", "rd_cls", ["baselines/finetune.json"], True, True, "foundation"),
 }  # fmt: skip
 DEFAULT_ROWS = [r for r in ROWS if r != "finetune"]
 #: rows whose score is that of the exported standalone bundle(s), through the bundle's own inference.json
-EXPORTED_ROWS = ("lorkd", "rd", "rd_no_cka", "rd_loto", "rd_no_cka_loto")
+EXPORTED_ROWS = ("lorkd", "rd", "rd_no_cka", "rd_loto", "rd_no_cka_loto", "rd_aug")
 PUBLISHED = "MedMNIST v2 (Yang et al., Sci. Data 2023), ResNet-18 (3D), test split, its own budget: AUC about 0.83 (adrenal), 0.87 (vessel)"
 
 
@@ -184,7 +196,9 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
                     teacher = f"without_{task}" if spec.leave_task_out else "foundation"
                     teacher_dir = work / teachers[teacher][0]
                     ov["teacher_path"] = str(teacher_dir)  # every config builds the teacher (scratch: phi's width)
-                    if spec.teacher and row != "finetune":
+                    if spec.augment:  # the bundle's own random transforms; the teacher sees the augmented input
+                        del ov["train#random_transforms"]
+                    elif spec.teacher and row != "finetune":
                         ov.update(cache_teacher_features=True,
                                   teacher_feature_cache=str(teacher_dir / "teacher_features.pt"))
                     if spec.bundle == "rd_cls":
@@ -476,7 +490,8 @@ def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str) -> dict
 
 
 #: rows whose carved-split validation curves the page draws (first seed, chosen learning rate)
-CURVE_ROWS = ("foundation", "scratch", "stl", "lorkd", "mtl_kd", "rd", "logit_kd", "reprogram", "rd_loto")
+CURVE_ROWS = ("foundation", "scratch", "stl", "lorkd", "mtl_kd", "rd", "logit_kd", "reprogram", "rd_loto",
+              "scratch_aug", "rd_aug", "logit_kd_aug")
 
 
 def _curves(records: list[dict], tasks: list[str], png: Path) -> dict[str, Any]:
@@ -509,18 +524,20 @@ def _ms(values: list[float], digits: int = 3) -> str:
 
 
 def _reading(rows: list[str], tasks: list[str], auc: Any) -> list[str]:
-    """Per task, every row's AUC against the student from scratch (the same deployed size) and against the
-    foundation: "above"/"below" when the mean difference exceeds twice the larger standard deviation over seeds."""
+    """Per task, every row's AUC against the student from scratch of the same recipe (``scratch``, or ``scratch_aug``
+    for the augmented rows; the same deployed size) and against the foundation: "above"/"below" when the mean
+    difference exceeds twice the larger standard deviation over seeds."""
     out = ["**Reading** (AUC per task; \"above\"/\"below\" only when the mean difference exceeds twice the larger "
            "standard deviation over seeds, else a tie):", ""]  # fmt: skip
     weak: list[str] = []
-    for ref in ("scratch", "foundation"):
+    for ref in ("scratch", "scratch_aug", "foundation"):
         if ref not in rows:
             continue
+        peers = rows if ref == "foundation" else [r for r in rows if r == "foundation" or ROWS[r].augment == ROWS[ref].augment]
         for t in tasks:
             ref_v = [x for x in auc(ref, t) if math.isfinite(x)]  # the foundation, trained once: one value
             verdicts: dict[str, dict[str, float]] = {"above": {}, "tie": {}, "below": {}}  # verdict -> row -> diff
-            for row in rows:
+            for row in peers:
                 v = [x for x in auc(row, t) if math.isfinite(x)]  # an undefined AUC (one class only) is left out
                 if row != ref and v and ref_v and max(len(v), len(ref_v)) > 1:  # a spread over seeds exists
                     d, _, verdict = compare_over_seeds(v, ref_v)
@@ -531,7 +548,7 @@ def _reading(rows: list[str], tasks: list[str], auc: Any) -> list[str]:
             out.append(f"- {t}, against {ROWS[ref][0]}: " + "; ".join(
                 f"{k}: {', '.join(f'{ROWS[r][0]} ({d:+.3f})' for r, d in v.items())}" for k, v in verdicts.items() if v)
                 + ".")  # fmt: skip
-            if ref == "scratch" and "foundation" in rows and "foundation" not in verdicts["above"]:
+            if ref != "foundation" and "foundation" in rows and "foundation" not in verdicts["above"] and t not in weak:
                 weak.append(t)
     if weak:
         out += ["", f"The foundation (the teacher of every distillation row) is not above the student from scratch on "
@@ -639,8 +656,10 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         "scored.",
         f"- Budget per run: {b['epochs']} epochs ({b['foundation_epochs']} for the foundation), batch {b['batch_size']}, "
         "input 28^3 z-scored, no random augmentation ("
-        + ("every row but the foundations, which train with foundation_cls's own random flips and affine transforms "
-           "(`--teacher_augmentation`, chosen on the carved split); " if b.get("teacher_augmentation") else "all rows; ")
+        + ("every row but the foundations and the augmented rows (`*_aug`), which train with foundation_cls's own random flips and affine transforms "
+           "(`--teacher_augmentation`, chosen on the carved split) and their bundle's own random transforms with the teacher run online on "
+           "the augmented input; " if b.get("teacher_augmentation") else "every row but the augmented rows (`*_aug`: their bundle's own "
+           "random transforms, the teacher run online on the augmented input); ")
         + "so that the frozen teacher's features are computed "
         "once per teacher: `--cache_teacher_features true` with one shared cache file per teacher); the optimiser, learning rate and "
         "schedule are each bundle's own (foundation AdamW 1e-3; lorkd_cls SGD 0.05 cosine; rd_cls AdamW 5e-3 cosine; "
@@ -768,8 +787,9 @@ def run(
             first seed trains every row at each, the factor with the best carved-split AUC is every seed's. Defaults
             to None (each bundle's own rate, no grid).
         teacher_augmentation: train the foundations (the teachers) with foundation_cls's own random flips and affine
-            transforms; every other row trains without augmentation either way (the frozen teacher's features of
-            un-augmented inputs are what the cache holds, so the teacher's own augmentation changes nothing there).
+            transforms; every other row but the ``*_aug`` rows trains without augmentation either way (the frozen
+            teacher's features of un-augmented inputs are what the cache holds, so the teacher's own augmentation
+            changes nothing there).
             Defaults to True: chosen on the carved validation split (seed 0: the foundation's mean AUC 0.894 with
             it, 0.861 without).
 

@@ -250,3 +250,31 @@ def test_rows_are_queued_as_soon_as_their_own_teacher_is_done():
 
     with pytest.raises(RuntimeError, match="teacher failed"):
         bench._train_all(plan, True, jobs=2, train=failing)
+
+
+def test_augmented_rows(tmp_path, monkeypatch):
+    """The ``*_aug`` rows keep their bundle's random transforms and run the teacher online (no feature cache, which
+    holds features of un-augmented inputs); the reading compares them with the augmented student from scratch."""
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto: {"both": "both.json"})
+    data = {t: f"{t}.npz" for t in TASKS}
+    budget = {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
+              "val_fraction": 0.2}  # fmt: skip
+    plan = bench._runs(["logit_kd", "scratch_aug", "logit_kd_aug", "rd_aug", "stl_kd_aug"], [0], tmp_path, data, budget)
+    for r in (r for r in plan if r["key"] is None):
+        ov, augmented = r["overrides"], r["row"].endswith("_aug")
+        assert ("train#random_transforms" in ov) != augmented, r["row"]
+        assert ov.get("cache_teacher_features", False) != augmented or r["row"] == "scratch_aug", r["row"]
+        assert "teacher_feature_cache" not in ov or not augmented
+        assert r["teacher"] == (r["row"] != "scratch_aug")  # its reuse stamp follows the teacher's weights
+    auc = {("scratch", t): [0.80, 0.81, 0.82] for t in TASKS}
+    auc.update({("scratch_aug", t): [0.70, 0.71, 0.72] for t in TASKS})
+    auc.update({("logit_kd", t): [0.75, 0.76, 0.77] for t in TASKS})  # below scratch, above scratch_aug
+    auc.update({("logit_kd_aug", t): [0.90, 0.91, 0.92] for t in TASKS})
+    text = "\n".join(bench._reading(["scratch", "logit_kd", "scratch_aug", "logit_kd_aug"], TASKS,
+                                    lambda row, t: auc[(row, t)]))  # fmt: skip
+    against = {ref: next(line for line in text.splitlines() if line.startswith(f"- {TASKS[0]}, against "
+                                                                                f"{bench.ROWS[ref].description}:"))
+               for ref in ("scratch", "scratch_aug")}  # fmt: skip
+    assert "below: logit-KD student (-0.050)" in against["scratch"] and "augmented" not in against["scratch"]
+    assert "above: logit-KD student, augmented (online teacher) (+0.200)" in against["scratch_aug"]
+    assert "logit-KD student (" not in against["scratch_aug"]
