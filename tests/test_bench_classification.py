@@ -259,7 +259,9 @@ def test_augmented_rows(tmp_path, monkeypatch):
     data = {t: f"{t}.npz" for t in TASKS}
     budget = {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
               "val_fraction": 0.2}  # fmt: skip
-    plan = bench._runs(["logit_kd", "scratch_aug", "logit_kd_aug", "rd_aug", "stl_kd_aug"], [0], tmp_path, data, budget)
+    plan = bench._runs(["logit_kd", "scratch_aug", "lorkd_aug", "logit_kd_aug", "rd_aug", "stl_kd_aug"], [0], tmp_path,
+                       data, budget)  # fmt: skip
+    assert next(r for r in plan if r["row"] == "lorkd_aug")["overrides"]["warmup_epochs"] == 0  # as the lorkd row
     for r in (r for r in plan if r["key"] is None):
         ov, augmented = r["overrides"], r["row"].endswith("_aug")
         assert ("train#random_transforms" in ov) != augmented, r["row"]
