@@ -153,8 +153,9 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
     """The training runs. The teachers first: the foundation, trained ONCE (seed 0, ``foundation/``) and the teacher
     of every seed's rows, and the leave-one-task-out foundations (one per target task, seed 0) when a row needs them.
     Then every row for every seed. With an LR grid (``budget["lr_factors"]``: factors of each bundle's own learning
-    rate) and no ``lr_choice``, the first seed's rows run once per factor (``lr<factor>/``); with ``lr_choice`` (run
-    group -> chosen factor, :func:`_choose_lr`) every seed runs the chosen factor. Every run selects its model on its
+    rate) and no ``lr_choice``, the rows of the first seed (of the first ``budget["lr_choice_seeds"]`` seeds) run once
+    per factor (``lr<factor>/``); with ``lr_choice`` (run group -> chosen factor, :func:`_choose_lr`) every seed runs
+    the chosen factor. Every run selects its model on its
     own validation split carved from train (``val_interval`` 1, the bundles' best-on-val ``model.pt``, early stopping
     with ``budget["patience"]``); the shipped val split is only scored."""
     loto_tasks = list(data) if any(ROWS[r].leave_task_out for r in rows) else []
@@ -180,8 +181,8 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
                     "overrides": ov, "epochs": budget["foundation_epochs"]})  # fmt: skip
     factors = budget.get("lr_factors") or []
     for seed in seeds:
-        if lr_choice is None and factors and seed != seeds[0]:
-            continue  # the other seeds wait for the first seed's choice
+        if lr_choice is None and factors and seed not in seeds[: int(budget.get("lr_choice_seeds", 1))]:
+            continue  # the other seeds wait for the choice of the first (lr_choice_seeds) seeds
         seed_dir = work / f"seed{seed}"
         for row in [r for r in rows if r != "foundation"]:
             spec = ROWS[row]
@@ -239,17 +240,25 @@ def _best_val(run_dir: str) -> float:
 
 
 def _choose_lr(plan: list[dict]) -> dict[str, dict[str, Any]]:
-    """Per run group (row, or row_task): the LR factor of the best first-seed carved-split key metric, and the grid."""
+    """Per run group (row, or row_task): the LR factor of the best carved-split key metric (the mean over the seeds
+    that trained the grid), and the grid of those means."""
     out: dict[str, dict[str, Any]] = {}
     for r in plan:
         if r["key"] is None and r["lr_factor"] is not None:
             g = out.setdefault(r["group"], {"grid": {}})
-            g["grid"][f"{r['lr_factor']:g}"] = _best_val(r["dir"])
+            g["grid"].setdefault(f"{r['lr_factor']:g}", []).append(_best_val(r["dir"]))
             g.setdefault("lr", {})[f"{r['lr_factor']:g}"] = r["overrides"]["learning_rate"]
     for g in out.values():
+        g["grid"] = {f: statistics.fmean(v) for f, v in g["grid"].items()}
         best = best_on_validation(g["grid"])
         g.update(factor=float(best), learning_rate=g["lr"][best])
     return out
+
+
+def _choice_seeds(budget: dict[str, Any]) -> str:
+    """Which seeds chose the learning rate, in the page's words."""
+    n = int(budget.get("lr_choice_seeds", 1))
+    return "the first seed" if n == 1 else f"the mean over the first {n} seeds"
 
 
 def _parser(run: dict, shipped_val: bool = False):
@@ -626,8 +635,10 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
              if r["bundle_scores"][t]["auc"] == r["bundle_scores"][t]["auc"]]  # fmt: skip
     figs = summary.get("figures", {})
     if meta.get("lr_choice"):
-        lines += ["", "## Learning rates", "", "Chosen on the carved validation split of the first seed (its best "
-                  "mean AUC over the run's tasks); the shipped val split plays no part.", "",
+        n = int(meta["budget"].get("lr_choice_seeds", 1))
+        lines += ["", "## Learning rates", "", "Chosen on the carved validation split of "
+                  + ("the first seed (its best " if n == 1 else f"the first {n} seeds (the best mean over them of the ")
+                  + "mean AUC over the run's tasks); the shipped val split plays no part.", "",
                   "| run group | carved-split AUC per LR factor | chosen learning rate (factor) |", "| --- | --- | ---: |"]
         for group, c in meta["lr_choice"].items():
             grid = ", ".join(f"{f}: {v:.3f}" for f, v in c["grid"].items())
@@ -674,7 +685,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
            f"({_stopping(records)})" if b.get("patience") else
            "no early stopping (patience 0): every run trains its full budget")
         + " and the best epoch on its own split is the one scored. "
-        + (f"Learning rate per row (and task) chosen on the first seed's carved split from factors "
+        + (f"Learning rate per row (and task) chosen on the carved split ({_choice_seeds(b)}) from factors "
            f"{b['lr_factors']} of the bundle's own rate (section Learning rates)." if b.get("lr_factors") else
            "The learning rate is each bundle's own (no grid)."),
         *([f"- Leave-one-task-out rows (`*_loto`): the teacher is a foundation pre-trained WITHOUT the target task "
@@ -762,6 +773,7 @@ def run(
     patience: int = 0,
     lr_factors: str | tuple[float, ...] | None = None,
     teacher_augmentation: bool = True,
+    lr_choice_seeds: int = 1,
 ) -> str:
     """
     Train and score the rows (each once per seed) and write ``results`` (+ ``.json``) and its figures.
@@ -790,6 +802,9 @@ def run(
         lr_factors: learning-rate grid as factors of each bundle's own rate (comma-separated, e.g. ``0.3,1,3``): the
             first seed trains every row at each, the factor with the best carved-split AUC is every seed's. Defaults
             to None (each bundle's own rate, no grid).
+        lr_choice_seeds: how many of the first seeds train the whole grid; the factor is chosen on their mean
+            carved-split AUC (more seeds: a choice less exposed to one seed's noise, at that many times the grid's
+            cost). Defaults to 1.
         teacher_augmentation: train the foundations (the teachers) with foundation_cls's own random flips and affine
             transforms; every other row but the ``*_aug`` rows trains without augmentation either way (the frozen
             teacher's features of un-augmented inputs are what the cache holds, so the teacher's own augmentation
@@ -814,6 +829,7 @@ def run(
     budget = {"epochs": epochs, "foundation_epochs": foundation_epochs, "lorkd_warmup_epochs": lorkd_warmup_epochs,
               "batch_size": batch_size, "limit": limit, "val_fraction": float(val_fraction),
               "patience": int(patience), "teacher_augmentation": bool(teacher_augmentation),
+              "lr_choice_seeds": int(lr_choice_seeds),
               "lr_factors": [float(f) for f in (str(lr_factors).split(",") if isinstance(lr_factors, (str, int, float))
                                                 else lr_factors or [])]}  # fmt: skip
     if int(jobs) < 1:
@@ -823,7 +839,7 @@ def run(
     plan = _runs(wanted, seed_list, work, data, budget)
     trained = _train_all(plan, reuse_rows, int(jobs))
     lr_choice: dict[str, dict[str, Any]] = {}
-    if budget["lr_factors"]:  # chosen on the first seed's carved split; then every seed trains the choice
+    if budget["lr_factors"]:  # chosen on the first seed(s)' carved split; then every seed trains the choice
         lr_choice = _choose_lr(plan)
         for group, c in lr_choice.items():
             print(f"  {group}: lr {c['learning_rate']:.3g} (factor {c['factor']:g}; carved-split AUC per factor "
@@ -861,6 +877,8 @@ def run(
         args.append("--teacher_augmentation false")
     if budget["lr_factors"]:
         args.append(f"--lr_factors {','.join(f'{f:g}' for f in budget['lr_factors'])}")
+        if int(lr_choice_seeds) != 1:
+            args.append(f"--lr_choice_seeds {int(lr_choice_seeds)}")
     if rows:
         args.append(f"--rows {','.join(wanted)}")
     if work_dir != "runs/cls_bench" or results != "docs/RESULTS_classification.md":

@@ -252,34 +252,42 @@ def grid_then_seeds(
     train: Callable[[str, float | None, int, Any], _Run],
     validation_score: Callable[[_Run], float | None],
     jobs: int = 1,
+    grid_seeds: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """
-    Train every row: its units (e.g. one run per region, or one run) with the first seed for every learning rate of
-    ``lr_grid``, the rate chosen on validation (:func:`best_on_validation` of the mean ``validation_score`` over the
-    units; None counts as 0), then the other seeds at the chosen rate. ``jobs`` runs at a time (threads that wait on
-    child processes); a row's other seeds start once its own grid is done, without waiting for the other rows.
+    Train every row: its units (e.g. one run per region, or one run) with the first ``grid_seeds`` seeds for every
+    learning rate of ``lr_grid``, the rate chosen on validation (:func:`best_on_validation` of the mean
+    ``validation_score`` over the units and those seeds; None counts as 0), then the other seeds at the chosen rate.
+    ``jobs`` runs at a time (threads that wait on child processes); a row's other seeds start once its own grid is
+    done, without waiting for the other rows.
 
     Args:
-        lr_grid: the learning rates tried with the first seed; ``[None]``: no grid (``train`` uses its own rate).
+        lr_grid: the learning rates tried with the first ``grid_seeds`` seeds; ``[None]``: no grid (``train`` uses its
+            own rate).
         train: ``train(row, lr, seed, unit)`` -> one finished run.
+        grid_seeds: how many of the first seeds train the whole grid (1: the first seed only; more: a choice less
+            exposed to one seed's noise, at that many times the grid's cost).
 
     Returns:
         ``{row: {"lr": chosen, "val": {lr: mean validation score}, "runs": {seed: [run per unit]}}}``.
 
     Raises:
-        ValueError: on ``jobs < 1``, an empty ``lr_grid`` / ``seeds`` or a row without units; whatever ``train`` raises (queued runs are
-            cancelled).
+        ValueError: on ``jobs < 1``, an empty ``lr_grid`` / ``seeds``, ``grid_seeds`` outside 1..len(seeds) or a row
+            without units; whatever ``train`` raises (queued runs are cancelled).
     """
     if int(jobs) < 1 or not lr_grid or not seeds:
         raise ValueError(f"need jobs >= 1 ({jobs}), a learning rate ({list(lr_grid)}) and a seed ({list(seeds)}).")
+    if not 1 <= int(grid_seeds) <= len(seeds):
+        raise ValueError(f"grid_seeds must be between 1 and the number of seeds ({len(seeds)}), got {grid_seeds}.")
     if any(not units[row] for row in rows):
         raise ValueError(f"every row needs a unit to train: {[row for row in rows if not units[row]]} have none.")
-    first, others = seeds[0], list(seeds[1:])
+    firsts, others = list(seeds[: int(grid_seeds)]), list(seeds[int(grid_seeds) :])
     pool = ThreadPoolExecutor(max_workers=int(jobs))
     try:
-        grid = {row: {lr: [pool.submit(train, row, lr, first, u) for u in units[row]] for lr in lr_grid} for row in rows}
-        row_of = {f: row for row in rows for futures in grid[row].values() for f in futures}
-        left = {row: sum(len(futures) for futures in grid[row].values()) for row in rows}
+        grid = {row: {lr: {s: [pool.submit(train, row, lr, s, u) for u in units[row]] for s in firsts} for lr in lr_grid}
+                for row in rows}  # fmt: skip
+        row_of = {f: row for row in rows for per_seed in grid[row].values() for fs in per_seed.values() for f in fs}
+        left = {row: sum(1 for f, r in row_of.items() if r == row) for row in rows}
         out: dict[str, dict[str, Any]] = {}
         later: dict[str, dict[int, list[Future]]] = {}
         waiting = set(row_of)
@@ -291,10 +299,11 @@ def grid_then_seeds(
                 left[row] -= 1
                 if left[row]:
                     continue
-                runs = {lr: [f.result() for f in futures] for lr, futures in grid[row].items()}
-                val = {lr: statistics.fmean(validation_score(r) or 0.0 for r in rs) for lr, rs in runs.items()}
+                runs = {lr: {s: [f.result() for f in fs] for s, fs in per_seed.items()} for lr, per_seed in grid[row].items()}
+                val = {lr: statistics.fmean(validation_score(r) or 0.0 for rs in per_seed.values() for r in rs)
+                       for lr, per_seed in runs.items()}  # fmt: skip
                 lr = best_on_validation(val)
-                out[row] = {"lr": lr, "val": val, "runs": {first: runs[lr]}}
+                out[row] = {"lr": lr, "val": val, "runs": dict(runs[lr])}
                 later[row] = {seed: [pool.submit(train, row, lr, seed, u) for u in units[row]] for seed in others}
         for row in rows:
             out[row]["runs"].update({seed: [f.result() for f in futures] for seed, futures in later[row].items()})

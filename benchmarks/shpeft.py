@@ -19,7 +19,8 @@ epochs, batch, learning rate, augmentation and 28^3 input; validated after every
 split carved from train (``--val_fraction``, one fixed draw for every row and seed,
 :func:`benchmarks.common.carve_validation_datalist`) and its best epoch kept (``--final_model best``); with
 ``--patience N`` each run stops after N validations without a better key metric (``--epochs`` a ceiling) and with
-``--lr_grid`` every task and row gets the learning rate its first seed found best on the carved split. Scores on each task's shipped ``val`` split, which no
+``--lr_grid`` every task and row gets the learning rate its first seed (``--lr_choice_seeds`` seeds: their mean)
+found best on the carved split. Scores on each task's shipped ``val`` split, which no
 choice uses (its ``test`` split is kept aside): AUC, balanced accuracy next to its majority level, F1, accuracy next
 to the majority-class accuracy (the training split's most frequent class) and the verdict ("not working" at the
 majority level); mean ± std over seeds; trainable-parameter count; importance estimation and training wall time.
@@ -201,7 +202,7 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
            "epochs are a ceiling; epochs trained and best epochs per row in the tables)" if s.get("patience") else
            "no early stopping: every run trains its full budget")
         + "; "
-        + (f"learning rate per task and row chosen with the first seed on the carved split from {s['lr_grid']} "
+        + (f"learning rate per task and row chosen with {_choice_seeds(s)} on the carved split from {s['lr_grid']} "
            "(section Learning rates)" if s.get("lr_grid") else "the learning rate is the shared one (no grid)")
         + ". Importance estimation: "
         + (f"{s['sparse_num_batches']} training batches" if s.get("sparse_num_batches") else "one epoch of the training split")
@@ -248,7 +249,7 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
         lines += ["", *_reading(rows)]
         lines.append("")
     if s.get("lr_choice"):
-        lines += ["## Learning rates", "", "Chosen with the first seed on the carved validation split (best key "
+        lines += ["## Learning rates", "", f"Chosen with {_choice_seeds(s)} on the carved validation split (best key "
                   f"metric, {s.get('key_metric', 'f1').upper()}); the shipped val split plays no part.", "",
                   "| task / row | carved-split metric per learning rate | chosen |", "| --- | --- | ---: |"]
         for key, c in s["lr_choice"].items():
@@ -316,6 +317,12 @@ def ensure_pretrained(
     return model
 
 
+def _choice_seeds(settings: dict[str, Any]) -> str:
+    """Which seeds chose the learning rate, in the page's words."""
+    n = int(settings.get("lr_choice_seeds", 1))
+    return "the first seed" if n == 1 else f"the mean over the first {n} seeds"
+
+
 def run(
     pretrained: str | None = None,
     pretrained_network_def: str | None = None,
@@ -340,6 +347,7 @@ def run(
     val_fraction: float = 0.2,
     patience: int = 0,
     lr_grid: str | tuple | None = None,
+    lr_choice_seeds: int = 1,
 ) -> str:
     """
     Run the rows (each task x seed) and write ``results`` and its ``.json``.
@@ -375,6 +383,9 @@ def run(
             Defaults to 0.
         lr_grid: learning rates (comma-separated) tried per task and row with the first seed; the one with the best
             carved-split key metric is every seed's (reported). Defaults to None (``learning_rate`` for every row).
+        lr_choice_seeds: how many of the first seeds train the whole grid; the rate is chosen on their mean carved-split
+            metric (more seeds: a choice less exposed to one seed's noise, at that many times the grid's cost).
+            Defaults to 1.
 
     Raises:
         FileNotFoundError: when the starting checkpoint or a task's data is missing (the message says how to get it).
@@ -486,7 +497,7 @@ def run(
         return one_run(task, name, override, extra, seed, lr)
 
     trained = grid_then_seeds(list(spec), {k: [None] for k in spec}, grid or [None], seed_list, train,
-                              lambda result: result["val_best"], jobs=int(jobs))  # fmt: skip
+                              lambda result: result["val_best"], jobs=int(jobs), grid_seeds=int(lr_choice_seeds))  # fmt: skip
     chosen: dict[str, dict[str, Any]] = {  # "task/row" -> {"grid": {lr: carved-split metric}, "lr": chosen}
         key: {"grid": {f"{lr:g}": v for lr, v in t["val"].items()}, "lr": t["lr"]} for key, t in trained.items()
     } if grid else {}  # fmt: skip
@@ -520,6 +531,8 @@ def run(
         cmd_line.append(f"--patience {int(patience)}")
     if grid:
         cmd_line.append(f"--lr_grid {','.join(f'{x:g}' for x in grid)}")
+        if int(lr_choice_seeds) != 1:
+            cmd_line.append(f"--lr_choice_seeds {int(lr_choice_seeds)}")
     if work_dir != "runs/shpeft_bench":
         cmd_line.append(f"--work_dir {work_dir}")
     if results != "docs/RESULTS_shpeft.md":
@@ -538,7 +551,7 @@ def run(
         "settings": {**shared, "seeds": seed_list, "limit": limit, "tasks": task_list, "configs": digest,
                      "jobs": int(jobs), "threads": threads, "val_fraction": float(val_fraction),
                      "leave_task_out": bool(leave_task_out), "patience": int(patience), "lr_grid": grid,
-                     "key_metric": key_metric, "lr_choice": chosen},  # fmt: skip
+                     "lr_choice_seeds": int(lr_choice_seeds), "key_metric": key_metric, "lr_choice": chosen},  # fmt: skip
         "work_dir": os.path.relpath(work, REPO),
         "tasks": out_tasks,
     }

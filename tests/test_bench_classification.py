@@ -280,3 +280,21 @@ def test_augmented_rows(tmp_path, monkeypatch):
     assert "below: logit-KD student (-0.050)" in against["scratch"] and "augmented" not in against["scratch"]
     assert "above: logit-KD student, augmented (online teacher) (+0.200)" in against["scratch_aug"]
     assert "logit-KD student (" not in against["scratch_aug"]
+
+
+def test_lr_choice_on_the_mean_over_seeds(tmp_path, monkeypatch):
+    """``lr_choice_seeds`` 2: the first two seeds train the grid and the factor is chosen on their mean carved-split
+    AUC (seed 0 alone would pick the other factor); seed 2 waits for the choice."""
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto: {"both": "both.json"})
+    data = {t: f"{t}.npz" for t in TASKS}
+    budget = {"epochs": 9, "foundation_epochs": 9, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
+              "val_fraction": 0.2, "patience": 3, "lr_factors": [0.5, 2.0], "lr_choice_seeds": 2}  # fmt: skip
+    grid = [r for r in bench._runs(["rd"], [0, 1, 2], tmp_path, data, budget) if r["key"] is None]
+    assert sorted({r["seed"] for r in grid}) == [0, 1] and len(grid) == 2 * 2 * len(TASKS)
+    auc = {(0.5, 0): 0.70, (2.0, 0): 0.71, (0.5, 1): 0.70, (2.0, 1): 0.60}
+    for r in grid:
+        (Path(r["dir"]) / "models").mkdir(parents=True)
+        summary = {"best_metric": auc[(r["lr_factor"], r["seed"])]}
+        (Path(r["dir"]) / "models" / "training_summary.json").write_text(json.dumps(summary))
+    choice = bench._choose_lr(grid)[f"rd_{TASKS[0]}"]
+    assert choice["factor"] == 0.5 and choice["grid"] == {"0.5": pytest.approx(0.70), "2": pytest.approx(0.655)}

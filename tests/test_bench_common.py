@@ -101,3 +101,26 @@ def test_child_threads_sets_and_restores(monkeypatch):
         assert os.environ["OMP_NUM_THREADS"] == "2"
     with child_threads(None, alone_for=2):  # threads not set: inherited as it is
         assert "OMP_NUM_THREADS" not in os.environ
+
+
+def test_grid_then_seeds_chooses_on_the_mean_over_grid_seeds():
+    """With ``grid_seeds`` 2 the first two seeds train the whole grid and the rate is chosen on their mean: here seed 0
+    alone prefers 0.003 (by a hair), the two seeds together prefer 0.001; seed 2 trains the chosen rate only."""
+    from benchmarks.common import grid_then_seeds
+
+    val = {(0.001, 0): 0.80, (0.003, 0): 0.81, (0.001, 1): 0.80, (0.003, 1): 0.70}
+    calls = []
+
+    def train(row, lr, seed, unit):
+        calls.append((lr, seed))
+        return {"lr": lr, "seed": seed, "val": val.get((lr, seed), 0.0)}
+
+    one = grid_then_seeds(["a"], {"a": [None]}, [0.001, 0.003], [0, 1, 2], train, lambda r: r["val"], grid_seeds=1)
+    assert one["a"]["lr"] == 0.003
+    calls.clear()
+    two = grid_then_seeds(["a"], {"a": [None]}, [0.001, 0.003], [0, 1, 2], train, lambda r: r["val"], grid_seeds=2)
+    assert two["a"]["lr"] == 0.001 and two["a"]["val"] == {0.001: pytest.approx(0.80), 0.003: pytest.approx(0.755)}
+    assert sorted(calls) == [(0.001, 0), (0.001, 1), (0.001, 2), (0.003, 0), (0.003, 1)]
+    assert {s: [r["lr"] for r in rs] for s, rs in two["a"]["runs"].items()} == {0: [0.001], 1: [0.001], 2: [0.001]}
+    with pytest.raises(ValueError, match="grid_seeds"):
+        grid_then_seeds(["a"], {"a": [None]}, [0.001], [0], train, lambda r: 0.0, grid_seeds=2)

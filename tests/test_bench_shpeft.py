@@ -96,6 +96,12 @@ def test_write_results(tmp_path):
     assert "**62.00 ± 1.00**" in lines["| lora_r1"] and "| working |" in lines["| lora_r1"]
     assert "LEAVE-ONE-TASK-OUT" in text and "pretrained_without_adrenalmnist3d" in text
     assert "carved from train" in text and "--final_model best" in text
+    chosen = {"lr_grid": [1e-3, 1e-2], "lr_choice": {f"{TASKS[0]}/lora": {"grid": {"0.001": 0.7, "0.01": 0.6}, "lr": 1e-3}}}
+    one = bench.write_results(tmp_path / "r1.md", {**record, "settings": {**record["settings"], **chosen}})
+    assert "chosen with the first seed on the carved split" in one and "mean over the first" not in one
+    two = bench.write_results(tmp_path / "r2.md", {**record, "settings": {**record["settings"], **chosen, "lr_choice_seeds": 2}})
+    assert "chosen with the mean over the first 2 seeds on the carved split" in two
+    assert "Chosen with the mean over the first 2 seeds on the carved validation split" in two
 
 
 def test_reading_says_when_a_score_is_undefined():
