@@ -670,13 +670,12 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         "`benchmarks.common.carve_validation_datalist`), validated after every epoch; the shipped val split is only "
         "scored.",
         f"- Budget per run: {b['epochs']} epochs ({b['foundation_epochs']} for the foundation), batch {b['batch_size']}, "
-        "input 28^3 z-scored, no random augmentation ("
-        + ("every row but the foundations and the augmented rows (`*_aug`), which train with foundation_cls's own random flips and affine transforms "
-           "(`--teacher_augmentation`, chosen on the carved split) and their bundle's own random transforms with the teacher run online on "
-           "the augmented input; " if b.get("teacher_augmentation") else "every row but the augmented rows (`*_aug`: their bundle's own "
-           "random transforms, the teacher run online on the augmented input); ")
-        + "so that the frozen teacher's features are computed "
-        "once per teacher: `--cache_teacher_features true` with one shared cache file per teacher); the optimiser, learning rate and "
+        "input 28^3 z-scored, no random augmentation in every row but "
+        + ("the foundations (foundation_cls's own random flips and affine transforms, `--teacher_augmentation`, "
+           "chosen on the carved split) and " if b.get("teacher_augmentation") else "")
+        + "the augmented rows (`*_aug`: their bundle's own random transforms, the teacher run online on the augmented "
+        "input), so that the frozen teacher's features are computed "
+        "once per teacher (`--cache_teacher_features true` with one shared cache file per teacher); the optimiser, learning rate and "
         "schedule are each bundle's own (foundation AdamW 1e-3; lorkd_cls SGD 0.05 cosine; rd_cls AdamW 5e-3 cosine; "
         f"fine-tuning AdamW 1e-3), LoRKD warm-up {b['lorkd_warmup_epochs']} epoch(s) with frozen experts, rank 8. "
         "Model selection: the bundles keep the checkpoint of the best carved-split AUC (`model.pt`, the key metric); "
