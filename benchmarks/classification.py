@@ -50,6 +50,7 @@ from benchmarks.common import (
     REPO,
     best_on_validation,
     carve_validation_datalist,
+    choice_seeds_words,
     reexec_with_glibc_tunables,
     run_record,
     select_rows,
@@ -253,12 +254,6 @@ def _choose_lr(plan: list[dict]) -> dict[str, dict[str, Any]]:
         best = best_on_validation(g["grid"])
         g.update(factor=float(best), learning_rate=g["lr"][best])
     return out
-
-
-def _choice_seeds(budget: dict[str, Any]) -> str:
-    """Which seeds chose the learning rate, in the page's words."""
-    n = int(budget.get("lr_choice_seeds", 1))
-    return "the first seed" if n == 1 else f"the mean over the first {n} seeds"
 
 
 def _parser(run: dict, shipped_val: bool = False):
@@ -684,7 +679,8 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
            f"({_stopping(records)})" if b.get("patience") else
            "no early stopping (patience 0): every run trains its full budget")
         + " and the best epoch on its own split is the one scored. "
-        + (f"Learning rate per row (and task) chosen on the carved split ({_choice_seeds(b)}) from factors "
+        + (f"Learning rate per row (and task) chosen on the carved split "
+           f"({choice_seeds_words(b.get('lr_choice_seeds', 1))}) from factors "
            f"{b['lr_factors']} of the bundle's own rate (section Learning rates)." if b.get("lr_factors") else
            "The learning rate is each bundle's own (no grid)."),
         *([f"- Leave-one-task-out rows (`*_loto`): the teacher is a foundation pre-trained WITHOUT the target task "

@@ -23,7 +23,8 @@ from medfm_ops.utils.machine import BENCH_REEXEC_FLAG, machine_info
 
 __all__ = ["REPO", "GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms",
            "run_logged", "run_timed", "split_list", "select_rows", "repo_path", "run_record", "carve_validation_datalist",
-           "verdict_cell", "best_on_validation", "child_threads", "grid_then_seeds"]  # fmt: skip
+           "verdict_cell", "best_on_validation", "child_threads", "grid_then_seeds",
+           "choice_seeds_words"]  # fmt: skip
 
 #: the repository root (benchmarks run from it: ``python -m benchmarks.<name>``)
 REPO = Path(__file__).resolve().parents[1]
@@ -242,6 +243,11 @@ def child_threads(threads: int | None, alone_for: int = 1) -> Iterator[None]:
 
 
 _Run = TypeVar("_Run")
+
+
+def choice_seeds_words(grid_seeds: int) -> str:
+    """Which seeds chose a learning rate (:func:`grid_then_seeds`' ``grid_seeds``), in a results page's words."""
+    return "the first seed" if int(grid_seeds) == 1 else f"the mean over the first {int(grid_seeds)} seeds"
 
 
 def grid_then_seeds(

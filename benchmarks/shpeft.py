@@ -66,6 +66,7 @@ from benchmarks.common import (
     GLIBC_TUNABLES,
     REPO,
     carve_validation_datalist,
+    choice_seeds_words,
     grid_then_seeds,
     machine_info,
     repo_path,
@@ -202,7 +203,8 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
            "epochs are a ceiling; epochs trained and best epochs per row in the tables)" if s.get("patience") else
            "no early stopping: every run trains its full budget")
         + "; "
-        + (f"learning rate per task and row chosen with {_choice_seeds(s)} on the carved split from {s['lr_grid']} "
+        + (f"learning rate per task and row chosen with {choice_seeds_words(s.get('lr_choice_seeds', 1))} on the "
+           f"carved split from {s['lr_grid']} "
            "(section Learning rates)" if s.get("lr_grid") else "the learning rate is the shared one (no grid)")
         + ". Importance estimation: "
         + (f"{s['sparse_num_batches']} training batches" if s.get("sparse_num_batches") else "one epoch of the training split")
@@ -249,7 +251,8 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
         lines += ["", *_reading(rows)]
         lines.append("")
     if s.get("lr_choice"):
-        lines += ["## Learning rates", "", f"Chosen with {_choice_seeds(s)} on the carved validation split (best key "
+        lines += ["## Learning rates", "",
+                  f"Chosen with {choice_seeds_words(s.get('lr_choice_seeds', 1))} on the carved validation split (best key "
                   f"metric, {s.get('key_metric', 'f1').upper()}); the shipped val split plays no part.", "",
                   "| task / row | carved-split metric per learning rate | chosen |", "| --- | --- | ---: |"]
         for key, c in s["lr_choice"].items():
@@ -315,12 +318,6 @@ def ensure_pretrained(
     atomic_write_text(stamp, json.dumps(recipe, indent=2))
     print(f"[bench_shpeft] starting point trained in {seconds / 60:.1f} min", flush=True)
     return model
-
-
-def _choice_seeds(settings: dict[str, Any]) -> str:
-    """Which seeds chose the learning rate, in the page's words."""
-    n = int(settings.get("lr_choice_seeds", 1))
-    return "the first seed" if n == 1 else f"the mean over the first {n} seeds"
 
 
 def run(
