@@ -47,7 +47,8 @@ def plot_training_curves(
 ) -> Path:
     """
     One panel per key of ``panels`` (side by side), one line per run: ``{panel: {label: [(epoch, value), ...]}}``;
-    the run's best point is marked. Non-finite values are left out. Written as a PNG (atomically).
+    the run's best point is marked; lines 11-20 repeat the colours dashed, 21-30 dotted. Non-finite values are left
+    out. Written as a PNG (atomically).
 
     Raises:
         ValueError: when there is no panel or a panel has no finite point.
@@ -66,7 +67,8 @@ def plot_training_curves(
             xy = [(float(x), float(y)) for x, y in pts if math.isfinite(float(y))]
             if not xy:
                 continue
-            ax.plot([x for x, _ in xy], [y for _, y in xy], linewidth=1.3, color=f"C{j % 10}", label=label)
+            style = ("-", "--", ":")[j // 10 % 3]  # the 11th line on: the colours again, another line style
+            ax.plot([x for x, _ in xy], [y for _, y in xy], linewidth=1.3, color=f"C{j % 10}", linestyle=style, label=label)
             bx, by = max(xy, key=lambda p: p[1])
             ax.plot([bx], [by], marker="o", markersize=4, color=f"C{j % 10}")
             drawn += 1
