@@ -23,8 +23,8 @@ leave-one-task-out rows (``*_loto``: RD, RD gamma 0, direct reprogramming with `
 their teacher a foundation pre-trained WITHOUT the target task, ``foundation_cls --exclude_tasks``, trained once per
 target task and reused by every row and seed; no logit-KD row there: such a teacher has no logits of the target task,
 and rd_cls refuses the combination); the augmented rows (``*_aug``: student from scratch, LoRKD, STL-KD, RD, logit KD with
-their bundle's own random transforms and the teacher run online on the augmented input, ~2.5x the step time of a
-cached row; each compared with the augmented student from scratch); ``finetune`` (full fine-tuning of the teacher) on request. Scores:
+their bundle's own random transforms and the teacher run online on the augmented input, 1.5-3.4x the wall time per
+seed of a cached row on the committed page; each compared with the augmented student from scratch); ``finetune`` (full fine-tuning of the teacher) on request. Scores:
 AUC, balanced accuracy next to its majority level, F1, accuracy next to the majority-class accuracy and the verdict
 ("not working" at the majority level), mean ± std over seeds; train/deploy parameters, FLOPs, CPU latency (batch 1,
 median); the carved-split AUC curves of the teacher, the student from scratch and the distillation rows (first
@@ -541,7 +541,8 @@ def _reading(rows: list[str], tasks: list[str], auc: Any) -> list[str]:
     for ref in ("scratch", "scratch_aug", "foundation"):
         if ref not in rows:
             continue
-        peers = rows if ref == "foundation" else [r for r in rows if r == "foundation" or ROWS[r].augment == ROWS[ref].augment]
+        same_recipe = [r for r in rows if r == "foundation" or ROWS[r].augment == ROWS[ref].augment]
+        peers = rows if ref == "foundation" else same_recipe
         for t in tasks:
             ref_v = [x for x in auc(ref, t) if math.isfinite(x)]  # the foundation, trained once: one value
             verdicts: dict[str, dict[str, float]] = {"above": {}, "tie": {}, "below": {}}  # verdict -> row -> diff
@@ -630,10 +631,9 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
              if r["bundle_scores"][t]["auc"] == r["bundle_scores"][t]["auc"]]  # fmt: skip
     figs = summary.get("figures", {})
     if meta.get("lr_choice"):
-        n = int(meta["budget"].get("lr_choice_seeds", 1))
-        lines += ["", "## Learning rates", "", "Chosen on the carved validation split of "
-                  + ("the first seed (its best " if n == 1 else f"the first {n} seeds (the best mean over them of the ")
-                  + "mean AUC over the run's tasks); the shipped val split plays no part.", "",
+        lines += ["", "## Learning rates", "", "Chosen on the carved validation split with "
+                  + choice_seeds_words(meta["budget"].get("lr_choice_seeds", 1))
+                  + " (best mean AUC over the run's tasks); the shipped val split plays no part.", "",
                   "| run group | carved-split AUC per LR factor | chosen learning rate (factor) |", "| --- | --- | ---: |"]
         for group, c in meta["lr_choice"].items():
             grid = ", ".join(f"{f}: {v:.3f}" for f, v in c["grid"].items())
