@@ -24,7 +24,11 @@ their teacher a foundation pre-trained WITHOUT the target task, ``foundation_cls
 target task and reused by every row and seed; no logit-KD row there: such a teacher has no logits of the target task,
 and rd_cls refuses the combination); the augmented rows (``*_aug``: student from scratch, LoRKD, STL-KD, RD, logit KD with
 their bundle's own random transforms and the teacher run online on the augmented input, 1.5-3.4x the wall time per
-seed of a cached row on the committed page; each compared with the augmented student from scratch); ``finetune`` (full fine-tuning of the teacher) on request. Scores:
+seed of a cached row on the committed page; each compared with the augmented student from scratch); the few-label rows
+(``*_few``: student from scratch, LoRKD, STL-KD, RD, logit KD, cached and some augmented, trained on one fixed quarter of
+the carved training cases, :func:`benchmarks.common.keep_training_fraction`, their teacher the foundation trained on all
+of them; each compared with the student from scratch on the same cases); ``finetune`` (full fine-tuning of the teacher)
+on request. Figures are named after the results file (``cls_*.png`` for the main page). Scores:
 AUC, balanced accuracy next to its majority level, F1, accuracy next to the majority-class accuracy and the verdict
 ("not working" at the majority level), mean ± std over seeds; train/deploy parameters, FLOPs, CPU latency (batch 1,
 median); the carved-split AUC curves of the teacher, the student from scratch and the distillation rows (first
@@ -83,6 +87,11 @@ class Row(NamedTuple):
     overrides: dict[str, Any] = {}  # further command-line overrides of the row
     leave_task_out: bool = False  # teacher: a foundation pre-trained WITHOUT the target task (--exclude_tasks)
     augment: bool = False  # trains with its bundle's own random transforms, the teacher run online (no feature cache)
+    train_fraction: float = 1.0  # share of the carved training cases it trains on (the teacher saw them all)
+
+
+#: the few-label rows' share of the carved training cases (fixed before any of them ran, not chosen on a score)
+FEW = 0.25
 
 
 ROWS: dict[str, Row] = {
@@ -115,13 +124,38 @@ ROWS: dict[str, Row] = {
                   augment=True),
     "logit_kd_aug": Row("logit-KD student, augmented (online teacher)", "rd_cls", ["baselines/logit_kd.json"], True, True,
                         "student", augment=True),
+    "scratch_few": Row("student from scratch, 25% of the cases", "rd_cls", ["baselines/scratch.json"], True, False,
+                       "student", train_fraction=FEW),
+    "lorkd_few": Row("LoRKD experts, 25% of the cases (fused, exported bundles)", "lorkd_cls", [], False, True,
+                     "student", train_fraction=FEW),
+    "stl_kd_few": Row("STL-KD, 25% of the cases", "lorkd_cls", ["baselines/stl_kd.json"], True, True, "student",
+                      train_fraction=FEW),
+    "rd_few": Row("RD student, 25% of the cases (exported bundle)", "rd_cls", [], True, True, "student",
+                  train_fraction=FEW),
+    "logit_kd_few": Row("logit-KD student, 25% of the cases", "rd_cls", ["baselines/logit_kd.json"], True, True,
+                        "student", train_fraction=FEW),
+    "scratch_aug_few": Row("student from scratch, augmented, 25% of the cases", "rd_cls", ["baselines/scratch.json"],
+                           True, False, "student", augment=True, train_fraction=FEW),
+    "rd_aug_few": Row("RD student, augmented (online teacher), 25% of the cases (exported bundle)", "rd_cls", [], True,
+                      True, "student", augment=True, train_fraction=FEW),
+    "logit_kd_aug_few": Row("logit-KD student, augmented (online teacher), 25% of the cases", "rd_cls",
+                            ["baselines/logit_kd.json"], True, True, "student", augment=True, train_fraction=FEW),
     "finetune": Row("teacher, fully fine-tuned per task", "rd_cls", ["baselines/finetune.json"], True, True, "foundation"),
 }  # fmt: skip
 DEFAULT_ROWS = [r for r in ROWS if r != "finetune"]
-#: rows whose score is that of the exported standalone bundle(s), through the bundle's own inference.json
-EXPORTED_ROWS = ("lorkd", "rd", "rd_no_cka", "rd_loto", "rd_no_cka_loto", "lorkd_aug", "rd_aug")
-#: the LoRKD rows: experts fused per task and exported as standalone bundles by the benchmark
-LORKD_ROWS = ("lorkd", "lorkd_aug")
+#: the LoRKD rows (lorkd_cls's own method, no baseline file): experts fused per task and exported as standalone
+#: bundles by the benchmark
+LORKD_ROWS = tuple(r for r, s in ROWS.items() if s.bundle == "lorkd_cls" and not s.files)
+#: rows whose score is that of the exported standalone bundle(s), through the bundle's own inference.json: the LoRKD
+#: rows and the RD rows (rd_cls's own method, which exports its student)
+EXPORTED_ROWS = LORKD_ROWS + tuple(r for r, s in ROWS.items() if s.bundle == "rd_cls" and not s.files)
+
+
+def _scratch_of(row: str) -> str | None:
+    """The student from scratch of ``row``'s recipe (the same augmentation and share of the training cases)."""
+    spec = ROWS[row]
+    return next((r for r, s in ROWS.items() if s.files == ["baselines/scratch.json"] and s.augment == spec.augment
+                 and s.train_fraction == spec.train_fraction), None)  # fmt: skip
 PUBLISHED = "MedMNIST v2 (Yang et al., Sci. Data 2023), ResNet-18 (3D), test split, its own budget: AUC about 0.83 (adrenal), 0.87 (vessel)"
 
 
@@ -159,8 +193,12 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
     the chosen factor. Every run selects its model on its
     own validation split carved from train (``val_interval`` 1, the bundles' best-on-val ``model.pt``, early stopping
     with ``budget["patience"]``); the shipped val split is only scored."""
+    from benchmarks.common import keep_training_fraction
+
     loto_tasks = list(data) if any(ROWS[r].leave_task_out for r in rows) else []
     lists = _datalists(work, data, budget, loto_tasks)
+    for f in sorted({ROWS[r].train_fraction for r in rows} - {1.0}):  # one fixed draw, shared by every row and seed
+        lists[f"both_{f:g}"] = str(keep_training_fraction(lists["both"], work / "datalists" / f"both_{f:g}.json", f))
     common = {"data_cache": str(work / "cache"), "real_tasks": data, "real_limit": budget["limit"], "val_interval": 1,
               "batch_size": budget["batch_size"], "train#random_transforms": []}  # fmt: skip
     if budget.get("patience"):  # early stopping on the carved split; `epochs` becomes a ceiling
@@ -195,7 +233,8 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
                     ov: dict[str, Any] = {
                         "bundle_root": str(REPO / "bundles" / spec.bundle), "ckpt_dir": str(run_dir / "models"),
                         "output_dir": str(run_dir / "runs"), **common, "synthetic#tasks": [],
-                        "datalist": lists["both"], "epochs": budget["epochs"], "seed": seed,
+                        "datalist": lists["both" if spec.train_fraction == 1.0 else f"both_{spec.train_fraction:g}"],
+                        "epochs": budget["epochs"], "seed": seed,
                     }  # fmt: skip
                     if task is not None:
                         ov["task"] = task
@@ -445,8 +484,9 @@ def _latencies(records: list[dict], repeats: int) -> dict[str, dict[str, float]]
     return out
 
 
-def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str) -> dict[str, Any]:
-    """Grad-CAM panels (foundation vs the task's LoRKD expert) per task and the CKA matrix of the experts' features."""
+def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str, prefix: str = "cls") -> dict[str, Any]:
+    """Grad-CAM panels (foundation vs the task's LoRKD expert) per task and the CKA matrix of the experts' features
+    (when there are experts to compare), written as ``fig_dir/<prefix>_*.png``."""
     import torch
 
     from medfm_ops.networks import TeacherFeatures, export_cls_expert, load_expert_state_dict
@@ -485,21 +525,24 @@ def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str) -> dict
         chosen = pos + neg
         maps = [{"foundation": gradcam_volume(foundation, i["image"][None], table.offset_of(t) + int(i["label"]), layer),
                  "expert": gradcam_volume(expert, i["image"][None], int(i["label"]), layer)} for i in chosen]  # fmt: skip
-        path = gradcam_panel(fig_dir / f"cls_gradcam_{name}.png", [i["image"] for i in chosen], maps)
+        path = gradcam_panel(fig_dir / f"{prefix}_gradcam_{name}.png", [i["image"] for i in chosen], maps)
         out["gradcam"][name] = {"png": path.name, "labels": [table.class_names[t][int(i["label"])] for i in chosen],
                                 "files": [str(i["image"].meta.get("filename_or_obj")) for i in chosen]}  # fmt: skip
+    if len(models) < 2:  # the foundation alone: nothing to compare
+        return out
     x = torch.stack([i["image"] for i in items])
     hooked = {k: TeacherFeatures(m) for k, m in models.items()}  # penultimate features (classifier input)
     feats = {k: torch.cat([f(x[j : j + 32])[1] for j in range(0, len(x), 32)]) for k, f in hooked.items()}
     names, m = cka_matrix(feats)
-    write_matrix_png(fig_dir / "cls_cka.png", m)
-    out["cka"] = {"names": names, "matrix": m.tolist(), "n": int(x.shape[0]), "png": "cls_cka.png"}
+    write_matrix_png(fig_dir / f"{prefix}_cka.png", m)
+    out["cka"] = {"names": names, "matrix": m.tolist(), "n": int(x.shape[0]), "png": f"{prefix}_cka.png"}
     return out
 
 
 #: rows whose carved-split validation curves the page draws (first seed, chosen learning rate)
 CURVE_ROWS = ("foundation", "scratch", "stl", "lorkd", "mtl_kd", "rd", "logit_kd", "reprogram", "rd_loto",
-              "scratch_aug", "lorkd_aug", "rd_aug", "logit_kd_aug")
+              "scratch_aug", "lorkd_aug", "rd_aug", "logit_kd_aug", "scratch_few", "lorkd_few", "rd_few",
+              "logit_kd_few", "scratch_aug_few", "rd_aug_few", "logit_kd_aug_few")
 
 
 def _curves(records: list[dict], tasks: list[str], png: Path) -> dict[str, Any]:
@@ -532,17 +575,16 @@ def _ms(values: list[float], digits: int = 3) -> str:
 
 
 def _reading(rows: list[str], tasks: list[str], auc: Any) -> list[str]:
-    """Per task, every row's AUC against the student from scratch of the same recipe (``scratch``, or ``scratch_aug``
-    for the augmented rows; the same deployed size) and against the foundation: "above"/"below" when the mean
-    difference exceeds twice the larger standard deviation over seeds."""
+    """Per task, every row's AUC against the student from scratch of the same recipe (:func:`_scratch_of`: the same
+    augmentation and share of the training cases; the same deployed size) and against the foundation: "above"/"below"
+    when the mean difference exceeds twice the larger standard deviation over seeds."""
     out = ["**Reading** (AUC per task; \"above\"/\"below\" only when the mean difference exceeds twice the larger "
            "standard deviation over seeds, else a tie):", ""]  # fmt: skip
     weak: list[str] = []
-    for ref in ("scratch", "scratch_aug", "foundation"):
+    for ref in [r for r in rows if r != "foundation" and _scratch_of(r) == r] + ["foundation"]:
         if ref not in rows:
             continue
-        same_recipe = [r for r in rows if r == "foundation" or ROWS[r].augment == ROWS[ref].augment]
-        peers = rows if ref == "foundation" else same_recipe
+        peers = rows if ref == "foundation" else [r for r in rows if r == "foundation" or _scratch_of(r) == ref]
         for t in tasks:
             ref_v = [x for x in auc(ref, t) if math.isfinite(x)]  # the foundation, trained once: one value
             verdicts: dict[str, dict[str, float]] = {"above": {}, "tie": {}, "below": {}}  # verdict -> row -> diff
@@ -683,6 +725,12 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
            f"({choice_seeds_words(b.get('lr_choice_seeds', 1))}) from factors "
            f"{b['lr_factors']} of the bundle's own rate (section Learning rates)." if b.get("lr_factors") else
            "The learning rate is each bundle's own (no grid)."),
+        *([f"- Few-label rows (`*_few`): the student (and its LoRKD experts) trains on {100 * FEW:.0f}% of each task's "
+           "carved training cases per label (one fixed draw shared by every row and seed, "
+           "`benchmarks.common.keep_training_fraction`), selected and stopped on the same carved validation split as "
+           "every row; its teacher is the same foundation, trained on ALL the training cases: a foundation that has "
+           "seen more labelled cases than the site that distils it. Compared with the student from scratch on the "
+           "same cases."] if any(ROWS[r].train_fraction < 1.0 for r in rows) else []),
         *([f"- Leave-one-task-out rows (`*_loto`): the teacher is a foundation pre-trained WITHOUT the target task "
            f"(`foundation_cls --exclude_tasks`, foundation_cls's synthetic tasks + the other real task, "
            f"{b['foundation_epochs']} epochs, seed 0), trained once per target task and reused by every row and "
@@ -857,8 +905,9 @@ def run(
     from benchmarks.common import machine_info
 
     latency = _latencies(records, latency_repeats)
-    figures = _figures(records, out.parent / "figures", gradcam_cases, gradcam_layer)
-    figures["training_curves"] = _curves(records, list(TASKS), out.parent / "figures" / "cls_curves.png")
+    prefix = "cls" + out.stem.removeprefix("RESULTS_classification")  # one page's figures never replace another's
+    figures = _figures(records, out.parent / "figures", gradcam_cases, gradcam_layer, prefix)
+    figures["training_curves"] = _curves(records, list(TASKS), out.parent / "figures" / f"{prefix}_curves.png")
     args = [f"python -m benchmarks.classification run --data_dir {data_dir} --seeds {','.join(map(str, seed_list))}",
             f"--epochs {epochs} --foundation_epochs {foundation_epochs} --lorkd_warmup_epochs {lorkd_warmup_epochs}",
             f"--batch_size {batch_size} --jobs {jobs} --threads {threads}"]  # fmt: skip

@@ -147,6 +147,55 @@ def run_logged(cmd: list[str], log: str | os.PathLike, cwd: str | os.PathLike | 
     return run_timed(cmd, log, cwd=cwd, **kwargs)["wall"]
 
 
+def _stratified_draw(
+    source: Path, fraction: float, seed: int, section: str = "training"
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """``source``'s content and its ``section`` split per task and label into ``(drawn, rest)``: ``round(fraction *
+    n)`` cases of each group drawn with ``seed`` (at least one where a group has two or more, never all of it);
+    image paths made absolute."""
+    import json
+    import random
+    from collections import defaultdict
+
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"{source}: the fraction must be in (0, 1), got {fraction}.")
+    content = json.loads(source.read_text())
+
+    def absolute(item: dict[str, Any]) -> dict[str, Any]:
+        image = Path(item["image"])
+        return {**item, "image": str(image if image.is_absolute() else (source.parent / image).resolve())}
+
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
+    for item in content[section]:
+        groups[(item["task"], item["label"])].append(absolute(item))
+    per_task: dict[str, int] = defaultdict(int)
+    for (task, _), items in groups.items():
+        per_task[task] += len(items)
+    small = sorted(t for t, n in per_task.items() if n < 2)
+    if small:
+        raise ValueError(f"{source}: tasks {small} have fewer than 2 cases in '{section}'.")
+    rng = random.Random(int(seed))
+    drawn, rest = [], []
+    for key in sorted(groups, key=str):
+        items = list(groups[key])
+        rng.shuffle(items)
+        k = min(len(items) - 1, max(1 if len(items) > 1 else 0, round(float(fraction) * len(items))))
+        drawn += items[:k]
+        rest += items[k:]
+    return content, drawn, rest
+
+
+def _write_if_changed(out: Path, content: dict[str, Any]) -> Path:
+    import json
+
+    from medfm_ops.utils.atomic_io import atomic_write_text
+
+    text = json.dumps(content, indent=1) + "\n"
+    if not out.is_file() or out.read_text() != text:
+        atomic_write_text(out, text)
+    return out
+
+
 def carve_validation_datalist(
     source: str | os.PathLike, out: str | os.PathLike, fraction: float = 0.2, seed: int = 0
 ) -> Path:
@@ -162,43 +211,32 @@ def carve_validation_datalist(
         ValueError: when ``fraction`` is not in (0, 1) or a task's training section has fewer than 2 cases.
     """
     import json
-    import random
-    from collections import defaultdict
 
-    from medfm_ops.utils.atomic_io import atomic_write_text
-
-    if not 0.0 < float(fraction) < 1.0:
-        raise ValueError(f"carve_validation_datalist: fraction must be in (0, 1), got {fraction}.")
-    source, out = Path(source), Path(out)
-    content = json.loads(source.read_text())
-
-    def absolute(item: dict[str, Any]) -> dict[str, Any]:
+    source = Path(source)
+    content, validation, training = _stratified_draw(source, fraction, seed)
+    shipped = json.loads(json.dumps(content["validation"]))
+    for item in shipped:
         image = Path(item["image"])
-        return {**item, "image": str(image if image.is_absolute() else (source.parent / image).resolve())}
+        item["image"] = str(image if image.is_absolute() else (source.parent / image).resolve())
+    return _write_if_changed(Path(out), {**content, "training": training, "validation": validation,
+                                         "shipped_validation": shipped})  # fmt: skip
 
-    groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
-    for item in content["training"]:
-        groups[(item["task"], item["label"])].append(absolute(item))
-    per_task: dict[str, int] = defaultdict(int)
-    for (task, _), items in groups.items():
-        per_task[task] += len(items)
-    small = sorted(t for t, n in per_task.items() if n < 2)
-    if small:
-        raise ValueError(f"carve_validation_datalist: {source}: tasks {small} have fewer than 2 training cases.")
-    rng = random.Random(int(seed))
-    training, validation = [], []
-    for key in sorted(groups, key=str):
-        items = list(groups[key])
-        rng.shuffle(items)
-        k = min(len(items) - 1, max(1 if len(items) > 1 else 0, round(float(fraction) * len(items))))
-        validation += items[:k]
-        training += items[k:]
-    carved = {**content, "training": training, "validation": validation,
-              "shipped_validation": [absolute(i) for i in content["validation"]]}  # fmt: skip
-    text = json.dumps(carved, indent=1) + "\n"
-    if not out.is_file() or out.read_text() != text:
-        atomic_write_text(out, text)
-    return out
+
+def keep_training_fraction(
+    source: str | os.PathLike, out: str | os.PathLike, fraction: float, seed: int = 0
+) -> Path:
+    """
+    Write ``out``: the datalist ``source`` (e.g. one written by :func:`carve_validation_datalist`) with only
+    ``fraction`` of its ``training`` cases kept (per task and label, ``round(fraction * n)``, at least one where a
+    group has two or more, drawn with ``seed``: one fixed draw); every other section unchanged. The label-scarce
+    setting of a site that has fewer labelled cases than the data its teacher was trained on. Written atomically,
+    only when its content changes.
+
+    Raises:
+        ValueError: when ``fraction`` is not in (0, 1) or a task's training section has fewer than 2 cases.
+    """
+    content, kept, _ = _stratified_draw(Path(source), fraction, seed)
+    return _write_if_changed(Path(out), {**content, "training": kept})
 
 
 def verdict_cell(verdicts: list[str]) -> str:

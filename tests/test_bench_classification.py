@@ -298,3 +298,41 @@ def test_lr_choice_on_the_mean_over_seeds(tmp_path, monkeypatch):
         (Path(r["dir"]) / "models" / "training_summary.json").write_text(json.dumps(summary))
     choice = bench._choose_lr(grid)[f"rd_{TASKS[0]}"]
     assert choice["factor"] == 0.5 and choice["grid"] == {"0.5": pytest.approx(0.70), "2": pytest.approx(0.655)}
+
+
+def test_few_label_rows(tmp_path, monkeypatch):
+    """The ``*_few`` rows train on one fixed stratified quarter of the carved training cases (validated on the whole
+    carved split, teacher the foundation trained on every case) and are read against the student from scratch on
+    the same cases."""
+    items = [{"image": f"img{i}.npz", "task": t, "label": int(i < 8)} for t in TASKS for i in range(40)]
+    src = tmp_path / "both_src.json"
+    src.write_text(json.dumps({"tasks": [], "training": items, "validation": []}))
+    both = carve_validation_datalist(src, tmp_path / "both.json", 0.2)
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto: {"both": str(both)})
+    data = {t: f"{t}.npz" for t in TASKS}
+    budget = {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
+              "val_fraction": 0.2}  # fmt: skip
+    plan = bench._runs(["scratch", "scratch_few", "rd_few", "lorkd_few", "logit_kd_aug_few"], [0, 1], tmp_path, data,
+                       budget)  # fmt: skip
+    lists = {r["row"]: r["overrides"]["datalist"] for r in plan}
+    assert lists["scratch"] == lists["foundation"] == str(both)
+    assert len({lists[r] for r in ("scratch_few", "rd_few", "lorkd_few", "logit_kd_aug_few")}) == 1
+    full, few = json.loads(both.read_text()), json.loads(Path(lists["rd_few"]).read_text())
+    assert few["validation"] == full["validation"]  # the same carved split selects every row
+    key = lambda i: (i["task"], i["image"])  # noqa: E731
+    assert {key(i) for i in few["training"]} < {key(i) for i in full["training"]}
+    for t in TASKS:  # a quarter of each task's cases per label: 26 negatives and 6 positives carved -> 6 + 2 (rounded)
+        labels = [i["label"] for i in few["training"] if i["task"] == t]
+        assert (labels.count(0), labels.count(1)) == (6, 2)
+    rd = next(r for r in plan if r["row"] == "rd_few")
+    assert rd["overrides"]["teacher_path"] == str(tmp_path / "foundation") and rd["after"] == "foundation"
+    assert "rd_few" in bench.EXPORTED_ROWS and "lorkd_few" in bench.LORKD_ROWS and "logit_kd_few" not in bench.EXPORTED_ROWS
+    auc = {("scratch", t): [0.80, 0.81, 0.82] for t in TASKS}
+    auc.update({("scratch_few", t): [0.60, 0.61, 0.62] for t in TASKS})
+    auc.update({("rd_few", t): [0.75, 0.76, 0.77] for t in TASKS})  # below the full-data scratch, above scratch_few
+    text = "\n".join(bench._reading(["scratch", "scratch_few", "rd_few"], TASKS, lambda row, t: auc[(row, t)]))
+    against = {ref: next(line for line in text.splitlines() if line.startswith(f"- {TASKS[0]}, against "
+                                                                                f"{bench.ROWS[ref].description}:"))
+               for ref in ("scratch", "scratch_few")}  # fmt: skip
+    assert "RD student, 25%" not in against["scratch"]
+    assert "above: RD student, 25% of the cases (exported bundle) (+0.150)" in against["scratch_few"]
