@@ -336,3 +336,5 @@ def test_few_label_rows(tmp_path, monkeypatch):
                for ref in ("scratch", "scratch_few")}  # fmt: skip
     assert "RD student, 25%" not in against["scratch"]
     assert "above: RD student, 25% of the cases (exported bundle) (+0.150)" in against["scratch_few"]
+    assert bench._title_suffix(["foundation", "scratch_few", "rd_few"]) == ", few labels (25% of the training cases)"
+    assert bench._title_suffix(["foundation", "scratch", "rd_few"]) == ""  # a mixed page keeps the plain title
