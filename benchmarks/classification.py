@@ -156,6 +156,8 @@ def _scratch_of(row: str) -> str | None:
     spec = ROWS[row]
     return next((r for r, s in ROWS.items() if s.files == ["baselines/scratch.json"] and s.augment == spec.augment
                  and s.train_fraction == spec.train_fraction), None)  # fmt: skip
+
+
 PUBLISHED = "MedMNIST v2 (Yang et al., Sci. Data 2023), ResNet-18 (3D), test split, its own budget: AUC about 0.83 (adrenal), 0.87 (vessel)"
 
 

@@ -147,12 +147,18 @@ def run_logged(cmd: list[str], log: str | os.PathLike, cwd: str | os.PathLike | 
     return run_timed(cmd, log, cwd=cwd, **kwargs)["wall"]
 
 
+def _absolute_image(item: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The datalist ``item`` with its ``image`` path made absolute (relative paths are relative to ``base``)."""
+    image = Path(item["image"])
+    return {**item, "image": str(image if image.is_absolute() else (base / image).resolve())}
+
+
 def _stratified_draw(
-    source: Path, fraction: float, seed: int, section: str = "training"
+    source: Path, fraction: float, seed: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """``source``'s content and its ``section`` split per task and label into ``(drawn, rest)``: ``round(fraction *
-    n)`` cases of each group drawn with ``seed`` (at least one where a group has two or more, never all of it);
-    image paths made absolute."""
+    """``source``'s content and its ``training`` section split per task and label into ``(drawn, rest)``:
+    ``round(fraction * n)`` cases of each group drawn with ``seed`` (at least one where a group has two or more,
+    never all of it); image paths made absolute."""
     import json
     import random
     from collections import defaultdict
@@ -160,20 +166,15 @@ def _stratified_draw(
     if not 0.0 < float(fraction) < 1.0:
         raise ValueError(f"{source}: the fraction must be in (0, 1), got {fraction}.")
     content = json.loads(source.read_text())
-
-    def absolute(item: dict[str, Any]) -> dict[str, Any]:
-        image = Path(item["image"])
-        return {**item, "image": str(image if image.is_absolute() else (source.parent / image).resolve())}
-
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
-    for item in content[section]:
-        groups[(item["task"], item["label"])].append(absolute(item))
+    for item in content["training"]:
+        groups[(item["task"], item["label"])].append(_absolute_image(item, source.parent))
     per_task: dict[str, int] = defaultdict(int)
     for (task, _), items in groups.items():
         per_task[task] += len(items)
     small = sorted(t for t, n in per_task.items() if n < 2)
     if small:
-        raise ValueError(f"{source}: tasks {small} have fewer than 2 cases in '{section}'.")
+        raise ValueError(f"{source}: tasks {small} have fewer than 2 training cases.")
     rng = random.Random(int(seed))
     drawn, rest = [], []
     for key in sorted(groups, key=str):
@@ -186,6 +187,7 @@ def _stratified_draw(
 
 
 def _write_if_changed(out: Path, content: dict[str, Any]) -> Path:
+    """Write ``content`` as JSON to ``out`` (atomically) unless the file already holds exactly that."""
     import json
 
     from medfm_ops.utils.atomic_io import atomic_write_text
@@ -210,14 +212,9 @@ def carve_validation_datalist(
     Raises:
         ValueError: when ``fraction`` is not in (0, 1) or a task's training section has fewer than 2 cases.
     """
-    import json
-
     source = Path(source)
     content, validation, training = _stratified_draw(source, fraction, seed)
-    shipped = json.loads(json.dumps(content["validation"]))
-    for item in shipped:
-        image = Path(item["image"])
-        item["image"] = str(image if image.is_absolute() else (source.parent / image).resolve())
+    shipped = [_absolute_image(i, source.parent) for i in content["validation"]]
     return _write_if_changed(Path(out), {**content, "training": training, "validation": validation,
                                          "shipped_validation": shipped})  # fmt: skip
 
