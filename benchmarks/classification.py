@@ -124,24 +124,18 @@ ROWS: dict[str, Row] = {
                   augment=True),
     "logit_kd_aug": Row("logit-KD student, augmented (online teacher)", "rd_cls", ["baselines/logit_kd.json"], True, True,
                         "student", augment=True),
-    "scratch_few": Row("student from scratch, 25% of the cases", "rd_cls", ["baselines/scratch.json"], True, False,
-                       "student", train_fraction=FEW),
-    "lorkd_few": Row("LoRKD experts, 25% of the cases (fused, exported bundles)", "lorkd_cls", [], False, True,
-                     "student", train_fraction=FEW),
-    "stl_kd_few": Row("STL-KD, 25% of the cases", "lorkd_cls", ["baselines/stl_kd.json"], True, True, "student",
-                      train_fraction=FEW),
-    "rd_few": Row("RD student, 25% of the cases (exported bundle)", "rd_cls", [], True, True, "student",
-                  train_fraction=FEW),
-    "logit_kd_few": Row("logit-KD student, 25% of the cases", "rd_cls", ["baselines/logit_kd.json"], True, True,
-                        "student", train_fraction=FEW),
-    "scratch_aug_few": Row("student from scratch, augmented, 25% of the cases", "rd_cls", ["baselines/scratch.json"],
-                           True, False, "student", augment=True, train_fraction=FEW),
-    "rd_aug_few": Row("RD student, augmented (online teacher), 25% of the cases (exported bundle)", "rd_cls", [], True,
-                      True, "student", augment=True, train_fraction=FEW),
-    "logit_kd_aug_few": Row("logit-KD student, augmented (online teacher), 25% of the cases", "rd_cls",
-                            ["baselines/logit_kd.json"], True, True, "student", augment=True, train_fraction=FEW),
     "finetune": Row("teacher, fully fine-tuned per task", "rd_cls", ["baselines/finetune.json"], True, True, "foundation"),
 }  # fmt: skip
+
+
+def _few_labels(row: str) -> Row:
+    """``row`` trained on :data:`FEW` of the carved training cases, its teacher unchanged."""
+    return ROWS[row]._replace(description=f"{ROWS[row].description}, {100 * FEW:.0f}% of the cases", train_fraction=FEW)
+
+
+#: the few-label rows (``<row>_few``)
+ROWS.update({f"{r}_few": _few_labels(r) for r in ("scratch", "lorkd", "stl_kd", "rd", "logit_kd", "scratch_aug", "rd_aug",
+                                                  "logit_kd_aug")})  # fmt: skip
 DEFAULT_ROWS = [r for r in ROWS if r != "finetune"]
 #: the LoRKD rows (lorkd_cls's own method, no baseline file): experts fused per task and exported as standalone
 #: bundles by the benchmark

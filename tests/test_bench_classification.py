@@ -334,7 +334,9 @@ def test_few_label_rows(tmp_path, monkeypatch):
     against = {ref: next(line for line in text.splitlines() if line.startswith(f"- {TASKS[0]}, against "
                                                                                 f"{bench.ROWS[ref].description}:"))
                for ref in ("scratch", "scratch_few")}  # fmt: skip
-    assert "RD student, 25%" not in against["scratch"]
-    assert "above: RD student, 25% of the cases (exported bundle) (+0.150)" in against["scratch_few"]
+    few_rd = bench.ROWS["rd_few"].description
+    assert few_rd == "RD student (deployed; exported bundle), 25% of the cases" and few_rd not in against["scratch"]
+    assert f"above: {few_rd} (+0.150)" in against["scratch_few"]
+    assert bench.ROWS["rd_few"]._replace(description="", train_fraction=1.0) == bench.ROWS["rd"]._replace(description="")
     assert bench._title_suffix(["foundation", "scratch_few", "rd_few"]) == ", few labels (25% of the training cases)"
     assert bench._title_suffix(["foundation", "scratch", "rd_few"]) == ""  # a mixed page keeps the plain title
