@@ -170,6 +170,54 @@ def _target_line(rows: list[dict[str, Any]], ref: str = "shpeft", other: str = "
             f"points: {'met' if d >= -points else 'NOT met'}."]
 
 
+def mask_layout(delta_file: Path) -> dict[str, int] | None:
+    """Weights a run's mask lets train, per top-level module of the network (``conv1``, ``layer1``, ..., ``fc``), read
+    from its ``sparse_delta.pt`` (``trainable_indices``); None for a run that writes none (full fine-tuning, LoRA)."""
+    import torch
+
+    if not delta_file.is_file():
+        return None
+    delta = torch.load(delta_file, map_location="cpu", weights_only=True)
+    out: dict[str, int] = {}
+    for name, index in delta["trainable_indices"].items():
+        out[name.split(".")[0]] = out.get(name.split(".")[0], 0) + int(index.numel())
+    return out
+
+
+def _module_weights(network: Any) -> dict[str, int]:
+    """Weights (parameters) per top-level module of ``network``, in the network's order."""
+    out: dict[str, int] = {}
+    for name, param in network.named_parameters():
+        out[name.split(".")[0]] = out.get(name.split(".")[0], 0) + param.numel()
+    return out
+
+
+def _layout_lines(record: dict[str, Any]) -> list[str]:
+    """The section on where each mask row puts its trainable weights, next to where the network's weights are."""
+    weights = record.get("network_layout")
+    if not weights:
+        return []
+    modules, total = list(weights), sum(weights.values())
+    out = ["## Where the masks sit", "",
+           "Share (%) of each mask row's trainable weights per top-level module of the network (first seed's mask; the "
+           "importance masks do not depend on the learning rate), next to the module's share of all the network's "
+           "weights: a mask that follows the first row spreads its budget as a random mask does.", ""]  # fmt: skip
+    for task, rows in record["tasks"].items():
+        layouts = [(r["name"], r["runs"][0].get("mask_layout")) for r in rows]
+        layouts = [(n, lay) for n, lay in layouts if lay]
+        if not layouts:
+            continue
+        out += [f"| {task} | " + " | ".join(f"`{m}`" for m in modules) + " |",
+                "| --- | " + " | ".join("---:" for _ in modules) + " |",
+                "| share of the network's weights | " + " | ".join(f"{100 * weights[m] / total:.1f}" for m in modules)
+                + " |"]  # fmt: skip
+        for name, lay in layouts:
+            n = sum(lay.values())
+            out.append(f"| {name} | " + " | ".join(f"{100 * lay.get(m, 0) / n:.1f}" for m in modules) + " |")
+        out.append("")
+    return out
+
+
 def write_results(path: Path, record: dict[str, Any]) -> str:
     """Render the markdown results (one table per task) from a benchmark record; returns the text."""
     m, s = record["machine"], record["settings"]
@@ -250,6 +298,7 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
             )
         lines += ["", *_reading(rows)]
         lines.append("")
+    lines += _layout_lines(record)
     if s.get("lr_choice"):
         lines += ["## Learning rates", "",
                   f"Chosen with {choice_seeds_words(s.get('lr_choice_seeds', 1))} on the carved validation split (best key "
@@ -481,7 +530,7 @@ def run(
         return {"seed": seed, "seconds": record["seconds"], "scores": record["bundle_scores"],
                 "in_process_scores": summary["scores"], "learning_rate": lr if lr is not None else float(learning_rate),
                 "val_best": summary.get("best_metric"), "best_epoch": summary.get("best_metric_epoch"),
-                "epochs_trained": summary.get("epochs"),
+                "epochs_trained": summary.get("epochs"), "mask_layout": mask_layout(run_dir / "models" / "sparse_delta.pt"),
                 **{k: summary[k] for k in ("trainable", "importance_estimation", "train_seconds", "settings")}}
 
     scoring_lock = threading.Lock()
@@ -550,6 +599,7 @@ def run(
                      "leave_task_out": bool(leave_task_out), "patience": int(patience), "lr_grid": grid,
                      "lr_choice_seeds": int(lr_choice_seeds), "key_metric": key_metric, "lr_choice": chosen},  # fmt: skip
         "work_dir": os.path.relpath(work, REPO),
+        "network_layout": _module_weights(instantiate(pre.network_def)),
         "tasks": out_tasks,
     }
     out = repo_path(results)

@@ -123,3 +123,27 @@ def test_reading_states_the_full_fine_tuning_target():
     rows[1]["runs"] = [_run(0, 0.815, 0.6), _run(1, 0.815, 0.6)]
     assert bench._reading(rows)[-1].endswith("81.0 vs 81.5, -0.5 points: met.")
     assert bench._target_line(rows[:1]) == []
+
+
+def test_mask_layout_section(tmp_path):
+    """Where each mask row's trainable weights sit, per top-level module, next to the network's own shares."""
+    import torch
+
+    delta = {"format": "medfm-sparse-delta/1", "tensors": {}, "trainable_indices": {
+        "conv1.weight": torch.arange(3), "layer4.0.conv1.weight": torch.arange(6), "fc.weight": torch.arange(1)}}
+    torch.save(delta, tmp_path / "sparse_delta.pt")
+    layout = bench.mask_layout(tmp_path / "sparse_delta.pt")
+    assert layout == {"conv1": 3, "layer4": 6, "fc": 1}
+    assert bench.mask_layout(tmp_path / "none.pt") is None  # full fine-tuning, LoRA: no mask
+    net = torch.nn.Sequential()
+    net.add_module("conv1", torch.nn.Conv3d(1, 2, 1, bias=False))  # 2 weights
+    net.add_module("layer4", torch.nn.Conv3d(2, 3, 1, bias=False))  # 6
+    net.add_module("fc", torch.nn.Linear(2, 1))  # 3
+    weights = bench._module_weights(net)
+    assert weights == {"conv1": 2, "layer4": 6, "fc": 3}
+    record = {"network_layout": weights, "tasks": {TASKS[0]: [
+        {"name": "shpeft", "runs": [{"mask_layout": layout}]}, {"name": "full", "runs": [{"mask_layout": None}]}]}}
+    text = "\n".join(bench._layout_lines(record))
+    assert "| share of the network's weights | 18.2 | 54.5 | 27.3 |" in text
+    assert "| shpeft | 30.0 | 60.0 | 10.0 |" in text and "| full |" not in text
+    assert bench._layout_lines({"tasks": {}}) == []  # a page written before the section existed
