@@ -88,6 +88,7 @@ class Row(NamedTuple):
     leave_task_out: bool = False  # teacher: a foundation pre-trained WITHOUT the target task (--exclude_tasks)
     augment: bool = False  # trains with its bundle's own random transforms, the teacher run online (no feature cache)
     train_fraction: float = 1.0  # share of the carved training cases it trains on (the teacher saw them all)
+    draw: int = 0  # which fixed draw of that share (its seed): rows of one draw train on the same cases
 
 
 #: the few-label rows' share of the carved training cases (fixed before any of them ran, not chosen on a score)
@@ -128,14 +129,16 @@ ROWS: dict[str, Row] = {
 }  # fmt: skip
 
 
-def _few_labels(row: str) -> Row:
-    """``row`` trained on :data:`FEW` of the carved training cases, its teacher unchanged."""
-    return ROWS[row]._replace(description=f"{ROWS[row].description}, {100 * FEW:.0f}% of the cases", train_fraction=FEW)
+def _few_labels(row: str, draw: int = 0) -> Row:
+    """``row`` trained on :data:`FEW` of the carved training cases (the fixed draw ``draw``), its teacher unchanged."""
+    suffix = f", {100 * FEW:.0f}% of the cases" + (f" (draw {draw})" if draw else "")
+    return ROWS[row]._replace(description=ROWS[row].description + suffix, train_fraction=FEW, draw=draw)
 
 
-#: the few-label rows (``<row>_few``)
+#: the few-label rows (``<row>_few``) and their replication on a second draw of the cases (``<row>_few2``)
 ROWS.update({f"{r}_few": _few_labels(r) for r in ("scratch", "lorkd", "stl_kd", "rd", "logit_kd", "scratch_aug", "rd_aug",
                                                   "logit_kd_aug")})  # fmt: skip
+ROWS.update({f"{r}_few2": _few_labels(r, draw=1) for r in ("scratch", "rd", "logit_kd")})
 DEFAULT_ROWS = [r for r in ROWS if r != "finetune"]
 #: the LoRKD rows (lorkd_cls's own method, no baseline file): experts fused per task and exported as standalone
 #: bundles by the benchmark
@@ -146,10 +149,17 @@ EXPORTED_ROWS = LORKD_ROWS + tuple(r for r, s in ROWS.items() if s.bundle == "rd
 
 
 def _scratch_of(row: str) -> str | None:
-    """The student from scratch of ``row``'s recipe (the same augmentation and share of the training cases)."""
+    """The student from scratch of ``row``'s recipe (the same augmentation and training cases)."""
     spec = ROWS[row]
     return next((r for r, s in ROWS.items() if s.files == ["baselines/scratch.json"] and s.augment == spec.augment
-                 and s.train_fraction == spec.train_fraction), None)  # fmt: skip
+                 and (s.train_fraction, s.draw) == (spec.train_fraction, spec.draw)), None)  # fmt: skip
+
+
+def _datalist_key(spec: Row) -> str:
+    """Which datalist of :func:`_runs` a row trains on: ``"both"`` or ``"both_<fraction>[_draw<k>]"``."""
+    if spec.train_fraction == 1.0:
+        return "both"
+    return f"both_{spec.train_fraction:g}" + (f"_draw{spec.draw}" if spec.draw else "")
 
 
 PUBLISHED = "MedMNIST v2 (Yang et al., Sci. Data 2023), ResNet-18 (3D), test split, its own budget: AUC about 0.83 (adrenal), 0.87 (vessel)"
@@ -193,8 +203,11 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
 
     loto_tasks = list(data) if any(ROWS[r].leave_task_out for r in rows) else []
     lists = _datalists(work, data, budget, loto_tasks)
-    for f in sorted({ROWS[r].train_fraction for r in rows} - {1.0}):  # one fixed draw, shared by every row and seed
-        lists[f"both_{f:g}"] = str(keep_training_fraction(lists["both"], work / "datalists" / f"both_{f:g}.json", f))
+    for spec in (ROWS[r] for r in rows):  # the fixed draws, each shared by every row and seed that trains on it
+        key = _datalist_key(spec)
+        if key not in lists:
+            lists[key] = str(keep_training_fraction(lists["both"], work / "datalists" / f"{key}.json",
+                                                    spec.train_fraction, seed=spec.draw))  # fmt: skip
     common = {"data_cache": str(work / "cache"), "real_tasks": data, "real_limit": budget["limit"], "val_interval": 1,
               "batch_size": budget["batch_size"], "train#random_transforms": []}  # fmt: skip
     if budget.get("patience"):  # early stopping on the carved split; `epochs` becomes a ceiling
@@ -229,7 +242,7 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
                     ov: dict[str, Any] = {
                         "bundle_root": str(REPO / "bundles" / spec.bundle), "ckpt_dir": str(run_dir / "models"),
                         "output_dir": str(run_dir / "runs"), **common, "synthetic#tasks": [],
-                        "datalist": lists["both" if spec.train_fraction == 1.0 else f"both_{spec.train_fraction:g}"],
+                        "datalist": lists[_datalist_key(spec)],
                         "epochs": budget["epochs"], "seed": seed,
                     }  # fmt: skip
                     if task is not None:
@@ -732,7 +745,10 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
            "`benchmarks.common.keep_training_fraction`), selected and stopped on the same carved validation split as "
            "every row; its teacher is the same foundation, trained on ALL the training cases: a foundation that has "
            "seen more labelled cases than the site that distils it. Compared with the student from scratch on the "
-           "same cases."] if any(ROWS[r].train_fraction < 1.0 for r in rows) else []),
+           "same cases."
+           + (" Rows marked \"draw 1\" repeat the comparison on a second, independent draw of that share "
+              "(`keep_training_fraction(..., seed=1)`)." if any(ROWS[r].draw for r in rows) else "")]
+          if any(ROWS[r].train_fraction < 1.0 for r in rows) else []),
         *([f"- Leave-one-task-out rows (`*_loto`): the teacher is a foundation pre-trained WITHOUT the target task "
            f"(`foundation_cls --exclude_tasks`, foundation_cls's synthetic tasks + the other real task, "
            f"{b['foundation_epochs']} epochs, seed 0), trained once per target task and reused by every row and "

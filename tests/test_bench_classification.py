@@ -338,5 +338,12 @@ def test_few_label_rows(tmp_path, monkeypatch):
     assert few_rd == "RD student (deployed; exported bundle), 25% of the cases" and few_rd not in against["scratch"]
     assert f"above: {few_rd} (+0.150)" in against["scratch_few"]
     assert bench.ROWS["rd_few"]._replace(description="", train_fraction=1.0) == bench.ROWS["rd"]._replace(description="")
+    second = bench._runs(["rd_few", "rd_few2", "scratch_few2"], [0], tmp_path, data, budget)
+    lists2 = {r["row"]: r["overrides"]["datalist"] for r in second}
+    assert lists2["rd_few"] == lists["rd_few"] and lists2["rd_few2"] == lists2["scratch_few2"] != lists["rd_few"]
+    other = json.loads(Path(lists2["rd_few2"]).read_text())  # a second, independent draw of the same size per label
+    assert other["validation"] == full["validation"] and other["training"] != few["training"]
+    assert sorted((i["task"], i["label"]) for i in other["training"]) == sorted((i["task"], i["label"]) for i in few["training"])
+    assert bench._scratch_of("rd_few2") == "scratch_few2" and bench._scratch_of("rd_few") == "scratch_few"
     assert bench._title_suffix(["foundation", "scratch_few", "rd_few"]) == ", few labels (25% of the training cases)"
     assert bench._title_suffix(["foundation", "scratch", "rd_few"]) == ""  # a mixed page keeps the plain title
