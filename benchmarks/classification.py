@@ -27,7 +27,8 @@ their bundle's own random transforms and the teacher run online on the augmented
 seed of a cached row on the committed page; each compared with the augmented student from scratch); the few-label rows
 (``*_few``: student from scratch, LoRKD, STL-KD, RD, logit KD, cached and some augmented, trained on one fixed quarter of
 the carved training cases, :func:`benchmarks.common.keep_training_fraction`, their teacher the foundation trained on all
-of them; each compared with the student from scratch on the same cases); ``finetune`` (full fine-tuning of the teacher)
+of them; ``*_few2``: scratch, RD and logit KD on a second, independent draw of that quarter; each compared with the
+student from scratch on the same cases); ``finetune`` (full fine-tuning of the teacher)
 on request. Figures are named after the results file (``cls_*.png`` for the main page). Scores:
 AUC, balanced accuracy next to its majority level, F1, accuracy next to the majority-class accuracy and the verdict
 ("not working" at the majority level), mean ± std over seeds; train/deploy parameters, FLOPs, CPU latency (batch 1,
