@@ -178,17 +178,19 @@ def mask_layout(delta_file: Path) -> dict[str, int] | None:
     if not delta_file.is_file():
         return None
     delta = torch.load(delta_file, map_location="cpu", weights_only=True)
-    out: dict[str, int] = {}
-    for name, index in delta["trainable_indices"].items():
-        out[name.split(".")[0]] = out.get(name.split(".")[0], 0) + int(index.numel())
-    return out
+    return _per_top_module(delta["trainable_indices"].items())
 
 
 def _module_weights(network: Any) -> dict[str, int]:
     """Weights (parameters) per top-level module of ``network``, in the network's order."""
+    return _per_top_module(network.named_parameters())
+
+
+def _per_top_module(tensors: Any) -> dict[str, int]:
+    """``(name, tensor)`` pairs summed per top-level module name (the part of ``name`` before the first dot)."""
     out: dict[str, int] = {}
-    for name, param in network.named_parameters():
-        out[name.split(".")[0]] = out.get(name.split(".")[0], 0) + param.numel()
+    for name, tensor in tensors:
+        out[name.split(".")[0]] = out.get(name.split(".")[0], 0) + int(tensor.numel())
     return out
 
 
@@ -583,6 +585,7 @@ def run(
         cmd_line.append(f"--work_dir {work_dir}")
     if results != "docs/RESULTS_shpeft.md":
         cmd_line.append(f"--results {results}")
+    network_layout = _module_weights(instantiate(pre.network_def))  # the starting network, built once
     record = {
         **run_record(cmd_line, start),
         "total_run_seconds": total,
@@ -591,7 +594,7 @@ def run(
         "pretrained": {"path": os.path.relpath(pre.path, REPO), "sha256": pre.sha256,
                        "network": pre.network_def["_target_"], "trained_here": not pretrained,
                        "pretrain_epochs": None if pretrained else int(pretrain_epochs),
-                       "num_weights": sum(p.numel() for p in instantiate(pre.network_def).parameters()),
+                       "num_weights": sum(network_layout.values()),
                        "leave_task_out": bool(leave_task_out),
                        "per_task": {t: {"path": os.path.relpath(x.path, REPO), "sha256": x.sha256} for t, x in pres.items()}},
         "settings": {**shared, "seeds": seed_list, "limit": limit, "tasks": task_list, "configs": digest,
@@ -599,7 +602,7 @@ def run(
                      "leave_task_out": bool(leave_task_out), "patience": int(patience), "lr_grid": grid,
                      "lr_choice_seeds": int(lr_choice_seeds), "key_metric": key_metric, "lr_choice": chosen},  # fmt: skip
         "work_dir": os.path.relpath(work, REPO),
-        "network_layout": _module_weights(instantiate(pre.network_def)),
+        "network_layout": network_layout,
         "tasks": out_tasks,
     }
     out = repo_path(results)
