@@ -36,8 +36,9 @@ median); the carved-split AUC curves of the teacher, the student from scratch an
 seed), Grad-CAM panels and a linear-CKA matrix of the experts' features (PNG, ``figures/`` next to the results file);
 reader notes with ``report --notes FILE``.
 
-Runs are resumable: a run directory is reused when its settings (configs' contents, overrides) and starting weights
-(the teacher's ``model.pt``) are unchanged. CPU runs set ``GLIBC_TUNABLES`` (steadier, faster 3D steps).
+Runs are resumable: a run directory is reused when its settings (configs' training contents, overrides) and starting
+weights (the teacher's ``model.pt``) are unchanged; the configs' export step is left out of that stamp and run again at
+scoring when it changed. CPU runs set ``GLIBC_TUNABLES`` (steadier, faster 3D steps).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from benchmarks.common import (
     reexec_with_glibc_tunables,
     run_record,
     select_rows,
+    threshold_cell,
     verdict_cell,
 )
 
@@ -74,7 +76,13 @@ from medfm_ops.utils.hashing import file_sha256  # noqa: E402
 
 TASKS = {"adrenalmnist3d": "adrenalmnist3d/adrenalmnist3d.npz", "vesselmnist3d": "vesselmnist3d/vesselmnist3d.npz"}
 SCORES = ("auc", "balanced_accuracy", "f1", "accuracy")
-SCORING_VERSION = 1
+#: bump to rescore reused runs: 2 = the decision threshold chosen on each run's carved validation split
+SCORING_VERSION = 2
+#: bump to rescore the exported bundles (also rescored when the configs' export step changes): 2 = calibrated bundles
+BUNDLE_SCORING_VERSION = 2
+#: top-level config entries that act after training only (writing the trained model's standalone bundle): left out of
+#: the reuse stamps of a run (:func:`_config_digests`); :func:`_bundle_scores` runs them again when they change
+EXPORT_KEYS = ("export",)
 
 class Row(NamedTuple):
     """One benchmark row: how it trains (bundle, override files and values) and what it deploys."""
@@ -316,13 +324,29 @@ def _parser(run: dict, shipped_val: bool = False):
     return parser
 
 
+def _config_digests(configs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Per config file name: the SHA-256 of its training content (the JSON without :data:`EXPORT_KEYS`, canonical
+    form) and of its export step (those keys only)."""
+    import hashlib
+
+    def digest(obj: Any) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+    training, export = {}, {}
+    for c in configs:
+        cfg = json.loads(Path(c).read_text(encoding="utf-8"))
+        training[Path(c).name] = digest({k: v for k, v in cfg.items() if k not in EXPORT_KEYS})
+        export[Path(c).name] = digest({k: cfg[k] for k in EXPORT_KEYS if k in cfg})
+    return training, export
+
+
 def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
     """Train ``run`` unless an identical earlier run (same settings and starting weights) is complete; an
     interrupted identical run (``bench_started.json`` holds the same settings, a training-state checkpoint exists)
     continues from its last checkpoint (``--resume_from``), its log appended, its wall time that of the resumed part."""
     run_dir = Path(run["dir"])
     teacher = run["overrides"].get("teacher_path") if run["teacher"] else None
-    settings = {"configs": {Path(c).name: file_sha256(Path(c)) for c in run["configs"]}, "overrides": run["overrides"],
+    settings = {"configs": _config_digests(run["configs"])[0], "overrides": run["overrides"],
                 "teacher": file_sha256(Path(teacher) / "models" / "model.pt") if teacher else None}  # fmt: skip
     stamp, model = run_dir / "bench_run.json", run_dir / "models" / "model.pt"
     old = json.loads(stamp.read_text()) if stamp.is_file() and model.is_file() else {}
@@ -394,16 +418,17 @@ def _train_all(plan: list[dict], reuse: bool, jobs: int, train: Any = None) -> l
 
 
 def _score(run: dict) -> dict[str, Any]:
-    """Per-task val scores of the run's deployed model(s), parameters and FLOPs; bundle-path scores where exported."""
+    """Per-task val scores of the run's deployed model(s) (in this process) at the decision threshold chosen on the
+    run's carved validation split (``scores``, with the choice as ``decision``) and at the argmax (``argmax_scores``),
+    parameters and FLOPs."""
     import torch
 
-    from medfm_ops.bundle import export_lorkd_cls_expert, score_cls_bundle
-    from medfm_ops.engines import TaskPrepareBatch, count_flops, count_params, score_classifier
-    from medfm_ops.metrics import working_verdict
+    from medfm_ops.engines import TaskPrepareBatch, classifier_metric, count_flops, count_params, decision_thresholds
     from medfm_ops.networks import export_cls_expert, load_expert_state_dict
 
     p = _parser(run, shipped_val=True)  # scored on the shipped val split, never used for a choice
     table, val, pre = p.get_parsed_content("task_table"), p.get_parsed_content("val_files"), p.get_parsed_content("validate#preprocessing")
+    carved = _parser(run).get_parsed_content("val_files")  # the run's own validation split: the threshold's
     net = p.get_parsed_content("network").cpu()
     model_path = Path(run["dir"]) / "models" / "model.pt"
     sd = torch.load(model_path, map_location="cpu", weights_only=True)
@@ -411,42 +436,64 @@ def _score(run: dict) -> dict[str, Any]:
     net.eval()
     shape = (1, 1, *p.get_parsed_content("spatial_size"))
     tasks = sorted({f["task"] for f in val})
-    own = {t: [f for f in val if f["task"] == t] for t in tasks}
-    out: dict[str, Any] = {"scores": {}, "bundle_scores": {}, "train_params": count_params(net)}
+    out: dict[str, Any] = {"scores": {}, "argmax_scores": {}, "train_params": count_params(net)}
     row = run["row"]
     for t in tasks:
-        tid = table.task_id_of(t)
+        tid, kw = table.task_id_of(t), {}
         if row == "foundation":
-            deployed, rows = net, score_classifier(net, own[t], pre, table, "cpu", unified=True)
+            deployed, kw = net, {"unified": True}
         elif ROWS[row].bundle == "lorkd_cls":
             deployed = export_cls_expert(net, tid).eval()
-            rows = score_classifier(deployed, own[t], pre, table, "cpu")
         elif ROWS[row].deployed == "reprogrammed":
             deployed, teacher = net, p.get_parsed_content("teacher")
-            pb = TaskPrepareBatch(teacher=teacher, route=False, pass_teacher_features=True)
-            rows = score_classifier(net, own[t], pre, table, "cpu", prepare_batch=pb)
+            kw = {"prepare_batch": TaskPrepareBatch(teacher=teacher, route=False, pass_teacher_features=True)}
             out["deploy_params"] = count_params(teacher) + count_params(net.phi) + count_params(net.g)
             out["deploy_flops"] = count_flops(teacher.teacher, shape)
             out["train_params"] = count_params(net.phi) + count_params(net.g)
         elif row == "finetune":
-            deployed, rows = net, score_classifier(net, own[t], pre, table, "cpu")
+            deployed = net
         else:  # RD-family students: the deployed stock student
             deployed = net.export_student().eval()
-            rows = score_classifier(deployed, own[t], pre, table, "cpu")
-        out["scores"][t] = {k: v for k, v in rows[0].items() if k != "task"}
-        out["scores"][t].setdefault("verdict", working_verdict(out["scores"][t]))
+        own_carved = [f for f in carved if f["task"] == t]
+        choice = decision_thresholds(classifier_metric(deployed, own_carved, pre, table, "cpu", **kw)).get(tid)
+        shipped = classifier_metric(deployed, [f for f in val if f["task"] == t], pre, table, "cpu", **kw)
+        at = shipped.rows({tid: choice["threshold"]} if choice else None)[0]
+        out["scores"][t] = {**{k: v for k, v in at.items() if k != "task"}, "decision": choice}
+        out["argmax_scores"][t] = {k: v for k, v in shipped.rows()[0].items() if k != "task"}
         if "deploy_params" not in out:  # the model serving one task (the same size for every task here)
             out.update(deploy_params=count_params(deployed), deploy_flops=count_flops(deployed, shape))
-        if row in LORKD_ROWS:
+    return out
+
+
+def _bundle_scores(run: dict) -> dict[str, Any]:
+    """
+    Per-task shipped-val scores of the run's exported standalone bundle(s), through their own ``inference.json``
+    (:func:`~medfm_ops.bundle.score_cls_bundle`), with the bundle's decision record: the LoRKD experts exported here
+    with the decision threshold chosen on the run's carved validation split; the RD student's ``export/<task>``
+    written by the bundle's own ``export`` step (run here from the run's configs: the reuse stamps leave that step
+    out, so an export step changed after training is what the page scores).
+    """
+    from medfm_ops.bundle import export_lorkd_cls_expert, score_cls_bundle
+    from medfm_ops.metrics import working_verdict
+
+    carved_parser = _parser(run)
+    carved, val = carved_parser.get_parsed_content("val_files"), _parser(run, shipped_val=True).get_parsed_content("val_files")
+    model_path = Path(run["dir"]) / "models" / "model.pt"
+    if ROWS[run["row"]].bundle == "rd_cls":
+        carved_parser.get_parsed_content("export")  # export_rd_student: writes, calibrates and verifies export/<task>
+    out = {}
+    for t in sorted({f["task"] for f in val}):
+        if run["row"] in LORKD_ROWS:
             bundle = Path(run["dir"]) / f"bundle_{t}"
-            export_lorkd_cls_expert(run["overrides"]["bundle_root"], t, bundle, ckpt_dir=model_path.parent)
-        else:  # rd_cls rows: the run's own standalone export (export/<task>, written by the bundle's finalize)
+            export_lorkd_cls_expert(run["overrides"]["bundle_root"], t, bundle, ckpt_dir=model_path.parent,
+                                    calibration_items=[f for f in carved if f["task"] == t])  # fmt: skip
+        else:
             bundle = model_path.parent.parent / "export" / t
-        if row in EXPORTED_ROWS:
-            if not (bundle / "configs" / "inference.json").is_file():
-                raise FileNotFoundError(f"{run['dir']}: the run wrote no exported bundle {bundle} (configs/inference.json).")
-            b = score_cls_bundle(bundle, own[t])
-            out["bundle_scores"][t] = {**b, "verdict": working_verdict(b)}
+        if not (bundle / "configs" / "inference.json").is_file():
+            raise FileNotFoundError(f"{run['dir']}: the run wrote no exported bundle {bundle} (configs/inference.json).")
+        b = score_cls_bundle(bundle, [f for f in val if f["task"] == t])
+        decision = json.loads((bundle / "configs" / "metadata.json").read_text())["medfm"].get("decision")
+        out[t] = {**b, "verdict": working_verdict(b), "decision": decision}
     return out
 
 
@@ -632,8 +679,8 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
     lat = summary.get("latency", {})
 
     def scores(row, task, key, which="scores"):
-        return [(r[which] or r["scores"]).get(task, {}).get(key, float("nan")) for r in records if r["row"] == row and
-                task in (r[which] or r["scores"])]  # fmt: skip
+        return [(r.get(which) or r["scores"]).get(task, {}).get(key, float("nan")) for r in records if r["row"] == row and
+                task in (r.get(which) or r["scores"])]  # fmt: skip
 
     def majority(t: str, key: str) -> float:
         return next((r["scores"][t][key] for r in records if t in r["scores"] and key in r["scores"][t]), float("nan"))
@@ -654,9 +701,10 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
            f"{meta['machine']['usable_cores']} cores, 1-min load average {meta['load_start']:.1f} at the start (other "
            "jobs on these cores inflate the wall times).", ""] if len(meta["seeds"]) < 2 else []),
         "## Scores (val)", "",
-        "Verdict: \"working\" when the balanced accuracy is above the majority level (what always predicting one "
-        "class gives) by the bundles' margin, else \"not working\", whatever the AUC; \"working k/n\" when only k of "
-        "the n seeds' models work.", "",
+        "Balanced accuracy, F1 and accuracy of each row's decisions at the threshold chosen on its run's carved "
+        "validation split (section Decision threshold); AUC of the probabilities. Verdict: \"working\" when the "
+        "balanced accuracy is above the majority level (what always predicting one class gives) by the bundles' "
+        "margin, else \"not working\", whatever the AUC; \"working k/n\" when only k of the n seeds' models work.", "",
         f"| row | {head} | mean AUC |",
         "| --- | " + " | ".join("---: | ---: | ---: | ---: | ---" for _ in tasks) + " | ---: |",
     ]  # fmt: skip
@@ -672,6 +720,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
     if len(meta["seeds"]) > 1:
         lines += ["", *_reading(rows, tasks, lambda row, t: scores(row, t, "auc", "bundle_scores" if row in EXPORTED_ROWS
                                                                     else "scores"))]
+    lines += _decision_lines(rows, tasks, scores)
     lines += ["", "## Size and cost", "",
               "| row | train params (M) | deploy params per task (M) | deploy MFLOPs per volume | latency, batch 1 "
               "(ms, median [IQR]) | train wall time per seed (min) |",
@@ -687,6 +736,10 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         lines.append(f"| {ROWS[row][0]} | {train:.3f} | {dep:.3f} | {flops:.1f} | {lt_s} | {wall:.1f} |")
     diffs = [abs(r["bundle_scores"][t]["auc"] - r["scores"][t]["auc"]) for r in records for t in r.get("bundle_scores", {})
              if r["bundle_scores"][t]["auc"] == r["bundle_scores"][t]["auc"]]  # fmt: skip
+    thr_diffs = [abs(r["bundle_scores"][t]["decision"]["threshold"] - r["scores"][t]["decision"]["threshold"])
+                 for r in records for t in r.get("bundle_scores", {})
+                 if (r["bundle_scores"][t].get("decision") or {}).get("threshold") is not None
+                 and (r["scores"][t].get("decision") or {}).get("threshold") is not None]  # fmt: skip
     figs = summary.get("figures", {})
     if meta.get("lr_choice"):
         lines += ["", "## Learning rates", "", "Chosen on the carved validation split with "
@@ -761,8 +814,10 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         "- Scoring: LoRKD experts and the RD students (each run's own `export/<task>`, written by rd_cls) through their "
         "exported standalone bundles (`inference.json` on "
         "NIfTI copies of the val volumes, written to a temporary folder and removed); every other row in-process "
-        f"(`score_classifier`, the bundles' validation preprocessing). Largest |AUC| difference between the bundle "
-        f"path and the in-process score of the same model: {max(diffs) if diffs else float('nan'):.2e}.",
+        f"(`classifier_metric`, the bundles' validation preprocessing). Largest |AUC| difference between the bundle "
+        f"path and the in-process score of the same model: {max(diffs) if diffs else float('nan'):.2e}; largest "
+        f"difference between the decision threshold the export wrote into the bundle and the one chosen in-process "
+        f"on the same carved split: {max(thr_diffs) if thr_diffs else float('nan'):.2e}.",
         "- Accuracy is misleading on these tasks: the majority-class accuracy (always predicting the most frequent "
         "val class) is in the column header, as is the balanced accuracy of always predicting one class.",
         f"- Latency: `torch.no_grad()`, batch 1, {meta['latency_repeats']} timed calls after 3 warm-up calls, "
@@ -781,6 +836,32 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
     text = "\n".join(lines)
     atomic_write_text(path, text)
     return text
+
+
+def _decision_lines(rows: list[str], tasks: list[str], scores: Any) -> list[str]:
+    """The decision-threshold section: per row and task the thresholds chosen on the carved split (mean ± std over
+    seeds) and the balanced accuracy (verdict) of the same models at the argmax and at that threshold."""
+    head = " | ".join(f"{t}: threshold | bal. acc. argmax | verdict argmax | bal. acc. threshold" for t in tasks)
+    out = ["", "## Decision threshold", "",
+           "On these imbalanced tasks a model that ranks the cases well (AUC) can still predict the majority class for "
+           "almost every case at the argmax. Every row therefore predicts the positive class where its probability is "
+           "above a threshold chosen on its run's carved validation split for the highest balanced accuracy "
+           "(`medfm_ops.metrics.choose_decision_threshold`): the exported rows' bundles carry it "
+           "(`decision_threshold` in `inference.json`, chosen by their export, `medfm_ops.bundle.calibrate_cls_bundle`); "
+           "the other rows apply the same rule in this process (`medfm_ops.engines.decision_thresholds`). The scores "
+           "table is at that threshold; here the same models at the argmax (in-process) next to it. No choice uses "
+           "the shipped val split.", "",
+           f"| row | {head} |", "| --- | " + " | ".join("---: | ---: | --- | ---:" for _ in tasks) + " |"]  # fmt: skip
+    for row in rows:
+        which = "bundle_scores" if row in EXPORTED_ROWS else "scores"
+        cells = []
+        for t in tasks:
+            cells += [threshold_cell([d for d in scores(row, t, "decision", which) if not isinstance(d, float)]),
+                      _ms(scores(row, t, "balanced_accuracy", "argmax_scores")),
+                      verdict_cell([v for v in scores(row, t, "verdict", "argmax_scores") if isinstance(v, str)]),
+                      _ms(scores(row, t, "balanced_accuracy", which))]  # fmt: skip
+        out.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _curve_lines(curves: dict[str, Any] | None, rows: list[str]) -> list[str]:
@@ -913,8 +994,15 @@ def run(
         if r["row"] == "foundation_loto":  # a teacher only: it never saw the task it is the teacher of
             teachers[r["task"]] = {"dir": r["dir"], "seconds": rec["seconds"]}
             continue
-        if not reused or rec.get("scoring_version") != SCORING_VERSION:
+        stale = not reused or rec.get("scoring_version") != SCORING_VERSION
+        if stale:
             rec.update(_score(r), scoring_version=SCORING_VERSION)
+        bundle_stamp = {"version": BUNDLE_SCORING_VERSION, "export": _config_digests(r["configs"])[1]}
+        if r["row"] in EXPORTED_ROWS and (stale or rec.get("bundle_scoring") != bundle_stamp):
+            rec.update(bundle_scores=_bundle_scores(r), bundle_scoring=bundle_stamp)
+            stale = True
+        rec.setdefault("bundle_scores", {})
+        if stale:
             atomic_write_text(Path(r["dir"]) / "bench_run.json", json.dumps(rec, indent=2, default=float))
         records.append({**{k: r[k] for k in ("row", "seed", "task", "dir", "configs", "overrides", "lr_factor")}, **rec})
         s = {t: round(v["auc"], 3) for t, v in (rec["bundle_scores"] or rec["scores"]).items()}

@@ -23,7 +23,7 @@ from medfm_ops.utils.machine import BENCH_REEXEC_FLAG, machine_info
 
 __all__ = ["REPO", "GLIBC_TUNABLES", "reexec_with_glibc_tunables", "machine_info", "time_ms", "summarize_ms",
            "run_logged", "run_timed", "split_list", "select_rows", "repo_path", "run_record", "carve_validation_datalist",
-           "verdict_cell", "best_on_validation", "child_threads", "grid_then_seeds",
+           "threshold_cell", "verdict_cell", "best_on_validation", "child_threads", "grid_then_seeds",
            "choice_seeds_words"]  # fmt: skip
 
 #: the repository root (benchmarks run from it: ``python -m benchmarks.<name>``)
@@ -243,6 +243,19 @@ def verdict_cell(verdicts: list[str]) -> str:
         return "-"
     k = sum(v == "working" for v in verdicts)
     return "working" if k == len(verdicts) else "not working" if k == 0 else f"working {k}/{len(verdicts)}"
+
+
+def threshold_cell(decisions: list[Mapping[str, Any] | None]) -> str:
+    """A table cell of per-seed decision records (a bundle's ``medfm.decision``, or a
+    :func:`~medfm_ops.metrics.choose_decision_threshold` dict; None: the argmax): the mean ± std of the thresholds,
+    ``"argmax"`` when no seed has one, ``"-"`` for none."""
+    if not decisions:
+        return "-"
+    values = [float(d["threshold"]) for d in decisions if d and d.get("threshold") is not None]
+    if not values:
+        return "argmax"
+    text = f"{statistics.fmean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+    return text + (f" ({len(values)}/{len(decisions)} seeds)" if len(values) < len(decisions) else "")
 
 
 def best_on_validation(scores: Mapping[Any, float | None]) -> Any:

@@ -74,6 +74,7 @@ from benchmarks.common import (
     run_record,
     select_rows,
     split_list,
+    threshold_cell,
     verdict_cell,
 )
 from benchmarks.learning_curve import compare_over_seeds
@@ -104,7 +105,7 @@ ROWS: tuple[tuple[str, str, str | None, dict[str, Any]], ...] = (
     ("shpeft_l1", "SH-PEFT, hybrid L1", None, {"sparse_variant": "l1"}),
 )
 #: version of the bundle scoring stored in each run's stamp (a new version rescores finished runs, no retraining)
-BUNDLE_SCORING_VERSION = 2
+BUNDLE_SCORING_VERSION = 3  # 3: the exports decide at the threshold chosen on the run's carved validation split
 SCORES = (("auc", "AUC"), ("balanced_accuracy", "bal. acc"), ("majority_balanced_accuracy", "majority bal. acc"),
           ("f1", "F1"), ("accuracy", "acc"), ("majority_accuracy", "majority acc"))  # fmt: skip
 
@@ -267,7 +268,10 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
         f"{', '.join(map(str, s['seeds']))} (data order, augmentation, fresh head, random mask).",
         "- Scores: those of each run's written bundle (`<run>/export`, merged weights), through its own "
         "`configs/inference.json` on NIfTI copies of the shipped val volumes (`medfm_ops.bundle.score_cls_bundle`). AUC "
-        "(main), balanced accuracy next to that of always predicting one class, F1 (macro), accuracy next to the "
+        "(main; of the probabilities), then the bundle's decisions: at its decision threshold, chosen by the export on "
+        "the run's carved validation split for the highest balanced accuracy (`medfm_ops.bundle.calibrate_cls_bundle`; "
+        "column \"threshold\", on the positive-class probability; the argmax where the task has more than two classes), "
+        "balanced accuracy next to that of always predicting one class, F1 (macro), accuracy next to the "
         "majority-class accuracy (always predicting the training split's most frequent class); mean ± std over "
         "seeds, in %. Verdict: \"working\" when the balanced accuracy is above the majority level by the bundles' "
         "margin (`medfm_ops.metrics.working_verdict`), else \"not working\" whatever the AUC; \"working k/n\" when "
@@ -282,14 +286,15 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
     for task, rows in record["tasks"].items():
         lines += [f"## {task}", "",
                   "| row | method | trainable params | " + " | ".join(h for _, h in SCORES)
-                  + " | verdict | estimation (s) | training (s) | epochs (best) |",
-                  "| --- | --- | ---: | " + " | ".join("---:" for _ in SCORES) + " | --- | ---: | ---: | --- |"]  # fmt: skip
+                  + " | verdict | threshold | estimation (s) | training (s) | epochs (best) |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in SCORES) + " | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
         for r in rows:
             runs = r["runs"]
             est = [(x["importance_estimation"] or {}).get("seconds") for x in runs]
             cells = [_mean_std([x["scores"].get(k) for x in runs], 100.0) for k, _ in SCORES]
             cells[0] = f"**{cells[0]}**"
             cells.append(verdict_cell([working_verdict(x["scores"]) for x in runs]))
+            cells.append(threshold_cell([x["scores"].get("decision") for x in runs]))
             lines.append(
                 f"| {r['name']} | {r['description']} | {runs[0]['trainable']['count']:,} "
                 f"({100 * runs[0]['trainable']['fraction']:.3g}%) | " + " | ".join(cells)
@@ -440,8 +445,9 @@ def run(
         ValueError: for unknown rows or tasks, ``jobs < 1``, ``val_fraction`` outside (0, 1), or
             ``leave_task_out`` with ``pretrained``.
     """
-    from medfm_ops.bundle import score_cls_bundle
-    from medfm_ops.data import ensure_cls_dataset, medmnist_items
+    from medfm_ops.bundle import calibrate_when_binary, score_cls_bundle
+    from medfm_ops.bundle.cls_config_components import datalist_section
+    from medfm_ops.data import ensure_cls_dataset, load_cls_datalist, medmnist_items
     from medfm_ops.networks import instantiate, load_pretrained_classifier
 
     start = time.perf_counter()
@@ -519,10 +525,18 @@ def run(
         record = old if reused else {"settings": settings, "seconds": _run(cmd, run_dir / "run.log"), "command": shlex.join(cmd)}
         if record.get("bundle_scoring") != BUNDLE_SCORING_VERSION:  # what a user of the written bundle gets
             with scoring_lock:  # one in-process bundle run at a time (MONAI's bundle runner configures logging)
+                export = run_dir / "export"
+                meta = json.loads((export / "configs" / "metadata.json").read_text())
+                if "decision" not in meta["medfm"]:  # written before the exports chose their threshold: the same
+                    # step the run's finalize now takes (save_finetuned_classifier), on the same items
+                    carved = datalist_section(load_cls_datalist(lists[task]), "validation", task)
+                    calibrate_when_binary(export, carved, verify=False)
+                    meta = json.loads((export / "configs" / "metadata.json").read_text())
                 items = medmnist_items(data / TASK_FILES[task], task, "val", limit)
                 train = Counter(it["label"] for it in medmnist_items(data / TASK_FILES[task], task, "train", limit))
-                scores = score_cls_bundle(run_dir / "export", items, majority_class=train.most_common(1)[0][0])
-                record.update(bundle_scores=scores, bundle_scoring=BUNDLE_SCORING_VERSION)
+                scores = score_cls_bundle(export, items, majority_class=train.most_common(1)[0][0])
+                record.update(bundle_scores={**scores, "decision": meta["medfm"]["decision"]},
+                              bundle_scoring=BUNDLE_SCORING_VERSION)  # fmt: skip
             atomic_write_text(stamp, json.dumps(record, indent=2))
         summary = json.loads(summary_file.read_text())
         sc = record["bundle_scores"]

@@ -218,6 +218,9 @@ def test_leave_one_task_out_teacher_and_rd_on_a_real_task(workspace, tmp_path):
     assert spec["tasks"] == [{"name": "adrenalmnist3d", "task_id": 0, "labels": {"0": "normal", "1": "adrenal_mass"}}]
     meta = json.loads((rd / "export" / "adrenalmnist3d" / "configs" / "metadata.json").read_text())
     assert meta["medfm_rd"]["settings"]["leave_task_out"] is True and meta["medfm_rd"]["task"] == "adrenalmnist3d"
+    decision = meta["medfm"]["decision"]  # chosen on the run's validation split when it holds both classes
+    assert decision["rule"] in ("threshold", "argmax")
+    assert (decision["rule"] == "threshold") == (meta["version"] == "0.1.1" and "0.1.1" in meta["changelog"])
     _run(rd, "train.json", "evaluate.json", **kw)
     models = {r["model"] for r in csv.DictReader((rd / "eval" / "tasks.csv").open())}
     assert models == {"RD student (deployed)", "reprogrammed teacher g(phi(F_t))"}  # the teacher has no adrenal head

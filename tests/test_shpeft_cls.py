@@ -162,6 +162,7 @@ def test_train_frozen_bits_delta_and_exported_bundle(workspace, tmp_path):
     meta = json.loads((export / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 4
     assert meta["medfm_finetuning"]["settings"]["method"] == "shpeft"
+    assert meta["medfm"]["decision"] == {"rule": "argmax"} and summary["decision"] is None  # four classes: no threshold
     verify_metadata(meta_file=str(export / "configs" / "metadata.json"), filepath=str(export / "docs" / "metadata_schema.json"))
     verify_net_in_out(net_id="network_def", meta_file=str(export / "configs" / "metadata.json"),
                       config_file=str(export / "configs" / "inference.json"), device="cpu")  # fmt: skip

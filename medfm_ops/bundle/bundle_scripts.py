@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from medfm_ops.data import input_guard
+from . import class_decision
 from medfm_ops.utils import atomic_checkpoint, atomic_io, errors
 from medfm_ops.utils.atomic_io import atomic_write_text
 
@@ -16,10 +17,12 @@ __all__ = ["BUNDLE_SCRIPTS", "write_bundle_scripts"]
 
 #: ``scripts/<name>`` of an exported bundle -> the medfm_ops module it copies (standard library, numpy, torch, Ignite
 #: and MONAI imports only, or a relative import of another copied module): the input guard (loaders, value and shape
-#: checks, the finite-loss check), the exception hook that prints the cause of a failure last, and the checkpoint
-#: saver of ``train.json`` (atomic writes; a full disk is one line naming the file) with the atomic writes it uses
+#: checks, the finite-loss check), the exception hook that prints the cause of a failure last, the checkpoint
+#: saver of ``train.json`` (atomic writes; a full disk is one line naming the file) with the atomic writes it uses,
+#: and a classifier's decision (argmax or a two-class decision threshold)
 BUNDLE_SCRIPTS = {
     "input_guard.py": Path(input_guard.__file__),
+    "class_decision.py": Path(class_decision.__file__),
     "errors.py": Path(errors.__file__),
     "atomic_io.py": Path(atomic_io.__file__),
     "atomic_checkpoint.py": Path(atomic_checkpoint.__file__),

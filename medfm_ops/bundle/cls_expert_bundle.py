@@ -16,7 +16,7 @@ import torch
 
 from .expert_bundle import SCHEMA_RELPATH, _plain_state_dict, _version, bundle_metadata, write_bundle_folder
 
-__all__ = ["CLS_TEMPLATE_DIR", "write_cls_expert_bundle", "export_lorkd_cls_expert"]
+__all__ = ["CLS_TEMPLATE_DIR", "write_cls_expert_bundle", "export_lorkd_cls_expert", "cls_bundle_readme", "decision_record"]
 
 CLS_TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "cls_expert"
 _OUT_KEYS = ("num_classes", "out_channels")
@@ -45,6 +45,7 @@ def write_cls_expert_bundle(
     extra_metadata: Mapping[str, Any] | None = None,
     required_packages: Mapping[str, str] | None = None,
     verify: bool = False,
+    decision: Mapping[str, Any] | None = None,
 ) -> Path:
     """
     Write a standalone classification bundle: ``configs/{metadata,inference}.json`` and ``logging.conf``,
@@ -52,7 +53,8 @@ def write_cls_expert_bundle(
     :py:mod:`medfm_ops.data.input_guard`), ``LICENSE``, ``docs/README.md`` and ``docs/metadata_schema.json``
     (offline ``verify_metadata``). ``inference.json`` reads the NIfTI images of ``--dataset_dir``, refuses an image
     with NaN/inf voxels, not 3D or not single-channel (naming the file), and writes ``eval/predictions.csv`` (one
-    row per image: its class probabilities).
+    row per image: its class probabilities) and ``eval/decisions.csv`` (its predicted class: the argmax, or the
+    decision threshold of ``decision``).
 
     The bundle is written as a whole (:func:`~medfm_ops.utils.staged_directory`): staged beside ``out_dir``,
     checked (``verify``), then swapped in; a failed or killed writer leaves an earlier bundle there as it was.
@@ -74,6 +76,10 @@ def write_cls_expert_bundle(
             network class of medfm_ops). Defaults to none (MONAI only).
         verify: run :func:`~medfm_ops.bundle.verify_bundle` on the staged bundle before it replaces ``out_dir``.
             Defaults to False.
+        decision: a two-class decision threshold chosen on validation items
+            (:func:`~medfm_ops.metrics.choose_decision_threshold`'s dict, + ``"chosen_on"``: where), recorded in the
+            metadata (``medfm.decision``) and applied by ``inference.json`` (``decision_threshold``). Defaults to
+            None (the argmax; see :func:`~medfm_ops.bundle.calibrate_cls_bundle`).
 
     Raises:
         ValueError: when the class count and the network's outputs differ, or the state dict does not load.
@@ -87,8 +93,11 @@ def write_cls_expert_bundle(
         raise ValueError(f"network_def outputs {outs[0]} classes but class_names has {len(class_names)}: {list(class_names)}.")
     plain = _plain_state_dict(state_dict, network_def)
     net_cfg = json.loads(json.dumps(dict(network_def)))
+    threshold = None if decision is None else float(decision["threshold"])
+    if threshold is not None and len(class_names) != 2:
+        raise ValueError(f"a decision threshold needs a two-class task, got classes {list(class_names)}.")
     cfg = _render({"network_def": net_cfg, "spatial_size": [int(s) for s in spatial_size],
-                   "class_names": list(class_names)})  # fmt: skip
+                   "class_names": list(class_names), "decision_threshold": threshold})  # fmt: skip
     n = len(class_names)
     description = description or (
         f"3D classifier of task {task_name} ({', '.join(class_names)}): a stock {net_cfg['_target_']} with its task "
@@ -102,21 +111,49 @@ def write_cls_expert_bundle(
             f"Classification of {task_name}: {', '.join(class_names)}", description, authors, modality, spatial_size,
             False, pred, required_packages,
         ),  # fmt: skip
-        "medfm": {"task": task_name, "class_names": list(class_names), "spatial_size": [int(s) for s in spatial_size]},
+        "medfm": {"task": task_name, "class_names": list(class_names), "spatial_size": [int(s) for s in spatial_size],
+                  "decision": decision_record(decision)},
     }  # fmt: skip
     meta.update(dict(extra_metadata or {}))
-    readme = (
+    readme = cls_bundle_readme(meta, description, spatial_size, class_names)
+    return write_bundle_folder(out_dir, {"inference.json": cfg}, CLS_TEMPLATE_DIR, meta, readme, plain, authors, verify)
+
+
+def decision_record(decision: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``metadata.json``'s ``medfm.decision``: ``{"rule": "argmax"}``, or ``{"rule": "threshold", "threshold",
+    ...}`` with how it was chosen (:func:`~medfm_ops.metrics.choose_decision_threshold`'s dict)."""
+    if decision is None:
+        return {"rule": "argmax"}
+    return {"rule": "threshold", **json.loads(json.dumps(dict(decision), default=float))}
+
+
+def cls_bundle_readme(
+    meta: Mapping[str, Any], description: str, spatial_size: Sequence[int], class_names: Sequence[str]
+) -> str:
+    """``docs/README.md`` of a classification bundle: overview, data, inference and its outputs (with the decision
+    rule of ``meta["medfm"]["decision"]``), checks, intended use, licence."""
+    d = meta["medfm"]["decision"]
+    if d["rule"] == "threshold":
+        where = f" on {d['chosen_on']}" if d.get("chosen_on") else ""
+        rule = (
+            f"{class_names[1]} where its probability is above the decision threshold {d['threshold']:.4g} "
+            f"(`decision_threshold` in `configs/inference.json`), chosen{where} for the highest balanced accuracy "
+            f"({d['balanced_accuracy']:.3f} there; {d['argmax_balanced_accuracy']:.3f} at the argmax, n = {d['n']})"
+        )
+    else:
+        rule = "the class of the highest probability (argmax; `decision_threshold`: null)"
+    return (
         f"# {meta['name']}\n\n## Overview\n{description}\n\n## Data\nOne-channel 3D volumes (NIfTI), resized to "
         f"{list(spatial_size)}.\n\n## Inference\n\n```bash\npython -m monai.bundle run --config_file "
         f"configs/inference.json --bundle_root . --dataset_dir <folder of .nii.gz>\n```\n\nWrites "
-        f"`eval/predictions.csv`: file name, then the probabilities of {', '.join(class_names)}. An image with NaN/inf "
+        f"`eval/predictions.csv`: file name, then the probabilities of {', '.join(class_names)}; and "
+        f"`eval/decisions.csv`: file name, then the predicted class index: {rule}. An image with NaN/inf "
         "voxels, not 3D or not single-channel is refused, naming its file (`scripts/input_guard.py`).\n\n## Checks\n\n"
         "```bash\npython -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath "
         f"{SCHEMA_RELPATH}\npython -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json "
         "--config_file configs/inference.json --device cpu\n```\n\n## Intended use\nResearch only; not for clinical "
         "use.\n\n## Licence\nApache-2.0 (see LICENSE).\n"
     )
-    return write_bundle_folder(out_dir, {"inference.json": cfg}, CLS_TEMPLATE_DIR, meta, readme, plain, authors, verify)
 
 
 def export_lorkd_cls_expert(
@@ -126,12 +163,16 @@ def export_lorkd_cls_expert(
     version: str = "0.1.0",
     verify: bool = False,
     ckpt_dir: str | os.PathLike | None = None,
+    calibration_items: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """
     Fuse task ``task``'s expert of a trained ``lorkd_cls`` bundle (``models/model.pt`` + ``models/network_def.json``)
     into its stock network with that task's head and write it with :func:`write_cls_expert_bundle`; optionally run
     :func:`~medfm_ops.bundle.verify_bundle` on it. ``ckpt_dir`` reads the weights of a run trained with
     ``--ckpt_dir`` elsewhere (the configs stay those of ``bundle_root``). Defaults to ``bundle_root/models``.
+    ``calibration_items``: labelled validation items of ``task`` (the training run's validation split) on which a
+    two-class expert's decision threshold is chosen (:func:`~medfm_ops.bundle.calibrate_when_binary`). Defaults to
+    None (argmax).
 
     Raises:
         FileNotFoundError: when the bundle has not been trained.
@@ -174,4 +215,8 @@ def export_lorkd_cls_expert(
         required_packages={"medfm_ops": _version("medfm_ops")} if str(net_def["_target_"]).startswith("medfm_ops") else None,
         verify=verify,
     )  # fmt: skip
+    if calibration_items is not None:
+        from .cls_calibration import calibrate_when_binary
+
+        calibrate_when_binary(out, calibration_items, verify=verify)
     return out

@@ -90,6 +90,7 @@ def save_finetuned_classifier(
     save_delta: bool = True,
     verify: bool = True,
     fuse_adapters: Callable[[nn.Module], nn.Module] | None = None,
+    calibrate_decision: bool = True,
 ) -> dict[str, Any]:
     """
     Finalize a fine-tuning run (the ``finalize`` step of ``bundles/shpeft_cls/configs/train.json``).
@@ -104,7 +105,8 @@ def save_finetuned_classifier(
        (network + the task as a one-task class layout), and the scores of that model on ``score_files``.
     5. ``export_dir``: a complete standalone bundle (:py:func:`~medfm_ops.bundle.write_cls_expert_bundle`; MONAI-only
        ``inference.json`` with its input guard in ``scripts/``, metadata, schema, README, LICENSE) with the delta
-       beside its ``models/model.pt``, checked by :py:func:`~medfm_ops.bundle.verify_bundle` (``verify``), built
+       beside its ``models/model.pt`` and, for a two-class task, the decision threshold chosen on ``score_files``
+       (``calibrate_decision``), checked by :py:func:`~medfm_ops.bundle.verify_bundle` (``verify``), built
        in a staging folder and swapped in as a whole: a fresh folder, so no earlier run's delta or TorchScript stays
        in it, and a failed export leaves the previous one intact. In ``ckpt_dir`` an earlier run's
        ``sparse_delta.pt`` is removed when this run saves none.
@@ -131,6 +133,9 @@ def save_finetuned_classifier(
         verify: run the MONAI bundle checks on the exported bundle. Defaults to True.
         fuse_adapters: turns an adapter-wrapped network back into the stock one (the LoRA baseline's
             :py:func:`medfm_ops.finetune.fuse_lora`). Defaults to None (no wrapper).
+        calibrate_decision: give the exported bundle of a two-class task the decision threshold chosen on the
+            task's ``score_files`` (the run's validation split; :func:`~medfm_ops.bundle.calibrate_when_binary`),
+            recorded as the summary's ``decision``. Defaults to True.
 
     Returns:
         the summary written.
@@ -185,6 +190,11 @@ def save_finetuned_classifier(
             _export(stage, start, tuned, task_table, tid, spatial_size, summary)
             if save_delta:
                 shutil.copyfile(ckpt / "sparse_delta.pt", stage / "models" / "sparse_delta.pt")
+            if calibrate_decision and score_files:
+                from .cls_calibration import calibrate_when_binary
+
+                own = [f for f in score_files if f["task"] == task]
+                summary["decision"] = calibrate_when_binary(stage, own, verify=False)
             if verify:
                 from .verify import verify_bundle
 

@@ -22,7 +22,14 @@ from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evalua
 from medfm_ops.engines.task_batch import RegionPrepareBatch, TaskPrepareBatch, batch_filenames
 from medfm_ops.engines.teacher_cache import TeacherFeatureCache
 from medfm_ops.engines.rd_export import export_rd_student, rd_student_network_def, student_task_table
-from medfm_ops.engines.cls_evaluation import evaluate_classifier, evaluate_cls_decomposition, evaluate_rd, score_classifier
+from medfm_ops.engines.cls_evaluation import (
+    classifier_metric,
+    decision_thresholds,
+    evaluate_classifier,
+    evaluate_cls_decomposition,
+    evaluate_rd,
+    score_classifier,
+)
 from medfm_ops.engines.handlers import LinearDecayHandler, TerminalProgressBar, RandomStates
 from medfm_ops.engines.routing import RoutedSimpleInferer, RoutedSlidingWindowInferer
 from medfm_ops.engines.region_window import RegionSlidingWindowInferer
@@ -66,6 +73,8 @@ __all__ = [
     "evaluate_cls_decomposition",
     "evaluate_rd",
     "score_classifier",
+    "classifier_metric",
+    "decision_thresholds",
     "write_cls_summary",
     "export_rd_student",
     "rd_student_network_def",

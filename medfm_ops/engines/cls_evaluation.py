@@ -19,12 +19,19 @@ from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, run_me
 from medfm_ops.metrics import MultiTaskClsMetric, mean_score_row, write_table
 from medfm_ops.networks.cls_heads import export_cls_expert
 
-__all__ = ["score_classifier", "evaluate_classifier", "evaluate_cls_decomposition", "evaluate_rd"]
+__all__ = [
+    "classifier_metric",
+    "decision_thresholds",
+    "score_classifier",
+    "evaluate_classifier",
+    "evaluate_cls_decomposition",
+    "evaluate_rd",
+]
 
 logger = logging.getLogger("medfm.evaluate")
 
 
-def score_classifier(
+def classifier_metric(
     network: nn.Module,
     files: list[dict],
     preprocessing: Callable,
@@ -35,10 +42,11 @@ def score_classifier(
     prepare_batch: TaskPrepareBatch | None = None,
     batch_size: int = 8,
     majority: Mapping[int, int] | None = None,
-) -> list[dict[str, Any]]:
+) -> MultiTaskClsMetric:
     """
-    Per-task score rows (and a ``mean`` row) of ``network`` on ``files`` through an Ignite evaluator and
-    :class:`~medfm_ops.metrics.MultiTaskClsMetric`.
+    Run ``network`` over ``files`` through an Ignite evaluator into a :class:`~medfm_ops.metrics.MultiTaskClsMetric`
+    and return it: its ``rows()`` (per-task scores, optionally at decision thresholds) and ``task_outputs()``
+    (per-task probabilities and labels).
 
     Args:
         network: a multi-head network (``route=True``), a unified-head foundation (``unified=True``) or a
@@ -60,7 +68,37 @@ def score_classifier(
     )  # fmt: skip
     run_metric(metric, "mean_auc", network, files, preprocessing, SimpleInferer(),
                prepare_batch or TaskPrepareBatch(route=route), device, batch_size)  # fmt: skip
-    return metric.rows()
+    return metric
+
+
+def score_classifier(
+    network: nn.Module,
+    files: list[dict],
+    preprocessing: Callable,
+    task_table: Any,
+    device: torch.device | str,
+    route: bool = False,
+    unified: bool = False,
+    prepare_batch: TaskPrepareBatch | None = None,
+    batch_size: int = 8,
+    majority: Mapping[int, int] | None = None,
+) -> list[dict[str, Any]]:
+    """Per-task score rows (and a ``mean`` row) of ``network`` on ``files`` at the argmax (arguments as
+    :func:`classifier_metric`)."""
+    return classifier_metric(network, files, preprocessing, task_table, device, route, unified, prepare_batch,
+                             batch_size, majority).rows()  # fmt: skip
+
+
+def decision_thresholds(metric: MultiTaskClsMetric) -> dict[int, dict[str, Any]]:
+    """Task id -> :func:`~medfm_ops.metrics.choose_decision_threshold` of each two-class task with both classes among
+    the samples of ``metric`` (a :func:`classifier_metric` run on validation items); other tasks keep the argmax."""
+    from medfm_ops.metrics import choose_decision_threshold
+
+    out = {}
+    for t, (probs, labels) in metric.task_outputs().items():
+        if probs.shape[1] == 2 and set(labels.tolist()) == {0, 1}:
+            out[t] = choose_decision_threshold(probs, labels)
+    return out
 
 
 class _ScoreTable:

@@ -55,6 +55,7 @@ def export_rd_student(
     settings: Mapping[str, Any] | None = None,
     verify: bool = True,
     version: str = "0.1.0",
+    calibration_items: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """
     Record and export the deployed RD student of a finished rd_cls run.
@@ -65,7 +66,9 @@ def export_rd_student(
     2. ``out_dir``: a standalone MONAI bundle of the student (stock network + ``g`` as its classifier layer, plain
        state dict, the task's class names, metadata that says what it is and where it came from), written by
        :func:`~medfm_ops.bundle.write_cls_expert_bundle` in a temporary folder next to ``out_dir`` and moved into
-       place only when complete (and verified with ``verify``).
+       place only when complete (and verified with ``verify``); for a two-class task with ``calibration_items``
+       (the run's validation split), with the decision threshold chosen on them
+       (:func:`~medfm_ops.bundle.calibrate_cls_bundle`) instead of the argmax.
 
     Args:
         network_config: the student's literal network config (rd_cls: ``@network_config``, built by
@@ -79,7 +82,10 @@ def export_rd_student(
         teacher_path: the teacher bundle, for the metadata. Defaults to None.
         settings: run settings for the metadata (``medfm_rd``). Defaults to None.
         verify: run :func:`~medfm_ops.bundle.verify_bundle` before moving the bundle into place. Defaults to True.
-        version: bundle version. Defaults to ``"0.1.0"``.
+        version: bundle version. Defaults to ``"0.1.0"`` (its calibration then ``"0.1.1"``).
+        calibration_items: labelled validation items of ``task`` (rd_cls: ``@val_files``) to choose the decision
+            threshold on (:func:`~medfm_ops.bundle.calibrate_when_binary`). Defaults to None (argmax; also for a task
+            of more than two classes or items of one class).
 
     Returns:
         ``out_dir``.
@@ -114,6 +120,10 @@ def export_rd_student(
     try:
         write_cls_expert_bundle(stage, net_def, student.state_dict(), task, names, spatial_size, modality=modality,
                                 version=version, description=description, extra_metadata=extra)  # fmt: skip
+        if calibration_items is not None:
+            from medfm_ops.bundle import calibrate_when_binary
+
+            calibrate_when_binary(stage, calibration_items, verify=False)
         if verify:
             from medfm_ops.bundle import verify_bundle
 

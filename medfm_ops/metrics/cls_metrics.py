@@ -17,6 +17,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
 from medfm_ops.metrics.cls_scores import SCORE_NAMES, classification_scores, working_verdict
+from medfm_ops.metrics.decision_threshold import threshold_decisions
 
 __all__ = ["MultiTaskClsMetric", "mean_score_row", "task_score_rows"]
 
@@ -33,17 +34,21 @@ def mean_score_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def task_score_rows(
     probs: Sequence[np.ndarray], labels: Sequence[int], task_ids: Sequence[int], task_names: Mapping[int, str],
-    majority: Mapping[int, int] | None = None,
+    majority: Mapping[int, int] | None = None, thresholds: Mapping[int, float | None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per task present (``task``, ``n``, :data:`SCORE_NAMES` and ``verdict``: "not working" when the
     balanced accuracy is at the majority level, see :func:`~medfm_ops.metrics.working_verdict`), then a ``mean`` row
-    (:func:`mean_score_row`). ``probs[i]`` holds the class probabilities of sample ``i`` over ITS task's classes."""
+    (:func:`mean_score_row`). ``probs[i]`` holds the class probabilities of sample ``i`` over ITS task's classes.
+    ``thresholds``: task id -> two-class decision threshold (:func:`~medfm_ops.metrics.threshold_decisions`) of the
+    predictions; tasks without one predict the argmax."""
     rows = []
     tids = np.asarray(task_ids)
     for t in sorted(set(int(x) for x in tids)):
         idx = np.nonzero(tids == t)[0]
         p = np.stack([probs[i] for i in idx])
-        s = classification_scores(p, np.asarray(labels)[idx], (majority or {}).get(t))
+        threshold = (thresholds or {}).get(t)
+        pred = None if threshold is None else threshold_decisions(p, threshold)
+        s = classification_scores(p, np.asarray(labels)[idx], (majority or {}).get(t), predictions=pred)
         rows.append({"task": task_names.get(t, str(t)), "n": int(len(idx)), **s, "verdict": working_verdict(s)})
     if rows:
         rows.append(mean_score_row(rows))
@@ -150,11 +155,23 @@ class MultiTaskClsMetric(Metric):
             probs, labels, tasks = idist.all_gather(probs), idist.all_gather(labels), idist.all_gather(tasks)
         return ([p[: self.num_classes[int(t)]].numpy() for p, t in zip(probs, tasks)], labels.tolist(), tasks.tolist())
 
-    def rows(self) -> list[dict[str, Any]]:
-        """Per-task rows and the ``mean`` row (see :func:`task_score_rows`) of the samples seen."""
+    def rows(self, thresholds: Mapping[int, float | None] | None = None) -> list[dict[str, Any]]:
+        """Per-task rows and the ``mean`` row (see :func:`task_score_rows`) of the samples seen; ``thresholds``: task
+        id -> two-class decision threshold of the predictions (default: the argmax)."""
+        if thresholds:
+            return task_score_rows(*self._gathered(), self.task_names, self.majority, thresholds)
         if self._rows is None:
             self._rows = task_score_rows(*self._gathered(), self.task_names, self.majority)
         return [dict(r) for r in self._rows]
+
+    def task_outputs(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Task id -> ``(probs (N_t, C_t), labels (N_t,))`` of the samples seen."""
+        probs, labels, tasks = self._gathered()
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for t in sorted(set(tasks)):
+            idx = [i for i, x in enumerate(tasks) if x == t]
+            out[t] = (np.stack([probs[i] for i in idx]), np.array([labels[i] for i in idx]))
+        return out
 
     def compute(self) -> float:
         return float(self.rows()[-1][self.key])

@@ -53,15 +53,19 @@ def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((r[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def classification_scores(probs: np.ndarray, labels: np.ndarray, majority_class: int | None = None) -> dict[str, float]:
+def classification_scores(
+    probs: np.ndarray, labels: np.ndarray, majority_class: int | None = None, predictions: np.ndarray | None = None
+) -> dict[str, float]:
     """
     Scores of one task.
 
     Args:
-        probs: ``(N, C)`` class probabilities (or any scores; argmax is the prediction).
+        probs: ``(N, C)`` class probabilities (or any scores; the AUC's ranking, and the argmax is the prediction
+            unless ``predictions`` are given).
         labels: ``(N,)`` labels ``0..C-1``.
         majority_class: the class a trivial classifier always predicts (e.g. the training set's most frequent).
             Defaults to the most frequent class of ``labels``.
+        predictions: ``(N,)`` predicted classes (e.g. at a bundle's decision threshold). Defaults to the argmax.
 
     Returns:
         ``accuracy``; ``balanced_accuracy`` (mean recall over the classes present); ``auc`` (binary: of class 1;
@@ -71,7 +75,7 @@ def classification_scores(probs: np.ndarray, labels: np.ndarray, majority_class:
         prediction: ``1 / number of classes present``).
 
     Raises:
-        ValueError: on mismatched shapes, no samples, or labels outside ``0..C-1``.
+        ValueError: on mismatched shapes, no samples, or labels (predictions) outside ``0..C-1``.
     """
     probs, labels = np.asarray(probs, float), np.asarray(labels).astype(int).ravel()
     if probs.ndim != 2 or probs.shape[0] != labels.shape[0] or not len(labels):
@@ -79,7 +83,9 @@ def classification_scores(probs: np.ndarray, labels: np.ndarray, majority_class:
     c = probs.shape[1]
     if labels.min() < 0 or labels.max() >= c:
         raise ValueError(f"labels must be in 0..{c - 1}, got values {sorted(set(labels.tolist()))}.")
-    pred = probs.argmax(1)
+    pred = probs.argmax(1) if predictions is None else np.asarray(predictions).astype(int).ravel()
+    if pred.shape != labels.shape or pred.min() < 0 or pred.max() >= c:
+        raise ValueError(f"predictions must be (N,) classes in 0..{c - 1}, got shape {pred.shape}, values {sorted(set(pred.tolist()))}.")
     present = np.unique(labels)
     recalls = [float((pred[labels == k] == k).mean()) for k in present]
     f1s = []

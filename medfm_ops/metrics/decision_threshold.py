@@ -1,0 +1,73 @@
+# Copyright (c) medfm contributors
+# Licensed under the Apache License, Version 2.0.
+"""The decision threshold of a two-class classifier, chosen on labelled validation items: the probability of class 1
+above which the model predicts class 1, maximising balanced accuracy (on imbalanced tasks the argmax, i.e. 0.5,
+often predicts the majority class for almost every case although the probabilities rank the cases well)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ARGMAX_THRESHOLD", "choose_decision_threshold", "threshold_decisions"]
+
+#: the threshold at which :func:`threshold_decisions` equals the argmax of two class probabilities
+ARGMAX_THRESHOLD = 0.5
+
+
+def threshold_decisions(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """
+    Predicted classes ``(N,)`` of class probabilities ``probs`` ``(N, C)``: class 1 where ``probs[:, 1] > threshold``
+    (two classes), the argmax where ``threshold`` is None.
+
+    Raises:
+        ValueError: for a threshold with other than two classes.
+    """
+    probs = np.asarray(probs, float)
+    if threshold is None:
+        return probs.argmax(1)
+    if probs.ndim != 2 or probs.shape[1] != 2:
+        raise ValueError(f"a decision threshold needs two-class probabilities (N, 2), got shape {probs.shape}.")
+    return (probs[:, 1] > float(threshold)).astype(int)
+
+
+def _balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean([(pred[labels == k] == k).mean() for k in (0, 1)]))
+
+
+def choose_decision_threshold(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """
+    The threshold on the class-1 probability with the highest balanced accuracy on ``(probs, labels)`` (validation
+    items; never the split that is reported). The candidates are 0.5 (the argmax) and the midpoints between
+    consecutive distinct class-1 probabilities; of equally good ones the closest to 0.5 is kept, so a model whose
+    argmax is already best keeps it.
+
+    Args:
+        probs: ``(N, 2)`` class probabilities.
+        labels: ``(N,)`` labels 0 / 1, both present.
+
+    Returns:
+        ``{"threshold", "balanced_accuracy"`` (at the threshold), ``"argmax_balanced_accuracy", "n", "positives"}``.
+
+    Raises:
+        ValueError: for other than two classes, mismatched shapes, or labels without both classes.
+    """
+    probs, labels = np.asarray(probs, float), np.asarray(labels).astype(int).ravel()
+    if probs.ndim != 2 or probs.shape[1] != 2 or probs.shape[0] != labels.shape[0]:
+        raise ValueError(f"probs must be (N, 2) with N = len(labels), got {probs.shape} and {labels.shape}.")
+    if set(np.unique(labels).tolist()) != {0, 1}:
+        raise ValueError(f"choosing a threshold needs items of both classes 0 and 1, got labels {sorted(set(labels.tolist()))}.")
+    p = probs[:, 1]
+    values = np.unique(p)
+    candidates = np.unique(np.concatenate([[ARGMAX_THRESHOLD], (values[:-1] + values[1:]) / 2]))
+    scores = np.array([_balanced_accuracy((p > t).astype(int), labels) for t in candidates])
+    best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    pick = best[np.argmin(np.abs(candidates[best] - ARGMAX_THRESHOLD))]
+    return {
+        "threshold": float(candidates[pick]),
+        "balanced_accuracy": float(scores[pick]),
+        "argmax_balanced_accuracy": _balanced_accuracy(threshold_decisions(probs, None), labels),
+        "n": int(len(labels)),
+        "positives": int(labels.sum()),
+    }
