@@ -477,7 +477,8 @@ def _bundle_scores(run: dict) -> dict[str, Any]:
     from medfm_ops.metrics import working_verdict
 
     carved_parser = _parser(run)
-    carved, val = carved_parser.get_parsed_content("val_files"), _parser(run, shipped_val=True).get_parsed_content("val_files")
+    carved = carved_parser.get_parsed_content("val_files")
+    val = _parser(run, shipped_val=True).get_parsed_content("val_files")
     model_path = Path(run["dir"]) / "models" / "model.pt"
     if ROWS[run["row"]].bundle == "rd_cls":
         carved_parser.get_parsed_content("export")  # export_rd_student: writes, calibrates and verifies export/<task>

@@ -254,7 +254,7 @@ def threshold_cell(decisions: list[Mapping[str, Any] | None]) -> str:
     values = [float(d["threshold"]) for d in decisions if d and d.get("threshold") is not None]
     if not values:
         return "argmax"
-    text = f"{statistics.fmean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+    text = f"{statistics.fmean(values):.3f}" + (f" ± {statistics.pstdev(values):.3f}" if len(values) > 1 else "")
     return text + (f" ({len(values)}/{len(decisions)} seeds)" if len(values) < len(decisions) else "")
 
 

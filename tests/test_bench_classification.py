@@ -126,9 +126,12 @@ def test_write_results(tmp_path):
                         "scores": {t: _scores(0.8, 0.8) for t in TASKS}, "train_params": 1e6, "deploy_params": 1e6,
                         "deploy_flops": 1e7})  # fmt: skip
         for t in TASKS:  # rd: the exported bundle's scores are the ones reported
-            records.append({"row": "rd_loto", "seed": seed, "task": t, "seconds": 30, "scores": {t: _scores(0.123, 0.123)},
-                            "bundle_scores": {t: _scores(0.6 + seed / 10, ba)}, "train_params": 1e5,
-                            "deploy_params": 1e5, "deploy_flops": 1e6})  # fmt: skip
+            decision = {"rule": "threshold", "threshold": 0.2 + seed / 10}
+            records.append({"row": "rd_loto", "seed": seed, "task": t, "seconds": 30,
+                            "scores": {t: {**_scores(0.123, 0.123), "decision": {"threshold": 0.21 + seed / 10}}},
+                            "argmax_scores": {t: _scores(0.123, 0.5 + seed / 100)},
+                            "bundle_scores": {t: {**_scores(0.6 + seed / 10, ba), "decision": decision}},
+                            "train_params": 1e5, "deploy_params": 1e5, "deploy_flops": 1e6})  # fmt: skip
     meta = {"command": "python -m benchmarks.classification run --rows rd_loto", "date": "now", "seconds": 90,
             "seeds": [0, 1], "tasks": TASKS, "data_dir": "d", "load_start": 1.0, "machine": machine, "work_dir": "w",
             "latency_repeats": 2, "jobs": 1, "budget": {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0,
@@ -140,6 +143,10 @@ def test_write_results(tmp_path):
     assert "0.650 ± 0.050" in row and "0.123" not in row  # the bundle scores, mean ± std over seeds
     assert row.count("working 1/2") == 2 and "**0.650 ± 0.050**" in row
     assert "carved from train" in text and "foundation_without_<task>" in text and "--exclude_tasks" in text
+    # the decision section: the bundles' thresholds (mean ± std), the argmax balanced accuracy next to the threshold's
+    row = next(line for line in text.split("## Decision threshold")[1].splitlines() if line.startswith(f"| {bench.ROWS['rd_loto'].description} |"))
+    assert row.count("0.250 ± 0.050") == 2 and row.count("0.505 ± 0.005") == 2 and row.count("0.600 ± 0.100") == 2
+    assert "largest difference between the decision threshold the export wrote into the bundle and the one chosen in-process on the same carved split: 1.00e-02" in " ".join(text.split())
     (tmp_path / "r.json").write_text(json.dumps({"meta": meta, "records": records, "rows": ["foundation", "rd_loto"]}))
     (tmp_path / "notes.md").write_text("What the numbers say:\n\n- the teacher is no better.\n")
     bench.report(str(tmp_path / "r.md"), notes=str(tmp_path / "notes.md"))

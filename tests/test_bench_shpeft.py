@@ -76,7 +76,10 @@ def _run(seed: int, auc: float, ba: float) -> dict:
 def test_write_results(tmp_path):
     machine = {"cpu_model": "cpu", "usable_cores": 2, "logical_cores": 2, "torch": "2", "torch_threads": 1, "gpu": None,
                "glibc_tunables": "x", "load_average_1min": 1.0}  # fmt: skip
-    rows = [{"name": "lora", "description": "LoRA r 8", "runs": [_run(0, 0.70, 0.70), _run(1, 0.72, 0.52)]},
+    lora = [_run(0, 0.70, 0.70), _run(1, 0.72, 0.52)]
+    for run, t in zip(lora, (0.1, 0.3)):  # the exports' decision records: a threshold each
+        run["scores"] = {**run["scores"], "decision": {"rule": "threshold", "threshold": t}}
+    rows = [{"name": "lora", "description": "LoRA r 8", "runs": lora},
             {"name": "lora_r1", "description": "LoRA r 1", "runs": [_run(0, 0.61, 0.65), _run(1, 0.63, 0.66)]}]
     record = {"command": "python -m benchmarks.shpeft run --leave_task_out true", "date": "now", "seconds": 60,
               "total_run_seconds": 40, "machine": machine, "load_average_end": 1.0, "work_dir": "w",
@@ -94,6 +97,7 @@ def test_write_results(tmp_path):
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| lora")}
     assert "**71.00 ± 1.00**" in lines["| lora"] and "working 1/2" in lines["| lora"]
     assert "**62.00 ± 1.00**" in lines["| lora_r1"] and "| working |" in lines["| lora_r1"]
+    assert "| 0.200 ± 0.100 |" in lines["| lora"] and "| argmax |" in lines["| lora_r1"]  # threshold column
     assert "LEAVE-ONE-TASK-OUT" in text and "pretrained_without_adrenalmnist3d" in text
     assert "carved from train" in text and "--final_model best" in text
     chosen = {"lr_grid": [1e-3, 1e-2], "lr_choice": {f"{TASKS[0]}/lora": {"grid": {"0.001": 0.7, "0.01": 0.6}, "lr": 1e-3}}}

@@ -91,7 +91,8 @@ def cls_bundle_outputs(
             )  # fmt: skip
         probs = _read_csv(out / "predictions.csv")
         decisions = _read_csv(out / "decisions.csv") if (out / "decisions.csv").is_file() else None
-    missing = [(n, it) for n, it in zip(names, items) if n not in probs or (decisions is not None and n not in decisions)]
+    missing = [(n, it) for n, it in zip(names, items)
+               if n not in probs or (decisions is not None and n not in decisions)]  # fmt: skip
     if missing:
         raise ValueError(f"{bundle}: no prediction for {len(missing)} item(s), e.g. {missing[0][1].get('image')}.")
     classes = None if decisions is None else np.array([int(decisions[n][0]) for n in names])

@@ -100,7 +100,8 @@ def calibrate_cls_bundle(
         _write_json(root / "configs" / "inference.json", cfg)
         write_bundle_scripts(root)
         write_metadata(root, meta)
-        atomic_write_text(root / "docs" / "README.md", cls_bundle_readme(meta, meta["description"], info["spatial_size"], names))
+        readme = cls_bundle_readme(meta, meta["description"], info["spatial_size"], names)
+        atomic_write_text(root / "docs" / "README.md", readme)
         if verify:
             from .verify import verify_bundle
 
@@ -122,7 +123,8 @@ def calibrate_when_binary(
     import logging
 
     log = logging.getLogger("medfm")
-    names = json.loads((Path(bundle_dir) / "configs" / "metadata.json").read_text(encoding="utf-8"))["medfm"]["class_names"]
+    meta = json.loads((Path(bundle_dir) / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    names = meta["medfm"]["class_names"]
     labels = {int(it["label"]) for it in items or []}
     if len(names) != 2 or labels != {0, 1}:
         why = f"{len(names)} classes" if len(names) != 2 else f"the validation items have labels {sorted(labels)}"

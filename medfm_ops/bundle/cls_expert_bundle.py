@@ -16,7 +16,13 @@ import torch
 
 from .expert_bundle import SCHEMA_RELPATH, _plain_state_dict, _version, bundle_metadata, write_bundle_folder
 
-__all__ = ["CLS_TEMPLATE_DIR", "write_cls_expert_bundle", "export_lorkd_cls_expert", "cls_bundle_readme", "decision_record"]
+__all__ = [
+    "CLS_TEMPLATE_DIR",
+    "write_cls_expert_bundle",
+    "export_lorkd_cls_expert",
+    "cls_bundle_readme",
+    "decision_record",
+]
 
 CLS_TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "cls_expert"
 _OUT_KEYS = ("num_classes", "out_channels")
