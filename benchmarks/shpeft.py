@@ -103,6 +103,11 @@ ROWS: tuple[tuple[str, str, str | None, dict[str, Any]], ...] = (
     ("shpeft_budget0.1", "SH-PEFT, budget 0.1%", None, {"sparse_budget": 0.001}),
     ("shpeft_budget5", "SH-PEFT, budget 5%", None, {"sparse_budget": 0.05}),
     ("shpeft_l1", "SH-PEFT, hybrid L1", None, {"sparse_variant": "l1"}),
+    # the mask-layout test (planned before it ran): the 1% importance masks put 40-64% of their budget into layer4
+    # where the random mask (the best 1% row) puts 73%; this row keeps the hybrid score but gives each top-level
+    # module its size's share of the budget (the random mask's layout). Layout matters if it beats SH-PEFT.
+    ("shpeft_per_module", "SH-PEFT, budget split over top-level modules by size (random's layout), 1%", None,
+     {"trainable#masks#allocation": "per_module"}),
 )
 #: version of the bundle scoring stored in each run's stamp (a new version rescores finished runs, no retraining)
 BUNDLE_SCORING_VERSION = 3  # 3: the exports decide at the threshold chosen on the run's carved validation split

@@ -19,6 +19,7 @@ from medfm_ops.peft import (
     budget_count,
     estimate_importance,
     importance_scores,
+    module_shares,
     save_sparse_result,
     select_top_k,
     select_weights,
@@ -178,6 +179,32 @@ def test_ties_are_broken_by_order_and_baselines_differ():
         select_weights(est, method="fisher")
     with pytest.raises(ValueError, match="not finite"):
         select_top_k({"w": torch.tensor([1.0, float("nan")])}, 1)
+
+
+def test_per_module_allocation_keeps_each_modules_share_and_its_top_scores():
+    net = _mixed()
+    est = estimate_importance(net, _loader(), nn.CrossEntropyLoss())
+    sizes = {}
+    for n, p in net.named_parameters():
+        sizes[n.split(".")[0]] = sizes.get(n.split(".")[0], 0) + p.numel()
+    k = budget_count(0.2, sum(sizes.values()))
+    shares = module_shares(sizes, k)
+    assert sum(shares.values()) == k and all(abs(shares[g] - k * c / sum(sizes.values())) < 1 for g, c in sizes.items())
+    masks = select_weights(est, budget=0.2, method="hybrid", allocation="per_module")
+    scores = importance_scores(est, "hybrid", lambda_=1.0)
+    for g, share in shares.items():
+        names = [n for n in masks if n.split(".")[0] == g]
+        assert sum(int(masks[n].sum()) for n in names) == share, g
+        picked = torch.cat([scores[n][masks[n]].double().flatten() for n in names])
+        left = torch.cat([scores[n][~masks[n]].double().flatten() for n in names])
+        assert share == 0 or left.numel() == 0 or float(picked.min()) >= float(left.max()), g  # its own top scores
+    one = select_weights(est, budget=0.2, method="hybrid")  # global: another layout here
+    headless = select_weights(est, budget=0.2, method="hybrid", train_whole=["head.*"], allocation="per_module")
+    assert all(bool(m.all()) for n, m in headless.items() if n.startswith("head."))
+    assert any(not torch.equal(one[n], masks[n]) for n in masks)
+    assert module_shares({"a": 1, "b": 1, "c": 1}, 2) == {"a": 1, "b": 1, "c": 0}  # ties: the earlier group
+    with pytest.raises(ValueError, match="allocation"):
+        select_weights(est, allocation="layerwise")
 
 
 # -------------------------------------------------------------------------------------------- masked training

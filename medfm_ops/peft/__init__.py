@@ -22,10 +22,12 @@ from __future__ import annotations
 from .delta import DELTA_FORMAT, apply_sparse_delta, save_sparse_result, sparse_delta, state_fingerprint
 from .importance import IMPORTANCE_VARIANTS, ImportanceEstimate, default_prepare_batch, estimate_importance
 from .selection import (
+    ALLOCATIONS,
     SELECTION_METHODS,
     budget_count,
     check_sparse_settings,
     importance_scores,
+    module_shares,
     select_top_k,
     select_weights,
 )
@@ -35,6 +37,7 @@ from .tensor_subset import TensorSubset, match_parameters
 from .linear_lora import LoRALinear, add_linear_lora, fuse_linear_lora
 
 __all__ = [
+    "ALLOCATIONS",
     "DELTA_FORMAT",
     "IMPORTANCE_VARIANTS",
     "SELECTION_METHODS",
@@ -52,6 +55,7 @@ __all__ = [
     "fuse_linear_lora",
     "importance_scores",
     "match_parameters",
+    "module_shares",
     "norm_statistics_layers",
     "save_sparse_result",
     "select_top_k",

@@ -14,10 +14,12 @@ from medfm_ops.peft.importance import IMPORTANCE_VARIANTS, ImportanceEstimate
 from medfm_ops.peft.tensor_subset import match_parameters
 
 __all__ = [
+    "ALLOCATIONS",
     "SELECTION_METHODS",
     "budget_count",
     "check_sparse_settings",
     "importance_scores",
+    "module_shares",
     "select_top_k",
     "select_weights",
 ]
@@ -142,6 +144,35 @@ def select_top_k(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.
     return masks
 
 
+#: how :py:func:`select_weights` spreads the budget: ``global`` (one threshold over all weights, the paper's) or
+#: ``per_module`` (each top-level module gets the budget's share of its own weight count, the layout a uniformly
+#: random mask has, and its top-scored weights fill it)
+ALLOCATIONS = ("global", "per_module")
+
+
+def module_shares(counts: Mapping[str, int], k: int) -> dict[str, int]:
+    """
+    ``k`` split over groups in proportion to their sizes ``counts`` (largest remainders; ties to the earlier group),
+    so that the shares sum to ``k`` exactly and none exceeds its group.
+
+    Example::
+
+        >>> module_shares({"conv1": 10, "layer1": 30}, 4)
+        {'conv1': 1, 'layer1': 3}
+    """
+    total = sum(counts.values())
+    exact = {g: int(k) * c / total for g, c in counts.items()}
+    shares = {g: int(v) for g, v in exact.items()}
+    order = sorted(counts, key=lambda g: (-(exact[g] - shares[g]), list(counts).index(g)))
+    for g in order[: int(k) - sum(shares.values())]:
+        shares[g] += 1
+    return shares
+
+
+def _top_level(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
 def select_weights(
     estimate: ImportanceEstimate,
     budget: float = 0.01,
@@ -149,6 +180,7 @@ def select_weights(
     lambda_: float = 1.0,
     seed: int = 0,
     train_whole: Sequence[str] = (),
+    allocation: str = "global",
 ) -> dict[str, torch.Tensor]:
     """
     Masks of the weights to train: the top ``budget`` fraction of all weights by :py:func:`importance_scores`.
@@ -163,14 +195,18 @@ def select_weights(
         train_whole: ``fnmatch`` patterns of parameters that train entirely, e.g. ``["fc.*"]`` for a new task head:
             they are left out of the scores (and of the hybrid scale ``s``), of ``N`` and of the budget, and their
             masks are all True. Defaults to none (every weight competes).
+        allocation: ``"global"``: the top ``k`` over all scored weights (SH-PEFT); ``"per_module"``: each top-level
+            module (``conv1``, ``layer1``, ... of the parameter names) gets :py:func:`module_shares` of ``k`` by its
+            weight count and its own top-scored weights fill it (an ablation: where the weights sit vs which ones).
+            Defaults to ``"global"``.
 
     Returns:
         ``{parameter name: bool mask}`` with exactly :py:func:`budget_count` entries True among the scored
         parameters (plus every entry of the ``train_whole`` ones).
 
     Raises:
-        ValueError: for a budget outside (0, 1], an unknown method, non-finite scores, or a ``train_whole`` pattern
-            that matches no parameter.
+        ValueError: for a budget outside (0, 1], an unknown method or allocation, non-finite scores, or a
+            ``train_whole`` pattern that matches no parameter.
 
     Example::
 
@@ -185,6 +221,19 @@ def select_weights(
         )
         if not scored.task_agnostic:
             raise ValueError(f"train_whole {list(train_whole)} covers every parameter: nothing is left to select.")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
     k = budget_count(budget, scored.num_weights)
-    masks = select_top_k(importance_scores(scored, method=method, lambda_=lambda_, seed=seed), k)
+    scores = importance_scores(scored, method=method, lambda_=lambda_, seed=seed)
+    if allocation == "global":
+        masks = select_top_k(scores, k)
+    else:
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for n, t in scores.items():
+            groups.setdefault(_top_level(n), {})[n] = t
+        shares = module_shares({g: sum(t.numel() for t in ts.values()) for g, ts in groups.items()}, k)
+        masks = {}
+        for g, ts in groups.items():
+            masks.update(select_top_k(ts, shares[g]) if shares[g] else {n: torch.zeros_like(t, dtype=torch.bool)
+                                                                          for n, t in ts.items()})  # fmt: skip
     return {n: masks.get(n, torch.ones_like(t, dtype=torch.bool)) for n, t in estimate.task_agnostic.items()}
