@@ -160,3 +160,21 @@ def test_calibration_tool_on_a_datalist_section(tiny, tmp_path):
     assert json.loads((tmp_path / "out" / "configs" / "inference.json").read_text())["decision_threshold"] == choice["threshold"]
     with pytest.raises(ValueError, match="no 'validation' item of task"):
         tool["calibrate"](str(bundle), str(datalist), task="other_task")
+
+
+def test_calibration_inside_the_staging_folder_of_its_own_export(tiny, tmp_path):
+    """As save_finetuned_classifier does it: the export is staged, calibrated in its staging folder, then swapped in."""
+    import shutil
+
+    from medfm_ops.utils import staged_directory
+
+    bundle, items = tiny
+    probs, _ = cls_bundle_outputs(bundle, items)
+    upper = set(np.argsort(probs[:, 1])[len(items) // 2 :].tolist())
+    labelled = [{**it, "label": int(k in upper)} for k, it in enumerate(items)]
+    with staged_directory(tmp_path / "export") as stage:
+        shutil.copytree(bundle, stage, dirs_exist_ok=True)
+        choice = calibrate_when_binary(stage, labelled, verify=False)
+    meta = json.loads((tmp_path / "export" / "configs" / "metadata.json").read_text())
+    assert meta["medfm"]["decision"]["threshold"] == choice["threshold"] and meta["version"] == "0.1.1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging folder left behind
