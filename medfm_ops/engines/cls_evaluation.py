@@ -72,21 +72,12 @@ def classifier_metric(
 
 
 def score_classifier(
-    network: nn.Module,
-    files: list[dict],
-    preprocessing: Callable,
-    task_table: Any,
-    device: torch.device | str,
-    route: bool = False,
-    unified: bool = False,
-    prepare_batch: TaskPrepareBatch | None = None,
-    batch_size: int = 8,
-    majority: Mapping[int, int] | None = None,
+    network: nn.Module, files: list[dict], preprocessing: Callable, task_table: Any, device: torch.device | str,
+    **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Per-task score rows (and a ``mean`` row) of ``network`` on ``files`` at the argmax (arguments as
-    :func:`classifier_metric`)."""
-    return classifier_metric(network, files, preprocessing, task_table, device, route, unified, prepare_batch,
-                             batch_size, majority).rows()  # fmt: skip
+    """Per-task score rows (and a ``mean`` row) of ``network`` on ``files`` at the argmax (``kwargs``: ``route``,
+    ``unified``, ``prepare_batch``, ``batch_size``, ``majority`` of :func:`classifier_metric`)."""
+    return classifier_metric(network, files, preprocessing, task_table, device, **kwargs).rows()
 
 
 def decision_thresholds(metric: MultiTaskClsMetric) -> dict[int, dict[str, Any]]:
