@@ -49,6 +49,25 @@ def test_threshold_maximises_balanced_accuracy_by_hand():
     assert c["threshold"] == pytest.approx(0.7) and c["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
 
 
+def test_screening_threshold_reaches_the_sensitivity_with_the_best_specificity():
+    # positives at 0.3, 0.6, 0.9; negatives at 0.1, 0.2, 0.4, 0.5: finding all three positives costs two negatives
+    probs, labels = _two([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.9]), np.array([0, 0, 1, 0, 0, 1, 1])
+    c = choose_decision_threshold(probs, labels, min_sensitivity=1.0)
+    assert c["threshold"] == pytest.approx(0.25) and c["sensitivity"] == 1.0 and c["specificity"] == 0.5
+    assert c["criterion"] == "specificity at sensitivity >= 1"
+    c = choose_decision_threshold(probs, labels, min_sensitivity=0.6)  # two of three: above 0.5 misses only 0.3
+    assert c["threshold"] == pytest.approx(0.5) and c["sensitivity"] == pytest.approx(2 / 3) and c["specificity"] == 1.0
+    ba = choose_decision_threshold(probs, labels)
+    assert ba["criterion"] == "balanced accuracy" and ba["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
+    # every case positive is a candidate: a positive with the smallest probability is still found
+    low = choose_decision_threshold(_two([0.05, 0.2, 0.7]), np.array([1, 0, 1]), min_sensitivity=1.0)
+    assert 0.0 < low["threshold"] < 0.05 and low["sensitivity"] == 1.0
+    with pytest.raises(ValueError, match="min_sensitivity"):
+        choose_decision_threshold(probs, labels, min_sensitivity=1.5)
+    with pytest.raises(ValueError, match="reaches sensitivity"):  # a positive at probability 0: no threshold in (0, 1)
+        choose_decision_threshold(_two([0.0, 0.2, 0.7]), np.array([1, 0, 1]), min_sensitivity=1.0)
+
+
 def test_threshold_refuses_what_it_cannot_choose_on():
     with pytest.raises(ValueError, match="both classes"):
         choose_decision_threshold(_two([0.2, 0.7]), np.array([1, 1]))
@@ -158,6 +177,10 @@ def test_calibration_tool_on_a_datalist_section(tiny, tmp_path):
     choice = tool["calibrate"](str(bundle), str(datalist), out_dir=str(tmp_path / "out"))
     assert choice["balanced_accuracy"] == 1.0 and choice["n"] == len(items) and "'validation' cases" in choice["chosen_on"]
     assert json.loads((tmp_path / "out" / "configs" / "inference.json").read_text())["decision_threshold"] == choice["threshold"]
+    screen = tool["calibrate"](str(bundle), str(datalist), out_dir=str(tmp_path / "screen"), min_sensitivity=1.0)
+    meta = json.loads((tmp_path / "screen" / "configs" / "metadata.json").read_text())
+    assert screen["sensitivity"] == 1.0 and meta["medfm"]["decision"]["criterion"] == "specificity at sensitivity >= 1"
+    assert "specificity at sensitivity >= 1" in (tmp_path / "screen" / "docs" / "README.md").read_text()
     with pytest.raises(ValueError, match="no 'validation' item of task"):
         tool["calibrate"](str(bundle), str(datalist), task="other_task")
 

@@ -6,11 +6,14 @@ where its probabilities say so (at the argmax an imbalanced task's model often p
 every case).
 
     python tools/calibrate_cls_bundle.py calibrate --bundle bundles/rd_cls/export/adrenalmnist3d \
-        --datalist <classification datalist.json> [--section validation] [--task adrenalmnist3d] [--out_dir <copy>]
+        --datalist <classification datalist.json> [--section validation] [--task adrenalmnist3d] [--out_dir <copy>] \
+        [--min_sensitivity 0.9]
 
 The bundles' own exports already do this on their training run's validation split; use this for a bundle exported
 without it, or to choose again on a site's own validation cases. Never choose on the cases you report scores on.
-Prints the threshold and the balanced accuracy at it and at the argmax.
+The threshold has the highest balanced accuracy on those cases, or with ``--min_sensitivity S`` the highest
+specificity among those that find at least the share S of the positive cases (a screening operating point). Prints
+the threshold and the balanced accuracy, sensitivity and specificity at it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import fire
 
 
 def calibrate(
-    bundle: str, datalist: str, section: str = "validation", task: str | None = None, out_dir: str | None = None
+    bundle: str, datalist: str, section: str = "validation", task: str | None = None, out_dir: str | None = None,
+    min_sensitivity: float | None = None,
 ) -> dict:
     """
     Choose and write the decision threshold of ``bundle`` on ``section`` of ``datalist``.
@@ -33,6 +37,8 @@ def calibrate(
         section: the datalist section to choose on. Defaults to ``"validation"``.
         task: the task of the bundle in the datalist. Defaults to the bundle's ``medfm.task``.
         out_dir: write the calibrated bundle here instead of in place. Defaults to None.
+        min_sensitivity: the highest specificity at a sensitivity of at least this (e.g. 0.9 for screening) instead of
+            the highest balanced accuracy. Defaults to None.
 
     Raises:
         ValueError: for a bundle that is not a two-class classification bundle, or a task with no items of both
@@ -48,9 +54,12 @@ def calibrate(
     if not task:
         raise ValueError(f"{bundle}/configs/metadata.json names no medfm.task; pass --task.")
     items = datalist_section(load_cls_datalist(datalist), section, task)
-    choice = calibrate_cls_bundle(bundle, items, out_dir=out_dir, chosen_on=f"the {len(items)} '{section}' cases of {task} in {datalist}")
-    print(f"{out_dir or bundle}: decision threshold {choice['threshold']:.4g} on the class-1 probability; balanced "
-          f"accuracy on those cases {choice['balanced_accuracy']:.3f} (argmax {choice['argmax_balanced_accuracy']:.3f}).")
+    where = f"the {len(items)} '{section}' cases of {task} in {datalist}"
+    choice = calibrate_cls_bundle(bundle, items, out_dir=out_dir, chosen_on=where, min_sensitivity=min_sensitivity)
+    print(f"{out_dir or bundle}: decision threshold {choice['threshold']:.4g} on the class-1 probability (highest "
+          f"{choice['criterion']}); on those cases balanced accuracy {choice['balanced_accuracy']:.3f} (argmax "
+          f"{choice['argmax_balanced_accuracy']:.3f}), sensitivity {choice['sensitivity']:.3f}, specificity "
+          f"{choice['specificity']:.3f}.")
     return choice
 
 

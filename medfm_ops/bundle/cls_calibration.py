@@ -43,6 +43,7 @@ def calibrate_cls_bundle(
     out_dir: str | os.PathLike | None = None,
     chosen_on: str | None = None,
     verify: bool = True,
+    min_sensitivity: float | None = None,
 ) -> dict[str, Any]:
     """
     Choose the decision threshold of a two-class bundle written by :func:`~medfm_ops.bundle.write_cls_expert_bundle`
@@ -60,10 +61,11 @@ def calibrate_cls_bundle(
         chosen_on: what ``items`` are, for the metadata and README (e.g. ``"the 240 cases of the validation split
             carved from training"``). Defaults to ``"the N cases of the training run's validation split"``.
         verify: run :func:`~medfm_ops.bundle.verify_bundle` on the staged bundle. Defaults to True.
+        min_sensitivity: choose the highest specificity at a sensitivity of at least this (a screening operating
+            point) instead of the highest balanced accuracy. Defaults to None.
 
     Returns:
-        the choice: ``{"threshold", "balanced_accuracy", "argmax_balanced_accuracy", "n", "positives",
-        "chosen_on"}``.
+        the choice (:func:`~medfm_ops.metrics.choose_decision_threshold`'s dict) with ``"chosen_on"``.
 
     Raises:
         ValueError: for a bundle that is not a medfm classification bundle (naming its metadata file), a task with
@@ -82,14 +84,17 @@ def calibrate_cls_bundle(
         raise ValueError(f"{meta_file}: a decision threshold needs a two-class task, the bundle has classes {names}.")
     chosen_on = chosen_on or f"the {len(items)} cases of the training run's validation split"
     probs, _ = cls_bundle_outputs(bundle, items)
-    choice = {**choose_decision_threshold(probs, np.array([int(it["label"]) for it in items])), "chosen_on": chosen_on}
+    labels = np.array([int(it["label"]) for it in items])
+    choice = {**choose_decision_threshold(probs, labels, min_sensitivity), "chosen_on": chosen_on}
     cfg = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
     cfg = _render({"network_def": cfg["network_def"], "spatial_size": cfg["spatial_size"], "class_names": names,
                    "decision_threshold": choice["threshold"]})  # fmt: skip
     version = next_patch_version(meta["version"])
     meta["changelog"] = {
-        version: f"decision threshold {choice['threshold']:.4g} on the {names[1]} probability, chosen on {chosen_on} "
-        f"(balanced accuracy {choice['balanced_accuracy']:.3f}; argmax {choice['argmax_balanced_accuracy']:.3f})",
+        version: f"decision threshold {choice['threshold']:.4g} on the {names[1]} probability, the highest "
+        f"{choice['criterion']} on {chosen_on} (balanced accuracy {choice['balanced_accuracy']:.3f}, sensitivity "
+        f"{choice['sensitivity']:.3f}, specificity {choice['specificity']:.3f}; argmax "
+        f"{choice['argmax_balanced_accuracy']:.3f})",
         **meta["changelog"],
     }  # fmt: skip
     meta["version"] = version

@@ -141,10 +141,13 @@ def cls_bundle_readme(
     d = meta["medfm"]["decision"]
     if d["rule"] == "threshold":
         where = f" on {d['chosen_on']}" if d.get("chosen_on") else ""
+        at = ", ".join(f"{k} {d[k]:.3f}" for k in ("sensitivity", "specificity") if k in d)
         rule = (
             f"{class_names[1]} where its probability is above the decision threshold {d['threshold']:.4g} "
-            f"(`decision_threshold` in `configs/inference.json`), chosen{where} for the highest balanced accuracy "
-            f"({d['balanced_accuracy']:.3f} there; {d['argmax_balanced_accuracy']:.3f} at the argmax, n = {d['n']})"
+            f"(`decision_threshold` in `configs/inference.json`), chosen{where} for the highest "
+            f"{d.get('criterion', 'balanced accuracy')} (there: balanced accuracy {d['balanced_accuracy']:.3f}"
+            f"{', ' + at if at else ''}; balanced accuracy {d['argmax_balanced_accuracy']:.3f} at the argmax, "
+            f"n = {d['n']})"
         )
     else:
         rule = "the class of the highest probability (argmax; `decision_threshold`: null)"
