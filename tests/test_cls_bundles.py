@@ -222,8 +222,12 @@ def test_leave_one_task_out_teacher_and_rd_on_a_real_task(workspace, tmp_path):
     assert decision["rule"] in ("threshold", "argmax")
     assert (decision["rule"] == "threshold") == (meta["version"] == "0.1.1" and "0.1.1" in meta["changelog"])
     _run(rd, "train.json", "evaluate.json", **kw)
-    models = {r["model"] for r in csv.DictReader((rd / "eval" / "tasks.csv").open())}
-    assert models == {"RD student (deployed)", "reprogrammed teacher g(phi(F_t))"}  # the teacher has no adrenal head
+    rows = {r["model"]: r for r in csv.DictReader((rd / "eval" / "tasks.csv").open()) if r["task"] == "adrenalmnist3d"}
+    exported = {m for m in rows if m.startswith("RD student (exported bundle, decision threshold")}
+    assert set(rows) - exported == {"RD student (deployed)", "reprogrammed teacher g(phi(F_t))"}  # no adrenal head
+    assert len(exported) == (decision["rule"] == "threshold")  # the student as its bundle decides, when it has one
+    for m in exported:  # the same probabilities, other decisions
+        assert rows[m]["auc"] == rows["RD student (deployed)"]["auc"] and f"{decision['threshold']:.3g}" in m
     _images(rd / "eval" / "input")
     bundle_run(config_file=str(rd / "configs" / "inference.json"), bundle_root=str(rd), spatial_size=[16, 16, 16])
     rows = list(csv.reader((rd / "eval" / "predictions" / "adrenalmnist3d" / "predictions.csv").open()))

@@ -22,7 +22,7 @@ from .cls_bundle_scoring import cls_bundle_outputs
 from .cls_expert_bundle import _render, cls_bundle_readme, decision_record
 from .expert_bundle import _write_json, write_metadata
 
-__all__ = ["calibrate_cls_bundle", "calibrate_when_binary", "next_patch_version"]
+__all__ = ["bundle_decision_threshold", "calibrate_cls_bundle", "calibrate_when_binary", "next_patch_version"]
 
 
 def next_patch_version(version: str) -> str:
@@ -35,6 +35,19 @@ def next_patch_version(version: str) -> str:
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
         raise ValueError(f"bundle version must be MAJOR.MINOR.PATCH, got {version!r}.")
     return f"{parts[0]}.{parts[1]}.{int(parts[2]) + 1}"
+
+
+def bundle_decision_threshold(bundle_dir: str | os.PathLike) -> tuple[str, float] | None:
+    """``(task, threshold)`` of a classification bundle that decides at a decision threshold (its metadata's
+    ``medfm.decision``); None for a bundle that decides by argmax, or no bundle at ``bundle_dir``."""
+    meta_file = Path(bundle_dir) / "configs" / "metadata.json"
+    if not meta_file.is_file():
+        return None
+    info = json.loads(meta_file.read_text(encoding="utf-8")).get("medfm") or {}
+    decision = info.get("decision") or {}
+    if decision.get("rule") != "threshold":
+        return None
+    return str(info["task"]), float(decision["threshold"])
 
 
 def calibrate_cls_bundle(

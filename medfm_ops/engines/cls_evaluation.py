@@ -106,12 +106,15 @@ class _ScoreTable:
 
     def add(
         self, label: str, network: nn.Module | None, params: tuple[int, int] | None = None,
-        flops: tuple[float, float] | None = None, scores: list[dict] | None = None, **score_kwargs: Any,
+        flops: tuple[float, float] | None = None, scores: list[dict] | None = None,
+        thresholds: Mapping[int, float] | None = None, **score_kwargs: Any,
     ) -> list[dict]:  # fmt: skip
-        """Score ``network`` (or take ``scores``) and add its rows; ``params``/``flops`` default to the network's own
-        count for both training and deployment. Returns the scores."""
+        """Score ``network`` (at the argmax, or at the two-class decision ``thresholds`` per task id) or take
+        ``scores``, and add its rows; ``params``/``flops`` default to the network's own count for both training and
+        deployment. Returns the scores."""
         if scores is None:
-            scores = score_classifier(network, self.files, self.preprocessing, self.task_table, self.device, **score_kwargs)
+            metric = classifier_metric(network, self.files, self.preprocessing, self.task_table, self.device, **score_kwargs)
+            scores = metric.rows(thresholds)
         if params is None:
             params = (count_params(network),) * 2
         if flops is None:
@@ -182,16 +185,27 @@ def evaluate_rd(
     device: torch.device | str,
     out_dir: str | os.PathLike,
     score_foundation: bool = True,
+    export_dir: str | os.PathLike | None = None,
 ) -> list[dict]:
     """
     Score the deployed RD student (its stock network + ``g``), the reprogrammed teacher ``g(phi(F_t(x)))`` and the
     foundation's unified head on ``files``; write ``{out_dir}/tasks.csv|md`` with params and MFLOPs (teacher + phi +
     g for the reprogrammed teacher) and return the rows. ``score_foundation=False`` leaves the foundation's own row
-    out (a leave-one-task-out teacher has no head for the task). Defaults to True.
+    out (a leave-one-task-out teacher has no head for the task). Defaults to True. ``export_dir``: the run's exported
+    bundle; when it carries a decision threshold (:func:`~medfm_ops.bundle.calibrate_cls_bundle`) the student is also
+    scored at that threshold, as the bundle decides. Defaults to None.
     """
+    from medfm_ops.bundle.cls_calibration import bundle_decision_threshold
+
     table = _ScoreTable(files, preprocessing, task_table, device, spatial_size)
     student = rd_model.export_student().eval()
-    table.add("RD student (deployed)", student, (count_params(rd_model), count_params(student)))
+    params = (count_params(rd_model), count_params(student))
+    table.add("RD student (deployed)", student, params)
+    decision = bundle_decision_threshold(export_dir) if export_dir is not None else None
+    if decision is not None:
+        task, threshold = decision
+        table.add(f"RD student (exported bundle, decision threshold {threshold:.3g})", student, params,
+                  thresholds={task_table.task_id_of(task): threshold})  # fmt: skip
     predict = rd_model.predict
     rd_model.predict = "teacher"
     n_t, f_t = count_params(teacher), count_flops(teacher.teacher, table.shape)
