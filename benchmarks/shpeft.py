@@ -183,21 +183,10 @@ def mask_layout(delta_file: Path) -> dict[str, int] | None:
 
     if not delta_file.is_file():
         return None
+    from medfm_ops.peft import weights_per_top_level_module
+
     delta = torch.load(delta_file, map_location="cpu", weights_only=True)
-    return _per_top_module(delta["trainable_indices"].items())
-
-
-def _module_weights(network: Any) -> dict[str, int]:
-    """Weights (parameters) per top-level module of ``network``, in the network's order."""
-    return _per_top_module(network.named_parameters())
-
-
-def _per_top_module(tensors: Any) -> dict[str, int]:
-    """``(name, tensor)`` pairs summed per top-level module name (the part of ``name`` before the first dot)."""
-    out: dict[str, int] = {}
-    for name, tensor in tensors:
-        out[name.split(".")[0]] = out.get(name.split(".")[0], 0) + int(tensor.numel())
-    return out
+    return weights_per_top_level_module(delta["trainable_indices"].items())
 
 
 def _layout_lines(record: dict[str, Any]) -> list[str]:
@@ -454,6 +443,7 @@ def run(
     from medfm_ops.bundle.cls_config_components import datalist_section
     from medfm_ops.data import ensure_cls_dataset, load_cls_datalist, medmnist_items
     from medfm_ops.networks import instantiate, load_pretrained_classifier
+    from medfm_ops.peft import weights_per_top_level_module
 
     start = time.perf_counter()
     wanted = select_rows(rows, [r[0] for r in ROWS])
@@ -604,7 +594,7 @@ def run(
         cmd_line.append(f"--work_dir {work_dir}")
     if results != "docs/RESULTS_shpeft.md":
         cmd_line.append(f"--results {results}")
-    network_layout = _module_weights(instantiate(pre.network_def))  # the starting network, built once
+    network_layout = weights_per_top_level_module(instantiate(pre.network_def).named_parameters())  # built once
     record = {
         **run_record(cmd_line, start),
         "total_run_seconds": total,

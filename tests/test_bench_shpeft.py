@@ -143,7 +143,9 @@ def test_mask_layout_section(tmp_path):
     net.add_module("conv1", torch.nn.Conv3d(1, 2, 1, bias=False))  # 2 weights
     net.add_module("layer4", torch.nn.Conv3d(2, 3, 1, bias=False))  # 6
     net.add_module("fc", torch.nn.Linear(2, 1))  # 3
-    weights = bench._module_weights(net)
+    from medfm_ops.peft import weights_per_top_level_module
+
+    weights = weights_per_top_level_module(net.named_parameters())
     assert weights == {"conv1": 2, "layer4": 6, "fc": 3}
     record = {"network_layout": weights, "tasks": {TASKS[0]: [
         {"name": "shpeft", "runs": [{"mask_layout": layout}]}, {"name": "full", "runs": [{"mask_layout": None}]}]}}

@@ -106,15 +106,12 @@ class _ScoreTable:
 
     def add(
         self, label: str, network: nn.Module | None, params: tuple[int, int] | None = None,
-        flops: tuple[float, float] | None = None, scores: list[dict] | None = None,
-        thresholds: Mapping[int, float] | None = None, **score_kwargs: Any,
+        flops: tuple[float, float] | None = None, scores: list[dict] | None = None, **score_kwargs: Any,
     ) -> list[dict]:  # fmt: skip
-        """Score ``network`` (at the argmax, or at the two-class decision ``thresholds`` per task id) or take
-        ``scores``, and add its rows; ``params``/``flops`` default to the network's own count for both training and
-        deployment. Returns the scores."""
+        """Score ``network`` (or take ``scores``) and add its rows; ``params``/``flops`` default to the network's own
+        count for both training and deployment. Returns the scores."""
         if scores is None:
-            metric = classifier_metric(network, self.files, self.preprocessing, self.task_table, self.device, **score_kwargs)
-            scores = metric.rows(thresholds)
+            scores = score_classifier(network, self.files, self.preprocessing, self.task_table, self.device, **score_kwargs)
         if params is None:
             params = (count_params(network),) * 2
         if flops is None:
@@ -200,12 +197,13 @@ def evaluate_rd(
     table = _ScoreTable(files, preprocessing, task_table, device, spatial_size)
     student = rd_model.export_student().eval()
     params = (count_params(rd_model), count_params(student))
-    table.add("RD student (deployed)", student, params)
+    metric = classifier_metric(student, files, preprocessing, task_table, device)  # one pass serves both rows
+    table.add("RD student (deployed)", student, params, scores=metric.rows())
     decision = bundle_decision_threshold(export_dir) if export_dir is not None else None
     if decision is not None:
         task, threshold = decision
         table.add(f"RD student (exported bundle, decision threshold {threshold:.3g})", student, params,
-                  thresholds={task_table.task_id_of(task): threshold})  # fmt: skip
+                  scores=metric.rows({task_table.task_id_of(task): threshold}))  # fmt: skip
     predict = rd_model.predict
     rd_model.predict = "teacher"
     n_t, f_t = count_params(teacher), count_flops(teacher.teacher, table.shape)

@@ -30,6 +30,8 @@ from .selection import (
     module_shares,
     select_top_k,
     select_weights,
+    top_level_module,
+    weights_per_top_level_module,
 )
 from .norm_statistics import freeze_norm_statistics, norm_statistics_layers
 from .sparse_parameters import SparseParameters
@@ -62,4 +64,6 @@ __all__ = [
     "select_weights",
     "sparse_delta",
     "state_fingerprint",
+    "top_level_module",
+    "weights_per_top_level_module",
 ]

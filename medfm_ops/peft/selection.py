@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -21,6 +21,8 @@ __all__ = [
     "importance_scores",
     "module_shares",
     "select_top_k",
+    "top_level_module",
+    "weights_per_top_level_module",
     "select_weights",
 ]
 
@@ -169,8 +171,18 @@ def module_shares(counts: Mapping[str, int], k: int) -> dict[str, int]:
     return shares
 
 
-def _top_level(name: str) -> str:
+def top_level_module(name: str) -> str:
+    """The top-level module of a parameter name: ``"layer4.1.conv2.weight"`` -> ``"layer4"``."""
     return name.split(".", 1)[0]
+
+
+def weights_per_top_level_module(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
+    """Entries of ``(name, tensor)`` pairs (parameters, masks' index lists) summed per :func:`top_level_module`, in
+    first-seen order."""
+    out: dict[str, int] = {}
+    for name, tensor in named:
+        out[top_level_module(name)] = out.get(top_level_module(name), 0) + int(tensor.numel())
+    return out
 
 
 def select_weights(
@@ -230,8 +242,8 @@ def select_weights(
     else:
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for n, t in scores.items():
-            groups.setdefault(_top_level(n), {})[n] = t
-        shares = module_shares({g: sum(t.numel() for t in ts.values()) for g, ts in groups.items()}, k)
+            groups.setdefault(top_level_module(n), {})[n] = t
+        shares = module_shares(weights_per_top_level_module(scores.items()), k)
         masks = {}
         for g, ts in groups.items():
             masks.update(select_top_k(ts, shares[g]) if shares[g] else {n: torch.zeros_like(t, dtype=torch.bool)
