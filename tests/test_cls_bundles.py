@@ -320,3 +320,40 @@ def test_resumed_classification_run_keeps_its_validation_record(workspace, tmp_p
     models = [torch.load(b / "models" / "model.pt", weights_only=True) for b in runs.values()]
     for k, v in models[0].items():
         assert torch.allclose(v, models[1][k], atol=1e-6, rtol=0), k
+
+
+def test_rd_teacher_reads_its_own_input(workspace, tmp_path):
+    """teacher_images: the teacher sees each training case from its own file (here the same cases upsampled to 24^3,
+    resized to its 16^3), the student its 12^3 image; the cached teacher outputs are those of the teacher's input,
+    not of the student's."""
+    from monai.transforms import Compose, NormalizeIntensity, Resize
+
+    from medfm_ops.data import ensure_cls_dataset, load_cls_datalist
+    from medfm_ops.networks import load_teacher_features
+
+    datalist = ensure_cls_dataset(workspace / "cache" / "synthetic_cls", synthetic={"size": 16, "train_cases": 8,
+                                  "val_cases": 4, "seed": 0, "tasks": None})  # fmt: skip
+    table, sections = load_cls_datalist(datalist)
+    student_file = next(i["image"] for i in sections["training"] if i["task"] == "shape_ct")
+    src = np.load(student_file)
+    up = {k: (torch.nn.functional.interpolate(torch.as_tensor(src[k][:, None], dtype=torch.float32), size=(24, 24, 24),
+                                              mode="trilinear")[:, 0].numpy() if k.endswith("_images") else src[k])
+          for k in src.files}  # fmt: skip
+    np.savez(tmp_path / "shape_24.npz", **up)
+    cache = tmp_path / "teacher_features.pt"
+    _run(workspace / "rd_cls", "train.json", epochs=1, val_interval=1, task="shape_ct", spatial_size=[12, 12, 12],
+         teacher_images={"shape_ct": str(tmp_path / "shape_24.npz")}, teacher_spatial_size=[16, 16, 16],
+         cache_teacher_features=True, teacher_feature_cache=str(cache), ckpt_dir=str(tmp_path / "models"),
+         output_dir=str(tmp_path / "runs"))  # fmt: skip
+    raw = torch.load(cache, weights_only=True)
+    assert raw["fingerprint"]["settings"]["teacher_spatial_size"] == [16, 16, 16] and len(raw["entries"]) == 8
+    teacher = load_teacher_features(workspace / "foundation_cls", table)
+    prep = {n: Compose([Resize((16, 16, 16), mode="trilinear"), NormalizeIntensity(channel_wise=True)]) for n in ("t", "s")}
+    for name, (logits, _) in raw["entries"].items():
+        index = int(name.rsplit("[", 1)[1].rstrip("]"))
+        with torch.no_grad():
+            own = teacher(prep["t"](torch.as_tensor(up["train_images"][index][None]))[None])[0][0]
+            student_view = Resize((12, 12, 12), mode="trilinear")(torch.as_tensor(src["train_images"][index][None], dtype=torch.float32))
+            other = teacher(prep["s"](student_view)[None])[0][0]
+        assert torch.allclose(logits, own, atol=1e-4), name
+        assert not torch.allclose(logits, other, atol=1e-3), name

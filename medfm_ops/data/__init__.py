@@ -112,11 +112,13 @@ from .cls_datalist import ClsItemError, check_cls_item, cls_item_name, ensure_cl
 from .medmnist import MEDMNIST_TASKS, NpzReadError, medmnist_items, read_medmnist_split, read_npz_array
 from .cls_synthetic import CLS_GENERATOR_VERSION, SYNTHETIC_CLS_TASKS, generate_cls_task, write_synthetic_cls_tasks
 from .cls_transforms import CheckClsItemd, LoadClsImaged, VolumeShapeError
+from .teacher_inputs import TEACHER_IMAGE_KEY, with_teacher_images
 
 __all__ += [
     "CLS_GENERATOR_VERSION",
     "MEDMNIST_TASKS",
     "SYNTHETIC_CLS_TASKS",
+    "TEACHER_IMAGE_KEY",
     "CheckClsItemd",
     "ClsItemError",
     "ClsTaskTable",
@@ -131,5 +133,6 @@ __all__ += [
     "medmnist_items",
     "read_medmnist_split",
     "read_npz_array",
+    "with_teacher_images",
     "write_synthetic_cls_tasks",
 ]

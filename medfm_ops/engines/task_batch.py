@@ -70,6 +70,9 @@ class TaskPrepareBatch:
         task_key: batch key of the ``(B,)`` task ids, also their key in the dict targets. Defaults to the kind's
             (``"region"``, ``"task_id"``).
         mask_key: batch key of the per-case ``(B, C)`` channel mask. Defaults to ``"channel_mask"``.
+        teacher_image_key: batch key of the teacher's own input (the same cases at the teacher's resolution,
+            :func:`~medfm_ops.data.with_teacher_images`); a cache still names the cases by ``image_key``. Defaults to
+            None (the teacher reads ``image_key``).
 
     Raises:
         ValueError: on an unknown kind, segmentation ``targets_as_dict`` without ``channel_mask_fn``,
@@ -95,6 +98,7 @@ class TaskPrepareBatch:
         label_key: str = CommonKeys.LABEL,
         task_key: str | None = None,
         mask_key: str = "channel_mask",
+        teacher_image_key: str | None = None,
     ) -> None:
         name = type(self).__name__
         if kind not in TASK_KINDS:
@@ -116,6 +120,7 @@ class TaskPrepareBatch:
         self.task_offsets, self.task_num_classes, self.cache = task_offsets, task_num_classes, cache
         self.image_key, self.label_key, self.mask_key = image_key, label_key, mask_key
         self.task_key = task_key or TASK_KINDS[kind].item_key
+        self.teacher_image_key = teacher_image_key
 
     def __call__(
         self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
@@ -156,7 +161,13 @@ class TaskPrepareBatch:
         return image, targets, args, kw
 
     def _run_teacher(self, batchdata: dict, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(logits, features or None)`` of the frozen teacher (from the cache when there is one), no gradient."""
+        """``(logits, features or None)`` of the frozen teacher (from the cache when there is one), no gradient; the
+        teacher reads ``batchdata[teacher_image_key]`` when that key is set, else the student's ``image``."""
+        if self.teacher_image_key is not None:
+            if self.teacher_image_key not in batchdata:
+                raise KeyError(f"batch has no '{self.teacher_image_key}' entry, the teacher's input (keys: "
+                               f"{sorted(batchdata)}); check the datalist items (teacher_images) and transforms.")  # fmt: skip
+            image = batchdata[self.teacher_image_key].to(device=image.device)
         with torch.no_grad():
             if self.cache is not None:
                 logits, feats = self.cache(batch_filenames(batchdata, self.image_key), image, self.teacher)
