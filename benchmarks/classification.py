@@ -60,6 +60,7 @@ from benchmarks.common import (
     reexec_with_glibc_tunables,
     run_record,
     select_rows,
+    split_list,
     threshold_cell,
     verdict_cell,
 )
@@ -75,6 +76,8 @@ from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
 from medfm_ops.utils.hashing import file_sha256  # noqa: E402
 
 TASKS = {"adrenalmnist3d": "adrenalmnist3d/adrenalmnist3d.npz", "vesselmnist3d": "vesselmnist3d/vesselmnist3d.npz"}
+#: the same cases at a higher resolution, per resolution (``--teacher_resolution``): the foundation's own files
+TEACHER_FILES = {64: {"adrenalmnist3d": "adrenalmnist3d/adrenalmnist3d_64.npz"}}
 SCORES = ("auc", "balanced_accuracy", "f1", "accuracy")
 #: bump to rescore reused runs: 2 = the decision threshold chosen on each run's carved validation split
 SCORING_VERSION = 2
@@ -178,10 +181,13 @@ def _abs(path: str | Path) -> Path:
     return Path(path) if Path(path).is_absolute() else (REPO / path).resolve()
 
 
-def _datalists(work: Path, data: dict[str, str], budget: dict[str, Any], loto_tasks: list[str]) -> dict[str, str]:
+def _datalists(work: Path, data: dict[str, str], budget: dict[str, Any], loto_tasks: list[str],
+               teacher_data: dict[str, str] | None = None) -> dict[str, str]:
     """The carved datalists (training minus a validation split carved from it, see :func:`carve_validation_datalist`):
-    ``"both"`` (the two real tasks, no synthetic task: every row but the leave-one-task-out foundations) and
-    ``"without_<task>"`` (foundation_cls's synthetic default tasks + the other real task) per left-out task."""
+    ``"both"`` (the real tasks, no synthetic task: every row but the leave-one-task-out foundations),
+    ``"without_<task>"`` (foundation_cls's synthetic default tasks + the other real task) per left-out task and, with
+    ``teacher_data`` (the same cases at the teacher's resolution), ``"teacher"``: the foundation's, carved into the
+    same cases as ``"both"`` (checked)."""
     from monai.bundle import ConfigParser
 
     from medfm_ops.data import ensure_cls_dataset
@@ -193,13 +199,24 @@ def _datalists(work: Path, data: dict[str, str], budget: dict[str, Any], loto_ta
     for t in loto_tasks:
         sources[f"without_{t}"] = ensure_cls_dataset(cache, synthetic=synthetic, real_tasks=data,
                                                      real_limit=budget["limit"], exclude_tasks=[t])  # fmt: skip
+    if teacher_data:
+        sources["teacher"] = ensure_cls_dataset(cache, synthetic={**synthetic, "tasks": []}, real_tasks=teacher_data,
+                                                real_limit=budget["limit"])  # fmt: skip
     for name, src in sources.items():
         out[name] = str(carve_validation_datalist(src, work / "datalists" / f"{name}.json", budget["val_fraction"]))
+    if teacher_data:
+        cases = {n: json.loads(Path(out[n]).read_text()) for n in ("both", "teacher")}
+        for section in ("training", "validation", "shipped_validation"):
+            keys = {n: sorted((i["task"], i.get("array"), i.get("index"), i["label"]) for i in c[section])
+                    for n, c in cases.items()}  # fmt: skip
+            if keys["both"] != keys["teacher"]:
+                raise ValueError(f"the teacher's files {teacher_data} do not hold the cases of {data} ({section}): the "
+                                 "teacher and the students must be split into the same cases.")  # fmt: skip
     return out
 
 
 def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], budget: dict[str, Any],
-          lr_choice: dict[str, float] | None = None) -> list[dict]:
+          lr_choice: dict[str, float] | None = None, teacher_data: dict[str, str] | None = None) -> list[dict]:
     """The training runs. The teachers first: the foundation, trained ONCE (seed 0, ``foundation/``) and the teacher
     of every seed's rows, and the leave-one-task-out foundations (one per target task, seed 0) when a row needs them.
     Then every row for every seed. With an LR grid (``budget["lr_factors"]``: factors of each bundle's own learning
@@ -207,11 +224,14 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
     per factor (``lr<factor>/``); with ``lr_choice`` (run group -> chosen factor, :func:`_choose_lr`) every seed runs
     the chosen factor. Every run selects its model on its
     own validation split carved from train (``val_interval`` 1, the bundles' best-on-val ``model.pt``, early stopping
-    with ``budget["patience"]``); the shipped val split is only scored."""
+    with ``budget["patience"]``); the shipped val split is only scored. With ``teacher_data`` (task -> the same cases
+    at ``budget["teacher_resolution"]``) the foundation trains on those files at that size (its first convolution
+    with stride 2, so its cost stays near that of a 28^3 foundation) and the distilling rows' teacher reads them
+    (rd_cls ``teacher_images``)."""
     from benchmarks.common import keep_training_fraction
 
     loto_tasks = list(data) if any(ROWS[r].leave_task_out for r in rows) else []
-    lists = _datalists(work, data, budget, loto_tasks)
+    lists = _datalists(work, data, budget, loto_tasks, teacher_data)
     for spec in (ROWS[r] for r in rows):  # the fixed draws, each shared by every row and seed that trains on it
         key = _datalist_key(spec)
         if key not in lists:
@@ -232,6 +252,10 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
               "output_dir": str(run_dir / "runs"), **teacher_common, "datalist": datalist,
               "epochs": budget["foundation_epochs"], "seed": 0,
               **({"exclude_tasks": exclude} if exclude else {"synthetic#tasks": []})}  # fmt: skip
+        if teacher_data and key == "foundation":
+            size = int(budget["teacher_resolution"])
+            ov.update({"real_tasks": teacher_data, "datalist": lists["teacher"], "spatial_size": [size] * 3,
+                       "network_config#conv1_t_stride": 2})  # fmt: skip
         out.append({"row": "foundation" if key == "foundation" else "foundation_loto", "seed": seeds[0], "task": task,
                     "dir": str(run_dir), "teacher": False, "after": None, "key": key, "lr_factor": None,
                     "configs": [str(REPO / "bundles" / "foundation_cls" / "configs" / "train.json")],
@@ -264,6 +288,9 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
                     elif spec.teacher and row != "finetune":
                         ov.update(cache_teacher_features=True,
                                   teacher_feature_cache=str(teacher_dir / "teacher_features.pt"))
+                        if teacher_data:  # the teacher reads the cases at its own resolution
+                            size = int(budget["teacher_resolution"])
+                            ov.update(teacher_images=teacher_data, teacher_spatial_size=[size] * 3)
                     if spec.bundle == "rd_cls":
                         ov["verify_export"] = False  # the exported bundle is scored through its inference.json below
                     if row in LORKD_ROWS:
@@ -277,6 +304,26 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
                                 "epochs": budget["epochs"], "after": teacher, "key": None, "group": group,
                                 "lr_factor": factor})  # fmt: skip
     return out
+
+
+def _teacher_files(data_dir: str, tasks: list[str], rows: list[str], resolution: int | None) -> dict[str, str] | None:
+    """Task -> the foundation's own file at ``resolution`` (:data:`TEACHER_FILES`), or None without a resolution.
+
+    Raises:
+        ValueError: for a resolution or task without files, or rows whose teacher cannot read them (only the rd_cls
+            rows with cached teacher outputs: no augmentation, leave-one-task-out teacher or reprogramming)."""
+    if not resolution:
+        return None
+    files = TEACHER_FILES.get(int(resolution))
+    if files is None or any(t not in files for t in tasks):
+        raise ValueError(f"teacher_resolution {resolution}: files exist for {({r: sorted(f) for r, f in TEACHER_FILES.items()})}; "
+                         f"the tasks {tasks} need one each (--tasks).")  # fmt: skip
+    unfit = [r for r in rows if r != "foundation" and (ROWS[r].bundle != "rd_cls" or ROWS[r].deployed != "student" or
+             ROWS[r].augment or ROWS[r].leave_task_out or r == "finetune")]  # fmt: skip
+    if unfit:
+        raise ValueError(f"teacher_resolution {resolution}: rows {unfit} cannot use a teacher that reads its own files "
+                         "(only rd_cls students with cached teacher outputs; --rows).")  # fmt: skip
+    return {t: str(_abs(data_dir) / files[t]) for t in tasks}
 
 
 def _bundle_lr(configs: list[str]) -> float:
@@ -918,6 +965,8 @@ def run(
     lr_factors: str | tuple[float, ...] | None = None,
     teacher_augmentation: bool = True,
     lr_choice_seeds: int = 1,
+    tasks: str | tuple[str, ...] | None = None,
+    teacher_resolution: int | None = None,
 ) -> str:
     """
     Train and score the rows (each once per seed) and write ``results`` (+ ``.json``) and its figures.
@@ -955,9 +1004,16 @@ def run(
             changes nothing there).
             Defaults to True: chosen on the carved validation split (seed 0: the foundation's mean AUC 0.894 with
             it, 0.861 without).
+        tasks: subset of :data:`TASKS` (comma-separated or a list). Defaults to both.
+        teacher_resolution: train the foundation (the teacher) on the same cases at this resolution
+            (:data:`TEACHER_FILES`, e.g. 64: AdrenalMNIST3D's 64^3 release) while the students keep 28^3; the
+            distilling rows' teacher reads those files. Only rows whose teacher's outputs are cached (rd_cls rows
+            without augmentation, leave-one-task-out or reprogramming) and tasks with such a file. Defaults to None
+            (the teacher sees the students' inputs).
 
     Raises:
-        ValueError: for unknown rows, ``jobs < 1`` or ``val_fraction`` outside (0, 1).
+        ValueError: for unknown rows or tasks, ``jobs < 1``, ``val_fraction`` outside (0, 1), or a
+            ``teacher_resolution`` without files for the tasks or with rows that cannot use it.
     """
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     work, out = _abs(work_dir), _abs(results)
@@ -966,21 +1022,26 @@ def run(
     if not 0.0 < float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
     seed_list = [int(s) for s in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
-    data = {t: str(_abs(data_dir) / f) for t, f in TASKS.items()}
-    missing = [p for p in data.values() if not Path(p).is_file()]
+    task_list = split_list(tasks) if tasks else list(TASKS)
+    if not task_list or set(task_list) - set(TASKS):
+        raise ValueError(f"tasks must be among {list(TASKS)}, got {task_list}.")
+    data = {t: str(_abs(data_dir) / f) for t, f in TASKS.items() if t in task_list}
+    teacher_data = _teacher_files(data_dir, list(data), wanted, teacher_resolution)
+    missing = [p for p in [*data.values(), *(teacher_data or {}).values()] if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"MedMNIST files not found: {missing} (see ../shared/data/README.md); pass --data_dir.")
     budget = {"epochs": epochs, "foundation_epochs": foundation_epochs, "lorkd_warmup_epochs": lorkd_warmup_epochs,
               "batch_size": batch_size, "limit": limit, "val_fraction": float(val_fraction),
               "patience": int(patience), "teacher_augmentation": bool(teacher_augmentation),
               "lr_choice_seeds": int(lr_choice_seeds),
+              **({"teacher_resolution": int(teacher_resolution)} if teacher_data else {}),
               "lr_factors": [float(f) for f in (str(lr_factors).split(",") if isinstance(lr_factors, (str, int, float))
                                                 else lr_factors or [])]}  # fmt: skip
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(int(threads))  # inherited by every child process
-    plan = _runs(wanted, seed_list, work, data, budget)
+    plan = _runs(wanted, seed_list, work, data, budget, teacher_data=teacher_data)
     trained = _train_all(plan, reuse_rows, int(jobs))
     lr_choice: dict[str, dict[str, Any]] = {}
     if budget["lr_factors"]:  # chosen on the first seed(s)' carved split; then every seed trains the choice
@@ -988,7 +1049,7 @@ def run(
         for group, c in lr_choice.items():
             print(f"  {group}: lr {c['learning_rate']:.3g} (factor {c['factor']:g}; carved-split AUC per factor "
                   f"{c['grid']})", flush=True)
-        plan = _runs(wanted, seed_list, work, data, budget, {g: c["factor"] for g, c in lr_choice.items()})
+        plan = _runs(wanted, seed_list, work, data, budget, {g: c["factor"] for g, c in lr_choice.items()}, teacher_data)
         trained = _train_all(plan, reuse_rows, int(jobs))
     records, teachers = [], {}
     for r, (rec, reused) in zip(plan, trained):  # scoring in this process, one run at a time
@@ -1015,7 +1076,7 @@ def run(
     latency = _latencies(records, latency_repeats)
     prefix = "cls" + out.stem.removeprefix("RESULTS_classification")  # one page's figures never replace another's
     figures = _figures(records, out.parent / "figures", gradcam_cases, gradcam_layer, prefix)
-    figures["training_curves"] = _curves(records, list(TASKS), out.parent / "figures" / f"{prefix}_curves.png")
+    figures["training_curves"] = _curves(records, list(data), out.parent / "figures" / f"{prefix}_curves.png")
     args = [f"python -m benchmarks.classification run --data_dir {data_dir} --seeds {','.join(map(str, seed_list))}",
             f"--epochs {epochs} --foundation_epochs {foundation_epochs} --lorkd_warmup_epochs {lorkd_warmup_epochs}",
             f"--batch_size {batch_size} --jobs {jobs} --threads {threads}"]  # fmt: skip
@@ -1033,9 +1094,13 @@ def run(
             args.append(f"--lr_choice_seeds {int(lr_choice_seeds)}")
     if rows:
         args.append(f"--rows {','.join(wanted)}")
+    if list(data) != list(TASKS):
+        args.append(f"--tasks {','.join(data)}")
+    if teacher_data:
+        args.append(f"--teacher_resolution {int(teacher_resolution)}")
     if work_dir != "runs/cls_bench" or results != "docs/RESULTS_classification.md":
         args.append(f"--work_dir {work_dir} --results {results}")
-    meta = {**run_record(args, start), "seeds": seed_list, "tasks": list(TASKS), "budget": budget,
+    meta = {**run_record(args, start), "seeds": seed_list, "tasks": list(data), "budget": budget,
             "data_dir": data_dir, "load_start": load_start,
             "work_dir": os.path.relpath(work, REPO) if work.is_relative_to(REPO) else str(work), "machine": machine_info(torch.device("cpu")),
             "latency_repeats": latency_repeats, "jobs": int(jobs), "threads": threads,

@@ -27,7 +27,7 @@ def test_argument_checks(tmp_path):
 
 
 def test_plan(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto: {
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto, teacher_data=None: {
         "both": "both.json", **{f"without_{t}": f"without_{t}.json" for t in loto}})  # fmt: skip
     data = {t: f"{t}.npz" for t in TASKS}
     budget = {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
@@ -67,7 +67,7 @@ def test_plan(tmp_path, monkeypatch):
 def test_lr_grid_plan_and_choice(tmp_path, monkeypatch):
     """The first seed trains every row at each LR factor of the bundle's own rate; the best carved-split key metric
     picks the factor every seed trains; early stopping reaches every run."""
-    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto: {"both": "both.json"})
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto, teacher_data=None: {"both": "both.json"})
     data = {t: f"{t}.npz" for t in TASKS}
     budget = {"epochs": 9, "foundation_epochs": 9, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
               "val_fraction": 0.2, "patience": 3, "lr_factors": [0.5, 2.0]}  # fmt: skip
@@ -262,7 +262,7 @@ def test_rows_are_queued_as_soon_as_their_own_teacher_is_done():
 def test_augmented_rows(tmp_path, monkeypatch):
     """The ``*_aug`` rows keep their bundle's random transforms and run the teacher online (no feature cache, which
     holds features of un-augmented inputs); the reading compares them with the augmented student from scratch."""
-    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto: {"both": "both.json"})
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto, teacher_data=None: {"both": "both.json"})
     data = {t: f"{t}.npz" for t in TASKS}
     budget = {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
               "val_fraction": 0.2}  # fmt: skip
@@ -292,7 +292,7 @@ def test_augmented_rows(tmp_path, monkeypatch):
 def test_lr_choice_on_the_mean_over_seeds(tmp_path, monkeypatch):
     """``lr_choice_seeds`` 2: the first two seeds train the grid and the factor is chosen on their mean carved-split
     AUC (seed 0 alone would pick the other factor); seed 2 waits for the choice."""
-    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto: {"both": "both.json"})
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto, teacher_data=None: {"both": "both.json"})
     data = {t: f"{t}.npz" for t in TASKS}
     budget = {"epochs": 9, "foundation_epochs": 9, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
               "val_fraction": 0.2, "patience": 3, "lr_factors": [0.5, 2.0], "lr_choice_seeds": 2}  # fmt: skip
@@ -315,7 +315,7 @@ def test_few_label_rows(tmp_path, monkeypatch):
     src = tmp_path / "both_src.json"
     src.write_text(json.dumps({"tasks": [], "training": items, "validation": []}))
     both = carve_validation_datalist(src, tmp_path / "both.json", 0.2)
-    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto: {"both": str(both)})
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto, teacher_data=None: {"both": str(both)})
     data = {t: f"{t}.npz" for t in TASKS}
     budget = {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
               "val_fraction": 0.2}  # fmt: skip
@@ -354,3 +354,49 @@ def test_few_label_rows(tmp_path, monkeypatch):
     assert bench._scratch_of("rd_few2") == "scratch_few2" and bench._scratch_of("rd_few") == "scratch_few"
     assert bench._title_suffix(["foundation", "scratch_few", "rd_few"]) == ", few labels (25% of the training cases)"
     assert bench._title_suffix(["foundation", "scratch", "rd_few"]) == ""  # a mixed page keeps the plain title
+
+
+def test_teacher_at_its_own_resolution(tmp_path, monkeypatch):
+    """--teacher_resolution 64: the foundation trains on the 64^3 files (stride-2 stem) on the same carved cases, the
+    distilling rows' teacher reads them, the student from scratch does not; rows or tasks that cannot are refused."""
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto, teacher_data=None: {
+        "both": "both.json", **({"teacher": "teacher.json"} if teacher_data else {})})  # fmt: skip
+    data = {"adrenalmnist3d": "a28.npz"}
+    budget = {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
+              "val_fraction": 0.2, "teacher_resolution": 64}  # fmt: skip
+    plan = bench._runs(["scratch", "rd", "logit_kd"], [0], tmp_path, data, budget, teacher_data={"adrenalmnist3d": "a64.npz"})
+    by = {r["row"]: r["overrides"] for r in plan}
+    assert by["foundation"]["real_tasks"] == {"adrenalmnist3d": "a64.npz"} and by["foundation"]["datalist"] == "teacher.json"
+    assert by["foundation"]["spatial_size"] == [64] * 3 and by["foundation"]["network_config#conv1_t_stride"] == 2
+    for row in ("rd", "logit_kd"):
+        assert by[row]["teacher_images"] == {"adrenalmnist3d": "a64.npz"} and by[row]["teacher_spatial_size"] == [64] * 3
+        assert by[row]["datalist"] == "both.json" and by[row]["cache_teacher_features"] is True
+    assert "teacher_images" not in by["scratch"]
+    with pytest.raises(ValueError, match="rows \\['lorkd', 'rd_aug'\\] cannot"):
+        bench._teacher_files("../shared/data", ["adrenalmnist3d"], ["foundation", "rd", "lorkd", "rd_aug"], 64)
+    with pytest.raises(ValueError, match="need one each"):
+        bench._teacher_files("../shared/data", ["adrenalmnist3d", "vesselmnist3d"], ["rd"], 64)
+    with pytest.raises(ValueError, match="tasks must be among"):
+        bench.run(rows="rd", tasks="nope", work_dir=str(tmp_path))
+
+
+def test_teacher_datalist_holds_the_students_cases(tmp_path):
+    """The foundation's 64^3 datalist is carved into exactly the students' cases; other cases are refused."""
+    import numpy as np
+
+    def npz(path, labels, size):
+        n = len(labels)
+        np.savez(path, train_images=np.zeros((n, size, size, size), np.uint8), train_labels=np.asarray(labels)[:, None],
+                 val_images=np.zeros((2, size, size, size), np.uint8), val_labels=np.asarray([[0], [1]]))  # fmt: skip
+        return str(path)
+
+    labels = [0, 1] * 10
+    budget = {"limit": None, "val_fraction": 0.2}
+    lists = bench._datalists(tmp_path, {"adrenalmnist3d": npz(tmp_path / "a28.npz", labels, 4)}, budget, [],
+                             {"adrenalmnist3d": npz(tmp_path / "a64.npz", labels, 8)})  # fmt: skip
+    both, teacher = (json.loads(Path(lists[k]).read_text()) for k in ("both", "teacher"))
+    assert [(i["index"], i["label"]) for i in both["validation"]] == [(i["index"], i["label"]) for i in teacher["validation"]]
+    assert all(i["image"].endswith("a64.npz") for i in teacher["training"])
+    with pytest.raises(ValueError, match="do not hold the cases"):
+        bench._datalists(tmp_path / "other", {"adrenalmnist3d": npz(tmp_path / "a28.npz", labels, 4)}, budget, [],
+                         {"adrenalmnist3d": npz(tmp_path / "b64.npz", labels[::-1], 8)})  # fmt: skip
