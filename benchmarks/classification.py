@@ -869,8 +869,8 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
            "distilling rows' teacher reads each case from those files (rd_cls `teacher_images`, cached teacher "
            "outputs); the students keep 28^3. The foundation row is scored on the shipped val split of those files."]
           if b.get("teacher_resolution") else []),
-        "- Networks: foundation MONAI ResNet (basic blocks 2-2-2-2, widths 32-256, one unified head over both tasks' "
-        "classes); every student MONAI ResNet (1-1-1-1, 16-128) with a task head; LoRKD = that student with one rank-8 "
+        "- Networks: foundation MONAI ResNet (basic blocks 2-2-2-2, widths 32-256, one unified head over "
+        + ("both tasks' classes" if len(meta["tasks"]) > 1 else "the task's classes") + "); every student MONAI ResNet (1-1-1-1, 16-128) with a task head; LoRKD = that student with one rank-8 "
         "expert per task in every conv, fused into the stock network per task for deployment.",
         "- Scoring: LoRKD experts and the RD students (each run's own `export/<task>`, written by rd_cls) through their "
         "exported standalone bundles (`inference.json` on "
@@ -895,6 +895,9 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         "",
     ]  # fmt: skip
     text = "\n".join(lines)
+    if b.get("teacher_resolution"):  # this page's foundation is another network than the row's usual description
+        text = text.replace(ROWS["foundation"].description,
+                            f"foundation at {b['teacher_resolution']}^3 ({_data_names(meta['tasks'])} only)")
     atomic_write_text(path, text)
     return text
 

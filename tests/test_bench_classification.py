@@ -400,3 +400,22 @@ def test_teacher_datalist_holds_the_students_cases(tmp_path):
     with pytest.raises(ValueError, match="do not hold the cases"):
         bench._datalists(tmp_path / "other", {"adrenalmnist3d": npz(tmp_path / "a28.npz", labels, 4)}, budget, [],
                          {"adrenalmnist3d": npz(tmp_path / "b64.npz", labels[::-1], 8)})  # fmt: skip
+
+
+def test_page_of_one_task_with_a_teacher_at_64(tmp_path):
+    machine = {"cpu_model": "cpu", "usable_cores": 2, "logical_cores": 2, "torch": "2", "torch_threads": 1, "gpu": None,
+               "glibc_tunables": "x", "load_average_1min": 1.0}  # fmt: skip
+    t = "adrenalmnist3d"
+    records = [{"row": "foundation", "seed": 0, "task": None, "seconds": 60, "bundle_scores": {}, "train_params": 1e6,
+                "deploy_params": 1e6, "deploy_flops": 1e7, "scores": {t: _scores(0.9, 0.8)}}]  # fmt: skip
+    for seed in (0, 1):
+        records.append({"row": "logit_kd", "seed": seed, "task": t, "seconds": 30, "bundle_scores": {}, "train_params": 1e5,
+                        "deploy_params": 1e5, "deploy_flops": 1e6, "scores": {t: _scores(0.8, 0.7)}})  # fmt: skip
+    meta = {"command": "c", "date": "now", "seconds": 90, "seeds": [0, 1], "tasks": [t], "data_dir": "d", "load_start": 1.0,
+            "machine": machine, "work_dir": "w", "latency_repeats": 2, "jobs": 1,
+            "budget": {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": None,
+                       "val_fraction": 0.2, "teacher_resolution": 64}}  # fmt: skip
+    text = bench.write_results(tmp_path / "r.md", {"meta": meta, "records": records, "rows": ["foundation", "logit_kd"]})
+    assert text.startswith("# Results: 3D classification (AdrenalMNIST3D), teacher at 64^3")
+    assert "| foundation at 64^3 (AdrenalMNIST3D only) | 0.900 |" in text and "both tasks" not in text
+    assert "adrenalmnist3d/adrenalmnist3d_64.npz" in text and "vesselmnist3d" not in text
