@@ -558,11 +558,12 @@ def _latencies(records: list[dict], repeats: int) -> dict[str, dict[str, float]]
     out = {}
     found = first("foundation")
     p = _parser(found)
-    x = torch.zeros(1, 1, *p.get_parsed_content("spatial_size"))
+    size = {"foundation": p.get_parsed_content("spatial_size")}  # each network at its own input size
     nets: dict[str, nn.Module] = {"foundation": p.get_parsed_content("network").cpu()}
     student = next((r for r in records if ROWS[r["row"]][5] == "student" and r["row"] not in LORKD_ROWS), None)
     if student is not None:
         sp = _parser(student)
+        size["student"] = sp.get_parsed_content("spatial_size")
         net = sp.get_parsed_content("network").cpu()
         nets["student"] = net.export_student() if hasattr(net, "export_student") else net
         if ROWS[student["row"]][1] == "lorkd_cls":
@@ -581,9 +582,11 @@ def _latencies(records: list[dict], repeats: int) -> dict[str, dict[str, float]]
                 return self.rd.g(self.rd.phi(self.teacher(v)[1]))
 
         rp = _parser(rep)
+        size["reprogrammed"] = rp.get_parsed_content("spatial_size")
         nets["reprogrammed"] = Reprogrammed(rp.get_parsed_content("network").cpu(), rp.get_parsed_content("teacher"))
     for name, net in nets.items():
         net.eval()
+        x = torch.zeros(1, 1, *size[name])
         with torch.no_grad():
             out[name] = summarize_ms(time_ms(lambda: net(x), repeats=repeats, warmup=3))
     return out
