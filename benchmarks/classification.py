@@ -653,7 +653,7 @@ CURVE_ROWS = ("foundation", "scratch", "stl", "lorkd", "mtl_kd", "rd", "logit_kd
               "logit_kd_few", "scratch_aug_few", "rd_aug_few", "logit_kd_aug_few")
 
 
-def _curves(records: list[dict], tasks: list[str], png: Path) -> dict[str, Any]:
+def _curves(records: list[dict], tasks: list[str], png: Path, budget: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per task, the carved-split AUC after every epoch of the :data:`CURVE_ROWS` runs of the first seed (read from
     each run's TensorBoard events, ``auc/<task>``), drawn into ``png``: what the teacher-student gap and the stopping
     epochs look like. Returns ``{"png": name, "curves": {task: {row: [[epoch, auc], ...]}}}``."""
@@ -669,7 +669,8 @@ def _curves(records: list[dict], tasks: list[str], png: Path) -> dict[str, Any]:
             if pts:
                 curves.setdefault(t, {})[r["row"]] = [[e, v] for e, v in pts]
     if curves:
-        plot_training_curves(png, {t: {ROWS[row][0]: pts for row, pts in c.items()} for t, c in curves.items()},
+        plot_training_curves(png, {t: {_row_label(row, budget or {}, tasks): pts for row, pts in c.items()}
+                                   for t, c in curves.items()},
                              ylabel="carved-split AUC")  # fmt: skip
     return {"png": png.name, "seed": seed, "curves": curves}
 
@@ -715,6 +716,13 @@ def _reading(rows: list[str], tasks: list[str], auc: Any) -> list[str]:
                 "curves: the teacher's and the students' validation curves): these numbers test the pipelines on "
                 "real data, not the methods' published gains, which need a teacher clearly above its students."]
     return out
+
+
+def _row_label(row: str, budget: dict[str, Any], tasks: list[str]) -> str:
+    """The row's name on a page: its description, except the foundation of a ``--teacher_resolution`` page."""
+    if row == "foundation" and budget.get("teacher_resolution"):
+        return f"foundation at {budget['teacher_resolution']}^3 ({_data_names(tasks)} only)"
+    return ROWS[row].description
 
 
 def _data_names(tasks: list[str], sep: str = ", ") -> str:
@@ -899,8 +907,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
     ]  # fmt: skip
     text = "\n".join(lines)
     if b.get("teacher_resolution"):  # this page's foundation is another network than the row's usual description
-        text = text.replace(ROWS["foundation"].description,
-                            f"foundation at {b['teacher_resolution']}^3 ({_data_names(meta['tasks'])} only)")
+        text = text.replace(ROWS["foundation"].description, _row_label("foundation", b, meta["tasks"]))
     atomic_write_text(path, text)
     return text
 
@@ -1095,7 +1102,7 @@ def run(
     latency = _latencies(records, latency_repeats)
     prefix = "cls" + out.stem.removeprefix("RESULTS_classification")  # one page's figures never replace another's
     figures = _figures(records, out.parent / "figures", gradcam_cases, gradcam_layer, prefix)
-    figures["training_curves"] = _curves(records, list(data), out.parent / "figures" / f"{prefix}_curves.png")
+    figures["training_curves"] = _curves(records, list(data), out.parent / "figures" / f"{prefix}_curves.png", budget)
     args = [f"python -m benchmarks.classification run --data_dir {data_dir} --seeds {','.join(map(str, seed_list))}",
             f"--epochs {epochs} --foundation_epochs {foundation_epochs} --lorkd_warmup_epochs {lorkd_warmup_epochs}",
             f"--batch_size {batch_size} --jobs {jobs} --threads {threads}"]  # fmt: skip
