@@ -357,3 +357,26 @@ def test_rd_teacher_reads_its_own_input(workspace, tmp_path):
             other = teacher(prep["s"](student_view)[None])[0][0]
         assert torch.allclose(logits, own, atol=1e-4), name
         assert not torch.allclose(logits, other, atol=1e-3), name
+
+
+def test_rd_teacher_images_refused_with_augmentation(workspace, tmp_path):
+    """The teacher's own input is not augmented like the student's: teacher_images without the feature cache (the
+    bundle's random transforms on) stops with one error naming the setting."""
+    datalist = ensure_cls_dataset_for(workspace)
+    with pytest.raises(Exception) as info:
+        _run(workspace / "rd_cls", "train.json", epochs=1, task="shape_ct", teacher_images={"shape_ct": datalist},
+             ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))  # fmt: skip
+    chain, e = [], info.value
+    while e is not None:  # the config parser wraps the cause
+        chain.append(str(e))
+        e = e.__cause__
+    assert any("teacher_images" in m and "cache_teacher_features true" in m for m in chain), chain
+
+
+def ensure_cls_dataset_for(workspace: Path) -> str:
+    """The npz file of the synthetic task shape_ct in the module's data cache (any existing file of that task)."""
+    from medfm_ops.data import ensure_cls_dataset, load_cls_datalist
+
+    datalist = ensure_cls_dataset(workspace / "cache" / "synthetic_cls", synthetic={"size": 16, "train_cases": 8,
+                                  "val_cases": 4, "seed": 0, "tasks": None})  # fmt: skip
+    return next(i["image"] for i in load_cls_datalist(datalist)[1]["training"] if i["task"] == "shape_ct")
