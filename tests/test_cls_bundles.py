@@ -341,10 +341,14 @@ def test_rd_teacher_reads_its_own_input(workspace, tmp_path):
           for k in src.files}  # fmt: skip
     np.savez(tmp_path / "shape_24.npz", **up)
     cache = tmp_path / "teacher_features.pt"
-    _run(workspace / "rd_cls", "train.json", epochs=1, val_interval=1, task="shape_ct", spatial_size=[12, 12, 12],
-         teacher_images={"shape_ct": str(tmp_path / "shape_24.npz")}, teacher_spatial_size=[16, 16, 16],
-         cache_teacher_features=True, teacher_feature_cache=str(cache), ckpt_dir=str(tmp_path / "models"),
-         output_dir=str(tmp_path / "runs"))  # fmt: skip
+    kw = dict(epochs=1, val_interval=1, task="shape_ct", spatial_size=[12, 12, 12], teacher_spatial_size=[16, 16, 16],
+              teacher_images={"shape_ct": str(tmp_path / "shape_24.npz")}, cache_teacher_features=True,
+              teacher_feature_cache=str(cache), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))  # fmt: skip
+    _run(workspace / "rd_cls", "train.json", **kw)
+    # evaluate.json scores the student only: the teacher would be fed the student's 12^3 input there
+    _run(workspace / "rd_cls", "train.json", "evaluate.json", **kw, eval_dir=str(tmp_path / "eval"))
+    models = {r["model"] for r in csv.DictReader((tmp_path / "eval" / "tasks.csv").open())}
+    assert "RD student (deployed)" in models and not any("teacher" in m or "foundation" in m for m in models), models
     raw = torch.load(cache, weights_only=True)
     assert raw["fingerprint"]["settings"]["teacher_spatial_size"] == [16, 16, 16] and len(raw["entries"]) == 8
     teacher = load_teacher_features(workspace / "foundation_cls", table)

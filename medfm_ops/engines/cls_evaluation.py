@@ -183,6 +183,7 @@ def evaluate_rd(
     out_dir: str | os.PathLike,
     score_foundation: bool = True,
     export_dir: str | os.PathLike | None = None,
+    score_teacher: bool = True,
 ) -> list[dict]:
     """
     Score the deployed RD student (its stock network + ``g``), the reprogrammed teacher ``g(phi(F_t(x)))`` and the
@@ -190,7 +191,9 @@ def evaluate_rd(
     g for the reprogrammed teacher) and return the rows. ``score_foundation=False`` leaves the foundation's own row
     out (a leave-one-task-out teacher has no head for the task). Defaults to True. ``export_dir``: the run's exported
     bundle; when it carries a decision threshold (:func:`~medfm_ops.bundle.calibrate_cls_bundle`) the student is also
-    scored at that threshold, as the bundle decides. Defaults to None.
+    scored at that threshold, as the bundle decides. Defaults to None. ``score_teacher=False`` leaves out both
+    teacher rows (reprogrammed teacher and foundation): a teacher that reads its own input at another resolution
+    (``teacher_images``) would be scored on the student's input here. Defaults to True.
     """
     from medfm_ops.bundle.cls_calibration import bundle_decision_threshold
 
@@ -204,6 +207,8 @@ def evaluate_rd(
         task, threshold = decision
         table.add(f"RD student (exported bundle, decision threshold {threshold:.3g})", student, params,
                   scores=metric.rows({task_table.task_id_of(task): threshold}))  # fmt: skip
+    if not score_teacher:
+        return table.write(out_dir)
     predict = rd_model.predict
     rd_model.predict = "teacher"
     n_t, f_t = count_params(teacher), count_flops(teacher.teacher, table.shape)
