@@ -49,6 +49,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -319,7 +320,7 @@ def _teacher_files(data_dir: str, tasks: list[str], rows: list[str], resolution:
         raise ValueError(f"teacher_resolution {resolution}: files exist for {({r: sorted(f) for r, f in TEACHER_FILES.items()})}; "
                          f"the tasks {tasks} need one each (--tasks).")  # fmt: skip
     unfit = [r for r in rows if r != "foundation" and (ROWS[r].bundle != "rd_cls" or ROWS[r].deployed != "student" or
-             ROWS[r].augment or ROWS[r].leave_task_out or r == "finetune")]  # fmt: skip
+             ROWS[r].augment or ROWS[r].leave_task_out)]  # fmt: skip
     if unfit:
         raise ValueError(f"teacher_resolution {resolution}: rows {unfit} cannot use a teacher that reads its own files "
                          "(only rd_cls students with cached teacher outputs; --rows).")  # fmt: skip
@@ -683,10 +684,12 @@ def _ms(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {statistics.pstdev(vals):.{digits}f}" if len(vals) > 1 else f"{mean:.{digits}f}"
 
 
-def _reading(rows: list[str], tasks: list[str], auc: Any) -> list[str]:
+def _reading(rows: list[str], tasks: list[str], auc: Any, label: Callable[[str], str] | None = None) -> list[str]:
     """Per task, every row's AUC against the student from scratch of the same recipe (:func:`_scratch_of`: the same
     augmentation and share of the training cases; the same deployed size) and against the foundation: "above"/"below"
-    when the mean difference exceeds twice the larger standard deviation over seeds."""
+    when the mean difference exceeds twice the larger standard deviation over seeds. ``label``: a row's name on the
+    page (default its description)."""
+    label = label or (lambda r: ROWS[r].description)
     out = ["**Reading** (AUC per task; \"above\"/\"below\" only when the mean difference exceeds twice the larger "
            "standard deviation over seeds, else a tie):", ""]  # fmt: skip
     weak: list[str] = []
@@ -703,10 +706,10 @@ def _reading(rows: list[str], tasks: list[str], auc: Any) -> list[str]:
                     d, _, verdict = compare_over_seeds(v, ref_v)
                     verdicts[verdict][row] = d
             if not any(verdicts.values()):
-                out.append(f"- {t}, against {ROWS[ref][0]}: no comparison (AUC undefined or no spread over seeds).")
+                out.append(f"- {t}, against {label(ref)}: no comparison (AUC undefined or no spread over seeds).")
                 continue
-            out.append(f"- {t}, against {ROWS[ref][0]}: " + "; ".join(
-                f"{k}: {', '.join(f'{ROWS[r][0]} ({d:+.3f})' for r, d in v.items())}" for k, v in verdicts.items() if v)
+            out.append(f"- {t}, against {label(ref)}: " + "; ".join(
+                f"{k}: {', '.join(f'{label(r)} ({d:+.3f})' for r, d in v.items())}" for k, v in verdicts.items() if v)
                 + ".")  # fmt: skip
             if ref != "foundation" and "foundation" in rows and "foundation" not in verdicts["above"] and t not in weak:
                 weak.append(t)
@@ -741,6 +744,9 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
     meta, records, rows = summary["meta"], summary["records"], summary["rows"]
     tasks = meta["tasks"]
     lat = summary.get("latency", {})
+
+    def label(row: str) -> str:
+        return _row_label(row, meta["budget"], tasks)
 
     def scores(row, task, key, which="scores"):
         return [(r.get(which) or r["scores"]).get(task, {}).get(key, float("nan")) for r in records if r["row"] == row and
@@ -781,11 +787,11 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
             v = [x for x in scores(row, t, "verdict", which) if isinstance(x, str)]
             cells.append(verdict_cell(v))
         per_seed = [statistics.fmean(vals) for vals in zip(*[scores(row, t, "auc", which) for t in tasks])]
-        lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + f" | **{_ms(per_seed)}** |")
+        lines.append(f"| {label(row)} | " + " | ".join(cells) + f" | **{_ms(per_seed)}** |")
     if len(meta["seeds"]) > 1:
         lines += ["", *_reading(rows, tasks, lambda row, t: scores(row, t, "auc", "bundle_scores" if row in EXPORTED_ROWS
-                                                                    else "scores"))]
-    lines += _decision_lines(rows, tasks, scores)
+                                                                    else "scores"), label)]
+    lines += _decision_lines(rows, tasks, scores, label)
     lines += ["", "## Size and cost", "",
               "| row | train params (M) | deploy params per task (M) | deploy MFLOPs per volume | latency, batch 1 "
               "(ms, median [IQR]) | train wall time per seed (min) |",
@@ -798,7 +804,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         lt = lat.get(ROWS[row][5])
         lt_s = f"{lt['median_ms']:.1f} [{lt['q1_ms']:.1f}, {lt['q3_ms']:.1f}]" if lt else "-"
         wall = sum(r["seconds"] for r in rs) / max(1, len({r["seed"] for r in rs})) / 60
-        lines.append(f"| {ROWS[row][0]} | {train:.3f} | {dep:.3f} | {flops:.1f} | {lt_s} | {wall:.1f} |")
+        lines.append(f"| {label(row)} | {train:.3f} | {dep:.3f} | {flops:.1f} | {lt_s} | {wall:.1f} |")
     diffs = [abs(r["bundle_scores"][t]["auc"] - r["scores"][t]["auc"]) for r in records for t in r.get("bundle_scores", {})
              if r["bundle_scores"][t]["auc"] == r["bundle_scores"][t]["auc"]]  # fmt: skip
     thr_diffs = [abs(r["bundle_scores"][t]["decision"]["threshold"] - r["scores"][t]["decision"]["threshold"])
@@ -814,7 +820,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         for group, c in meta["lr_choice"].items():
             grid = ", ".join(f"{f}: {v:.3f}" for f, v in c["grid"].items())
             lines.append(f"| {group} | {grid} | {c['learning_rate']:.3g} ({c['factor']:g}) |")
-    lines += _curve_lines(figs.get("training_curves"), rows)
+    lines += _curve_lines(figs.get("training_curves"), rows, label)
     lines += ["", "## Pictures", ""] if figs.get("gradcam") or "cka" in figs else []
     for task, g in figs.get("gradcam", {}).items():
         lines += [f"![Grad-CAM {task}](figures/{g['png']})", "",
@@ -906,15 +912,15 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         "",
     ]  # fmt: skip
     text = "\n".join(lines)
-    if b.get("teacher_resolution"):  # this page's foundation is another network than the row's usual description
-        text = text.replace(ROWS["foundation"].description, _row_label("foundation", b, meta["tasks"]))
     atomic_write_text(path, text)
     return text
 
 
-def _decision_lines(rows: list[str], tasks: list[str], scores: Any) -> list[str]:
+def _decision_lines(rows: list[str], tasks: list[str], scores: Any, label: Callable[[str], str] | None = None) -> list[str]:
     """The decision-threshold section: per row and task the thresholds chosen on the carved split (mean ± std over
-    seeds) and the balanced accuracy (verdict) of the same models at the argmax and at that threshold."""
+    seeds) and the balanced accuracy (verdict) of the same models at the argmax and at that threshold; ``label`` as in
+    :func:`_reading`."""
+    label = label or (lambda r: ROWS[r].description)
     head = " | ".join(f"{t}: threshold | bal. acc. argmax | verdict argmax | bal. acc. threshold" for t in tasks)
     out = ["", "## Decision threshold", "",
            "On these imbalanced tasks a model that ranks the cases well (AUC) can still predict the majority class for "
@@ -934,12 +940,14 @@ def _decision_lines(rows: list[str], tasks: list[str], scores: Any) -> list[str]
                       _ms(scores(row, t, "balanced_accuracy", "argmax_scores")),
                       verdict_cell([v for v in scores(row, t, "verdict", "argmax_scores") if isinstance(v, str)]),
                       _ms(scores(row, t, "balanced_accuracy", which))]  # fmt: skip
-        out.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + " |")
+        out.append(f"| {label(row)} | " + " | ".join(cells) + " |")
     return out
 
 
-def _curve_lines(curves: dict[str, Any] | None, rows: list[str]) -> list[str]:
-    """The training-curves section: the PNG and, per task, each drawn run's best carved-split AUC and its epoch."""
+def _curve_lines(curves: dict[str, Any] | None, rows: list[str], label: Callable[[str], str] | None = None) -> list[str]:
+    """The training-curves section: the PNG and, per task, each drawn run's best carved-split AUC and its epoch;
+    ``label`` as in :func:`_reading`."""
+    label = label or (lambda r: ROWS[r].description)
     if not curves or not curves.get("curves"):
         return []
     out = ["", "## Training curves (carved validation split)", "", f"![training curves](figures/{curves['png']})", "",
@@ -947,7 +955,7 @@ def _curve_lines(curves: dict[str, Any] | None, rows: list[str]) -> list[str]:
            "learning rate; a dot marks the best epoch, the model that is kept). Distillation transfers what the "
            "foundation (the teacher) knows beyond the student: compare its curve with the student's from scratch. "
            "Per task, each run's best value and epoch (of the epochs it trained):", "",
-           "| task | " + " | ".join(ROWS[r][0] for r in CURVE_ROWS if r in rows) + " |",
+           "| task | " + " | ".join(label(r) for r in CURVE_ROWS if r in rows) + " |",
            "| --- | " + " | ".join("---:" for r in CURVE_ROWS if r in rows) + " |"]  # fmt: skip
     for t, c in curves["curves"].items():
         cells = []

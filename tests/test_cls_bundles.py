@@ -322,19 +322,25 @@ def test_resumed_classification_run_keeps_its_validation_record(workspace, tmp_p
         assert torch.allclose(v, models[1][k], atol=1e-6, rtol=0), k
 
 
+def _shape_ct_file(workspace: Path) -> tuple:
+    """``(task table, npz file of the synthetic task shape_ct)`` of the module's default data set (TINY)."""
+    from medfm_ops.data import ensure_cls_dataset, load_cls_datalist
+
+    synthetic = {"size": TINY["synthetic#size"], "train_cases": TINY["synthetic#train_cases"],
+                 "val_cases": TINY["synthetic#val_cases"], "seed": 0, "tasks": None}  # fmt: skip
+    table, sections = load_cls_datalist(ensure_cls_dataset(workspace / "cache" / "synthetic_cls", synthetic=synthetic))
+    return table, next(i["image"] for i in sections["training"] if i["task"] == "shape_ct")
+
+
 def test_rd_teacher_reads_its_own_input(workspace, tmp_path):
     """teacher_images: the teacher sees each training case from its own file (here the same cases upsampled to 24^3,
     resized to its 16^3), the student its 12^3 image; the cached teacher outputs are those of the teacher's input,
     not of the student's."""
     from monai.transforms import Compose, NormalizeIntensity, Resize
 
-    from medfm_ops.data import ensure_cls_dataset, load_cls_datalist
     from medfm_ops.networks import load_teacher_features
 
-    datalist = ensure_cls_dataset(workspace / "cache" / "synthetic_cls", synthetic={"size": 16, "train_cases": 8,
-                                  "val_cases": 4, "seed": 0, "tasks": None})  # fmt: skip
-    table, sections = load_cls_datalist(datalist)
-    student_file = next(i["image"] for i in sections["training"] if i["task"] == "shape_ct")
+    table, student_file = _shape_ct_file(workspace)
     src = np.load(student_file)
     up = {k: (torch.nn.functional.interpolate(torch.as_tensor(src[k][:, None], dtype=torch.float32), size=(24, 24, 24),
                                               mode="trilinear")[:, 0].numpy() if k.endswith("_images") else src[k])
@@ -366,21 +372,12 @@ def test_rd_teacher_reads_its_own_input(workspace, tmp_path):
 def test_rd_teacher_images_refused_with_augmentation(workspace, tmp_path):
     """The teacher's own input is not augmented like the student's: teacher_images without the feature cache (the
     bundle's random transforms on) stops with one error naming the setting."""
-    datalist = ensure_cls_dataset_for(workspace)
+    student_file = _shape_ct_file(workspace)[1]  # the student's own file as the teacher's: only augmentation is wrong
     with pytest.raises(Exception) as info:
-        _run(workspace / "rd_cls", "train.json", epochs=1, task="shape_ct", teacher_images={"shape_ct": datalist},
+        _run(workspace / "rd_cls", "train.json", epochs=1, task="shape_ct", teacher_images={"shape_ct": student_file},
              ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))  # fmt: skip
     chain, e = [], info.value
     while e is not None:  # the config parser wraps the cause
         chain.append(str(e))
         e = e.__cause__
     assert any("teacher_images" in m and "cache_teacher_features true" in m for m in chain), chain
-
-
-def ensure_cls_dataset_for(workspace: Path) -> str:
-    """The npz file of the synthetic task shape_ct in the module's data cache (any existing file of that task)."""
-    from medfm_ops.data import ensure_cls_dataset, load_cls_datalist
-
-    datalist = ensure_cls_dataset(workspace / "cache" / "synthetic_cls", synthetic={"size": 16, "train_cases": 8,
-                                  "val_cases": 4, "seed": 0, "tasks": None})  # fmt: skip
-    return next(i["image"] for i in load_cls_datalist(datalist)[1]["training"] if i["task"] == "shape_ct")
