@@ -32,7 +32,8 @@ and seed (the setting issue 19 asks the SH-PEFT rows to be reported in).
 Rows (:data:`ROWS`): SH-PEFT (hybrid L2, lambda 1, 1% of the backbone weights + the task head), full fine-tuning,
 linear probe, BitFit, LoRA (r 8), LoRA (r 1, about 1% of the weights),
 a random mask, magnitude only, gradient only (L1, L2) at the same 1%, and the
-ablations lambda 0.5 / 1.5, budget 0.1% / 5%, hybrid L1.
+ablations lambda 0.5 / 1.5, budget 0.1% / 5%, hybrid L1, the budget split per module, and SH-PEFT after a head-only
+warm-up (``--head_warmup_epochs 5``: the importance estimated with a fitted head).
 
 Cost: every row but the linear probe back-propagates through the whole network. The default budget is set for about
 an hour on 2 CPU cores (measured: 27.5 min on a 2-core Intel Xeon, 2026-12-03): the small pretrained network, 2
@@ -108,6 +109,12 @@ ROWS: tuple[tuple[str, str, str | None, dict[str, Any]], ...] = (
     # module its size's share of the budget (the random mask's layout). Layout matters if it beats SH-PEFT.
     ("shpeft_per_module", "SH-PEFT, budget split over top-level modules by size (random's layout), 1%", None,
      {"trainable#masks#allocation": "per_module"}),
+    # the head test (planned before it ran, issue 19): with a fresh head the gradient term I_td sees the task through
+    # random class directions; this row fits the head alone first (5 epochs, the run's learning rate, the backbone and
+    # its normalisation statistics frozen) and estimates the importance with the fitted head. The head helps if it
+    # beats SH-PEFT on the carved split.
+    ("shpeft_head_warmup", "SH-PEFT after a 5-epoch head warm-up (importance with the fitted head), 1%", None,
+     {"head_warmup_epochs": 5}),
 )
 #: version of the bundle scoring stored in each run's stamp (a new version rescores finished runs, no retraining)
 BUNDLE_SCORING_VERSION = 3  # 3: the exports decide at the threshold chosen on the run's carved validation split

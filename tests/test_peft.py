@@ -18,6 +18,7 @@ from medfm_ops.peft import (
     apply_sparse_delta,
     budget_count,
     estimate_importance,
+    fit_head,
     importance_scores,
     module_shares,
     save_sparse_result,
@@ -320,6 +321,48 @@ def test_norm_statistics_unchanged_unless_asked(kind):
             trainable.detach()
             net.train()(_loader(1)[0][0])
             assert not torch.equal(net.norm.running_mean, before["norm.running_mean"])
+
+
+# ---------------------------------------------------------------------------------------------------- head warm-up
+def test_fit_head_trains_only_the_head_and_changes_the_task_gradient():
+    """The head alone moves (its loss falls), every other weight and the BatchNorm buffers stay bit for bit, flags and
+    mode are restored; the importance estimated afterwards differs from the fresh head's (the point of the warm-up)."""
+    net = _mixed().train()
+    loader = _loader(n_batches=4, batch=4)
+    loss = nn.CrossEntropyLoss()
+    fresh = estimate_importance(net, loader, loss).task_driven
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.token.requires_grad_(False)  # a caller's flag, restored as it was
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return float(sum(loss(net.eval()(x), y) for x, y in loader)) / len(loader)
+
+    start_loss = mean_loss()
+    net.train()
+    assert fit_head(net, "head", loader, loss, epochs=30, learning_rate=0.1) is net
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}
+    assert net.training and not net.token.requires_grad and all(p.grad is None for p in net.parameters())
+    assert mean_loss() < start_loss - 0.02
+    fitted = estimate_importance(net, loader, loss).task_driven
+    assert not torch.allclose(fitted["conv.weight"], fresh["conv.weight"])
+    untouched = _mixed()
+    assert fit_head(untouched, "head", [], loss, epochs=0, learning_rate=0.05) is untouched  # 0: loader not read
+
+
+def test_fit_head_errors():
+    net, loss = _mixed(), nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="epochs must be >= 0"):
+        fit_head(net, "head", _loader(), loss, epochs=-1, learning_rate=0.1)
+    with pytest.raises(ValueError, match="'fc' is not a module"):
+        fit_head(net, "fc", _loader(), loss, epochs=1, learning_rate=0.1)
+    with pytest.raises(ValueError, match="no batch"):
+        fit_head(net, "head", [], loss, epochs=1, learning_rate=0.1)
+    bad = [(torch.full((2, 1, 6, 6), float("nan")), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(ValueError, match="non-finite loss .* epoch 1, batch 0"):
+        fit_head(net, "head", bad, loss, epochs=1, learning_rate=0.1)
 
 
 # ---------------------------------------------------------------------------------------------------------- delta

@@ -172,6 +172,22 @@ def test_train_frozen_bits_delta_and_exported_bundle(workspace, tmp_path):
     assert len(rows) == 2 and all(len(r) == 5 and abs(sum(map(float, r[1:])) - 1) < 1e-5 for r in rows)
 
 
+def test_head_warmup_fits_the_head_the_importance_sees(workspace, monkeypatch):
+    """--head_warmup_epochs N: the network the importance and the trainer get has the new head fitted (the body is the
+    pretrained one bit for bit); 0 (default) leaves the freshly drawn head as it was built."""
+    monkeypatch.setenv("MEDFM_CACHE", str(workspace / "cache"))
+    for epochs in (0, 2):
+        parser = ConfigParser()
+        parser.read_config(str(workspace / "shpeft_cls" / "configs" / "train.json"))
+        parser.update({**TINY, "bundle_root": str(workspace / "shpeft_cls"), "pretrained": str(workspace / "pretrained"),
+                       "head_init": "fresh", "head_warmup_epochs": epochs})  # fmt: skip
+        start = parser.get_parsed_content("start")
+        fitted = parser.get_parsed_content("importance#network").state_dict()
+        assert parser.get_parsed_content("settings")["head_warmup_epochs"] == epochs
+        changed = {k for k, v in start.state.items() if not torch.equal(v, fitted[k])}
+        assert changed == ({"fc.weight", "fc.bias"} if epochs else set()), epochs
+
+
 def test_bundle_evaluate_and_own_inference(workspace):
     bundle = workspace / "shpeft_cls"
     _run(bundle, "train.json", "evaluate.json")

@@ -3,6 +3,7 @@
 """Sparse parameter-efficient fine-tuning (SH-PEFT): train only the most important weights of a stock network.
 
 Modules: ``importance`` (task-driven and task-agnostic importance of every weight, from a data loader and a loss),
+``head_warmup`` (fit a new task head on frozen features before the importance is estimated),
 ``selection`` (hybrid score or a baseline, one global top-k threshold), ``sparse_parameters`` (masked training:
 frozen weights never change under any optimiser), ``delta`` (the result as a sparse delta on the base checkpoint),
 ``tensor_subset`` (whole tensors by name: the full / linear-probe / BitFit / adapter baselines, same interface as
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from .delta import DELTA_FORMAT, apply_sparse_delta, save_sparse_result, sparse_delta, state_fingerprint
 from .importance import IMPORTANCE_VARIANTS, ImportanceEstimate, default_prepare_batch, estimate_importance
+from .head_warmup import fit_head
 from .selection import (
     ALLOCATIONS,
     SELECTION_METHODS,
@@ -53,6 +55,7 @@ __all__ = [
     "check_sparse_settings",
     "default_prepare_batch",
     "estimate_importance",
+    "fit_head",
     "freeze_norm_statistics",
     "fuse_linear_lora",
     "importance_scores",
