@@ -166,6 +166,7 @@ def test_rd_train_evaluate_and_deploy_student(workspace):
     # the run's product: the trained task and stock student recorded, and a standalone bundle of its own
     spec = json.loads((bundle / "models" / "network_def.json").read_text())
     assert [r["name"] for r in spec["tasks"]] == ["shape_ct"] and spec["network_def"]["num_classes"] == 3
+    assert spec["spatial_size"] == TINY["spatial_size"]
     export = bundle / "export" / "shape_ct"
     meta = json.loads((export / "configs" / "metadata.json").read_text())
     assert meta["medfm_rd"]["task"] == "shape_ct" and "Reprogramming Distillation" in meta["description"]
@@ -347,7 +348,9 @@ def test_rd_teacher_reads_its_own_input(workspace, tmp_path):
           for k in src.files}  # fmt: skip
     np.savez(tmp_path / "shape_24.npz", **up)
     cache = tmp_path / "teacher_features.pt"
-    kw = dict(epochs=1, val_interval=1, task="shape_ct", spatial_size=[12, 12, 12], teacher_spatial_size=[16, 16, 16],
+    # the teacher's input size is the one its bundle recorded (the workspace foundation was trained at 16^3)
+    assert json.loads((workspace / "foundation_cls" / "models" / "network_def.json").read_text())["spatial_size"] == [16] * 3
+    kw = dict(epochs=1, val_interval=1, task="shape_ct", spatial_size=[12, 12, 12],
               teacher_images={"shape_ct": str(tmp_path / "shape_24.npz")}, cache_teacher_features=True,
               teacher_feature_cache=str(cache), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))  # fmt: skip
     _run(workspace / "rd_cls", "train.json", **kw)

@@ -97,3 +97,27 @@ def test_warmup_reads_the_base_rank_of_the_network():
     set_expert_ranks(net, [4, 2])
     with pytest.raises(ValueError, match="one uniform base rank"):
         _uniform_rank(net)
+
+
+def test_recorded_input_size_is_the_teacher_input_size(tmp_path, caplog):
+    """spatial_size recorded with the weights is read back (bundle folder or its models folder) and is the teacher's
+    input size; a spec without it, or a teacher file, falls back to the student's size; a bad value is one error."""
+    from medfm_ops.networks import recorded_spatial_size, teacher_input_size
+
+    bundle = tmp_path / "teacher"
+    save_network_spec(bundle / "models", NETWORK_DEF, spatial_size=(64, 64, 64))
+    assert json.loads((bundle / "models" / "network_def.json").read_text())["spatial_size"] == [64, 64, 64]
+    assert recorded_spatial_size(bundle) == recorded_spatial_size(bundle / "models") == [64, 64, 64]
+    with caplog.at_level("WARNING", logger="medfm.teacher"):
+        assert teacher_input_size(bundle, [28, 28, 28], {"a": "a64.npz"}) == [64, 64, 64]
+        assert not caplog.records
+        assert teacher_input_size(bundle, [28, 28, 28]) == [64, 64, 64]  # reads the student's input: said
+    assert "trained at [64, 64, 64] but reads the student's [28, 28, 28] input" in caplog.text
+    old = tmp_path / "old"
+    save_network_spec(old / "models", NETWORK_DEF)
+    assert recorded_spatial_size(old) is None and teacher_input_size(old, (28, 28, 28)) == [28, 28, 28]
+    assert teacher_input_size(tmp_path / "model.ts", [28, 28, 28]) == [28, 28, 28]
+    spec = json.loads((old / "models" / "network_def.json").read_text())
+    (old / "models" / "network_def.json").write_text(json.dumps({**spec, "spatial_size": [28, 0, 28]}))
+    with pytest.raises(ValueError, match="'spatial_size' must be a list of positive integers"):
+        recorded_spatial_size(old)

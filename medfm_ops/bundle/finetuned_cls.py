@@ -158,7 +158,7 @@ def save_finetuned_classifier(
         if (ckpt / stale).is_file():  # an earlier run's file must not sit beside this run's model
             logger.info(f"removing {ckpt / stale}: an earlier run's file that this run does not write")
             (ckpt / stale).unlink()
-    save_network_spec(ckpt, start.network_def, one_task)
+    save_network_spec(ckpt, start.network_def, one_task, spatial_size=spatial_size)
     scores = None
     if score_files:
         rows = score_classifier(stock, score_files, preprocessing, task_table, device, majority=majority)

@@ -103,7 +103,7 @@ def export_rd_student(
     names, modality = table.class_names[0], table.modalities[0]
     net_def = rd_student_network_def(network_config, len(names))
     student = load_rd_student(instantiate(net_def), checkpoint)
-    save_network_spec(ckpt_dir, net_def, table)
+    save_network_spec(ckpt_dir, net_def, table, spatial_size=spatial_size)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"

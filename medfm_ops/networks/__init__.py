@@ -28,12 +28,13 @@ from medfm_ops.networks.spec import (
     trained_expert_settings,
     instantiate,
     load_network_spec,
+    recorded_spatial_size,
     save_network_spec,
     save_trained_network_spec,
     saved_task_entries,
 )
 from medfm_ops.networks.routing import TaskRouting
-from medfm_ops.networks.teacher import freeze, load_teacher
+from medfm_ops.networks.teacher import freeze, load_teacher, teacher_input_size
 from medfm_ops.networks.shufflenet3d import ShuffleNetV2, channel_shuffle
 from medfm_ops.networks.mobilenet3d import MobileNetV2
 from medfm_ops.networks.cls_heads import (
@@ -92,6 +93,8 @@ __all__ = [
     "trained_expert_settings",
     "LEGACY_EXPERT_SETTINGS",
     "load_network_spec",
+    "recorded_spatial_size",
+    "teacher_input_size",
     "check_same_tasks",
     "check_trained_tasks",
     "saved_task_entries",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ __all__ = [
     "instantiate",
     "save_network_spec",
     "load_network_spec",
+    "recorded_spatial_size",
     "check_same_tasks",
     "check_trained_tasks",
     "saved_task_entries",
@@ -56,9 +57,11 @@ def save_network_spec(
     network_def: dict[str, Any],
     task_table: Any = None,
     experts: ExpertSettings | Mapping[str, Any] | None = None,
+    spatial_size: Sequence[int] | None = None,
 ) -> Path:
     """
-    Write ``{ckpt_dir}/network_def.json`` = ``{"network_def": ..., "tasks": [...], "experts": {...}}`` atomically,
+    Write ``{ckpt_dir}/network_def.json`` = ``{"network_def": ..., "tasks": [...], "experts": {...},
+    "spatial_size": [...]}`` atomically,
     so the weights in ``ckpt_dir`` can be rebuilt without the training data or config (teacher loading, expert
     export, inference, site fine-tuning).
 
@@ -72,6 +75,8 @@ def save_network_spec(
             ``convert_transposed``, ``rank_multipliers``, ``scaling``); recorded complete, the defaults written
             out, so that export and inference never depend on a later change of a default. Defaults to None (no
             experts).
+        spatial_size: the input size ``(H, W, D)`` the weights were trained at (read back by
+            :func:`recorded_spatial_size`, e.g. as a teacher's input size). Defaults to None (not recorded).
     """
     instantiate(network_def)  # fail now, not at load time, on a config that cannot be built
     content: dict[str, Any] = {"network_def": network_def}
@@ -80,6 +85,8 @@ def save_network_spec(
     if experts is not None:
         settings = experts if isinstance(experts, ExpertSettings) else ExpertSettings.from_record(experts, "experts")
         content["experts"] = settings.to_record()
+    if spatial_size is not None:
+        content["spatial_size"] = [int(v) for v in spatial_size]
     path = Path(ckpt_dir) / SPEC_FILENAME
     atomic_write_text(path, json.dumps(content, indent=2))
     return path
@@ -101,6 +108,26 @@ def load_network_spec(path: str | os.PathLike) -> dict[str, Any]:
     if TASKS_KEY not in content and LEGACY_TASKS_KEY in content:
         content[TASKS_KEY] = content.pop(LEGACY_TASKS_KEY)
     return content
+
+
+def recorded_spatial_size(path: str | os.PathLike) -> list[int] | None:
+    """
+    The input size a network was trained at, as its spec records it (``"spatial_size"`` of the ``network_def.json``
+    of a bundle folder, its ``models`` folder, or the file itself); None when the spec is older and records none.
+
+    Raises:
+        FileNotFoundError: when there is no ``network_def.json`` there.
+        ValueError: when the recorded size is not a list of positive integers.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / SPEC_FILENAME).is_file() and (path / "models" / SPEC_FILENAME).is_file():
+        path = path / "models"
+    size = load_network_spec(path).get("spatial_size")
+    if size is None:
+        return None
+    if not isinstance(size, list) or not size or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ValueError(f"{path}: 'spatial_size' must be a list of positive integers, got {size!r}.")
+    return list(size)
 
 
 def saved_task_entries(spec: Mapping[str, Any]) -> list[dict[str, Any]] | None:
@@ -202,6 +229,7 @@ def save_trained_network_spec(
     network: Any,
     task_table: Any = None,
     experts: Mapping[str, Any] | None = None,
+    spatial_size: Sequence[int] | None = None,
 ) -> str:
     """
     Record the run's network as data (``{ckpt_dir}/network_def.json``, :func:`save_network_spec`) from the config's
@@ -218,4 +246,4 @@ def save_trained_network_spec(
             "network_config does not build the network this run trains: change 'network_config' (the recorded "
             "network), not 'network_def' (built from it)."
         )
-    return str(save_network_spec(ckpt_dir, dict(network_config), task_table, experts=experts))
+    return str(save_network_spec(ckpt_dir, dict(network_config), task_table, experts=experts, spatial_size=spatial_size))

@@ -4,16 +4,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from medfm_ops.networks.spec import SPEC_FILENAME, check_same_tasks, instantiate, load_network_spec
+from medfm_ops.networks.spec import SPEC_FILENAME, check_same_tasks, instantiate, load_network_spec, recorded_spatial_size
 
-__all__ = ["load_teacher", "freeze"]
+__all__ = ["load_teacher", "freeze", "teacher_input_size"]
 
 _HOW_TO = (
     "Train the default teacher first with `python -m monai.bundle run --config_file "
@@ -166,3 +168,32 @@ def load_teacher(
             net = _instantiate(teacher_def)
             _load_into(net, _load_state_dict(path), path)
     return _FrozenTeacher(net).to(device)
+
+
+def teacher_input_size(
+    teacher_path: str | os.PathLike, student_size: Sequence[int], teacher_images: Mapping[str, Any] | None = None
+) -> list[int]:
+    """
+    The input size a teacher reads: the size its bundle recorded it was trained at (``spatial_size`` of its
+    ``models/network_def.json``, :func:`~medfm_ops.networks.recorded_spatial_size`), else ``student_size`` (a TorchScript
+    or state-dict teacher, or a bundle written before the size was recorded).
+
+    Without ``teacher_images`` the teacher is fed the student's own input: when it was trained at another size a
+    warning says so (its scores and features are then those of a resized input it never saw in training).
+
+    Args:
+        teacher_path: the teacher (see :func:`load_teacher`).
+        student_size: the student's input size ``(H, W, D)``.
+        teacher_images: task -> file of the teacher's own images (rd_cls ``teacher_images``). Defaults to None.
+    """
+    path = Path(teacher_path)
+    has_spec = path.is_dir() and (path / "models" / SPEC_FILENAME).is_file()
+    recorded = recorded_spatial_size(path) if has_spec else None
+    if recorded is None:
+        return [int(v) for v in student_size]
+    if not teacher_images and recorded != [int(v) for v in student_size]:
+        logging.getLogger("medfm.teacher").warning(
+            f"teacher {path} was trained at {recorded} but reads the student's {list(student_size)} input; "
+            "give it its own images at its size with teacher_images (rd_cls)."
+        )
+    return recorded
