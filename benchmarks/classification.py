@@ -312,18 +312,19 @@ def _teacher_files(data_dir: str, tasks: list[str], rows: list[str], resolution:
 
     Raises:
         ValueError: for a resolution or task without files, or rows whose teacher cannot read them (only the rd_cls
-            rows with cached teacher outputs: no augmentation, leave-one-task-out teacher or reprogramming)."""
+            and lorkd_cls rows with cached teacher outputs: no augmentation, leave-one-task-out teacher or
+            reprogramming)."""
     if not resolution:
         return None
     files = TEACHER_FILES.get(int(resolution))
     if files is None or any(t not in files for t in tasks):
         raise ValueError(f"teacher_resolution {resolution}: files exist for {({r: sorted(f) for r, f in TEACHER_FILES.items()})}; "
                          f"the tasks {tasks} need one each (--tasks).")  # fmt: skip
-    unfit = [r for r in rows if r != "foundation" and (ROWS[r].bundle != "rd_cls" or ROWS[r].deployed != "student" or
+    unfit = [r for r in rows if r != "foundation" and (ROWS[r].bundle not in ("rd_cls", "lorkd_cls") or ROWS[r].deployed != "student" or
              ROWS[r].augment or ROWS[r].leave_task_out)]  # fmt: skip
     if unfit:
         raise ValueError(f"teacher_resolution {resolution}: rows {unfit} cannot use a teacher that reads its own files "
-                         "(only rd_cls students with cached teacher outputs; --rows).")  # fmt: skip
+                         "(only rd_cls / lorkd_cls students with cached teacher outputs; --rows).")  # fmt: skip
     return {t: str(_abs(data_dir) / files[t]) for t in tasks}
 
 
@@ -1041,8 +1042,8 @@ def run(
         tasks: subset of :data:`TASKS` (comma-separated or a list). Defaults to both.
         teacher_resolution: train the foundation (the teacher) on the same cases at this resolution
             (:data:`TEACHER_FILES`, e.g. 64: AdrenalMNIST3D's 64^3 release) while the students keep 28^3; the
-            distilling rows' teacher reads those files. Only rows whose teacher's outputs are cached (rd_cls rows
-            without augmentation, leave-one-task-out or reprogramming) and tasks with such a file. Defaults to None
+            distilling rows' teacher reads those files. Only rows whose teacher's outputs are cached (rd_cls and lorkd_cls
+            rows without augmentation, leave-one-task-out or reprogramming) and tasks with such a file. Defaults to None
             (the teacher sees the students' inputs).
 
     Raises:

@@ -364,16 +364,18 @@ def test_teacher_at_its_own_resolution(tmp_path, monkeypatch):
     data = {"adrenalmnist3d": "a28.npz"}
     budget = {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
               "val_fraction": 0.2, "teacher_resolution": 64}  # fmt: skip
-    plan = bench._runs(["scratch", "rd", "logit_kd"], [0], tmp_path, data, budget, teacher_data={"adrenalmnist3d": "a64.npz"})
+    plan = bench._runs(["scratch", "rd", "logit_kd", "lorkd", "stl"], [0], tmp_path, data, budget,
+                       teacher_data={"adrenalmnist3d": "a64.npz"})  # fmt: skip
     by = {r["row"]: r["overrides"] for r in plan}
     assert by["foundation"]["real_tasks"] == {"adrenalmnist3d": "a64.npz"} and by["foundation"]["datalist"] == "teacher.json"
     assert by["foundation"]["spatial_size"] == [64] * 3 and by["foundation"]["network_config#conv1_t_stride"] == 2
-    for row in ("rd", "logit_kd"):
+    for row in ("rd", "logit_kd", "lorkd"):
         assert by[row]["teacher_images"] == {"adrenalmnist3d": "a64.npz"} and by[row]["teacher_spatial_size"] == [64] * 3
         assert by[row]["datalist"] == "both.json" and by[row]["cache_teacher_features"] is True
-    assert "teacher_images" not in by["scratch"]
-    with pytest.raises(ValueError, match="rows \\['lorkd', 'rd_aug'\\] cannot"):
-        bench._teacher_files("../shared/data", ["adrenalmnist3d"], ["foundation", "rd", "lorkd", "rd_aug"], 64)
+    assert "teacher_images" not in by["scratch"] and "teacher_images" not in by["stl"]
+    with pytest.raises(ValueError, match="rows \\['lorkd_aug', 'rd_aug', 'rd_loto'\\] cannot"):
+        bench._teacher_files("../shared/data", ["adrenalmnist3d"], ["foundation", "rd", "lorkd", "lorkd_aug", "rd_aug",
+                                                                   "rd_loto"], 64)  # fmt: skip
     with pytest.raises(ValueError, match="need one each"):
         bench._teacher_files("../shared/data", ["adrenalmnist3d", "vesselmnist3d"], ["rd"], 64)
     with pytest.raises(ValueError, match="tasks must be among"):

@@ -333,10 +333,11 @@ def _shape_ct_file(workspace: Path) -> tuple:
     return table, next(i["image"] for i in sections["training"] if i["task"] == "shape_ct")
 
 
-def test_rd_teacher_reads_its_own_input(workspace, tmp_path):
-    """teacher_images: the teacher sees each training case from its own file (here the same cases upsampled to 24^3,
-    resized to its 16^3), the student its 12^3 image; the cached teacher outputs are those of the teacher's input,
-    not of the student's."""
+@pytest.mark.parametrize("bundle", ["rd_cls", "lorkd_cls"])
+def test_teacher_reads_its_own_input(workspace, tmp_path, bundle):
+    """teacher_images (rd_cls, lorkd_cls): the teacher sees each training case of the task from its own file (here the
+    same cases upsampled to 24^3, resized to its 16^3), the student its 12^3 image; the cached teacher outputs are those
+    of the teacher's input, not of the student's (lorkd_cls: the other tasks' items give the teacher their own image)."""
     from monai.transforms import Compose, NormalizeIntensity, Resize
 
     from medfm_ops.networks import load_teacher_features
@@ -350,19 +351,22 @@ def test_rd_teacher_reads_its_own_input(workspace, tmp_path):
     cache = tmp_path / "teacher_features.pt"
     # the teacher's input size is the one its bundle recorded (the workspace foundation was trained at 16^3)
     assert json.loads((workspace / "foundation_cls" / "models" / "network_def.json").read_text())["spatial_size"] == [16] * 3
-    kw = dict(epochs=1, val_interval=1, task="shape_ct", spatial_size=[12, 12, 12],
+    kw = dict(epochs=1, val_interval=1, spatial_size=[12, 12, 12],
               teacher_images={"shape_ct": str(tmp_path / "shape_24.npz")}, cache_teacher_features=True,
               teacher_feature_cache=str(cache), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))  # fmt: skip
-    _run(workspace / "rd_cls", "train.json", **kw)
+    kw.update(task="shape_ct") if bundle == "rd_cls" else kw.update(expert_rank=2, lorkd_star=False, warmup_epochs=0)
+    _run(workspace / bundle, "train.json", **kw)
     # evaluate.json scores the student only: the teacher would be fed the student's 12^3 input there
-    _run(workspace / "rd_cls", "train.json", "evaluate.json", **kw, eval_dir=str(tmp_path / "eval"))
+    _run(workspace / bundle, "train.json", "evaluate.json", **kw, eval_dir=str(tmp_path / "eval"))
     models = {r["model"] for r in csv.DictReader((tmp_path / "eval" / "tasks.csv").open())}
-    assert "RD student (deployed)" in models and not any("teacher" in m or "foundation" in m for m in models), models
+    assert models and not any("teacher" in m.lower() or "foundation" in m for m in models), models
     raw = torch.load(cache, weights_only=True)
-    assert raw["fingerprint"]["settings"]["teacher_spatial_size"] == [16, 16, 16] and len(raw["entries"]) == 8
+    ours = {n: v for n, v in raw["entries"].items() if n.startswith(str(student_file))}
+    assert raw["fingerprint"]["settings"]["teacher_spatial_size"] == [16, 16, 16] and len(ours) == 8
+    assert len(raw["entries"]) == (8 if bundle == "rd_cls" else 8 * len(table.task_names))
     teacher = load_teacher_features(workspace / "foundation_cls", table)
     prep = {n: Compose([Resize((16, 16, 16), mode="trilinear"), NormalizeIntensity(channel_wise=True)]) for n in ("t", "s")}
-    for name, (logits, _) in raw["entries"].items():
+    for name, (logits, _) in ours.items():
         index = int(name.rsplit("[", 1)[1].rstrip("]"))
         with torch.no_grad():
             own = teacher(prep["t"](torch.as_tensor(up["train_images"][index][None]))[None])[0][0]
@@ -372,13 +376,15 @@ def test_rd_teacher_reads_its_own_input(workspace, tmp_path):
         assert not torch.allclose(logits, other, atol=1e-3), name
 
 
-def test_rd_teacher_images_refused_with_augmentation(workspace, tmp_path):
+@pytest.mark.parametrize("bundle", ["rd_cls", "lorkd_cls"])
+def test_teacher_images_refused_with_augmentation(workspace, tmp_path, bundle):
     """The teacher's own input is not augmented like the student's: teacher_images without the feature cache (the
     bundle's random transforms on) stops with one error naming the setting."""
     student_file = _shape_ct_file(workspace)[1]  # the student's own file as the teacher's: only augmentation is wrong
+    task = {"task": "shape_ct"} if bundle == "rd_cls" else {}
     with pytest.raises(Exception) as info:
-        _run(workspace / "rd_cls", "train.json", epochs=1, task="shape_ct", teacher_images={"shape_ct": student_file},
-             ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))  # fmt: skip
+        _run(workspace / bundle, "train.json", epochs=1, teacher_images={"shape_ct": student_file},
+             ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"), **task)  # fmt: skip
     chain, e = [], info.value
     while e is not None:  # the config parser wraps the cause
         chain.append(str(e))

@@ -112,7 +112,7 @@ from .cls_datalist import ClsItemError, check_cls_item, cls_item_name, ensure_cl
 from .medmnist import MEDMNIST_TASKS, NpzReadError, medmnist_items, read_medmnist_split, read_npz_array
 from .cls_synthetic import CLS_GENERATOR_VERSION, SYNTHETIC_CLS_TASKS, generate_cls_task, write_synthetic_cls_tasks
 from .cls_transforms import CheckClsItemd, LoadClsImaged, VolumeShapeError
-from .teacher_inputs import TEACHER_IMAGE_KEY, with_teacher_images
+from .teacher_inputs import TEACHER_IMAGE_KEY, teacher_input_transforms, with_teacher_images
 
 __all__ += [
     "CLS_GENERATOR_VERSION",
@@ -133,6 +133,7 @@ __all__ += [
     "medmnist_items",
     "read_medmnist_split",
     "read_npz_array",
+    "teacher_input_transforms",
     "with_teacher_images",
     "write_synthetic_cls_tasks",
 ]

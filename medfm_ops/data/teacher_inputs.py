@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medfm_ops.data.cls_datalist import cls_item_name
 from medfm_ops.data.medmnist import read_npz_array
 
-__all__ = ["TEACHER_IMAGE_KEY", "with_teacher_images"]
+__all__ = ["TEACHER_IMAGE_KEY", "teacher_input_transforms", "with_teacher_images"]
 
 #: the item (and batch) key of the teacher's own input
 TEACHER_IMAGE_KEY = "teacher_image"
@@ -105,3 +106,29 @@ def with_teacher_images(
             d[key] = source
         out.append(d)
     return out
+
+
+def teacher_input_transforms(spatial_size: Sequence[int], key: str = TEACHER_IMAGE_KEY) -> list[Any]:
+    """
+    The deterministic preprocessing of the teacher's own input after it is loaded: finite check, trilinear resize to
+    the teacher's ``spatial_size``, channel-wise z-score, float32: the same steps as the classification bundles'
+    ``image`` preprocessing, at the teacher's size (one definition for every bundle that distils from a teacher).
+
+    Args:
+        spatial_size: the teacher's input size ``(H, W, D)`` (e.g. :func:`~medfm_ops.networks.teacher_input_size`).
+        key: the item key of the teacher's input. Defaults to ``"teacher_image"``.
+
+    Returns:
+        the MONAI dictionary transforms, in order, applied to ``key`` only (``(C, *spatial)`` in, ``(C, *spatial_size)``
+        float32 out).
+    """
+    from monai.transforms import EnsureTyped, NormalizeIntensityd, Resized
+
+    from medfm_ops.data.transforms import CheckFinited
+
+    return [
+        CheckFinited(keys=key),
+        Resized(keys=key, spatial_size=[int(v) for v in spatial_size], mode="trilinear"),
+        NormalizeIntensityd(keys=key, nonzero=False, channel_wise=True),
+        EnsureTyped(keys=key, dtype=torch.float32),
+    ]
