@@ -246,4 +246,5 @@ def save_trained_network_spec(
             "network_config does not build the network this run trains: change 'network_config' (the recorded "
             "network), not 'network_def' (built from it)."
         )
-    return str(save_network_spec(ckpt_dir, dict(network_config), task_table, experts=experts, spatial_size=spatial_size))
+    spec = save_network_spec(ckpt_dir, dict(network_config), task_table, experts=experts, spatial_size=spatial_size)
+    return str(spec)

@@ -13,7 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from medfm_ops.networks.spec import SPEC_FILENAME, check_same_tasks, instantiate, load_network_spec, recorded_spatial_size
+from medfm_ops.networks.spec import (
+    SPEC_FILENAME,
+    check_same_tasks,
+    instantiate,
+    load_network_spec,
+    recorded_spatial_size,
+)
 
 __all__ = ["load_teacher", "freeze", "teacher_input_size"]
 
@@ -175,8 +181,8 @@ def teacher_input_size(
 ) -> list[int]:
     """
     The input size a teacher reads: the size its bundle recorded it was trained at (``spatial_size`` of its
-    ``models/network_def.json``, :func:`~medfm_ops.networks.recorded_spatial_size`), else ``student_size`` (a TorchScript
-    or state-dict teacher, or a bundle written before the size was recorded).
+    ``models/network_def.json``, :func:`~medfm_ops.networks.recorded_spatial_size`), else ``student_size`` (a
+    TorchScript or state-dict teacher, or a bundle written before the size was recorded).
 
     Without ``teacher_images`` the teacher is fed the student's own input: when it was trained at another size a
     warning says so (its scores and features are then those of a resized input it never saw in training).
@@ -194,6 +200,6 @@ def teacher_input_size(
     if not teacher_images and recorded != [int(v) for v in student_size]:
         logging.getLogger("medfm.teacher").warning(
             f"teacher {path} was trained at {recorded} but reads the student's {list(student_size)} input; "
-            "give it its own images at its size with teacher_images (rd_cls)."
+            "give it its own images at its size with teacher_images (rd_cls, lorkd_cls)."
         )
     return recorded
