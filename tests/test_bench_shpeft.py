@@ -127,6 +127,12 @@ def test_reading_states_the_full_fine_tuning_target():
     rows[1]["runs"] = [_run(0, 0.815, 0.6), _run(1, 0.815, 0.6)]
     assert bench._reading(rows)[-1].endswith("81.0 vs 81.5, -0.5 points: met.")
     assert bench._target_line(rows[:1]) == []
+    # a variant with the same budget and another way to the mask (the head warm-up) is held to the same target
+    rows.append({"name": "shpeft_head_warmup", "runs": [_run(0, 0.83, 0.6), _run(1, 0.82, 0.6)]})
+    assert bench._reading(rows)[-2:] == [
+        "- Target (`shpeft` within 1 AUC point of `full`): 81.0 vs 81.5, -0.5 points: met.",
+        "- Target (`shpeft_head_warmup` within 1 AUC point of `full`): 82.5 vs 81.5, +1.0 points: met.",
+    ]
 
 
 def test_mask_layout_section(tmp_path):
