@@ -79,3 +79,13 @@ def test_cache_refused_when_something_changed(saved, change, reason):
     cache.save()  # the file is replaced by one for the current teacher and settings
     fresh = TeacherFeatureCache(path, settings=settings)
     assert _same(fresh(NAMES, x, teacher), teacher.inner(x)) and fresh.refused is None
+
+
+def test_cache_settings_name_the_teacher_inputs_only_when_it_reads_its_own():
+    """The settings a cache checks: the students' size, plus the teacher's files and size when it reads its own files
+    (a cache written for another teacher input is then refused by the fingerprint)."""
+    from medfm_ops.engines import teacher_cache_settings
+
+    assert teacher_cache_settings([28] * 3, {}, [64] * 3) == {"spatial_size": [28] * 3}
+    assert teacher_cache_settings([28] * 3, {"a": "a64.npz"}, [64] * 3) == {
+        "spatial_size": [28] * 3, "teacher_images": {"a": "a64.npz"}, "teacher_spatial_size": [64] * 3}  # fmt: skip

@@ -20,7 +20,7 @@ from medfm_ops.engines.training_state import (
 )
 from medfm_ops.engines.lorkd_evaluation import count_flops, count_params, evaluate_decomposition, evaluate_segmentation
 from medfm_ops.engines.task_batch import RegionPrepareBatch, TaskPrepareBatch, batch_filenames
-from medfm_ops.engines.teacher_cache import TeacherFeatureCache
+from medfm_ops.engines.teacher_cache import TeacherFeatureCache, teacher_cache_settings
 from medfm_ops.engines.rd_export import export_rd_student, rd_student_network_def, student_task_table
 from medfm_ops.engines.cls_evaluation import (
     classifier_metric,
@@ -68,6 +68,7 @@ __all__ = [
     "ClsLossAdapter",
     "TaskPrepareBatch",
     "TeacherFeatureCache",
+    "teacher_cache_settings",
     "LinearDecayHandler",
     "evaluate_classifier",
     "evaluate_cls_decomposition",

@@ -18,7 +18,7 @@ from torch import nn
 
 from medfm_ops.utils.atomic_io import atomic_torch_save
 
-__all__ = ["TeacherFeatureCache", "weights_digest"]
+__all__ = ["TeacherFeatureCache", "teacher_cache_settings", "weights_digest"]
 
 logger = logging.getLogger("medfm.train")
 
@@ -130,3 +130,19 @@ class TeacherFeatureCache:
     def attach(self, engine: Engine) -> None:
         """Save after every epoch of ``engine``."""
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+
+def teacher_cache_settings(
+    spatial_size: Sequence[int],
+    teacher_images: Mapping[str, Any] | None = None,
+    teacher_spatial_size: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """
+    The run settings a :class:`TeacherFeatureCache` records and checks (its ``settings``): the students' input size and,
+    when the teacher reads its own files, those files and the teacher's input size (one definition for every bundle
+    that caches a teacher: rd_cls, lorkd_cls).
+    """
+    settings: dict[str, Any] = {"spatial_size": spatial_size}
+    if teacher_images:
+        settings.update(teacher_images=teacher_images, teacher_spatial_size=teacher_spatial_size)
+    return settings
