@@ -104,6 +104,12 @@ class Row(NamedTuple):
     draw: int = 0  # which fixed draw of that share (its seed): rows of one draw train on the same cases
 
 
+def _member_dir(k: int) -> str:
+    """The run folder of member ``k`` of an ensemble teacher (``--teacher_ensemble``): member 0 is the single
+    foundation (a page's earlier foundation is reused as it is), the others differ from it only in their seed."""
+    return "foundation" if k == 0 else f"foundation_seed{k}"
+
+
 #: the few-label rows' share of the carved training cases (fixed before any of them ran, not chosen on a score)
 FEW = 0.25
 
@@ -242,10 +248,12 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
               "batch_size": budget["batch_size"], "train#random_transforms": []}  # fmt: skip
     if budget.get("patience"):  # early stopping on the carved split; `epochs` becomes a ceiling
         common["early_stop_patience"] = int(budget["patience"])
-    teachers = {"foundation": ("foundation", None, lists["both"], []),
+    k_members = int(budget.get("teacher_ensemble") or 1)
+    members = {f"member{k}": (_member_dir(k), None, lists["both"], []) for k in range(k_members)} if k_members > 1 else {}
+    teachers = {"foundation": (f"foundation_ensemble{k_members}" if members else "foundation", None, lists["both"], []),
                 **{f"without_{t}": (f"foundation_without_{t}", t, lists[f"without_{t}"], [t]) for t in loto_tasks}}
     out = []
-    for key, (name, task, datalist, exclude) in teachers.items():  # cached once, reused by every row and seed
+    for key, (name, task, datalist, exclude) in {**members, **teachers}.items():  # cached once, reused by every row and seed
         run_dir = work / name
         teacher_common = {k: v for k, v in common.items()  # the teacher's augmentation changes no cached feature
                           if k != "train#random_transforms" or not budget.get("teacher_augmentation")}
@@ -253,14 +261,25 @@ def _runs(rows: list[str], seeds: list[int], work: Path, data: dict[str, str], b
               "output_dir": str(run_dir / "runs"), **teacher_common, "datalist": datalist,
               "epochs": budget["foundation_epochs"], "seed": 0,
               **({"exclude_tasks": exclude} if exclude else {"synthetic#tasks": []})}  # fmt: skip
-        if teacher_data and key == "foundation":
+        if teacher_data and key in ("foundation", *members):
             size = int(budget["teacher_resolution"])
             ov.update({"real_tasks": teacher_data, "datalist": lists["teacher"], "spatial_size": [size] * 3,
                        "network_config#conv1_t_stride": 2})  # fmt: skip
-        out.append({"row": "foundation" if key == "foundation" else "foundation_loto", "seed": seeds[0], "task": task,
-                    "dir": str(run_dir), "teacher": False, "after": None, "key": key, "lr_factor": None,
-                    "configs": [str(REPO / "bundles" / "foundation_cls" / "configs" / "train.json")],
-                    "overrides": ov, "epochs": budget["foundation_epochs"]})  # fmt: skip
+        if key in ("foundation", *members):
+            ov.update(budget.get("foundation_overrides") or {})
+        run = {"row": "foundation" if key == "foundation" else "foundation_loto", "seed": seeds[0], "task": task,
+               "dir": str(run_dir), "teacher": False, "after": None, "key": key, "lr_factor": None,
+               "configs": [str(REPO / "bundles" / "foundation_cls" / "configs" / "train.json")],
+               "overrides": ov, "epochs": budget["foundation_epochs"]}  # fmt: skip
+        if key in members:  # a member of the ensemble teacher: its own seed, not a teacher of any row
+            k = int(key.removeprefix("member"))
+            run.update(row="foundation_member", member=k)
+            ov["seed"] = k
+        elif key == "foundation" and members:  # the teacher: the members' mean logits, built once they are trained
+            ov["network_def"] = {"_target_": "medfm_ops.networks.EnsembleClassifier",
+                                 "members": "$[@network_config] * " + str(k_members)}  # fmt: skip
+            run.update(after=list(members), ensemble=[str(work / members[m][0]) for m in members])
+        out.append(run)
     factors = budget.get("lr_factors") or []
     for seed in seeds:
         if lr_choice is None and factors and seed not in seeds[: int(budget.get("lr_choice_seeds", 1))]:
@@ -393,6 +412,8 @@ def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
     """Train ``run`` unless an identical earlier run (same settings and starting weights) is complete; an
     interrupted identical run (``bench_started.json`` holds the same settings, a training-state checkpoint exists)
     continues from its last checkpoint (``--resume_from``), its log appended, its wall time that of the resumed part."""
+    if run.get("ensemble"):
+        return _build_ensemble(run, reuse)
     run_dir = Path(run["dir"])
     teacher = run["overrides"].get("teacher_path") if run["teacher"] else None
     settings = {"configs": _config_digests(run["configs"])[0], "overrides": run["overrides"],
@@ -427,6 +448,29 @@ def _train(run: dict, reuse: bool) -> tuple[dict, bool]:
     return record, False
 
 
+def _build_ensemble(run: dict, reuse: bool) -> tuple[dict, bool]:
+    """Write the ensemble teacher of ``run["ensemble"]`` (trained member folders) into ``run["dir"]``
+    (:func:`~medfm_ops.networks.write_ensemble_teacher`) unless it was written from the same member weights; its
+    record's ``seconds`` are the members' training time (they train for it alone)."""
+    from medfm_ops.networks import write_ensemble_teacher
+
+    run_dir, members = Path(run["dir"]), [Path(m) for m in run["ensemble"]]
+    settings = {"ensemble": [file_sha256(m / "models" / "model.pt") for m in members]}
+    stamp = run_dir / "bench_run.json"
+    old = json.loads(stamp.read_text()) if stamp.is_file() and (run_dir / "models" / "model.pt").is_file() else {}
+    if reuse and old.get("settings") == settings:
+        print(f"  {run_dir.name}: reusing", flush=True)
+        return old, True
+    write_ensemble_teacher(members, run_dir)
+    member_records = [json.loads((m / "bench_run.json").read_text()) for m in members]
+    record = {"settings": settings, "seconds": sum(r["seconds"] for r in member_records), "epochs_trained": None,
+              "best_epoch": None, "members": [{"dir": str(m), "seconds": r["seconds"], "best_epoch": r.get("best_epoch")}
+                                              for m, r in zip(members, member_records)]}  # fmt: skip
+    atomic_write_text(stamp, json.dumps(record, indent=2))
+    print(f"  {run_dir.name}: ensemble teacher of {len(members)} foundations written", flush=True)
+    return record, False
+
+
 def _train_all(plan: list[dict], reuse: bool, jobs: int, train: Any = None) -> list[tuple[dict, bool]]:
     """Train ``plan`` with ``jobs`` child processes at a time (``train``: :func:`_train` by default). The teachers
     (``key``) are queued first; a row is queued only once its teacher (``after``: the foundation or the task's
@@ -434,17 +478,16 @@ def _train_all(plan: list[dict], reuse: bool, jobs: int, train: Any = None) -> l
     run. A teacher's failure is every one of its rows' failure."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    train = train or _train
-    rows: dict[str, list[tuple[dict, Future]]] = {}
-    results: dict[int, Future] = {}
-    for i, r in enumerate(plan):
-        if not r["key"]:
-            results[i] = Future()  # completed when the row, queued after its teacher, has trained
-            rows.setdefault(r["after"], []).append((r, results[i]))
+    import threading
 
-    unknown = set(rows) - {r["key"] for r in plan if r["key"]}
+    train = train or _train
+    results = {i: Future() for i in range(len(plan))}  # completed when the run, queued after what it waits for, ends
+    by_key = {r["key"]: results[i] for i, r in enumerate(plan) if r["key"]}
+    waits = {i: ([r["after"]] if isinstance(r["after"], str) else list(r["after"] or [])) for i, r in enumerate(plan)}
+    unknown = {k for w in waits.values() for k in w} - set(by_key)
     if unknown:  # checked before anything trains
         raise ValueError(f"rows wait for teachers that are not in the plan: {sorted(unknown)}")
+    lock, pending = threading.Lock(), {i: len(w) for i, w in waits.items()}
 
     def chain(source: Future, target: Future) -> None:
         error = source.exception()
@@ -452,17 +495,26 @@ def _train_all(plan: list[dict], reuse: bool, jobs: int, train: Any = None) -> l
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each worker waits on its own child process
 
-        def queue_rows(teacher: Future, key: str) -> None:
-            for r, target in rows.get(key, []):
-                if teacher.exception() is not None:
-                    target.set_exception(teacher.exception())
-                else:
-                    pool.submit(train, r, reuse).add_done_callback(lambda f, t=target: chain(f, t))
+        def start(i: int) -> None:
+            failed = next((by_key[k].exception() for k in waits[i] if by_key[k].exception() is not None), None)
+            if failed is not None:
+                results[i].set_exception(failed)
+            else:
+                pool.submit(train, plan[i], reuse).add_done_callback(lambda f, t=results[i]: chain(f, t))
 
-        for i, r in enumerate(plan):
-            if r["key"]:
-                results[i] = pool.submit(train, r, reuse)
-                results[i].add_done_callback(lambda f, k=r["key"]: queue_rows(f, k))
+        def one_done(i: int) -> None:
+            with lock:
+                pending[i] -= 1
+                ready = pending[i] == 0
+            if ready:
+                start(i)
+
+        for i in sorted(results, key=lambda j: not plan[j]["key"]):  # the teachers first, each in plan order
+            if not waits[i]:
+                start(i)
+            else:
+                for k in waits[i]:
+                    by_key[k].add_done_callback(lambda _, i=i: one_done(i))
         return [results[i].result() for i in range(len(plan))]  # before the pool shuts down: every row is queued
 
 
@@ -489,7 +541,7 @@ def _score(run: dict) -> dict[str, Any]:
     row = run["row"]
     for t in tasks:
         tid, kw = table.task_id_of(t), {}
-        if row == "foundation":
+        if row in ("foundation", "foundation_member"):
             deployed, kw = net, {"unified": True}
         elif ROWS[row].bundle == "lorkd_cls":
             deployed = export_cls_expert(net, tid).eval()
@@ -667,6 +719,8 @@ def _curves(records: list[dict], tasks: list[str], png: Path, budget: dict[str, 
         for r in records:
             if r["seed"] != seed or r["row"] not in CURVE_ROWS or r["task"] not in (None, t):
                 continue
+            if r["row"] == "foundation" and (budget or {}).get("teacher_ensemble"):
+                continue  # an ensemble teacher is built, not trained: no curve of its own
             pts = read_scalar(Path(r["dir"]) / "runs", f"auc/{t}")
             if pts:
                 curves.setdefault(t, {})[r["row"]] = [[e, v] for e, v in pts]
@@ -723,10 +777,33 @@ def _reading(rows: list[str], tasks: list[str], auc: Any, label: Callable[[str],
 
 
 def _row_label(row: str, budget: dict[str, Any], tasks: list[str]) -> str:
-    """The row's name on a page: its description, except the foundation of a ``--teacher_resolution`` page."""
+    """The row's name on a page: its description, except the foundation of a ``--teacher_resolution`` or
+    ``--teacher_ensemble`` page."""
     if row == "foundation" and budget.get("teacher_resolution"):
         return f"foundation at {budget['teacher_resolution']}^3 ({_data_names(tasks)} only)"
+    if row == "foundation" and budget.get("teacher_ensemble"):
+        return f"ensemble of {budget['teacher_ensemble']} foundations (mean logits)"
     return ROWS[row].description
+
+
+def _ensemble_lines(meta: dict[str, Any]) -> list[str]:
+    """The setup line of an ensemble teacher (``--teacher_ensemble``): how it was made and each member's own score."""
+    b, members = meta["budget"], meta.get("ensemble_members") or []
+    if not b.get("teacher_ensemble"):
+        return []
+    over = b.get("foundation_overrides")
+    scores = "; ".join(
+        f"member {m['member']} (seed {m['seed']}, best epoch {m['best_epoch']}, {m['seconds'] / 60:.1f} min): "
+        + ", ".join(f"{t} {v['auc']:.3f}" for t, v in sorted(m["scores"].items()))
+        for m in members
+    )
+    return [f"- Teacher: the ensemble of {b['teacher_ensemble']} foundations (`--teacher_ensemble "
+            f"{b['teacher_ensemble']}`), trained alike on the same carved cases, differing only in their seed "
+            f"(0-{b['teacher_ensemble'] - 1})" + (f", with the foundation overrides `{json.dumps(over)}`" if over else "")
+            + "; the mean of their logits as one network (`medfm_ops.networks.EnsembleClassifier`, written by "
+            "`tools/ensemble_teacher.py`'s function), whose features (the distilling rows' teacher features) are the "
+            "members' concatenated. The foundation row is that ensemble; its time is its members' training. Each "
+            f"member alone, shipped val AUC: {scores or 'not scored'}."]  # fmt: skip
 
 
 def _data_names(tasks: list[str], sep: str = ", ") -> str:
@@ -887,6 +964,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
            "distilling rows' teacher reads each case from those files (rd_cls `teacher_images`, cached teacher "
            "outputs); the students keep 28^3. The foundation row is scored on the shipped val split of those files."]
           if b.get("teacher_resolution") else []),
+        *_ensemble_lines(meta),
         "- Networks: foundation MONAI ResNet (basic blocks 2-2-2-2, widths 32-256, one unified head over "
         + ("both tasks' classes" if len(meta["tasks"]) > 1 else "the task's classes") + "); every student MONAI ResNet (1-1-1-1, 16-128) with a task head; LoRKD = that student with one rank-8 "
         "expert per task in every conv, fused into the stock network per task for deployment.",
@@ -1002,6 +1080,8 @@ def run(
     lr_choice_seeds: int = 1,
     tasks: str | tuple[str, ...] | None = None,
     teacher_resolution: int | None = None,
+    teacher_ensemble: int = 1,
+    foundation_overrides: dict[str, Any] | None = None,
 ) -> str:
     """
     Train and score the rows (each once per seed) and write ``results`` (+ ``.json``) and its figures.
@@ -1045,6 +1125,12 @@ def run(
             distilling rows' teacher reads those files. Only rows whose teacher's outputs are cached (rd_cls and lorkd_cls
             rows without augmentation, leave-one-task-out or reprogramming) and tasks with such a file. Defaults to None
             (the teacher sees the students' inputs).
+        teacher_ensemble: the teacher is the ensemble of this many foundations, trained alike with seeds 0, 1, ...
+            (``foundation/``, ``foundation_seed<k>/``), the mean of their logits as one network
+            (:func:`~medfm_ops.networks.write_ensemble_teacher`, ``foundation_ensemble<k>/``); each member is scored
+            too. Defaults to 1 (the single foundation).
+        foundation_overrides: further overrides of foundation_cls for the foundation (every member), e.g.
+            ``{"network_config#block_inplanes": [16, 32, 64, 128]}``. Defaults to None.
 
     Raises:
         ValueError: for unknown rows or tasks, ``jobs < 1``, ``val_fraction`` outside (0, 1), or a
@@ -1070,6 +1156,8 @@ def run(
               "patience": int(patience), "teacher_augmentation": bool(teacher_augmentation),
               "lr_choice_seeds": int(lr_choice_seeds),
               **({"teacher_resolution": int(teacher_resolution)} if teacher_data else {}),
+              **({"teacher_ensemble": int(teacher_ensemble)} if int(teacher_ensemble) > 1 else {}),
+              **({"foundation_overrides": dict(foundation_overrides)} if foundation_overrides else {}),
               "lr_factors": [float(f) for f in (str(lr_factors).split(",") if isinstance(lr_factors, (str, int, float))
                                                 else lr_factors or [])]}  # fmt: skip
     if int(jobs) < 1:
@@ -1086,10 +1174,17 @@ def run(
                   f"{c['grid']})", flush=True)
         plan = _runs(wanted, seed_list, work, data, budget, {g: c["factor"] for g, c in lr_choice.items()}, teacher_data)
         trained = _train_all(plan, reuse_rows, int(jobs))
-    records, teachers = [], {}
+    records, teachers, members = [], {}, []
     for r, (rec, reused) in zip(plan, trained):  # scoring in this process, one run at a time
         if r["row"] == "foundation_loto":  # a teacher only: it never saw the task it is the teacher of
             teachers[r["task"]] = {"dir": r["dir"], "seconds": rec["seconds"]}
+            continue
+        if r["row"] == "foundation_member":  # a member of the ensemble teacher: scored alone, shown beside it
+            if not reused or rec.get("scoring_version") != SCORING_VERSION:
+                rec.update(_score(r), scoring_version=SCORING_VERSION)
+                atomic_write_text(Path(r["dir"]) / "bench_run.json", json.dumps(rec, indent=2, default=float))
+            members.append({"member": r["member"], "seed": r["overrides"]["seed"], "dir": r["dir"],
+                            "seconds": rec["seconds"], "best_epoch": rec.get("best_epoch"), "scores": rec["scores"]})  # fmt: skip
             continue
         stale = not reused or rec.get("scoring_version") != SCORING_VERSION
         if stale:
@@ -1133,13 +1228,17 @@ def run(
         args.append(f"--tasks {','.join(data)}")
     if teacher_data:
         args.append(f"--teacher_resolution {int(teacher_resolution)}")
+    if int(teacher_ensemble) > 1:
+        args.append(f"--teacher_ensemble {int(teacher_ensemble)}")
+    if foundation_overrides:
+        args.append(f"--foundation_overrides '{json.dumps(dict(foundation_overrides), separators=(',', ':'))}'")
     if work_dir != "runs/cls_bench" or results != "docs/RESULTS_classification.md":
         args.append(f"--work_dir {work_dir} --results {results}")
     meta = {**run_record(args, start), "seeds": seed_list, "tasks": list(data), "budget": budget,
             "data_dir": data_dir, "load_start": load_start,
             "work_dir": os.path.relpath(work, REPO) if work.is_relative_to(REPO) else str(work), "machine": machine_info(torch.device("cpu")),
             "latency_repeats": latency_repeats, "jobs": int(jobs), "threads": threads,
-            "loto_foundations": teachers, "lr_choice": lr_choice}  # fmt: skip
+            "loto_foundations": teachers, "lr_choice": lr_choice, "ensemble_members": members}  # fmt: skip
     summary = {"meta": meta, "rows": [r for r in wanted], "records": records, "latency": latency, "figures": figures}
     atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2, default=float))
     return report(str(out))

@@ -421,3 +421,73 @@ def test_page_of_one_task_with_a_teacher_at_64(tmp_path):
     assert text.startswith("# Results: 3D classification (AdrenalMNIST3D), teacher at 64^3")
     assert "| foundation at 64^3 (AdrenalMNIST3D only) | 0.900 |" in text and "both tasks" not in text
     assert "adrenalmnist3d/adrenalmnist3d_64.npz" in text and "vesselmnist3d" not in text
+
+
+def test_ensemble_teacher_plan_schedule_and_build(tmp_path, monkeypatch):
+    """``--teacher_ensemble 3``: three foundations differing only in their seed (member 0 is the single foundation's
+    folder), the teacher built from them once all three are trained, the rows distilling from it; the build is
+    reused while the members' weights are unchanged and its time is theirs."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from medfm_ops.data import TaskTable
+    from medfm_ops.networks import EnsembleClassifier
+    from medfm_ops.networks.spec import instantiate, save_network_spec
+
+    monkeypatch.setattr(bench, "_datalists", lambda work, data, budget, loto, teacher_data=None: {"both": "both.json"})
+    data = {t: f"{t}.npz" for t in TASKS}
+    budget = {"epochs": 1, "foundation_epochs": 1, "lorkd_warmup_epochs": 0, "batch_size": 2, "limit": 4,
+              "val_fraction": 0.2, "teacher_ensemble": 3, "foundation_overrides": {"network_config#layers": [1, 1, 1, 1]}}  # fmt: skip
+    plan = bench._runs(["scratch", "logit_kd"], [0], tmp_path, data, budget)
+    members = [r for r in plan if r["row"] == "foundation_member"]
+    assert [(r["overrides"]["seed"], Path(r["dir"]).name) for r in members] == [
+        (0, "foundation"), (1, "foundation_seed1"), (2, "foundation_seed2")]  # fmt: skip
+    assert all(r["overrides"]["network_config#layers"] == [1, 1, 1, 1] for r in members)
+    teacher = next(r for r in plan if r["row"] == "foundation")
+    assert teacher["after"] == ["member0", "member1", "member2"] and teacher["dir"] == str(tmp_path / "foundation_ensemble3")
+    assert teacher["ensemble"] == [r["dir"] for r in members]
+    kd = next(r for r in plan if r["row"] == "logit_kd")
+    assert kd["after"] == "foundation" and kd["overrides"]["teacher_path"] == teacher["dir"]
+    assert kd["overrides"]["teacher_feature_cache"] == str(tmp_path / "foundation_ensemble3" / "teacher_features.pt")
+
+    order = []  # the teacher waits for all of its members, the rows for the teacher
+
+    def fake_train(run, reuse):
+        order.append(run["dir"])
+        return {"dir": run["dir"]}, False
+
+    bench._train_all(plan, True, jobs=2, train=fake_train)
+    first_use = min(order.index(r["dir"]) for r in plan if r["key"] is None)
+    assert max(order.index(r["dir"]) for r in members) < order.index(teacher["dir"]) < first_use
+
+    def failing(run, reuse):
+        if run.get("member") == 1:
+            raise RuntimeError("member 1 failed")
+        return {"dir": run["dir"]}, False
+
+    with pytest.raises(RuntimeError, match="member 1 failed"):
+        bench._train_all(plan, True, jobs=2, train=failing)
+
+    # the build: three tiny trained members -> one teacher folder, reused until a member's weights change
+    net_def = {"_target_": "monai.networks.nets.ResNet", "block": "basic", "layers": [1, 1, 1, 1],
+               "block_inplanes": [4, 4, 8, 8], "spatial_dims": 3, "n_input_channels": 1, "num_classes": 2}  # fmt: skip
+    table = TaskTable.from_tasks([{"name": "a", "task_id": 0, "labels": {"0": "no", "1": "yes"}}])
+    for k, r in enumerate(members):
+        torch.manual_seed(k)
+        (Path(r["dir"]) / "models").mkdir(parents=True)
+        torch.save(instantiate(net_def).state_dict(), Path(r["dir"]) / "models" / "model.pt")
+        save_network_spec(Path(r["dir"]) / "models", net_def, table, spatial_size=[8, 8, 8])
+        (Path(r["dir"]) / "bench_run.json").write_text(json.dumps({"seconds": 60.0 * (k + 1), "best_epoch": k}))
+    record, reused = bench._train(teacher, reuse=True)
+    assert not reused and record["seconds"] == 360.0 and [m["best_epoch"] for m in record["members"]] == [0, 1, 2]
+    assert bench._train(teacher, reuse=True)[1] is True
+    torch.manual_seed(9)
+    torch.save(instantiate(net_def).state_dict(), Path(members[2]["dir"]) / "models" / "model.pt")
+    assert bench._train(teacher, reuse=True)[1] is False  # a retrained member: a new ensemble
+    # what the page's scoring builds from the run's configs: the members' config three times, loading the weights
+    config = {"_target_": "medfm_ops.networks.network_config", "target": net_def["_target_"],
+              **{k: v for k, v in net_def.items() if k != "_target_"}}  # as foundation_cls's train.json writes it
+    parser = ConfigParser({"network_config": config, "network_def": teacher["overrides"]["network_def"]})
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net, EnsembleClassifier) and len(net.members) == 3
+    net.load_state_dict(torch.load(Path(teacher["dir"]) / "models" / "model.pt", weights_only=True))

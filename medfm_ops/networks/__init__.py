@@ -47,6 +47,7 @@ from medfm_ops.networks.cls_heads import (
     load_teacher_features,
     mask_task_logits,
 )
+from medfm_ops.networks.ensemble import EnsembleClassifier, write_ensemble_teacher
 from medfm_ops.networks.cls_zoo import CLS_NETWORKS, ViTClassifier, build_cls_network, cls_network_def, network_config
 from medfm_ops.networks.reprogramming import (
     ReprogrammedStudent,
@@ -105,6 +106,8 @@ __all__ = [
     "PAD_LOGIT",
     "TaskHeadNetwork",
     "TeacherFeatures",
+    "EnsembleClassifier",
+    "write_ensemble_teacher",
     "export_cls_expert",
     "head_layer_name",
     "load_fused_cls_expert",
