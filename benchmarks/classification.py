@@ -80,8 +80,9 @@ TASKS = {"adrenalmnist3d": "adrenalmnist3d/adrenalmnist3d.npz", "vesselmnist3d":
 #: the same cases at a higher resolution, per resolution (``--teacher_resolution``): the foundation's own files
 TEACHER_FILES = {64: {"adrenalmnist3d": "adrenalmnist3d/adrenalmnist3d_64.npz"}}
 SCORES = ("auc", "balanced_accuracy", "f1", "accuracy")
-#: bump to rescore reused runs: 2 = the decision threshold chosen on each run's carved validation split
-SCORING_VERSION = 2
+#: bump to rescore reused runs: 2 = the decision threshold chosen on each run's carved validation split; 3 = the
+#: screening operating point (:func:`_screening_point`)
+SCORING_VERSION = 3
 #: bump to rescore the exported bundles (also rescored when the configs' export step changes): 2 = calibrated bundles
 BUNDLE_SCORING_VERSION = 2
 #: top-level config entries that act after training only (writing the trained model's standalone bundle): left out of
@@ -555,15 +556,38 @@ def _score(run: dict) -> dict[str, Any]:
             deployed = net
         else:  # RD-family students: the deployed stock student
             deployed = net.export_student().eval()
-        own_carved = [f for f in carved if f["task"] == t]
-        choice = decision_thresholds(classifier_metric(deployed, own_carved, pre, table, "cpu", **kw)).get(tid)
+        carved_metric = classifier_metric(deployed, [f for f in carved if f["task"] == t], pre, table, "cpu", **kw)
+        choice = decision_thresholds(carved_metric).get(tid)
         shipped = classifier_metric(deployed, [f for f in val if f["task"] == t], pre, table, "cpu", **kw)
         at = shipped.rows({tid: choice["threshold"]} if choice else None)[0]
-        out["scores"][t] = {**{k: v for k, v in at.items() if k != "task"}, "decision": choice}
+        out["scores"][t] = {**{k: v for k, v in at.items() if k != "task"}, "decision": choice,
+                            "screening": _screening_point(carved_metric, shipped, tid)}  # fmt: skip
         out["argmax_scores"][t] = {k: v for k, v in shipped.rows()[0].items() if k != "task"}
         if "deploy_params" not in out:  # the model serving one task (the same size for every task here)
             out.update(deploy_params=count_params(deployed), deploy_flops=count_flops(deployed, shape))
     return out
+
+
+#: the sensitivity the screening operating point must reach on each run's carved validation split
+SCREENING_SENSITIVITY = 0.9
+
+
+def _screening_point(carved: Any, shipped: Any, task_id: int) -> dict[str, float] | None:
+    """A screening operating point of a two-class task: the threshold with the highest specificity among those
+    reaching :data:`SCREENING_SENSITIVITY` on the run's carved validation split (``carved``: its
+    :func:`~medfm_ops.engines.classifier_metric`), and the sensitivity and specificity it gives on the shipped val
+    split (``shipped``); None for a task of other than two classes or without both classes on either split."""
+    from medfm_ops.metrics import choose_decision_threshold
+    from medfm_ops.metrics.decision_threshold import threshold_decisions
+
+    own, val = carved.task_outputs().get(task_id), shipped.task_outputs().get(task_id)
+    if own is None or val is None or own[0].shape[1] != 2 or set(own[1].tolist()) != {0, 1} or set(val[1].tolist()) != {0, 1}:
+        return None
+    choice = choose_decision_threshold(*own, min_sensitivity=SCREENING_SENSITIVITY)
+    pred, labels = threshold_decisions(val[0], choice["threshold"]), val[1]
+    return {"threshold": choice["threshold"], "carved_sensitivity": choice["sensitivity"],
+            "carved_specificity": choice["specificity"], "sensitivity": float((pred[labels == 1] == 1).mean()),
+            "specificity": float((pred[labels == 0] == 0).mean())}  # fmt: skip
 
 
 def _bundle_scores(run: dict) -> dict[str, Any]:
@@ -870,6 +894,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         lines += ["", *_reading(rows, tasks, lambda row, t: scores(row, t, "auc", "bundle_scores" if row in EXPORTED_ROWS
                                                                     else "scores"), label)]
     lines += _decision_lines(rows, tasks, scores, label)
+    lines += _screening_lines(rows, tasks, scores, label)
     lines += ["", "## Size and cost", "",
               "| row | train params (M) | deploy params per task (M) | deploy MFLOPs per volume | latency, batch 1 "
               "(ms, median [IQR]) | train wall time per seed (min) |",
@@ -1019,6 +1044,31 @@ def _decision_lines(rows: list[str], tasks: list[str], scores: Any, label: Calla
                       _ms(scores(row, t, "balanced_accuracy", "argmax_scores")),
                       verdict_cell([v for v in scores(row, t, "verdict", "argmax_scores") if isinstance(v, str)]),
                       _ms(scores(row, t, "balanced_accuracy", which))]  # fmt: skip
+        out.append(f"| {label(row)} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _screening_lines(rows: list[str], tasks: list[str], scores: Any, label: Callable[[str], str]) -> list[str]:
+    """The screening section (records scored since :data:`SCORING_VERSION` 3, else nothing): per row and task the
+    shipped-val sensitivity and specificity at the threshold that reaches :data:`SCREENING_SENSITIVITY` on each run's
+    carved split (mean ± std over seeds)."""
+    points = {(r, t): [p for p in scores(r, t, "screening") if isinstance(p, dict)] for r in rows for t in tasks}
+    if not any(points.values()):
+        return []
+    head = " | ".join(f"{t}: sensitivity | specificity" for t in tasks)
+    out = ["", f"## Screening point (sensitivity >= {SCREENING_SENSITIVITY:g} on the carved split)", "",
+           "A screening use wants few missed positive cases rather than the highest balanced accuracy. Here each "
+           "run's threshold is the one with the highest specificity among those that find at least "
+           f"{SCREENING_SENSITIVITY:.0%} of the positive cases of its carved validation split (`tools/calibrate_cls_bundle.py "
+           f"--min_sensitivity {SCREENING_SENSITIVITY:g}` does the same for a bundle), and the table gives what that "
+           "threshold does on the shipped val split: whether the sensitivity holds on cases no choice saw, and at "
+           "which specificity. In-process scores of the deployed models (for the exported rows: the same model as "
+           "their bundle).", "",
+           f"| row | {head} |", "| --- | " + " | ".join("---: | ---:" for _ in tasks) + " |"]  # fmt: skip
+    for row in rows:
+        cells = []
+        for t in tasks:
+            cells += [_ms([p["sensitivity"] for p in points[(row, t)]]), _ms([p["specificity"] for p in points[(row, t)]])]
         out.append(f"| {label(row)} | " + " | ".join(cells) + " |")
     return out
 

@@ -147,6 +147,13 @@ def test_write_results(tmp_path):
     row = next(line for line in text.split("## Decision threshold")[1].splitlines() if line.startswith(f"| {bench.ROWS['rd_loto'].description} |"))
     assert row.count("0.250 ± 0.050") == 2 and row.count("0.505 ± 0.005") == 2 and row.count("0.600 ± 0.100") == 2
     assert "largest difference between the decision threshold the export wrote into the bundle and the one chosen in-process on the same carved split: 1.00e-02" in " ".join(text.split())
+    assert "## Screening point" not in text  # records scored before the screening point: no section
+    for r in records:  # then: each run's shipped-val sensitivity and specificity at its carved-split screening threshold
+        for t, v in r["scores"].items():
+            v["screening"] = {"threshold": 0.1, "sensitivity": 0.8 + r["seed"] / 10, "specificity": 0.5}
+    text = bench.write_results(tmp_path / "r.md", {"meta": meta, "records": records, "rows": ["foundation", "rd_loto"]})
+    row = next(line for line in text.split("## Screening point")[1].splitlines() if line.startswith(f"| {bench.ROWS['rd_loto'].description} |"))
+    assert row.count("0.850 ± 0.050 | 0.500 ± 0.000") == 2
     (tmp_path / "r.json").write_text(json.dumps({"meta": meta, "records": records, "rows": ["foundation", "rd_loto"]}))
     (tmp_path / "notes.md").write_text("What the numbers say:\n\n- the teacher is no better.\n")
     bench.report(str(tmp_path / "r.md"), notes=str(tmp_path / "notes.md"))
@@ -491,3 +498,21 @@ def test_ensemble_teacher_plan_schedule_and_build(tmp_path, monkeypatch):
     net = parser.get_parsed_content("network_def")
     assert isinstance(net, EnsembleClassifier) and len(net.members) == 3
     net.load_state_dict(torch.load(Path(teacher["dir"]) / "models" / "model.pt", weights_only=True))
+
+
+def test_screening_point_is_chosen_on_the_carved_split_and_scored_on_the_shipped_split():
+    import numpy as np
+
+    class Outputs:  # what _screening_point reads of a classifier_metric: task id -> (probs, labels)
+        def __init__(self, p1, labels):
+            self.out = {0: (np.stack([1 - np.asarray(p1), np.asarray(p1)], 1), np.asarray(labels))}
+
+        def task_outputs(self):
+            return self.out
+
+    carved = Outputs([0.1, 0.2, 0.3, 0.4, 0.35, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99], [0] * 5 + [1] * 7)
+    point = bench._screening_point(carved, Outputs([0.1, 0.55, 0.66, 0.3, 0.9], [0, 0, 1, 1, 1]), 0)
+    assert point["carved_sensitivity"] >= bench.SCREENING_SENSITIVITY and point["carved_specificity"] == 1.0
+    assert 0.4 < point["threshold"] < 0.6  # between the highest negative and the lowest positive of the carved split
+    assert point["sensitivity"] == pytest.approx(2 / 3) and point["specificity"] == 0.5  # 0.3 missed, 0.55 a false positive
+    assert bench._screening_point(carved, Outputs([0.1, 0.2], [0, 0]), 0) is None  # one class on the shipped split
