@@ -474,12 +474,12 @@ def _build_ensemble(run: dict, reuse: bool) -> tuple[dict, bool]:
 
 def _train_all(plan: list[dict], reuse: bool, jobs: int, train: Any = None) -> list[tuple[dict, bool]]:
     """Train ``plan`` with ``jobs`` child processes at a time (``train``: :func:`_train` by default). The teachers
-    (``key``) are queued first; a row is queued only once its teacher (``after``: the foundation or the task's
-    leave-one-task-out foundation) has finished, so no worker waits on a teacher while another teacher's rows could
-    run. A teacher's failure is every one of its rows' failure."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
+    (``key``) are queued first; a run is queued only once what it waits for has finished (``after``: one key, e.g. a
+    row's foundation or the task's leave-one-task-out foundation, or a list of keys, e.g. an ensemble teacher's
+    members), so no worker waits on a teacher while another teacher's rows could run. A teacher's failure is every
+    one of its waiting runs' failure."""
     import threading
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     train = train or _train
     results = {i: Future() for i in range(len(plan))}  # completed when the run, queued after what it waits for, ends
