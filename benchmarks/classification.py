@@ -675,7 +675,7 @@ def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str, prefix:
     (when there are experts to compare), written as ``fig_dir/<prefix>_*.png``."""
     import torch
 
-    from medfm_ops.networks import TeacherFeatures, export_cls_expert, load_expert_state_dict
+    from medfm_ops.networks import EnsembleClassifier, TeacherFeatures, export_cls_expert, load_expert_state_dict
     from medfm_ops.visualize import cka_matrix, gradcam_panel, gradcam_volume, write_matrix_png
 
     seed = records[0]["seed"]
@@ -699,7 +699,9 @@ def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str, prefix:
             models[f"STL {table.task_names[t]}"] = export_cls_expert(load(by[("stl", table.task_names[t])])[1], t).eval()
     if ("mtl", None) in by:
         models["MTL (shared backbone)"] = export_cls_expert(load(by[("mtl", None)])[1], 0).eval()
-    out: dict[str, Any] = {"seed": seed, "gradcam": {}, "layer": layer}
+    # an ensemble teacher: the ensemble's logit, its gradient and activations at its first member's layer
+    foundation_layer = f"members.0.{layer}" if isinstance(foundation, EnsembleClassifier) else layer
+    out: dict[str, Any] = {"seed": seed, "gradcam": {}, "layer": layer, "foundation_layer": foundation_layer}
     items = [pre(dict(f)) for f in val]
     for t in table.task_ids:
         name = table.task_names[t]
@@ -709,7 +711,7 @@ def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str, prefix:
         pos = [i for i in items if int(i["task_id"]) == t and int(i["label"]) == 1][: cases - cases // 2]
         neg = [i for i in items if int(i["task_id"]) == t and int(i["label"]) == 0][: cases - len(pos)]
         chosen = pos + neg
-        maps = [{"foundation": gradcam_volume(foundation, i["image"][None], table.offset_of(t) + int(i["label"]), layer),
+        maps = [{"foundation": gradcam_volume(foundation, i["image"][None], table.offset_of(t) + int(i["label"]), foundation_layer),
                  "expert": gradcam_volume(expert, i["image"][None], int(i["label"]), layer)} for i in chosen]  # fmt: skip
         path = gradcam_panel(fig_dir / f"{prefix}_gradcam_{name}.png", [i["image"] for i in chosen], maps)
         out["gradcam"][name] = {"png": path.name, "labels": [table.class_names[t][int(i["label"])] for i in chosen],
@@ -929,8 +931,10 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         lines += [f"![Grad-CAM {task}](figures/{g['png']})", "",
                   f"Grad-CAM ({figs['layer']}, MONAI `GradCAM`) on {len(g['labels'])} val volumes of {task} (labels: "
                   f"{', '.join(g['labels'])}; seed {figs['seed']}). Each row: the three mid slices (axial, coronal, "
-                  "sagittal) in grey, then with the foundation's map of the true class, then with the fused LoRKD "
-                  "expert's map of the true class.", ""]  # fmt: skip
+                  "sagittal) in grey, then with the foundation's map of the true class"
+                  + (f" (the ensemble's logit, at its first member's `{figs['foundation_layer']}`)"
+                     if figs.get("foundation_layer", figs["layer"]) != figs["layer"] else "")
+                  + ", then with the fused LoRKD expert's map of the true class.", ""]  # fmt: skip
     if "cka" in figs:
         c = figs["cka"]
         lines += [f"![CKA](figures/{c['png']})", "",
