@@ -812,6 +812,16 @@ def _row_label(row: str, budget: dict[str, Any], tasks: list[str]) -> str:
     return ROWS[row].description
 
 
+def _foundation_widths(budget: dict[str, Any]) -> str:
+    """The foundation's stage widths as a page says them (``--foundation_overrides`` may change foundation_cls's)."""
+    widths = (budget.get("foundation_overrides") or {}).get("network_config#block_inplanes", [32, 64, 128, 256])
+    return f"{widths[0]}-{widths[-1]}"
+
+
+def _foundation_words(budget: dict[str, Any]) -> str:
+    return f"foundation: {budget['teacher_ensemble']} members, each a" if budget.get("teacher_ensemble") else "foundation"
+
+
 def _ensemble_lines(meta: dict[str, Any]) -> list[str]:
     """The setup line of an ensemble teacher (``--teacher_ensemble``): how it was made and each member's own score."""
     b, members = meta["budget"], meta.get("ensemble_members") or []
@@ -994,7 +1004,7 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
            "outputs); the students keep 28^3. The foundation row is scored on the shipped val split of those files."]
           if b.get("teacher_resolution") else []),
         *_ensemble_lines(meta),
-        "- Networks: foundation MONAI ResNet (basic blocks 2-2-2-2, widths 32-256, one unified head over "
+        f"- Networks: {_foundation_words(b)} MONAI ResNet (basic blocks 2-2-2-2, widths {_foundation_widths(b)}, one unified head over "
         + ("both tasks' classes" if len(meta["tasks"]) > 1 else "the task's classes") + "); every student MONAI ResNet (1-1-1-1, 16-128) with a task head; LoRKD = that student with one rank-8 "
         "expert per task in every conv, fused into the stock network per task for deployment.",
         "- Scoring: LoRKD experts and the RD students (each run's own `export/<task>`, written by rd_cls) through their "
