@@ -29,8 +29,9 @@ class EnsembleClassifier(nn.Module):
     ``mean_i member_i(x)`` for members whose classifier layer is their last operation (MONAI's ResNet,
     DenseNet); :class:`~medfm_ops.networks.TeacherFeatures` reads the concatenated features as the teacher's.
 
-    Built from trained networks (their heads are copied into ``fc``) or, for loading a saved ensemble, from the
-    members' network configs (then ``fc`` is overwritten by the state dict).
+    Built from trained networks (their heads are copied into ``fc``; the modules passed are changed in place: their
+    heads become identities) or, for loading a saved ensemble, from the members' network configs (then ``fc`` is
+    overwritten by the state dict).
 
     Args:
         members: at least two classifiers (modules, or network configs with ``_target_``) with the same number of
