@@ -577,17 +577,15 @@ def _screening_point(carved: Any, shipped: Any, task_id: int) -> dict[str, float
     reaching :data:`SCREENING_SENSITIVITY` on the run's carved validation split (``carved``: its
     :func:`~medfm_ops.engines.classifier_metric`), and the sensitivity and specificity it gives on the shipped val
     split (``shipped``); None for a task of other than two classes or without both classes on either split."""
-    from medfm_ops.metrics import choose_decision_threshold
-    from medfm_ops.metrics.decision_threshold import threshold_decisions
+    from medfm_ops.metrics import choose_decision_threshold, specificity_sensitivity, threshold_decisions
 
     own, val = carved.task_outputs().get(task_id), shipped.task_outputs().get(task_id)
     if own is None or val is None or own[0].shape[1] != 2 or set(own[1].tolist()) != {0, 1} or set(val[1].tolist()) != {0, 1}:
         return None
     choice = choose_decision_threshold(*own, min_sensitivity=SCREENING_SENSITIVITY)
-    pred, labels = threshold_decisions(val[0], choice["threshold"]), val[1]
+    specificity, sensitivity = specificity_sensitivity(threshold_decisions(val[0], choice["threshold"]), val[1])
     return {"threshold": choice["threshold"], "carved_sensitivity": choice["sensitivity"],
-            "carved_specificity": choice["specificity"], "sensitivity": float((pred[labels == 1] == 1).mean()),
-            "specificity": float((pred[labels == 0] == 0).mean())}  # fmt: skip
+            "carved_specificity": choice["specificity"], "sensitivity": sensitivity, "specificity": specificity}
 
 
 def _bundle_scores(run: dict) -> dict[str, Any]:

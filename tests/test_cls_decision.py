@@ -23,7 +23,12 @@ from medfm_ops.bundle import (
     write_cls_expert_bundle,
 )
 from medfm_ops.bundle.class_decision import ClassDecisiond
-from medfm_ops.metrics import choose_decision_threshold, classification_scores, threshold_decisions
+from medfm_ops.metrics import (
+    choose_decision_threshold,
+    classification_scores,
+    specificity_sensitivity,
+    threshold_decisions,
+)
 
 TINY = {"_target_": "monai.networks.nets.ResNet", "block": "basic", "layers": [1, 1, 1, 1],
         "block_inplanes": [4, 4, 8, 8], "spatial_dims": 3, "n_input_channels": 1, "conv1_t_size": 3,
@@ -47,6 +52,13 @@ def test_threshold_maximises_balanced_accuracy_by_hand():
     # the best of imperfect thresholds: 0.7 (one positive missed) beats 0.25 (two negatives hit)
     c = choose_decision_threshold(_two([0.1, 0.3, 0.35, 0.6, 0.8, 0.9]), np.array([0, 1, 0, 0, 1, 1]))
     assert c["threshold"] == pytest.approx(0.7) and c["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_specificity_sensitivity_counts_each_class_recall():
+    # 3 negatives (one called positive), 2 positives (one missed)
+    spec, sens = specificity_sensitivity(np.array([0, 1, 0, 1, 0]), np.array([0, 0, 0, 1, 1]))
+    assert spec == pytest.approx(2 / 3) and sens == pytest.approx(0.5)
+    assert specificity_sensitivity(np.array([1, 0]), np.array([1, 0])) == (1.0, 1.0)
 
 
 def test_screening_threshold_reaches_the_sensitivity_with_the_best_specificity():

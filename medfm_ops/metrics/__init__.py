@@ -19,7 +19,12 @@ __all__ = [
 ]
 
 from .cls_metrics import MultiTaskClsMetric, mean_score_row, task_score_rows
-from .decision_threshold import ARGMAX_THRESHOLD, choose_decision_threshold, threshold_decisions
+from .decision_threshold import (
+    ARGMAX_THRESHOLD,
+    choose_decision_threshold,
+    specificity_sensitivity,
+    threshold_decisions,
+)
 from .cls_scores import SCORE_NAMES, WORKING_MARGIN, binary_auc, classification_scores, majority_classes, working_verdict
 
 __all__ += [
@@ -32,6 +37,7 @@ __all__ += [
     "classification_scores",
     "majority_classes",
     "mean_score_row",
+    "specificity_sensitivity",
     "task_score_rows",
     "threshold_decisions",
     "working_verdict",

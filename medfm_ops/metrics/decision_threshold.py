@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ARGMAX_THRESHOLD", "choose_decision_threshold", "threshold_decisions"]
+__all__ = ["ARGMAX_THRESHOLD", "choose_decision_threshold", "specificity_sensitivity", "threshold_decisions"]
 
 #: the threshold at which :func:`threshold_decisions` equals the argmax of two class probabilities
 ARGMAX_THRESHOLD = 0.5
@@ -32,13 +32,14 @@ def threshold_decisions(probs: np.ndarray, threshold: float | None) -> np.ndarra
     return (probs[:, 1] > float(threshold)).astype(int)
 
 
-def _recalls(pred: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(specificity, sensitivity): the recall of class 0 and of class 1."""
+def specificity_sensitivity(pred: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(specificity, sensitivity) of two-class decisions ``pred`` ``(N,)`` against ``labels`` ``(N,)``: the recall of
+    class 0 and of class 1 (nan for a class absent from ``labels``)."""
     return float((pred[labels == 0] == 0).mean()), float((pred[labels == 1] == 1).mean())
 
 
 def _balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(_recalls(pred, labels)))
+    return float(np.mean(specificity_sensitivity(pred, labels)))
 
 
 def choose_decision_threshold(
@@ -77,7 +78,7 @@ def choose_decision_threshold(
     below = np.nextafter(values[0], -np.inf)
     candidates = np.unique(np.concatenate([[ARGMAX_THRESHOLD], (values[:-1] + values[1:]) / 2, [below]]))
     candidates = candidates[(candidates > 0.0) & (candidates < 1.0)]  # what a bundle's decision_threshold accepts
-    spec_sens = np.array([_recalls((p > t).astype(int), labels) for t in candidates])
+    spec_sens = np.array([specificity_sensitivity((p > t).astype(int), labels) for t in candidates])
     if min_sensitivity is None:
         scores, criterion = spec_sens.mean(1), "balanced accuracy"
     else:
