@@ -81,8 +81,9 @@ TASKS = {"adrenalmnist3d": "adrenalmnist3d/adrenalmnist3d.npz", "vesselmnist3d":
 TEACHER_FILES = {64: {"adrenalmnist3d": "adrenalmnist3d/adrenalmnist3d_64.npz"}}
 SCORES = ("auc", "balanced_accuracy", "f1", "accuracy")
 #: bump to rescore reused runs: 2 = the decision threshold chosen on each run's carved validation split; 3 = the
-#: screening operating point (:func:`_screening_point`)
-SCORING_VERSION = 3
+#: screening operating point (:func:`_screening_point`); 4 = an RD-family student's training parameters leave out the
+#: reprogramming module when its training never runs it (:func:`_train_params`)
+SCORING_VERSION = 4
 #: bump to rescore the exported bundles (also rescored when the configs' export step changes): 2 = calibrated bundles
 BUNDLE_SCORING_VERSION = 2
 #: top-level config entries that act after training only (writing the trained model's standalone bundle): left out of
@@ -556,6 +557,7 @@ def _score(run: dict) -> dict[str, Any]:
             deployed = net
         else:  # RD-family students: the deployed stock student
             deployed = net.export_student().eval()
+            out["train_params"] = _train_params(net, p.get_parsed_content("train#prepare_batch#pass_teacher_features"))
         carved_metric = classifier_metric(deployed, [f for f in carved if f["task"] == t], pre, table, "cpu", **kw)
         choice = decision_thresholds(carved_metric).get(tid)
         shipped = classifier_metric(deployed, [f for f in val if f["task"] == t], pre, table, "cpu", **kw)
@@ -566,6 +568,15 @@ def _score(run: dict) -> dict[str, Any]:
         if "deploy_params" not in out:  # the model serving one task (the same size for every task here)
             out.update(deploy_params=count_params(deployed), deploy_flops=count_flops(deployed, shape))
     return out
+
+
+def _train_params(net: Any, passes_teacher_features: bool) -> int:
+    """The weights an rd_cls run trains (a :class:`~medfm_ops.networks.ReprogrammedStudent`): student and shared
+    classifier, and the reprogramming module ``phi`` only when the training passes it the teacher's features (RD);
+    the student from scratch and the logit-KD student build ``phi`` but never run it."""
+    from medfm_ops.engines import count_params
+
+    return count_params(net) - (0 if passes_teacher_features else count_params(net.phi))
 
 
 #: the sensitivity the screening operating point must reach on each run's carved validation split

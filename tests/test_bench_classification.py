@@ -516,3 +516,17 @@ def test_screening_point_is_chosen_on_the_carved_split_and_scored_on_the_shipped
     assert 0.4 < point["threshold"] < 0.6  # between the highest negative and the lowest positive of the carved split
     assert point["sensitivity"] == pytest.approx(2 / 3) and point["specificity"] == 0.5  # 0.3 missed, 0.55 a false positive
     assert bench._screening_point(carved, Outputs([0.1, 0.2], [0, 0]), 0) is None  # one class on the shipped split
+
+
+def test_train_params_count_phi_only_when_the_training_runs_it():
+    from monai.networks.nets import ResNet
+
+    from medfm_ops.networks import ReprogrammedStudent
+
+    student = ResNet("basic", [1, 1, 1, 1], [4, 4, 8, 8], spatial_dims=3, n_input_channels=1, num_classes=2)
+    net = ReprogrammedStudent(student, teacher_dim=16)
+    phi = sum(p.numel() for p in net.phi.parameters())
+    deployed = sum(p.numel() for p in net.export_student().parameters())  # the stock student with g as its head
+    assert phi > 0
+    assert bench._train_params(net, passes_teacher_features=True) == deployed + phi  # RD trains phi
+    assert bench._train_params(net, passes_teacher_features=False) == deployed  # scratch / logit KD never run it
