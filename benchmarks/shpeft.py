@@ -58,6 +58,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,85 @@ def mask_layout(delta_file: Path) -> dict[str, int] | None:
     return weights_per_top_level_module(delta["trainable_indices"].items())
 
 
+#: kinds of parameter tensors, in the order of the page (:func:`tensor_kind`)
+TENSOR_KINDS = ("spatial kernels", "pointwise kernels", "linear", "norm scales", "biases")
+
+
+def tensor_kind(name: str, shape: Sequence[int]) -> str:
+    """The kind of a parameter tensor: convolution kernels with a spatial extent (``(C_out, C_in, k, ...)``, k > 1:
+    the 3x3x3 convolutions) or without (1x1x1, e.g. a ResNet's shortcuts), linear weights ``(out, in)``, biases
+    (``*.bias``) and normalisation scales (other 1-D weights)."""
+    if len(shape) >= 3:
+        return "spatial kernels" if math.prod(shape[2:]) > 1 else "pointwise kernels"
+    if len(shape) == 2:
+        return "linear"
+    return "biases" if name.endswith("bias") else "norm scales"
+
+
+def network_kinds(shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """A network's weights per :func:`tensor_kind` (``weights``) and its spatial kernels as ``[filters, fan-in]``
+    pairs (``spatial``), from ``{parameter name: shape}``."""
+    weights = dict.fromkeys(TENSOR_KINDS, 0)
+    spatial = []
+    for name, shape in shapes.items():
+        weights[tensor_kind(name, shape)] += math.prod(shape)
+        if tensor_kind(name, shape) == "spatial kernels":
+            spatial.append([int(shape[0]), math.prod(shape[1:])])
+    return {"weights": weights, "spatial": spatial}
+
+
+def mask_kinds(delta_file: Path) -> dict[str, Any] | None:
+    """Weights a run's mask lets train per :func:`tensor_kind` (``kinds``) and how many output filters of the spatial
+    kernels hold at least one of them (``spatial_filters_touched``), read from its ``sparse_delta.pt`` (``tensors``:
+    shapes, ``trainable_indices``: flat indices); None for a run that writes none (full fine-tuning, LoRA)."""
+    import torch
+
+    if not delta_file.is_file():
+        return None
+    delta = torch.load(delta_file, map_location="cpu", weights_only=True)
+    kinds, touched = dict.fromkeys(TENSOR_KINDS, 0), 0
+    for name, idx in delta["trainable_indices"].items():
+        shape = delta["tensors"][name]["shape"]
+        kinds[tensor_kind(name, shape)] += int(idx.numel())
+        if tensor_kind(name, shape) == "spatial kernels":
+            touched += int((idx // math.prod(shape[1:])).unique().numel())
+    return {"kinds": kinds, "spatial_filters_touched": touched}
+
+
+def _random_filters(spatial: Sequence[Sequence[int]], fraction: float) -> float:
+    """Expected spatial-kernel filters holding at least one weight of a random mask of ``fraction`` of the weights:
+    ``sum C_out * (1 - (1 - fraction) ** fan_in)`` over the kernels ``[C_out, fan_in]``."""
+    return sum(c * (1.0 - (1.0 - fraction) ** fan_in) for c, fan_in in spatial)
+
+
+def _kind_lines(record: dict[str, Any]) -> list[str]:
+    """The section on which kinds of tensors each mask row trains (first seed), next to the network's weights."""
+    net = record.get("network_kinds")
+    if not net:
+        return []
+    total, filters = sum(net["weights"].values()), sum(c for c, _ in net["spatial"])
+    out = ["## What the masks select", "",
+           "Share (%) of each mask row's trainable weights per kind of tensor (first seed's mask): spatial kernels "
+           "(the 3x3x3 convolutions, stem included), pointwise kernels (1x1x1: the shortcuts), linear (the head), "
+           "normalisation scales and biases, next to each kind's share of the network's weights (what a random mask "
+           f"gets on average); and how many of the {filters:,} output filters of the spatial kernels hold at least one "
+           "trainable weight, against the expected number for a random mask of the same size (recorded by `run`; "
+           "`python -m benchmarks.shpeft masks --results <page>` adds it to a page whose runs are still there).", "",
+           "| task | row | " + " | ".join(TENSOR_KINDS) + " | spatial filters touched | random mask (expected) |",
+           "| --- | --- | " + " | ".join("---:" for _ in TENSOR_KINDS) + " | ---: | ---: |",
+           "| all | share of the network's weights | " + " | ".join(f"{100 * net['weights'][k] / total:.1f}"
+                                                             for k in TENSOR_KINDS) + " | | |"]  # fmt: skip
+    for task, rows in record["tasks"].items():
+        for r in rows:
+            mk = r["runs"][0].get("mask_kinds")
+            if not mk:
+                continue
+            n = sum(mk["kinds"].values())
+            out.append(f"| {task} | {r['name']} | " + " | ".join(f"{100 * mk['kinds'][k] / n:.1f}" for k in TENSOR_KINDS)
+                       + f" | {mk['spatial_filters_touched']} | {_random_filters(net['spatial'], n / total):.0f} |")
+    return out + [""]
+
+
 def _layout_lines(record: dict[str, Any]) -> list[str]:
     """The section on where each mask row puts its trainable weights, next to where the network's weights are."""
     weights = record.get("network_layout")
@@ -313,6 +393,7 @@ def write_results(path: Path, record: dict[str, Any]) -> str:
         lines += ["", *_reading(rows)]
         lines.append("")
     lines += _layout_lines(record)
+    lines += _kind_lines(record)
     if s.get("lr_choice"):
         lines += ["## Learning rates", "",
                   f"Chosen with {choice_seeds_words(s.get('lr_choice_seeds', 1))} on the carved validation split (best key "
@@ -555,6 +636,7 @@ def run(
                 "in_process_scores": summary["scores"], "learning_rate": lr if lr is not None else float(learning_rate),
                 "val_best": summary.get("best_metric"), "best_epoch": summary.get("best_metric_epoch"),
                 "epochs_trained": summary.get("epochs"), "mask_layout": mask_layout(run_dir / "models" / "sparse_delta.pt"),
+                "mask_kinds": mask_kinds(run_dir / "models" / "sparse_delta.pt"),
                 **{k: summary[k] for k in ("trainable", "importance_estimation", "train_seconds", "settings")}}
 
     scoring_lock = threading.Lock()
@@ -607,7 +689,8 @@ def run(
         cmd_line.append(f"--work_dir {work_dir}")
     if results != "docs/RESULTS_shpeft.md":
         cmd_line.append(f"--results {results}")
-    network_layout = weights_per_top_level_module(instantiate(pre.network_def).named_parameters())  # built once
+    network = instantiate(pre.network_def)  # built once
+    network_layout = weights_per_top_level_module(network.named_parameters())
     record = {
         **run_record(cmd_line, start),
         "total_run_seconds": total,
@@ -625,6 +708,7 @@ def run(
                      "lr_choice_seeds": int(lr_choice_seeds), "key_metric": key_metric, "lr_choice": chosen},  # fmt: skip
         "work_dir": os.path.relpath(work, REPO),
         "network_layout": network_layout,
+        "network_kinds": network_kinds({n: list(p.shape) for n, p in network.named_parameters()}),
         "tasks": out_tasks,
     }
     out = repo_path(results)
@@ -643,5 +727,34 @@ def report(results: str = "docs/RESULTS_shpeft.md", notes: str | None = None) ->
     return str(out)
 
 
+def masks(results: str = "docs/RESULTS_shpeft.md") -> str:
+    """Add what each mask row's first-seed mask selects per kind of tensor (:func:`mask_kinds`) to a page written by
+    an earlier ``run`` whose runs are still in its ``work_dir`` (``run`` records it for new pages), and rewrite the
+    page. No run is trained or rescored.
+
+    Raises:
+        FileNotFoundError: when a mask row's run folder is gone.
+    """
+    from medfm_ops.networks import instantiate, load_pretrained_classifier
+
+    out = repo_path(results)
+    summary = out.with_suffix(".json")
+    record = json.loads(summary.read_text())
+    pre = load_pretrained_classifier(repo_path(record["pretrained"]["path"]))
+    record["network_kinds"] = network_kinds({n: list(p.shape) for n, p in instantiate(pre.network_def).named_parameters()})
+    work, grid = repo_path(record["work_dir"]), record["settings"].get("lr_grid")
+    for task, rows in record["tasks"].items():
+        for r in rows:
+            first = r["runs"][0]
+            run_dir = work / task / r["name"] / (f"lr{first['learning_rate']:g}" if grid else "") / f"seed{first['seed']}"
+            if not run_dir.is_dir():
+                raise FileNotFoundError(f"{task}/{r['name']}: no run folder {run_dir} (the runs of '{results}' are gone).")
+            first["mask_kinds"] = mask_kinds(run_dir / "models" / "sparse_delta.pt")
+    atomic_write_text(summary, json.dumps(record, indent=2, default=float))
+    text = write_results(out, record)
+    print(text)
+    return str(out)
+
+
 if __name__ == "__main__":
-    fire.Fire({"run": run, "report": report})
+    fire.Fire({"run": run, "report": report, "masks": masks})

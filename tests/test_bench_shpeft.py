@@ -159,3 +159,34 @@ def test_mask_layout_section(tmp_path):
     assert "| share of the network's weights | 18.2 | 54.5 | 27.3 |" in text
     assert "| shpeft | 30.0 | 60.0 | 10.0 |" in text and "| full |" not in text
     assert bench._layout_lines({"tasks": {}}) == []  # a page written before the section existed
+
+
+def test_mask_kinds_section(tmp_path):
+    """Which kinds of tensors each mask trains and how many spatial filters it reaches, against a random mask."""
+    import torch
+
+    net = torch.nn.Sequential()
+    net.add_module("conv", torch.nn.Conv3d(2, 4, 3))  # spatial kernels 4 x 2 x 27 = 216 (4 filters of fan-in 54), bias 4
+    net.add_module("down", torch.nn.Conv3d(4, 4, 1, bias=False))  # pointwise 16
+    net.add_module("bn", torch.nn.BatchNorm3d(4))  # norm scales 4, biases 4
+    net.add_module("fc", torch.nn.Linear(4, 2))  # linear 8, biases 2
+    kinds = bench.network_kinds({n: list(p.shape) for n, p in net.named_parameters()})
+    assert kinds["weights"] == {"spatial kernels": 216, "pointwise kernels": 16, "linear": 8, "norm scales": 4, "biases": 10}
+    assert kinds["spatial"] == [[4, 54]]
+    shapes = {n: {"shape": list(p.shape)} for n, p in net.named_parameters()}
+    # two weights of filter 0 and one of filter 3 of the spatial kernel, all of the shortcut, one norm scale
+    delta = {"tensors": shapes, "trainable_indices": {"conv.weight": torch.tensor([0, 5, 3 * 54 + 1]),
+                                                      "down.weight": torch.arange(16), "bn.weight": torch.tensor([2])}}
+    torch.save(delta, tmp_path / "sparse_delta.pt")
+    mk = bench.mask_kinds(tmp_path / "sparse_delta.pt")
+    assert mk == {"kinds": {"spatial kernels": 3, "pointwise kernels": 16, "linear": 0, "norm scales": 1, "biases": 0},
+                  "spatial_filters_touched": 2}
+    assert bench.mask_kinds(tmp_path / "none.pt") is None
+    assert bench._random_filters([[4, 54]], 1.0) == 4 and bench._random_filters([[4, 54]], 0.0) == 0
+    record = {"network_kinds": kinds, "tasks": {TASKS[0]: [{"name": "shpeft", "runs": [{"mask_kinds": mk}]},
+                                                           {"name": "full", "runs": [{"mask_kinds": None}]}]}}
+    text = "\n".join(bench._kind_lines(record))
+    assert "| all | share of the network's weights | 85.0 | 6.3 | 3.1 | 1.6 | 3.9 | | |" in text
+    expected = 4 * (1 - (1 - 20 / 254) ** 54)
+    assert f"| {TASKS[0]} | shpeft | 15.0 | 80.0 | 0.0 | 5.0 | 0.0 | 2 | {expected:.0f} |" in text
+    assert "| full |" not in text and bench._kind_lines({"tasks": {}}) == []
