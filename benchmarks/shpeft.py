@@ -110,6 +110,12 @@ ROWS: tuple[tuple[str, str, str | None, dict[str, Any]], ...] = (
     # module its size's share of the budget (the random mask's layout). Layout matters if it beats SH-PEFT.
     ("shpeft_per_module", "SH-PEFT, budget split over top-level modules by size (random's layout), 1%", None,
      {"trainable#masks#allocation": "per_module"}),
+    # the per-tensor test (planned before it ran, issue 19, 2026-12-06): the global threshold gives the 1x1x1 shortcut
+    # kernels and the normalisation scales (1.3% of the weights) about half of the 1% budget and reaches about a
+    # quarter of the 3x3x3 filters (docs/RESULTS_shpeft_head_warmup.md, What the masks select); this row gives each
+    # tensor its size's share and keeps the hybrid ranking inside it. The kinds explain the deficit if it beats SH-PEFT.
+    ("shpeft_per_tensor", "SH-PEFT, budget split over parameter tensors by size (each kernel 1%), 1%", None,
+     {"trainable#masks#allocation": "per_tensor"}),
     # the head test (planned before it ran, issue 19): with a fresh head the gradient term I_td sees the task through
     # random class directions; this row fits the head alone first (5 epochs, the run's learning rate, the backbone and
     # its normalisation statistics frozen) and estimates the importance with the fitted head. The head helps if it
@@ -119,7 +125,7 @@ ROWS: tuple[tuple[str, str, str | None, dict[str, Any]], ...] = (
 )
 #: rows held to SH-PEFT's target (within 1 AUC point of full fine-tuning) besides ``shpeft``: same budget, another
 #: way to the mask
-TARGET_VARIANTS = ("shpeft_head_warmup",)
+TARGET_VARIANTS = ("shpeft_head_warmup", "shpeft_per_tensor")
 #: version of the bundle scoring stored in each run's stamp (a new version rescores finished runs, no retraining)
 BUNDLE_SCORING_VERSION = 3  # 3: the exports decide at the threshold chosen on the run's carved validation split
 SCORES = (("auc", "AUC"), ("balanced_accuracy", "bal. acc"), ("majority_balanced_accuracy", "majority bal. acc"),

@@ -208,6 +208,23 @@ def test_per_module_allocation_keeps_each_modules_share_and_its_top_scores():
         select_weights(est, allocation="layerwise")
 
 
+def test_per_tensor_allocation_keeps_each_tensors_share_and_its_top_scores():
+    net = _mixed()
+    est = estimate_importance(net, _loader(), nn.CrossEntropyLoss())
+    sizes = {n: p.numel() for n, p in net.named_parameters()}
+    k = budget_count(0.2, sum(sizes.values()))
+    shares = module_shares(sizes, k)
+    masks = select_weights(est, budget=0.2, method="hybrid", allocation="per_tensor")
+    scores = importance_scores(est, "hybrid", lambda_=1.0)
+    assert sum(int(m.sum()) for m in masks.values()) == k
+    for n, share in shares.items():
+        assert int(masks[n].sum()) == share, n
+        if 0 < share < sizes[n]:  # its own top scores
+            assert float(scores[n][masks[n]].min()) >= float(scores[n][~masks[n]].max()), n
+    per_module = select_weights(est, budget=0.2, method="hybrid", allocation="per_module")
+    assert any(not torch.equal(per_module[n], masks[n]) for n in masks)
+
+
 # -------------------------------------------------------------------------------------------- masked training
 OPTIMIZERS = {
     "sgd_momentum_wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1, nesterov=True),

@@ -146,10 +146,11 @@ def select_top_k(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.
     return masks
 
 
-#: how :py:func:`select_weights` spreads the budget: ``global`` (one threshold over all weights, the paper's) or
+#: how :py:func:`select_weights` spreads the budget: ``global`` (one threshold over all weights, the paper's),
 #: ``per_module`` (each top-level module gets the budget's share of its own weight count, the layout a uniformly
-#: random mask has, and its top-scored weights fill it)
-ALLOCATIONS = ("global", "per_module")
+#: random mask has, and its top-scored weights fill it) or ``per_tensor`` (the same for each parameter tensor: every
+#: kernel, scale and bias gets its size's share, as with a random mask)
+ALLOCATIONS = ("global", "per_module", "per_tensor")
 
 
 def module_shares(counts: Mapping[str, int], k: int) -> dict[str, int]:
@@ -209,8 +210,8 @@ def select_weights(
             masks are all True. Defaults to none (every weight competes).
         allocation: ``"global"``: the top ``k`` over all scored weights (SH-PEFT); ``"per_module"``: each top-level
             module (``conv1``, ``layer1``, ... of the parameter names) gets :py:func:`module_shares` of ``k`` by its
-            weight count and its own top-scored weights fill it (an ablation: where the weights sit vs which ones).
-            Defaults to ``"global"``.
+            weight count and its own top-scored weights fill it (an ablation: where the weights sit vs which ones);
+            ``"per_tensor"``: the same for each parameter tensor. Defaults to ``"global"``.
 
     Returns:
         ``{parameter name: bool mask}`` with exactly :py:func:`budget_count` entries True among the scored
@@ -240,10 +241,11 @@ def select_weights(
     if allocation == "global":
         masks = select_top_k(scores, k)
     else:
+        group_of = top_level_module if allocation == "per_module" else (lambda name: name)
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for n, t in scores.items():
-            groups.setdefault(top_level_module(n), {})[n] = t
-        shares = module_shares(weights_per_top_level_module(scores.items()), k)
+            groups.setdefault(group_of(n), {})[n] = t
+        shares = module_shares({g: sum(int(t.numel()) for t in ts.values()) for g, ts in groups.items()}, k)
         masks = {}
         for g, ts in groups.items():
             masks.update(select_top_k(ts, shares[g]) if shares[g] else {n: torch.zeros_like(t, dtype=torch.bool)
