@@ -190,3 +190,37 @@ def test_mask_kinds_section(tmp_path):
     expected = 4 * (1 - (1 - 20 / 254) ** 54)
     assert f"| {TASKS[0]} | shpeft | 15.0 | 80.0 | 0.0 | 5.0 | 0.0 | 2 | {expected:.0f} |" in text
     assert "| full |" not in text and bench._kind_lines({"tasks": {}}) == []
+
+
+def test_masks_adds_the_kinds_of_an_existing_pages_first_seed_masks(tmp_path, monkeypatch):
+    import types
+
+    import torch
+
+    import medfm_ops.networks as networks
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Linear(2, 2))
+    monkeypatch.setattr(networks, "load_pretrained_classifier", lambda path: types.SimpleNamespace(network_def={}))
+    monkeypatch.setattr(networks, "instantiate", lambda config: net)
+    monkeypatch.setattr(bench, "write_results", lambda path, record: "page")
+    shapes = {n: {"shape": list(p.shape)} for n, p in net.named_parameters()}
+    run_dir = tmp_path / "w" / TASKS[0] / "shpeft" / "lr0.01" / "seed0"
+    (run_dir / "models").mkdir(parents=True)
+    torch.save({"tensors": shapes, "trainable_indices": {"0.weight": torch.tensor([0, 30])}},
+               run_dir / "models" / "sparse_delta.pt")  # fmt: skip
+    (tmp_path / "w" / TASKS[0] / "full" / "lr0.001" / "seed0").mkdir(parents=True)  # no mask
+    runs = lambda lr: [{"seed": 0, "learning_rate": lr}, {"seed": 1, "learning_rate": lr}]  # noqa: E731
+    record = {"pretrained": {"path": str(tmp_path / "p")}, "work_dir": str(tmp_path / "w"),
+              "settings": {"lr_grid": [0.001, 0.01]},
+              "tasks": {TASKS[0]: [{"name": "shpeft", "runs": runs(0.01)}, {"name": "full", "runs": runs(0.001)}]}}
+    (tmp_path / "r.json").write_text(json.dumps(record))
+    bench.masks(str(tmp_path / "r.md"))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["network_kinds"]["spatial"] == [[2, 27]]
+    shpeft, full = (r["runs"] for r in saved["tasks"][TASKS[0]])
+    assert shpeft[0]["mask_kinds"]["kinds"]["spatial kernels"] == 2 and shpeft[0]["mask_kinds"]["spatial_filters_touched"] == 2
+    assert "mask_kinds" not in shpeft[1] and full[0]["mask_kinds"] is None
+    record["tasks"][TASKS[0]][0]["runs"] = runs(0.003)  # a run folder that is gone
+    (tmp_path / "r.json").write_text(json.dumps(record))
+    with pytest.raises(FileNotFoundError, match="shpeft"):
+        bench.masks(str(tmp_path / "r.md"))
