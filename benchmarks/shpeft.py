@@ -140,6 +140,11 @@ def _configs_digest() -> str:
     return h.hexdigest()[:16]
 
 
+def _run_dir(work: Path, task: str, row: str, lr: float | None, seed: int) -> Path:
+    """A run's folder: ``<work>/<task>/<row>[/lr<lr>]/seed<seed>`` (``lr``: the grid's rate, None without a grid)."""
+    return work / task / row / (f"lr{lr:g}" if lr is not None else "") / f"seed{seed}"
+
+
 def _run(cmd: list[str], log: Path) -> float:
     """Run ``cmd`` from the repository root (GLIBC_TUNABLES set), output to ``log``; raise with its tail on failure."""
     return run_logged(cmd, log, cwd=REPO, glibc_tunables=True)
@@ -594,7 +599,7 @@ def run(
 
     def one_run(task: str, name: str, override: str | None, extra: dict[str, Any], seed: int,
                 lr: float | None = None) -> dict[str, Any]:
-        run_dir = work / task / name / (f"lr{lr:g}" if lr is not None else "") / f"seed{seed}"
+        run_dir = _run_dir(work, task, name, lr, seed)
         extra = {**extra, **({"learning_rate": lr} if lr is not None else {})}
         files = [str(BUNDLE / "configs" / "train.json")]
         if override:
@@ -752,7 +757,7 @@ def masks(results: str = "docs/RESULTS_shpeft.md") -> str:
     for task, rows in record["tasks"].items():
         for r in rows:
             first = r["runs"][0]
-            run_dir = work / task / r["name"] / (f"lr{first['learning_rate']:g}" if grid else "") / f"seed{first['seed']}"
+            run_dir = _run_dir(work, task, r["name"], first["learning_rate"] if grid else None, first["seed"])
             if not run_dir.is_dir():
                 raise FileNotFoundError(f"{task}/{r['name']}: no run folder {run_dir} (the runs of '{results}' are gone).")
             first["mask_kinds"] = mask_kinds(run_dir / "models" / "sparse_delta.pt")
