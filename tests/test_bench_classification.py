@@ -352,9 +352,11 @@ def test_few_label_rows(tmp_path, monkeypatch):
     assert few_rd == "RD student (deployed; exported bundle), 25% of the cases" and few_rd not in against["scratch"]
     assert f"above: {few_rd} (+0.150)" in against["scratch_few"]
     assert bench.ROWS["rd_few"]._replace(description="", train_fraction=1.0) == bench.ROWS["rd"]._replace(description="")
-    second = bench._runs(["rd_few", "rd_few2", "scratch_few2"], [0], tmp_path, data, budget)
+    second = bench._runs(["rd_few", "rd_few2", "scratch_few2", "rd_few3", "logit_kd_few4"], [0], tmp_path, data, budget)
     lists2 = {r["row"]: r["overrides"]["datalist"] for r in second}
     assert lists2["rd_few"] == lists["rd_few"] and lists2["rd_few2"] == lists2["scratch_few2"] != lists["rd_few"]
+    assert len({lists2[r] for r in ("rd_few", "rd_few2", "rd_few3", "logit_kd_few4")}) == 4  # four independent draws
+    assert bench._scratch_of("logit_kd_few4") == "scratch_few4" and bench.ROWS["rd_few3"].description.endswith("(draw 2)")
     other = json.loads(Path(lists2["rd_few2"]).read_text())  # a second, independent draw of the same size per label
     assert other["validation"] == full["validation"] and other["training"] != few["training"]
     assert sorted((i["task"], i["label"]) for i in other["training"]) == sorted((i["task"], i["label"]) for i in few["training"])
