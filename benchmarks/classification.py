@@ -817,6 +817,30 @@ def _reading(rows: list[str], tasks: list[str], auc: Any, label: Callable[[str],
     return out
 
 
+def _per_seed_lines(rows: list[str], tasks: list[str], auc: Callable[[str, str], dict[int, float]],
+                    label: Callable[[str], str] | None = None) -> list[str]:
+    """Description, no verdict: per task, each row's AUC minus that of the student from scratch of its recipe
+    (:func:`_scratch_of`) trained with the same seed on the same cases; how many seeds are above, the mean and the
+    range of those differences. ``auc(row, task)``: seed -> AUC (non-finite values left out)."""
+    label = label or (lambda r: ROWS[r].description)
+    out: list[str] = []
+    for row in rows:
+        ref = _scratch_of(row) if row != "foundation" else None
+        if ref is None or ref == row or ref not in rows:
+            continue
+        for t in tasks:
+            a, b = auc(row, t), auc(ref, t)
+            d = [a[s] - b[s] for s in sorted(a) if s in b and math.isfinite(a[s]) and math.isfinite(b[s])]
+            if len(d) > 1:
+                out.append(f"- {t}, {label(row)}: above the same seed's student from scratch on {sum(x > 0 for x in d)} "
+                           f"of {len(d)} seeds, mean difference {statistics.fmean(d):+.3f} (from {min(d):+.3f} to "
+                           f"{max(d):+.3f}).")  # fmt: skip
+    if not out:
+        return []
+    return ["", "**Per seed** (a description, not the page's rule: each row against the student from scratch trained "
+            "with the same seed on the same cases):", "", *out]
+
+
 def _row_label(row: str, budget: dict[str, Any], tasks: list[str]) -> str:
     """The row's name on a page: its description, except the foundation of a ``--teacher_resolution`` or
     ``--teacher_ensemble`` page."""
@@ -920,6 +944,13 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
     if len(meta["seeds"]) > 1:
         lines += ["", *_reading(rows, tasks, lambda row, t: scores(row, t, "auc", "bundle_scores" if row in EXPORTED_ROWS
                                                                     else "scores"), label)]
+
+        def auc_by_seed(row: str, t: str) -> dict[int, float]:
+            which = "bundle_scores" if row in EXPORTED_ROWS else "scores"
+            return {r["seed"]: (r.get(which) or r["scores"])[t].get("auc", float("nan")) for r in records
+                    if r["row"] == row and t in (r.get(which) or r["scores"])}  # fmt: skip
+
+        lines += _per_seed_lines(rows, tasks, auc_by_seed, label)
     lines += _decision_lines(rows, tasks, scores, label)
     lines += _screening_lines(rows, tasks, scores, label)
     lines += ["", "## Size and cost", "",

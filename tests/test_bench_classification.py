@@ -357,6 +357,14 @@ def test_few_label_rows(tmp_path, monkeypatch):
     assert lists2["rd_few"] == lists["rd_few"] and lists2["rd_few2"] == lists2["scratch_few2"] != lists["rd_few"]
     assert len({lists2[r] for r in ("rd_few", "rd_few2", "rd_few3", "logit_kd_few4")}) == 4  # four independent draws
     assert bench._scratch_of("logit_kd_few4") == "scratch_few4" and bench.ROWS["rd_few3"].description.endswith("(draw 2)")
+    per_seed = {("scratch_few3", t): {0: 0.70, 1: 0.80, 2: 0.75} for t in TASKS}  # seed-paired description
+    per_seed.update({("rd_few3", t): {0: 0.72, 1: 0.79, 2: 0.80} for t in TASKS})
+    lines = bench._per_seed_lines(["foundation", "scratch_few3", "rd_few3"], TASKS, lambda row, t: per_seed[(row, t)])
+    rd3 = bench.ROWS["rd_few3"].description
+    assert f"- {TASKS[0]}, {rd3}: above the same seed's student from scratch on 2 of 3 seeds, mean difference +0.020 " \
+           "(from -0.010 to +0.050)." in lines
+    assert len([x for x in lines if x.startswith("- ")]) == len(TASKS)  # neither the foundation nor scratch itself
+    assert bench._per_seed_lines(["scratch_few3", "rd_few"], TASKS, lambda row, t: per_seed[(row, t)]) == []
     other = json.loads(Path(lists2["rd_few2"]).read_text())  # a second, independent draw of the same size per label
     assert other["validation"] == full["validation"] and other["training"] != few["training"]
     assert sorted((i["task"], i["label"]) for i in other["training"]) == sorted((i["task"], i["label"]) for i in few["training"])
