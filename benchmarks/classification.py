@@ -71,7 +71,7 @@ if __name__ == "__main__":
 
 import fire  # noqa: E402
 
-from benchmarks.learning_curve import compare_over_seeds  # noqa: E402
+from benchmarks.learning_curve import compare_over_seeds, per_seed_words  # noqa: E402
 from benchmarks.sections import notes_lines, record_with_notes, regenerate_lines  # noqa: E402
 from medfm_ops.utils.atomic_io import atomic_write_text  # noqa: E402
 from medfm_ops.utils.hashing import file_sha256  # noqa: E402
@@ -819,9 +819,9 @@ def _reading(rows: list[str], tasks: list[str], auc: Any, label: Callable[[str],
 
 def _per_seed_lines(rows: list[str], tasks: list[str], auc: Callable[[str, str], dict[int, float]],
                     label: Callable[[str], str] | None = None) -> list[str]:
-    """Description, no verdict: per task, each row's AUC minus that of the student from scratch of its recipe
-    (:func:`_scratch_of`) trained with the same seed on the same cases; how many seeds are above, the mean and the
-    range of those differences. ``auc(row, task)``: seed -> AUC (non-finite values left out)."""
+    """Description, no verdict: per task, each row's AUC against that of the student from scratch of its recipe
+    (:func:`_scratch_of`) trained with the same seed on the same cases (:func:`per_seed_words`). ``auc(row, task)``:
+    seed -> AUC."""
     label = label or (lambda r: ROWS[r].description)
     out: list[str] = []
     for row in rows:
@@ -829,12 +829,9 @@ def _per_seed_lines(rows: list[str], tasks: list[str], auc: Callable[[str, str],
         if ref is None or ref == row or ref not in rows:
             continue
         for t in tasks:
-            a, b = auc(row, t), auc(ref, t)
-            d = [a[s] - b[s] for s in sorted(a) if s in b and math.isfinite(a[s]) and math.isfinite(b[s])]
-            if len(d) > 1:
-                out.append(f"- {t}, {label(row)}: above the same seed's student from scratch on {sum(x > 0 for x in d)} "
-                           f"of {len(d)} seeds, mean difference {statistics.fmean(d):+.3f} (from {min(d):+.3f} to "
-                           f"{max(d):+.3f}).")  # fmt: skip
+            words = per_seed_words(auc(row, t), auc(ref, t))
+            if words:
+                out.append(f"- {t}, {label(row)}: {words}.")
     if not out:
         return []
     return ["", "**Per seed** (a description, not the page's rule: each row against the student from scratch trained "

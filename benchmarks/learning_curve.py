@@ -13,7 +13,7 @@ from typing import Any
 
 from medfm_ops.utils.atomic_io import atomic_write
 
-__all__ = ["mean_std", "compare_over_seeds", "plot_learning_curve", "save_png"]
+__all__ = ["mean_std", "compare_over_seeds", "per_seed_words", "plot_learning_curve", "save_png"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -43,6 +43,21 @@ def compare_over_seeds(values: Sequence[float], reference: Sequence[float], fact
     (mean, std), (ref_mean, ref_std) = mean_std(values), mean_std(reference)
     diff, spread = mean - ref_mean, max(std, ref_std)
     return diff, spread, "above" if diff > factor * spread else "below" if diff < -factor * spread else "tie"
+
+
+def per_seed_words(values: Mapping[int, float], reference: Mapping[int, float], scale: float = 1.0,
+                   digits: int = 3) -> str | None:
+    """
+    A description, not a verdict: a row's score minus a reference row's score trained with the same seed, over the
+    seeds both have with finite values: ``"above on k of n seeds, mean difference +d (from lo to hi)"``, the
+    differences times ``scale`` (e.g. 100 for points of %). None with fewer than two such seeds.
+    """
+    d = [scale * (values[s] - reference[s]) for s in sorted(values)
+         if s in reference and math.isfinite(values[s]) and math.isfinite(reference[s])]  # fmt: skip
+    if len(d) < 2:
+        return None
+    return (f"above on {sum(x > 0 for x in d)} of {len(d)} seeds, mean difference {sum(d) / len(d):+.{digits}f} "
+            f"(from {min(d):+.{digits}f} to {max(d):+.{digits}f})")
 
 
 def plot_learning_curve(

@@ -79,7 +79,7 @@ from benchmarks.common import (
     threshold_cell,
     verdict_cell,
 )
-from benchmarks.learning_curve import compare_over_seeds
+from benchmarks.learning_curve import compare_over_seeds, per_seed_words
 from benchmarks.sections import notes_lines, record_with_notes, regenerate_lines
 from medfm_ops.metrics import working_verdict
 from medfm_ops.utils.atomic_io import atomic_write_text
@@ -197,8 +197,10 @@ def _target_line(rows: list[dict[str, Any]], ref: str = "shpeft", other: str = "
         return []
     m_ref, m_other = (statistics.fmean(a) for a in aucs)
     d = m_ref - m_other
+    seeds = [{x["seed"]: x["scores"]["auc"] for x in by_name[n]["runs"]} for n in (ref, other)]
+    paired = per_seed_words(*seeds, scale=100.0, digits=1)  # a description next to the target, not part of it
     return [f"- Target (`{ref}` within {points:g} AUC point of `{other}`): {m_ref:.1f} vs {m_other:.1f}, {d:+.1f} "
-            f"points: {'met' if d >= -points else 'NOT met'}."]
+            f"points: {'met' if d >= -points else 'NOT met'}" + (f" (per seed: {paired})." if paired else ".")]
 
 
 def mask_layout(delta_file: Path) -> dict[str, int] | None:

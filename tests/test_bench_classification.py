@@ -361,7 +361,7 @@ def test_few_label_rows(tmp_path, monkeypatch):
     per_seed.update({("rd_few3", t): {0: 0.72, 1: 0.79, 2: 0.80} for t in TASKS})
     lines = bench._per_seed_lines(["foundation", "scratch_few3", "rd_few3"], TASKS, lambda row, t: per_seed[(row, t)])
     rd3 = bench.ROWS["rd_few3"].description
-    assert f"- {TASKS[0]}, {rd3}: above the same seed's student from scratch on 2 of 3 seeds, mean difference +0.020 " \
+    assert f"- {TASKS[0]}, {rd3}: above on 2 of 3 seeds, mean difference +0.020 " \
            "(from -0.010 to +0.050)." in lines
     assert len([x for x in lines if x.startswith("- ")]) == len(TASKS)  # neither the foundation nor scratch itself
     assert bench._per_seed_lines(["scratch_few3", "rd_few"], TASKS, lambda row, t: per_seed[(row, t)]) == []

@@ -24,7 +24,7 @@ from benchmarks.site_study import (
     load_or_create_study_split,
     write_draw_split,
 )
-from benchmarks.learning_curve import compare_over_seeds, mean_std, plot_learning_curve
+from benchmarks.learning_curve import compare_over_seeds, mean_std, per_seed_words, plot_learning_curve
 from benchmarks.sections import markdown_sections, write_markdown_section
 from medfm_ops.data import (
     check_datalist_cases,
@@ -236,6 +236,15 @@ def test_compare_over_seeds():
     assert compare_over_seeds([6.0, 8.0], [5.0, 5.0], factor=1.0)[2] == "above"  # 2 > 1 * 1
     with pytest.raises(ValueError):
         compare_over_seeds([], [1.0])
+
+
+def test_per_seed_words_pairs_by_seed():
+    """Differences by seed (not by position), only over the seeds both rows have with finite scores."""
+    ref = {0: 0.5, 1: 0.6, 2: 0.7, 3: float("nan")}
+    assert per_seed_words({2: 0.75, 0: 0.6, 3: 0.9}, ref) == "above on 2 of 2 seeds, mean difference +0.075 (from +0.050 to +0.100)"
+    assert per_seed_words({0: 0.4, 1: 0.7, 5: 1.0}, ref, scale=100, digits=1) == (
+        "above on 1 of 2 seeds, mean difference +0.0 (from -10.0 to +10.0)")  # seed 5 has no reference
+    assert per_seed_words({0: 0.9, 4: 0.9}, ref) is None  # one common seed: nothing to describe
 
 
 def test_learning_curve_plot_and_mean_std(tmp_path):
