@@ -745,7 +745,8 @@ def _figures(records: list[dict], fig_dir: Path, cases: int, layer: str, prefix:
 #: rows whose carved-split validation curves the page draws (first seed, chosen learning rate)
 CURVE_ROWS = ("foundation", "scratch", "stl", "lorkd", "mtl_kd", "rd", "logit_kd", "reprogram", "rd_loto",
               "scratch_aug", "lorkd_aug", "rd_aug", "logit_kd_aug", "scratch_few", "lorkd_few", "rd_few",
-              "logit_kd_few", "scratch_aug_few", "rd_aug_few", "logit_kd_aug_few")
+              "logit_kd_few", "scratch_aug_few", "rd_aug_few", "logit_kd_aug_few",
+              *(f"{r}_few{k}" for k in (2, 3, 4) for r in ("scratch", "rd", "logit_kd")))
 
 
 def _curves(records: list[dict], tasks: list[str], png: Path, budget: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -780,11 +781,12 @@ def _ms(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {statistics.pstdev(vals):.{digits}f}" if len(vals) > 1 else f"{mean:.{digits}f}"
 
 
-def _reading(rows: list[str], tasks: list[str], auc: Any, label: Callable[[str], str] | None = None) -> list[str]:
+def _reading(rows: list[str], tasks: list[str], auc: Any, label: Callable[[str], str] | None = None,
+             curves: bool = True) -> list[str]:
     """Per task, every row's AUC against the student from scratch of the same recipe (:func:`_scratch_of`: the same
     augmentation and share of the training cases; the same deployed size) and against the foundation: "above"/"below"
     when the mean difference exceeds twice the larger standard deviation over seeds. ``label``: a row's name on the
-    page (default its description)."""
+    page (default its description); ``curves``: whether the page has a training-curves section to point to."""
     label = label or (lambda r: ROWS[r].description)
     out = ["**Reading** (AUC per task; \"above\"/\"below\" only when the mean difference exceeds twice the larger "
            "standard deviation over seeds, else a tie):", ""]  # fmt: skip
@@ -811,9 +813,10 @@ def _reading(rows: list[str], tasks: list[str], auc: Any, label: Callable[[str],
                 weak.append(t)
     if weak:
         out += ["", f"The foundation (the teacher of every distillation row) is not above the student from scratch on "
-                f"{', '.join(weak)}, so a distilled row cannot be expected to gain from it there (section Training "
-                "curves: the teacher's and the students' validation curves): these numbers test the pipelines on "
-                "real data, not the methods' published gains, which need a teacher clearly above its students."]
+                f"{', '.join(weak)}, so a distilled row cannot be expected to gain from it there"
+                + (" (section Training curves: the teacher's and the students' validation curves)" if curves else "")
+                + ": these numbers test the pipelines on real data, not the methods' published gains, which need a "
+                "teacher clearly above its students."]
     return out
 
 
@@ -939,8 +942,9 @@ def write_results(path: Path, summary: dict[str, Any]) -> str:
         per_seed = [statistics.fmean(vals) for vals in zip(*[scores(row, t, "auc", which) for t in tasks])]
         lines.append(f"| {label(row)} | " + " | ".join(cells) + f" | **{_ms(per_seed)}** |")
     if len(meta["seeds"]) > 1:
+        has_curves = bool((summary.get("figures", {}).get("training_curves") or {}).get("curves"))
         lines += ["", *_reading(rows, tasks, lambda row, t: scores(row, t, "auc", "bundle_scores" if row in EXPORTED_ROWS
-                                                                    else "scores"), label)]
+                                                                    else "scores"), label, curves=has_curves)]
 
         def auc_by_seed(row: str, t: str) -> dict[int, float]:
             which = "bundle_scores" if row in EXPORTED_ROWS else "scores"
