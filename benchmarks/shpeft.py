@@ -203,16 +203,21 @@ def _target_line(rows: list[dict[str, Any]], ref: str = "shpeft", other: str = "
             f"points: {'met' if d >= -points else 'NOT met'}" + (f" (per seed: {paired})." if paired else ".")]
 
 
-def mask_layout(delta_file: Path) -> dict[str, int] | None:
-    """Weights a run's mask lets train, per top-level module of the network (``conv1``, ``layer1``, ..., ``fc``), read
-    from its ``sparse_delta.pt`` (``trainable_indices``); None for a run that writes none (full fine-tuning, LoRA)."""
+def read_mask(delta_file: Path) -> dict[str, Any] | None:
+    """A run's ``sparse_delta.pt`` (``tensors``: shapes, ``trainable_indices``: flat indices), read once for
+    :func:`mask_layout` and :func:`mask_kinds`; None for a run that writes none (full fine-tuning, LoRA)."""
     import torch
 
-    if not delta_file.is_file():
+    return torch.load(delta_file, map_location="cpu", weights_only=True) if delta_file.is_file() else None
+
+
+def mask_layout(delta: Mapping[str, Any] | None) -> dict[str, int] | None:
+    """Weights a run's mask (:func:`read_mask`) lets train, per top-level module of the network (``conv1``,
+    ``layer1``, ..., ``fc``); None without a mask."""
+    if delta is None:
         return None
     from medfm_ops.peft import weights_per_top_level_module
 
-    delta = torch.load(delta_file, map_location="cpu", weights_only=True)
     return weights_per_top_level_module(delta["trainable_indices"].items())
 
 
@@ -237,26 +242,24 @@ def network_kinds(shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
     weights = dict.fromkeys(TENSOR_KINDS, 0)
     spatial = []
     for name, shape in shapes.items():
-        weights[tensor_kind(name, shape)] += math.prod(shape)
-        if tensor_kind(name, shape) == "spatial kernels":
+        kind = tensor_kind(name, shape)
+        weights[kind] += math.prod(shape)
+        if kind == "spatial kernels":
             spatial.append([int(shape[0]), math.prod(shape[1:])])
     return {"weights": weights, "spatial": spatial}
 
 
-def mask_kinds(delta_file: Path) -> dict[str, Any] | None:
-    """Weights a run's mask lets train per :func:`tensor_kind` (``kinds``) and how many output filters of the spatial
-    kernels hold at least one of them (``spatial_filters_touched``), read from its ``sparse_delta.pt`` (``tensors``:
-    shapes, ``trainable_indices``: flat indices); None for a run that writes none (full fine-tuning, LoRA)."""
-    import torch
-
-    if not delta_file.is_file():
+def mask_kinds(delta: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Weights a run's mask (:func:`read_mask`) lets train per :func:`tensor_kind` (``kinds``) and how many output
+    filters of the spatial kernels hold at least one of them (``spatial_filters_touched``); None without a mask."""
+    if delta is None:
         return None
-    delta = torch.load(delta_file, map_location="cpu", weights_only=True)
     kinds, touched = dict.fromkeys(TENSOR_KINDS, 0), 0
     for name, idx in delta["trainable_indices"].items():
         shape = delta["tensors"][name]["shape"]
-        kinds[tensor_kind(name, shape)] += int(idx.numel())
-        if tensor_kind(name, shape) == "spatial kernels":
+        kind = tensor_kind(name, shape)
+        kinds[kind] += int(idx.numel())
+        if kind == "spatial kernels":
             touched += int((idx // math.prod(shape[1:])).unique().numel())
     return {"kinds": kinds, "spatial_filters_touched": touched}
 
@@ -641,6 +644,7 @@ def run(
                               bundle_scoring=BUNDLE_SCORING_VERSION)  # fmt: skip
             atomic_write_text(stamp, json.dumps(record, indent=2))
         summary = json.loads(summary_file.read_text())
+        mask = read_mask(run_dir / "models" / "sparse_delta.pt")
         sc = record["bundle_scores"]
         print(f"  {task} {name} seed {seed}: F1 {sc['f1']:.4f} acc {sc['accuracy']:.4f} (majority "
               f"{sc['majority_accuracy']:.4f}) AUC {sc['auc']:.4f}; {record['seconds']:.0f} s{', reused' if reused else ''}",
@@ -648,8 +652,7 @@ def run(
         return {"seed": seed, "seconds": record["seconds"], "scores": record["bundle_scores"],
                 "in_process_scores": summary["scores"], "learning_rate": lr if lr is not None else float(learning_rate),
                 "val_best": summary.get("best_metric"), "best_epoch": summary.get("best_metric_epoch"),
-                "epochs_trained": summary.get("epochs"), "mask_layout": mask_layout(run_dir / "models" / "sparse_delta.pt"),
-                "mask_kinds": mask_kinds(run_dir / "models" / "sparse_delta.pt"),
+                "epochs_trained": summary.get("epochs"), "mask_layout": mask_layout(mask), "mask_kinds": mask_kinds(mask),
                 **{k: summary[k] for k in ("trainable", "importance_estimation", "train_seconds", "settings")}}
 
     scoring_lock = threading.Lock()
@@ -762,7 +765,7 @@ def masks(results: str = "docs/RESULTS_shpeft.md") -> str:
             run_dir = _run_dir(work, task, r["name"], first["learning_rate"] if grid else None, first["seed"])
             if not run_dir.is_dir():
                 raise FileNotFoundError(f"{task}/{r['name']}: no run folder {run_dir} (the runs of '{results}' are gone).")
-            first["mask_kinds"] = mask_kinds(run_dir / "models" / "sparse_delta.pt")
+            first["mask_kinds"] = mask_kinds(read_mask(run_dir / "models" / "sparse_delta.pt"))
     atomic_write_text(summary, json.dumps(record, indent=2, default=float))
     text = write_results(out, record)
     print(text)

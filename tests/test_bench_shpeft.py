@@ -146,9 +146,9 @@ def test_mask_layout_section(tmp_path):
     delta = {"format": "medfm-sparse-delta/1", "tensors": {}, "trainable_indices": {
         "conv1.weight": torch.arange(3), "layer4.0.conv1.weight": torch.arange(6), "fc.weight": torch.arange(1)}}
     torch.save(delta, tmp_path / "sparse_delta.pt")
-    layout = bench.mask_layout(tmp_path / "sparse_delta.pt")
+    layout = bench.mask_layout(bench.read_mask(tmp_path / "sparse_delta.pt"))
     assert layout == {"conv1": 3, "layer4": 6, "fc": 1}
-    assert bench.mask_layout(tmp_path / "none.pt") is None  # full fine-tuning, LoRA: no mask
+    assert bench.read_mask(tmp_path / "none.pt") is None and bench.mask_layout(None) is None  # full FT, LoRA: no mask
     net = torch.nn.Sequential()
     net.add_module("conv1", torch.nn.Conv3d(1, 2, 1, bias=False))  # 2 weights
     net.add_module("layer4", torch.nn.Conv3d(2, 3, 1, bias=False))  # 6
@@ -182,10 +182,10 @@ def test_mask_kinds_section(tmp_path):
     delta = {"tensors": shapes, "trainable_indices": {"conv.weight": torch.tensor([0, 5, 3 * 54 + 1]),
                                                       "down.weight": torch.arange(16), "bn.weight": torch.tensor([2])}}
     torch.save(delta, tmp_path / "sparse_delta.pt")
-    mk = bench.mask_kinds(tmp_path / "sparse_delta.pt")
+    mk = bench.mask_kinds(bench.read_mask(tmp_path / "sparse_delta.pt"))
     assert mk == {"kinds": {"spatial kernels": 3, "pointwise kernels": 16, "linear": 0, "norm scales": 1, "biases": 0},
                   "spatial_filters_touched": 2}
-    assert bench.mask_kinds(tmp_path / "none.pt") is None
+    assert bench.mask_kinds(None) is None
     assert bench._random_filters([[4, 54]], 1.0) == 4 and bench._random_filters([[4, 54]], 0.0) == 0
     record = {"network_kinds": kinds, "tasks": {TASKS[0]: [{"name": "shpeft", "runs": [{"mask_kinds": mk}]},
                                                            {"name": "full", "runs": [{"mask_kinds": None}]}]}}
